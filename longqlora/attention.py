@@ -1,0 +1,274 @@
+"""Shifted sparse attention (S2-Attn, LongLoRA arXiv 2309.12307 §3.2), leak-free, on transformers' AttentionInterface.
+
+`s2_attention` is the pure op. With group size G, a query at position i sees a key at position j only if j <= i
+and both lie in the same segment: floor(p / G) for the first half of the heads, floor((p + G//2) / G) for the
+second half (the shifted heads; with an odd head count the second half is the larger one). Nothing wraps around:
+LongLoRA's rolled implementation lets the last tokens of the shifted heads attend the first ones; here the first
+and last shifted segments are half groups instead, as in LongLoRA's flash-attn varlen code. With `position_ids`
+(packed documents) p is the position inside the document and no token attends across documents.
+
+`enable_s2_attention` registers the op under the name "longqlora_s2" and switches a model to it: S2 while the
+model trains, and the model's own attention, bit for bit, in eval mode or with a KV cache (LongLoRA keeps full
+attention at inference). No transformers class is patched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from longqlora import hardware, s2_kernels
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "longqlora_s2"
+
+
+# --------------------------------------------------------------------------------------------------- the pure op
+def s2_attention(query, key, value, group_size: int, *, position_ids=None, attention_mask=None, scale=None,
+                 backend: str | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
+
+    position_ids: (B, N) or (1, N) token positions; where they restart, a new document begins.
+    attention_mask: (B, N), 1 = real token, 0 = padding; padding keys are never attended and padded queries
+    return zeros. backend: "sdpa", "flash_attn", "xformers", or None/"auto" for the fastest that runs here.
+    """
+    b, h, n, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[2] != n or key.shape[3] != d:
+        raise ValueError(f"s2_attention: key/value {tuple(key.shape)} do not match query {tuple(query.shape)}")
+    h_kv = key.shape[1]
+    if h % h_kv:
+        raise ValueError(f"s2_attention: {h} query heads are not a multiple of {h_kv} key/value heads")
+    group = int(group_size)
+    if group < 1:
+        raise ValueError(f"s2_attention: group_size must be >= 1, got {group_size}")
+    backend = _pick_backend(backend, query)
+    scale = d ** -0.5 if scale is None else scale
+
+    valid = None if attention_mask is None else attention_mask.to(device=query.device, dtype=torch.bool)
+    if valid is not None and bool(valid.all()):
+        valid = None
+    positions = _packed_positions(position_ids, b, n, query.device)
+    out_t = query.new_empty(b, n, h, d)  # (B, N, H, D): the layout transformers' o_proj reads
+    out = out_t.transpose(1, 2)  # (B, H, N, D) view
+    n_rep = h // h_kv
+    # Right padding with plain positions needs no mask: causality already hides the later padding keys.
+    grouped = positions is None and (valid is None or _right_padded(valid))
+    for h0, h1, shift in ((0, h // 2, 0), (h // 2, h, group // 2)):
+        if h0 == h1:
+            continue
+        q = query[:, h0:h1]
+        if backend == "sdpa":
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=True)
+            if grouped:
+                s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=group, shift=shift, scale=scale,
+                                       dropout=dropout)
+                continue
+        else:
+            k, v, _ = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=False)
+        plain = torch.arange(n, device=query.device).expand(b, n)
+        seg = s2_kernels.segment_ids(plain if positions is None else positions, group, shift)
+        mask = torch.ones(b, n, dtype=torch.bool, device=query.device) if valid is None else valid
+        if backend == "sdpa":
+            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, seg, mask, gqa=gqa, group=group, scale=scale,
+                                   dropout=dropout)
+        else:
+            module = hardware.flash_attn_module() if backend == "flash_attn" else hardware.xformers_ops()
+            s2_kernels.varlen(out[:, h0:h1], q, k, v, seg, mask, backend=backend, module=module, scale=scale,
+                              dropout=dropout)
+    if valid is not None:
+        out_t.mul_(valid[:, :, None, None].to(out_t.dtype))
+    return out
+
+
+def _pick_backend(backend: str | None, query: torch.Tensor) -> str:
+    if backend in (None, "auto"):
+        choice = hardware.resolve_backend(None, query.device)
+        return choice if query.dtype in (torch.float16, torch.bfloat16) else "sdpa"
+    choice = hardware.resolve_backend(backend, query.device)
+    if choice != "sdpa" and query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"--attn_backend {choice} needs float16 or bfloat16 tensors, got {query.dtype}; use sdpa")
+    return choice
+
+
+def _right_padded(valid: torch.Tensor) -> bool:
+    """True when every row is real tokens followed only by padding."""
+    as_int = valid.to(torch.uint8)
+    return bool((as_int.cummin(dim=1).values == as_int).all())
+
+
+def _packed_positions(position_ids, b: int, n: int, device) -> torch.Tensor | None:
+    """(B, N) positions when they differ from 0..N-1 in any row (packed or shifted), else None (the fast path)."""
+    if position_ids is None:
+        return None
+    pos = position_ids.to(device=device).expand(b, n)
+    if bool((pos == torch.arange(n, device=device)).all()):
+        return None
+    return pos.long()
+
+
+# ------------------------------------------------------------------------------------ transformers integration
+@dataclass
+class S2Settings:
+    """What `enable_s2_attention` attached to each attention module of one model."""
+
+    group_size: int
+    backend: str | None
+    base: str  # the model's own attention implementation, used in eval mode and with a KV cache
+    use_cache: bool | None  # the config's use_cache before enabling, restored by disable
+
+
+# The mask form the current forward needs, set by a pre-hook on the model: True = S2 (2-D padding mask),
+# False or unset = the base implementation's own mask.
+_S2_MASKS = contextvars.ContextVar("longqlora_s2_masks", default=None)
+
+
+def _mask_function(*args, **kwargs):
+    """Mask interface entry for "longqlora_s2": the 2-D padding mask for S2 forwards, else the base model's mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+
+    s2, base = _S2_MASKS.get() or (False, "sdpa")
+    if s2:
+        return flash_attention_mask(*args, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(base, sdpa_mask)(*args, **kwargs)
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry for "longqlora_s2"; returns ((B, N, H, D), None) like transformers' own."""
+    settings: S2Settings | None = getattr(module, "_longqlora_s2", None)
+    if settings is None:
+        raise RuntimeError(f"{type(module).__name__} uses attention '{IMPLEMENTATION}' but was not set up by "
+                           "longqlora.attention.enable_s2_attention; call it on the model")
+    if module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]:
+        out = s2_attention(query, key, value, settings.group_size, position_ids=kwargs.get("position_ids"),
+                           attention_mask=_padding_mask(attention_mask), scale=scaling, backend=settings.backend,
+                           dropout=dropout)
+        return out.transpose(1, 2), None
+    if attention_mask is not None and attention_mask.ndim == 2:
+        raise RuntimeError("longqlora_s2: full attention got an S2 padding mask; call the model itself (its forward "
+                           "hook chooses the mask), not an inner module")
+    return _base_function(settings.base, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                                 dropout=dropout, **kwargs)
+
+
+def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) key padding from the mask the model built: 2-D already, or the diagonal of a 4-D causal mask."""
+    if mask is None or mask.ndim == 2:
+        return mask
+    diagonal = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)  # a real token always sees itself
+    return diagonal if diagonal.dtype == torch.bool else diagonal == 0
+
+
+def _base_function(base: str, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base == "eager":  # every modeling file defines its own eager_attention_forward
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attention_function)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask_function)
+
+
+def _hf_model(model):
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
+
+
+def _pre_hook(module, args, kwargs):
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    s2 = module.training and not use_cache and kwargs.get("past_key_values") is None
+    module._longqlora_s2_token = _S2_MASKS.set((s2, module._longqlora_s2_base))
+
+
+def _post_hook(module, args, kwargs, output):
+    token = module.__dict__.pop("_longqlora_s2_token", None)
+    if token is not None:
+        _S2_MASKS.reset(token)
+
+
+def enable_s2_attention(model, group_size: int, *, backend: str | None = None):
+    """Switch `model` (a transformers decoder with RoPE, or a PEFT wrapper of one) to S2-Attn for training.
+
+    S2 runs while `model.training` is true and no KV cache is used; otherwise the model's previous attention
+    implementation runs unchanged. Sets `config.use_cache = False` (generation still caches), restored by
+    `disable_s2_attention`. Returns the model.
+    """
+    from transformers import PreTrainedModel
+
+    hf = _hf_model(model)
+    if int(group_size) < 1:
+        raise ValueError(f"--group_size must be a positive integer, got {group_size}")
+    if backend not in (None, "auto"):
+        problem = hardware.backend_problem(backend)
+        if problem:
+            raise ValueError(problem)
+    config = hf.config
+    if not (getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)):
+        raise ValueError(f"{type(hf).__name__} has no rotary position embeddings; S2-Attn extends RoPE decoders "
+                         "(Llama, Mistral, Qwen2, ...)")
+    if not getattr(hf, "_supports_attention_backend", False):
+        raise ValueError(f"{type(hf).__name__} does not run its attention through transformers' AttentionInterface;"
+                         " S2-Attn cannot be enabled for it")
+    modules = _attention_modules(hf)
+    if not modules:
+        raise ValueError(f"{type(hf).__name__}: no attention modules found (nothing has layer_idx and is_causal)")
+    current = modules[0].__dict__.get("_longqlora_s2")
+    base = current.base if current else config._attn_implementation
+    use_cache = current.use_cache if current else getattr(config, "use_cache", None)
+    settings = S2Settings(group_size=int(group_size), backend=backend, base=base, use_cache=use_cache)
+    _register()
+    for m in modules:
+        m._longqlora_s2 = settings
+    if not current:
+        for m in hf.modules():
+            if isinstance(m, PreTrainedModel):
+                m._longqlora_s2_base = base
+                m._longqlora_s2_hooks = (m.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                                         m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
+    hf.set_attn_implementation(IMPLEMENTATION)
+    config.use_cache = False
+    logger.info("S2-Attn on: group size %d, backend %s, full attention (%s) in eval mode", settings.group_size,
+                backend or "auto", base)
+    return model
+
+
+def disable_s2_attention(model):
+    """Undo `enable_s2_attention`: the model's previous attention implementation and use_cache come back."""
+    hf = _hf_model(model)
+    modules = _attention_modules(hf)
+    settings = modules[0].__dict__.get("_longqlora_s2") if modules else None
+    if settings is None:
+        return model
+    for m in modules:
+        del m._longqlora_s2
+    for m in hf.modules():
+        hooks = m.__dict__.pop("_longqlora_s2_hooks", None)
+        if hooks:
+            for handle in hooks:
+                handle.remove()
+            del m._longqlora_s2_base
+    hf.set_attn_implementation(settings.base)
+    hf.config.use_cache = settings.use_cache
+    return model
+
+
+def s2_enabled(model) -> bool:
+    """True when `enable_s2_attention` is in effect on `model`."""
+    modules = _attention_modules(_hf_model(model))
+    return bool(modules) and "_longqlora_s2" in modules[0].__dict__

@@ -1,0 +1,99 @@
+"""What this machine can do: GPU generation, bf16, and which optional kernels import.
+
+GPU-only packages (flash-attn, xformers, bitsandbytes) are imported lazily and only once, so `import longqlora`
+works on a CPU-only machine; every check here is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "flash_attn", "xformers")
+
+
+@functools.cache
+def _import(name: str):
+    """The module, or None when it is missing or fails to import (a broken CUDA build counts as missing)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # ImportError, or a CUDA library error raised at import time
+        logger.debug("optional package %s unavailable: %s", name, err)
+        return None
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) of the current CUDA device, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability()
+
+
+def supports_bf16() -> bool:
+    """bf16 needs Ampere (sm_80) or newer on CUDA; the CPU computes it everywhere (slowly)."""
+    cap = cuda_capability()
+    return cap is None or cap >= (8, 0)
+
+
+def default_compute_dtype() -> torch.dtype:
+    """bf16 on Ampere+ and on CPU, fp16 on Volta/Turing (a V100 has no bf16)."""
+    return torch.bfloat16 if supports_bf16() else torch.float16
+
+
+def flash_attn_module():
+    """The flash_attn package if it imports and the GPU is Ampere or newer, else None."""
+    cap = cuda_capability()
+    if cap is None or cap < (8, 0):
+        return None
+    return _import("flash_attn")
+
+
+def xformers_ops():
+    """xformers.ops if it imports and a CUDA GPU is present (it runs on a V100), else None."""
+    if cuda_capability() is None:
+        return None
+    return _import("xformers.ops")
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot run here (one line naming the fix), or None when it can."""
+    if backend not in BACKENDS:
+        return f"--attn_backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}"
+    if backend == "sdpa":
+        return None
+    cap = cuda_capability()
+    if cap is None:
+        return f"--attn_backend {backend} needs a CUDA GPU; use --attn_backend sdpa (or auto) on this machine"
+    if backend == "flash_attn":
+        if cap < (8, 0):
+            return (f"--attn_backend flash_attn needs an Ampere or newer GPU (this one is sm_{cap[0]}{cap[1]}); "
+                    "use xformers or sdpa")
+        if _import("flash_attn") is None:
+            return "--attn_backend flash_attn: flash-attn is not installed; `pip install -e .[gpu]` or use sdpa"
+    if backend == "xformers" and _import("xformers.ops") is None:
+        return "--attn_backend xformers: xformers is not installed; `pip install -e .[gpu]` or use sdpa"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on `device` (CPU: sdpa only)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return ["sdpa"]
+    return [b for b in BACKENDS if backend_problem(b) is None]
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """`auto`/None picks flash_attn, then xformers, then sdpa, among those that run on `device`."""
+    if backend in (None, "auto"):
+        return available_backends(device)[0] if torch.device(device).type == "cuda" else "sdpa"
+    problem = backend_problem(backend)
+    if problem:
+        raise ValueError(problem)
+    if backend != "sdpa" and torch.device(device).type != "cuda":
+        raise ValueError(f"--attn_backend {backend} runs on CUDA tensors only; these are on {device}")
+    return backend

@@ -1,0 +1,93 @@
+"""Tiny random Llama models and a bundled-text tokenizer, so that every path runs on a CPU without downloads.
+
+Every Linear dimension is a multiple of 64: bitsandbytes' CPU 4-bit path fails otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# name -> (hidden, heads, kv_heads, layers, intermediate). "gqa": grouped-query attention with an even head count;
+# "odd": 3 query heads sharing one KV head, so the two S2 head halves (1 and 2 heads) split a KV group.
+TINY_SHAPES = {
+    "mha": (128, 4, 4, 2, 256),
+    "gqa": (128, 4, 2, 2, 256),
+    "odd": (192, 3, 1, 2, 256),
+}
+
+
+def tiny_llama_config(shape: str = "gqa", *, vocab_size: int = 320, max_position_embeddings: int = 128, **overrides):
+    """A LlamaConfig of one of `TINY_SHAPES` (head_dim 32 or 64), for tests and `--tiny` runs."""
+    from transformers import LlamaConfig
+
+    if shape not in TINY_SHAPES:
+        raise ValueError(f"--tiny_shape must be one of {sorted(TINY_SHAPES)}, got {shape!r}")
+    if vocab_size % 64:
+        raise ValueError(f"vocab_size must be a multiple of 64 (bitsandbytes CPU 4-bit), got {vocab_size}")
+    hidden, heads, kv_heads, layers, inter = TINY_SHAPES[shape]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def train_tokenizer(texts, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts` with Llama's special tokens (<unk>=0, <s>=1, </s>=2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=1 << 30
+    )
+
+
+def save_tiny_model(path, *, shape: str = "gqa", texts=None, vocab_size: int = 320, max_position_embeddings=128,
+                    seed: int = 0, **overrides) -> Path:
+    """Write a random tiny Llama and its tokenizer to `path` (safetensors), as a stand-in for a hub checkpoint."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    texts = list(texts) if texts is not None else [_FALLBACK_TEXT]
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = tiny_llama_config(shape, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                               **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    logger.info("wrote a tiny random Llama (%s, %d params) to %s", shape, model.num_parameters(), path)
+    return path
+
+
+_FALLBACK_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+    "and darkness was upon the face of the deep. The pass key is 12345. Remember it. What is the pass key? "
+) * 4
