@@ -1,0 +1,183 @@
+"""enable_s2_attention on real transformers decoders (Llama, Mistral, Qwen2): S2 in training, exact full attention
+in eval mode and with a KV cache, packed and padded batches, reversible."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from longqlora.attention import IMPLEMENTATION, disable_s2_attention, enable_s2_attention, s2_enabled
+from longqlora.tiny import tiny_llama_config
+
+SMALL = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama-gqa":
+        model = LlamaForCausalLM(tiny_llama_config("gqa", vocab_size=320, max_position_embeddings=256))
+    elif arch == "llama-odd":
+        model = LlamaForCausalLM(tiny_llama_config("odd", vocab_size=320, max_position_embeddings=256))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False))
+    return model.float()
+
+
+ARCHS = ["llama-gqa", "llama-odd", "mistral", "qwen2"]
+
+
+def ids(b=2, n=64, seed=1):
+    return torch.randint(3, 320, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_is_bit_for_bit_the_default_attention(arch):
+    ref, model = make_model(arch), make_model(arch)
+    enable_s2_attention(model, 16)
+    assert model.config._attn_implementation == IMPLEMENTATION
+    ref.eval(), model.eval()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :10] = 0  # left padding, as in batched generation
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+        assert torch.equal(model(x, attention_mask=mask).logits, ref(x, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_mode_is_s2(arch):
+    """With 2 layers and G=16, token 0 can reach at most position 3G/2 - 1 = 23 through the segments."""
+    model = make_model(arch)
+    enable_s2_attention(model, 16)
+    model.train()
+    x = ids(1, 64)
+    x2 = x.clone()
+    x2[0, 0] = (x[0, 0] + 1) % 320
+    with torch.no_grad():
+        a, b = model(x).logits, model(x2).logits
+        assert torch.equal(a[:, 24:], b[:, 24:])
+        assert not torch.allclose(a[:, :8], b[:, :8])
+        model.eval()  # full attention: the change reaches the end
+        assert not torch.allclose(model(x).logits[:, 24:], model(x2).logits[:, 24:])
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_training_with_one_large_group_equals_full_attention(arch):
+    ref, model = make_model(arch), make_model(arch)
+    enable_s2_attention(model, 256)  # G/2 = 128 >= N: every head sees the whole causal prefix
+    ref.train(), model.train()
+    x = ids(2, 64)
+    torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_cache_uses_full_attention_even_in_training_mode():
+    ref, model = make_model("llama-gqa"), make_model("llama-gqa")
+    enable_s2_attention(model, 8)
+    ref.eval(), model.train()
+    x = ids(1, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x, use_cache=True).logits, ref(x, use_cache=True).logits)
+    model.eval()
+    out = model.generate(x, max_new_tokens=5, do_sample=False)
+    want = ref.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, want)
+
+
+def test_packed_batch_documents_do_not_see_each_other():
+    model = make_model("llama-gqa")
+    enable_s2_attention(model, 16)
+    model.train()
+    lengths = (20, 30, 14)
+    x = ids(1, sum(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(x, position_ids=pos).logits
+        start = 0
+        for n in lengths:
+            alone = model(x[:, start:start + n]).logits
+            torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-4)
+            start += n
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_unpadded_rows(side):
+    model = make_model("llama-odd")
+    enable_s2_attention(model, 16)
+    model.train()
+    x = ids(2, 40)
+    mask = torch.ones_like(x)
+    real = 29
+    if side == "right":
+        mask[1, real:] = 0
+        pos = torch.arange(40).expand(2, 40)
+        row = x[1:, :real]
+    else:
+        mask[1, : 40 - real] = 0
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        row = x[1:, 40 - real:]
+    with torch.no_grad():
+        batched = model(x, attention_mask=mask, position_ids=pos).logits
+        alone = model(row).logits
+    assert torch.isfinite(batched).all()
+    got = batched[1:, :real] if side == "right" else batched[1:, 40 - real:]
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_backward_with_gradient_checkpointing():
+    model = make_model("llama-gqa")
+    enable_s2_attention(model, 16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    x = ids(2, 64)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == sum(1 for _ in model.parameters())
+    assert all(torch.isfinite(g).all() for g in grads)
+    # Same gradients as without checkpointing.
+    ref = make_model("llama-gqa")
+    enable_s2_attention(ref, 16)
+    ref.train()
+    ref(x, labels=x).loss.backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_disable_restores_the_model():
+    ref, model = make_model("mistral"), make_model("mistral")
+    use_cache = model.config.use_cache
+    enable_s2_attention(model, 8)
+    enable_s2_attention(model, 16)  # re-enabling changes the group size, nothing else
+    assert s2_enabled(model) and model.config.use_cache is False
+    disable_s2_attention(model)
+    assert not s2_enabled(model)
+    assert model.config._attn_implementation == "sdpa" and model.config.use_cache == use_cache
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    ref.train(), model.train()
+    x = ids(1, 64)
+    torch.testing.assert_close(model(x).logits, ref(x).logits, atol=0, rtol=0)
+
+
+def test_peft_wrapped_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("llama-gqa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable_s2_attention(model, 16)
+    model.train()
+    x = ids(1, 64)
+    x2 = x.clone()
+    x2[0, 0] += 1
+    with torch.no_grad():
+        assert torch.equal(model(x).logits[:, 24:], model(x2).logits[:, 24:])
+
+
+def test_rejects_models_without_rope():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="rotary"):
+        enable_s2_attention(model, 16)
+    with pytest.raises(ValueError, match="group_size"):
+        enable_s2_attention(make_model("llama-gqa"), 0)
