@@ -17,7 +17,7 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["longqlora", "longqlora.*"]),
-    package_data={"longqlora": ["data/*"]},
+    package_data={"longqlora": ["data/*.txt.gz", "data/*.md"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={

@@ -41,8 +41,12 @@ def supports_bf16() -> bool:
 
 
 def default_compute_dtype() -> torch.dtype:
-    """bf16 on Ampere+ and on CPU, fp16 on Volta/Turing (a V100 has no bf16)."""
-    return torch.bfloat16 if supports_bf16() else torch.float16
+    """bf16 on Ampere+, fp16 on Volta/Turing (a V100 has no bf16), fp32 on CPU (bitsandbytes' CPU 4-bit path
+    runs about 4x faster in fp32 than in bf16)."""
+    cap = cuda_capability()
+    if cap is None:
+        return torch.float32
+    return torch.bfloat16 if cap >= (8, 0) else torch.float16
 
 
 def flash_attn_module():

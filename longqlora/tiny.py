@@ -91,3 +91,23 @@ _FALLBACK_TEXT = (
     "of a wife. In the beginning God created the heaven and the earth. And the earth was without form, and void; "
     "and darkness was upon the face of the deep. The pass key is 12345. Remember it. What is the pass key? "
 ) * 4
+
+
+def tiny_instruction_file(path, n: int = 24) -> Path:
+    """A small LongAlpaca-style JSONL (instruction, input, output) cut from a bundled novel, for `--tiny` SFT runs:
+    each sample asks for the first sentence of a passage."""
+    import json
+
+    from longqlora import corpora
+    from longqlora.report import write_text_atomic
+
+    paragraphs = [p for p in corpora.book("austen_persuasion").split("\n\n") if len(p) > 300][:n]
+    rows = []
+    for i, passage in enumerate(paragraphs):
+        passage = " ".join(passage.split())
+        first = passage.split(". ")[0] + "."
+        rows.append({"instruction": "What is the first sentence of this passage?", "input": passage,
+                     "output": first})
+        if i % 2:  # vary the wording
+            rows[-1]["instruction"] = "Quote the opening sentence of the passage below."
+    return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,330 @@
+"""Load a Llama-family model for long-context LoRA+ training: NF4 weights, position interpolation, S2-Attn.
+
+The recipe: the frozen base is quantized to 4-bit NF4 with double quantization (LongQLoRA, arXiv 2311.04879,
+after QLoRA), RoPE is position-interpolated to the target context (rope.py), LoRA adapters go on the attention
+projections, and the input embedding and every norm layer are trained in full and saved with the adapter ("LoRA+",
+LongLoRA arXiv 2309.12307 §3.3: without them LoRA does not close the gap to full fine-tuning at long context).
+Training attention is shifted sparse attention (S2-Attn, LongLoRA §3.2), switched on by attention.py.
+
+Everything that can fail before the weights load is checked first by `check_model`, each failure one line naming
+the flag to change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from longqlora import hardware, rope
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TRAINABLE_TOKENS = ("embed", "norm")
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the names in Llama, Mistral and Qwen2
+NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to adapt it; the fields become command-line flags through HfArgumentParser."""
+
+    model_name_or_path: str = field(metadata={"help": "Local model directory or hub id of a RoPE decoder (Llama, "
+                                                      "Mistral, Qwen2)."})
+    target_context: int = field(metadata={"help": "Context length to extend to, e.g. 8192; RoPE is "
+                                                  "position-interpolated by target / pre-trained context."})
+    group_ratio: float = field(default=0.25, metadata={"help": "S2-Attn group size as a fraction of the target "
+                                                                "context, in (0, 1] (LongLoRA §3.2 uses 1/4)."})
+    s2_attention: bool = field(default=True, metadata={"help": "Train with shifted sparse attention; false trains "
+                                                                "with full attention (ablation)."})
+    attn_backend: str = field(default="auto", metadata={"help": "Attention kernel: auto, sdpa, flash_attn or "
+                                                                 "xformers."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the frozen base to 4-bit NF4 with double "
+                                                                "quantization (bitsandbytes)."})
+    compute_dtype: str = field(default="auto", metadata={"help": "Dtype of activations and 4-bit matmuls: auto "
+                                                                  "(bf16 where supported, else fp16), bfloat16, "
+                                                                  "float16 or float32."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target: str = field(default="attention", metadata={"help": "Modules that get LoRA: attention (q/k/v/o "
+                                                                     "projections), all-linear, or a comma list "
+                                                                     "of module names."})
+    trainable_params: str = field(default="embed,norm", metadata={"help": "Modules trained in full and saved with "
+                                                                           "the adapter (LongLoRA §3.3): comma list "
+                                                                           "of embed, norm; empty for plain LoRA."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model repository."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to load."})
+
+    def __post_init__(self):
+        def bad(flag, value, fix):
+            raise ValueError(f"--{flag} {value!r}: {fix}")
+
+        if self.target_context < 1:
+            bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
+        if not 0 < self.group_ratio <= 1:
+            bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
+        if self.lora_r < 1:
+            bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", self.lora_dropout, "must be in [0, 1), e.g. 0.05")
+        if self.compute_dtype not in ("auto", *COMPUTE_DTYPES):
+            bad("compute_dtype", self.compute_dtype, f"must be one of auto, {', '.join(COMPUTE_DTYPES)}")
+        if self.attn_backend not in ("auto", *hardware.BACKENDS):
+            bad("attn_backend", self.attn_backend, f"must be one of auto, {', '.join(hardware.BACKENDS)}")
+        unknown = [t for t in self.trainable_tokens if t not in TRAINABLE_TOKENS]
+        if unknown:
+            bad("trainable_params", self.trainable_params,
+                f"unknown {', '.join(unknown)}; use a comma list of {', '.join(TRAINABLE_TOKENS)}, or '' for none")
+        if not self.lora_target.strip(" ,"):
+            bad("lora_target", self.lora_target, "use attention, all-linear or a comma list of module names")
+
+    @property
+    def group_size(self) -> int:
+        """S2-Attn group size in tokens: group_ratio x target_context, at least 1."""
+        return max(1, int(round(self.group_ratio * self.target_context)))
+
+    @property
+    def trainable_tokens(self) -> list[str]:
+        """The parsed `trainable_params` list, e.g. ["embed", "norm"]."""
+        return [t.strip() for t in self.trainable_params.split(",") if t.strip()]
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    return hardware.default_compute_dtype() if name == "auto" else COMPUTE_DTYPES[name]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id: starts with / . ~, has more than one slash, or its first part exists."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name.split("/")[0])
+
+
+def _load_config(cfg: ModelConfig):
+    """The transformers config of `cfg.model_name_or_path`, or one ValueError line saying what to pass instead."""
+    flag = f"--model_name_or_path {cfg.model_name_or_path}"
+    name = os.path.expanduser(cfg.model_name_or_path)
+    local = _looks_like_path(cfg.model_name_or_path)
+    if local and not os.path.isdir(name):
+        raise ValueError(f"{flag}: no such directory; pass a local model directory or a hub id")
+    if local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
+    try:
+        return AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        if local:
+            raise ValueError(f"{flag}: cannot read its config ({_first_line(err)})") from err
+        raise ValueError(f"{flag}: could not be found locally or on the hub (offline?); pass a local model "
+                         "directory") from err
+    except ValueError as err:
+        hint = "" if cfg.trust_remote_code else "; pass --trust_remote_code true if it ships its own model code"
+        raise ValueError(f"{flag}: {_first_line(err)}{hint}") from err
+
+
+def check_model(cfg: ModelConfig):
+    """Check everything that can fail before weights load; returns (hf_config with PI applied, info dict).
+
+    Raises one ValueError line naming the flag and the fix: a bad path or hub id, no RoPE, a target below the
+    pre-trained context, an attention backend or compute dtype this machine cannot run, bitsandbytes missing.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.attn_backend != "auto":
+        problem = hardware.backend_problem(cfg.attn_backend)
+        if problem:
+            raise ValueError(problem)
+    backend = hardware.resolve_backend(cfg.attn_backend, device)
+    dtype = _resolve_dtype(cfg.compute_dtype)
+    if dtype == torch.bfloat16 and not hardware.supports_bf16():
+        major, minor = hardware.cuda_capability()
+        raise ValueError(f"--compute_dtype bfloat16: this GPU (sm_{major}{minor}) has no bf16; use float16")
+    if cfg.load_in_4bit:
+        try:
+            importlib.import_module("bitsandbytes")
+        except Exception as err:  # ImportError, or a broken CUDA build failing at import
+            raise ValueError(f"--load_in_4bit: bitsandbytes does not import ({_first_line(err)}); "
+                             "`pip install bitsandbytes` or pass --load_in_4bit false") from err
+
+    hf_config = _load_config(cfg)
+    original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE
+    if cfg.target_context < original:
+        raise ValueError(f"--target_context {cfg.target_context} is below the model's pre-trained context "
+                         f"{original}; pass --target_context {original} or more")
+    pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context)
+    info = {
+        "model": cfg.model_name_or_path,
+        "original_context": original,
+        "target_context": cfg.target_context,
+        "pi_factor": pi_factor,
+        "rope_type": rope.rope_summary(hf_config).get("rope_type"),
+        "group_size": cfg.group_size,
+        "s2_attention": cfg.s2_attention,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "attn_backend": backend,
+        "load_in_4bit": cfg.load_in_4bit,
+        "device": device,
+        "lora_r": cfg.lora_r,
+        "lora_target": cfg.lora_target,
+        "trainable_modules": cfg.trainable_params,
+    }
+    return hf_config, info
+
+
+def load_base(cfg: ModelConfig):
+    """Check, then load the tokenizer and the (4-bit NF4) base model with PI applied; no adapters yet.
+
+    Returns (model, tokenizer, info). Also what evaluation uses before `PeftModel.from_pretrained`.
+    """
+    from transformers import BitsAndBytesConfig
+
+    hf_config, info = check_model(cfg)
+    path = os.path.expanduser(cfg.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load its tokenizer "
+                         f"({_first_line(err)}); save the tokenizer next to the weights") from err
+    if tokenizer.pad_token is None:
+        # Reuse an existing token rather than adding one: a new row would change the vocabulary of the base.
+        source = "unk" if tokenizer.unk_token is not None else "eos"
+        tokenizer.pad_token = tokenizer.unk_token if source == "unk" else tokenizer.eos_token
+        logger.info("tokenizer has no pad token; padding with the %s token %r (id %d)", source,
+                    tokenizer.pad_token, tokenizer.pad_token_id)
+    info["pad_token"] = tokenizer.pad_token
+
+    dtype = COMPUTE_DTYPES[info["compute_dtype"]]
+    quant = None
+    if cfg.load_in_4bit:  # LongQLoRA: NF4 with double quantization of the scales
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+    device_map = {"": torch.cuda.current_device()} if info["device"] == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=hf_config, dtype=dtype, quantization_config=quant, device_map=device_map,
+        use_safetensors=True, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation="sdpa")
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, info
+
+
+def modules_to_save(model, tokens) -> list[str] | None:
+    """Names for LoraConfig.modules_to_save that wrap exactly the input embedding and/or every norm layer.
+
+    PEFT matches them by plain string suffix on each module's full name, so short leaf names ("embed_tokens",
+    "input_layernorm", "norm", ...) are used when their matches are exactly the wanted modules, else full names.
+    """
+    embedding = model.get_input_embeddings()
+    wanted = set()
+    for name, module in model.named_modules():
+        if "embed" in tokens and module is embedding:
+            wanted.add(name)
+        if "norm" in tokens and type(module).__name__.endswith(NORM_SUFFIXES):
+            wanted.add(name)
+    if not wanted:
+        return None
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in wanted})
+    matched = {name for name, _ in model.named_modules() if name and any(name.endswith(s) for s in leaves)}
+    return leaves if matched == wanted else sorted(wanted)
+
+
+def _lora_targets(model, spec: str):
+    """LoraConfig.target_modules for --lora_target, checked against the model's Linear layer names."""
+    if spec == "all-linear":
+        return "all-linear"
+    names = ATTENTION_PROJECTIONS if spec == "attention" else [n.strip() for n in spec.split(",") if n.strip()]
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [n for n in names if n not in leaves]
+    if missing:
+        raise ValueError(f"--lora_target {spec}: this model has no Linear layer named {', '.join(missing)}; "
+                         f"pass a comma list of its names ({', '.join(sorted(leaves))}) or all-linear")
+    return names
+
+
+def count_trainable(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed bitsandbytes 4-bit tensor holds 2 values per byte.
+
+    Each distinct tensor counts once, so a module in modules_to_save counts twice (its frozen original and its
+    trained copy), which agrees with PEFT's print_trainable_parameters.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit" and getattr(param, "bnb_quantized", True):
+            n *= 2 * param.element_size()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def add_adapters(model, cfg: ModelConfig):
+    """Wrap `model` in PEFT: LoRA on `--lora_target`, the embedding and/or norms trained in full (modules_to_save).
+    Returns (peft_model, lora_config)."""
+    from peft import LoraConfig, get_peft_model
+
+    extra = {}
+    output = model.get_output_embeddings()
+    if "embed" in cfg.trainable_tokens and output is not None and output.weight is model.get_input_embeddings().weight:
+        # Tied lm_head (e.g. small Qwen2): keep it tied to the trained embedding copy, as full fine-tuning would.
+        extra["ensure_weight_tying"] = True
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=_lora_targets(model, cfg.lora_target), bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save(model, cfg.trainable_tokens), **extra)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora), lora
+
+
+def count_trainable_without_weights(cfg: ModelConfig) -> dict:
+    """Trainable and total parameter counts of the adapted model, computed on the meta device (no weights load);
+    the base's Linear layers count as full-size here, as they would in 16-bit."""
+    from accelerate import init_empty_weights
+
+    hf_config, _ = check_model(cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    model, _ = add_adapters(model, cfg)
+    trainable, total = count_trainable(model)
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True):
+    """Load the base (`load_base`), add LoRA and the trainable embedding/norms, switch on S2-Attn.
+
+    Returns (peft_model, tokenizer, info) ready for training; info adds trainable_params and total_params.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    model, tokenizer, info = load_base(cfg)
+    if cfg.load_in_4bit:
+        # Freezes every weight and upcasts the non-quantized ones (embeddings, norms, lm_head) to fp32, so the
+        # trained embedding and norm copies keep fp32 master weights. Checkpointing is switched on below instead,
+        # through the non-deprecated transformers API.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no inputs that require grad (the reentrant kind would).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    model, lora = add_adapters(model, cfg)
+    if cfg.s2_attention:
+        from longqlora.attention import enable_s2_attention
+
+        enable_s2_attention(model, cfg.group_size, backend=cfg.attn_backend)
+    trainable, total = count_trainable(model)
+    info.update(trainable_params=trainable, total_params=total, modules_to_save=lora.modules_to_save)
+    logger.info("trainable parameters: %d of %d (%.2f%%): LoRA r=%d on %s, full %s", trainable, total,
+                100 * trainable / max(total, 1), cfg.lora_r, cfg.lora_target, cfg.trainable_params or "nothing else")
+    return model, tokenizer, info

@@ -1,0 +1,381 @@
+"""longqlora.model on tiny random Llamas, 4-bit NF4 on the CPU: checks before loading, LoRA+, save and reload."""
+
+import math
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from longqlora import hardware, model as lm
+from longqlora.attention import s2_enabled
+from longqlora.model import ModelConfig, check_model, count_trainable, load_base, load_model, modules_to_save
+from longqlora.tiny import TINY_SHAPES, save_tiny_model
+
+TARGET = 512  # 4x the tiny models' 128 positions; S2 group size 128
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {shape: save_tiny_model(root / shape, shape=shape) for shape in ("gqa", "odd")}
+
+
+def config(path, **kw):
+    kw.setdefault("compute_dtype", "float32")  # bitsandbytes' CPU 4-bit matmul is ~4x faster in fp32 than bf16
+    return ModelConfig(model_name_or_path=str(path), target_context=kw.pop("target_context", TARGET), **kw)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if any model weights are loaded."""
+    def fail(*args, **kwargs):
+        pytest.fail("weights were loaded before the configuration was checked")
+    monkeypatch.setattr(lm.AutoModelForCausalLM, "from_pretrained", fail)
+
+
+def expected_trainable(shape, r=8, vocab=320, targets=("q", "k", "v", "o")):
+    """LoRA A+B on each targeted projection, plus the full embedding and every norm (2 per layer + final)."""
+    hidden, heads, kv, layers, inter = TINY_SHAPES[shape]
+    head_dim = hidden // heads
+    dims = {"q": (hidden, heads * head_dim), "k": (hidden, kv * head_dim), "v": (hidden, kv * head_dim),
+            "o": (heads * head_dim, hidden), "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+    lora = layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+    return lora + vocab * hidden + (2 * layers + 1) * hidden
+
+
+# ---------------------------------------------------------------- ModelConfig
+
+
+@pytest.mark.parametrize("field,value", [
+    ("target_context", 0), ("group_ratio", 0.0), ("group_ratio", 1.5), ("lora_r", 0), ("lora_dropout", 1.0),
+    ("lora_dropout", -0.1), ("compute_dtype", "fp8"), ("attn_backend", "triton"), ("trainable_params", "embed,head"),
+    ("lora_target", " , "),
+])
+def test_config_rejects_bad_values(field, value):
+    kwargs = {"model_name_or_path": "m", "target_context": 8192, field: value}
+    with pytest.raises(ValueError, match=f"--{field}") as err:
+        ModelConfig(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_config_group_size_and_flags():
+    assert ModelConfig("m", 8192).group_size == 2048
+    assert ModelConfig("m", 8192, group_ratio=1.0).group_size == 8192
+    assert ModelConfig("m", 10, group_ratio=0.01).group_size == 1
+    assert ModelConfig("m", 100, group_ratio=1 / 3).group_size == 33
+    assert ModelConfig("m", 8, trainable_params="").trainable_tokens == []
+    assert ModelConfig("m", 8, trainable_params=" norm ,embed").trainable_tokens == ["norm", "embed"]
+
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(ModelConfig).parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--target_context", "16384", "--no_s2_attention", "--lora_r", "16",
+         "--revision", "main"])
+    assert (cfg.target_context, cfg.s2_attention, cfg.lora_r, cfg.revision, cfg.load_in_4bit) == (
+        16384, False, 16, "main", True)
+
+
+# ---------------------------------------------------------------- checks before any weight loads
+
+
+def test_check_model_applies_interpolation(tiny_dirs, no_weights):
+    hf_config, info = check_model(config(tiny_dirs["gqa"], target_context=1024, group_ratio=0.125))
+    assert hf_config.max_position_embeddings == 1024
+    assert info["original_context"] == 128 and info["target_context"] == 1024
+    assert info["pi_factor"] == pytest.approx(8.0)
+    assert info["group_size"] == 128
+    assert (info["compute_dtype"], info["load_in_4bit"], info["attn_backend"]) == ("float32", True, "sdpa")
+    assert info["rope_type"] not in (None, "default")
+
+
+@pytest.mark.parametrize("name", ["/no/such/model/dir", "./missing-model", "~/no-such-model-here"])
+def test_missing_local_path(name, no_weights):
+    with pytest.raises(ValueError, match="--model_name_or_path .*no such directory"):
+        load_model(config(name))
+
+
+def test_directory_without_config(tmp_path, no_weights):
+    with pytest.raises(ValueError, match="--model_name_or_path .*no config.json"):
+        load_model(config(tmp_path))
+
+
+def test_unknown_hub_id_offline(monkeypatch, no_weights):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="--model_name_or_path nobody-here/no-such-model: could not be found "
+                                         "locally or on the hub") as err:
+        load_model(config("nobody-here/no-such-model"))
+    assert "\n" not in str(err.value)
+
+
+def test_target_below_original(tiny_dirs, no_weights):
+    with pytest.raises(ValueError, match="--target_context 64 is below the model's pre-trained context 128"):
+        load_model(config(tiny_dirs["gqa"], target_context=64))
+
+
+def test_model_without_rope(tmp_path, no_weights):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=320, n_positions=128)).save_pretrained(
+        tmp_path)
+    with pytest.raises(ValueError, match="--target_context") as err:
+        load_model(config(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+def test_gpu_backend_on_cpu(tiny_dirs, backend, no_weights):
+    with pytest.raises(ValueError, match=f"--attn_backend {backend}"):
+        load_model(config(tiny_dirs["gqa"], attn_backend=backend))
+
+
+def test_4bit_without_bitsandbytes(tiny_dirs, monkeypatch, no_weights):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    with pytest.raises(ValueError, match="--load_in_4bit: bitsandbytes does not import"):
+        load_model(config(tiny_dirs["gqa"]))
+
+
+def test_bf16_on_volta(tiny_dirs, monkeypatch, no_weights):
+    monkeypatch.setattr(hardware, "cuda_capability", lambda: (7, 0))
+    monkeypatch.setattr(hardware, "supports_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r"--compute_dtype bfloat16: this GPU \(sm_70\) has no bf16; use float16"):
+        load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16"))
+
+
+# ---------------------------------------------------------------- loading, training, saving
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_load_4bit_lora_plus(tiny_dirs):
+    import bitsandbytes as bnb
+    from peft.utils import ModulesToSaveWrapper
+
+    model, tokenizer, info = load_model(config(tiny_dirs["gqa"]))
+    base = model.get_base_model()
+    for layer in base.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(layer.self_attn, name).base_layer
+            assert isinstance(linear, bnb.nn.Linear4bit)
+            assert linear.weight.quant_state.quant_type == "nf4" and linear.weight.quant_state.nested
+        for name in ("gate_proj", "up_proj", "down_proj"):  # quantized, but no LoRA with --lora_target attention
+            assert isinstance(getattr(layer.mlp, name), bnb.nn.Linear4bit)
+    assert lora_layers(model) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+               if isinstance(m, ModulesToSaveWrapper)}
+    n = len(base.model.layers)
+    assert wrapped == {"model.embed_tokens", "model.norm", *(f"model.layers.{i}.{k}" for i in range(n)
+                                                              for k in ("input_layernorm", "post_attention_layernorm"))}
+    for name, param in model.named_parameters():
+        expect = ".lora_A." in name or ".lora_B." in name or ".modules_to_save.default." in name
+        assert param.requires_grad == expect, name
+        if expect:
+            assert param.dtype == torch.float32, name
+
+    trainable, total = count_trainable(model)
+    assert trainable == info["trainable_params"] == expected_trainable("gqa") == 55936
+    assert (trainable, total) == model.get_nb_trainable_parameters()
+    # the base's 377472 values (4-bit ones unpacked) plus every trained tensor, the modules_to_save copies included
+    assert total == 377472 + trainable
+
+    assert model.config.max_position_embeddings == TARGET
+    assert info["pi_factor"] == pytest.approx(4.0) and info["group_size"] == 128
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == 0 and len(tokenizer) == 320
+    assert model.config.use_cache is False
+    assert base.is_activation_checkpointing
+    assert s2_enabled(model) and info["s2_attention"]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # PEFT reading a deprecated transformers name
+def test_train_step_save_and_reload(tiny_dirs, tmp_path):
+    from peft import PeftModel
+
+    cfg = config(tiny_dirs["gqa"])
+    model, tokenizer, _ = load_model(cfg)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 320, (2, TARGET))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    assert math.isfinite(loss.item()) and 4.0 < loss.item() < 8.0  # near ln(320) = 5.77 for a random model
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), name
+        if ".lora_A." not in name:  # B is zero-initialised, so A gets no gradient on the first step
+            assert grad.abs().max() > 0, name
+    embed0 = model.get_base_model().model.embed_tokens.original_module.weight.detach().clone()
+
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    n_layers = TINY_SHAPES["gqa"][3]
+    assert sum(".lora_A." in k for k in saved) == sum(".lora_B." in k for k in saved) == 4 * n_layers
+    assert sum(k.endswith("layernorm.weight") for k in saved) == 2 * n_layers
+    embed = saved["base_model.model.model.embed_tokens.weight"]
+    assert embed.shape == (320, 128) and (embed - embed0).abs().max() > 1e-3  # the trained embedding, not the base
+    assert (saved["base_model.model.model.norm.weight"] - 1).abs().max() > 1e-3
+    assert len(saved) == 8 * n_layers + 2 * n_layers + 2
+
+    base, _, _ = load_base(cfg)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=ids).logits
+    assert torch.allclose(trained, again, atol=1e-5, rtol=1e-5), (trained - again).abs().max()
+    with reloaded.disable_adapter(), torch.no_grad():
+        base_only = reloaded(input_ids=ids).logits
+    assert (base_only - again).abs().max() > 1e-3  # the adapter changes the outputs
+
+
+@pytest.mark.parametrize("shape", ["odd", "gqa"])
+def test_shapes_train(tiny_dirs, shape):
+    model, _, info = load_model(config(tiny_dirs[shape]))
+    assert info["trainable_params"] == expected_trainable(shape)
+    model.train()
+    ids = torch.randint(3, 320, (1, TARGET))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    lora_b = [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
+    assert len(lora_b) == 4 * TINY_SHAPES[shape][3] and all(g is not None and g.abs().max() > 0 for g in lora_b)
+
+
+def test_all_linear_and_custom_targets(tiny_dirs):
+    model, _, info = load_model(config(tiny_dirs["gqa"], lora_target="all-linear", s2_attention=False))
+    assert lora_layers(model) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert info["trainable_params"] == expected_trainable(
+        "gqa", targets=("q", "k", "v", "o", "gate", "up", "down"))
+
+    model, _, _ = load_model(config(tiny_dirs["gqa"], lora_target="q_proj,v_proj", s2_attention=False))
+    assert lora_layers(model) == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="--lora_target q_proj,query_key_value: .*query_key_value"):
+        load_model(config(tiny_dirs["gqa"], lora_target="q_proj,query_key_value"))
+
+
+def test_plain_lora_and_no_checkpointing(tiny_dirs):
+    model, _, info = load_model(config(tiny_dirs["gqa"], trainable_params="", s2_attention=False),
+                                gradient_checkpointing=False)
+    assert info["modules_to_save"] is None
+    assert info["trainable_params"] == expected_trainable("gqa") - 320 * 128 - 5 * 128
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert not model.get_base_model().is_activation_checkpointing
+    assert not s2_enabled(model)
+
+
+def test_bf16_compute_keeps_fp32_trainables(tiny_dirs):
+    model, _, info = load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16", s2_attention=False))
+    assert info["compute_dtype"] == "bfloat16"
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert q.compute_dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    model.train()
+    ids = torch.randint(3, 320, (1, 128))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_full_precision_base(tiny_dirs):
+    model, _, info = load_model(config(tiny_dirs["gqa"], load_in_4bit=False))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32 and not q.weight.requires_grad
+    assert info["trainable_params"] == expected_trainable("gqa")
+    assert info["total_params"] == 377472 + info["trainable_params"]
+    model.train()
+    ids = torch.randint(3, 320, (1, TARGET))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.get_base_model().model.norm.modules_to_save["default"].weight.grad.abs().max() > 0
+
+
+def test_modules_to_save_falls_back_to_full_names():
+    class MyRMSNorm(torch.nn.Module):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding(4, 4)
+            self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"norm": MyRMSNorm(), "prenorm": MyRMSNorm(),
+                                                                    "gate_norm": torch.nn.Linear(4, 4)})])
+            self.final_norm = MyRMSNorm()
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    net = Net()
+    # "norm" would also match the Linear "gate_norm" by suffix, so full names are needed
+    assert modules_to_save(net, ["embed", "norm"]) == sorted(
+        ["tok", "blocks.0.norm", "blocks.0.prenorm", "final_norm"])
+    assert modules_to_save(net, ["embed"]) == ["tok"]
+    del net.blocks[0]["gate_norm"]
+    assert modules_to_save(net, ["norm"]) == ["final_norm", "norm", "prenorm"]
+    assert modules_to_save(net, []) is None
+
+
+def test_pad_falls_back_to_eos(tiny_dirs, monkeypatch):
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained
+
+    def without_unk(*args, **kwargs):
+        tok = load(*args, **kwargs)
+        tok.unk_token = None
+        return tok
+
+    monkeypatch.setattr(lm.AutoTokenizer, "from_pretrained", without_unk)
+    model, tokenizer, info = load_base(config(tiny_dirs["gqa"], load_in_4bit=False))
+    assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == 2 == model.config.pad_token_id
+    assert info["pad_token"] == "</s>" and len(tokenizer) == 320
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside transformers' tokenizer fallbacks
+def test_missing_tokenizer(tiny_dirs, tmp_path, no_weights):
+    import shutil
+
+    shutil.copy(tiny_dirs["gqa"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match="--model_name_or_path .*cannot load its tokenizer"):
+        load_model(config(tmp_path))
+
+
+def test_count_trainable_4bit_packed_and_unpacked():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=True, quant_type="nf4")
+    layer.weight.requires_grad_(False)
+    assert not layer.weight.bnb_quantized and count_trainable(layer) == (64, 128 * 64 + 64)
+    layer = layer.to("cpu")  # packs two 4-bit values per byte
+    assert layer.weight.bnb_quantized and layer.weight.numel() == 128 * 64 // 2
+    assert count_trainable(layer) == (64, 128 * 64 + 64)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    path = save_tiny_model(tmp_path / "tied", shape="gqa", tie_word_embeddings=True)
+    model, _, info = load_model(config(path, s2_attention=False))
+    base = model.get_base_model()
+    trained = base.model.embed_tokens.modules_to_save["default"].weight
+    assert base.get_output_embeddings().weight is trained and trained.requires_grad
+    assert info["trainable_params"] == expected_trainable("gqa")
+
+
+def test_trainable_count_without_weights_matches_the_loaded_model(tiny_dirs, monkeypatch):
+    from longqlora.model import count_trainable_without_weights
+
+    cfg = config(tiny_dirs["odd"])
+    _, _, info = load_model(cfg)
+    calls = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: calls.append(a))
+    counted = count_trainable_without_weights(cfg)
+    assert not calls
+    assert counted["trainable_params"] == info["trainable_params"]
