@@ -59,7 +59,6 @@ class ModelConfig:
     trainable_params: str = field(default="embed,norm", metadata={"help": "Modules trained in full and saved with "
                                                                            "the adapter (LongLoRA §3.3): comma list "
                                                                            "of embed, norm; empty for plain LoRA."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model repository."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to load."})
 
     def __post_init__(self):
@@ -110,32 +109,41 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name.split("/")[0])
 
 
-def _load_config(cfg: ModelConfig):
-    """The transformers config of `cfg.model_name_or_path`, or one ValueError line saying what to pass instead."""
+def _load_config(cfg: ModelConfig, trust_remote_code: bool, prefer_preset: bool = False):
+    """The transformers config of `cfg.model_name_or_path`, or one ValueError line saying what to pass instead.
+
+    With `prefer_preset`, a model the toolkit knows (presets.py) uses its built-in config: no download.
+    """
+    from longqlora.presets import preset_config
+
     flag = f"--model_name_or_path {cfg.model_name_or_path}"
     name = os.path.expanduser(cfg.model_name_or_path)
     local = _looks_like_path(cfg.model_name_or_path)
+    preset = None if local or not prefer_preset else preset_config(cfg.model_name_or_path)
+    if preset is not None:
+        return preset
     if local and not os.path.isdir(name):
         raise ValueError(f"{flag}: no such directory; pass a local model directory or a hub id")
     if local and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
     try:
-        return AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         if local:
             raise ValueError(f"{flag}: cannot read its config ({_first_line(err)})") from err
         raise ValueError(f"{flag}: could not be found locally or on the hub (offline?); pass a local model "
                          "directory") from err
     except ValueError as err:
-        hint = "" if cfg.trust_remote_code else "; pass --trust_remote_code true if it ships its own model code"
+        hint = "" if trust_remote_code else "; pass --trust_remote_code true if it ships its own model code"
         raise ValueError(f"{flag}: {_first_line(err)}{hint}") from err
 
 
-def check_model(cfg: ModelConfig):
+def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False):
     """Check everything that can fail before weights load; returns (hf_config with PI applied, info dict).
 
     Raises one ValueError line naming the flag and the fix: a bad path or hub id, no RoPE, a target below the
     pre-trained context, an attention backend or compute dtype this machine cannot run, bitsandbytes missing.
+    `prefer_preset` (dry runs, planning) reads a known model's built-in config instead of the hub.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.attn_backend != "auto":
@@ -154,7 +162,7 @@ def check_model(cfg: ModelConfig):
             raise ValueError(f"--load_in_4bit: bitsandbytes does not import ({_first_line(err)}); "
                              "`pip install bitsandbytes` or pass --load_in_4bit false") from err
 
-    hf_config = _load_config(cfg)
+    hf_config = _load_config(cfg, trust_remote_code, prefer_preset)
     original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE
     if cfg.target_context < original:
         raise ValueError(f"--target_context {cfg.target_context} is below the model's pre-trained context "
@@ -170,6 +178,7 @@ def check_model(cfg: ModelConfig):
         "s2_attention": cfg.s2_attention,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "attn_backend": backend,
+        "attn_backend_requested": cfg.attn_backend,
         "load_in_4bit": cfg.load_in_4bit,
         "device": device,
         "lora_r": cfg.lora_r,
@@ -179,18 +188,18 @@ def check_model(cfg: ModelConfig):
     return hf_config, info
 
 
-def load_base(cfg: ModelConfig):
+def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
     """Check, then load the tokenizer and the (4-bit NF4) base model with PI applied; no adapters yet.
 
     Returns (model, tokenizer, info). Also what evaluation uses before `PeftModel.from_pretrained`.
     """
     from transformers import BitsAndBytesConfig
 
-    hf_config, info = check_model(cfg)
+    hf_config, info = check_model(cfg, trust_remote_code=trust_remote_code)
     path = os.path.expanduser(cfg.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code)
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load its tokenizer "
                          f"({_first_line(err)}); save the tokenizer next to the weights") from err
@@ -210,7 +219,7 @@ def load_base(cfg: ModelConfig):
     device_map = {"": torch.cuda.current_device()} if info["device"] == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         path, config=hf_config, dtype=dtype, quantization_config=quant, device_map=device_map,
-        use_safetensors=True, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True, revision=cfg.revision, trust_remote_code=trust_remote_code,
         attn_implementation="sdpa")
     model.config.use_cache = False
     if model.config.pad_token_id is None:
@@ -285,28 +294,28 @@ def add_adapters(model, cfg: ModelConfig):
         return get_peft_model(model, lora), lora
 
 
-def count_trainable_without_weights(cfg: ModelConfig) -> dict:
+def count_trainable_without_weights(cfg: ModelConfig, *, trust_remote_code: bool = False) -> dict:
     """Trainable and total parameter counts of the adapted model, computed on the meta device (no weights load);
     the base's Linear layers count as full-size here, as they would in 16-bit."""
     from accelerate import init_empty_weights
 
-    hf_config, _ = check_model(cfg)
+    hf_config, _ = check_model(cfg, trust_remote_code=trust_remote_code, prefer_preset=True)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
     model, _ = add_adapters(model, cfg)
     trainable, total = count_trainable(model)
     return {"trainable_params": trainable, "total_params": total}
 
 
-def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True):
+def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True, trust_remote_code: bool = False):
     """Load the base (`load_base`), add LoRA and the trainable embedding/norms, switch on S2-Attn.
 
     Returns (peft_model, tokenizer, info) ready for training; info adds trainable_params and total_params.
     """
     from peft import prepare_model_for_kbit_training
 
-    model, tokenizer, info = load_base(cfg)
+    model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
     if cfg.load_in_4bit:
         # Freezes every weight and upcasts the non-quantized ones (embeddings, norms, lm_head) to fp32, so the
         # trained embedding and norm copies keep fp32 master weights. Checkpointing is switched on below instead,

@@ -101,10 +101,10 @@ def tiny_instruction_file(path, n: int = 24) -> Path:
     from longqlora import corpora
     from longqlora.report import write_text_atomic
 
-    paragraphs = [p for p in corpora.book("austen_persuasion").split("\n\n") if len(p) > 300][:n]
+    paragraphs = [" ".join(p.split()) for p in corpora.book("austen_persuasion").split("\n\n")]
+    paragraphs = [p for p in paragraphs if 80 <= len(p) <= 200 and ". " in p][:n]  # fits a 256-token context
     rows = []
     for i, passage in enumerate(paragraphs):
-        passage = " ".join(passage.split())
         first = passage.split(". ")[0] + "."
         rows.append({"instruction": "What is the first sentence of this passage?", "input": passage,
                      "output": first})

@@ -1,0 +1,58 @@
+"""Convert instruction data (LongAlpaca, LongQLoRA, ShareGPT or role/content messages) to Vicuna-ready conversations.
+
+    python data_prep/prepare_instructions.py --dataset data/LongAlpaca-12k.json \
+        --tokenizer meta-llama/Llama-2-7b-hf --output_dir data/longalpaca_msgs --max_length 8192 \
+        --overlong truncate --num_proc 8
+
+Writes to --output_dir a `save_to_disk` dataset with one `messages` column (TRL renders it with the Vicuna v1.1
+template and, with assistant_only_loss=True, trains only the replies) and `stats.json`, atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer, HfArgumentParser
+
+from longqlora.chat_template import apply_vicuna_template
+from longqlora.data import (InstructionDataConfig, check_output_dir, length_report, load_conversations,
+                            save_dataset_atomic)
+from longqlora.report import markdown_table
+
+
+@dataclass
+class ScriptArguments:
+    tokenizer: str = field(metadata={"help": "Tokenizer directory or hub id (the base model's)."})
+    output_dir: str = field(metadata={"help": "Where to write the conversations and stats.json."})
+    max_length: int = field(metadata={"help": "Training sequence length (the target context) in tokens."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+
+def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
+    check_output_dir(args.output_dir, args.overwrite)
+    tokenizer = apply_vicuna_template(AutoTokenizer.from_pretrained(args.tokenizer))
+    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "chat_template": "vicuna_v1.1"}
+    conversations = load_conversations(cfg, stats=stats)
+    conversations, lengths = length_report(conversations, tokenizer, args.max_length, cfg.overlong, cfg.num_proc)
+    stats.update(lengths)
+    save_dataset_atomic(conversations, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser((InstructionDataConfig, ScriptArguments), description=__doc__.split("\n")[0])
+    try:
+        cfg, args = parser.parse_args_into_dataclasses(args=argv)
+        stats = run(cfg, args)
+    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
+    print(f"wrote {stats['count_out']} conversations to {args.output_dir}; {stats['over_max_length']} exceed "
+          f"--max_length {args.max_length} (--overlong {cfg.overlong})")
+
+
+if __name__ == "__main__":
+    main()

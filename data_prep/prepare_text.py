@@ -1,0 +1,60 @@
+"""Tokenize plain-text documents for long-context language-model training; TRL's SFTTrainer packs them later.
+
+    python data_prep/prepare_text.py --dataset data/pg19/train.jsonl --text_field text \
+        --tokenizer meta-llama/Llama-2-7b-hf --output_dir data/pg19_llama2 --max_length 8192 \
+        --min_length 1024 --packing documents --num_proc 8
+
+Writes to --output_dir a `save_to_disk` dataset with one `input_ids` column (each document followed by EOS, not
+truncated) and `stats.json` (documents, tokens, lengths, and the TRL packing strategy to train with), atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer, HfArgumentParser
+
+from longqlora.data import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
+                            tokenize_documents)
+from longqlora.report import markdown_table
+
+
+@dataclass
+class ScriptArguments:
+    tokenizer: str = field(metadata={"help": "Tokenizer directory or hub id (the base model's)."})
+    output_dir: str = field(metadata={"help": "Where to write the tokenized dataset and stats.json."})
+    max_length: int | None = field(default=None, metadata={"help": "Training row length (the target context); "
+                                                                   "checks the text fills at least one row."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+
+def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
+    check_output_dir(args.output_dir, args.overwrite)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    documents = load_documents(cfg)
+    tokenized, stats = tokenize_documents(documents, tokenizer, cfg)
+    if args.max_length is not None:
+        check_packable(stats, args.max_length, cfg.dataset)
+        stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
+    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, **stats}
+    save_dataset_atomic(tokenized, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser((TextDataConfig, ScriptArguments), description=__doc__.split("\n")[0])
+    try:
+        cfg, args = parser.parse_args_into_dataclasses(args=argv)
+        stats = run(cfg, args)
+    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
+    print(f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
+          f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})")
+
+
+if __name__ == "__main__":
+    main()

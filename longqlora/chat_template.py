@@ -1,0 +1,121 @@
+"""Conversation formats: instruction records read as role/content messages, written as FastChat's Vicuna v1.1.
+
+Read (`detect_format`, `to_messages`): LongAlpaca, LongQLoRA (single- and multi-turn), ShareGPT and role/content
+`messages` records, one format per file (longqlora.data.load_conversations checks that).
+
+Written: a Jinja chat template with `{% generation %}` markers. The string it renders (FastChat `vicuna_v1.1`,
+separator style ADD_COLON_TWO: sep " ", sep2 "</s>"):
+
+    <s>{system} USER: {u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>
+
+The markers wrap each assistant reply together with its end-of-sequence token, so that TRL's
+`assistant_only_loss=True` trains exactly the replies and the stop token (the model learns when to stop), and
+`trl.chat_template_utils.is_chat_template_stop_token_trained` passes.
+"""
+
+from __future__ import annotations
+
+VICUNA_V1_1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+# One statement a line, each trimming the whitespace around it, so the template's own layout never reaches the
+# output. The default system prompt is a double-quoted Jinja literal: it holds an apostrophe and no double quote.
+VICUNA_V1_1_TEMPLATE = (
+    '{%- set default_system = "' + VICUNA_V1_1_SYSTEM + '" -%}\n'
+    "{%- if messages and messages[0]['role'] == 'system' -%}\n"
+    "{%- set system = messages[0]['content'] -%}\n"
+    "{%- set turns = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "{%- set system = default_system -%}\n"
+    "{%- set turns = messages -%}\n"
+    "{%- endif -%}\n"
+    "{{- bos_token + system + ' ' -}}\n"
+    "{%- for message in turns -%}\n"
+    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}\n"
+    "{%- if message['role'] != expected -%}\n"
+    "{{- raise_exception('Vicuna conversations alternate user and assistant after an optional system message; "
+    "message ' ~ loop.index0 ~ ' after the system message is ' ~ message['role'] ~ ', expected ' ~ expected) -}}\n"
+    "{%- endif -%}\n"
+    "{%- if message['role'] == 'user' -%}\n"
+    "{{- 'USER: ' + message['content'] + ' ' -}}\n"
+    "{%- else -%}\n"
+    "{{- 'ASSISTANT: ' -}}\n"
+    "{%- generation -%}\n"
+    "{{- message['content'] + eos_token -}}\n"
+    "{%- endgeneration -%}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- 'ASSISTANT:' -}}\n"
+    "{%- endif -%}"
+)
+
+
+
+def apply_vicuna_template(tokenizer):
+    """Set `tokenizer.chat_template` to Vicuna v1.1 and return the tokenizer (the same object)."""
+    tokenizer.chat_template = VICUNA_V1_1_TEMPLATE
+    return tokenizer
+
+
+# Detected from the keys that hold a value, in this order (a LongAlpaca record may also have `input`).
+FORMATS = {
+    "messages": ("messages",),  # [{"role": system|user|assistant, "content"}]
+    "sharegpt": ("conversations",),  # [{"from": human|gpt|system, "value"}]
+    "longqlora_conversation": ("conversation",),  # LongQLoRA/Firefly multi-turn: [{"human", "assistant"}, ...]
+    "longalpaca": ("instruction", "output"),  # user = instruction + "\n\n" + input (when input is non-empty)
+    "longqlora": ("input", "output"),  # LongQLoRA's VicunaSFTDataset: one user turn, one reply
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+def detect_format(record: dict) -> str:
+    """The first of `FORMATS` whose keys all hold a value in `record`, or '' for none."""
+    return next((name for name, keys in FORMATS.items() if all(record.get(k) is not None for k in keys)), "")
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None  # anything else is reported by conversation_problem
+
+
+def _turns(record: dict, fmt: str) -> list[dict]:
+    if fmt == "messages":
+        return [{"role": _text(m.get("role")), "content": _text(m.get("content"))} for m in record["messages"]]
+    if fmt == "sharegpt":
+        return [{"role": SHAREGPT_ROLES.get(m.get("from"), _text(m.get("from"))), "content": _text(m.get("value"))}
+                for m in record["conversations"]]
+    if fmt == "longqlora_conversation":
+        return [{"role": role, "content": _text(turn.get(key))} for turn in record["conversation"]
+                for role, key in (("user", "human"), ("assistant", "assistant")) if turn.get(key) is not None]
+    user = _text(record["instruction"] if fmt == "longalpaca" else record["input"])
+    if fmt == "longalpaca" and record.get("input"):
+        user = f"{user}\n\n{record['input']}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record["output"])}]
+
+
+def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> list[dict]:
+    """`record` of format `fmt` as role/content messages (unchecked). A system message comes from the record (its
+    own system turn or a top-level `system` field), else from `system_prompt`, else none (the template's default)."""
+    messages = _turns(record, fmt)
+    system = record.get("system") if _text(record.get("system")) else system_prompt
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def conversation_problem(messages: list[dict]) -> str:
+    """Why `messages` is not [system] user assistant ... user assistant (what Vicuna renders), or '' if it is."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        return "no user/assistant messages"
+    for k, m in enumerate(messages):
+        if not isinstance(m["content"], str):
+            return f"message {k + 1} has no text content"
+    for k, m in enumerate(body):
+        expected = "user" if k % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            return f"message {k + 1} is {m['role']}, expected {expected}"
+    return "" if body[-1]["role"] == "assistant" else "ends with a user message"

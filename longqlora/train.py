@@ -1,0 +1,236 @@
+"""Training: one function runs every recipe through TRL's SFTTrainer, with checkpoints, resume and atomic output.
+
+Continued pre-training on long text (LongLoRA §4, LongQLoRA §3) and supervised fine-tuning on long conversations
+share the same path: check everything that can be checked before weights load, load the NF4 + PI + S2-Attn + LoRA+
+model, pack the data with TRL, train, and write a PEFT adapter directory holding the LoRA weights, the trained
+embeddings and norms, the tokenizer and `longqlora_extension.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig
+
+from longqlora import data as data_lib
+from longqlora.model import ModelConfig, check_model, load_model
+from longqlora.report import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_FILE = "longqlora_extension.json"
+
+
+@dataclass
+class TrainingConfig(SFTConfig):
+    """TRL's SFTConfig with this toolkit's defaults: packed rows of the target context, non-reentrant gradient
+    checkpointing, a checkpoint every `save_steps`, and a log line every step. Precision (fp16/bf16) follows
+    `--compute_dtype`; `max_length` follows `--target_context`."""
+
+    # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
+    output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
+    packing: bool = True
+    gradient_checkpointing: bool | None = True
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default_factory=lambda: {"use_reentrant": False})
+    logging_steps: float = 1
+    save_steps: float = 100
+    save_total_limit: int | None = 3
+    report_to: None | str | list[str] = "none"
+    include_num_input_tokens_seen: str | bool = True  # "all"; the parser reads this union as a bool
+    bf16: bool | None = False  # set from --compute_dtype (TRL would default it on, failing on machines without)
+
+
+@dataclass
+class RunConfig:
+    """Switches of a recipe run that are neither model, data nor optimiser settings."""
+
+    tiny: bool = field(default=False, metadata={"help": "Run this very recipe end to end on CPU on a tiny random "
+                                                        "Llama (kept under <output_dir>/tiny-base) and bundled text."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit before "
+                                                           "loading weights."})
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def tiny_overrides(model_cfg, data_cfg, training):
+    """The same recipe scaled down to a CPU: a tiny random Llama (context 64 -> 256) and bundled text."""
+    from longqlora import corpora
+    from longqlora.tiny import save_tiny_model, tiny_instruction_file
+
+    out = Path(training.output_dir)
+    base = out / "tiny-base"
+    if not (base / "config.json").exists():
+        texts = [corpora.book("austen_persuasion")[:200_000]]
+        save_tiny_model(base, shape="gqa", texts=texts, max_position_embeddings=64)
+    model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
+                                    compute_dtype="float32", attn_backend="sdpa")
+    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+        data_cfg = dataclasses.replace(data_cfg, dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
+                                       num_proc=None, system_prompt=data_cfg.system_prompt or "A chat.")
+    else:
+        data_cfg = dataclasses.replace(data_cfg, dataset=corpora.book_path("austen_persuasion"), min_length=0,
+                                       num_proc=None, max_documents=None)
+    training = dataclasses.replace(
+        training, max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4, save_steps=2,
+        per_device_train_batch_size=1, gradient_accumulation_steps=2, warmup_steps=1, logging_steps=1,
+        optim="adamw_torch", dataset_num_proc=None, use_cpu=True, fp16=False, bf16=False,
+        learning_rate=max(training.learning_rate, 1e-3))
+    return model_cfg, data_cfg, training
+
+
+def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: dict) -> TrainingConfig:
+    """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
+    dtype = info["compute_dtype"]
+    changes = {"max_length": model_cfg.target_context,
+               "fp16": dtype == "float16" and torch.cuda.is_available(),
+               "bf16": dtype == "bfloat16" and torch.cuda.is_available()}
+    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+        changes.update(packing=False, assistant_only_loss=True)
+    else:
+        changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
+    if "paged" in str(training.optim) and not torch.cuda.is_available():
+        logger.info("--optim %s needs CUDA; using adamw_torch on this machine", training.optim)
+        changes["optim"] = "adamw_torch"
+    return dataclasses.replace(training, **changes)
+
+
+def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
+    """The resolved configuration, as `--dry_run` prints it and the run logs it."""
+    def plain(value):  # TrainingArguments turns some strings into enums
+        return getattr(value, "value", value)
+
+    steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
+
+    lines = [
+        f"model              {info['model']}",
+        f"context            {info['original_context']} -> {info['target_context']} tokens "
+        f"(position interpolation x{info['pi_factor']:.4g}, rope {info['rope_type']})",
+        f"attention          {'S2-Attn, group ' + str(info['group_size']) if info['s2_attention'] else 'full'}"
+        f" (training), full at inference; backend {info['attn_backend_requested']} ({info['attn_backend']} here)",
+        f"weights            {'NF4 4-bit, double quant' if info['load_in_4bit'] else info['compute_dtype']}, "
+        f"compute {info['compute_dtype']}",
+        f"trainable          {info['trainable_params']:,} of {info['total_params']:,} parameters "
+        f"(LoRA r={info['lora_r']} on {info['lora_target']}; full: {info['trainable_modules'] or 'nothing'})",
+        f"data               {data_cfg.dataset}",
+        f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
+        f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
+        f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}",
+        f"precision          {info['compute_dtype']} compute"
+        + (" (mixed precision on the GPU)" if info["compute_dtype"] != "float32" else ""),
+        f"output             {training.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- callbacks
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens/s and peak memory to every log line (transformers' callback interface, not a subclass tree)."""
+
+    def __init__(self):
+        self._last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        if self._last is not None and now > self._last[0]:
+            logs["tokens_per_second"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
+        self._last = (now, seen)
+        if torch.cuda.is_available():
+            logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:  # peak resident memory of this process (Linux reports KiB)
+            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
+    """Write the adapter, tokenizer and extension record into a temporary folder, then move the files into
+    `output_dir`, weights first and adapter_config.json last: a killed run never leaves a half-written adapter."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / EXTENSION_FILE, extension)
+        names = sorted(p.name for p in tmp.iterdir())
+        names.sort(key=lambda n: n == "adapter_config.json")
+        for name in names:
+            os.chmod(tmp / name, 0o755 if (tmp / name).is_dir() else 0o644)  # some writers create 0600 files
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def trainable_to_fp32(model) -> None:
+    """Keep trainable parameters in fp32. TRL casts them to bf16 for quantized models, where small AdamW steps on
+    the trained embeddings round to nothing; autocast still computes in the compute dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def prepare_dataset(data_cfg, tokenizer, max_length: int):
+    """Tokenized documents (text) or chat messages (instructions), with their statistics."""
+    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+        from longqlora.chat_template import apply_vicuna_template
+
+        if not tokenizer.chat_template:
+            apply_vicuna_template(tokenizer)
+        conversations = data_lib.load_conversations(data_cfg)
+        return data_lib.length_report(conversations, tokenizer, max_length, data_cfg.overlong)
+    documents = data_lib.load_documents(data_cfg)
+    tokenized, stats = data_lib.tokenize_documents(documents, tokenizer, data_cfg)
+    data_lib.check_packable(stats, max_length)
+    return tokenized, stats
+
+
+def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig):
+    """Apply --tiny, run every check that needs no weights, and derive the training settings.
+
+    Returns (model_cfg, data_cfg, training, info); `info` is what `describe` prints.
+    """
+    if run_cfg.tiny:
+        model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
+    _, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run)
+    training = finalize_training(model_cfg, data_cfg, training, info)
+    return model_cfg, data_cfg, training, info
+
+
+def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
+    """Load, train and save one recipe (already resolved); returns the adapter directory."""
+    from trl import SFTTrainer
+
+    model, tokenizer, info = load_model(model_cfg, gradient_checkpointing=training.gradient_checkpointing,
+                                        trust_remote_code=training.trust_remote_code)
+    logger.info("configuration:\n%s", describe(info, training, data_cfg))
+    dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
+    trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[ThroughputCallback()])
+    trainable_to_fp32(trainer.model)
+    resume = training.resume_from_checkpoint
+    if resume in ("auto", "last", "True", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(training.output_dir)
+        logger.info("resuming from %s", resume or "the start (no checkpoint found)")
+    result = trainer.train(resume_from_checkpoint=resume)
+    extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
+        "steps": trainer.state.global_step, "final_loss": result.training_loss,
+        "tokens": trainer.state.num_input_tokens_seen, "seconds": result.metrics.get("train_runtime")}}
+    out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir, extension)
+    logger.info("adapter written to %s", out)
+    return out

@@ -1,0 +1,58 @@
+"""Llama-2 7B: 4k -> 12k context by continued pre-training on long text (LongQLoRA's setting, one 32 GB V100).
+
+NF4 4-bit base, position interpolation x3, S2-Attn (group 3072), LoRA r=8 on q/k/v/o plus trainable embeddings and
+norms; 1000 steps of batch 1 x accumulation 16, constant LR after 20 warm-up steps, max grad norm 0.3, paged
+AdamW (one 32 GB V100).
+
+    python data_prep/prepare_text.py --dataset pg19/train --tokenizer meta-llama/Llama-2-7b-hf \
+        --min_length 12288 --output_dir data/pg19-llama2       # once: tokenized long documents
+    python recipes/extend_7b_12k.py --dataset data/pg19-llama2 --output_dir out/llama2-7b-12k
+    python recipes/extend_7b_12k.py --dry_run                  # the resolved configuration, no weights loaded
+    python recipes/extend_7b_12k.py --tiny --output_dir /tmp/tiny-7b_12k   # the same recipe on CPU, tiny model
+
+Every default below is a flag (`--max_steps 200`), or set them in `--config my.yaml`.
+"""
+
+from dataclasses import dataclass
+
+from longqlora.cli import run_recipe
+from longqlora.data import TextDataConfig
+from longqlora.model import ModelConfig
+from longqlora.train import TrainingConfig
+
+
+@dataclass
+class Model(ModelConfig):
+    model_name_or_path: str = "meta-llama/Llama-2-7b-hf"
+    target_context: int = 12288
+    group_ratio: float = 0.25
+    compute_dtype: str = "float16"  # a V100 has no bf16
+    attn_backend: str = "auto"  # xformers when installed, else SDPA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target: str = "attention"
+    trainable_params: str = "embed,norm"
+
+
+@dataclass
+class Data(TextDataConfig):
+    dataset: str = "data/pg19-llama2"
+    pack: str = "documents"
+
+
+@dataclass
+class Training(TrainingConfig):
+    output_dir: str = "out/llama2-7b-12k"
+    max_steps: int = 1000
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 20
+    max_grad_norm: float = 0.3
+    optim: str = "paged_adamw_32bit"
+    save_steps: int = 100
+
+
+if __name__ == "__main__":
+    run_recipe(Model, Data, Training)

@@ -1,0 +1,453 @@
+"""longqlora.data, longqlora.chat_template and the data_prep scripts: every input format, the error lines, the stats,
+the Vicuna template and its assistant mask, and TRL 1.16's packing on our output. CPU only, all in tmp_path."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from longqlora import data as D
+from longqlora.chat_template import VICUNA_V1_1_SYSTEM, VICUNA_V1_1_TEMPLATE, apply_vicuna_template
+from longqlora.data import InstructionDataConfig, TextDataConfig
+from longqlora.tiny import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [
+    "The pass key is 12345. Remember it.",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of "
+    "a wife. " * 3,
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep. " * 2,
+]
+CHAT = [
+    {"role": "user", "content": "Summarize\n\nthe long document"},
+    {"role": "assistant", "content": "a short summary"},
+    {"role": "user", "content": "more"},
+    {"role": "assistant", "content": "sure"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return apply_vicuna_template(train_tokenizer(DOCS * 4 + ["USER: ASSISTANT: hi hello more sure summary"],
+                                                 vocab_size=320))
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """Keep datasets' file cache inside the test's folder."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def write_jsonl(path, rows):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def direct_lengths(tok, texts):
+    return [len(tok(t)["input_ids"]) + 1 for t in texts]  # + EOS
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------------------- text: formats
+
+
+def make_source(kind, tmp_path):
+    """A dataset of kind `kind` holding DOCS in order, and the --dataset string for it."""
+    if kind in ("txt", "txt.gz"):
+        path = tmp_path / f"book.{kind}"
+        (gzip.open if kind.endswith("gz") else open)(path, "wt", encoding="utf-8").write(DOCS[1])
+        return str(path), [DOCS[1]]
+    if kind == "dir":
+        (tmp_path / "books" / "sub").mkdir(parents=True)
+        for i, doc in enumerate(DOCS):  # names sort in DOCS order; one compressed, one nested
+            path = tmp_path / "books" / ("sub/" if i == 3 else "") / f"{i}.txt{'.gz' if i == 2 else ''}"
+            (gzip.open if i == 2 else open)(path, "wt", encoding="utf-8").write(doc)
+        (tmp_path / "books" / "notes.md").write_text("not a document")
+        return str(tmp_path / "books"), DOCS
+    if kind in ("jsonl", "jsonl.gz"):
+        return str(write_jsonl(tmp_path / f"d.{kind}", [{"text": d, "id": i} for i, d in enumerate(DOCS)])), DOCS
+    if kind == "json":
+        (tmp_path / "d.json").write_text(json.dumps([{"text": d} for d in DOCS]))
+        return str(tmp_path / "d.json"), DOCS
+    ds = datasets.Dataset.from_dict({"text": DOCS, "n": list(range(len(DOCS)))})
+    if kind == "parquet":
+        ds.to_parquet(tmp_path / "d.parquet")
+        return str(tmp_path / "d.parquet"), DOCS
+    if kind == "disk":
+        ds.save_to_disk(tmp_path / "saved")
+        return str(tmp_path / "saved"), DOCS
+    datasets.DatasetDict({"train": ds.select([0]), "validation": ds}).save_to_disk(tmp_path / "saved_dict")
+    return str(tmp_path / "saved_dict"), DOCS
+
+
+@pytest.mark.parametrize("kind", ["txt", "txt.gz", "dir", "jsonl", "jsonl.gz", "json", "parquet", "disk", "dict"])
+def test_each_format_loads_its_documents(kind, tmp_path):
+    name, expected = make_source(kind, tmp_path)
+    ds = D.load_documents(TextDataConfig(name, split="validation" if kind == "dict" else "train"))
+    assert ds.column_names == ["text"]
+    assert list(ds["text"]) == expected
+
+
+def test_text_field_max_documents_and_empty_documents(tmp_path):
+    rows = [{"body": d} for d in DOCS[:2]] + [{"body": "  \n"}] + [{"body": d} for d in DOCS[2:]]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert list(D.load_documents(TextDataConfig(str(path), text_field="body"))["text"]) == DOCS  # blank one dropped
+    assert list(D.load_documents(TextDataConfig(str(path), text_field="body", max_documents=3))["text"]) == DOCS[:3]
+
+
+def test_split_missing_from_a_saved_dict(tmp_path):
+    name, _ = make_source("dict", tmp_path)
+    assert error_of(D.load_documents, TextDataConfig(name, split="test")) == (
+        f"--split test: {name} has splits train, validation; pass --split")
+
+
+# ------------------------------------------------------------------------------------------- text: errors
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(15)]
+    lines[14] = '{"text": "doc 14",}'
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines[:5]) + "\n\n\n" + "\n".join(lines[5:]) + "\n")  # 6, 7 blank: row 14 on line 17
+    message = error_of(D.load_documents, TextDataConfig(str(path)))
+    assert message.startswith(f"--dataset {path} line 17: not valid JSON (Expecting property name")
+
+
+def test_missing_field_names_field_line_and_fields(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}, {"text": "b"}, {"a": 1, "b": "x"}, {"text": "c"}])
+    assert error_of(D.load_documents, TextDataConfig(str(path))) == (
+        f"--text_field text: {path} line 3 has no 'text' field (fields: a, b); pass --text_field "
+        "(1 of 4 records lack it)")
+    assert error_of(D.load_documents, TextDataConfig(str(path), text_field="body")).startswith(
+        f"--text_field body: {path} line 1 has no 'body' field (fields: text")
+
+
+def test_missing_empty_and_unsupported_inputs(tmp_path, monkeypatch):
+    assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "nope.jsonl"))) == (
+        f"--dataset {tmp_path / 'nope.jsonl'}: no such file or directory")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "empty.jsonl"))).endswith("holds no documents")
+    write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": " "}])
+    assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "blank.jsonl"))) == (
+        f"--dataset {tmp_path / 'blank.jsonl'} holds no documents")
+    (tmp_path / "empty_dir").mkdir()
+    assert "holds no .txt/.txt.gz files" in error_of(D.load_documents, TextDataConfig(str(tmp_path / "empty_dir")))
+    (tmp_path / "d.csv").write_text("text\na\n")
+    assert "unsupported file type" in error_of(D.load_documents, TextDataConfig(str(tmp_path / "d.csv")))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(D.datasets, "load_dataset", offline)
+    assert error_of(D.load_documents, TextDataConfig("someone/corpus")).startswith(
+        "--dataset someone/corpus: not a local file or directory, and loading it from the Hugging Face hub failed "
+        "(ConnectionError: Couldn't reach")
+
+
+@pytest.mark.parametrize("flag, kwargs", [("pack", {"pack": "wrap"}), ("min_length", {"min_length": -1}),
+                                          ("num_proc", {"num_proc": 0}), ("max_documents", {"max_documents": 0}),
+                                          ("text_field", {"text_field": ""})])
+def test_text_config_errors_name_the_flag(flag, kwargs):
+    assert error_of(TextDataConfig, "d.jsonl", **kwargs).startswith(f"--{flag} ")
+
+
+@pytest.mark.parametrize("flag, kwargs", [("overlong", {"overlong": "cut"}), ("num_proc", {"num_proc": -2}),
+                                          ("invalid_conversations", {"invalid_conversations": "fix"})])
+def test_instruction_config_errors_name_the_flag(flag, kwargs):
+    assert error_of(InstructionDataConfig, "d.jsonl", **kwargs).startswith(f"--{flag} ")
+
+
+@pytest.mark.parametrize("data_cls", [TextDataConfig, InstructionDataConfig])
+def test_configs_share_a_parser_with_sft_config(data_cls):
+    """The recipes parse our config and TRL's SFTConfig together: no flag may clash (--packing, --max_length)."""
+    from trl import SFTConfig, TrlParser
+
+    data_cfg, sft = TrlParser((data_cls, SFTConfig)).parse_args_into_dataclasses(
+        ["--dataset", "d.jsonl", "--output_dir", "o", "--max_length", "64", "--packing", "false", "--use_cpu",
+         "--bf16", "false"])
+    assert (data_cfg.dataset, sft.max_length, sft.packing) == ("d.jsonl", 64, False)
+
+
+# ------------------------------------------------------------------------------------------- text: tokens
+
+
+def test_tokens_and_stats_equal_a_direct_tokenization(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
+    cfg = TextDataConfig(str(path))
+    tokenized, stats = D.tokenize_documents(D.load_documents(cfg), tok, cfg)
+    lengths = direct_lengths(tok, DOCS)
+    assert tokenized.column_names == ["input_ids"]
+    for ids, doc in zip(tokenized["input_ids"], DOCS):
+        assert ids == tok(doc)["input_ids"] + [tok.eos_token_id]  # EOS appended once, text untouched
+    assert stats["documents_in"] == stats["documents_out"] == 4 and stats["dropped_short"] == 0
+    assert stats["tokens_total"] == sum(lengths)
+    assert (stats["length_min"], stats["length_median"], stats["length_max"]) == (
+        min(lengths), float(np.median(lengths)), max(lengths))
+    assert (stats["pack"], stats["packing_strategy"]) == ("documents", "bfd_split")
+
+
+def test_eos_is_not_doubled_and_can_be_left_out(tok):
+    ds = datasets.Dataset.from_dict({"text": ["hello</s>", "hello"]})
+    tokenized, stats = D.tokenize_documents(ds, tok, TextDataConfig("x"))
+    assert [ids.count(tok.eos_token_id) for ids in tokenized["input_ids"]] == [1, 1]
+    tokenized, stats = D.tokenize_documents(ds.select([1]), tok, TextDataConfig("x"), add_eos=False)
+    assert tokenized["input_ids"][0] == tok("hello")["input_ids"] and not stats["eos_appended"]
+
+
+def test_min_length_drops_exactly_the_short_documents(tok):
+    lengths = direct_lengths(tok, DOCS)
+    cut = sorted(lengths)[2]  # two documents are shorter
+    ds = datasets.Dataset.from_dict({"text": DOCS})
+    tokenized, stats = D.tokenize_documents(ds, tok, TextDataConfig("x", min_length=cut))
+    kept = [d for d, n in zip(DOCS, lengths) if n >= cut]
+    assert len(kept) == 2 and stats["dropped_short"] == 2 and stats["documents_out"] == 2
+    assert [tok.decode(ids[:-1]) for ids in tokenized["input_ids"]] == kept
+    assert stats["tokens_total"] == sum(n for n in lengths if n >= cut)
+    assert stats["tokens_dropped"] == sum(n for n in lengths if n < cut)
+    message = error_of(D.tokenize_documents, ds, tok, TextDataConfig("x", min_length=max(lengths) + 1))
+    assert message == (f"--min_length {max(lengths) + 1} drops all 4 documents of --dataset x (longest: "
+                       f"{max(lengths)} tokens); lower --min_length")
+
+
+def test_check_packable_and_packing_strategy():
+    D.check_packable({"tokens_total": 100}, 100)
+    assert error_of(D.check_packable, {"dataset": "b.txt", "tokens_total": 9}, 10).startswith("--dataset b.txt holds 9")
+    assert error_of(D.check_packable, {"tokens_total": 99}, 100, "d.jsonl") == (
+        "--dataset d.jsonl holds 99 tokens, fewer than one row of --max_length 100; add text or lower "
+        "--target_context")
+    assert (D.packing_strategy("documents"), D.packing_strategy("concat")) == ("bfd_split", "wrapped")
+    assert error_of(D.packing_strategy, "bfd").startswith("--pack 'bfd'")
+
+
+# ------------------------------------------------------------------------------------------- TRL packing
+
+
+def test_trl_bfd_split_keeps_documents_apart(tok):
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    max_length = 48
+    tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": DOCS * 3}), tok, TextDataConfig("x"))
+    assert stats["length_max"] > max_length  # one document must be split
+    packed = pack_dataset(tokenized, max_length, strategy=D.packing_strategy("documents"))
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    total = 0
+    for row in packed:
+        positions = collator.get_position_ids_from_packed_seq_lengths([row["seq_lengths"]])[0].tolist()
+        starts = np.cumsum([0] + row["seq_lengths"][:-1]).tolist()
+        assert len(row["input_ids"]) == len(positions) <= max_length
+        assert [i for i, p in enumerate(positions) if p == 0] == starts  # positions restart at each document
+        assert max(positions) < max_length
+        for start, n in zip(starts, row["seq_lengths"]):  # each piece is a run of one document, at most one EOS
+            assert row["input_ids"][start:start + n - 1].count(tok.eos_token_id) == 0
+        total += len(row["input_ids"])
+    assert total == stats["tokens_total"]  # bfd_split loses nothing
+
+    wrapped = pack_dataset(tokenized, max_length, strategy=D.packing_strategy("concat"))
+    assert [len(ids) for ids in wrapped["input_ids"]][:-1] == [max_length] * (len(wrapped) - 1)
+    assert sum(len(ids) for ids in wrapped["input_ids"]) == stats["tokens_total"]
+
+
+def test_sft_trainer_takes_our_outputs(tok, tmp_path):
+    from transformers import LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from longqlora.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    common = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False)
+    tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": DOCS}), tok, TextDataConfig("x"))
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=tokenized,
+                         args=SFTConfig(packing=True, packing_strategy="bfd_split", max_length=40, **common))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    assert batch["input_ids"].shape[1] == stats["tokens_total"]  # untouched by TRL: no second EOS, no truncation
+    assert int(batch["position_ids"].max()) == 39
+
+    conversations = datasets.Dataset.from_dict({"messages": [[{"role": "system", "content": "S"}, *CHAT]]})
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=conversations,
+                         args=SFTConfig(assistant_only_loss=True, max_length=256, **common))
+    row = trainer.train_dataset[0]
+    trained = tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained == " a short summary</s> sure</s>"  # the space after "ASSISTANT:" merges into the reply's token
+
+
+# ------------------------------------------------------------------------------------------- instructions
+
+
+def write_instruction_formats(tmp_path):
+    """The same two conversations (one of two turns where the format allows it) in each format."""
+    long_q = "Summarize\n\nthe long document"
+    formats = {
+        "longalpaca": [{"instruction": "Summarize", "input": "the long document", "output": "a short summary",
+                        "file": "x.pdf"}, {"instruction": "more", "input": "", "output": "sure"}],
+        "longqlora": [{"input": long_q, "output": "a short summary"}, {"input": "more", "output": "sure"}],
+        "sharegpt": [{"conversations": [{"from": "human", "value": long_q}, {"from": "gpt", "value": "a short "
+                                        "summary"}, {"from": "human", "value": "more"}, {"from": "gpt",
+                                                                                           "value": "sure"}]}],
+        "longqlora_conversation": [{"conversation_id": 7, "conversation": [
+            {"human": long_q, "assistant": "a short summary"}, {"human": "more", "assistant": "sure"}]}],
+        "messages": [{"messages": CHAT}],
+    }
+    return {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows)) for name, rows in formats.items()}
+
+
+def test_each_instruction_format_gives_the_same_messages(tmp_path):
+    two_singles = [CHAT[:2], CHAT[2:]]
+    for name, path in write_instruction_formats(tmp_path).items():
+        stats = {}
+        ds = D.load_conversations(InstructionDataConfig(path), stats=stats)
+        expected = two_singles if name in ("longalpaca", "longqlora") else [CHAT]
+        assert list(ds["messages"]) == expected, name
+        assert stats == {"format": name, "conversations_in": len(expected), "skipped_invalid": 0,
+                         "conversations_out": len(expected)}
+
+
+def test_system_prompt_and_sharegpt_system_turn(tmp_path):
+    path = write_jsonl(tmp_path / "sg.jsonl", [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                           {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    ds = D.load_conversations(InstructionDataConfig(str(path), system_prompt="Default."))
+    assert [m[0] for m in ds["messages"]] == [{"role": "system", "content": "Be brief."},
+                                              {"role": "system", "content": "Default."}]
+
+
+def test_invalid_conversations_are_counted_or_raise(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"}]},
+            {"conversations": [{"from": "human", "value": "hi"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    path = str(write_jsonl(tmp_path / "sg.jsonl", rows))
+    stats = {}
+    ds = D.load_conversations(InstructionDataConfig(path), stats=stats)
+    assert len(ds) == 2 and stats["skipped_invalid"] == 2 and stats["conversations_in"] == 4
+    assert error_of(D.load_conversations, InstructionDataConfig(path, invalid_conversations="error")) == (
+        f"--dataset {path} line 2: message 1 is assistant, expected user; fix it or pass --invalid_conversations "
+        "skip")
+
+
+def test_unknown_and_mixed_formats_name_line_and_keys(tmp_path):
+    path = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
+    assert error_of(D.load_conversations, InstructionDataConfig(str(path))).startswith(
+        f"--dataset {path} line 1: unknown format, keys: question, answer; expected messages (messages), ")
+    path = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"}] * 2 + [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    assert error_of(D.load_conversations, InstructionDataConfig(str(path))) == (
+        f"--dataset {path} line 3: sharegpt format (keys: conversations) in a longalpaca file (1 such records); "
+        "use one format")
+
+
+# ------------------------------------------------------------------------------------------- Vicuna template
+
+
+def test_vicuna_renders_fastchat_exactly(tok):
+    messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"},
+                {"role": "assistant", "content": "sure"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<s>SYSTEM USER: hi ASSISTANT: hello</s>USER: more ASSISTANT: sure</s>")
+    assert tok.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True) == (
+        f"<s>{VICUNA_V1_1_SYSTEM} USER: hi ASSISTANT:")
+    assert tok.chat_template == VICUNA_V1_1_TEMPLATE
+    with pytest.raises(Exception, match="expected user"):
+        tok.apply_chat_template(messages[2:], tokenize=False)
+
+
+def test_vicuna_assistant_mask_is_the_replies_and_stop_tokens(tok):
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    out = tok.apply_chat_template([{"role": "system", "content": "SYSTEM"}, *CHAT], return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    runs, current = [], []
+    for token, bit in zip(ids + [None], mask + [0]):
+        if bit:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    # The space after "ASSISTANT:" merges into the reply's first token (as "▁" does in Llama's tokenizer).
+    assert [tok.decode(run) for run in runs] == [" a short summary</s>", " sure</s>"]
+    assert [run[-1] for run in runs] == [tok.eos_token_id] * 2
+    unmasked = tok.decode([t for t, bit in zip(ids, mask) if not bit])
+    assert unmasked == "<s>SYSTEM USER: Summarize\n\nthe long document ASSISTANT:USER: more ASSISTANT:"
+    assert has_generation_markers(tok.chat_template) and is_chat_template_stop_token_trained(tok)
+
+
+# ------------------------------------------------------------------------------------------- lengths
+
+
+def test_length_report_counts_and_policies(tok):
+    conversations = [[{"role": "system", "content": "S"}, *CHAT[:2]],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": DOCS[1]},
+                      {"role": "assistant", "content": "a short summary"}],
+                     [{"role": "system", "content": "S"}, *CHAT]]
+    lengths = [len(tok.apply_chat_template(c)["input_ids"]) for c in conversations]
+    max_length = sorted(lengths)[0]  # the two longer ones exceed it; the long-document one loses its answer
+    ds = datasets.Dataset.from_dict({"messages": conversations})
+    kept, stats = D.length_report(ds, tok, max_length, "truncate")
+    assert len(kept) == 3 and (stats["over_max_length"], stats["truncated"], stats["dropped"]) == (2, 2, 0)
+    assert stats["answers_lost"] == 1
+    assert (stats["length_min"], stats["length_max"], stats["tokens_total"]) == (min(lengths), max(lengths),
+                                                                                 sum(lengths))
+    assert stats["length_p90"] == pytest.approx(float(np.percentile(lengths, 90)), abs=0.05)
+    short, stats = D.length_report(ds, tok, max_length, "drop")
+    assert list(short["messages"]) == conversations[:1] and stats["dropped"] == 2 and stats["count_out"] == 1
+    assert error_of(D.length_report, ds, tok, max_length - 1, "drop").startswith("--overlong drop removes all 3")
+    assert error_of(D.length_report, ds, tok, 0, "drop").startswith("--max_length 0: must be a positive")
+
+
+# ------------------------------------------------------------------------------------------- scripts
+
+
+def run_script(name, *args, tmp_path):
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "data_prep" / name), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+
+
+def test_prepare_text_help(tmp_path):
+    result = run_script("prepare_text.py", "--help", tmp_path=tmp_path)
+    assert result.returncode == 0 and "--min_length" in result.stdout and "--tokenizer" in result.stdout
+
+
+def test_scripts_end_to_end(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "tok")
+    texts = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
+    result = run_script("prepare_text.py", "--dataset", str(texts), "--tokenizer", str(tmp_path / "tok"),
+                        "--output_dir", str(tmp_path / "text_out"), "--max_length", "64", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "text_out" / "stats.json").read_text())
+    assert stats["tokens_total"] == sum(direct_lengths(tok, DOCS)) and "| tokens_total |" in result.stdout
+    saved = datasets.load_from_disk(str(tmp_path / "text_out"))
+    assert [len(ids) for ids in saved["input_ids"]] == direct_lengths(tok, DOCS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".text_out")]  # no temporary left behind
+
+    again = run_script("prepare_text.py", "--dataset", str(texts), "--tokenizer", str(tmp_path / "tok"),
+                       "--output_dir", str(tmp_path / "text_out"), "--max_length", "100000", tmp_path=tmp_path)
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
+
+    chats = write_instruction_formats(tmp_path)["longalpaca"]
+    result = run_script("prepare_instructions.py", "--dataset", chats, "--tokenizer", str(tmp_path / "tok"),
+                        "--output_dir", str(tmp_path / "chat_out"), "--max_length", "4096", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "chat_out" / "stats.json").read_text())
+    assert (stats["format"], stats["count_out"], stats["over_max_length"]) == ("longalpaca", 2, 0)
+    assert list(datasets.load_from_disk(str(tmp_path / "chat_out"))["messages"]) == [CHAT[:2], CHAT[2:]]
