@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, HfArgumentParser
 
 from longqlora.chat_template import apply_vicuna_template
-from longqlora.data import (InstructionDataConfig, check_output_dir, length_report, load_conversations,
-                            save_dataset_atomic)
+from longqlora.data import check_output_dir, save_dataset_atomic
+from longqlora.instructions import InstructionDataConfig, length_report, load_conversations
 from longqlora.report import markdown_table
 
 

@@ -39,11 +39,64 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         _fail(err)
 
 
-def main(argv=None):
-    """`longqlora SUBCOMMAND ...`: subcommands arrive with the evaluation and merge tools."""
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: python -m longqlora {merge,perplexity,passkey,chat,plan} ... (not yet available)", file=sys.stderr)
-    return 2
+def _perplexity(argv):
+    from transformers import HfArgumentParser
+
+    from longqlora.perplexity import PerplexityConfig, run_perplexity
+
+    (cfg,) = HfArgumentParser(PerplexityConfig).parse_args_into_dataclasses(args=argv)
+    result = run_perplexity(cfg)
+    from longqlora.report import markdown_table
+
+    print(f"{result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} on {result['data']} "
+          f"({result['text_tokens']} tokens); {result['results'][0]['protocol'].split(' (')[0]}...")
+    print(markdown_table(["context", "windows", "tokens scored", "perplexity"],
+                         [[r["context_length"], r["windows"], r["tokens_scored"], round(r["perplexity"], 3)]
+                          for r in result["results"]]))
+    for r in result["results"]:
+        print(f"{r['context_length']}: {r['protocol']}")
+    return 0
+
+
+def _passkey(argv):
+    from transformers import HfArgumentParser
+
+    from longqlora.passkey import PasskeyConfig, run_passkey
+    from longqlora.report import markdown_table
+
+    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=argv)
+    result = run_passkey(cfg)
+    print(f"passkey retrieval: {result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} "
+          f"(context {result['model_context']}, PI x{result['pi_factor']:g}), {cfg.trials} trials per cell, "
+          f"seed {cfg.seed}: {result['accuracy']:.1%} overall")
+    print(markdown_table(["context", "prompt tokens", *[f"depth {d:g}" for d in cfg.depths], "accuracy"],
+                         [[r["context_length"], r["prompt_tokens_max"],
+                           *[c["accuracy"] for c in result["cells"] if c["context_length"] == r["context_length"]],
+                           r["accuracy"]] for r in result["by_length"]]))
+    if cfg.output_dir:
+        print(f"wrote {result['files']['json']} and {result['files']['png']}")
+    return 0
+
+
+COMMANDS = {
+    "perplexity": (_perplexity, "sliding-window perplexity at several context lengths"),
+    "passkey": (_passkey, "passkey retrieval accuracy by context length and key depth"),
+}
+
+
+def main(argv=None) -> int:
+    """`python -m longqlora SUBCOMMAND [--flags]`; `--help` after a subcommand lists its flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except ValueError as err:
+        _fail(err)
 
 
 def run_quickstart(config_cls, argv=None) -> dict | None:

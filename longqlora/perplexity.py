@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +116,122 @@ def window_scores(model, token_ids, context_length: int, stride: int | None = No
     bar.close()
     model.train(was_training)
     return WindowScores(context_length, stride, score, len(starts), nll_sum, count)
+
+
+# ------------------------------------------------------------------------------------------- the command line
+@dataclass
+class PerplexityConfig:
+    """`python -m longqlora perplexity`: the fields are its flags."""
+
+    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
+                                                                "--adapter; default: the adapter's recorded base)."})
+    data: str = field(default="austen_persuasion", metadata={
+        "help": "Text to score: a bundled book name (austen_persuasion, kjv_bible, ...), a .txt/.jsonl/.parquet "
+                "file, a folder of .txt files or a save_to_disk dataset; documents are joined with EOS."})
+    context_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={
+        "help": "Window lengths to evaluate."})
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe."})
+    stride: int | None = field(default=None, metadata={"help": "Tokens between window starts (default: the "
+                                                                 "window length, non-overlapping windows)."})
+    score: str = field(default="new", metadata={"help": "new: every token once, in the first window holding it; "
+                                                         "tail: only tokens with >= context-stride tokens before."})
+    text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON/Parquet data."})
+    max_tokens: int | None = field(default=None, metadata={"help": "Score only the first N tokens of the text."})
+    target_context: int | None = field(default=None, metadata={
+        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (as trained)."})
+    compute_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    batch_size: int = field(default=1, metadata={"help": "Windows per forward pass."})
+    output: str | None = field(default=None, metadata={"help": "results.json path; a .csv and a .png go beside."})
+
+    def __post_init__(self):
+        if not self.context_lengths or min(self.context_lengths) < 2:
+            raise ValueError(f"--context_lengths must be window lengths >= 2, got {self.context_lengths}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"--stride must be a positive number of tokens, got {self.stride}")
+        if self.score not in ("new", "tail"):
+            raise ValueError(f"--score must be 'new' or 'tail', got {self.score!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+
+
+def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
+    """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed)."""
+    from longqlora import corpora
+    from longqlora.data import TextDataConfig, load_documents
+
+    source = corpora.book_path(data) if data in corpora.BOOKS else data
+    documents = load_documents(TextDataConfig(dataset=source, text_field=text_field))
+    ids: list[int] = []
+    for text in documents["text"]:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids)
+
+
+def run_perplexity(cfg: PerplexityConfig) -> dict:
+    """Score `cfg.data` at every context length; writes JSON, CSV and a plot when `cfg.output` is set."""
+    from transformers import AutoTokenizer
+
+    from longqlora.inference import adapter_base, load_for_inference, read_extension
+    from longqlora.report import write_json_atomic, write_text_atomic
+
+    extension = read_extension(cfg.adapter) if cfg.adapter else {}
+    tokenizer_dir = cfg.adapter or cfg.model
+    if not tokenizer_dir:
+        raise ValueError("--model: pass a model directory or an --adapter")
+    ids = text_token_ids(cfg.data, AutoTokenizer.from_pretrained(tokenizer_dir), text_field=cfg.text_field,
+                         max_tokens=cfg.max_tokens)
+    for n in cfg.context_lengths:  # before any weights load
+        if n > ids.numel():
+            raise ValueError(f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "
+                             "or a shorter context")
+    model, _, info = load_for_inference(cfg.model, adapter=cfg.adapter,
+                                        load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype,
+                                        target_context=cfg.target_context)
+    extended, original = info["target_context"], info["original_context"]
+    rows = []
+    for n in cfg.context_lengths:
+        if n > extended:
+            logger.warning("--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)",
+                           n, extended)
+        scores = window_scores(model, ids, n, cfg.stride, score=cfg.score, batch_size=cfg.batch_size)
+        rows.append({"context_length": n, "stride": scores.stride, "windows": scores.windows,
+                     "tokens_scored": scores.tokens(), "perplexity": scores.perplexity(),
+                     f"perplexity_positions_ge_{original}": scores.perplexity(original) if n > original else None,
+                     "protocol": scores.protocol()})
+        logger.info("context %d: perplexity %.3f over %d tokens", n, rows[-1]["perplexity"], rows[-1]["tokens_scored"])
+    result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "data": cfg.data,
+              "text_tokens": ids.numel(), "original_context": original, "model_context": extended,
+              "pi_factor": info["pi_factor"], "load_in_4bit": cfg.load_in_4bit, "score": cfg.score,
+              "extension": extension, "results": rows}
+    if cfg.output:
+        out = Path(cfg.output)
+        write_json_atomic(out, result)
+        header = ["context_length", "stride", "windows", "tokens_scored", "perplexity"]
+        write_text_atomic(out.with_suffix(".csv"), "\n".join(
+            [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
+        _plot(rows, out.with_suffix(".png"), result["model"] + (f" + {cfg.adapter}" if cfg.adapter else ""))
+    return result
+
+
+def _plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["context_length"] for r in rows], [r["perplexity"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -111,8 +111,8 @@ def varlen(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, backend: str
            dropout: float) -> None:
     """S2 through a varlen kernel: the valid tokens of all rows in one stream, each segment its own sequence.
 
-    `q`, `k`, `v` have the same head count here (the caller repeats KV heads for xformers, or hands flash-attn
-    whole KV groups). `module` is flash_attn or xformers.ops.
+    `q`, `k`, `v` have the same head count here (the caller repeats KV heads, which also covers a head half that
+    splits a KV group). `module` is flash_attn or xformers.ops.
     """
     b, h, n, d = q.shape
     flat_valid = valid.reshape(-1)

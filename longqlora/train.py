@@ -24,12 +24,13 @@ from transformers import TrainerCallback
 from trl import SFTConfig
 
 from longqlora import data as data_lib
+from longqlora import instructions
+from longqlora.inference import EXTENSION_FILE
 from longqlora.model import ModelConfig, check_model, load_model
 from longqlora.report import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-EXTENSION_FILE = "longqlora_extension.json"
 
 
 @dataclass
@@ -75,7 +76,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
         save_tiny_model(base, shape="gqa", texts=texts, max_position_embeddings=64)
     model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
                                     compute_dtype="float32", attn_backend="sdpa")
-    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+    if isinstance(data_cfg, instructions.InstructionDataConfig):
         data_cfg = dataclasses.replace(data_cfg, dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
                                        num_proc=None, system_prompt=data_cfg.system_prompt or "A chat.")
     else:
@@ -95,7 +96,7 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     changes = {"max_length": model_cfg.target_context,
                "fp16": dtype == "float16" and torch.cuda.is_available(),
                "bf16": dtype == "bfloat16" and torch.cuda.is_available()}
-    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+    if isinstance(data_cfg, instructions.InstructionDataConfig):
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
@@ -185,13 +186,13 @@ def trainable_to_fp32(model) -> None:
 # ------------------------------------------------------------------------------------------------------- run
 def prepare_dataset(data_cfg, tokenizer, max_length: int):
     """Tokenized documents (text) or chat messages (instructions), with their statistics."""
-    if isinstance(data_cfg, data_lib.InstructionDataConfig):
+    if isinstance(data_cfg, instructions.InstructionDataConfig):
         from longqlora.chat_template import apply_vicuna_template
 
         if not tokenizer.chat_template:
             apply_vicuna_template(tokenizer)
-        conversations = data_lib.load_conversations(data_cfg)
-        return data_lib.length_report(conversations, tokenizer, max_length, data_cfg.overlong)
+        conversations = instructions.load_conversations(data_cfg)
+        return instructions.length_report(conversations, tokenizer, max_length, data_cfg.overlong)
     documents = data_lib.load_documents(data_cfg)
     tokenized, stats = data_lib.tokenize_documents(documents, tokenizer, data_cfg)
     data_lib.check_packable(stats, max_length)

@@ -16,7 +16,7 @@ Every default below is a flag, or set them in `--config my.yaml`.
 from dataclasses import dataclass
 
 from longqlora.cli import run_recipe
-from longqlora.data import InstructionDataConfig
+from longqlora.instructions import InstructionDataConfig
 from longqlora.model import ModelConfig
 from longqlora.train import TrainingConfig
 

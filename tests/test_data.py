@@ -15,7 +15,9 @@ import torch
 
 from longqlora import data as D
 from longqlora.chat_template import VICUNA_V1_1_SYSTEM, VICUNA_V1_1_TEMPLATE, apply_vicuna_template
-from longqlora.data import InstructionDataConfig, TextDataConfig
+from longqlora import instructions as I
+from longqlora.data import TextDataConfig
+from longqlora.instructions import InstructionDataConfig
 from longqlora.tiny import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +157,7 @@ def test_missing_empty_and_unsupported_inputs(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(D.datasets, "load_dataset", offline)
+    monkeypatch.setattr("longqlora.sources.datasets.load_dataset", offline)
     assert error_of(D.load_documents, TextDataConfig("someone/corpus")).startswith(
         "--dataset someone/corpus: not a local file or directory, and loading it from the Hugging Face hub failed "
         "(ConnectionError: Couldn't reach")
@@ -313,7 +315,7 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
     two_singles = [CHAT[:2], CHAT[2:]]
     for name, path in write_instruction_formats(tmp_path).items():
         stats = {}
-        ds = D.load_conversations(InstructionDataConfig(path), stats=stats)
+        ds = I.load_conversations(InstructionDataConfig(path), stats=stats)
         expected = two_singles if name in ("longalpaca", "longqlora") else [CHAT]
         assert list(ds["messages"]) == expected, name
         assert stats == {"format": name, "conversations_in": len(expected), "skipped_invalid": 0,
@@ -325,7 +327,7 @@ def test_system_prompt_and_sharegpt_system_turn(tmp_path):
         {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
                            {"from": "gpt", "value": "hello"}]},
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
-    ds = D.load_conversations(InstructionDataConfig(str(path), system_prompt="Default."))
+    ds = I.load_conversations(InstructionDataConfig(str(path), system_prompt="Default."))
     assert [m[0] for m in ds["messages"]] == [{"role": "system", "content": "Be brief."},
                                               {"role": "system", "content": "Default."}]
 
@@ -337,20 +339,20 @@ def test_invalid_conversations_are_counted_or_raise(tmp_path):
             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
     path = str(write_jsonl(tmp_path / "sg.jsonl", rows))
     stats = {}
-    ds = D.load_conversations(InstructionDataConfig(path), stats=stats)
+    ds = I.load_conversations(InstructionDataConfig(path), stats=stats)
     assert len(ds) == 2 and stats["skipped_invalid"] == 2 and stats["conversations_in"] == 4
-    assert error_of(D.load_conversations, InstructionDataConfig(path, invalid_conversations="error")) == (
+    assert error_of(I.load_conversations, InstructionDataConfig(path, invalid_conversations="error")) == (
         f"--dataset {path} line 2: message 1 is assistant, expected user; fix it or pass --invalid_conversations "
         "skip")
 
 
 def test_unknown_and_mixed_formats_name_line_and_keys(tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
-    assert error_of(D.load_conversations, InstructionDataConfig(str(path))).startswith(
+    assert error_of(I.load_conversations, InstructionDataConfig(str(path))).startswith(
         f"--dataset {path} line 1: unknown format, keys: question, answer; expected messages (messages), ")
     path = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"}] * 2 + [
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
-    assert error_of(D.load_conversations, InstructionDataConfig(str(path))) == (
+    assert error_of(I.load_conversations, InstructionDataConfig(str(path))) == (
         f"--dataset {path} line 3: sharegpt format (keys: conversations) in a longalpaca file (1 such records); "
         "use one format")
 
@@ -402,16 +404,16 @@ def test_length_report_counts_and_policies(tok):
     lengths = [len(tok.apply_chat_template(c)["input_ids"]) for c in conversations]
     max_length = sorted(lengths)[0]  # the two longer ones exceed it; the long-document one loses its answer
     ds = datasets.Dataset.from_dict({"messages": conversations})
-    kept, stats = D.length_report(ds, tok, max_length, "truncate")
+    kept, stats = I.length_report(ds, tok, max_length, "truncate")
     assert len(kept) == 3 and (stats["over_max_length"], stats["truncated"], stats["dropped"]) == (2, 2, 0)
     assert stats["answers_lost"] == 1
     assert (stats["length_min"], stats["length_max"], stats["tokens_total"]) == (min(lengths), max(lengths),
                                                                                  sum(lengths))
     assert stats["length_p90"] == pytest.approx(float(np.percentile(lengths, 90)), abs=0.05)
-    short, stats = D.length_report(ds, tok, max_length, "drop")
+    short, stats = I.length_report(ds, tok, max_length, "drop")
     assert list(short["messages"]) == conversations[:1] and stats["dropped"] == 2 and stats["count_out"] == 1
-    assert error_of(D.length_report, ds, tok, max_length - 1, "drop").startswith("--overlong drop removes all 3")
-    assert error_of(D.length_report, ds, tok, 0, "drop").startswith("--max_length 0: must be a positive")
+    assert error_of(I.length_report, ds, tok, max_length - 1, "drop").startswith("--overlong drop removes all 3")
+    assert error_of(I.length_report, ds, tok, 0, "drop").startswith("--max_length 0: must be a positive")
 
 
 # ------------------------------------------------------------------------------------------- scripts

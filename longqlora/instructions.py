@@ -1,0 +1,153 @@
+"""Long instruction data: LongAlpaca, LongQLoRA, ShareGPT or role/content records as one chat format, with
+length statistics and an explicit policy for conversations longer than the target context.
+
+The output is a `messages` dataset: TRL renders it with the chat template and, with `assistant_only_loss=True`,
+trains only the assistant tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+from longqlora.chat_template import FORMATS, conversation_problem, detect_format, to_messages
+from longqlora.data import length_stats
+from longqlora.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+
+logger = logging.getLogger(__name__)
+
+OVERLONG = ("truncate", "drop")
+INVALID = ("skip", "error")
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+
+
+@dataclass
+class InstructionDataConfig:
+    """Conversations for instruction tuning; the fields become flags through HfArgumentParser. The length limit is
+    not a field (it would clash with SFTConfig's --max_length in the recipes' parser): pass it to `length_report`."""
+
+    dataset: str = flag("A .jsonl/.json(.gz) or .parquet file, a save_to_disk directory or a hub name holding "
+                         "LongAlpaca, LongQLoRA, ShareGPT or role/content messages records.")
+    split: str = flag("Split of a save_to_disk DatasetDict or of a hub dataset.", default="train")
+    overlong: str = flag("Conversations over the length limit: truncate (kept; TRL cuts them) or drop.",
+                          default="truncate")
+    system_prompt: str | None = flag("System message for conversations without one; unset: the chat "
+                                      "template's default.", default=None)
+    invalid_conversations: str = flag("Conversations that do not alternate user/assistant ending with the "
+                                       "assistant: skip (counted) or error.", default="skip")
+    num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
+
+    def __post_init__(self):
+        if not self.dataset.strip():
+            bad("dataset", self.dataset, "pass a file, a directory or a hub dataset name")
+        if self.overlong not in OVERLONG:
+            bad("overlong", self.overlong, f"must be one of {', '.join(OVERLONG)}")
+        if self.invalid_conversations not in INVALID:
+            bad("invalid_conversations", self.invalid_conversations, f"must be one of {', '.join(INVALID)}")
+        check_num_proc(self.num_proc)
+
+
+def _convert_row(row: dict, system_prompt: str | None) -> dict:
+    fmt = detect_format(row)
+    messages = to_messages(row, fmt, system_prompt) if fmt else []
+    return {"messages": messages, "_format": fmt, "_problem": conversation_problem(messages) if fmt else ""}
+
+
+def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> str:
+    """The file's one format; an unknown or mixed record is an error naming its place and keys."""
+    formats = column(ds, "_format").to_numpy(zero_copy_only=False)
+    known = ", ".join(f"{n} ({'+'.join(k)})" for n, k in FORMATS.items())
+    if formats[0] == "":
+        raise ValueError(f"--dataset {where(src, 0)}: unknown format, keys: {fields(raw[0])}; expected {known}")
+    other = np.flatnonzero(formats != formats[0])
+    if len(other):
+        i = int(other[0])
+        raise ValueError(f"--dataset {where(src, i)}: {formats[i] or 'unknown'} format (keys: {fields(raw[i])}) "
+                         f"in a {formats[0]} file ({len(other)} such records); use one format")
+    return str(formats[0])
+
+
+def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) -> datasets.Dataset:
+    """Load `cfg.dataset` as a Dataset with one `messages` column of role/content turns, format auto-detected.
+
+    Conversations must alternate user/assistant (after an optional system message) and end with the assistant;
+    others are skipped and counted (logged, and in `stats` if given), or raise with --invalid_conversations error."""
+    src = resolve(cfg.dataset)
+    raw = load_raw(src, cfg.split, cfg.num_proc)
+    if not len(raw):
+        raise ValueError(f"--dataset {cfg.dataset} holds no conversations")
+    features = datasets.Features({"messages": MESSAGES, "_format": datasets.Value("string"),
+                                  "_problem": datasets.Value("string")})
+    ds = raw.map(_convert_row, remove_columns=raw.column_names, num_proc=cfg.num_proc, features=features,
+                 fn_kwargs={"system_prompt": cfg.system_prompt}, desc="Converting to messages")
+    fmt = _check_formats(ds, raw, src)
+    problems = column(ds, "_problem").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(problems != "")
+    if len(bad):
+        first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}"
+        if cfg.invalid_conversations == "error":
+            raise ValueError(f"--dataset {first}; fix it or pass --invalid_conversations skip")
+        logger.warning("skipped %d of %d conversations that are not user/assistant turns ending with the assistant "
+                       "(first: %s)", len(bad), len(ds), first)
+        ds = ds.filter(lambda p: [not x for x in p], input_columns="_problem", batched=True, num_proc=cfg.num_proc)
+    if not len(ds):
+        raise ValueError(f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped)")
+    if stats is not None:
+        stats.update(format=fmt, conversations_in=len(raw), skipped_invalid=len(bad), conversations_out=len(ds))
+    logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)
+    return ds.remove_columns(["_format", "_problem"])
+
+
+def _chat_lengths(batch, tokenizer, max_length: int, masks: bool):
+    out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=masks)
+    lengths = [len(ids) for ids in out["input_ids"]]
+    answered = [1 in m[:max_length] for m in out["assistant_masks"]] if masks else [True] * len(lengths)
+    return {"length": lengths, "answer_in_window": answered}
+
+
+def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: str, num_proc: int | None = None):
+    """Token lengths through the chat template, and the `overlong` policy applied; returns (dataset, stats).
+
+    "drop" removes conversations over `max_length`. "truncate" keeps them and TRL cuts them (trl 1.16): without
+    packing `SFTTrainer._prepare_dataset` keeps the first max_length tokens (`truncation_mode="keep_start"`, the
+    default) and drops examples left with no assistant token; packing "bfd" keeps the first max_length tokens
+    (`_pack_bfd(on_seq_length_overflow="truncate")`); "bfd_split" instead splits the overflow into a separate
+    sequence without its prompt, so prefer "bfd" or no packing for conversations. `answers_lost` counts overlong
+    conversations whose first max_length tokens hold no assistant token (they train nothing under keep_start)."""
+    if overlong not in OVERLONG:
+        bad("overlong", overlong, f"must be one of {', '.join(OVERLONG)}")
+    if max_length < 1:
+        bad("max_length", max_length, "must be a positive number of tokens, e.g. 8192")
+    if not tokenizer.chat_template:
+        raise ValueError("--tokenizer has no chat template; call longqlora.chat_template.apply_vicuna_template")
+    from trl.chat_template_utils import has_generation_markers
+
+    masks = has_generation_markers(tokenizer.chat_template)
+    ds = ds.map(_chat_lengths, batched=True, num_proc=num_proc, desc="Measuring conversations",
+                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "masks": masks})
+    lengths = column(ds, "length").to_numpy().astype(np.int64)
+    over = lengths > max_length
+    lost = over & ~column(ds, "answer_in_window").to_numpy(zero_copy_only=False).astype(bool)
+    stats = {"count": len(lengths), **length_stats(lengths), "length_p90": round(float(np.percentile(lengths, 90)), 1),
+             "tokens_total": int(lengths.sum()), "max_length": max_length, "over_max_length": int(over.sum()),
+             "overlong": overlong, "dropped": 0, "truncated": 0, "answers_lost": 0}
+    if overlong == "drop" and over.all():
+        raise ValueError(f"--overlong drop removes all {len(lengths)} conversations (shortest: {lengths.min()} "
+                         f"tokens); raise --target_context (--max_length) or pass --overlong truncate")
+    if overlong == "drop" and over.any():
+        ds = ds.filter(lambda n: [x <= max_length for x in n], input_columns="length", batched=True,
+                       num_proc=num_proc, desc="Dropping overlong conversations")
+        stats["dropped"] = int(over.sum())
+        logger.warning("dropped %d of %d conversations over max_length %d tokens (--overlong drop)",
+                       stats["dropped"], len(lengths), max_length)
+    elif over.any():
+        stats.update(truncated=int(over.sum()), answers_lost=int(lost.sum()))
+        logger.warning("%d of %d conversations exceed max_length %d tokens; kept, TRL truncates them to their "
+                       "first %d tokens (%d then hold no assistant token)", stats["truncated"], len(lengths),
+                       max_length, max_length, stats["answers_lost"])
+    stats["count_out"] = len(ds)
+    return ds.remove_columns(["length", "answer_in_window"]), stats

@@ -1,0 +1,301 @@
+"""Passkey retrieval (LongLoRA's `passkey_retrivial.py` protocol): can the model find a 5-digit key hidden at a
+given depth inside filler text that fills its context?
+
+Protocol (recorded in every result):
+- prompt = task description, filler words before the key line, the key line, filler words after it, the question,
+  joined with newlines; the filler is the five-sentence block below repeated, cut at a word;
+- per context length the prompt is made as long as fits in `context_length - max_new_tokens` tokens (counted with
+  the tokenizer, special tokens included), so prompt and answer fit in the context; the key line sits after
+  `round(depth * W)` of the W filler words;
+- keys are 5-digit numbers drawn from `random.Random(seed)` in (length, depth, trial) order;
+- greedy decoding with the model's own full attention; a trial succeeds when the generated text, whitespace
+  removed, starts with exactly the key's digits (a longer number fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+MIN_CONTEXT = 64
+EXTRA_NEW_TOKENS = 3  # generated beyond what the key itself needs
+SAMPLE_CHARS = 40
+_WORDS = FILLER.split()
+
+
+@dataclass
+class PasskeyConfig:
+    """`python -m longqlora passkey`: the fields are its flags."""
+
+    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
+                                                                "--adapter; default: the adapter's recorded base)."})
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
+                                                                  "longqlora_extension.json sets the interpolation."})
+    context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192], metadata={
+        "help": "Context lengths to test; each prompt fills its context minus the answer tokens."})
+    trials: int = field(default=10, metadata={"help": "Random keys per (context length, depth)."})
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], metadata={
+        "help": "Where the key line goes, as a fraction of the filler (0 = first, 1 = last)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the key generator; the same seed gives the same keys."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (as trained)."})
+    compute_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    target_context: int | None = field(default=None, metadata={
+        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Write passkey.json and passkey.png here."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the model."})
+
+    def __post_init__(self):
+        for name in ("model", "adapter", "output_dir"):  # paths given as Path objects by Python callers
+            value = getattr(self, name)
+            setattr(self, name, str(value) if value else None)
+        if not self.model and not self.adapter:
+            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+        if not self.context_lengths or min(self.context_lengths) < MIN_CONTEXT:
+            raise ValueError(f"--context_lengths {' '.join(map(str, self.context_lengths))}: each must be at least "
+                             f"{MIN_CONTEXT} tokens, e.g. --context_lengths 1024 2048 4096")
+        if len(set(self.context_lengths)) != len(self.context_lengths):
+            raise ValueError(f"--context_lengths {' '.join(map(str, self.context_lengths))}: list each length once")
+        if self.trials < 1:
+            raise ValueError(f"--trials {self.trials}: must be at least 1, e.g. 10")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths) or len(set(self.depths)) != len(self.depths):
+            raise ValueError(f"--depths {' '.join(map(str, self.depths))}: pass distinct fractions in [0, 1], "
+                             "e.g. 0 0.25 0.5 0.75 1")
+        if self.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--compute_dtype {self.compute_dtype!r}: must be one of auto, bfloat16, float16, float32")
+        if self.target_context is not None and self.target_context < 1:
+            raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def make_keys(seed: int, n: int) -> list[str]:
+    """`n` random 5-digit keys from `random.Random(seed)`: reproducible, independent of any global RNG."""
+    rng = random.Random(seed)
+    return [str(rng.randint(10000, 99999)) for _ in range(n)]
+
+
+def filler_words(start: int, count: int) -> str:
+    """Words `start .. start+count` of the endlessly repeated filler block."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in range(start, start + count))
+
+
+def compose(key: str, words: int, depth: float) -> str:
+    """The prompt with `words` filler words, the key line after `round(depth * words)` of them."""
+    before = round(depth * words)
+    parts = [TASK, filler_words(0, before), KEY_LINE.format(key=key), filler_words(before, words - before), QUESTION]
+    return "\n".join(p for p in parts if p)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of `text` as the model receives it (special tokens such as BOS included)."""
+    return len(tokenizer(text)["input_ids"])
+
+
+def fit_words(tokenizer, key: str, depth: float, target: int, context_length: int) -> int:
+    """The most filler words whose prompt has at most `target` tokens (doubling, then binary search)."""
+    least = count_tokens(tokenizer, compose(key, 0, depth))
+    if least > target:
+        raise ValueError(f"--context_lengths {context_length}: the passkey prompt needs {least} tokens without any "
+                         f"filler plus {context_length - target} for the answer; pass a context length of at least "
+                         f"{least + context_length - target}")
+    low, high = 0, max(8, target)
+    while count_tokens(tokenizer, compose(key, high, depth)) <= target:  # words may merge into fewer tokens
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if count_tokens(tokenizer, compose(key, mid, depth)) <= target:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def build_prompt(tokenizer, key: str, depth: float, target: int, context_length: int | None = None,
+                 words: int | None = None) -> dict:
+    """{"prompt", "tokens", "filler_words"}: at most `target` tokens, as close as word-level trimming gets, hiding
+    `key` at `depth`; `words`, a guess from another key at the same length and depth, shrinks until it fits."""
+    context_length = context_length or target
+    if words is None:
+        words = fit_words(tokenizer, key, depth, target, context_length)
+    while True:  # another key's digits may tokenize longer than the guess allowed for
+        prompt = compose(key, words, depth)
+        tokens = count_tokens(tokenizer, prompt)
+        if tokens <= target or words == 0:
+            break
+        words -= 1
+    if tokens > target:
+        fit_words(tokenizer, key, depth, target, context_length)  # raises the one-line error
+    return {"prompt": prompt, "tokens": tokens, "filler_words": words}
+
+
+def answer_budget(tokenizer, keys) -> int:
+    """max_new_tokens: the most tokens any key needs after "is" (with its leading space), plus a few."""
+    return max(len(tokenizer(" " + k, add_special_tokens=False)["input_ids"]) for k in keys) + EXTRA_NEW_TOKENS
+
+
+def plan_trials(tokenizer, context_lengths, depths, trials: int, seed: int) -> tuple[list[dict], int]:
+    """Every trial's prompt, built before any weights load so that a prompt that cannot fit fails first.
+
+    Returns (cases, max_new_tokens); each case has context_length, depth, trial, key, prompt, tokens, target.
+    """
+    keys = make_keys(seed, len(context_lengths) * len(depths) * trials)
+    max_new = answer_budget(tokenizer, keys)
+    cases, k = [], 0
+    for n in context_lengths:
+        target = n - max_new
+        for depth in depths:
+            words = None
+            for trial in range(trials):
+                built = build_prompt(tokenizer, keys[k], depth, target, n, words)
+                words = built["filler_words"]
+                cases.append({"context_length": n, "depth": depth, "trial": trial, "key": keys[k],
+                              "target": target, **built})
+                k += 1
+    return cases, max_new
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def is_correct(key: str, generated: str) -> bool:
+    """The generated text, whitespace removed, starts with exactly the key's digits (a longer number fails)."""
+    match = re.match(r"\d+", re.sub(r"\s+", "", generated))
+    return bool(match) and match.group() == key
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt`, decoded without special tokens (batch 1: no padding, no mask of our own)."""
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, use_cache=True)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def summarize(records: list[dict], context_lengths, depths) -> dict:
+    """Accuracy per length and per (length, depth), with the prompt token counts actually used."""
+    def block(rows):
+        tokens = [r["tokens"] for r in rows]
+        return {"trials": len(rows), "correct": sum(r["correct"] for r in rows),
+                "accuracy": sum(r["correct"] for r in rows) / len(rows),
+                "prompt_tokens_min": min(tokens), "prompt_tokens_max": max(tokens)}
+
+    by_length = [{"context_length": n, **block([r for r in records if r["context_length"] == n])}
+                 for n in context_lengths]
+    cells = [{"context_length": n, "depth": d,
+              **block([r for r in records if r["context_length"] == n and r["depth"] == d])}
+             for n in context_lengths for d in depths]
+    return {"accuracy": sum(r["correct"] for r in records) / len(records), "by_length": by_length, "cells": cells}
+
+
+def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, seed: int = 42,
+                     progress: bool = True) -> dict:
+    """Run every trial on a loaded model; returns the accuracies, the protocol and a few samples (no files)."""
+    cases, max_new = plan_trials(tokenizer, context_lengths, depths, trials, seed)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for n in context_lengths:
+        if limit and n > limit:
+            logger.warning("--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)",
+                           n, limit)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    records, samples = [], []
+    for case in tqdm(cases, desc="passkey", disable=not progress):
+        generated = generate_answer(model, tokenizer, case["prompt"], max_new)
+        records.append({**{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
+                        "correct": is_correct(case["key"], generated)})
+        if case["trial"] == 0:
+            samples.append({**records[-1], "output": generated[:SAMPLE_CHARS]})
+    model.train(was_training)
+    summary = summarize(records, context_lengths, depths)
+    for row in summary["by_length"]:
+        logger.info("passkey @%d: %d/%d correct (%.0f%%)", row["context_length"], row["correct"], row["trials"],
+                    100 * row["accuracy"])
+    protocol = {"task": TASK, "filler": FILLER, "key_line": KEY_LINE, "question": QUESTION, "joiner": "\\n",
+                "key_digits": 5, "seed": seed, "trials": trials, "max_new_tokens": max_new,
+                "prompt_tokens_target": f"context_length - {max_new}", "model_context": limit,
+                "decoding": "greedy (do_sample=False), full attention, KV cache",
+                "success": "generated text, whitespace removed, starts with exactly the key's digits"}
+    return {"protocol": protocol, **summary, "samples": samples, "keys": [r["key"] for r in records]}
+
+
+# ---------------------------------------------------------------------------------------------------- command
+def _tokenizer_dir(cfg: PasskeyConfig) -> str:
+    """Where load_for_inference will take the tokenizer from: the adapter when it saved one, else the model."""
+    from longqlora.inference import adapter_base, read_extension
+
+    if cfg.adapter:
+        read_extension(cfg.adapter)  # one line when it is not an adapter directory
+        if (Path(os.path.expanduser(cfg.adapter)) / "tokenizer_config.json").is_file():
+            return os.path.expanduser(cfg.adapter)
+    path = cfg.model or adapter_base(cfg.adapter)
+    if not path or not os.path.isdir(os.path.expanduser(path)):
+        raise ValueError(f"--model {path}: no such directory; pass a local model directory")
+    return os.path.expanduser(path)
+
+
+def run_passkey(cfg: PasskeyConfig) -> dict:
+    """Check every prompt fits, load the model (optionally + adapter, NF4), run the trials, write JSON and PNG."""
+    from transformers import AutoTokenizer
+
+    from longqlora.inference import adapter_base, load_for_inference
+    from longqlora.report import write_json_atomic
+
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg), trust_remote_code=cfg.trust_remote_code)
+    plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
+    model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
+                                                compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,
+                                                trust_remote_code=cfg.trust_remote_code)
+    evaluated = evaluate_passkey(model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)
+    result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "config": asdict(cfg),
+              "original_context": info["original_context"], "model_context": info["target_context"],
+              "pi_factor": info["pi_factor"], "load_in_4bit": cfg.load_in_4bit,
+              "compute_dtype": info["compute_dtype"], **evaluated}
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        result["files"] = {"json": str(out / "passkey.json"), "png": str(out / "passkey.png")}
+        title = result["model"] + (f" + {cfg.adapter}" if cfg.adapter else "")
+        plot_heatmap(result["cells"], cfg.context_lengths, cfg.depths, out / "passkey.png", title)
+        write_json_atomic(out / "passkey.json", result)
+    return result
+
+
+def plot_heatmap(cells, context_lengths, depths, path: Path, title: str) -> Path:
+    """Accuracy by context length (x) and depth (y), each cell annotated; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [[next(c["accuracy"] for c in cells if c["context_length"] == n and c["depth"] == d)
+             for n in context_lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(context_lengths) + 2.5, 0.6 * len(depths) + 2))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, acc in enumerate(row):
+            ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if acc < 0.25 or acc > 0.85 else "black")  # readable on the dark ends
+    ax.set_xticks(range(len(context_lengths)), [str(n) for n in context_lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth (fraction of filler)")
+    ax.set_title(f"passkey retrieval: {title}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,201 @@
+"""Passkey retrieval: prompts have the requested length, depth and wording; scoring can pass and fail; runs on tiny
+models write a well-formed result; bad input fails in one line before weights load."""
+
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from longqlora import passkey as P
+from longqlora.passkey import PasskeyConfig, build_prompt, evaluate_passkey, is_correct, run_passkey
+from longqlora.tiny import save_tiny_model
+
+# A corpus made of the prompt's own sentences and digits, so a 512-entry BPE tokenizes the fixed parts compactly
+# (about 56 tokens) and a 128-token context still has room for filler.
+PROMPT_TEXT = "\n".join([P.TASK, " ".join([P.FILLER] * 20), P.KEY_LINE.format(key=12345), P.QUESTION,
+                         " ".join("0123456789") * 3])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny Llama with a 128-token context (no interpolation) and a compact tokenizer."""
+    path = save_tiny_model(tmp_path_factory.mktemp("passkey") / "tiny", shape="gqa", texts=[PROMPT_TEXT],
+                           vocab_size=512, max_position_embeddings=128)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """The 7B 8k recipe trained for a few steps on the tiny base (context 64, x4 to 256)."""
+    spec = importlib.util.spec_from_file_location("recipe_passkey", "/work/main/recipes/extend_7b_8k.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_passkey"] = mod
+    spec.loader.exec_module(mod)
+    from longqlora.cli import run_recipe
+
+    out = tmp_path_factory.mktemp("passkey_adapter") / "a"
+    return run_recipe(mod.Model, mod.Data, mod.Training, argv=["--tiny", "--output_dir", str(out)])
+
+
+def measured_depth(tokenizer, prompt: str, key: str, depth: float) -> float:
+    """Filler tokens before the key line over all filler tokens, measured on the prompt text itself."""
+    head = P.count_tokens(tokenizer, P.TASK)
+    before = P.count_tokens(tokenizer, prompt[:prompt.index(P.KEY_LINE.format(key=key))]) - head
+    filler = P.count_tokens(tokenizer, prompt) - P.count_tokens(tokenizer, P.compose(key, 0, depth))
+    return before / filler
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+@pytest.mark.parametrize("target", [119, 247, 500, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_prompt_has_the_length_depth_and_wording(tiny, target, depth):
+    _, tok = tiny
+    built = build_prompt(tok, "48213", depth, target)
+    prompt = built["prompt"]
+    assert built["tokens"] == P.count_tokens(tok, prompt)
+    assert target - 8 <= built["tokens"] <= target
+    assert prompt.startswith(P.TASK + "\n")
+    assert prompt.endswith("\nWhat is the pass key? The pass key is")
+    assert "\nThe pass key is 48213. Remember it. 48213 is the pass key.\n" in prompt
+    assert "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." in prompt \
+        or target < 300
+    tolerance = 0.15 if target < 300 else 0.05
+    assert measured_depth(tok, prompt, "48213", depth) == pytest.approx(depth, abs=tolerance)
+
+
+def test_plan_fits_every_prompt_and_answer_in_its_context(tiny):
+    _, tok = tiny
+    cases, max_new = P.plan_trials(tok, [128, 256], [0.0, 1.0], 3, seed=7)
+    assert len(cases) == 12 and max_new >= len(tok(" 12345", add_special_tokens=False)["input_ids"])
+    for case in cases:
+        assert case["tokens"] + max_new <= case["context_length"]
+        assert case["tokens"] >= case["context_length"] - max_new - 8
+        assert re.fullmatch(r"[1-9]\d{4}", case["key"])
+
+
+def test_keys_are_reproducible():
+    assert P.make_keys(3, 20) == P.make_keys(3, 20)
+    assert P.make_keys(3, 20) != P.make_keys(4, 20)
+    assert P.make_keys(3, 5) == P.make_keys(3, 20)[:5]
+
+
+def test_scoring_rule():
+    assert is_correct("12345", "12345. Remember")
+    assert is_correct("12345", " 12345")
+    assert is_correct("12345", " 1 2 3 4 5.")
+    assert not is_correct("12345", "123456")
+    assert not is_correct("12345", "1234")
+    assert not is_correct("12345", "The pass key is 12345")
+    assert not is_correct("12345", "")
+
+
+# ---------------------------------------------------------------------------------------------- a fake model
+class OracleModel(torch.nn.Module):
+    """Reads the key out of the prompt and answers it (or a wrong number): the scoring has to tell them apart."""
+
+    def __init__(self, tokenizer, wrong: bool = False):
+        super().__init__()
+        self.tokenizer, self.wrong = tokenizer, wrong
+        self.config = type("Config", (), {"max_position_embeddings": 256})()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] >= 5
+        key = re.search(r"The pass key is (\d+)\.", self.tokenizer.decode(input_ids[0])).group(1)
+        answer = str(int(key) + 1) if self.wrong else key
+        new = self.tokenizer(" " + answer + ". Remember", add_special_tokens=False, return_tensors="pt").input_ids
+        return torch.cat([input_ids, new[:, :kwargs["max_new_tokens"]]], dim=1)
+
+
+@pytest.mark.parametrize("wrong,expected", [(False, 1.0), (True, 0.0)])
+def test_scoring_can_pass_and_fail(tiny, wrong, expected):
+    _, tok = tiny
+    result = evaluate_passkey(OracleModel(tok, wrong), tok, [128, 256], [0.0, 0.5, 1.0], 2, seed=1, progress=False)
+    assert result["accuracy"] == expected
+    assert all(row["accuracy"] == expected for row in result["by_length"] + result["cells"])
+    assert all(s["correct"] is (not wrong) for s in result["samples"])
+
+
+# --------------------------------------------------------------------------------------------- tiny real runs
+def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog):
+    path, _ = tiny
+    cfg = PasskeyConfig(model=str(path), context_lengths=[128, 256], depths=[0.0, 1.0], trials=2, seed=5,
+                        output_dir=str(tmp_path / "out"))
+    with caplog.at_level("WARNING"):
+        result = run_passkey(cfg)
+    assert "--context_lengths 256 is beyond the 128 tokens" in caplog.text
+    assert [row["context_length"] for row in result["by_length"]] == [128, 256]
+    assert all(row["trials"] == 4 and 0 <= row["accuracy"] <= 1 for row in result["by_length"])
+    assert len(result["cells"]) == 4 and all(c["trials"] == 2 for c in result["cells"])
+    assert all(c["prompt_tokens_max"] <= c["context_length"] - result["protocol"]["max_new_tokens"]
+               for c in result["cells"])
+    assert len(result["keys"]) == 8 and len(result["samples"]) == 4
+    saved = json.loads((tmp_path / "out" / "passkey.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["protocol"]["question"] == "What is the pass key? The pass key is"
+    assert (tmp_path / "out" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_result_other_seed_other_keys(tiny):
+    path, tok = tiny
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    first = evaluate_passkey(model, tok, [128], [0.0, 0.5], 2, seed=11, progress=False)
+    again = evaluate_passkey(model, tok, [128], [0.0, 0.5], 2, seed=11, progress=False)
+    other = evaluate_passkey(model, tok, [128], [0.0, 0.5], 2, seed=12, progress=False)
+    assert first == again
+    assert first["keys"] != other["keys"]
+
+
+def test_run_with_a_trained_adapter_in_4bit(adapter, tmp_path):
+    cfg = PasskeyConfig(adapter=str(adapter), context_lengths=[256], depths=[0.5], trials=1, load_in_4bit=True,
+                        output_dir=str(tmp_path))
+    result = run_passkey(cfg)
+    assert result["model_context"] == 256 and result["pi_factor"] == pytest.approx(4.0)
+    assert result["model"] == str(adapter / "tiny-base") or result["model"].endswith("tiny-base")
+    assert result["by_length"][0]["trials"] == 1 and (tmp_path / "passkey.png").is_file()
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,flag", [
+    ({"context_lengths": [32, 1024]}, "--context_lengths"),
+    ({"trials": 0}, "--trials"),
+    ({"depths": [0.5, 1.5]}, "--depths"),
+    ({"compute_dtype": "int8"}, "--compute_dtype"),
+    ({"model": None}, "--model"),
+])
+def test_bad_flags_fail_in_one_line(kwargs, flag):
+    with pytest.raises(ValueError) as err:
+        PasskeyConfig(**{"model": "m", **kwargs})
+    assert str(err.value).startswith(flag) and "\n" not in str(err.value)
+
+
+def test_flags_parse(tmp_path):
+    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=[
+        "--model", "m", "--context_lengths", "1024", "2048", "--depths", "0", "0.5", "--trials", "3",
+        "--load_in_4bit", "--seed", "9", "--output_dir", str(tmp_path)])
+    assert cfg.context_lengths == [1024, 2048] and cfg.depths == [0.0, 0.5] and cfg.load_in_4bit and cfg.seed == 9
+
+
+def test_unbuildable_prompt_or_bad_paths_fail_before_weights_load(tiny, adapter, tmp_path, monkeypatch):
+    import longqlora.inference
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(longqlora.inference, "load_for_inference", no_loading)
+    # The tiny recipe's tokenizer (trained on Austen) needs ~170 tokens for the fixed parts of the prompt.
+    with pytest.raises(ValueError, match=r"^--context_lengths 128: the passkey prompt needs \d+ tokens") as err:
+        run_passkey(PasskeyConfig(adapter=str(adapter), context_lengths=[128, 256], trials=1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        run_passkey(PasskeyConfig(adapter=str(tmp_path), context_lengths=[128]))
+    with pytest.raises(ValueError, match="^--model .*: no such directory"):
+        run_passkey(PasskeyConfig(model=str(tmp_path / "missing"), context_lengths=[128]))

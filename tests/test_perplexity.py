@@ -1,0 +1,102 @@
+"""Perplexity: the protocol's numbers equal a direct computation, and the command writes what it says."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from longqlora.perplexity import PerplexityConfig, run_perplexity, scored_positions, window_scores
+from longqlora.tiny import save_tiny_model
+
+TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 3
+        + "The pass key is 4821. Remember it. " + "In the beginning was the word. " * 8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_model(tmp_path_factory.mktemp("ppl") / "tiny", shape="odd", texts=[TEXT],
+                           max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(path)(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return path, model, ids
+
+
+def direct_nll(model, ids, context, stride, score):
+    """Token by token: each scored token's NLL given exactly the window the protocol assigns it."""
+    total, count = 0.0, 0
+    starts = range(0, len(ids) - context + 1, stride)
+    for k, start in enumerate(starts):
+        window = ids[start:start + context].unsqueeze(0)
+        with torch.no_grad():
+            logp = F.log_softmax(model(window).logits.double(), -1)[0]
+        for pos in range(*scored_positions(k, context, stride, score).indices(context)):
+            total -= float(logp[pos - 1, window[0, pos]])
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("context,stride,score", [(32, 32, "new"), (32, 8, "new"), (48, 16, "tail"), (16, 5, "new")])
+def test_window_scores_equal_a_direct_computation(tiny, context, stride, score):
+    _, model, ids = tiny
+    got = window_scores(model, ids, context, stride, score=score, batch_size=3, chunk=7, progress=False)
+    total, count = direct_nll(model, ids, context, stride, score)
+    assert got.tokens() == count
+    assert got.perplexity() == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def test_non_overlapping_windows_equal_the_model_loss(tiny):
+    _, model, ids = tiny
+    windows = ids[: (len(ids) // 32) * 32].view(-1, 32)
+    with torch.no_grad():
+        loss = model(windows, labels=windows).loss  # mean over the 31 predicted tokens of every window
+    got = window_scores(model, ids, 32, progress=False)
+    assert got.perplexity() == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert got.tokens() == 31 * windows.shape[0]
+
+
+def test_each_token_is_scored_once_with_stride(tiny):
+    _, model, ids = tiny
+    got = window_scores(model, ids, 32, 8, progress=False)
+    last_start = (len(ids) - 32) // 8 * 8
+    assert got.tokens() == last_start + 32 - 1  # every token of the covered span but the very first
+
+
+def test_bad_protocol_arguments(tiny):
+    _, model, ids = tiny
+    with pytest.raises(ValueError, match="--stride"):
+        window_scores(model, ids, 32, 40)
+    with pytest.raises(ValueError, match="--context_lengths 4096: the text has only"):
+        window_scores(model, ids, 4096)
+    with pytest.raises(ValueError, match="--context_lengths"):
+        PerplexityConfig(model="x", context_lengths=[1])
+
+
+def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):
+    path, model, ids = tiny
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "results.json"
+    result = run_perplexity(PerplexityConfig(model=str(path), data=str(text), context_lengths=[32, 96],
+                                             output=str(out)))
+    saved = json.loads(out.read_text())
+    assert saved["results"] == result["results"]
+    direct = window_scores(model, ids.tolist() + [2], 32, progress=False)  # the command appends EOS per document
+    assert saved["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
+    assert out.with_suffix(".csv").read_text().splitlines()[0] == "context_length,stride,windows,tokens_scored,perplexity"
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "beyond the 64 tokens" in caplog.text  # 96 > the model's 64: a warning, not an error
+
+
+def test_command_line_errors_are_one_line(tiny, tmp_path):
+    path, _, _ = tiny
+    text = tmp_path / "short.txt"
+    text.write_text("Too short.")
+    done = subprocess.run([sys.executable, "-m", "longqlora", "perplexity", "--model", str(path), "--data",
+                           str(text), "--context_lengths", "512"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --context_lengths 512: the text has only")

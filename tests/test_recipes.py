@@ -1,0 +1,127 @@
+"""Every recipe: --help, --dry_run and a tiny end-to-end run on CPU; resume after an interruption."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longqlora import train as train_lib
+from longqlora.cli import run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "quickstart")
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the Trainer pickles the recipe's Training into each checkpoint
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name, *argv):
+    recipe = load_recipe(name)
+    return run_recipe(recipe.Model, recipe.Data, recipe.Training, argv=list(argv))
+
+
+def test_recipes_exist():
+    assert {"extend_7b_8k", "extend_7b_12k", "extend_13b_8k", "extend_13b_12k", "extend_7b_32k_a100",
+            "sft_vicuna_13b_8k"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES + ["quickstart"])
+def test_help(name):
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--output_dir" in out.stdout and "--dry_run" in out.stdout and "--tiny" in out.stdout
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypatch):
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("--dry_run loaded weights"))
+    recipe = load_recipe(name)
+    assert run(name, "--dry_run") is None
+    text = capsys.readouterr().out
+    target = recipe.Model.target_context
+    assert f"4096 -> {target} tokens (position interpolation x{target / 4096:g}" in text
+    assert f"S2-Attn, group {round(recipe.Model.group_ratio * target)}" in text
+    assert "trainable" in text and "parameters" in text and "backend" in text
+    assert recipe.Model.compute_dtype in text
+
+
+def test_dry_run_trainable_count_is_exact_for_llama2_7b(capsys):
+    run("extend_7b_8k", "--dry_run")
+    text = capsys.readouterr().out
+    lora = 32 * 4 * 8 * (4096 + 4096)  # r=8 on q, k, v, o of 32 layers
+    embed, norms = 32000 * 4096, (2 * 32 + 1) * 4096
+    assert f"trainable          {lora + embed + norms:,} of" in text
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_tiny_run_end_to_end(name, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run(name, "--tiny", "--output_dir", str(tmp_path / name))
+    weights = load_file(out / "adapter_model.safetensors")
+    names = list(weights)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert any("embed_tokens" in n for n in names), "trained embeddings missing from the adapter"
+    assert sum("layernorm" in n or n.endswith("norm.weight") for n in names) == 2 * 2 + 1, "norms missing"
+    extension = (out / train_lib.EXTENSION_FILE).read_text()
+    assert '"pi_factor": 4.0' in extension and '"group_size": 64' in extension
+    assert (out / "tokenizer.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(out / "tiny-base")
+    embed_before = base.get_input_embeddings().weight.detach().clone()
+    model = PeftModel.from_pretrained(base, out)
+    trained = [w for n, w in weights.items() if "embed_tokens" in n][0]
+    assert not torch.allclose(trained.float(), embed_before), "embeddings did not train"
+    torch.testing.assert_close(model.get_input_embeddings().weight.detach(), trained.float())
+    assert model.peft_config["default"].base_model_name_or_path == str(out / "tiny-base")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatch):
+    steps = ["--max_steps", "4", "--save_steps", "2", "--seed", "3"]
+    whole = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "whole"), *steps)
+
+    def stop_at_three(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise Interrupt
+    monkeypatch.setattr(train_lib.ThroughputCallback, "on_step_end", stop_at_three, raising=False)
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        run("extend_7b_8k", "--tiny", "--output_dir", str(cut), *steps)
+    assert (cut / "checkpoint-2").exists() and not (cut / "adapter_model.safetensors").exists()
+    monkeypatch.undo()
+    resumed = run("extend_7b_8k", "--tiny", "--output_dir", str(cut), *steps, "--resume_from_checkpoint", "auto")
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "extend_7b_8k.py"), "--model_name_or_path",
+                          str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --model_name_or_path")
+    assert "Traceback" not in out.stderr
+
+
+def test_tensorboard_when_asked(tmp_path):
+    out = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "tb"), "--report_to", "tensorboard",
+              "--max_steps", "2")
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
