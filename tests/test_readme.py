@@ -19,7 +19,7 @@ def readme_commands():
 def test_readme_has_the_two_commands():
     quickstart, tests = readme_commands()
     assert quickstart == f"{INSTALL} && python recipes/quickstart.py"
-    assert tests == f"{INSTALL} && python -m pytest -q tests"
+    assert tests == INSTALL.replace("-e .", '-e ".[test]"') + " && python -m pytest -q tests"
 
 
 def test_ci_runs_the_readme_test_command():
