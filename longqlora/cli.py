@@ -78,9 +78,23 @@ def _passkey(argv):
     return 0
 
 
+def _chat(argv):
+    from transformers import HfArgumentParser
+
+    from longqlora.chat import ChatConfig, chat_loop, load_chat_model, one_shot
+
+    (cfg,) = HfArgumentParser(ChatConfig).parse_args_into_dataclasses(args=argv)
+    model, tokenizer = load_chat_model(cfg)
+    if cfg.prompt is not None:
+        one_shot(cfg, model, tokenizer, sys.stdout)
+        return 0
+    return chat_loop(cfg, model, tokenizer, sys.stdin, sys.stdout)
+
+
 COMMANDS = {
     "perplexity": (_perplexity, "sliding-window perplexity at several context lengths"),
     "passkey": (_passkey, "passkey retrieval accuracy by context length and key depth"),
+    "chat": (_chat, "chat with a model: Vicuna turns, a --context_file document, streamed replies"),
 }
 
 

@@ -1,0 +1,337 @@
+"""Chat with an extended model: Vicuna v1.1 turns, a long document in the first turn, streamed replies.
+
+`python -m longqlora chat --model DIR [--adapter DIR] [--context_file FILE] [--prompt TEXT]`. The model loads
+through `longqlora.inference` (plain/merged directory, or base + PEFT adapter with the adapter's position
+interpolation), with the model's own full attention. Every turn is rendered by the tokenizer's chat template
+(the Vicuna v1.1 one is set when the tokenizer has none), so the model sees exactly the format it was
+fine-tuned on. Output goes to the stream the caller passes, never straight to sys.stdout, so it can be captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+NEAR_FULL = 0.9  # a note is shown once the conversation uses this share of the context
+HELP = "Type a message; /reset starts a new conversation, /exit or Ctrl-D quits."
+
+
+@dataclass
+class ChatConfig:
+    """`python -m longqlora chat`: the fields are its flags."""
+
+    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
+                                                                "--adapter; default: the adapter's recorded base)."})
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
+                                                                  "longqlora_extension.json sets the context."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (bitsandbytes), as trained; "
+                                                                 "default 16-bit (fp32 on CPU)."})
+    compute_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on Ampere+, fp16 on older GPUs, fp32 "
+                                                                  "on CPU), bfloat16, float16 or float32."})
+    target_context: int | None = field(default=None, metadata={
+        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
+    context_file: str | None = field(default=None, metadata={"help": "A UTF-8 text file put before the first "
+                                                                       "question of the conversation."})
+    prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print the reply and "
+                                                                 "exit (for scripts)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: the chat "
+                                                                        "template's, Vicuna's for Vicuna)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per reply."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens; 1 is none."})
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own code from its "
+                                                                      "directory (off: only transformers' code)."})
+
+    def __post_init__(self):
+        if not self.model and not self.adapter:
+            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 decodes greedily), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], e.g. 0.9, got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"--compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        if self.target_context is not None and self.target_context < 1:
+            raise ValueError(f"--target_context must be a positive number of tokens, got {self.target_context}")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("--prompt is empty; pass a message, or leave --prompt out to chat interactively")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def read_document(cfg: ChatConfig) -> str | None:
+    """The text of --context_file (None without one), or one ValueError line saying what is wrong with it."""
+    if cfg.context_file is None:
+        return None
+    path = Path(os.path.expanduser(cfg.context_file))
+    if not path.is_file():
+        raise ValueError(f"--context_file {cfg.context_file}: no such file; pass a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--context_file {cfg.context_file}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "convert it to UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"--context_file {cfg.context_file}: the file is empty; pass a document")
+    return text.strip()
+
+
+def check_inputs(cfg: ChatConfig) -> None:
+    """Every path check that needs no weights: --model, --adapter (and its recorded base), --context_file."""
+    from longqlora.inference import adapter_base, read_extension
+
+    if cfg.adapter:
+        read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
+    model = cfg.model or adapter_base(cfg.adapter)
+    flag = "--model" if cfg.model else f"--adapter {cfg.adapter}: its recorded base"
+    if not model or not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(f"{flag} {model or '(none)'}: no such directory; pass a local model directory"
+                         + ("" if cfg.model else " with --model"))
+    if not os.path.isfile(os.path.join(os.path.expanduser(model), "config.json")):
+        raise ValueError(f"{flag} {model}: the directory has no config.json; pass a directory saved with "
+                         "save_pretrained")
+    read_document(cfg)
+
+
+def ensure_chat_template(tokenizer):
+    """Give a tokenizer without a chat template the Vicuna v1.1 one (what the SFT recipe trains on)."""
+    if not getattr(tokenizer, "chat_template", None):
+        from longqlora.chat_template import apply_vicuna_template
+
+        logger.info("the tokenizer has no chat template; using Vicuna v1.1")
+        apply_vicuna_template(tokenizer)
+    return tokenizer
+
+
+def load_chat_model(cfg: ChatConfig):
+    """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
+    from longqlora.inference import load_for_inference
+
+    check_inputs(cfg)
+    model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
+                                                compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,
+                                                trust_remote_code=cfg.trust_remote_code)
+    logger.info("chat model ready: context %d tokens (PI x%.4g)", info["target_context"], info["pi_factor"])
+    return model, ensure_chat_template(tokenizer)
+
+
+# --------------------------------------------------------------------------------------------- one turn
+def context_limit(model) -> int:
+    """The positions the model is set up for (max_position_embeddings after position interpolation)."""
+    return int(model.config.max_position_embeddings)
+
+
+def overflow(cfg: ChatConfig, prompt_tokens: int, limit: int) -> str:
+    """Why a prompt of `prompt_tokens` plus a full reply would not fit `limit` positions, or '' when it fits."""
+    if prompt_tokens + cfg.max_new_tokens <= limit:
+        return ""
+    return (f"the prompt takes {prompt_tokens} tokens and the reply up to {cfg.max_new_tokens} (--max_new_tokens), "
+            f"over the model's context of {limit}")
+
+
+def build_messages(cfg: ChatConfig, history: list[dict], user_text: str, document: str | None) -> list[dict]:
+    """System message (when given), the history, then the new user turn; the document opens the first turn."""
+    if document and not history:
+        user_text = f"{document}\n\n{user_text}"
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []
+    return system + history + [{"role": "user", "content": user_text}]
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    """The prompt string for `messages`, ending with the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer, rendered: str) -> list[int]:
+    # The template writes the BOS token itself, so the tokenizer must not add another.
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def generation_kwargs(cfg: ChatConfig, tokenizer) -> dict:
+    """generate() settings; greedy at temperature 0, with the sampling knobs at their neutral values so a model's
+    own generation_config (e.g. Vicuna's do_sample=True) neither samples nor warns."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty, "use_cache": True,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+    if cfg.temperature == 0:
+        kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+    else:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    return kwargs
+
+
+class StreamWriter:
+    """A generate() streamer writing the reply to `stream` as words complete. It decodes the whole reply each time
+    and writes only text that can no longer change, so what is written equals the decoded reply (left-stripped)."""
+
+    def __init__(self, tokenizer, stream):
+        self.tokenizer, self.stream = tokenizer, stream
+        self.ids: list[int] = []
+        self.prompt_seen = False
+        self.written = 0
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.ids += value.flatten().tolist()
+        text = self._text()
+        stable = text if text.endswith("\n") else text[:text.rfind(" ") + 1]
+        if len(stable) > self.written and "\ufffd" not in stable[self.written:]:
+            self._write(stable[self.written:])
+
+    def end(self):
+        text = self._text()
+        self._write(text[self.written:])
+
+    def _write(self, text: str):
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+            self.written += len(text)
+
+
+@torch.no_grad()
+def generate_reply(cfg: ChatConfig, model, tokenizer, ids: list[int], stream=None) -> tuple[str, int]:
+    """Generate a reply to prompt token `ids`, streamed to `stream` when given. Returns (reply text, new tokens)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    streamer = StreamWriter(tokenizer, stream) if stream is not None else None
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                         **generation_kwargs(cfg, tokenizer))
+    new = out[0, len(ids):]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())
+
+
+def chat_turn(cfg: ChatConfig, model, tokenizer, history: list[dict], user_text: str, stdout,
+              document: str | None = None) -> str | None:
+    """Answer `user_text`, streaming to `stdout`, and append the exchange to `history`.
+
+    Returns the reply, or None when the turn is refused because prompt + --max_new_tokens would not fit the context
+    (the history is then left unchanged).
+    """
+    limit = context_limit(model)
+    messages = build_messages(cfg, history, user_text, document)
+    ids = prompt_ids(tokenizer, render(tokenizer, messages))
+    too_long = overflow(cfg, len(ids), limit)
+    if too_long:
+        stdout.write(f"(turn refused: {too_long}; /reset to start a new conversation, or lower --max_new_tokens)\n")
+        stdout.flush()
+        return None
+    stdout.write("ASSISTANT: ")
+    stdout.flush()
+    reply, new_tokens = generate_reply(cfg, model, tokenizer, ids, stdout)
+    stdout.write("\n")
+    history[:] = messages[1:] if cfg.system_prompt is not None else messages
+    history.append({"role": "assistant", "content": reply})
+    used = len(ids) + new_tokens
+    if used >= NEAR_FULL * limit:
+        stdout.write(f"(note: the conversation takes {used} of the model's {limit} tokens; /reset starts over)\n")
+    stdout.flush()
+    return reply
+
+
+# ---------------------------------------------------------------------------------------- the commands
+def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
+    """Model, context length and what the document takes, plus a warning when it leaves no room to chat."""
+    from longqlora.inference import adapter_base
+
+    limit = context_limit(model)
+    name = (cfg.model or adapter_base(cfg.adapter)) + (f" + {cfg.adapter}" if cfg.adapter else "")
+    lines = [f"longqlora chat: {name} | context {limit} tokens"]
+    if document is not None:
+        n = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+        lines.append(f"document {cfg.context_file}: {n} tokens, put before your first question")
+        if n + cfg.max_new_tokens >= limit:
+            lines.append(f"warning: the document and a {cfg.max_new_tokens}-token reply do not fit the {limit}-token "
+                         "context; pass a shorter document or a smaller --max_new_tokens")
+    lines.append(HELP)
+    return "\n".join(lines)
+
+
+def _read_line(stdin, stdout) -> str | None:
+    """One line from the user after a "USER: " prompt, or None at end of input. A piped line is echoed so that
+    a transcript reads like a conversation; a terminal echoes by itself (and input() gives line editing)."""
+    if stdin is sys.stdin and stdout is sys.stdout and stdin.isatty():
+        try:
+            return input("USER: ")
+        except EOFError:
+            return None
+    stdout.write("USER: ")
+    stdout.flush()
+    line = stdin.readline()
+    if not line:
+        return None
+    stdout.write(line if line.endswith("\n") else line + "\n")
+    return line.rstrip("\n")
+
+
+def chat_loop(cfg: ChatConfig, model, tokenizer, stdin, stdout) -> int:
+    """Interactive multi-turn chat on `stdin`/`stdout`; returns the exit code (0 on /exit, EOF or Ctrl-C)."""
+    from transformers import set_seed
+
+    ensure_chat_template(tokenizer)
+    document = read_document(cfg)
+    set_seed(cfg.seed)
+    stdout.write(banner(cfg, model, tokenizer, document) + "\n")
+    history: list[dict] = []
+    try:
+        while True:
+            line = _read_line(stdin, stdout)
+            if line is None:
+                stdout.write("\n")
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                return 0
+            if text == "/reset":
+                history.clear()
+                stdout.write("(conversation cleared; the document opens the next question)\n" if document
+                             else "(conversation cleared)\n")
+                continue
+            if text == "/help":
+                stdout.write(HELP + "\n")
+                continue
+            chat_turn(cfg, model, tokenizer, history, text, stdout, document)
+    except KeyboardInterrupt:
+        stdout.write("\n")
+        return 0
+    finally:
+        stdout.flush()
+
+
+def one_shot(cfg: ChatConfig, model, tokenizer, stdout) -> str:
+    """Answer `--prompt` (after --context_file when given), write the reply streamed to `stdout`, return it."""
+    from transformers import set_seed
+
+    if cfg.prompt is None:
+        raise ValueError("--prompt: pass the message to answer")
+    ensure_chat_template(tokenizer)
+    document = read_document(cfg)
+    set_seed(cfg.seed)
+    ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
+    too_long = overflow(cfg, len(ids), context_limit(model))
+    if too_long:
+        raise ValueError(f"--prompt: {too_long}; shorten it or lower --max_new_tokens")
+    reply, _ = generate_reply(cfg, model, tokenizer, ids, stdout)
+    stdout.write("\n")
+    stdout.flush()
+    return reply
