@@ -91,7 +91,18 @@ def _chat(argv):
     return chat_loop(cfg, model, tokenizer, sys.stdin, sys.stdout)
 
 
+def _merge(argv):
+    from transformers import HfArgumentParser
+
+    from longqlora.merge import MergeConfig, describe, merge
+
+    (cfg,) = HfArgumentParser(MergeConfig).parse_args_into_dataclasses(args=argv)
+    print(describe(merge(cfg)))
+    return 0
+
+
 COMMANDS = {
+    "merge": (_merge, "fold an adapter into its base: a plain model with the extended context"),
     "perplexity": (_perplexity, "sliding-window perplexity at several context lengths"),
     "passkey": (_passkey, "passkey retrieval accuracy by context length and key depth"),
     "chat": (_chat, "chat with a model: Vicuna turns, a --context_file document, streamed replies"),

@@ -46,7 +46,7 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
         assert all(v > 1 for k, v in row.items() if k.startswith("ppl@"))
     assert (out / "perplexity.png").stat().st_size > 1000
     assert "| model |" in (out / "report.md").read_text() and "| model |" in done.stdout
-    again = quickstart(tmp_path / "again")
+    quickstart(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "results.json").read_text())["results"] == results
     rerun = quickstart(out)
     assert "reusing the pre-trained base" in rerun.stderr

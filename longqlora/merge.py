@@ -1,0 +1,334 @@
+"""Merge a trained adapter into its base: one plain transformers model that needs neither PEFT nor this toolkit.
+
+The base is reloaded in 16-bit (or float32), never in NF4: merging a LoRA delta into 4-bit weights re-quantizes
+them and changes generations. The adapter's position interpolation is applied first (inference.py reads it from
+`longqlora_extension.json`), the trained embedding and norms (LongLoRA §3.3, PEFT modules_to_save) replace the
+base's, the LoRA products are added into the projections, and the result is saved with the adapter's tokenizer.
+S2-Attn is a training-time attention only, so the saved model uses ordinary attention.
+
+The merge checks itself: on a fixed sample the merged model, and the saved directory reloaded with plain
+`AutoModelForCausalLM.from_pretrained`, must give the unmerged adapter model's logits within a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float16", "bfloat16", "float32")
+REPORT_FILE = "merge_report.json"
+# Relative tolerance: max |merged - adapter logits| / max |adapter logits| on the check sample, both models in the
+# same dtype on the same base. Measured with 256 tokens on random Llamas (hidden 1024 x 4 and x 32 layers, 4096 x 2;
+# LoRA r=64 on q/k/v/o, trained embedding and norms; logits up to 25-50) and on the tiny trained adapter of
+# tests/test_merge.py: float32 1e-6..2e-6 (summation order only), float16 1.8e-3..3.0e-3, bfloat16 1.3e-2..2.5e-2
+# (8-bit mantissa; grows with depth). The 16-bit differences are not merge errors: the merged W + BA is rounded
+# once more to 16 bits while PEFT runs the unmerged LoRA branch in float32. Dropping the adapter moves the logits by
+# far more (0.44 relative for the tiny adapter after 4 steps, 0.8+ on the random ones); the trained embedding and
+# norm copies are also compared exactly (fold_adapter). Defaults: float32 1e-4, float16 2e-2, bfloat16 5e-2 (2x the
+# deepest measurement, as 40-80-layer models accumulate more rounding).
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+SAMPLE_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+               "in want of a wife. The pass key is 71432. Remember it. Call me Ishmael. Some years ago, never mind "
+               "how long precisely, having little or no money in my purse, I thought I would sail about a little. ")
+
+
+@dataclass
+class MergeConfig:
+    """`python -m longqlora merge`: fold an adapter (LoRA + trained embedding and norms) into a plain model."""
+
+    adapter: str = field(metadata={"help": "Adapter directory written by a recipe (a PEFT directory)."})
+    output: str = field(metadata={"help": "Directory for the merged model (safetensors, tokenizer, config)."})
+    base: str | None = field(default=None, metadata={"help": "Base model directory; default: the base recorded in "
+                                                              "the adapter's adapter_config.json."})
+    dtype: str = field(default="float16", metadata={"help": "Dtype of the merged weights: float16, bfloat16 or "
+                                                            "float32 (never 4-bit: merging into NF4 changes outputs)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output directory."})
+    tolerance: float | None = field(default=None, metadata={"help": "Largest allowed max|merged - adapter| / "
+                                                                    "max|adapter logits| on the check sample; "
+                                                                    "default 1e-4 float32, 2e-2 float16, 5e-2 "
+                                                                    "bfloat16."})
+    sample_tokens: int = field(default=64, metadata={"help": "Length of the fixed token sample the check runs on."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"--tolerance {self.tolerance}: must be a positive number, e.g. 1e-4")
+        if self.sample_tokens < 1:
+            raise ValueError(f"--sample_tokens {self.sample_tokens}: must be at least 1, e.g. 64")
+
+    @property
+    def resolved_tolerance(self) -> float:
+        return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE[self.dtype]
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+def _path(name) -> Path:
+    return Path(os.path.expanduser(str(name))).resolve()
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _adapter_shapes(adapter: Path) -> dict:
+    """Tensor name (without PEFT's prefix) -> shape, read from the safetensors header only."""
+    from safetensors import safe_open
+
+    file = adapter / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors; pass a directory saved by a recipe")
+    with safe_open(str(file), framework="pt") as f:
+        names = f.keys()
+        return {k.removeprefix("base_model.model."): tuple(f.get_slice(k).get_shape()) for k in names}
+
+
+def _check_shapes(base_name: str, base: Path, recorded: str, shapes: dict) -> None:
+    """One line when the adapter's tensors cannot belong to this base: hidden or vocab size, then every tensor
+    against the base's structure built on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(base)
+    hidden = vocab = None
+    for name, shape in shapes.items():
+        if name.endswith("embed_tokens.weight") and len(shape) == 2:
+            vocab, hidden = shape
+        elif hidden is None and name.endswith("norm.weight") and len(shape) == 1:
+            hidden = shape[0]
+    for what, theirs, ours in (("hidden", hidden, hf_config.hidden_size), ("vocab", vocab, hf_config.vocab_size)):
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"--base {base_name}: the adapter was trained on {recorded} ({what} {theirs}) but "
+                             f"{base_name} has {what} {ours}; pass the base it was trained on")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    for name, shape in shapes.items():
+        if ".lora_A." in name or ".lora_B." in name:  # Linear weight (out, in); lora_A (r, in), lora_B (out, r)
+            module, kind = name.split(".lora_")[0], name.split(".lora_")[1][0]
+            want = params.get(f"{module}.weight")
+            axis = 1 if kind == "A" else 0
+            got, expected = shape[axis], None if want is None else want[axis]
+        elif "lora_" in name:  # other adapter tensors (DoRA magnitudes, embedding LoRA) are PEFT's to check
+            continue
+        else:  # a trained full copy (embedding, norm)
+            want = params.get(name)
+            got, expected = shape, want
+        if want is None:
+            raise ValueError(f"--base {base_name}: the adapter has {name} but {base_name} has no such parameter; "
+                             f"pass the base it was trained on ({recorded})")
+        if got != expected:
+            raise ValueError(f"--base {base_name}: the adapter's {name} has shape {list(shape)} but {base_name} "
+                             f"has {list(want)}; pass the base it was trained on ({recorded})")
+
+
+def check_merge(cfg: MergeConfig) -> dict:
+    """Everything that can be refused before weights load; returns the resolved paths and extension record."""
+    from longqlora.inference import adapter_base, read_extension
+
+    extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
+    adapter = _path(cfg.adapter)
+    recorded = adapter_base(adapter)
+    if not cfg.base and not recorded:
+        raise ValueError(f"--adapter {cfg.adapter}: records no base model; pass --base")
+    base_name = cfg.base or recorded
+    base = _path(base_name)
+    flag = "--base" if cfg.base else f"--adapter {cfg.adapter}: its recorded base"
+    if not (base / "config.json").is_file():
+        raise ValueError(f"{flag} {base_name}: no model directory (no config.json) there; pass --base DIR, the "
+                         "local base model the adapter was trained on")
+    out = _path(cfg.output)
+    for name, path in (("base", base), ("adapter", adapter)):
+        if _within(out, path) or _within(path, out):
+            raise ValueError(f"--output {cfg.output}: is, contains or lies inside the {name} directory {path}; "
+                             "choose a separate directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {cfg.output}: is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--output {cfg.output}: is not empty; pass --overwrite to replace it, or a new directory")
+    parent = next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--output {cfg.output}: {parent} is not writable; choose another directory")
+    target = extension.get("target_context")
+    if target and cfg.sample_tokens > int(target):
+        raise ValueError(f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; "
+                         f"pass at most {target}")
+    _check_shapes(base_name, base, recorded or base_name, _adapter_shapes(adapter))
+    return {"adapter": adapter, "base": base, "output": out, "extension": extension, "recorded_base": recorded}
+
+
+# ------------------------------------------------------------------------------------------------------- merge
+def sample_ids(tokenizer, n: int):
+    """The fixed check sample: `n` token ids of SAMPLE_TEXT (repeated as needed), shape (1, n)."""
+    import torch
+
+    ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError("--adapter: its tokenizer turns the check sample into no tokens")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def logits_of(model, ids):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+def fold_adapter(peft_model):
+    """merge_and_unload, then verify that every trained copy (embedding, norms) is what the merged model holds.
+
+    Returns (merged model, names of the replaced modules, number of LoRA layers merged).
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    active = peft_model.active_adapter
+    inner = peft_model.get_base_model()
+    trained = {name: m.modules_to_save[active] for name, m in inner.named_modules()
+               if isinstance(m, ModulesToSaveWrapper)}
+    lora_layers = sum(isinstance(m, LoraLayer) for m in inner.modules())
+    merged = peft_model.merge_and_unload(progressbar=True)
+    for name, copy in trained.items():
+        module = merged.get_submodule(name)
+        for pname, param in copy.named_parameters():
+            if not torch.equal(module.get_parameter(pname), param):
+                raise RuntimeError(f"merge: {name}.{pname} of the merged model is not the adapter's trained copy")
+    return merged, sorted(trained), lora_layers
+
+
+def plain_config(model) -> None:
+    """Leave only what a plain transformers model needs: ordinary attention, caching on, no quantization."""
+    config = model.config
+    for key in [k for k in vars(config) if "longqlora" in k.lower()]:
+        delattr(config, key)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if key in vars(config):
+            delattr(config, key)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    original = params.get("original_max_position_embeddings")
+    if params.get("rope_type") == "linear" and original and original * params.get("factor", 1) == \
+            config.max_position_embeddings:
+        # Plain transformers warns about this key for linear scaling; max_position_embeddings / factor recovers it.
+        params.pop("original_max_position_embeddings")
+        config.rope_parameters = params
+    if config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    config.use_cache = True
+
+
+def _check_saved_config(folder: Path, target: int) -> dict:
+    saved = json.loads((folder / "config.json").read_text())
+    text = json.dumps(saved)
+    if "quantization_config" in saved or "longqlora" in text or saved.get("max_position_embeddings") != target:
+        raise RuntimeError(f"merge: the saved config.json is not a plain extended config: {text[:300]}")
+    return {"rope_parameters": saved.get("rope_parameters"), "max_position_embeddings": target}
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing output (--overwrite) is moved aside first."""
+    os.chmod(tmp, 0o755)
+    for path in tmp.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)  # mkdtemp and some writers make 0600/0700
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def merge(cfg: MergeConfig) -> dict:
+    """Merge `cfg.adapter` into its base and save a plain model to `cfg.output`; returns the report (also written
+    there as merge_report.json). Raises ValueError when the merged logits miss the tolerance."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longqlora.inference import load_for_inference
+    from longqlora.report import write_json_atomic
+
+    start = time.perf_counter()
+    paths = check_merge(cfg)
+    out, tolerance = paths["output"], cfg.resolved_tolerance
+    model, tokenizer, info = load_for_inference(str(paths["base"]), adapter=str(paths["adapter"]),
+                                                load_in_4bit=False, compute_dtype=cfg.dtype)
+    device = next(model.parameters()).device
+    ids = sample_ids(tokenizer, cfg.sample_tokens)
+    reference = logits_of(model, ids)
+    merged, replaced, lora_layers = fold_adapter(model)
+    merged_diff = float((reference - logits_of(merged, ids)).abs().max())
+    plain_config(merged)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del model, merged
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        saved_config = _check_saved_config(tmp, info["target_context"])
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype),
+                                                        device_map={"": device}).eval()
+        reloaded_logits = logits_of(reloaded, ids)
+        del reloaded
+        reloaded_diff = float((reference - reloaded_logits).abs().max())
+        scale = float(reference.abs().max()) or 1.0
+        worst = max(merged_diff, reloaded_diff)
+        report = {
+            "adapter": str(paths["adapter"]), "base": str(paths["base"]), "output": str(out), "dtype": cfg.dtype,
+            "original_context": info["original_context"], "target_context": info["target_context"],
+            "pi_factor": info["pi_factor"], **saved_config,
+            "modules_replaced": replaced, "lora_layers_merged": lora_layers,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "check": {
+                "sample_tokens": cfg.sample_tokens,
+                "metric": "max |merged - adapter logits| / max |adapter logits|, same dtype and base",
+                "max_abs_logit": scale,
+                "merged_max_abs_diff": merged_diff,
+                "reloaded_max_abs_diff": reloaded_diff,
+                "relative_diff": worst / scale,
+                "tolerance": tolerance,
+                "top1_agreement": float((reloaded_logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+                "passed": worst / scale <= tolerance,
+            },
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        if not report["check"]["passed"]:
+            raise ValueError(f"--tolerance {tolerance:g}: the merged model's logits differ from the adapter's by "
+                             f"{worst:.3g} ({worst / scale:.3g} relative); nothing written to {out}. Try --dtype "
+                             "float32, or a larger --tolerance if this difference is acceptable")
+        write_json_atomic(tmp / REPORT_FILE, report)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("merged %s into %s: %s, max |diff| %.3g (%.3g relative, tolerance %g)", paths["adapter"], out,
+                cfg.dtype, report["check"]["reloaded_max_abs_diff"], report["check"]["relative_diff"], tolerance)
+    return report
+
+
+def describe(report: dict) -> str:
+    """The lines `python -m longqlora merge` prints."""
+    check, replaced = report["check"], report["modules_replaced"]
+    return (f"merged {report['adapter']} into {report['base']} ({report['dtype']}, context "
+            f"{report['original_context']} -> {report['target_context']}, PI x{report['pi_factor']:.4g}): "
+            f"{report['lora_layers_merged']} LoRA layers, {len(replaced)} trained modules ({', '.join(replaced[:3])}"
+            f"{', ...' if len(replaced) > 3 else ''})\nwritten to {report['output']}\ncheck on "
+            f"{check['sample_tokens']} tokens, saved model reloaded: max |logit diff| "
+            f"{check['reloaded_max_abs_diff']:.3g} = {check['relative_diff']:.3g} of max |logit|, tolerance "
+            f"{check['tolerance']:g}: "
+            f"{'pass' if check['passed'] else 'FAIL'}")

@@ -1,0 +1,232 @@
+"""Merge: the merged model is a plain transformers model that gives the adapter model's logits; bad input is
+refused in one line before any weights load."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from longqlora.inference import load_for_inference
+from longqlora.merge import DEFAULT_TOLERANCE, REPORT_FILE, MergeConfig, logits_of, merge, sample_ids
+from longqlora.tiny import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trained_adapter(out: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("recipe_merge_extend", ROOT / "recipes" / "extend_7b_8k.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the Trainer pickles the recipe's Training into each checkpoint
+    spec.loader.exec_module(module)
+    from longqlora.cli import run_recipe
+
+    return Path(run_recipe(module.Model, module.Data, module.Training, argv=["--tiny", "--output_dir", str(out)]))
+
+
+@pytest.fixture(scope="session")
+def adapter(tmp_path_factory):
+    """A tiny trained adapter: base context 64, extended x4 to 256 with linear PI, trained on NF4."""
+    return trained_adapter(tmp_path_factory.mktemp("merge") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def merged(adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "f32"
+    return merge(MergeConfig(adapter=str(adapter), output=str(out), dtype="float32", sample_tokens=200)), out
+
+
+def adapter_logits(adapter, dtype="float32", n=200):
+    model, tokenizer, _ = load_for_inference(None, adapter=str(adapter), compute_dtype=dtype)
+    ids = sample_ids(tokenizer, n)
+    return ids, logits_of(model, ids)
+
+
+def relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_float32_merge_round_trip(adapter, merged):
+    report, out = merged
+    check = report["check"]
+    assert check["passed"] and check["tolerance"] == DEFAULT_TOLERANCE["float32"] == 1e-4
+    assert check["relative_diff"] <= 1e-4 and check["sample_tokens"] == 200
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+    assert report["modules_replaced"][0] == "model.embed_tokens" and report["lora_layers_merged"] == 8
+    # independently of merge(): the adapter model (16-bit path, same base) against the saved directory
+    ids, reference = adapter_logits(adapter)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert relative(logits_of(plain, ids), reference) <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", REPORT_FILE,
+                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_saved_config_is_plain_and_extended(merged):
+    _, out = merged
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+    assert config["max_position_embeddings"] == 256
+    assert "quantization_config" not in config and "longqlora" not in json.dumps(config)
+    assert config["use_cache"] is True
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
+    _, out = merged
+    ids, reference = adapter_logits(adapter)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys; sys.modules['longqlora'] = None  # any import of the toolkit would fail\n"
+        "import torch; from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): logits = model(ids).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not [m for m in sys.modules if m.startswith('longqlora') and sys.modules[m] is not None]\n"
+        "print(model.config._attn_implementation, type(model).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["sdpa", "LlamaForCausalLM"]
+    assert "Unrecognized keys" not in done.stderr  # the saved rope_parameters validate cleanly
+    assert relative(torch.load(tmp_path / "logits.pt"), reference) <= 1e-4
+
+
+def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):
+    _, out = merged
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as a, \
+            safe_open(str(out / "model.safetensors"), "pt") as m, \
+            safe_open(str(adapter / "tiny-base" / "model.safetensors"), "pt") as b:
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
+            trained = a.get_tensor(f"base_model.model.{name}")
+            assert torch.equal(m.get_tensor(name), trained), name
+            assert not torch.equal(b.get_tensor(name), trained), f"{name}: training did not change it"
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(m.get_tensor(q), b.get_tensor(q))  # the LoRA product was added
+
+
+def test_float16_merge(adapter, merged, tmp_path):
+    report = merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "f16"), dtype="float16",
+                               sample_tokens=200))
+    assert report["check"]["passed"] and report["check"]["tolerance"] == 2e-2
+    assert report["check"]["relative_diff"] <= 2e-2
+    with safe_open(str(tmp_path / "f16" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+    # the float16 model against the float32 merge: 16-bit rounding only
+    ids, reference = adapter_logits(adapter)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "f16", dtype=torch.float16).eval()
+    assert relative(logits_of(half, ids), reference) <= 2e-2
+
+
+def test_chat_template_is_saved(adapter, tmp_path):
+    """An SFT adapter's tokenizer carries the Vicuna template (train.py sets it); the merged model keeps it."""
+    from longqlora.chat_template import apply_vicuna_template
+
+    chat = tmp_path / "chat-adapter"
+    shutil.copytree(adapter, chat, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    apply_vicuna_template(tokenizer)
+    tokenizer.save_pretrained(chat)
+    report = merge(MergeConfig(adapter=str(chat), base=str(adapter / "tiny-base"), output=str(tmp_path / "m"),
+                               dtype="float32"))
+    assert report["chat_template"] and report["check"]["passed"]
+    assert tokenizer.chat_template and AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == \
+        tokenizer.chat_template
+
+
+def test_overwrite_replaces_and_a_failed_check_writes_nothing(adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    merge(MergeConfig(adapter=str(adapter), output=str(out), dtype="float32", overwrite=True))
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"^--tolerance 1e-12: the merged model's logits differ"):
+        merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "strict"), dtype="float32", tolerance=1e-12))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither output nor temporary folder
+
+
+def test_flags_parse():
+    (cfg,) = HfArgumentParser(MergeConfig).parse_args_into_dataclasses(
+        args=["--adapter", "a", "--output", "o", "--dtype", "bfloat16", "--overwrite", "--tolerance", "1e-3"])
+    assert (cfg.base, cfg.dtype, cfg.overwrite, cfg.resolved_tolerance, cfg.sample_tokens) == \
+        (None, "bfloat16", True, 1e-3, 64)
+    assert MergeConfig(adapter="a", output="o", dtype="bfloat16").resolved_tolerance == 5e-2
+    for kwargs, flag in (({"dtype": "int4"}, "--dtype"), ({"tolerance": 0.0}, "--tolerance"),
+                         ({"sample_tokens": 0}, "--sample_tokens")):
+        with pytest.raises(ValueError, match=f"^{flag} "):
+            MergeConfig(adapter="a", output="o", **kwargs)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", fail)
+    monkeypatch.setattr("peft.PeftModel.from_pretrained", fail)
+
+
+def refusal(adapter, tmp_path, case):
+    """(config kwargs, expected message start) for one refusal case."""
+    base = adapter / "tiny-base"
+    if case == "no adapter dir":
+        return {"adapter": str(tmp_path / "nope")}, f"--adapter {tmp_path / 'nope'}: not a PEFT adapter directory"
+    if case == "no adapter_config.json":
+        return {"adapter": str(base)}, f"--adapter {base}: not a PEFT adapter directory"
+    if case == "base missing":
+        return {"base": str(tmp_path / "gone")}, f"--base {tmp_path / 'gone'}: no model directory"
+    if case == "recorded base missing":
+        moved = tmp_path / "moved"
+        shutil.copytree(adapter, moved, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
+        config = json.loads((moved / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "gone")
+        (moved / "adapter_config.json").write_text(json.dumps(config))
+        return {"adapter": str(moved)}, f"--adapter {moved}: its recorded base {tmp_path / 'gone'}: no model directory"
+    if case == "output is base":
+        return {"output": str(base)}, f"--output {base}: is, contains or lies inside the base directory"
+    if case == "output inside base":
+        return {"output": str(base / "merged")}, f"--output {base / 'merged'}: is, contains or lies inside the base"
+    if case == "output contains adapter":
+        return {"output": str(adapter.parent), "overwrite": True}, \
+            f"--output {adapter.parent}: is, contains or lies inside the"
+    if case == "output not empty":
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_text("x")
+        return {"output": str(tmp_path / "full")}, f"--output {tmp_path / 'full'}: is not empty; pass --overwrite"
+    if case == "hidden mismatch":
+        other = save_tiny_model(tmp_path / "odd", shape="odd", max_position_embeddings=64)
+        return {"base": str(other)}, (f"--base {other}: the adapter was trained on {base} (hidden 128) but {other} "
+                                      "has hidden 192")
+    if case == "vocab mismatch":
+        other = save_tiny_model(tmp_path / "v384", shape="gqa", vocab_size=384, max_position_embeddings=64)
+        return {"base": str(other)}, f"--base {other}: the adapter was trained on {base} (vocab 320) but"
+    if case == "layer mismatch":
+        other = save_tiny_model(tmp_path / "l1", shape="gqa", max_position_embeddings=64, num_hidden_layers=1)
+        return {"base": str(other)}, f"--base {other}: the adapter has model.layers.1."
+    if case == "sample too long":
+        return {"sample_tokens": 300}, "--sample_tokens 300: longer than the adapter's context 256"
+    raise AssertionError(case)
+
+
+CASES = ["no adapter dir", "no adapter_config.json", "base missing", "recorded base missing", "output is base",
+         "output inside base", "output contains adapter", "output not empty", "hidden mismatch", "vocab mismatch",
+         "layer mismatch", "sample too long"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_refusals_are_one_line_before_weights_load(adapter, tmp_path, case, no_weights):
+    overrides, message = refusal(adapter, tmp_path, case)
+    kwargs = {"adapter": str(adapter), "output": str(tmp_path / "merged"), **overrides}
+    with pytest.raises(ValueError) as err:
+        merge(MergeConfig(**kwargs))
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "merged").exists()
