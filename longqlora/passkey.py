@@ -273,14 +273,11 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
 
 def plot_heatmap(cells, context_lengths, depths, path: Path, title: str) -> Path:
     """Accuracy by context length (x) and depth (y), each cell annotated; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longqlora.report import new_figure, save_figure
 
     grid = [[next(c["accuracy"] for c in cells if c["context_length"] == n and c["depth"] == d)
              for n in context_lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(context_lengths) + 2.5, 0.6 * len(depths) + 2))
+    fig, ax = new_figure(figsize=(1.2 * len(context_lengths) + 2.5, 0.6 * len(depths) + 2))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(grid):
         for j, acc in enumerate(row):
@@ -292,10 +289,4 @@ def plot_heatmap(cells, context_lengths, depths, path: Path, title: str) -> Path
     ax.set_ylabel("key depth (fraction of filler)")
     ax.set_title(f"passkey retrieval: {title}", fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

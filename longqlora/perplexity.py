@@ -219,19 +219,12 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
 
 
 def _plot(rows, path: Path, title: str) -> None:
-    import matplotlib
+    from longqlora.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     ax.plot([r["context_length"] for r in rows], [r["perplexity"] for r in rows], marker="o")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -190,12 +190,9 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
 
 
 def plot(results: dict, path: Path, short: int, long: int) -> None:
-    import matplotlib
+    from longqlora.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = new_figure(figsize=(7, 4.2))
     for label, r in results.items():
         xs = [(a + b) / 2 for a, b, _ in r["by_position"]]
         ax.plot(xs, [p for _, _, p in r["by_position"]], marker="o", label=label)
@@ -205,11 +202,7 @@ def plot(results: dict, path: Path, short: int, long: int) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(f"Extending a small Llama from {short} to {long} tokens")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
