@@ -32,6 +32,58 @@ def adapter_base(adapter) -> str:
     return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
 
 
+def adapter_shapes(adapter: Path) -> dict:
+    """Tensor name (without PEFT's prefix) -> shape, read from the safetensors header only."""
+    from safetensors import safe_open
+
+    file = adapter / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors; pass a directory saved by a recipe")
+    with safe_open(str(file), framework="pt") as f:
+        names = f.keys()
+        return {k.removeprefix("base_model.model."): tuple(f.get_slice(k).get_shape()) for k in names}
+
+
+def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recorded: str) -> None:
+    """One line when the adapter's tensors cannot belong to this base (`flag name`): hidden or vocab size, then
+    every tensor against the base's structure built on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = adapter_shapes(adapter)
+    hf_config = AutoConfig.from_pretrained(base)
+    hidden = vocab = None
+    for key, shape in shapes.items():
+        if key.endswith("embed_tokens.weight") and len(shape) == 2:
+            vocab, hidden = shape
+        elif hidden is None and key.endswith("norm.weight") and len(shape) == 1:
+            hidden = shape[0]
+    for what, theirs, ours in (("hidden", hidden, hf_config.hidden_size), ("vocab", vocab, hf_config.vocab_size)):
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"{flag} {name}: the adapter was trained on {recorded} ({what} {theirs}) but "
+                             f"{name} has {what} {ours}; pass the base it was trained on")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    for key, shape in shapes.items():
+        if ".lora_A." in key or ".lora_B." in key:  # Linear weight (out, in); lora_A (r, in), lora_B (out, r)
+            module, kind = key.split(".lora_")[0], key.split(".lora_")[1][0]
+            want = params.get(f"{module}.weight")
+            axis = 1 if kind == "A" else 0
+            got, expected = shape[axis], None if want is None else want[axis]
+        elif "lora_" in key:  # other adapter tensors (DoRA magnitudes, embedding LoRA) are PEFT's to check
+            continue
+        else:  # a trained full copy (embedding, norm)
+            want = params.get(key)
+            got, expected = shape, want
+        if want is None:
+            raise ValueError(f"{flag} {name}: the adapter has {key} but {name} has no such parameter; "
+                             f"pass the base it was trained on ({recorded})")
+        if got != expected:
+            raise ValueError(f"{flag} {name}: the adapter's {key} has shape {list(shape)} but {name} "
+                             f"has {list(want)}; pass the base it was trained on ({recorded})")
+
+
 def load_for_inference(model_path: str | None, *, adapter: str | None = None, load_in_4bit: bool = False,
                        compute_dtype: str = "auto", target_context: int | None = None,
                        trust_remote_code: bool = False):
@@ -52,6 +104,9 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
     expanded = os.path.expanduser(model_path)
     if not os.path.isdir(expanded):
         raise ValueError(f"--model {model_path}: no such directory; pass a local model directory")
+    if adapter:
+        check_adapter_fits(Path(os.path.expanduser(adapter)), Path(expanded), flag="--model", name=model_path,
+                           recorded=adapter_base(adapter) or model_path)
     if target_context is None:
         target_context = extension.get("target_context") or AutoConfig.from_pretrained(
             expanded, trust_remote_code=trust_remote_code).max_position_embeddings

@@ -80,60 +80,9 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _adapter_shapes(adapter: Path) -> dict:
-    """Tensor name (without PEFT's prefix) -> shape, read from the safetensors header only."""
-    from safetensors import safe_open
-
-    file = adapter / "adapter_model.safetensors"
-    if not file.is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors; pass a directory saved by a recipe")
-    with safe_open(str(file), framework="pt") as f:
-        names = f.keys()
-        return {k.removeprefix("base_model.model."): tuple(f.get_slice(k).get_shape()) for k in names}
-
-
-def _check_shapes(base_name: str, base: Path, recorded: str, shapes: dict) -> None:
-    """One line when the adapter's tensors cannot belong to this base: hidden or vocab size, then every tensor
-    against the base's structure built on the meta device (no weights read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_config = AutoConfig.from_pretrained(base)
-    hidden = vocab = None
-    for name, shape in shapes.items():
-        if name.endswith("embed_tokens.weight") and len(shape) == 2:
-            vocab, hidden = shape
-        elif hidden is None and name.endswith("norm.weight") and len(shape) == 1:
-            hidden = shape[0]
-    for what, theirs, ours in (("hidden", hidden, hf_config.hidden_size), ("vocab", vocab, hf_config.vocab_size)):
-        if theirs is not None and theirs != ours:
-            raise ValueError(f"--base {base_name}: the adapter was trained on {recorded} ({what} {theirs}) but "
-                             f"{base_name} has {what} {ours}; pass the base it was trained on")
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config)
-    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    for name, shape in shapes.items():
-        if ".lora_A." in name or ".lora_B." in name:  # Linear weight (out, in); lora_A (r, in), lora_B (out, r)
-            module, kind = name.split(".lora_")[0], name.split(".lora_")[1][0]
-            want = params.get(f"{module}.weight")
-            axis = 1 if kind == "A" else 0
-            got, expected = shape[axis], None if want is None else want[axis]
-        elif "lora_" in name:  # other adapter tensors (DoRA magnitudes, embedding LoRA) are PEFT's to check
-            continue
-        else:  # a trained full copy (embedding, norm)
-            want = params.get(name)
-            got, expected = shape, want
-        if want is None:
-            raise ValueError(f"--base {base_name}: the adapter has {name} but {base_name} has no such parameter; "
-                             f"pass the base it was trained on ({recorded})")
-        if got != expected:
-            raise ValueError(f"--base {base_name}: the adapter's {name} has shape {list(shape)} but {base_name} "
-                             f"has {list(want)}; pass the base it was trained on ({recorded})")
-
-
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
-    from longqlora.inference import adapter_base, read_extension
+    from longqlora.inference import adapter_base, check_adapter_fits, read_extension
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
     adapter = _path(cfg.adapter)
@@ -162,7 +111,7 @@ def check_merge(cfg: MergeConfig) -> dict:
     if target and cfg.sample_tokens > int(target):
         raise ValueError(f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; "
                          f"pass at most {target}")
-    _check_shapes(base_name, base, recorded or base_name, _adapter_shapes(adapter))
+    check_adapter_fits(adapter, base, flag="--base", name=base_name, recorded=recorded or base_name)
     return {"adapter": adapter, "base": base, "output": out, "extension": extension, "recorded_base": recorded}
 
 
