@@ -10,16 +10,14 @@ template and, with assistant_only_loss=True, trains only the replies) and `stats
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 from longqlora.chat_template import apply_vicuna_template
 from longqlora.data import check_output_dir, save_dataset_atomic
 from longqlora.instructions import InstructionDataConfig, length_report, load_conversations
-from longqlora.report import markdown_table
+from longqlora.cli import run_data_script
 
 
 @dataclass
@@ -42,16 +40,9 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((InstructionDataConfig, ScriptArguments), description=__doc__.split("\n")[0])
-    try:
-        cfg, args = parser.parse_args_into_dataclasses(args=argv)
-        stats = run(cfg, args)
-    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
-        sys.exit(f"error: {str(e).splitlines()[0]}")
-    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
-    print(f"wrote {stats['count_out']} conversations to {args.output_dir}; {stats['over_max_length']} exceed "
-          f"--max_length {args.max_length} (--overlong {cfg.overlong})")
+    run_data_script((InstructionDataConfig, ScriptArguments), run, lambda stats, cfg, args: (
+        f"wrote {stats['count_out']} conversations to {args.output_dir}; {stats['over_max_length']} exceed "
+        f"--max_length {args.max_length} (--overlong {cfg.overlong})"), __doc__, argv)
 
 
 if __name__ == "__main__":

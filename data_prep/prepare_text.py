@@ -2,7 +2,7 @@
 
     python data_prep/prepare_text.py --dataset data/pg19/train.jsonl --text_field text \
         --tokenizer meta-llama/Llama-2-7b-hf --output_dir data/pg19_llama2 --max_length 8192 \
-        --min_length 1024 --packing documents --num_proc 8
+        --min_length 1024 --pack documents --num_proc 8
 
 Writes to --output_dir a `save_to_disk` dataset with one `input_ids` column (each document followed by EOS, not
 truncated) and `stats.json` (documents, tokens, lengths, and the TRL packing strategy to train with), atomically.
@@ -10,15 +10,13 @@ truncated) and `stats.json` (documents, tokens, lengths, and the TRL packing str
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 from longqlora.data import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
                             tokenize_documents)
-from longqlora.report import markdown_table
+from longqlora.cli import run_data_script
 
 
 @dataclass
@@ -44,16 +42,9 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((TextDataConfig, ScriptArguments), description=__doc__.split("\n")[0])
-    try:
-        cfg, args = parser.parse_args_into_dataclasses(args=argv)
-        stats = run(cfg, args)
-    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
-        sys.exit(f"error: {str(e).splitlines()[0]}")
-    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
-    print(f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
-          f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})")
+    run_data_script((TextDataConfig, ScriptArguments), run, lambda stats, cfg, args: (
+        f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
+        f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})"), __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,24 @@ def main(argv=None) -> int:
         _fail(err)
 
 
+def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
+    """The data_prep scripts' command line: parse, `run(*configs) -> stats`, print the stats and `summary`."""
+    from transformers import HfArgumentParser
+
+    from longqlora.report import markdown_table
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(dataclass_types, description=doc.split("\n")[0])
+    try:
+        configs = parser.parse_args_into_dataclasses(args=argv)
+        stats = run(*configs)
+    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
+    print(summary(stats, *configs))
+    return stats
+
+
 def run_quickstart(config_cls, argv=None) -> dict | None:
     """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
     from trl import TrlParser

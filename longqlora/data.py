@@ -60,10 +60,6 @@ class TextDataConfig:
             bad("max_documents", self.max_documents, "must be at least 1, or left unset for all")
         check_num_proc(self.num_proc)
 
-    @property
-    def packing(self) -> str:
-        return self.pack
-
 
 def _select_text(ds: datasets.Dataset, src: Source, text_field: str) -> datasets.Dataset:
     """Only the text, as column `text`; a record without it is an error naming the record and its fields."""
