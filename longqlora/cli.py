@@ -101,10 +101,24 @@ def _merge(argv):
     return 0
 
 
+def _plan(argv):
+    import json
+
+    from transformers import HfArgumentParser
+
+    from longqlora.plan import PlanConfig, advise, load_config, render
+
+    (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
+    result = advise(load_config(cfg.model), cfg)
+    print(json.dumps(result, indent=2) if cfg.json else render(result))
+    return 0
+
+
 COMMANDS = {
     "merge": (_merge, "fold an adapter into its base: a plain model with the extended context"),
     "perplexity": (_perplexity, "sliding-window perplexity at several context lengths"),
     "passkey": (_passkey, "passkey retrieval accuracy by context length and key depth"),
+    "plan": (_plan, "predicted peak GPU memory of training, the longest context that fits, switches to turn on"),
     "chat": (_chat, "chat with a model: Vicuna turns, a --context_file document, streamed replies"),
 }
 

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig
 
 from longqlora import data as data_lib
-from longqlora import instructions
+from longqlora import instructions, memory
 from longqlora.inference import EXTENSION_FILE
 from longqlora.model import ModelConfig, check_model, load_model
 from longqlora.report import write_json_atomic
@@ -51,6 +51,28 @@ class TrainingConfig(SFTConfig):
     report_to: None | str | list[str] = "none"
     include_num_input_tokens_seen: str | bool = True  # "all"; the parser reads this union as a bool
     bf16: bool | None = False  # set from --compute_dtype (TRL would default it on, failing on machines without)
+    # Long-context memory switches (longqlora.memory); `python -m longqlora plan` shows what each one saves.
+    offload_activations: str = field(default="auto", metadata={
+        "help": "Checkpointed hidden states to pinned host memory, copied on a side stream (TRL's offloading): "
+                "auto (only tensors of at least --offload_min_tokens tokens, so short batches keep plain "
+                "checkpointing), on, or off."})
+    offload_min_tokens: int = field(default=8192, metadata={"help": "Smallest batch (tokens) whose checkpoints "
+                                                                     "--offload_activations auto moves to the host."})
+    chunked_loss: bool = field(default=True, metadata={"help": "TRL's fused LM head: the loss in tiles, never the "
+                                                                "(tokens x vocab) logits; false computes it from "
+                                                                "full fp32 logits (comparison only)."})
+    tiled_mlp: str = field(default="auto", metadata={"help": "Run the MLPs in sequence tiles of --tiled_mlp_tokens "
+                                                              "(one tile's intermediates at a time): auto (batches "
+                                                              "of 4 tiles or more), on, or off."})
+    tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        memory.offload_threshold_bytes(self.offload_activations, 1, 1, 1)  # raises naming the flag
+        memory.tiled_mlp_active(self.tiled_mlp, 0, 1)
+        for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
 
 
 @dataclass
@@ -131,7 +153,52 @@ def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
         + (" (mixed precision on the GPU)" if info["compute_dtype"] != "float32" else ""),
         f"output             {training.output_dir}",
     ]
+    plan = info.get("memory_plan")
+    if plan:
+        on = [k for k, v in plan["switches"].items() if v]
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in plan["parts_gib"].items())
+        fit = "" if plan.get("fits") is None else (" - fits this GPU" if plan["fits"] else
+                                                    f" - does NOT fit this GPU ({plan['device_gib']:.1f} GiB)")
+        lines.append(f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated + "
+                     f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'}){fit}")
     return "\n".join(lines)
+
+
+def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, info: dict) -> dict:
+    """The planner's prediction (longqlora.plan) for this run's switches, against this GPU when there is one."""
+    from longqlora.plan import PlanConfig, plan
+
+    tokens = training.per_device_train_batch_size * model_cfg.target_context
+    mode = training.offload_activations
+    cfg = PlanConfig(
+        model=model_cfg.model_name_or_path, context=model_cfg.target_context,
+        batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
+        lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
+        trainable_params=model_cfg.trainable_params, offload=mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens),
+        chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
+        tiled_mlp=memory.tiled_mlp_active(training.tiled_mlp, tokens, 4 * training.tiled_mlp_tokens),
+        compute_dtype=info["compute_dtype"], load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
+        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
+    return plan(hf_config, cfg)
+
+
+def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None:
+    """Switch on, for this trainer's model, what --offload_activations / --tiled_mlp ask for, and keep the residual
+    stream in the compute dtype (see memory.stream_in_compute_dtype)."""
+    model = trainer.model
+    dtype = getattr(torch, info["compute_dtype"])
+    memory.stream_in_compute_dtype(model, dtype)
+    hidden = model.config.get_text_config().hidden_size
+    threshold = memory.offload_threshold_bytes(training.offload_activations, training.offload_min_tokens, hidden,
+                                               dtype.itemsize)
+    # TRL builds its offloading context only from its own boolean flag; ours carries the size threshold.
+    trainer.maybe_activation_offload_context = memory.offload_context(model, threshold)
+    tiled = 0
+    if training.tiled_mlp != "off":
+        min_tokens = 0 if training.tiled_mlp == "on" else 4 * training.tiled_mlp_tokens
+        tiled = memory.enable_tiled_mlp(model, training.tiled_mlp_tokens, min_tokens)
+    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers",
+                training.offload_activations, threshold, training.chunked_loss, training.tiled_mlp, tiled)
 
 
 # --------------------------------------------------------------------------------------------------- callbacks
@@ -206,8 +273,10 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     """
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
-    _, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run)
+    hf_config, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code,
+                                  prefer_preset=run_cfg.dry_run)
     training = finalize_training(model_cfg, data_cfg, training, info)
+    info["memory_plan"] = memory_plan(hf_config, model_cfg, training, info)
     return model_cfg, data_cfg, training, info
 
 
@@ -215,13 +284,23 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
     """Load, train and save one recipe (already resolved); returns the adapter directory."""
     from trl import SFTTrainer
 
+    hf_config, checked = check_model(model_cfg, trust_remote_code=training.trust_remote_code)
+    plan = memory_plan(hf_config, model_cfg, training, checked)
+    if plan.get("fits") is False:
+        logger.warning("this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of "
+                       "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
+                       "parts and the switches that fit", plan["device_need_gib"], plan["device_gib"],
+                       model_cfg.model_name_or_path, model_cfg.target_context, plan["device_gib"])
     model, tokenizer, info = load_model(model_cfg, gradient_checkpointing=training.gradient_checkpointing,
                                         trust_remote_code=training.trust_remote_code)
+    info["memory_plan"] = plan
     logger.info("configuration:\n%s", describe(info, training, data_cfg))
     dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
     trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[ThroughputCallback()])
+                         callbacks=[ThroughputCallback()],
+                         compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
     trainable_to_fp32(trainer.model)
+    apply_memory_switches(trainer, training, info)
     resume = training.resume_from_checkpoint
     if resume in ("auto", "last", "True", "true"):
         from transformers.trainer_utils import get_last_checkpoint

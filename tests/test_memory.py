@@ -1,0 +1,220 @@
+"""Memory switches (longqlora.memory) give the plain path's loss and gradients; the benchmark's tiny mode runs."""
+
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longqlora import memory
+from longqlora.model import ModelConfig, load_model
+from longqlora.tiny import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("mem") / "gqa", shape="gqa")
+
+
+def adapted(path, **kw):
+    """The NF4 LoRA+ training model (S2-Attn, checkpointing), dropout off unless asked (deterministic grads)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_name_or_path=str(path), target_context=512, compute_dtype="float32",
+                      lora_dropout=kw.pop("lora_dropout", 0.0), **kw)
+    model, _, _ = load_model(cfg)
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    return model
+
+
+def step(model, ids, ctx=None, **kw):
+    """Loss and {name: grad} of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    with ctx or contextlib.nullcontext():
+        out = model(input_ids=ids, labels=ids, **kw)
+        out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, tol):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    assert torch.allclose(loss_a, loss_b, rtol=tol, atol=tol), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        scale = grads_a[name].abs().max().clamp(min=1e-12)
+        assert (grads_a[name] - grads_b[name]).abs().max() / scale < tol, name
+
+
+def test_tiled_mlp_same_loss_and_gradients(tiny_dir):
+    model = adapted(tiny_dir, lora_target="all-linear")
+    ids = torch.randint(3, 320, (2, 384))
+    plain = step(model, ids)
+    assert memory.enable_tiled_mlp(model, tile_tokens=100) == 2
+    tiled = step(model, ids)
+    assert_same(plain, tiled, 1e-5)  # fp32: the tiles change the summation order only
+    lora_mlp = [n for n in tiled[1] if "mlp" in n and "lora" in n]
+    assert lora_mlp and all(tiled[1][n].abs().sum() > 0 for n in lora_mlp)
+    memory.disable_tiled_mlp(model)
+    assert_same(plain, step(model, ids), 1e-6)
+
+
+def test_tiled_mlp_replays_dropout_masks(tiny_dir, monkeypatch):
+    """With LoRA dropout on the MLP, the backward's recomputed tiles must draw the forward's masks: the gradients
+    equal those of the same tiles run with ordinary autograd (same RNG draws, everything kept)."""
+    model = adapted(tiny_dir, lora_target="all-linear", lora_dropout=0.3)
+    memory.enable_tiled_mlp(model, tile_tokens=100)
+    ids = torch.randint(3, 320, (2, 384))
+    torch.manual_seed(1)
+    tiled = step(model, ids)
+    monkeypatch.setattr(memory._TiledMLPFunction, "apply",
+                        lambda x, run, tile, *params: torch.cat([run(p) for p in x.split(tile, dim=-2)], dim=-2))
+    torch.manual_seed(1)
+    reference = step(model, ids)
+    assert_same(reference, tiled, 1e-5)
+    torch.manual_seed(2)
+    assert not torch.allclose(step(model, ids)[0], tiled[0])  # dropout is really on
+
+
+def test_tiled_mlp_falls_back_below_its_threshold(tiny_dir, monkeypatch):
+    model = adapted(tiny_dir)
+    memory.enable_tiled_mlp(model, tile_tokens=64, min_tokens=10_000)
+    calls = []
+    monkeypatch.setattr(memory._TiledMLPFunction, "apply", lambda *a: calls.append(1))
+    step(model, torch.randint(3, 320, (1, 256)))  # 256 tokens < 10,000: the plain MLP runs
+    assert calls == []
+
+
+@pytest.fixture
+def cpu_offload(monkeypatch):
+    """TRL's offloading manager driven on a CPU (taken for the accelerator): every qualifying saved tensor is
+    copied to a separate host buffer and copied back for the backward, as it would be from a GPU."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)  # TRL calls it on every step
+    return lambda model, threshold: memory.offload_context(model, threshold, pin_memory=False, use_streams=False)
+
+
+def test_offload_same_loss_and_gradients(tiny_dir, cpu_offload):
+    model = adapted(tiny_dir)
+    ids = torch.randint(3, 320, (1, 512))
+    plain = step(model, ids)
+    manager = cpu_offload(model, memory.offload_threshold_bytes("on", 0, 0, 0))
+    moved = []
+    model.register_forward_hook(lambda *a: moved.append(memory.offloaded_bytes(manager)))
+    offloaded = step(model, ids, manager)
+    assert_same(plain, offloaded, 1e-6)
+    # at least every checkpointed layer input (2 layers x 512 tokens x 128 fp32) went to the host
+    assert moved[-1] >= 2 * 512 * 128 * 4
+
+
+def test_offload_auto_keeps_short_batches_on_the_device(tiny_dir, cpu_offload):
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = adapted(tiny_dir)
+    add_fused_lm_head(model.get_base_model())  # the training loss, as SFTTrainer sets it up
+    threshold = memory.offload_threshold_bytes("auto", 1024, 128, 4)  # batches of 1024+ tokens
+    assert threshold == 1024 * 128 * 4
+    manager = cpu_offload(model, threshold)
+    moved = []
+    model.register_forward_hook(lambda *a: moved.append(memory.offloaded_bytes(manager)))
+    step(model, torch.randint(3, 320, (1, 512)), manager, fused_lm_head=True)
+    assert moved[-1] == 0  # 512 tokens: plain checkpointing
+    step(model, torch.randint(3, 320, (1, 1024)), manager, fused_lm_head=True)
+    assert moved[-1] >= 2 * 1024 * 128 * 4
+
+
+def test_offload_is_a_null_context_without_an_accelerator(tiny_dir):
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("an accelerator is present")
+    model = adapted(tiny_dir)
+    assert isinstance(memory.offload_context(model, 1024), contextlib.nullcontext)
+    assert isinstance(memory.offload_context(model, None), contextlib.nullcontext)
+
+
+def test_chunked_loss_equals_the_plain_loss(tiny_dir):
+    """TRL's fused head (the default) against the loss from full logits: same loss and gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = adapted(tiny_dir)
+    ids = torch.randint(3, 320, (2, 256))
+    labels = ids.clone()
+    labels[:, :40] = -100
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids)
+    plain_loss = memory.plain_causal_lm_loss(out, labels)
+    plain_loss.backward()
+    plain = (plain_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    add_fused_lm_head(model.get_base_model())
+    model.zero_grad(set_to_none=True)
+    fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    fused.loss.backward()
+    chunked = (fused.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert_same(plain, chunked, 1e-4)
+
+
+def test_stream_runs_in_the_compute_dtype(tiny_dir):
+    """Trained fp32 embeddings would make every checkpointed hidden state fp32; the cast keeps them 16-bit."""
+    model = adapted(tiny_dir)
+    seen = []
+    layer = model.get_base_model().model.layers[0]
+    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    ids = torch.randint(3, 320, (1, 64))
+    model(input_ids=ids)
+    assert seen[-1] == torch.float32  # the trained embedding copy is fp32
+    handle = memory.stream_in_compute_dtype(model, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    assert seen[-1] == torch.bfloat16
+    handle.remove()
+    assert memory.stream_in_compute_dtype(model, torch.float32) is None
+
+
+@pytest.mark.parametrize("flag,value", [("offload_activations", "always"), ("tiled_mlp", "yes"),
+                                        ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)])
+def test_training_config_rejects_bad_switches(flag, value):
+    from longqlora.train import TrainingConfig
+
+    with pytest.raises(ValueError, match=f"--{flag}") as err:
+        TrainingConfig(output_dir="/tmp/x", **{flag: value})
+    assert "\n" not in str(err.value)
+
+
+def test_recipe_runs_with_every_switch(tmp_path):
+    """The tiny 7B recipe with offloading, the tiled MLP and the plain loss: trains, writes the adapter, and the
+    plan is in the extension record."""
+    import json
+
+    from longqlora.cli import run_recipe
+
+    spec = importlib.util.spec_from_file_location("extend_7b_8k_memory", ROOT / "recipes" / "extend_7b_8k.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # the Trainer pickles the recipe's TrainingConfig into checkpoints
+    spec.loader.exec_module(recipe)
+    out = run_recipe(recipe.Model, recipe.Data, recipe.Training,
+                     ["--tiny", "--output_dir", str(tmp_path), "--max_steps", "2", "--offload_activations", "on",
+                      "--tiled_mlp", "on", "--tiled_mlp_tokens", "96", "--chunked_loss", "false"])
+    record = json.loads((out / "longqlora_extension.json").read_text())
+    assert record["memory_plan"]["switches"] == {"offload": True, "chunked_loss": False, "tiled_mlp": True}
+    assert record["train"]["steps"] == 2 and record["train"]["final_loss"] > 0
+
+
+def test_memory_bench_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "memory.md"
+    bench.main(["--tiny", "--contexts", "128", "--variants", "ours", "baseline", "--steps", "2",
+                "--output", str(out)])
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 2 and "bench/memory.py --tiny" in text
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) > 0 and float(cells[5]) > 0  # peak GiB, tokens/s
