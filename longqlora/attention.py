@@ -10,6 +10,14 @@ and last shifted segments are half groups instead, as in LongLoRA's flash-attn v
 `enable_s2_attention` registers the op under the name "longqlora_s2" and switches a model to it: S2 while the
 model trains, and the model's own attention, bit for bit, in eval mode or with a KV cache (LongLoRA keeps full
 attention at inference). No transformers class is patched.
+
+Variants, for the ablations (bench/ablations.py, docs/ablations.md), all off by default:
+- `shift="rolled"`: LongLoRA's original implementation (§3.2: roll the shifted half by -G/2, attend in groups,
+  roll back), whose last group mixes the last G/2 tokens with the first G/2: those first tokens attend the future.
+- `sink_tokens=k`: attention sinks (SinkLoRA, arXiv 2406.05678): the first k tokens of each document are visible
+  to every later query of that document, in every head, whatever its group.
+- `full_heads=f`: the first round(f x H) query heads use full causal attention (within each document); S2's two
+  halves split the remaining heads.
 """
 
 from __future__ import annotations
@@ -26,16 +34,40 @@ from longqlora import hardware, s2_kernels
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "longqlora_s2"
+SHIFTS = ("leakfree", "rolled")
+_WHOLE = 1 << 62  # a "group size" no document reaches: segment_ids then numbers documents
+
+
+def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: float = 0.0) -> None:
+    """One-line ValueError naming the flag when an S2 variant setting is invalid."""
+    if shift not in SHIFTS:
+        raise ValueError(f"--s2_shift {shift!r}: must be one of {', '.join(SHIFTS)}")
+    if int(sink_tokens) != sink_tokens or sink_tokens < 0:
+        raise ValueError(f"--s2_sink_tokens {sink_tokens}: must be an integer >= 0")
+    if not 0 <= full_heads <= 1:
+        raise ValueError(f"--s2_full_heads {full_heads}: must be a fraction of the heads in [0, 1]")
+    if shift == "rolled" and sink_tokens:
+        raise ValueError("--s2_sink_tokens: combine sinks with the leak-free shift only (--s2_shift leakfree)")
+
+
+def head_split(h: int, full_heads: float) -> list[tuple[int, int, str]]:
+    """[(h0, h1, kind)]: kind "full", "plain" (unshifted S2) or "shifted"; the shifted half is the larger one."""
+    n_full = int(round(full_heads * h))
+    rest = n_full + (h - n_full) // 2
+    return [(0, n_full, "full"), (n_full, rest, "plain"), (rest, h, "shifted")]
 
 
 # --------------------------------------------------------------------------------------------------- the pure op
 def s2_attention(query, key, value, group_size: int, *, position_ids=None, attention_mask=None, scale=None,
-                 backend: str | None = None, dropout: float = 0.0) -> torch.Tensor:
+                 backend: str | None = None, dropout: float = 0.0, shift: str = "leakfree", sink_tokens: int = 0,
+                 full_heads: float = 0.0) -> torch.Tensor:
     """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
 
     position_ids: (B, N) or (1, N) token positions; where they restart, a new document begins.
     attention_mask: (B, N), 1 = real token, 0 = padding; padding keys are never attended and padded queries
     return zeros. backend: "sdpa", "flash_attn", "xformers", or None/"auto" for the fastest that runs here.
+    shift, sink_tokens, full_heads: the variants in the module docstring. Sinks and the rolled shift run on SDPA
+    whatever the backend; the rolled shift needs plain positions, no padding and N divisible by G.
     """
     b, h, n, d = query.shape
     if key.shape != value.shape or key.shape[0] != b or key.shape[2] != n or key.shape[3] != d:
@@ -49,33 +81,48 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
     backend = _pick_backend(backend, query)
     scale = d ** -0.5 if scale is None else scale
 
+    check_variant(shift, sink_tokens, full_heads)
     valid = None if attention_mask is None else attention_mask.to(device=query.device, dtype=torch.bool)
     if valid is not None and bool(valid.all()):
         valid = None
     positions = _packed_positions(position_ids, b, n, query.device)
+    if shift == "rolled" and (positions is not None or valid is not None):
+        raise ValueError("--s2_shift rolled: LongLoRA's roll knows no documents or padding; use --s2_shift leakfree")
     out_t = query.new_empty(b, n, h, d)  # (B, N, H, D): the layout transformers' o_proj reads
     out = out_t.transpose(1, 2)  # (B, H, N, D) view
     n_rep = h // h_kv
     # Right padding with plain positions needs no mask: causality already hides the later padding keys.
-    grouped = positions is None and (valid is None or _right_padded(valid))
-    for h0, h1, shift in ((0, h // 2, 0), (h // 2, h, group // 2)):
+    grouped = positions is None and (valid is None or _right_padded(valid)) and not sink_tokens
+    plain = torch.arange(n, device=query.device).expand(b, n)
+    mask = torch.ones(b, n, dtype=torch.bool, device=query.device) if valid is None else valid
+    for h0, h1, kind in head_split(h, full_heads):
         if h0 == h1:
             continue
         q = query[:, h0:h1]
-        if backend == "sdpa":
-            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=True)
-            if grouped:
-                s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=group, shift=shift, scale=scale,
-                                       dropout=dropout)
-                continue
-        else:
-            k, v, _ = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=False)
-        plain = torch.arange(n, device=query.device).expand(b, n)
-        seg = s2_kernels.segment_ids(plain if positions is None else positions, group, shift)
-        mask = torch.ones(b, n, dtype=torch.bool, device=query.device) if valid is None else valid
-        if backend == "sdpa":
-            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, seg, mask, gqa=gqa, group=group, scale=scale,
+        step = 0 if kind == "plain" else group // 2
+        span = _WHOLE if kind == "full" else group  # a full head is one segment per document
+        fused = backend == "sdpa" or (sink_tokens and kind != "full") or shift == "rolled"
+        k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=fused)
+        if kind == "shifted" and shift == "rolled":
+            s2_kernels.sdpa_rolled(out[:, h0:h1], q, k, v, gqa=gqa, group=group, scale=scale, dropout=dropout)
+            continue
+        if fused and (grouped or (kind == "full" and positions is None and valid is None)):
+            s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale,
                                    dropout=dropout)
+            continue
+        seg = s2_kernels.segment_ids(plain if positions is None else positions, span, step)  # (B, N)
+        if kind == "full" and fused:
+            same = (seg[:, :, None] == seg[:, None, :]) & mask[:, None, :]
+            s2_kernels.sdpa_dense(out[:, h0:h1], q, k, v, same.tril(), gqa=gqa, scale=scale, dropout=dropout)
+        elif fused:
+            doc = in_doc = None
+            if sink_tokens:
+                doc = s2_kernels.segment_ids(plain if positions is None else positions, _WHOLE, 0)  # (B, N)
+                first = torch.cat([doc.new_ones(b, 1, dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
+                starts = torch.where(first, plain, 0)  # (B, N) index of each document's first token, else 0
+                in_doc = plain - starts.cummax(1).values  # (B, N) index inside the document
+            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, seg, mask, gqa=gqa, group=group, scale=scale,
+                                   dropout=dropout, doc=doc, in_doc=in_doc, sinks=int(sink_tokens))
         else:
             module = hardware.flash_attn_module() if backend == "flash_attn" else hardware.xformers_ops()
             s2_kernels.varlen(out[:, h0:h1], q, k, v, seg, mask, backend=backend, module=module, scale=scale,
@@ -120,6 +167,9 @@ class S2Settings:
     backend: str | None
     base: str  # the model's own attention implementation, used in eval mode and with a KV cache
     use_cache: bool | None  # the config's use_cache before enabling, restored by disable
+    shift: str = "leakfree"  # the variants of s2_attention
+    sink_tokens: int = 0
+    full_heads: float = 0.0
 
 
 # The mask form the current forward needs, set by a pre-hook on the model: True = S2 (2-D padding mask),
@@ -129,7 +179,11 @@ _S2_MASKS = contextvars.ContextVar("longqlora_s2_masks", default=None)
 
 def _mask_function(*args, **kwargs):
     """Mask interface entry for "longqlora_s2": the 2-D padding mask for S2 forwards, else the base model's mask."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        flash_attention_mask,
+        sdpa_mask,
+    )
 
     s2, base = _S2_MASKS.get() or (False, "sdpa")
     if s2:
@@ -146,7 +200,8 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
     if module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]:
         out = s2_attention(query, key, value, settings.group_size, position_ids=kwargs.get("position_ids"),
                            attention_mask=_padding_mask(attention_mask), scale=scaling, backend=settings.backend,
-                           dropout=dropout)
+                           dropout=dropout, shift=settings.shift, sink_tokens=settings.sink_tokens,
+                           full_heads=settings.full_heads)
         return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.ndim == 2:
         raise RuntimeError("longqlora_s2: full attention got an S2 padding mask; call the model itself (its forward "
@@ -202,18 +257,20 @@ def _post_hook(module, args, kwargs, output):
         _S2_MASKS.reset(token)
 
 
-def enable_s2_attention(model, group_size: int, *, backend: str | None = None):
+def enable_s2_attention(model, group_size: int, *, backend: str | None = None, shift: str = "leakfree",
+                        sink_tokens: int = 0, full_heads: float = 0.0):
     """Switch `model` (a transformers decoder with RoPE, or a PEFT wrapper of one) to S2-Attn for training.
 
     S2 runs while `model.training` is true and no KV cache is used; otherwise the model's previous attention
     implementation runs unchanged. Sets `config.use_cache = False` (generation still caches), restored by
-    `disable_s2_attention`. Returns the model.
+    `disable_s2_attention`. shift, sink_tokens, full_heads: the variants in the module docstring. Returns the model.
     """
     from transformers import PreTrainedModel
 
     hf = _hf_model(model)
     if int(group_size) < 1:
         raise ValueError(f"--group_size must be a positive integer, got {group_size}")
+    check_variant(shift, sink_tokens, full_heads)
     if backend not in (None, "auto"):
         problem = hardware.backend_problem(backend)
         if problem:
@@ -231,7 +288,8 @@ def enable_s2_attention(model, group_size: int, *, backend: str | None = None):
     current = modules[0].__dict__.get("_longqlora_s2")
     base = current.base if current else config._attn_implementation
     use_cache = current.use_cache if current else getattr(config, "use_cache", None)
-    settings = S2Settings(group_size=int(group_size), backend=backend, base=base, use_cache=use_cache)
+    settings = S2Settings(group_size=int(group_size), backend=backend, base=base, use_cache=use_cache, shift=shift,
+                          sink_tokens=int(sink_tokens), full_heads=float(full_heads))
     _register()
     for m in modules:
         m._longqlora_s2 = settings
@@ -243,8 +301,9 @@ def enable_s2_attention(model, group_size: int, *, backend: str | None = None):
                                          m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     hf.set_attn_implementation(IMPLEMENTATION)
     config.use_cache = False
-    logger.info("S2-Attn on: group size %d, backend %s, full attention (%s) in eval mode", settings.group_size,
-                backend or "auto", base)
+    logger.info("S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads; full attention "
+                "(%s) in eval mode", settings.group_size, backend or "auto", shift, settings.sink_tokens,
+                100 * settings.full_heads, base)
     return model
 
 

@@ -43,6 +43,13 @@ class ModelConfig:
                                                                 "context, in (0, 1] (LongLoRA §3.2 uses 1/4)."})
     s2_attention: bool = field(default=True, metadata={"help": "Train with shifted sparse attention; false trains "
                                                                 "with full attention (ablation)."})
+    s2_shift: str = field(default="leakfree", metadata={"help": "S2-Attn shift: leakfree (ours: half groups at "
+                                                                 "the ends) or rolled (LongLoRA's original roll, "
+                                                                 "which wraps around; ablation)."})
+    s2_sink_tokens: int = field(default=0, metadata={"help": "S2-Attn attention sinks (SinkLoRA): the first N "
+                                                              "tokens of each document visible to every query."})
+    s2_full_heads: float = field(default=0.0, metadata={"help": "Share of attention heads in full causal attention "
+                                                                 "during S2 training, in [0, 1]."})
     attn_backend: str = field(default="auto", metadata={"help": "Attention kernel: auto, sdpa, flash_attn or "
                                                                  "xformers."})
     load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the frozen base to 4-bit NF4 with double "
@@ -69,6 +76,14 @@ class ModelConfig:
             bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
+        if self.s2_shift not in ("leakfree", "rolled"):
+            bad("s2_shift", self.s2_shift, "must be leakfree or rolled")
+        if self.s2_sink_tokens < 0:
+            bad("s2_sink_tokens", self.s2_sink_tokens, "must be >= 0")
+        if not 0 <= self.s2_full_heads <= 1:
+            bad("s2_full_heads", self.s2_full_heads, "must be a share of the heads in [0, 1]")
+        if self.s2_shift == "rolled" and self.s2_sink_tokens:
+            bad("s2_sink_tokens", self.s2_sink_tokens, "sinks combine with --s2_shift leakfree only")
         if self.lora_r < 1:
             bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
         if not 0 <= self.lora_dropout < 1:
@@ -331,7 +346,8 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True, trust_r
     if cfg.s2_attention:
         from longqlora.attention import enable_s2_attention
 
-        enable_s2_attention(model, cfg.group_size, backend=cfg.attn_backend)
+        enable_s2_attention(model, cfg.group_size, backend=cfg.attn_backend, shift=cfg.s2_shift,
+                            sink_tokens=cfg.s2_sink_tokens, full_heads=cfg.s2_full_heads)
     trainable, total = count_trainable(model)
     info.update(trainable_params=trainable, total_params=total, modules_to_save=lora.modules_to_save)
     logger.info("trainable parameters: %d of %d (%.2f%%): LoRA r=%d on %s, full %s", trainable, total,

@@ -69,24 +69,30 @@ class QuickstartConfig:
 
 
 # -------------------------------------------------------------------------------------------------- pre-training
-def _base_key(cfg: QuickstartConfig) -> str:
+def _base_key(cfg: QuickstartConfig, books: list[str] | None = None) -> str:
     fields = ("short_context", "vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads",
               "pretrain_steps", "pretrain_lr", "seed")
-    return hashlib.sha256(json.dumps([getattr(cfg, f) for f in fields]).encode()).hexdigest()[:16]
+    key = [getattr(cfg, f) for f in fields] + ([books] if books is not None else [])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def pretrain_base(cfg: QuickstartConfig) -> Path:
-    """A small Llama trained from scratch at the short context; reused when its settings match."""
+def pretrain_base(cfg: QuickstartConfig, texts: dict[str, str] | None = None) -> Path:
+    """A small Llama trained from scratch at the short context; reused when its settings match.
+
+    `texts` (name -> text) replaces the five training novels (the ablations add most of the KJV); `cfg` needs the
+    fields of `_base_key` and `output_dir`.
+    """
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from longqlora.tiny import tiny_llama_config, train_tokenizer
 
-    out = Path(cfg.output_dir) / f"base-{_base_key(cfg)}"
+    names = list(texts) if texts is not None else TRAIN_BOOKS
+    out = Path(cfg.output_dir) / f"base-{_base_key(cfg, None if texts is None else names)}"
     if (out / "pretrain.json").exists():
         logger.info("reusing the pre-trained base in %s", out)
         return out
-    texts = [corpora.book(name) for name in TRAIN_BOOKS]
+    texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     config = tiny_llama_config("gqa", vocab_size=cfg.vocab_size, max_position_embeddings=cfg.short_context,
                                hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
@@ -110,7 +116,7 @@ def pretrain_base(cfg: QuickstartConfig) -> Path:
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "pretrain.json", {"steps": cfg.pretrain_steps, "final_loss": result.training_loss,
                                               "seconds": time.perf_counter() - started,
-                                              "parameters": model.num_parameters(), "books": TRAIN_BOOKS})
+                                              "parameters": model.num_parameters(), "books": names})
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)

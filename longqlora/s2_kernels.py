@@ -7,6 +7,10 @@ Every function here computes one *head half* (heads that share one shift) and wr
   sequences for one causal SDPA call. No mask is built: nothing here is quadratic in N.
 - `sdpa_banded`: any positions (packed documents) and any padding. Queries go in blocks of G; each block sees a
   window of the 2G keys before its end, with a (blocks, G, 2G) boolean mask: O(N*G) memory, never N x N.
+- `sdpa_rolled`: LongLoRA's original shift (§3.2, "shift short attention"): the head half is rolled by -G/2 along
+  the sequence, attends causally in groups of G and is rolled back, so its last group joins the last G/2 tokens with
+  the first G/2 (the wrap-around; kept for comparison only).
+- `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with packed or padded rows.
 - `varlen`: flash-attn's varlen kernel or xformers' block-diagonal causal bias over the unpadded token stream, each
   segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens).
 """
@@ -76,12 +80,18 @@ def segment_ids(positions: torch.Tensor, group: int, shift: int) -> torch.Tensor
 
 
 def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bool, group: int, scale,
-                dropout: float) -> None:
+                dropout: float, doc: torch.Tensor | None = None, in_doc: torch.Tensor | None = None,
+                sinks: int = 0) -> None:
     """Exact S2 for arbitrary segments: query blocks of G against the 2G keys ending with the block.
 
     `seg`, `valid`: (B, N). A key is visible iff it is valid, not in the future and in the query's segment; segments
     span at most G consecutive tokens, so the window holds every visible key. Padded queries see only themselves
     (finite, and zeroed by the caller).
+
+    Attention sinks (SinkLoRA, arXiv 2406.05678): with `sinks` = k > 0, a key whose index inside its document
+    (`in_doc`, (B, N)) is below k is visible to every later query of the same document (`doc`, (B, N)) whatever
+    its segment. Inside the window that widens the mask; before the window only the document holding the window's
+    first key can still have queries in the block, so its first k tokens are gathered as k extra keys per block.
     """
     b, h, n, d = q.shape
     n_blocks = -(-n // group)
@@ -92,19 +102,64 @@ def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bo
         x = x.unfold(2, 2 * group, group).transpose(-1, -2)  # (B, hx, blocks, 2G, D)
         return x.transpose(1, 2).reshape(b * n_blocks, x.shape[1], 2 * group, d)
 
+    def key_windows(x, fill):  # (B, N) -> (B, blocks, 1, 2G)
+        return F.pad(x, (group, pad_end), value=fill).unfold(1, 2 * group, group).unsqueeze(2)
+
+    def query_blocks(x, fill):  # (B, N) -> (B, blocks, G, 1)
+        return F.pad(x, (0, pad_end), value=fill).view(b, n_blocks, group, 1)
+
     index = torch.arange(n_blocks * group + group, device=q.device)
-    seg_p = F.pad(seg, (group, pad_end), value=-1)
-    valid_p = F.pad(valid, (group, pad_end), value=False)
     q_idx = index[group:].view(n_blocks, group, 1)  # padded-index of each query
     k_idx = index.unfold(0, 2 * group, group).unsqueeze(1)  # (blocks, 1, 2G)
-    q_seg = seg_p[:, group:].view(b, n_blocks, group, 1)
-    k_seg = seg_p.unfold(1, 2 * group, group).unsqueeze(2)  # (B, blocks, 1, 2G)
-    k_valid = valid_p.unfold(1, 2 * group, group).unsqueeze(2)
-    mask = ((q_seg == k_seg) & k_valid & (k_idx <= q_idx)) | (k_idx == q_idx)  # (B, blocks, G, 2G)
+    visible = query_blocks(seg, -1) == key_windows(seg, -1)  # (B, blocks, G, 2G)
+    keys, values = windows(k), windows(v)
+    if sinks:
+        same_doc = query_blocks(doc, -1) == key_windows(doc, -2)
+        visible = visible | (same_doc & (key_windows(in_doc, sinks) < sinks))
+    mask = (visible & key_windows(valid, False) & (k_idx <= q_idx)) | (k_idx == q_idx)
+    if sinks:  # the first k tokens of the document that holds each window's first key, when they lie before it
+        first = (torch.arange(n_blocks, device=q.device) * group - group).clamp(min=0)  # (blocks,)
+        start = (first - in_doc[:, first]).unsqueeze(-1)  # (B, blocks, 1): where that document begins
+        s_idx = start + torch.arange(sinks, device=q.device)  # (B, blocks, k)
+        before = (s_idx < (torch.arange(n_blocks, device=q.device) * group - group).view(1, n_blocks, 1))
+        s_idx = s_idx.clamp(max=n - 1)
+        s_doc, s_valid = doc.gather(1, s_idx.flatten(1)), valid.gather(1, s_idx.flatten(1))
+        ok = before & (s_doc.view_as(s_idx) == doc[:, first].unsqueeze(-1)) & s_valid.view_as(s_idx)
+        ext_mask = ok.unsqueeze(2) & (query_blocks(doc, -1) == doc[:, first].view(b, n_blocks, 1, 1))
+        mask = torch.cat([ext_mask, mask.expand(b, -1, -1, -1)], dim=-1)  # (B, blocks, G, k + 2G)
+
+        def gathered(x):  # (B, hx, N, D) -> (B * blocks, hx, k, D)
+            g = x.gather(2, s_idx.flatten(1)[:, None, :, None].expand(-1, x.shape[1], -1, d))
+            return g.unflatten(2, (n_blocks, sinks)).transpose(1, 2).reshape(b * n_blocks, x.shape[1], sinks, d)
+
+        keys, values = torch.cat([gathered(k), keys], dim=2), torch.cat([gathered(v), values], dim=2)
     qb = F.pad(q, (0, 0, 0, pad_end)).unflatten(2, (n_blocks, group)).transpose(1, 2).reshape(b * n_blocks, h, group, d)
-    o = _sdpa(qb, windows(k), windows(v), gqa=gqa, scale=scale, dropout=dropout,
-              mask=mask.reshape(b * n_blocks, 1, group, 2 * group))
+    o = _sdpa(qb, keys, values, gqa=gqa, scale=scale, dropout=dropout,
+              mask=mask.expand(b, -1, -1, -1).reshape(b * n_blocks, 1, group, mask.shape[-1]))
     out.copy_(o.unflatten(0, (b, n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, :n])
+
+
+def sdpa_rolled(out, q, k, v, *, gqa: bool, group: int, scale, dropout: float) -> None:
+    """LongLoRA's rolled shift: roll by -G/2 along N, causal attention in groups of G, roll back by +G/2.
+
+    Needs N % G == 0 (as LongLoRA does). The tokens rolled to the end (the first G/2) share the last group with the
+    last G/2 tokens, come after them in rolled order and therefore attend them: the future leaks into the start.
+    """
+    n = q.shape[2]
+    if n % group:
+        raise ValueError(f"--s2_shift rolled needs a sequence length divisible by the group size {group}, got {n}")
+    shift = group // 2
+    rolled = q.new_empty(q.shape)
+    sdpa_groups(rolled, q.roll(-shift, 2), k.roll(-shift, 2), v.roll(-shift, 2), gqa=gqa, group=group, shift=0,
+                scale=scale, dropout=dropout)
+    out.copy_(rolled.roll(shift, 2))
+
+
+def sdpa_dense(out, q, k, v, allowed: torch.Tensor, *, gqa: bool, scale, dropout: float) -> None:
+    """Attention under an explicit (B, N, N) boolean mask (each query also sees itself, so padded rows stay finite)."""
+    n = q.shape[2]
+    mask = allowed | torch.eye(n, dtype=torch.bool, device=q.device)
+    out.copy_(_sdpa(q, k, v, gqa=gqa, scale=scale, dropout=dropout, mask=mask.unsqueeze(1)))
 
 
 def varlen(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, backend: str, module, scale,

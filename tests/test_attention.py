@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from longqlora import hardware
-from longqlora.attention import s2_attention
+from longqlora.attention import head_split, s2_attention
 
 
 def reference_s2(q, k, v, group, position_ids=None, attention_mask=None):
@@ -197,3 +197,175 @@ def test_gpu_auto_backend_equals_forced_sdpa():
     auto = s2_attention(q, k, v, 512)
     sdpa = s2_attention(q, k, v, 512, backend="sdpa")
     assert (auto.float() - sdpa.float()).norm() / sdpa.float().norm() < 1e-2
+
+
+# ------------------------------------------------------------------ variants: rolled shift, sinks, full heads
+def variant_mask(b, h, n, group, position_ids=None, attention_mask=None, shift="leakfree", sinks=0, full_heads=0.0):
+    """(B, H, N, N) boolean mask written from the definitions (LongLoRA §3.2, SinkLoRA), one head at a time."""
+    pos = torch.arange(n).expand(b, n) if position_ids is None else position_ids.expand(b, n)
+    doc = torch.zeros(b, n, dtype=torch.long)
+    doc[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).long().cumsum(1)
+    idx = torch.arange(n)
+    in_doc = torch.stack([torch.stack([(doc[r, :i + 1] == doc[r, i]).sum() - 1 for i in range(n)]) for r in range(b)])
+    valid = torch.ones(b, n, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    causal = idx[None, :, None] >= idx[None, None, :]
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    masks = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for h0, h1, kind in head_split(h, full_heads):
+        for head in range(h0, h1):
+            if kind == "full":
+                allowed = same_doc & causal
+            elif kind == "shifted" and shift == "rolled":  # rolled index r = (i - G/2) mod N, causal in r
+                r = (idx - group // 2) % n
+                allowed = ((r[:, None] // group == r[None, :] // group) & (r[:, None] >= r[None, :])).expand(b, n, n)
+            else:
+                seg = torch.div(pos + (group // 2 if kind == "shifted" else 0), group, rounding_mode="floor")
+                allowed = (seg[:, :, None] == seg[:, None, :]) & same_doc & causal
+                allowed = allowed | ((in_doc[:, None, :] < sinks) & same_doc & causal)
+            masks[:, head] = allowed & valid[:, None, :]
+    return masks
+
+
+def reference_masked(q, k, v, masks, attention_mask=None):
+    b, h, n, d = q.shape
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    scores = (q.double() @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~masks, float("-inf"))
+    out = torch.nan_to_num(scores.softmax(-1)) @ v
+    return out if attention_mask is None else out * attention_mask.bool()[:, None, :, None]
+
+
+def rolled_direct(q, k, v, group):
+    """LongLoRA's roll written out directly: shifted heads rolled, attention per group of G, rolled back."""
+    b, h, n, d = q.shape
+    k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
+    out = torch.empty_like(q)
+    for head in range(h):
+        s = group // 2 if head >= h // 2 else 0
+        qh, kh, vh = (x[:, head].roll(-s, 1) for x in (q, k, v))
+        for g0 in range(0, n, group):
+            o = F.scaled_dot_product_attention(qh[:, None, g0:g0 + group], kh[:, None, g0:g0 + group],
+                                               vh[:, None, g0:g0 + group], is_causal=True)
+            out[:, head, g0:g0 + group] = o[:, 0]
+        out[:, head] = out[:, head].roll(s, 1)
+    return out
+
+
+VARIANTS = [dict(shift="rolled"), dict(sinks=1), dict(sinks=4), dict(full_heads=0.25), dict(full_heads=0.5),
+            dict(sinks=3, full_heads=0.34), dict(full_heads=1.0)]
+
+
+def call(q, k, v, group, variant, **kw):
+    return s2_attention(q, k, v, group, shift=variant.get("shift", "leakfree"), sink_tokens=variant.get("sinks", 0),
+                        full_heads=variant.get("full_heads", 0.0), **kw)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("h,h_kv", [(4, 2), (3, 1), (9, 3), (8, 1)])
+@pytest.mark.parametrize("n,group", [(32, 8), (48, 16), (24, 6)])
+def test_variants_match_masked_reference_plain(variant, h, h_kv, n, group):
+    q, k, v = rand_qkv(2, h, h_kv, n, dtype=torch.float32, seed=7)
+    want = reference_masked(q, k, v, variant_mask(2, h, n, group, shift=variant.get("shift", "leakfree"),
+                                                  sinks=variant.get("sinks", 0),
+                                                  full_heads=variant.get("full_heads", 0.0)))
+    assert (call(q, k, v, group, variant).double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "shift" not in v])
+@pytest.mark.parametrize("h,h_kv", [(4, 2), (3, 1), (9, 3)])
+@pytest.mark.parametrize("lengths,group", [((10, 20, 7), 8), ((3, 3, 3, 30), 6), ((1, 40, 5), 5)])
+@pytest.mark.parametrize("padding", [None, "right", "holes"])
+def test_variants_match_masked_reference_packed_and_padded(variant, h, h_kv, lengths, group, padding):
+    n = sum(lengths)
+    q, k, v = rand_qkv(3, h, h_kv, n, dtype=torch.float32, seed=8)
+    pos = packed_positions(lengths)
+    mask = None if padding is None else padding_masks(n)[padding]
+    masks = variant_mask(3, h, n, group, pos, mask, sinks=variant.get("sinks", 0),
+                         full_heads=variant.get("full_heads", 0.0))
+    got = call(q, k, v, group, variant, position_ids=pos, attention_mask=mask)
+    assert (got.double() - reference_masked(q, k, v, masks, mask)).abs().max() < 1e-5
+
+
+def test_rolled_matches_longlora_roll_and_defaults_are_unchanged():
+    q, k, v = rand_qkv(2, 4, 2, 64, dtype=torch.float32, seed=9)
+    assert (s2_attention(q, k, v, 16, shift="rolled") - rolled_direct(q, k, v, 16)).abs().max() < 1e-5
+    # the defaults are the leak-free S2 of reference_s2, bit for bit the same call as before the variants existed
+    assert torch.equal(s2_attention(q, k, v, 16), s2_attention(q, k, v, 16, shift="leakfree", sink_tokens=0,
+                                                               full_heads=0.0))
+
+
+def test_rolled_leaks_the_future_and_leakfree_does_not():
+    """Perturb only the last G/2 tokens: the rolled variant changes the shifted heads' first G/2 outputs."""
+    n, group = 64, 16
+    q, k, v = rand_qkv(1, 2, 2, n, dtype=torch.float32, seed=10)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -group // 2:] += 10.0
+    v2[:, :, -group // 2:] *= -5.0
+    for shift, leaks in (("rolled", True), ("leakfree", False)):
+        before, after = s2_attention(q, k, v, group, shift=shift), s2_attention(q, k2, v2, group, shift=shift)
+        changed = (after[:, 1, :group // 2] - before[:, 1, :group // 2]).abs().max()
+        assert bool(changed > 1e-3) is leaks, shift
+        assert torch.equal(after[:, 0, :n - group // 2], before[:, 0, :n - group // 2])  # unshifted heads: causal
+
+
+@pytest.mark.parametrize("variant", [dict(sinks=4), dict(full_heads=0.5), dict(sinks=2, full_heads=0.25)])
+def test_variants_causal_by_perturbation(variant):
+    q, k, v = rand_qkv(1, 4, 2, 64, dtype=torch.float32)
+    base = call(q, k, v, 16, variant)
+    for t in (3, 31, 50):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, t:] += 3.0
+        k2[:, :, t:] -= 2.0
+        v2[:, :, t:] *= -5.0
+        after = call(q2, k2, v2, 16, variant)
+        assert torch.equal(after[:, :, :t], base[:, :, :t])
+        assert not torch.allclose(after[:, :, t:], base[:, :, t:])
+
+
+def test_sinks_reach_every_group_and_full_heads_see_everything():
+    n, group = 64, 16
+    q, k, v = rand_qkv(1, 4, 4, n, dtype=torch.float32, seed=11)
+    v2 = v.clone()
+    v2[:, :, 2] += 10.0  # token 2: a sink for k=4, not for k=2
+    far = slice(3 * group, n)  # queries three groups later
+    for sinks, reaches in ((4, True), (2, False), (0, False)):
+        diff = (s2_attention(q, k, v2, group, sink_tokens=sinks) - s2_attention(q, k, v, group, sink_tokens=sinks))
+        assert bool(diff[:, :, far].abs().min() > 1e-4) is reaches if reaches else diff[:, :, far].abs().max() == 0
+    diff = s2_attention(q, k, v2, group, full_heads=0.5) - s2_attention(q, k, v, group, full_heads=0.5)
+    assert diff[:, :2, far].abs().min() > 1e-4 and diff[:, 2:, far].abs().max() == 0
+
+
+@pytest.mark.parametrize("variant", [dict(sinks=3), dict(full_heads=0.25)])
+def test_variant_fast_path_equals_forced_fallback(variant):
+    """Offsetting positions by a multiple of G keeps segments and documents but forces the general path."""
+    q, k, v = rand_qkv(2, 4, 2, 40, dtype=torch.float32, seed=12)
+    fast = call(q, k, v, 8, variant)
+    general = call(q, k, v, 8, variant, position_ids=torch.arange(40).unsqueeze(0) + 16)
+    torch.testing.assert_close(general, fast, atol=1e-6, rtol=1e-5)
+
+
+def test_variant_gradients_match_reference():
+    q, k, v = (t.requires_grad_() for t in rand_qkv(1, 3, 1, 24, seed=13))
+    masks = variant_mask(1, 3, 24, 6, sinks=2, full_heads=0.34)
+    offset = torch.arange(24)[None] + 6  # the general (banded / dense) paths
+    s2_attention(q, k, v, 6, sink_tokens=2, full_heads=0.34, position_ids=offset).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference_masked(q, k, v, masks).square().sum().backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_bad_variant_arguments():
+    q, k, v = rand_qkv(1, 4, 2, 32)
+    with pytest.raises(ValueError, match="--s2_shift"):
+        s2_attention(q, k, v, 8, shift="wrap")
+    with pytest.raises(ValueError, match="--s2_sink_tokens -1"):
+        s2_attention(q, k, v, 8, sink_tokens=-1)
+    with pytest.raises(ValueError, match="--s2_full_heads 1.5"):
+        s2_attention(q, k, v, 8, full_heads=1.5)
+    with pytest.raises(ValueError, match="--s2_shift rolled"):
+        s2_attention(q, k, v, 8, shift="rolled", position_ids=packed_positions((10, 22)))
+    with pytest.raises(ValueError, match="divisible"):
+        s2_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], 8, shift="rolled")

@@ -3,9 +3,20 @@ in eval mode and with a KV cache, packed and padded batches, reversible."""
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from longqlora.attention import IMPLEMENTATION, disable_s2_attention, enable_s2_attention, s2_enabled
+from longqlora.attention import (
+    IMPLEMENTATION,
+    disable_s2_attention,
+    enable_s2_attention,
+    s2_enabled,
+)
 from longqlora.tiny import tiny_llama_config
 
 SMALL = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -181,3 +192,59 @@ def test_rejects_models_without_rope():
         enable_s2_attention(model, 16)
     with pytest.raises(ValueError, match="group_size"):
         enable_s2_attention(make_model("llama-gqa"), 0)
+
+
+# ------------------------------------------------------------------------------ S2 variants on a real decoder
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama-odd"])
+def test_variants_train_as_configured_and_eval_stays_full(arch):
+    """Token 0 perturbed, 2 layers, G=16: plain S2 cannot reach position >= 24; a sink or a full head can."""
+    x = ids(1, 64)
+    x2 = x.clone()
+    x2[0, 0] = (x[0, 0] + 1) % 320
+    reach = {}
+    for name, kwargs in (("plain", {}), ("sinks", dict(sink_tokens=1)), ("full", dict(full_heads=0.34))):
+        model = make_model(arch)
+        enable_s2_attention(model, 16, **kwargs)
+        model.train()
+        with torch.no_grad():
+            reach[name] = (model(x).logits[:, 24:] - model(x2).logits[:, 24:]).abs().max().item()
+            model.eval()
+            ref = make_model(arch).eval()
+            assert torch.equal(model(x).logits, ref(x).logits)  # eval mode: the model's own attention
+    assert reach["plain"] == 0 and reach["sinks"] > 1e-4 and reach["full"] > 1e-4
+
+
+def test_rolled_shift_leaks_the_future_in_a_model_and_leakfree_does_not():
+    x = ids(1, 64)
+    x2 = x.clone()
+    x2[0, -1] = (x[0, -1] + 1) % 320  # change only the last token
+    for shift, leaks in (("rolled", True), ("leakfree", False)):
+        model = make_model("llama-gqa")
+        enable_s2_attention(model, 16, shift=shift)
+        model.train()
+        with torch.no_grad():
+            change = (model(x).logits[:, :8] - model(x2).logits[:, :8]).abs().max().item()
+        assert (change > 1e-5) is leaks, shift
+
+
+def test_all_heads_full_equals_full_attention():
+    ref, model = make_model("llama-gqa"), make_model("llama-gqa")
+    enable_s2_attention(model, 16, full_heads=1.0)
+    ref.train(), model.train()
+    x = ids(2, 64)
+    torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_model_config_validates_the_variant_flags():
+    from longqlora.model import ModelConfig
+
+    ok = ModelConfig(model_name_or_path="m", target_context=512, s2_sink_tokens=4, s2_full_heads=0.25)
+    assert (ok.s2_shift, ok.s2_sink_tokens, ok.s2_full_heads) == ("leakfree", 4, 0.25)
+    for kwargs, message in ((dict(s2_sink_tokens=-1), "--s2_sink_tokens -1: must be >= 0"),
+                            (dict(s2_full_heads=2.0), "--s2_full_heads 2.0: must be"),
+                            (dict(s2_shift="wrap"), "--s2_shift 'wrap': must be leakfree or rolled"),
+                            (dict(s2_shift="rolled", s2_sink_tokens=2), "--s2_sink_tokens 2: sinks combine")):
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(model_name_or_path="m", target_context=512, **kwargs)
+    with pytest.raises(ValueError, match="--s2_full_heads"):
+        enable_s2_attention(make_model("llama-gqa"), 16, full_heads=-0.5)

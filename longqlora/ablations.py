@@ -1,0 +1,303 @@
+"""The ablations of LongLoRA (arXiv 2309.12307 Tables 1-2, §3.2-3.3) at small scale, measured by the toolkit itself.
+
+1. A small Llama is pre-trained from scratch at a short context L (quickstart.pretrain_base; cached): by default
+   the quickstart's own base (five Austen novels; the same cache), or with --pretrain_books austen+kjv on those and
+   the first 90% of the KJV. Persuasion and the last 10% of the KJV are never trained on.
+2. Every variant in `VARIANTS` extends it to 4L (position interpolation), seeded, through the toolkit's own
+   training path (model.load_model + train.train, i.e. TRL's SFTTrainer), except full fine-tuning, which trains
+   every weight and so cannot go through the LoRA loader (see `_extend_full`).
+3. Every variant is scored by the toolkit's own commands on the held-out stream: `perplexity` (run_perplexity, one
+   protocol for all: whole non-overlapping windows) at L, 2L and 4L, and `passkey` (run_passkey) at 4L.
+4. Each (variant, seed) result is a JSON file under <output_dir>/results, named by a hash of every setting that
+   affects it: a rerun skips it. ablation_report.py turns the results into a Markdown table and a PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longqlora import corpora
+from longqlora.quickstart import TRAIN_BOOKS
+from longqlora.report import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_KJV = 0.1  # the last 10% of the KJV (by characters, cut at a line) is held out
+
+# id -> what differs from the default extension (LoRA+ = LoRA r on q/k/v/o + trained embeddings and norms, fp32
+# base, leak-free S2, group 1/4). "train": False = no fine-tuning; "pi": position interpolation to 4L.
+VARIANTS = {
+    "base": dict(label="no fine-tuning, no interpolation", train=False, pi=False),
+    "pi": dict(label="interpolation only, no fine-tuning", train=False),
+    "lora-full": dict(label="LoRA q/k/v/o, full attention", trainable="", s2=False),
+    "loraplus-full": dict(label="LoRA+ (embed, norms), full attention", s2=False),
+    "loraplus-s2": dict(label="LoRA+, S2-Attn"),
+    "loraplus-s2-nf4": dict(label="LoRA+, S2-Attn, NF4 base (toolkit default)", nf4=True),
+    "fullft-full": dict(label="full fine-tuning, full attention", full_ft=True, s2=False),
+    "loraplus-s2-rolled": dict(label="LoRA+, S2-Attn, LongLoRA's rolled shift", shift="rolled"),
+    "loraplus-s2-sink4": dict(label="LoRA+, S2-Attn + 4 sink tokens", sinks=4),
+    "loraplus-s2-full25": dict(label="LoRA+, S2-Attn, 1/4 of heads full", full_heads=0.25),
+    "loraplus-s2-g50": dict(label="LoRA+, S2-Attn, group 1/2", group_ratio=0.5),
+}
+DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v != "loraplus-s2-g50")  # group 1/2: a targeted run
+
+
+@dataclass
+class AblationConfig:
+    output_dir: str = field(default="out/ablations", metadata={"help": "Cached base, adapters and result JSONs."})
+    variants: str = field(default=DEFAULT_VARIANTS, metadata={"help": "Comma list of variant ids to run."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Extension seeds."})
+    short_context: int = field(default=128, metadata={"help": "Context L the base is pre-trained at."})
+    factor: int = field(default=4, metadata={"help": "Extend to factor x L."})
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    num_layers: int = 4
+    intermediate_size: int = 768
+    num_heads: int = 4
+    pretrain_books: str = field(default="austen", metadata={
+        "help": "austen: the quickstart's five novels (the same cached base as recipes/quickstart.py); austen+kjv: "
+                "those and the first 90% of the KJV, whose last 10% then joins the held-out text."})
+    base_cache: str = field(default="out/quickstart", metadata={"help": "Where the pre-trained base is cached."})
+    pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
+    pretrain_lr: float = 3e-3
+    seed: int = field(default=0, metadata={"help": "Seed of the base pre-training (one base for all variants)."})
+    extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens per variant."})
+    extend_lr: float = field(default=1e-3, metadata={"help": "Extension learning rate (LoRA, LoRA+, full FT)."})
+    group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / 4L (variants may override)."})
+    lora_r: int = 16
+    extend_chars: int = field(default=300_000, metadata={"help": "Characters of each training book the "
+                                                                   "extension reads."})
+    eval_tokens: int = field(default=16384, metadata={"help": "Held-out tokens scored at every length."})
+    passkey_trials: int = field(default=2, metadata={"help": "Passkey keys per depth (5 depths) at 4L."})
+    doc: str | None = field(default=None, metadata={"help": "Markdown file whose section --section is rewritten."})
+    section: str = field(default="main", metadata={"help": "Name of the section of --doc (and of its PNG)."})
+    command: str = field(default="", metadata={"help": "The command line, recorded in the report."})
+    tiny: bool = field(default=False, metadata={"help": "A seconds-long run of the same pipeline (tests)."})
+
+    def __post_init__(self):
+        unknown = [v for v in self.variant_ids if v not in VARIANTS]
+        if unknown or not self.variant_ids:
+            raise ValueError(f"--variants {self.variants}: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                             f"{', '.join(VARIANTS)}")
+        if self.pretrain_books not in ("austen", "austen+kjv"):
+            raise ValueError(f"--pretrain_books {self.pretrain_books}: must be austen or austen+kjv")
+        if not self.seeds:
+            raise ValueError("--seeds: pass at least one seed")
+        if self.short_context < 16 or self.short_context % 16:
+            raise ValueError(f"--short_context {self.short_context}: must be a multiple of 16, at least 16")
+        if self.tiny:
+            self.base_cache = self.output_dir
+            self.short_context, self.hidden_size, self.intermediate_size, self.num_layers = 64, 64, 128, 2
+            self.vocab_size, self.pretrain_steps, self.extend_steps, self.eval_tokens = 320, 2, 2, 512
+            self.passkey_trials, self.extend_chars = 1, 20_000
+
+    @property
+    def variant_ids(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+    @property
+    def long_context(self) -> int:
+        return self.short_context * self.factor
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.short_context, 2 * self.short_context, self.long_context]
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def _kjv_split() -> tuple[str, str]:
+    text = corpora.book("kjv_bible")
+    cut = text.index("\n", int(len(text) * (1 - HELD_OUT_KJV)))
+    return text[:cut], text[cut + 1:]
+
+
+def train_texts(chars: int | None = None, kjv: bool = True) -> dict[str, str]:
+    """The pre-training books (the first `chars` characters of each, when given)."""
+    texts = {name: corpora.book(name) for name in TRAIN_BOOKS}
+    if kjv:
+        texts["kjv_bible[:90%]"] = _kjv_split()[0]
+    return {name: text[:chars] for name, text in texts.items()}
+
+
+def write_data(cfg: AblationConfig) -> tuple[Path, Path]:
+    """The extension's training text and the held-out evaluation folder; written once.
+
+    The extension reads the first `extend_chars` characters of each training book (about 3x the tokens its steps
+    consume), so that every run does not re-tokenize 8 MB of text; it is text the base was pre-trained on.
+    """
+    out = Path(cfg.output_dir)
+    kjv = cfg.pretrain_books == "austen+kjv"
+    tag = f"{cfg.pretrain_books.replace('+', '-')}-"
+    train_dir, eval_dir = out / f"extend-{tag}{cfg.extend_chars}", out / f"held-out-{tag}{cfg.eval_tokens}"
+    if not train_dir.exists():
+        for name, text in train_texts(cfg.extend_chars, kjv).items():
+            write_text_atomic(train_dir / f"{name.replace('[:90%]', '_head')}.txt", text)
+    if not eval_dir.exists():
+        chars = 4 * cfg.eval_tokens  # more than enough: the stream is cut at eval_tokens tokens
+        write_text_atomic(eval_dir / "1_persuasion.txt", corpora.book("austen_persuasion")[:chars // (1 + kjv)])
+        if kjv:
+            write_text_atomic(eval_dir / "2_kjv_tail.txt", _kjv_split()[1][:chars // 2])
+    return train_dir, eval_dir
+
+
+# -------------------------------------------------------------------------------------------------- extension
+def variant_settings(cfg: AblationConfig, vid: str) -> dict:
+    v = VARIANTS[vid]
+    return {"train": v.get("train", True), "pi": v.get("pi", True), "s2": v.get("s2", True),
+            "nf4": v.get("nf4", False), "full_ft": v.get("full_ft", False),
+            "trainable": v.get("trainable", "embed,norm"), "shift": v.get("shift", "leakfree"),
+            "sinks": v.get("sinks", 0), "full_heads": v.get("full_heads", 0.0),
+            "group_ratio": v.get("group_ratio", cfg.group_ratio)}
+
+
+def _model_config(cfg: AblationConfig, base: Path, s: dict):
+    from longqlora.model import ModelConfig
+
+    return ModelConfig(model_name_or_path=str(base), target_context=cfg.long_context, group_ratio=s["group_ratio"],
+                       s2_attention=s["s2"], attn_backend="sdpa", load_in_4bit=s["nf4"], compute_dtype="float32",
+                       lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                       trainable_params=s["trainable"], s2_shift=s["shift"], s2_sink_tokens=s["sinks"],
+                       s2_full_heads=s["full_heads"])
+
+
+def _training(cfg: AblationConfig, out: Path, seed: int):
+    from longqlora.train import TrainingConfig
+
+    # The quickstart's extension settings; no gradient checkpointing: the model is small and CPU time is short.
+    return TrainingConfig(output_dir=str(out), max_steps=cfg.extend_steps, per_device_train_batch_size=8,
+                          learning_rate=cfg.extend_lr, lr_scheduler_type="constant_with_warmup",
+                          warmup_steps=min(5, cfg.extend_steps), max_grad_norm=1.0, optim="adamw_torch",
+                          save_strategy="no", logging_steps=10, seed=seed, use_cpu=True,
+                          gradient_checkpointing=False)
+
+
+def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, out: Path) -> Path:
+    """Train one variant; returns the adapter (or, for full fine-tuning, model) directory."""
+    from longqlora.data import TextDataConfig
+    from longqlora.train import RunConfig, resolve, train
+
+    # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
+    data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
+    model_cfg, data_cfg, training, _ = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(),
+                                               _training(cfg, out, seed))
+    if s["full_ft"]:
+        return _extend_full(model_cfg, data_cfg, training)
+    return train(model_cfg, data_cfg, training)
+
+
+def _extend_full(model_cfg, data_cfg, training) -> Path:
+    """Full fine-tuning: every weight trains, so no LoRA wrapper (model.load_model always adds one); the rest is
+    the toolkit's path: load_base (PI applied), the same dataset preparation, the same SFTTrainer settings."""
+    from trl import SFTTrainer
+
+    from longqlora.model import load_base
+    from longqlora.train import prepare_dataset
+
+    torch.manual_seed(training.seed)
+    model, tokenizer, _ = load_base(model_cfg)
+    model.requires_grad_(True)
+    dataset, _ = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
+    trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    out = Path(training.output_dir)
+    trainer.model.save_pretrained(out, safe_serialization=True)  # config.json carries the interpolation
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: Path | None) -> dict:
+    """The toolkit's perplexity command at L, 2L, 4L and its passkey command at 4L, on one variant."""
+    from longqlora.passkey import PasskeyConfig, run_passkey
+    from longqlora.perplexity import PerplexityConfig, run_perplexity
+
+    if trained is None:
+        where = dict(model=str(base), target_context=cfg.long_context if s["pi"] else None)
+    elif s["full_ft"]:
+        where = dict(model=str(trained))
+    else:
+        where = dict(model=str(base), adapter=str(trained), load_in_4bit=s["nf4"])
+    ppl = run_perplexity(PerplexityConfig(data=str(eval_dir), context_lengths=cfg.lengths,
+                                          max_tokens=cfg.eval_tokens, compute_dtype="float32", **where))
+    key = run_passkey(PasskeyConfig(context_lengths=[cfg.long_context], trials=cfg.passkey_trials,
+                                    compute_dtype="float32", **where))
+    return {"perplexity": {str(r["context_length"]): r["perplexity"] for r in ppl["results"]},
+            "protocol": ppl["results"][0]["protocol"], "tokens_scored": ppl["results"][-1]["tokens_scored"],
+            "passkey": key["accuracy"], "passkey_trials": len(key["keys"])}
+
+
+def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
+    """Hash of everything that determines one (variant, seed) result."""
+    fields = ("pretrain_books", "short_context", "factor", "vocab_size", "hidden_size", "num_layers",
+              "intermediate_size", "num_heads", "pretrain_steps", "pretrain_lr", "seed", "extend_steps", "extend_lr",
+              "lora_r", "eval_tokens", "passkey_trials", "extend_chars", "tiny")
+    used = {f: getattr(cfg, f) for f in fields}
+    if not s["train"]:
+        skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
+        used = {f: v for f, v in used.items() if f not in skip}
+    return hashlib.sha256(json.dumps([used, s, seed if s["train"] else 0]).encode()).hexdigest()[:12]
+
+
+def run_one(cfg: AblationConfig, base: Path, train_dir: Path, eval_dir: Path, vid: str, seed: int) -> dict:
+    s = variant_settings(cfg, vid)
+    path = Path(cfg.output_dir) / "results" / f"{vid}-{result_key(cfg, s, seed)}.json"
+    if path.exists():
+        logger.info("cached: %s seed %d (%s)", vid, seed, path)
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    trained = None
+    if s["train"]:
+        trained = extend(cfg, base, train_dir, s, seed, Path(cfg.output_dir) / "runs" / path.stem)
+    train_s = time.perf_counter() - started
+    result = {"variant": vid, "seed": seed, "settings": s, **evaluate(cfg, base, eval_dir, s, trained),
+              "train_seconds": train_s, "seconds": time.perf_counter() - started}
+    write_json_atomic(path, result)
+    logger.info("%s seed %d: %s", vid, seed, {k: round(v, 2) for k, v in result["perplexity"].items()})
+    return result
+
+
+def run(cfg: AblationConfig) -> dict:
+    """Pre-train (cached), then every variant x seed (cached); returns {variant: [results]} and the wall time."""
+    started = time.perf_counter()
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.base_cache).mkdir(parents=True, exist_ok=True)
+    from longqlora.quickstart import pretrain_base
+
+    torch.manual_seed(cfg.seed)
+    books = None
+    if cfg.pretrain_books == "austen+kjv" or cfg.tiny:
+        books = train_texts(200_000 if cfg.tiny else None, cfg.pretrain_books == "austen+kjv")
+    base = pretrain_base(dataclasses.replace(cfg, output_dir=cfg.base_cache), books)
+    train_dir, eval_dir = write_data(cfg)
+    results = {vid: [] for vid in cfg.variant_ids}
+    for seed in cfg.seeds:  # seed-major: an interrupted run has every variant at the first seeds
+        for vid in cfg.variant_ids:
+            if variant_settings(cfg, vid)["train"] or seed == cfg.seeds[0]:  # untrained: nothing random, run once
+                results[vid].append(run_one(cfg, base, train_dir, eval_dir, vid, seed))
+    pretrain = json.loads((base / "pretrain.json").read_text())
+    return {"results": results, "seconds": time.perf_counter() - started, "base": str(base), "pretrain": pretrain}
+
+
+def main(cfg: AblationConfig) -> dict:
+    from longqlora.ablation_report import plot, report, write_section
+
+    out = run(cfg)
+    write_json_atomic(Path(cfg.output_dir) / f"summary-{cfg.section}.json",
+                      {"config": dataclasses.asdict(cfg), **out})
+    if cfg.doc:
+        doc = Path(cfg.doc)
+        png = doc.with_name(f"{doc.stem}_{cfg.section}.png")
+        plot(cfg, out["results"], png)
+        out["report"] = report(cfg, out, png.name)
+        write_section(doc, cfg.section, out["report"])
+    else:
+        out["report"] = report(cfg, out, "")
+    return out
