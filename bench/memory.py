@@ -28,6 +28,7 @@ from longqlora import memory
 from longqlora import plan as planner
 from longqlora.model import ModelConfig, add_adapters
 from longqlora.report import markdown_table, write_text_atomic
+from longqlora.train import trainable_to_fp32
 
 logger = logging.getLogger("bench.memory")
 VARIANTS = ("ours", "ours_no_offload", "baseline")
@@ -105,9 +106,7 @@ def prepare(model, variant: str, context: int, rank: int, dtype: torch.dtype):
     cfg = ModelConfig(model_name_or_path="bench", target_context=context, lora_r=rank, lora_alpha=2 * rank,
                       trainable_params="embed,norm" if ours else "")
     model, _ = add_adapters(model, cfg)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    trainable_to_fp32(model)
     if ours:
         from longqlora.attention import enable_s2_attention
 

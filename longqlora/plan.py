@@ -10,7 +10,7 @@ loss's and one layer's working set. CUDA's own context and the allocator's fragm
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 GIB = 2 ** 30
 # Total device memory as CUDA reports it (GiB), for --gpu.
@@ -215,7 +215,7 @@ def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 <<
         raise ValueError("--gpu or --gpu_memory: needed to find the longest context that fits")
 
     def fits(n):
-        return plan(config, _with(cfg, context=n))["fits"]
+        return plan(config, replace(cfg, context=n))["fits"]
 
     lo, hi = 0, limit // step
     while lo < hi:
@@ -229,26 +229,20 @@ def advise(config, cfg: PlanConfig) -> dict:
     result = plan(config, cfg)
     if cfg.device_gib is None:
         return result
-    everything = _with(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
+    everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
     result["longest_context"] = longest_context(config, cfg)
     result["longest_context_all_switches"] = longest_context(config, everything)
     advice = []
     if not result["fits"]:
         for switches in ({"chunked_loss": True}, {"chunked_loss": True, "offload": True},
                          {"chunked_loss": True, "offload": True, "tiled_mlp": True}):
-            if plan(config, _with(cfg, **switches))["fits"]:
+            if plan(config, replace(cfg, **switches))["fits"]:
                 advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
                 break
         else:
             advice = ["none fits: lower --context or --batch, or use a larger GPU"]
     result["turn_on"] = advice
     return result
-
-
-def _with(cfg: PlanConfig, **changes) -> PlanConfig:
-    values = asdict(cfg)
-    values.update(changes)
-    return PlanConfig(**values)
 
 
 def render(result: dict) -> str:
