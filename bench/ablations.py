@@ -1,22 +1,21 @@
 """LongLoRA's ablations at small scale on this CPU, measured by the toolkit's own perplexity and passkey commands.
 
-Takes the quickstart's ~4.5M-parameter Llama pre-trained at 128 tokens on five Austen novels (the same cache as
-recipes/quickstart.py, out/quickstart; pre-trained here when absent; --pretrain_books austen+kjv adds the first 90%
-of the KJV and holds out the rest), then extends it to 512 tokens with every default variant of
-longqlora.ablations.VARIANTS (no fine-tuning; interpolation only; LoRA; LoRA+ with full attention, S2-Attn, S2-Attn
-on an NF4 base; full fine-tuning; S2 with LongLoRA's rolled shift; S2 with attention sinks; S2 with a quarter of the
-heads in full attention), each with seeds 0, 1, 2, and scores held-out Persuasion at 128, 256 and 512 tokens and
-passkey retrieval at 512.
-Every (variant, seed) result is cached under --output_dir/results: a rerun resumes where it stopped.
+Pre-trains a ~4.5M-parameter Llama at 128 tokens on five Austen novels and the first 90% of the KJV (cached under
+--output_dir; --pretrain_books austen: the novels only), then extends it to 512 tokens with every default variant
+of longqlora.ablations.VARIANTS (no fine-tuning; interpolation only; LoRA; LoRA+ with full attention, S2-Attn,
+S2-Attn on an NF4 base; full fine-tuning; S2 with LongLoRA's rolled shift; with attention sinks; with a quarter of
+the heads in full attention; with every 4th step in full attention; with a growing group size), each with seeds 0,
+1, 2, and scores held-out text (Persuasion and the last 10% of the KJV) at 128, 256 and 512 tokens and passkey
+retrieval at 512. Every (variant, seed) result is cached under --output_dir/results: a rerun resumes where it stopped.
 
-    OMP_NUM_THREADS=1 python bench/ablations.py --doc docs/ablations.md    # the table in docs/ablations.md
-    OMP_NUM_THREADS=1 python bench/ablations.py --variants loraplus-full,loraplus-s2,loraplus-s2-sink4 \\
-        --extend_steps 120 --seeds 0 --doc docs/ablations.md --section steps120   # a targeted run: its own section
+    python bench/ablations.py --doc docs/ablations.md                     # the main table in docs/ablations.md
+    python bench/ablations.py --variants loraplus-full,loraplus-s2,loraplus-s2-g50 --extend_steps 120 \
+        --doc docs/ablations.md --section steps120                      # a targeted run: its own section
     python bench/ablations.py --tiny --output_dir /tmp/abl-tiny            # seconds: the same pipeline, tiny
 
-The command line is recorded in the section it writes, with the compute time and the CPU. OMP_NUM_THREADS=1: on
-a 2-core machine shared with other work, one thread per process avoids OpenMP threads spinning against each other
-(measured: 6-14 s per pre-training step with 2 threads under contention, against 1.24 s alone).
+The command line is recorded in the section it writes, with the compute time and the CPU. Run it alone: on a
+2-core machine, another process doubles its time; when the CPU must be shared, prefix OMP_NUM_THREADS=1 (OpenMP
+threads of two processes spinning against each other cost more than the second thread gains).
 """
 
 import logging

@@ -1,8 +1,8 @@
 """The ablations of LongLoRA (arXiv 2309.12307 Tables 1-2, §3.2-3.3) at small scale, measured by the toolkit itself.
 
-1. A small Llama is pre-trained from scratch at a short context L (quickstart.pretrain_base; cached): by default
-   the quickstart's own base (five Austen novels; the same cache), or with --pretrain_books austen+kjv on those and
-   the first 90% of the KJV. Persuasion and the last 10% of the KJV are never trained on.
+1. A small Llama is pre-trained from scratch at a short context L (quickstart.pretrain_base; cached) on five Austen
+   novels and the first 90% of the KJV (--pretrain_books austen: the novels only). Persuasion and the last 10% of
+   the KJV are never trained on.
 2. Every variant in `VARIANTS` extends it to 4L (position interpolation), seeded, through the toolkit's own
    training path (model.load_model + train.train, i.e. TRL's SFTTrainer), except full fine-tuning, which trains
    every weight and so cannot go through the LoRA loader (see `_extend_full`).
@@ -32,22 +32,33 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_KJV = 0.1  # the last 10% of the KJV (by characters, cut at a line) is held out
 
-# id -> what differs from the default extension (LoRA+ = LoRA r on q/k/v/o + trained embeddings and norms, fp32
-# base, leak-free S2, group 1/4). "train": False = no fine-tuning; "pi": position interpolation to 4L.
+# id -> what differs from the reference extension (LoRA+ = LoRA r on q/k/v/o + trained embeddings and norms, fp32
+# base, leak-free S2, a fixed group of 1/4). "train": False = no fine-tuning; "pi": position interpolation to 4L;
+# group_schedule: ratios of 4L sharing the steps (model.DEFAULT_SCHEDULE x 1/4 is the toolkit default's).
 VARIANTS = {
     "base": dict(label="no fine-tuning, no interpolation", train=False, pi=False),
     "pi": dict(label="interpolation only, no fine-tuning", train=False),
     "lora-full": dict(label="LoRA q/k/v/o, full attention", trainable="", s2=False),
     "loraplus-full": dict(label="LoRA+ (embed, norms), full attention", s2=False),
     "loraplus-s2": dict(label="LoRA+, S2-Attn"),
-    "loraplus-s2-nf4": dict(label="LoRA+, S2-Attn, NF4 base (toolkit default)", nf4=True),
+    "loraplus-s2-nf4": dict(label="LoRA+, S2-Attn, NF4 base", nf4=True),
+    "default": dict(label="toolkit default: LoRA+, S2-Attn with group schedule, NF4", nf4=True,
+                    group_schedule="0.0625,0.1875,0.5"),
     "fullft-full": dict(label="full fine-tuning, full attention", full_ft=True, s2=False),
     "loraplus-s2-rolled": dict(label="LoRA+, S2-Attn, LongLoRA's rolled shift", shift="rolled"),
     "loraplus-s2-sink4": dict(label="LoRA+, S2-Attn + 4 sink tokens", sinks=4),
     "loraplus-s2-full25": dict(label="LoRA+, S2-Attn, 1/4 of heads full", full_heads=0.25),
+    "loraplus-s2-fullstep4": dict(label="LoRA+, S2-Attn, every 4th step full", full_every=4),
+    "loraplus-s2-gsched": dict(label="LoRA+, S2-Attn, group 1/8, 1/4, 1/2 by thirds", group_schedule="0.125,0.25,0.5"),
+    # two schedules whose mean group is plain S2's 1/4 (the same attention cost), ending at 1/2 or at 3/8
+    "loraplus-s2-gsched-eq": dict(label="LoRA+, S2-Attn, group 1/16, 3/16, 1/2 by thirds",
+                                  group_schedule="0.0625,0.1875,0.5"),
+    "loraplus-s2-gsched-lin": dict(label="LoRA+, S2-Attn, group 1/8, 1/4, 3/8 by thirds",
+                                   group_schedule="0.125,0.25,0.375"),
     "loraplus-s2-g50": dict(label="LoRA+, S2-Attn, group 1/2", group_ratio=0.5),
 }
-DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v != "loraplus-s2-g50")  # group 1/2: a targeted run
+TARGETED = ("loraplus-s2-g50", "loraplus-s2-gsched-eq", "loraplus-s2-gsched-lin")  # their own sections
+DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
 
 
 @dataclass
@@ -62,11 +73,12 @@ class AblationConfig:
     num_layers: int = 4
     intermediate_size: int = 768
     num_heads: int = 4
-    pretrain_books: str = field(default="austen", metadata={
-        "help": "austen: the quickstart's five novels (the same cached base as recipes/quickstart.py); austen+kjv: "
-                "those and the first 90% of the KJV, whose last 10% then joins the held-out text."})
-    base_cache: str = field(default="out/quickstart", metadata={"help": "Where the pre-trained base is cached."})
-    pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
+    pretrain_books: str = field(default="austen+kjv", metadata={
+        "help": "austen+kjv: five Austen novels and the first 90% of the KJV (the last 10% joins Persuasion in the "
+                "held-out text); austen: the five novels only (with --pretrain_steps 240 --base_cache "
+                "out/quickstart, the quickstart's own cached base)."})
+    base_cache: str = field(default="out/ablations", metadata={"help": "Where the pre-trained base is cached."})
+    pretrain_steps: int = field(default=400, metadata={"help": "Pre-training steps of 32 x L tokens."})
     pretrain_lr: float = 3e-3
     seed: int = field(default=0, metadata={"help": "Seed of the base pre-training (one base for all variants)."})
     extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens per variant."})
@@ -154,18 +166,22 @@ def variant_settings(cfg: AblationConfig, vid: str) -> dict:
     return {"train": v.get("train", True), "pi": v.get("pi", True), "s2": v.get("s2", True),
             "nf4": v.get("nf4", False), "full_ft": v.get("full_ft", False),
             "trainable": v.get("trainable", "embed,norm"), "shift": v.get("shift", "leakfree"),
-            "sinks": v.get("sinks", 0), "full_heads": v.get("full_heads", 0.0),
-            "group_ratio": v.get("group_ratio", cfg.group_ratio)}
+            "sinks": v.get("sinks", 0), "full_heads": v.get("full_heads", 0.0), "full_every": v.get("full_every", 0),
+            "group_schedule": v.get("group_schedule", ""), "group_ratio": v.get("group_ratio", cfg.group_ratio)}
 
 
 def _model_config(cfg: AblationConfig, base: Path, s: dict):
     from longqlora.model import ModelConfig
 
+    # Variants give schedules as ratios of 4L (and a fixed group as none); the flag takes multiples of group_ratio.
+    ratios = [float(r) for r in s["group_schedule"].split(",") if r.strip()]
+    schedule = ",".join(f"{r / s['group_ratio']:g}" for r in ratios) or "none"
     return ModelConfig(model_name_or_path=str(base), target_context=cfg.long_context, group_ratio=s["group_ratio"],
                        s2_attention=s["s2"], attn_backend="sdpa", load_in_4bit=s["nf4"], compute_dtype="float32",
                        lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
                        trainable_params=s["trainable"], s2_shift=s["shift"], s2_sink_tokens=s["sinks"],
-                       s2_full_heads=s["full_heads"])
+                       s2_full_heads=s["full_heads"], s2_full_every=s["full_every"],
+                       s2_group_schedule=schedule)
 
 
 def _training(cfg: AblationConfig, out: Path, seed: int):

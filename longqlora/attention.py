@@ -18,11 +18,14 @@ Variants, for the ablations (bench/ablations.py, docs/ablations.md), all off by 
   to every later query of that document, in every head, whatever its group.
 - `full_heads=f`: the first round(f x H) query heads use full causal attention (within each document); S2's two
   halves split the remaining heads.
+- schedules, applied between training steps by `set_step_settings` (train.S2ScheduleCallback): a group size that
+  changes with training progress, and every Nth step in full attention (all heads full).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -325,6 +328,25 @@ def disable_s2_attention(model):
     hf.set_attn_implementation(settings.base)
     hf.config.use_cache = settings.use_cache
     return model
+
+
+def step_settings(step: int, max_steps: int, group_sizes: list[int], full_every: int = 0,
+                  full_heads: float = 0.0) -> tuple[int, float]:
+    """(group size, full-head share) for 0-based training step `step` of `max_steps`.
+
+    The group sizes share the steps in order, in equal parts; with full_every = N, the last step of every N runs
+    all heads in full attention (share 1.0), the others keep `full_heads`.
+    """
+    part = min(len(group_sizes) - 1, step * len(group_sizes) // max(1, max_steps))
+    full = 1.0 if full_every and (step + 1) % full_every == 0 else full_heads
+    return group_sizes[part], full
+
+
+def set_step_settings(model, group_size: int, full_heads: float) -> None:
+    """Change the group size and full-head share of an S2-enabled model, e.g. between training steps."""
+    check_variant(full_heads=full_heads)
+    for m in _attention_modules(_hf_model(model)):
+        m._longqlora_s2 = dataclasses.replace(m._longqlora_s2, group_size=int(group_size), full_heads=full_heads)
 
 
 def s2_enabled(model) -> bool:

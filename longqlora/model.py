@@ -31,6 +31,11 @@ ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the names in
 NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 
 
+# S2-Attn's default group-size schedule, as multiples of --group_ratio (mean 1: a fixed group's attention cost):
+# it beat a fixed group on every seed in docs/ablations.md ("Group-size schedules").
+DEFAULT_SCHEDULE = "0.25,0.75,2"
+
+
 @dataclass
 class ModelConfig:
     """Which model to load and how to adapt it; the fields become command-line flags through HfArgumentParser."""
@@ -50,6 +55,12 @@ class ModelConfig:
                                                               "tokens of each document visible to every query."})
     s2_full_heads: float = field(default=0.0, metadata={"help": "Share of attention heads in full causal attention "
                                                                  "during S2 training, in [0, 1]."})
+    s2_full_every: int = field(default=0, metadata={"help": "Train every Nth step with full attention in all heads "
+                                                             "and the others with S2-Attn (N >= 2); 0 = never."})
+    s2_group_schedule: str = field(default=DEFAULT_SCHEDULE, metadata={
+        "help": "S2-Attn group-size schedule: multiples of --group_ratio (capped at the target context) that share "
+                "the training steps in order; their mean is the attention cost relative to a fixed group "
+                "(docs/ablations.md); none = --group_ratio throughout."})
     attn_backend: str = field(default="auto", metadata={"help": "Attention kernel: auto, sdpa, flash_attn or "
                                                                  "xformers."})
     load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the frozen base to 4-bit NF4 with double "
@@ -84,6 +95,16 @@ class ModelConfig:
             bad("s2_full_heads", self.s2_full_heads, "must be a share of the heads in [0, 1]")
         if self.s2_shift == "rolled" and self.s2_sink_tokens:
             bad("s2_sink_tokens", self.s2_sink_tokens, "sinks combine with --s2_shift leakfree only")
+        if self.s2_full_every < 0 or self.s2_full_every == 1:
+            bad("s2_full_every", self.s2_full_every, "must be 0 (never) or >= 2; every step in full attention is "
+                                                     "--s2_attention false")
+        try:
+            multiples = self.group_schedule
+        except ValueError:
+            multiples = [0.0]
+        if not multiples or not all(m > 0 for m in multiples):
+            bad("s2_group_schedule", self.s2_group_schedule, f"must be none or a comma list of positive multiples "
+                f"of --group_ratio, e.g. {DEFAULT_SCHEDULE}")
         if self.lora_r < 1:
             bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
         if not 0 <= self.lora_dropout < 1:
@@ -103,6 +124,20 @@ class ModelConfig:
     def group_size(self) -> int:
         """S2-Attn group size in tokens: group_ratio x target_context, at least 1."""
         return max(1, int(round(self.group_ratio * self.target_context)))
+
+    @property
+    def group_schedule(self) -> list[float]:
+        """The parsed `s2_group_schedule`, multiples of group_ratio ([1.0] for none); ValueError on a non-number."""
+        if self.s2_group_schedule.strip().lower() in ("", "none"):
+            return [1.0]
+        return [float(m) for m in self.s2_group_schedule.split(",") if m.strip()]
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """S2-Attn group sizes in tokens, one per equal share of the training steps (at most the target context:
+        with --group_ratio above 1/2 the default schedule's last share is one whole-context group)."""
+        return [max(1, min(self.target_context, int(round(m * self.group_ratio * self.target_context))))
+                for m in self.group_schedule]
 
     @property
     def trainable_tokens(self) -> list[str]:
@@ -191,6 +226,8 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
         "rope_type": rope.rope_summary(hf_config).get("rope_type"),
         "group_size": cfg.group_size,
         "s2_attention": cfg.s2_attention,
+        "s2_options": {"shift": cfg.s2_shift, "sink_tokens": cfg.s2_sink_tokens, "full_heads": cfg.s2_full_heads,
+                       "full_every": cfg.s2_full_every, "group_sizes": cfg.group_sizes},
         "compute_dtype": str(dtype).removeprefix("torch."),
         "attn_backend": backend,
         "attn_backend_requested": cfg.attn_backend,
@@ -346,7 +383,7 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True, trust_r
     if cfg.s2_attention:
         from longqlora.attention import enable_s2_attention
 
-        enable_s2_attention(model, cfg.group_size, backend=cfg.attn_backend, shift=cfg.s2_shift,
+        enable_s2_attention(model, cfg.group_sizes[0], backend=cfg.attn_backend, shift=cfg.s2_shift,
                             sink_tokens=cfg.s2_sink_tokens, full_heads=cfg.s2_full_heads)
     trainable, total = count_trainable(model)
     info.update(trainable_params=trainable, total_params=total, modules_to_save=lora.modules_to_save)

@@ -222,10 +222,19 @@ def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
         f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
         f"{cfg.pretrain_steps} steps on {', '.join(TRAIN_BOOKS)}; extended x{cfg.factor} for {cfg.extend_steps} "
         f"steps (NF4 base, position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn "
-        f"group {round(cfg.group_ratio * long)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
+        f"group {_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
         f"of held-out {HELD_OUT}; {results[next(iter(results))]['protocol']}.", "",
         table,
         f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; `python recipes/quickstart.py` reproduces it.", ""])
+
+
+def _groups(cfg: QuickstartConfig) -> str:
+    """The S2 group sizes the extension trains with, e.g. "32 -> 96 -> 256 over 3 equal shares of the steps"."""
+    from longqlora.model import ModelConfig
+
+    model = ModelConfig(model_name_or_path="-", target_context=cfg.long_context, group_ratio=cfg.group_ratio)
+    sizes = model.group_sizes
+    return " -> ".join(map(str, sizes)) + (f" over {len(sizes)} equal shares of the steps" if len(sizes) > 1 else "")
 
 
 def run(cfg: QuickstartConfig) -> dict:

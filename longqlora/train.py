@@ -128,6 +128,21 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     return dataclasses.replace(training, **changes)
 
 
+def _attention_text(info: dict) -> str:
+    """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
+    if not info["s2_attention"]:
+        return "full"
+    o = info.get("s2_options") or {"group_sizes": [info["group_size"]]}
+    sizes = o["group_sizes"]
+    text = f"S2-Attn, group {sizes[0]}" if len(sizes) == 1 else \
+        f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
+    extras = [f"every {o['full_every']}th step full" if o.get("full_every") else "",
+              f"{o['sink_tokens']} sink tokens" if o.get("sink_tokens") else "",
+              f"{o['full_heads']:.0%} of heads full" if o.get("full_heads") else "",
+              "rolled shift" if o.get("shift") == "rolled" else ""]
+    return ", ".join([text, *filter(None, extras)])
+
+
 def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
     """The resolved configuration, as `--dry_run` prints it and the run logs it."""
     def plain(value):  # TrainingArguments turns some strings into enums
@@ -139,8 +154,8 @@ def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
         f"model              {info['model']}",
         f"context            {info['original_context']} -> {info['target_context']} tokens "
         f"(position interpolation x{info['pi_factor']:.4g}, rope {info['rope_type']})",
-        f"attention          {'S2-Attn, group ' + str(info['group_size']) if info['s2_attention'] else 'full'}"
-        f" (training), full at inference; backend {info['attn_backend_requested']} ({info['attn_backend']} here)",
+        f"attention          {_attention_text(info)} (training), full at inference; backend "
+        f"{info['attn_backend_requested']} ({info['attn_backend']} here)",
         f"weights            {'NF4 4-bit, double quant' if info['load_in_4bit'] else info['compute_dtype']}, "
         f"compute {info['compute_dtype']}",
         f"trainable          {info['trainable_params']:,} of {info['total_params']:,} parameters "
@@ -221,6 +236,30 @@ class ThroughputCallback(TrainerCallback):
             logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
+def s2_schedule_callbacks(model_cfg: ModelConfig) -> list:
+    """[S2ScheduleCallback] when S2-Attn trains with a group schedule or full-attention steps, else []."""
+    scheduled = len(model_cfg.group_sizes) > 1 or model_cfg.s2_full_every
+    return [S2ScheduleCallback(model_cfg)] if model_cfg.s2_attention and scheduled else []
+
+
+class S2ScheduleCallback(TrainerCallback):
+    """S2-Attn schedules (--s2_group_schedule, --s2_full_every; ablations in docs/ablations.md): sets each step's
+    group size and full-attention share before its forward, from the step count, so a resumed run continues them."""
+
+    def __init__(self, model_cfg: ModelConfig):
+        self.cfg, self._current = model_cfg, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        from longqlora.attention import set_step_settings, step_settings
+
+        now = step_settings(state.global_step, state.max_steps, self.cfg.group_sizes, self.cfg.s2_full_every,
+                            self.cfg.s2_full_heads)
+        if now != self._current:
+            set_step_settings(model, *now)
+            logger.debug("step %d: S2 group size %d, %.0f%% of heads full", state.global_step, now[0], 100 * now[1])
+            self._current = now
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
     """Write the adapter, tokenizer and extension record into a temporary folder, then move the files into
@@ -297,7 +336,7 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
     logger.info("configuration:\n%s", describe(info, training, data_cfg))
     dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
     trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[ThroughputCallback()],
+                         callbacks=[ThroughputCallback(), *s2_schedule_callbacks(model_cfg)],
                          compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
     trainable_to_fp32(trainer.model)
     apply_memory_switches(trainer, training, info)

@@ -41,6 +41,7 @@ def test_every_variant_and_seed_has_finite_results(tiny_run):
     # variants that differ only in attention at training time still give different models
     s2 = out["results"]["loraplus-s2"][0]["perplexity"]["256"]
     assert s2 != out["results"]["loraplus-s2-rolled"][0]["perplexity"]["256"]
+    assert s2 != out["results"]["loraplus-s2-gsched"][0]["perplexity"]["256"]  # 2 steps: groups 1/8 then 1/4
 
 
 def test_report_lists_every_variant_and_keeps_the_doc(tiny_run):

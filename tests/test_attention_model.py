@@ -1,6 +1,8 @@
 """enable_s2_attention on real transformers decoders (Llama, Mistral, Qwen2): S2 in training, exact full attention
 in eval mode and with a KV cache, packed and padded batches, reversible."""
 
+import statistics
+
 import pytest
 import torch
 from transformers import (
@@ -240,11 +242,81 @@ def test_model_config_validates_the_variant_flags():
 
     ok = ModelConfig(model_name_or_path="m", target_context=512, s2_sink_tokens=4, s2_full_heads=0.25)
     assert (ok.s2_shift, ok.s2_sink_tokens, ok.s2_full_heads) == ("leakfree", 4, 0.25)
+    assert statistics.fmean(ok.group_schedule) == 1  # the default schedule costs what a fixed group costs
+    assert len(ok.group_sizes) > 1 and max(ok.group_sizes) > ok.group_size > min(ok.group_sizes)
+    for schedule, sizes in (("none", [128]), ("", [128]), ("0.5, 2,", [64, 256])):
+        assert ModelConfig(model_name_or_path="m", target_context=512, s2_group_schedule=schedule).group_sizes == sizes
     for kwargs, message in ((dict(s2_sink_tokens=-1), "--s2_sink_tokens -1: must be >= 0"),
                             (dict(s2_full_heads=2.0), "--s2_full_heads 2.0: must be"),
                             (dict(s2_shift="wrap"), "--s2_shift 'wrap': must be leakfree or rolled"),
-                            (dict(s2_shift="rolled", s2_sink_tokens=2), "--s2_sink_tokens 2: sinks combine")):
+                            (dict(s2_shift="rolled", s2_sink_tokens=2), "--s2_sink_tokens 2: sinks combine"),
+                            (dict(s2_full_every=1), "--s2_full_every 1: must be 0 .never. or >= 2"),
+                            (dict(s2_group_schedule="0.25,x"), "--s2_group_schedule '0.25,x': must be none or"),
+                            (dict(s2_group_schedule="0.5,-1"), "--s2_group_schedule '0.5,-1': must be none or"),
+                            (dict(s2_group_schedule="1", group_ratio=0.5), [256]),
+                            (dict(group_ratio=0.5), [64, 192, 512]),  # the default, its last share capped at 512
+                            (dict(group_ratio=1.0, s2_group_schedule="none"), [512])):
+        if isinstance(message, list):  # valid: the group sizes it gives
+            assert ModelConfig(model_name_or_path="m", target_context=512, **kwargs).group_sizes == message
+            continue
         with pytest.raises(ValueError, match=message):
             ModelConfig(model_name_or_path="m", target_context=512, **kwargs)
     with pytest.raises(ValueError, match="--s2_full_heads"):
         enable_s2_attention(make_model("llama-gqa"), 16, full_heads=-0.5)
+
+
+# ------------------------------------------------------------------------------ S2 schedules (between steps)
+def test_step_settings_split_the_steps_and_mark_full_steps():
+    from longqlora.attention import step_settings
+
+    sizes = [step_settings(s, 10, [16, 32, 64])[0] for s in range(10)]
+    assert sizes == [16] * 4 + [32] * 3 + [64] * 3  # step * 3 // 10: equal shares, in order
+    full = [step_settings(s, 9, [16], full_every=3, full_heads=0.25)[1] for s in range(9)]
+    assert full == [0.25, 0.25, 1.0] * 3
+    assert step_settings(12, 10, [16, 32]) == (32, 0.0)  # past max_steps (resumed with more steps): the last size
+
+
+def test_set_step_settings_changes_what_training_computes():
+    from longqlora.attention import set_step_settings
+
+    x = ids(2, 64)
+    model, ref32, full = make_model("llama-gqa"), make_model("llama-gqa"), make_model("llama-gqa")
+    enable_s2_attention(model, 16)
+    enable_s2_attention(ref32, 32)
+    for m in (model, ref32, full):
+        m.train()
+    with torch.no_grad():
+        before = model(x).logits
+        set_step_settings(model, 32, 0.0)
+        assert torch.equal(model(x).logits, ref32(x).logits) and not torch.equal(before, ref32(x).logits)
+        set_step_settings(model, 32, 1.0)
+        torch.testing.assert_close(model(x).logits, full(x).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="--s2_full_heads"):
+        set_step_settings(model, 32, 1.5)
+
+
+def test_trainer_applies_the_schedule_at_every_step(tmp_path, monkeypatch):
+    """A tiny recipe run (4 steps of 2 micro-batches, 256 tokens): groups 1/4 then 1/2, every 2nd step full."""
+    from longqlora import attention
+    from longqlora.data import TextDataConfig
+    from longqlora.model import ModelConfig
+    from longqlora.train import RunConfig, TrainingConfig, resolve, train
+
+    seen, real = [], attention.s2_attention
+
+    def recording(*args, **kwargs):
+        now = (args[3], kwargs["full_heads"])
+        if not seen or seen[-1][0] != now:
+            seen.append([now, 0])
+        seen[-1][1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "s2_attention", recording)
+    model_cfg = ModelConfig(model_name_or_path="unused", target_context=4096, s2_full_every=2,
+                            s2_group_schedule="1,2")  # x group_ratio 0.25 of the tiny run's 256 tokens
+    resolved = resolve(model_cfg, TextDataConfig(dataset="unused"), RunConfig(tiny=True),
+                       TrainingConfig(output_dir=str(tmp_path), max_steps=4, save_strategy="no"))
+    train(*resolved[:3])
+    runs = [now for now, _ in seen]
+    assert runs == [(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)], seen
+    assert len({count for _, count in seen}) == 1  # the same number of attention calls in every step

@@ -51,9 +51,16 @@ def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypa
     text = capsys.readouterr().out
     target = recipe.Model.target_context
     assert f"4096 -> {target} tokens (position interpolation x{target / 4096:g}" in text
-    assert f"S2-Attn, group {round(recipe.Model.group_ratio * target)}" in text
+    sizes = [round(m * recipe.Model.group_ratio * target) for m in recipe.Model().group_schedule]
+    assert f"S2-Attn, group {' -> '.join(map(str, sizes))}" in text
     assert "trainable" in text and "parameters" in text and "backend" in text
     assert recipe.Model.compute_dtype in text
+
+
+def test_dry_run_shows_the_s2_schedule(capsys):
+    run("extend_7b_8k", "--dry_run", "--s2_group_schedule", "0.25,0.75,2", "--s2_full_every", "4")
+    assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), every 4th step full" in \
+        capsys.readouterr().out
 
 
 def test_dry_run_trainable_count_is_exact_for_llama2_7b(capsys):
