@@ -136,7 +136,7 @@ def _attention_text(info: dict) -> str:
     sizes = o["group_sizes"]
     text = f"S2-Attn, group {sizes[0]}" if len(sizes) == 1 else \
         f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
-    extras = [f"every {o['full_every']}th step full" if o.get("full_every") else "",
+    extras = [f"1 step in {o['full_every']} full" if o.get("full_every") else "",
               f"{o['sink_tokens']} sink tokens" if o.get("sink_tokens") else "",
               f"{o['full_heads']:.0%} of heads full" if o.get("full_heads") else "",
               "rolled shift" if o.get("shift") == "rolled" else ""]

@@ -255,7 +255,9 @@ def test_model_config_validates_the_variant_flags():
                             (dict(s2_group_schedule="0.5,-1"), "--s2_group_schedule '0.5,-1': must be none or"),
                             (dict(s2_group_schedule="1", group_ratio=0.5), [256]),
                             (dict(group_ratio=0.5), [64, 192, 512]),  # the default, its last share capped at 512
-                            (dict(group_ratio=1.0, s2_group_schedule="none"), [512])):
+                            (dict(group_ratio=1.0, s2_group_schedule="none"), [512]),
+                            (dict(s2_shift="rolled"), "--s2_shift rolled needs groups that divide --target_context"),
+                            (dict(s2_shift="rolled", s2_group_schedule="0.5,1,2"), [64, 128, 256])):
         if isinstance(message, list):  # valid: the group sizes it gives
             assert ModelConfig(model_name_or_path="m", target_context=512, **kwargs).group_sizes == message
             continue

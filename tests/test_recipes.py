@@ -59,7 +59,7 @@ def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypa
 
 def test_dry_run_shows_the_s2_schedule(capsys):
     run("extend_7b_8k", "--dry_run", "--s2_group_schedule", "0.25,0.75,2", "--s2_full_every", "4")
-    assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), every 4th step full" in \
+    assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), 1 step in 4 full" in \
         capsys.readouterr().out
 
 
