@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from longqlora import corpora
-from longqlora.quickstart import TRAIN_BOOKS
+from longqlora.quickstart import TRAIN_BOOKS, SmallLlamaConfig
 from longqlora.report import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,24 +62,16 @@ DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(SmallLlamaConfig):
     output_dir: str = field(default="out/ablations", metadata={"help": "Cached base, adapters and result JSONs."})
     variants: str = field(default=DEFAULT_VARIANTS, metadata={"help": "Comma list of variant ids to run."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Extension seeds."})
-    short_context: int = field(default=128, metadata={"help": "Context L the base is pre-trained at."})
-    factor: int = field(default=4, metadata={"help": "Extend to factor x L."})
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    num_layers: int = 4
-    intermediate_size: int = 768
-    num_heads: int = 4
     pretrain_books: str = field(default="austen+kjv", metadata={
         "help": "austen+kjv: five Austen novels and the first 90% of the KJV (the last 10% joins Persuasion in the "
                 "held-out text); austen: the five novels only (with --pretrain_steps 240 --base_cache "
                 "out/quickstart, the quickstart's own cached base)."})
     base_cache: str = field(default="out/ablations", metadata={"help": "Where the pre-trained base is cached."})
     pretrain_steps: int = field(default=400, metadata={"help": "Pre-training steps of 32 x L tokens."})
-    pretrain_lr: float = 3e-3
     seed: int = field(default=0, metadata={"help": "Seed of the base pre-training (one base for all variants)."})
     extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens per variant."})
     extend_lr: float = field(default=1e-3, metadata={"help": "Extension learning rate (LoRA, LoRA+, full FT)."})
@@ -103,8 +95,7 @@ class AblationConfig:
             raise ValueError(f"--pretrain_books {self.pretrain_books}: must be austen or austen+kjv")
         if not self.seeds:
             raise ValueError("--seeds: pass at least one seed")
-        if self.short_context < 16 or self.short_context % 16:
-            raise ValueError(f"--short_context {self.short_context}: must be a multiple of 16, at least 16")
+        super().__post_init__()
         if self.tiny:
             self.base_cache = self.output_dir
             self.short_context, self.hidden_size, self.intermediate_size, self.num_layers = 64, 64, 128, 2
@@ -114,10 +105,6 @@ class AblationConfig:
     @property
     def variant_ids(self) -> list[str]:
         return [v.strip() for v in self.variants.split(",") if v.strip()]
-
-    @property
-    def long_context(self) -> int:
-        return self.short_context * self.factor
 
     @property
     def lengths(self) -> list[int]:

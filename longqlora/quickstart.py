@@ -32,8 +32,10 @@ HELD_OUT = "austen_persuasion"
 
 
 @dataclass
-class QuickstartConfig:
-    output_dir: str = field(default="out/quickstart", metadata={"help": "Results, adapters and the cached base."})
+class SmallLlamaConfig:
+    """The small Llama pre-trained from scratch by the quickstart and the ablations: `pretrain_base` builds it from
+    these fields and caches it by them (and `output_dir`, which each config adds)."""
+
     short_context: int = field(default=128, metadata={"help": "Context L the base is pre-trained at."})
     factor: int = field(default=4, metadata={"help": "Extend to factor x L."})
     vocab_size: int = 2048
@@ -43,14 +45,7 @@ class QuickstartConfig:
     num_heads: int = 4
     pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
     pretrain_lr: float = 3e-3
-    extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens, per variant."})
-    extend_lr: float = 1e-3
-    group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / target context."})
-    lora_r: int = 16
-    eval_tokens: int = field(default=32768, metadata={"help": "Held-out tokens scored per context length."})
     seed: int = 0
-    tiny: bool = field(default=False, metadata={"help": "A seconds-long smoke run of the same pipeline (tests)."})
-    dry_run: bool = field(default=False, metadata={"help": "Print the plan and exit."})
 
     def __post_init__(self):
         if self.short_context < 16 or self.short_context % 16:
@@ -60,27 +55,41 @@ class QuickstartConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"--{name} must be a multiple of 64 (bitsandbytes' CPU 4-bit path needs it)")
-        if self.tiny:
-            self.pretrain_steps, self.extend_steps, self.eval_tokens = 3, 2, 4 * self.short_context * self.factor
 
     @property
     def long_context(self) -> int:
         return self.short_context * self.factor
 
 
+@dataclass
+class QuickstartConfig(SmallLlamaConfig):
+    output_dir: str = field(default="out/quickstart", metadata={"help": "Results, adapters and the cached base."})
+    extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens, per variant."})
+    extend_lr: float = 1e-3
+    group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / target context."})
+    lora_r: int = 16
+    eval_tokens: int = field(default=32768, metadata={"help": "Held-out tokens scored per context length."})
+    tiny: bool = field(default=False, metadata={"help": "A seconds-long smoke run of the same pipeline (tests)."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the plan and exit."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tiny:
+            self.pretrain_steps, self.extend_steps, self.eval_tokens = 3, 2, 4 * self.short_context * self.factor
+
+
 # -------------------------------------------------------------------------------------------------- pre-training
-def _base_key(cfg: QuickstartConfig, books: list[str] | None = None) -> str:
+def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
     fields = ("short_context", "vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads",
               "pretrain_steps", "pretrain_lr", "seed")
     key = [getattr(cfg, f) for f in fields] + ([books] if books is not None else [])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def pretrain_base(cfg: QuickstartConfig, texts: dict[str, str] | None = None) -> Path:
-    """A small Llama trained from scratch at the short context; reused when its settings match.
+def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) -> Path:
+    """A small Llama trained from scratch at the short context into `cfg.output_dir`; reused when its settings match.
 
-    `texts` (name -> text) replaces the five training novels (the ablations add most of the KJV); `cfg` needs the
-    fields of `_base_key` and `output_dir`.
+    `texts` (name -> text) replaces the five training novels (the ablations add most of the KJV).
     """
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -222,13 +231,13 @@ def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
         f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
         f"{cfg.pretrain_steps} steps on {', '.join(TRAIN_BOOKS)}; extended x{cfg.factor} for {cfg.extend_steps} "
         f"steps (NF4 base, position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn "
-        f"group {_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
+        f"group {s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
         f"of held-out {HELD_OUT}; {results[next(iter(results))]['protocol']}.", "",
         table,
         f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; `python recipes/quickstart.py` reproduces it.", ""])
 
 
-def _groups(cfg: QuickstartConfig) -> str:
+def s2_groups(cfg: QuickstartConfig) -> str:
     """The S2 group sizes the extension trains with, e.g. "32 -> 96 -> 256 over 3 equal shares of the steps"."""
     from longqlora.model import ModelConfig
 

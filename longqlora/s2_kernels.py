@@ -118,10 +118,11 @@ def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bo
         visible = visible | (same_doc & (key_windows(in_doc, sinks) < sinks))
     mask = (visible & key_windows(valid, False) & (k_idx <= q_idx)) | (k_idx == q_idx)
     if sinks:  # the first k tokens of the document that holds each window's first key, when they lie before it
-        first = (torch.arange(n_blocks, device=q.device) * group - group).clamp(min=0)  # (blocks,)
+        window_start = torch.arange(n_blocks, device=q.device) * group - group  # (blocks,), -G for the first
+        first = window_start.clamp(min=0)  # (blocks,) the window's first real key
         start = (first - in_doc[:, first]).unsqueeze(-1)  # (B, blocks, 1): where that document begins
         s_idx = start + torch.arange(sinks, device=q.device)  # (B, blocks, k)
-        before = (s_idx < (torch.arange(n_blocks, device=q.device) * group - group).view(1, n_blocks, 1))
+        before = s_idx < window_start.view(1, n_blocks, 1)
         s_idx = s_idx.clamp(max=n - 1)
         s_doc, s_valid = doc.gather(1, s_idx.flatten(1)), valid.gather(1, s_idx.flatten(1))
         ok = before & (s_doc.view_as(s_idx) == doc[:, first].unsqueeze(-1)) & s_valid.view_as(s_idx)

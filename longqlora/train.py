@@ -74,6 +74,11 @@ class TrainingConfig(SFTConfig):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
 
+    @property
+    def tiled_mlp_min_tokens(self) -> int:
+        """Smallest batch (tokens) whose MLPs run tiled: any with --tiled_mlp on, 4 tiles or more with auto."""
+        return 0 if self.tiled_mlp == "on" else 4 * self.tiled_mlp_tokens
+
 
 @dataclass
 class RunConfig:
@@ -185,13 +190,14 @@ def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, inf
 
     tokens = training.per_device_train_batch_size * model_cfg.target_context
     mode = training.offload_activations
+    offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
     cfg = PlanConfig(
         model=model_cfg.model_name_or_path, context=model_cfg.target_context,
         batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
         lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
-        trainable_params=model_cfg.trainable_params, offload=mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens),
+        trainable_params=model_cfg.trainable_params, offload=offload,
         chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
-        tiled_mlp=memory.tiled_mlp_active(training.tiled_mlp, tokens, 4 * training.tiled_mlp_tokens),
+        tiled_mlp=memory.tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
         compute_dtype=info["compute_dtype"], load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
     return plan(hf_config, cfg)
@@ -210,8 +216,7 @@ def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None
     trainer.maybe_activation_offload_context = memory.offload_context(model, threshold)
     tiled = 0
     if training.tiled_mlp != "off":
-        min_tokens = 0 if training.tiled_mlp == "on" else 4 * training.tiled_mlp_tokens
-        tiled = memory.enable_tiled_mlp(model, training.tiled_mlp_tokens, min_tokens)
+        tiled = memory.enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
     logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers",
                 training.offload_activations, threshold, training.chunked_loss, training.tiled_mlp, tiled)
 
