@@ -160,7 +160,7 @@ def run_quickstart(config_cls, argv=None) -> dict | None:
     """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
     from trl import TrlParser
 
-    from longqlora.quickstart import run
+    from longqlora.quickstart import run, s2_groups
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -168,7 +168,7 @@ def run_quickstart(config_cls, argv=None) -> dict | None:
         if cfg.dry_run:
             print(f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
                   f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
-                  f"(S2-Attn group {round(cfg.group_ratio * cfg.long_context)}, and full attention) for "
+                  f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
                   f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}")
             return None
         result = run(cfg)

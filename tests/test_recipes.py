@@ -132,3 +132,12 @@ def test_tensorboard_when_asked(tmp_path):
               "--max_steps", "2")
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_quickstart_dry_run_shows_the_groups_it_trains():
+    from longqlora.model import ModelConfig
+
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--dry_run"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    sizes = ModelConfig(model_name_or_path="-", target_context=512).group_sizes  # the quickstart: 128 -> 512
+    assert out.returncode == 0 and f"S2-Attn group {' -> '.join(map(str, sizes))} over" in out.stdout, out.stderr
