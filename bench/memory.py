@@ -26,9 +26,8 @@ import torch
 
 from longqlora import memory
 from longqlora import plan as planner
-from longqlora.model import ModelConfig, add_adapters
+from longqlora.model import ModelConfig, add_adapters, stream_in_compute_dtype, trainable_to_fp32
 from longqlora.report import markdown_table, write_text_atomic
-from longqlora.train import trainable_to_fp32
 
 logger = logging.getLogger("bench.memory")
 VARIANTS = ("ours", "ours_no_offload", "baseline")
@@ -111,7 +110,7 @@ def prepare(model, variant: str, context: int, rank: int, dtype: torch.dtype):
         from longqlora.attention import enable_s2_attention
 
         enable_s2_attention(model, cfg.group_size)
-        memory.stream_in_compute_dtype(model, dtype)
+        stream_in_compute_dtype(model, dtype)
         memory.enable_tiled_mlp(model, tile_tokens=16384, min_tokens=65536)
     return model, cfg
 

@@ -1,11 +1,10 @@
-"""Long-context memory switches for training: offloaded checkpoints, the chunked loss, the residual stream's dtype
-and sequence-tiled MLPs.
+"""Long-context memory switches for training: offloaded checkpoints, the chunked loss and sequence-tiled MLPs.
 
 Where a library already does the job we use it: activation offloading is TRL's `OffloadActivations` (pinned host
 buffers, a side CUDA stream overlapping the copies with compute), and the chunked loss is TRL's fused LM head
 (log-probabilities in tiles, never the (tokens x vocab) logits). What is ours: the per-tensor size threshold that
 makes offloading fall back to plain checkpointing for short sequences, the switch back to the plain loss (for
-comparison), the embedding-output cast, and the tiled MLP (neither transformers, PEFT nor TRL has one).
+comparison), and the tiled MLP (neither transformers, PEFT nor TRL has one).
 """
 
 from __future__ import annotations
@@ -74,24 +73,6 @@ def plain_causal_lm_loss(outputs, labels, num_items_in_batch=None):
 
     logits = outputs.logits
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
-
-
-# ---------------------------------------------------------------------------------------- the residual stream
-def stream_in_compute_dtype(model, dtype: torch.dtype):
-    """Cast the input embedding's output to the compute dtype.
-
-    Trained embeddings are kept in fp32 (train.trainable_to_fp32), so their lookup returns fp32 and the whole
-    residual stream, with every checkpointed hidden state, would stay fp32: twice the activation memory of a frozen
-    16-bit embedding, for no accuracy the 16-bit matmuls can use. Returns the hook handle (None if nothing to do).
-    """
-    if dtype == torch.float32:
-        return None
-    embed = model.get_input_embeddings()
-
-    def cast(module, args, output):
-        return output.to(dtype) if output.is_floating_point() and output.dtype != dtype else output
-
-    return embed.register_forward_hook(cast)
 
 
 # ------------------------------------------------------------------------------------------------- tiled MLP

@@ -349,6 +349,38 @@ def add_adapters(model, cfg: ModelConfig):
         return get_peft_model(model, lora), lora
 
 
+def trainable_to_fp32(model) -> None:
+    """Keep trainable parameters in fp32 (master weights): small AdamW steps on the trained embedding and norms
+    would round to nothing in 16-bit, and TRL casts them to bf16 for quantized models (train.py calls this again
+    after building the trainer). Autocast still computes in the compute dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def stream_in_compute_dtype(model, dtype: torch.dtype) -> list:
+    """Cast the outputs of the input embedding and of every norm layer to the compute dtype.
+
+    The trained embedding and norms hold fp32 master weights, so their outputs are fp32 (Llama's RMSNorm multiplies
+    by its weight last), and bitsandbytes' Linear4bit returns its input's dtype: without the cast the whole residual
+    stream, q/k/v and every checkpointed hidden state would be fp32 under 16-bit autocast, twice the activation
+    memory, and flash-attn/xformers would refuse the fp32 q/k/v. Returns the hook handles ([] in fp32).
+    """
+    if dtype == torch.float32:
+        return []
+
+    def cast(module, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dtype != dtype:
+            return output.to(dtype)
+        return output
+
+    embedding = model.get_input_embeddings()
+    targets = [embedding] + [m for m in model.modules() if type(m).__name__.endswith(NORM_SUFFIXES)]
+    handles = [m.register_forward_hook(cast) for m in targets]
+    model.__dict__.setdefault("_longqlora_stream_hooks", []).extend(handles)
+    return handles
+
+
 def count_trainable_without_weights(cfg: ModelConfig, *, trust_remote_code: bool = False) -> dict:
     """Trainable and total parameter counts of the adapted model, computed on the meta device (no weights load);
     the base's Linear layers count as full-size here, as they would in 16-bit."""
@@ -368,21 +400,19 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True, trust_r
 
     Returns (peft_model, tokenizer, info) ready for training; info adds trainable_params and total_params.
     """
-    from peft import prepare_model_for_kbit_training
-
     model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
-    if cfg.load_in_4bit:
-        # Freezes every weight and upcasts the non-quantized ones (embeddings, norms, lm_head) to fp32, so the
-        # trained embedding and norm copies keep fp32 master weights. Checkpointing is switched on below instead,
-        # through the non-deprecated transformers API.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        model.requires_grad_(False)
+    # Not peft.prepare_model_for_kbit_training: besides freezing, it upcasts every unquantized weight to fp32. The
+    # frozen embedding, LM head and norms would then take twice the memory (0.49 GiB at Llama-2-7B, 2 GiB at
+    # Llama-3.1-8B) and the fp32 norm weights would make every norm output, so every later activation and
+    # checkpoint, fp32 (docs/gpu.md, finding 1). Only the trained copies need fp32 master weights (below).
+    model.requires_grad_(False)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad (the reentrant kind would).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     model, lora = add_adapters(model, cfg)
+    trainable_to_fp32(model)
+    stream_in_compute_dtype(model, COMPUTE_DTYPES[info["compute_dtype"]])
     if cfg.s2_attention:
         from longqlora.attention import enable_s2_attention
 

@@ -26,7 +26,7 @@ from trl import SFTConfig
 from longqlora import data as data_lib
 from longqlora import instructions, memory
 from longqlora.inference import EXTENSION_FILE
-from longqlora.model import ModelConfig, check_model, load_model
+from longqlora.model import ModelConfig, check_model, load_model, trainable_to_fp32
 from longqlora.report import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -204,11 +204,9 @@ def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, inf
 
 
 def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None:
-    """Switch on, for this trainer's model, what --offload_activations / --tiled_mlp ask for, and keep the residual
-    stream in the compute dtype (see memory.stream_in_compute_dtype)."""
+    """Switch on, for this trainer's model, what --offload_activations / --tiled_mlp ask for."""
     model = trainer.model
     dtype = getattr(torch, info["compute_dtype"])
-    memory.stream_in_compute_dtype(model, dtype)
     hidden = model.config.get_text_config().hidden_size
     threshold = memory.offload_threshold_bytes(training.offload_activations, training.offload_min_tokens, hidden,
                                                dtype.itemsize)
@@ -284,14 +282,6 @@ def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def trainable_to_fp32(model) -> None:
-    """Keep trainable parameters in fp32. TRL casts them to bf16 for quantized models, where small AdamW steps on
-    the trained embeddings round to nothing; autocast still computes in the compute dtype."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 # ------------------------------------------------------------------------------------------------------- run

@@ -158,23 +158,6 @@ def test_chunked_loss_equals_the_plain_loss(tiny_dir):
     assert_same(plain, chunked, 1e-4)
 
 
-def test_stream_runs_in_the_compute_dtype(tiny_dir):
-    """Trained fp32 embeddings would make every checkpointed hidden state fp32; the cast keeps them 16-bit."""
-    model = adapted(tiny_dir)
-    seen = []
-    layer = model.get_base_model().model.layers[0]
-    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-    ids = torch.randint(3, 320, (1, 64))
-    model(input_ids=ids)
-    assert seen[-1] == torch.float32  # the trained embedding copy is fp32
-    handle = memory.stream_in_compute_dtype(model, torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=ids)
-    assert seen[-1] == torch.bfloat16
-    handle.remove()
-    assert memory.stream_in_compute_dtype(model, torch.float32) is None
-
-
 @pytest.mark.parametrize("flag,value", [("offload_activations", "always"), ("tiled_mlp", "yes"),
                                         ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)])
 def test_training_config_rejects_bad_switches(flag, value):

@@ -287,6 +287,43 @@ def test_bf16_compute_keeps_fp32_trainables(tiny_dirs):
     assert math.isfinite(loss.item())
 
 
+@pytest.mark.parametrize("trainable", ["embed,norm", ""])
+def test_bf16_stream_qkv_and_checkpoints(tiny_dirs, monkeypatch, trainable):
+    """Under bf16 autocast the frozen embedding, head and norms stay bf16, the trained copies fp32, and what reaches
+    the attention op (q/k/v) and every checkpointed layer input is bf16, not fp32 (docs/gpu.md, finding 1)."""
+    from longqlora import attention
+
+    model, _, _ = load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16", trainable_params=trainable))
+    base = model.get_base_model()
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad and "embed" in n or ".norm." in n
+              and "original_module" in n]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    seen, saved = [], []
+    original = attention.s2_attention
+    monkeypatch.setattr(attention, "s2_attention", lambda q, k, v, *a, **kw: seen.append(
+        (q.dtype, k.dtype, v.dtype)) or original(q, k, v, *a, **kw))
+
+    def pack(t):
+        if t.dim() == 3 and t.shape[-1] == 128 and t.shape[1] == 256:  # (B, N, hidden): layer inputs and the like
+            saved.append(t.dtype)
+        return t
+
+    inputs = []
+    for layer in base.model.layers:  # a checkpointed layer's input is what checkpointing keeps
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].dtype))
+    model.train()
+    ids = torch.randint(3, 320, (1, 256))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert len(seen) == 4 and set(seen) == {(torch.bfloat16,) * 3}  # 2 layers, forward and recomputation
+    assert inputs == [torch.bfloat16] * 2
+    # saved outside the checkpoints: the two layer inputs in bf16, and only the final norm's own fp32 computation
+    assert saved.count(torch.bfloat16) >= 2 and saved.count(torch.float32) <= 2, saved
+
+
 def test_full_precision_base(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], load_in_4bit=False))
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
