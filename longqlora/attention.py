@@ -32,13 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-from longqlora import hardware, s2_kernels
+from longqlora import hardware, s2_kernels, s2_layout
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "longqlora_s2"
 SHIFTS = ("leakfree", "rolled")
-_WHOLE = 1 << 62  # a "group size" no document reaches: segment_ids then numbers documents
 
 
 def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: float = 0.0) -> None:
@@ -81,84 +80,91 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
     group = int(group_size)
     if group < 1:
         raise ValueError(f"s2_attention: group_size must be >= 1, got {group_size}")
-    backend = _pick_backend(backend, query)
+    backend = _check_backend(backend, query)
     scale = d ** -0.5 if scale is None else scale
-
     check_variant(shift, sink_tokens, full_heads)
-    valid = None if attention_mask is None else attention_mask.to(device=query.device, dtype=torch.bool)
-    if valid is not None and bool(valid.all()):
-        valid = None
-    positions = _packed_positions(position_ids, b, n, query.device)
-    if shift == "rolled" and (positions is not None or valid is not None):
+
+    rows = s2_layout.build(position_ids, attention_mask, b, n, query.device)  # once per forward, not per layer
+    if shift == "rolled" and not (rows.positions is None and rows.valid is None):
         raise ValueError("--s2_shift rolled: LongLoRA's roll knows no documents or padding; use --s2_shift leakfree")
-    out_t = query.new_empty(b, n, h, d)  # (B, N, H, D): the layout transformers' o_proj reads
+    # (B, N, H, D): the layout transformers' o_proj reads; zeros where padded rows are never written
+    out_t = query.new_empty(b, n, h, d) if rows.valid is None else query.new_zeros(b, n, h, d)
     out = out_t.transpose(1, 2)  # (B, H, N, D) view
     n_rep = h // h_kv
-    # Right padding with plain positions needs no mask: causality already hides the later padding keys.
-    grouped = positions is None and (valid is None or _right_padded(valid)) and not sink_tokens
-    plain = torch.arange(n, device=query.device).expand(b, n)
-    mask = torch.ones(b, n, dtype=torch.bool, device=query.device) if valid is None else valid
+    varlen = _varlen_kernel(backend, query, scale, dropout)
+    sdpa_gqa = hardware.sdpa_gqa_ok(query.device)
     for h0, h1, kind in head_split(h, full_heads):
         if h0 == h1:
             continue
         q = query[:, h0:h1]
         step = 0 if kind == "plain" else group // 2
-        span = _WHOLE if kind == "full" else group  # a full head is one segment per document
-        fused = backend == "sdpa" or (sink_tokens and kind != "full") or shift == "rolled"
-        k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=fused)
+        span = s2_layout.WHOLE if kind == "full" else group  # a full head is one segment per document
+        sinks = int(sink_tokens) if kind != "full" else 0
         if kind == "shifted" and shift == "rolled":
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
             s2_kernels.sdpa_rolled(out[:, h0:h1], q, k, v, gqa=gqa, group=group, scale=scale, dropout=dropout)
-            continue
-        if fused and (grouped or (kind == "full" and positions is None and valid is None)):
+        elif varlen is not None and not sinks and (backend in ("flash_attn", "xformers") or not rows.grouped):
+            # Packed or padded rows (or a forced GPU kernel): every segment one sequence of a varlen kernel, linear
+            # in N with no mask and no wasted blocks.
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=varlen[1])
+            s2_kernels.varlen(out[:, h0:h1], q, k, v, rows.varlen(span, step), kernel=varlen[0], scale=scale,
+                              dropout=dropout)
+        elif rows.grouped and not sinks:
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
             s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale,
                                    dropout=dropout)
-            continue
-        seg = s2_kernels.segment_ids(plain if positions is None else positions, span, step)  # (B, N)
-        if kind == "full" and fused:
-            same = (seg[:, :, None] == seg[:, None, :]) & mask[:, None, :]
+        elif kind == "full":
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
+            seg = rows.segments(span, step)  # (B, N)
+            same = (seg[:, :, None] == seg[:, None, :]) & rows.mask[:, None, :]
             s2_kernels.sdpa_dense(out[:, h0:h1], q, k, v, same.tril(), gqa=gqa, scale=scale, dropout=dropout)
-        elif fused:
-            doc = in_doc = None
-            if sink_tokens:
-                doc = s2_kernels.segment_ids(plain if positions is None else positions, _WHOLE, 0)  # (B, N)
-                first = torch.cat([doc.new_ones(b, 1, dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
-                starts = torch.where(first, plain, 0)  # (B, N) index of each document's first token, else 0
-                in_doc = plain - starts.cummax(1).values  # (B, N) index inside the document
-            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, seg, mask, gqa=gqa, group=group, scale=scale,
-                                   dropout=dropout, doc=doc, in_doc=in_doc, sinks=int(sink_tokens))
-        else:
-            module = hardware.flash_attn_module() if backend == "flash_attn" else hardware.xformers_ops()
-            s2_kernels.varlen(out[:, h0:h1], q, k, v, seg, mask, backend=backend, module=module, scale=scale,
-                              dropout=dropout)
-    if valid is not None:
-        out_t.mul_(valid[:, :, None, None].to(out_t.dtype))
+        else:  # no varlen kernel here (the CPU, or none installed), or attention sinks: O(N x G) masks
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
+            doc, in_doc = rows.documents() if sinks else (None, None)
+            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, rows.segments(span, step), rows.mask, gqa=gqa,
+                                   group=group, scale=scale, dropout=dropout, doc=doc, in_doc=in_doc, sinks=sinks)
+    if rows.valid is not None:
+        out_t.mul_(rows.valid[:, :, None, None].to(out_t.dtype))
     return out
 
 
-def _pick_backend(backend: str | None, query: torch.Tensor) -> str:
+def _check_backend(backend: str | None, query: torch.Tensor) -> str:
+    """The requested backend ("auto" for None), after checking that a forced GPU kernel can take these tensors."""
     if backend in (None, "auto"):
-        choice = hardware.resolve_backend(None, query.device)
-        return choice if query.dtype in (torch.float16, torch.bfloat16) else "sdpa"
+        return "auto"
     choice = hardware.resolve_backend(backend, query.device)
     if choice != "sdpa" and query.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"--attn_backend {choice} needs float16 or bfloat16 tensors, got {query.dtype}; use sdpa")
     return choice
 
 
-def _right_padded(valid: torch.Tensor) -> bool:
-    """True when every row is real tokens followed only by padding."""
-    as_int = valid.to(torch.uint8)
-    return bool((as_int.cummin(dim=1).values == as_int).all())
+def _varlen_kernel(backend: str, query: torch.Tensor, scale: float, dropout: float) -> tuple[str, bool] | None:
+    d = query.shape[-1]
+    return varlen_choice(backend, query.device.type, query.dtype, d, abs(scale - d ** -0.5) < 1e-12, dropout)
 
 
-def _packed_positions(position_ids, b: int, n: int, device) -> torch.Tensor | None:
-    """(B, N) positions when they differ from 0..N-1 in any row (packed or shifted), else None (the fast path)."""
-    if position_ids is None:
+def varlen_choice(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, default_scale: bool = True,
+                  dropout: float = 0.0) -> tuple[str, bool] | None:
+    """(kernel, takes GQA natively) for rows that are packed or padded, or None for the SDPA fallbacks.
+
+    auto prefers flash-attn's varlen kernel, then PyTorch's own (torch.nn.attention.varlen: the same flash kernel,
+    sm_80+), then xformers (which runs on a V100); sdpa takes PyTorch's own where it runs; a forced flash_attn or
+    xformers is used for every row. Needs 16-bit CUDA tensors; head dims up to 256.
+    """
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
-    pos = position_ids.to(device=device).expand(b, n)
-    if bool((pos == torch.arange(n, device=device)).all()):
-        return None
-    return pos.long()
+    if backend in ("flash_attn", "xformers"):
+        return backend, backend == "flash_attn"
+    for name in ("flash_attn", "torch", "xformers") if backend == "auto" else ("torch",):
+        if name == "flash_attn" and hardware.flash_attn_module() is not None and head_dim <= 256:
+            return name, True
+        features = hardware.torch_varlen() if name == "torch" else None
+        if features is not None and head_dim <= 256 and head_dim % 8 == 0 and not dropout and \
+                (features["scale"] or default_scale):
+            return name, features["enable_gqa"]
+        if name == "xformers" and hardware.xformers_ops() is not None:
+            return name, False
+    return None
 
 
 # ------------------------------------------------------------------------------------ transformers integration

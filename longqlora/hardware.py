@@ -84,17 +84,69 @@ def backend_problem(backend: str) -> str | None:
     return None
 
 
+@functools.cache
+def torch_varlen() -> dict | None:
+    """PyTorch's own varlen flash-attention (`torch.nn.attention.varlen.varlen_attn`, torch 2.9+) where it runs: a
+    CUDA GPU of sm_80 or newer (it calls aten's flash kernel). Returns {"fn", "causal", "scale", "enable_gqa"}: the
+    function and how this torch version spells causality (`is_causal=True`, or `window_size=(-1, 0)` in newer
+    releases) and whether it takes a softmax scale and GQA; None where it does not run."""
+    import inspect
+
+    cap = cuda_capability()
+    module = _import("torch.nn.attention.varlen") if cap is not None and cap >= (8, 0) else None
+    fn = getattr(module, "varlen_attn", None)
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    causal = "is_causal" if "is_causal" in params else "window_size" if "window_size" in params else None
+    if causal is None:
+        return None
+    return {"fn": fn, "causal": causal, "scale": "scale" in params, "enable_gqa": "enable_gqa" in params}
+
+
+def call_torch_varlen(q, k, v, cu_seqlens, max_len: int, *, scale, gqa: bool):
+    """Causal `varlen_attn` over (tokens, heads, D) streams with the same cu_seqlens for queries and keys."""
+    features = torch_varlen()
+    kwargs = {"is_causal": True} if features["causal"] == "is_causal" else {"window_size": (-1, 0)}
+    if features["scale"]:
+        kwargs["scale"] = scale
+    if gqa:
+        kwargs["enable_gqa"] = True
+    return features["fn"](q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+
+def sdpa_gqa_ok(device: torch.device | str) -> bool:
+    """Whether SDPA should broadcast GQA key/value heads itself (`enable_gqa`) rather than get them repeated: on the
+    CPU and where its flash kernel runs (sm_80+). Below that only the memory-efficient kernel is left, which does
+    not take enable_gqa in every torch release, so SDPA would fall back to the O(N^2) math kernel."""
+    if torch.device(device).type != "cuda":
+        return True
+    cap = cuda_capability()
+    return cap is not None and cap >= (8, 0)
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on `device` (CPU: sdpa only)."""
+    """Backends that can run on `device` (CPU: sdpa only), in the order `auto` prefers them for packed rows."""
     if device is not None and torch.device(device).type != "cuda":
         return ["sdpa"]
-    return [b for b in BACKENDS if backend_problem(b) is None]
+    return [b for b in ("flash_attn", "xformers", "sdpa") if backend_problem(b) is None]
+
+
+def auto_kernels(device: torch.device | str) -> str:
+    """What `--attn_backend auto` runs on `device`, for plain rows and for packed or padded rows."""
+    if torch.device(device).type != "cuda":
+        return "sdpa (packed rows: banded sdpa)"
+    packed = "flash_attn varlen" if backend_problem("flash_attn") is None else \
+        "torch varlen" if torch_varlen() is not None else \
+        "xformers varlen" if backend_problem("xformers") is None else "banded sdpa"
+    return f"sdpa (packed rows: {packed})"
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
-    """`auto`/None picks flash_attn, then xformers, then sdpa, among those that run on `device`."""
+    """The kernel family for `backend` on `device`: `auto`/None is "auto" on CUDA (a choice per batch, see
+    attention._varlen_kernel and `auto_kernels`) and "sdpa" on the CPU; a forced backend is checked."""
     if backend in (None, "auto"):
-        return available_backends(device)[0] if torch.device(device).type == "cuda" else "sdpa"
+        return "auto" if torch.device(device).type == "cuda" else "sdpa"
     problem = backend_problem(backend)
     if problem:
         raise ValueError(problem)

@@ -204,6 +204,8 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
         if problem:
             raise ValueError(problem)
     backend = hardware.resolve_backend(cfg.attn_backend, device)
+    if backend == "auto":
+        backend = hardware.auto_kernels(device)
     dtype = _resolve_dtype(cfg.compute_dtype)
     if dtype == torch.bfloat16 and not hardware.supports_bf16():
         major, minor = hardware.cuda_capability()

@@ -11,8 +11,9 @@ Every function here computes one *head half* (heads that share one shift) and wr
   the sequence, attends causally in groups of G and is rolled back, so its last group joins the last G/2 tokens with
   the first G/2 (the wrap-around; kept for comparison only).
 - `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with packed or padded rows.
-- `varlen`: flash-attn's varlen kernel or xformers' block-diagonal causal bias over the unpadded token stream, each
-  segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens).
+- `varlen`: flash-attn's or PyTorch's varlen kernel, or xformers' block-diagonal causal bias, over the unpadded token
+  stream, each segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens);
+  the stream, its cu_seqlens and the longest segment come from s2_layout, computed once per forward.
 """
 
 from __future__ import annotations
@@ -65,18 +66,6 @@ def sdpa_groups(out, q, k, v, *, gqa: bool, group: int, shift: int, scale, dropo
         o = _sdpa(_as_groups(q, start, count, size), _as_groups(k, start, count, size),
                   _as_groups(v, start, count, size), gqa=gqa, scale=scale, dropout=dropout)
         out[:, :, start:start + count * size] = o.unflatten(0, (b, count)).transpose(1, 2).flatten(2, 3)
-
-
-def segment_ids(positions: torch.Tensor, group: int, shift: int) -> torch.Tensor:
-    """(B, N) positions -> (B, N) int64 ids, equal exactly for tokens of one S2 segment.
-
-    A document starts wherever positions do not continue by +1 (transformers' packed-sequence rule); a segment is
-    a run of one document with the same floor((p + shift) / G).
-    """
-    bucket = torch.div(positions + shift, group, rounding_mode="floor")
-    change = torch.ones_like(positions, dtype=torch.bool)
-    change[:, 1:] = (positions[:, 1:] != positions[:, :-1] + 1) | (bucket[:, 1:] != bucket[:, :-1])
-    return change.long().cumsum(dim=1)
 
 
 def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bool, group: int, scale,
@@ -163,33 +152,37 @@ def sdpa_dense(out, q, k, v, allowed: torch.Tensor, *, gqa: bool, scale, dropout
     out.copy_(_sdpa(q, k, v, gqa=gqa, scale=scale, dropout=dropout, mask=mask.unsqueeze(1)))
 
 
-def varlen(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, backend: str, module, scale,
-           dropout: float) -> None:
+def varlen(out, q, k, v, pack, *, kernel: str, scale, dropout: float) -> None:
     """S2 through a varlen kernel: the valid tokens of all rows in one stream, each segment its own sequence.
 
-    `q`, `k`, `v` have the same head count here (the caller repeats KV heads, which also covers a head half that
-    splits a KV group). `module` is flash_attn or xformers.ops.
+    `pack`: s2_layout.Varlen (token indices, int32 cu_seqlens, the longest segment as an int). `kernel`:
+    "flash_attn" (flash_attn_varlen_func), "torch" (torch.nn.attention.varlen.varlen_attn) or "xformers"
+    (memory_efficient_attention with a block-diagonal causal bias). `k`, `v` may have fewer heads than `q` (GQA)
+    for flash_attn and torch; xformers gets them repeated by the caller.
     """
-    b, h, n, d = q.shape
-    flat_valid = valid.reshape(-1)
-    keep = flat_valid.nonzero().squeeze(1)
-    # Segment ids restart per row; offset them so that rows never merge.
-    seg_flat = (seg + torch.arange(b, device=seg.device).unsqueeze(1) * (n + 1)).reshape(-1)[keep]
-    _, lengths = torch.unique_consecutive(seg_flat, return_counts=True)
+    from longqlora import hardware
 
-    def tokens(x):  # (B, hx, N, D) -> (valid tokens, hx, D)
-        return x.transpose(1, 2).reshape(b * n, x.shape[1], d)[keep]
+    b, h, n, d = q.shape
+
+    def tokens(x):  # (B, hx, N, D) -> (T, hx, D); a view when nothing is padded
+        x = x.transpose(1, 2).reshape(b * n, x.shape[1], d)
+        return x if pack.keep is None else x.index_select(0, pack.keep)
 
     qt, kt, vt = tokens(q), tokens(k), tokens(v)
-    if backend == "flash_attn":
-        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        longest = int(lengths.max())
-        o = module.flash_attn_varlen_func(qt, kt, vt, cu, cu, longest, longest, dropout_p=dropout,
-                                          softmax_scale=scale, causal=True)
+    cu, longest = pack.cu_seqlens, pack.max_len
+    if kernel == "flash_attn":
+        o = hardware.flash_attn_module().flash_attn_varlen_func(
+            qt, kt, vt, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scale, causal=True)
+    elif kernel == "torch":
+        o = hardware.call_torch_varlen(qt.contiguous(), kt.contiguous(), vt.contiguous(), cu, longest,
+                                       scale=scale, gqa=kt.shape[1] != qt.shape[1])
     else:  # xformers: (1, tokens, h, D) with a block-diagonal causal bias, one block per segment
-        bias = module.fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths.tolist())
-        o = module.memory_efficient_attention(qt.unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0), attn_bias=bias,
-                                              p=dropout, scale=scale).squeeze(0)
-    full = o.new_zeros(b * n, h, d)
-    full[keep] = o
-    out.copy_(full.view(b, n, h, d).transpose(1, 2))
+        ops = hardware.xformers_ops()
+        bias = ops.fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(pack.lengths_list())
+        o = ops.memory_efficient_attention(qt.unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0), attn_bias=bias,
+                                           p=dropout, scale=scale).squeeze(0)
+    target = out.transpose(1, 2)  # (B, N, h, D): a head slice of the caller's (B, N, H, D) output
+    if pack.keep is None:
+        target.copy_(o.view(b, n, h, d))
+    else:  # padded tokens keep what the caller put there (zeros); the head slice merges (B, N) into one view
+        target.view(b * n, h, d).index_copy_(0, pack.keep, o)

@@ -192,11 +192,20 @@ def test_gpu_backends_agree_with_reference(backend, packed):
 
 
 @CUDA
-def test_gpu_auto_backend_equals_forced_sdpa():
-    q, k, v = (t.cuda().bfloat16() for t in rand_qkv(1, 8, 8, 2048, d=64, dtype=torch.float32))
-    auto = s2_attention(q, k, v, 512)
-    sdpa = s2_attention(q, k, v, 512, backend="sdpa")
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_auto_backend_agrees_with_forced_sdpa(packed):
+    """auto takes a varlen kernel for packed rows where one runs (flash-attn, torch's own, xformers) and SDPA's
+    grouped path for plain rows; both agree with forced sdpa (banded or torch varlen for the packed rows)."""
+    from longqlora.attention import varlen_choice
+
+    n = 4096
+    pos = packed_positions((1000, 2500, 596)).cuda() if packed else None
+    q, k, v = (t.cuda().bfloat16() for t in rand_qkv(1, 8, 2, n, d=64, dtype=torch.float32))
+    auto = s2_attention(q, k, v, 512, position_ids=pos)
+    sdpa = s2_attention(q, k, v, 512, position_ids=pos, backend="sdpa")
     assert (auto.float() - sdpa.float()).norm() / sdpa.float().norm() < 1e-2
+    if hardware.cuda_capability() >= (8, 0) and hardware.torch_varlen() is not None:
+        assert varlen_choice("auto", "cuda", torch.bfloat16, 64) is not None
 
 
 # ------------------------------------------------------------------ variants: rolled shift, sinks, full heads

@@ -1,0 +1,136 @@
+"""The row layout S2-Attn needs, computed once per forward instead of once per layer: which rows are packed or padded,
+the S2 segments of each head half, and the unpadded token stream (indices, cu_seqlens, longest segment) that the
+varlen kernels take.
+
+Everything here that decides a shape reads values from the device (`nonzero`, `.all()`, `max()`): a host-device sync.
+Computed per layer, that was about 450 syncs per step on packed rows; here each layout is built once per tensor of
+position ids (or padding mask) and kept on that tensor, so every layer of the forward and every recomputed layer of
+the backward (gradient checkpointing passes the same tensors again) reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+WHOLE = 1 << 62  # a "group size" no document reaches: segment ids then number documents
+_ATTR = "_longqlora_s2_layout"
+
+
+def segment_ids(positions: torch.Tensor, group: int, shift: int) -> torch.Tensor:
+    """(B, N) positions -> (B, N) int64 ids, equal exactly for tokens of one S2 segment.
+
+    A document starts wherever positions do not continue by +1 (transformers' packed-sequence rule); a segment is
+    a run of one document with the same floor((p + shift) / G).
+    """
+    bucket = torch.div(positions + shift, group, rounding_mode="floor")
+    change = torch.ones_like(positions, dtype=torch.bool)
+    change[:, 1:] = (positions[:, 1:] != positions[:, :-1] + 1) | (bucket[:, 1:] != bucket[:, :-1])
+    return change.long().cumsum(dim=1)
+
+
+@dataclass
+class Varlen:
+    """The valid tokens of all rows as one stream, each S2 segment its own sequence (the varlen kernels' input)."""
+
+    keep: torch.Tensor | None  # (T,) flat indices of the valid tokens into B * N, None when every token is valid
+    cu_seqlens: torch.Tensor  # (segments + 1,) int32 offsets of each segment in the stream
+    max_len: int  # the longest segment (a Python int: the kernels take it on the host)
+    lengths: torch.Tensor  # (segments,) int64
+
+    def lengths_list(self) -> list[int]:
+        return self.lengths.tolist()
+
+
+@dataclass
+class RowLayout:
+    """What the rows of one batch look like to S2-Attn. positions: (B, N) or None for 0..N-1 in every row; valid:
+    (B, N) bool or None when nothing is padded; grouped: the reshape-into-groups fast path applies (plain positions,
+    at most right padding)."""
+
+    b: int
+    n: int
+    device: torch.device
+    positions: torch.Tensor | None
+    valid: torch.Tensor | None
+    grouped: bool
+    _segments: dict = field(default_factory=dict, repr=False)
+    _varlen: dict = field(default_factory=dict, repr=False)
+    _documents: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, N) bool, True for real tokens."""
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.b, self.n, dtype=torch.bool, device=self.device)
+
+    def plain(self) -> torch.Tensor:
+        return torch.arange(self.n, device=self.device).expand(self.b, self.n)
+
+    def segments(self, group: int, shift: int) -> torch.Tensor:
+        """(B, N) S2 segment ids for group size `group` shifted by `shift` (WHOLE: one segment per document)."""
+        key = (group, shift)
+        if key not in self._segments:
+            pos = self.plain() if self.positions is None else self.positions
+            self._segments[key] = segment_ids(pos, group, shift)
+        return self._segments[key]
+
+    def documents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(doc ids, index inside the document), both (B, N): for attention sinks."""
+        if not self._documents:
+            doc = self.segments(WHOLE, 0)
+            first = torch.cat([doc.new_ones(self.b, 1, dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
+            plain = self.plain()
+            starts = torch.where(first, plain, 0)  # (B, N) index of each document's first token, else 0
+            self._documents["doc"] = (doc, plain - starts.cummax(1).values)
+        return self._documents["doc"]
+
+    def varlen(self, group: int, shift: int) -> Varlen:
+        """The unpadded token stream with one sequence per segment, for group `group` shifted by `shift`."""
+        key = (group, shift)
+        if key not in self._varlen:
+            seg = self.segments(group, shift)
+            # Segment ids restart in every row; offset them so that rows never merge.
+            flat = (seg + torch.arange(self.b, device=self.device).unsqueeze(1) * (self.n + 1)).reshape(-1)
+            keep = None
+            if self.valid is not None:
+                keep = self.valid.reshape(-1).nonzero().squeeze(1)
+                flat = flat[keep]
+            _, lengths = torch.unique_consecutive(flat, return_counts=True)
+            cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            self._varlen[key] = Varlen(keep=keep, cu_seqlens=cu, max_len=int(lengths.max()), lengths=lengths)
+        return self._varlen[key]
+
+
+def _is_right_padded(valid: torch.Tensor) -> bool:
+    as_int = valid.to(torch.uint8)
+    return bool((as_int.cummin(dim=1).values == as_int).all())
+
+
+def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, b: int, n: int,
+          device) -> RowLayout:
+    """The layout of (B, N) rows from their position ids ((B, N) or (1, N), or None) and padding mask ((B, N),
+    1 = real token, or None), reused from the position-ids (else mask) tensor when it was built for it before."""
+    holder = position_ids if position_ids is not None else attention_mask
+    key = (b, n, str(device), id(attention_mask), None if attention_mask is None else attention_mask._version,
+           None if position_ids is None else position_ids._version)
+    if holder is not None:
+        cached = holder.__dict__.get(_ATTR)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    valid = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+    if valid is not None and bool(valid.all()):
+        valid = None
+    positions = None
+    if position_ids is not None:
+        pos = position_ids.to(device=device).expand(b, n)
+        if not bool((pos == torch.arange(n, device=device)).all()):
+            positions = pos.long()
+    grouped = positions is None and (valid is None or _is_right_padded(valid))
+    layout = RowLayout(b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped)
+    if holder is not None:
+        holder.__dict__[_ATTR] = (key, layout)
+    return layout
