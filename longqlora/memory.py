@@ -56,7 +56,38 @@ def offload_context(model, threshold_bytes: int | None, *, pin_memory: bool = Tr
 
     manager = get_act_offloading_ctx_manager(model, use_pin_memory=pin_memory, use_streams=use_streams,
                                              min_offload_size=int(threshold_bytes), warn_if_no_head=False)
+    _keep_loss_on_device(model)
     return manager
+
+
+def _keep_loss_on_device(model) -> None:
+    """Nothing saved from the final norm to the end of the forward is offloaded: TRL's fused LM head reads
+    `lm_head.weight` without calling the head, so TRL's no-offload hooks on the head never fire and the final hidden
+    states (tokens x hidden, saved by the chunked loss) would go to the host and straight back for the first step of
+    the backward."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    norm = getattr(getattr(hf, "base_model", None), "norm", None)
+    if norm is None or "_longqlora_loss_on_device" in hf.__dict__:
+        return
+    region = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)  # innermost hooks win
+    entered = []
+
+    def enter(*args):
+        if not entered:
+            region.__enter__()
+            entered.append(True)
+
+    def leave(*args):
+        if entered:
+            entered.clear()
+            region.__exit__(None, None, None)
+
+    hf._longqlora_loss_on_device = (norm.register_forward_pre_hook(enter),
+                                    hf.register_forward_hook(leave, always_call=True))
+
+
+def _identity(tensor):
+    return tensor
 
 
 def offloaded_bytes(manager) -> int:
@@ -105,8 +136,11 @@ class _TiledMLPFunction(torch.autograd.Function):
         want_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if want_x else None
         device = x.device
+        # Identity saved-tensor hooks: what a tile's recomputation saves is used at once, so an outer offloading
+        # context (its hooks follow the autograd thread into this backward) must not send it to the host.
+        no_offload = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
-                torch.autocast(device.type, **ctx.autocast):
+                torch.autocast(device.type, **ctx.autocast), no_offload:
             _set_rng_state(device, ctx.rng)
             start = 0
             for piece, grad in zip(x.split(ctx.tile, dim=-2), grad_out.split(ctx.tile, dim=-2)):

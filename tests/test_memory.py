@@ -129,6 +129,43 @@ def test_offload_auto_keeps_short_batches_on_the_device(tiny_dir, cpu_offload):
     assert moved[-1] >= 2 * 1024 * 128 * 4
 
 
+def test_offload_keeps_the_fused_loss_on_the_device(tiny_dir, cpu_offload):
+    """TRL's fused LM head never calls lm_head, so TRL's own no-offload hooks on it do not fire: ours keep
+    everything from the final norm on (the final hidden states the loss saves) on the device. What goes to the host
+    is the input ids and the two checkpointed layer inputs."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = adapted(tiny_dir)
+    add_fused_lm_head(model.get_base_model())
+    manager = cpu_offload(model, memory.offload_threshold_bytes("on", 0, 0, 0))
+    shapes = []
+    model.register_forward_hook(lambda *a: shapes.append(
+        sorted(tuple(t.shape) for t, moved, *_ in manager.tracker.values() if moved)))
+    ids = torch.randint(3, 320, (1, 512))
+    plain = step(model, ids, fused_lm_head=True)
+    assert_same(plain, step(model, ids, manager, fused_lm_head=True), 1e-6)
+    assert shapes[-1] == [(1, 512), (1, 512, 128), (1, 512, 128)]
+
+
+def test_tiled_mlp_recomputation_is_not_offloaded(tiny_dir):
+    """The tiles recomputed inside the tiled MLP's backward save tensors that are used at once; an outer
+    saved-tensor hook (an offloading context) must see none of them."""
+    model = adapted(tiny_dir, lora_target="all-linear")
+    memory.enable_tiled_mlp(model, tile_tokens=100)
+    phase, packed = ["forward"], []
+
+    def pack(t):
+        packed.append(phase[0])
+        return t
+
+    ids = torch.randint(3, 320, (1, 384))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+        phase[0] = "backward"
+        loss.backward()
+    assert "forward" in packed and "backward" not in packed
+
+
 def test_offload_is_a_null_context_without_an_accelerator(tiny_dir):
     if torch.accelerator.current_accelerator() is not None:
         pytest.skip("an accelerator is present")
