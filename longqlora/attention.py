@@ -93,6 +93,9 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
     n_rep = h // h_kv
     varlen = _varlen_kernel(backend, query, scale, dropout)
     sdpa_gqa = hardware.sdpa_gqa_ok(query.device)
+    # With a mask, CUDA's flash kernel is out and its memory-efficient one takes no GQA: repeat the KV heads so that
+    # the masked fallbacks do not end on the math kernel (on the CPU SDPA takes both).
+    masked_gqa = sdpa_gqa and query.device.type != "cuda"
     for h0, h1, kind in head_split(h, full_heads):
         if h0 == h1:
             continue
@@ -114,12 +117,12 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
             s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale,
                                    dropout=dropout)
         elif kind == "full":
-            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=masked_gqa)
             seg = rows.segments(span, step)  # (B, N)
             same = (seg[:, :, None] == seg[:, None, :]) & rows.mask[:, None, :]
             s2_kernels.sdpa_dense(out[:, h0:h1], q, k, v, same.tril(), gqa=gqa, scale=scale, dropout=dropout)
         else:  # no varlen kernel here (the CPU, or none installed), or attention sinks: O(N x G) masks
-            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=masked_gqa)
             doc, in_doc = rows.documents() if sinks else (None, None)
             s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, rows.segments(span, step), rows.mask, gqa=gqa,
                                    group=group, scale=scale, dropout=dropout, doc=doc, in_doc=in_doc, sinks=sinks)

@@ -27,8 +27,9 @@ def _import(name: str):
         return None
 
 
+@functools.cache
 def cuda_capability() -> tuple[int, int] | None:
-    """(major, minor) of the current CUDA device, or None without one."""
+    """(major, minor) of the CUDA device, or None without one (cached: S2-Attn asks in every layer)."""
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability()

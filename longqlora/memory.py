@@ -114,12 +114,13 @@ def tiled_mlp_active(mode: str, tokens: int, min_tokens: int) -> bool:
     return mode == "on" or (mode == "auto" and tokens >= min_tokens)
 
 
-class _TiledMLPFunction(torch.autograd.Function):
-    """y = mlp(x) computed `tile` tokens at a time; only x is saved. The backward recomputes each tile with
-    gradients and back-propagates it at once, so the (tokens x intermediate) tensors of the gate, up and down
-    projections exist for one tile at a time (the trick of DeepSpeed ALST's TiledMLP, arXiv 2506.13996 §3.2).
-    Parameter gradients accumulate in `.grad` inside the backward; RNG and autocast state are replayed so dropout
-    masks and precision match the forward."""
+class _Recomputed(torch.autograd.Function):
+    """y = run(x) for a token-wise `run` (an MLP, a norm, LoRA's dropout and A), computed `tile` tokens at a time
+    with only x saved. The backward recomputes each tile with gradients and back-propagates it at once, so what
+    `run` would have saved (the MLP's tokens x intermediate tensors, a norm's fp32 copies, a dropout mask and the
+    dropped copy) exists for one tile at a time, in the backward only (the trick of DeepSpeed ALST's TiledMLP,
+    arXiv 2506.13996 §3.2). Parameter gradients accumulate in `.grad` inside the backward; RNG and autocast state
+    are replayed so dropout masks and precision match the forward."""
 
     @staticmethod
     def forward(ctx, x, run, tile, *params):
@@ -169,33 +170,81 @@ def _set_rng_state(device, state):
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _recompute_forward(module, run, tile_tokens: int, min_tokens: int = 0, min_length: int = 0,
+                       marker: str = "_longqlora_recomputed"):
+    """Make `module`'s forward `run` through _Recomputed when gradients flow, the batch holds at least `min_tokens`
+    tokens and its rows are longer than `min_length` (the instance's forward is replaced, as TRL does for its fused
+    LM head: weight names, PEFT and saving are unchanged). False when it already was."""
+    if marker in module.__dict__:
+        return False
+    module.__dict__[marker] = module.forward
+
+    def forward(self, x, *args, **kwargs):
+        params = tuple(p for p in self.parameters() if p.requires_grad)
+        if args or kwargs or not torch.is_grad_enabled() or not (x.requires_grad or params) or \
+                x.numel() // x.shape[-1] < min_tokens or x.shape[-2] <= min_length:
+            return run(x, *args, **kwargs)
+        return _Recomputed.apply(x, run, tile_tokens, *params)
+
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
+def recompute_norms(model, tile_tokens: int = 16384) -> int:
+    """Every RMSNorm saves only its input for the backward (and recomputes itself there, in tiles): Llama's RMSNorm
+    otherwise keeps an fp32 copy of its input (and, when it trains, its 16-bit normalised output), 6 bytes per
+    hidden value twice per layer, more than the checkpoint itself. Returns the number of norms switched."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            count += _recompute_forward(module, module.forward, tile_tokens)
+    return count
+
+
+def recompute_lora_dropout(model) -> int:
+    """LoRA's dropout and A run as one function that saves only the (shared) input and redraws the dropout mask in
+    the backward: PEFT otherwise keeps, for every adapted projection, the dropped copy of the input (and its mask),
+    three of them for q/k/v alone where the input itself is saved once. Returns the number of adapters switched."""
+    import torch.nn as nn
+
+    count = 0
+    for module in model.modules():
+        drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict):
+            continue
+        for name, drop in drops.items():
+            if not isinstance(drop, nn.Dropout) or drop.p == 0 or name not in lora_a or \
+                    "_longqlora_recomputed" in lora_a[name].__dict__:
+                continue
+            a = lora_a[name]
+
+            def run(x, _drop=drop.forward, _a=a.forward):
+                return _a(_drop(x))
+
+            _recompute_forward(a, run, tile_tokens=1 << 62)
+            drop.forward = types.MethodType(lambda self, x: x, drop)  # the dropout now happens inside A
+            drop.__dict__["_longqlora_recomputed"] = True
+            count += 1
+    return count
+
+
 def enable_tiled_mlp(model, tile_tokens: int, min_tokens: int = 0) -> int:
     """Run every decoder layer's MLP in tiles of `tile_tokens` tokens when a batch holds at least `min_tokens`
-    tokens (shorter ones run the MLP as before). Replaces the forward of the MLP *instances* (the same route as
-    TRL's fused LM head), so weight names, PEFT and saving are unchanged. Returns the number of MLPs switched."""
+    tokens (shorter ones run the MLP as before). Returns the number of MLPs switched."""
     if tile_tokens < 1:
         raise ValueError(f"--tiled_mlp_tokens {tile_tokens}: must be a positive number of tokens, e.g. 8192")
     count = 0
     for name, module in model.named_modules():
-        if not name.endswith(".mlp") or hasattr(module, "_longqlora_untiled_forward"):
-            continue
-        original = module.forward
-        module._longqlora_untiled_forward = original
-
-        def tiled_forward(self, x, _run=original):
-            if not torch.is_grad_enabled() or x.numel() // x.shape[-1] < min_tokens or x.shape[-2] <= tile_tokens:
-                return _run(x)
-            params = tuple(p for p in self.parameters() if p.requires_grad)
-            return _TiledMLPFunction.apply(x, _run, tile_tokens, *params)
-
-        module.forward = types.MethodType(tiled_forward, module)
-        count += 1
+        if name.endswith(".mlp"):  # rows of one tile or less run the plain MLP: tiling them saves nothing
+            count += _recompute_forward(module, module.forward, tile_tokens, min_tokens, min_length=tile_tokens,
+                                        marker="_longqlora_untiled_forward")
     return count
 
 
-def disable_tiled_mlp(model) -> None:
-    """Undo `enable_tiled_mlp`."""
+def disable_recompute(model) -> None:
+    """Undo `enable_tiled_mlp`, `recompute_norms` and `recompute_lora_dropout`."""
     for module in model.modules():
-        original = module.__dict__.pop("_longqlora_untiled_forward", None)
-        if original is not None:
-            module.__dict__.pop("forward", None)
+        for marker in ("_longqlora_untiled_forward", "_longqlora_recomputed"):
+            if module.__dict__.pop(marker, None) is not None:
+                module.__dict__.pop("forward", None)
+

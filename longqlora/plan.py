@@ -10,6 +10,7 @@ loss's and one layer's working set. CUDA's own context and the allocator's fragm
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 
 GIB = 2 ** 30
@@ -18,8 +19,15 @@ GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.
         "h100-80gb": 79.1}
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS workspaces, outside PyTorch's allocator
 FRAGMENTATION = 0.05  # reserved-but-unallocated share of the caching allocator
-OFFLOAD_IN_FLIGHT = 4  # checkpoints still on the GPU while offloading (copies in flight, prefetched ones)
+# Checkpoints on the GPU while offloading, during the backward: the one in use and the one whose copy back has
+# not been released yet (TRL frees a node's tensors when the next node unpacks). Not yet measured on a GPU.
+OFFLOAD_IN_FLIGHT = 2
 LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns per projection tile
+OPTIMIZER_STATE_BYTES = {"paged_adamw": 8, "adamw": 8, "adamw_8bit": 2 + 8 / 256}  # two moments per parameter
+# Calibrated against the CPU measurements (tests/test_plan.py, docs/memory.md):
+MLP_BACKWARD_COPIES = 0  # (tokens x intermediate) gradients alive at the peak beyond what the layer saved
+PLAIN_LOSS_FP32_COPIES = 3  # fp32 (tokens x vocab) tensors of the plain loss's backward
+LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 
@@ -45,6 +53,15 @@ class PlanConfig:
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
     load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
+    recompute_norms: bool = field(default=True, metadata={"help": "Norms recomputed in the backward "
+                                                                   "(--recompute_norms)."})
+    recompute_dropout: bool = field(default=True, metadata={"help": "LoRA dropout redrawn in the backward "
+                                                                     "(--recompute_lora_dropout)."})
+    optim: str = field(default="paged_adamw", metadata={"help": "paged_adamw (bitsandbytes, 32-bit states, the "
+                                                                  "recipes' default), adamw (torch) or adamw_8bit."})
+    baseline: bool = field(default=False, metadata={"help": "Plan plain QLoRA instead (prepare_model_for_kbit_"
+                                                            "training's fp32 weights, full attention, plain loss)."})
+    device: str = field(default="cuda", metadata={"help": "cuda, or cpu for the CPU benchmark's step."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
@@ -68,6 +85,10 @@ class PlanConfig:
             raise ValueError(f"--gpu_memory {self.gpu_memory}: must be a positive number of GiB, e.g. 24")
         if self.compute_dtype not in BYTES:
             raise ValueError(f"--compute_dtype {self.compute_dtype!r}: use one of {', '.join(BYTES)}")
+        if self.optim not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"--optim {self.optim!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device {self.device!r}: cuda or cpu")
         if self.tile_tokens < 1:
             raise ValueError(f"--tile_tokens {self.tile_tokens}: must be a positive number of tokens")
 
@@ -128,82 +149,143 @@ def load_config(name: str):
 
 
 # ------------------------------------------------------------------------------------------------- the parts
+@dataclass(frozen=True)
+class _Bytes:
+    """Element sizes of one planned step: c the compute dtype, st the residual stream (fp32 for the baseline, whose
+    fp32 norm weights promote it), kept the frozen unquantized weights, mask a dropout mask element (0: the CPU's
+    noise tensor, as large as the input)."""
+
+    c: int
+    st: int
+    kept: int
+    mask: int
+
+    @classmethod
+    def of(cls, cfg: PlanConfig) -> _Bytes:
+        c = BYTES[cfg.compute_dtype]
+        upcast = cfg.baseline and cfg.load_in_4bit  # prepare_model_for_kbit_training
+        return cls(c=c, st=4 if upcast else c, kept=4 if upcast else c, mask=1 if cfg.device == "cuda" else 0)
+
+
+def _switched(cfg: PlanConfig) -> tuple[bool, bool]:
+    """(norms recomputed, LoRA dropout redrawn): ours' switches, never the baseline's."""
+    return cfg.recompute_norms and not cfg.baseline, cfg.recompute_dropout and not cfg.baseline
+
+
 def parameter_bytes(s: Shapes, cfg: PlanConfig) -> dict:
-    """Frozen weights and the trainable state (fp32 parameter, fp32 gradient, two fp32 AdamW moments)."""
-    c = BYTES[cfg.compute_dtype]
+    """Frozen weights, trainable parameters (fp32) with their optimizer state, and their fp32 gradients."""
+    b = _Bytes.of(cfg)
     linear = s.layers * sum(i * o for i, o in s.linear_shapes(all_linear=True))
-    frozen = linear * (NF4_BYTES_PER_PARAM if cfg.load_in_4bit else c)
-    # peft.prepare_model_for_kbit_training (model.load_model) upcasts the unquantised weights to fp32
-    kept = 4 if cfg.load_in_4bit else c
-    frozen += s.vocab * s.hidden * kept * (1 if s.tied else 2) + (2 * s.layers + 1) * s.hidden * kept
+    frozen = linear * (NF4_BYTES_PER_PARAM if cfg.load_in_4bit else b.c)
+    frozen += s.vocab * s.hidden * b.kept * (1 if s.tied else 2) + (2 * s.layers + 1) * s.hidden * b.kept
     lora = s.layers * cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
     full = (s.vocab * s.hidden if "embed" in cfg.trainable else 0)
     full += (2 * s.layers + 1) * s.hidden if "norm" in cfg.trainable else 0
     trainable = lora + full  # PEFT keeps the frozen originals of modules_to_save, counted in `frozen`
-    return {"weights": frozen, "trainable_params": trainable, "trainable_state": trainable * (4 + 4 + 8)}
+    return {"weights": frozen, "trainable_params": trainable,
+            "trainable_state": trainable * (4 + OPTIMIZER_STATE_BYTES[cfg.optim]), "gradients": 4 * trainable}
 
 
 def checkpoint_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """The hidden state saved at every checkpointed layer's input (the residual stream runs in the compute dtype,
-    memory.stream_in_compute_dtype), or only those in flight when offloaded."""
+    """Every checkpointed layer's input (in the residual stream's dtype), or only those in flight when offloaded,
+    and the rotary cos/sin that every layer shares."""
+    b = _Bytes.of(cfg)
     tokens = cfg.batch * cfg.context
-    kept = min(s.layers, OFFLOAD_IN_FLIGHT) if cfg.offload else s.layers + 1
-    return kept * tokens * s.hidden * BYTES[cfg.compute_dtype]
+    kept = min(s.layers, OFFLOAD_IN_FLIGHT) if cfg.offload else s.layers
+    return kept * tokens * s.hidden * b.st + tokens * 2 * s.head_dim * b.c
+
+
+def _lora_input_bytes(b: _Bytes, cfg: PlanConfig, dtype: int, sharing: int) -> int:
+    """Bytes per value that the LoRA A of `sharing` projections fed one input (of `dtype` bytes) keep."""
+    _, redrawn = _switched(cfg)
+    if cfg.lora_dropout > 0 and not redrawn:  # a mask and the dropped copy (cast to c by autocast) each
+        return sharing * ((b.mask or dtype) + b.c)
+    if cfg.lora_dropout > 0:  # ours: the shared input, the mask redrawn in the backward
+        return dtype
+    return dtype if dtype == b.c else sharing * b.c  # autocast casts the input once per projection
+
+
+def _norm_bytes(b: _Bytes, cfg: PlanConfig, s: Shapes, input_is_checkpoint: bool) -> int:
+    """What one RMSNorm keeps per token: its input only when recomputed; Llama's own keeps an fp32 copy of its
+    input (the input itself when that is fp32) and, when it trains, the normalised output in the input's dtype."""
+    recomputed, _ = _switched(cfg)
+    if recomputed:
+        return 0 if input_is_checkpoint else b.st * s.hidden
+    upcast = 0 if (input_is_checkpoint and b.st == 4) else 4 * s.hidden
+    return upcast + (b.st * s.hidden if "norm" in cfg.trainable else 0)
 
 
 def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """One decoder layer recomputed with gradients: the tensors its forward saves for the backward, plus the MLP
-    backward's gradients (the first part of the backward, so everything saved is still alive). Per token, with c
-    the compute dtype's bytes and n the norms' output bytes (fp32 when the norms train, as their weights are fp32)."""
-    c = BYTES[cfg.compute_dtype]
-    n = 4 if "norm" in cfg.trainable else c
+    """One decoder layer recomputed with gradients at the start of its backward: what its forward saved (the
+    inventory in docs/memory.md, read off a 7B-wide layer) plus the MLP backward's first gradients and the stream's
+    gradient in and out. Attention (S2's grouped or varlen kernels, or full SDPA) keeps q, k, v, its output and the
+    o projection's input; an NF4 matmul keeps none of its input."""
+    b = _Bytes.of(cfg)
     h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
-    cast = c if n != c else 0  # a 16-bit matmul fed an fp32 input saves its own 16-bit copy
-    drop = (n + 1) if cfg.lora_dropout > 0 else 0  # LoRA dropout saves its output and a byte mask per input
-    norm = ((4 if c != 4 else 0) + (c if c != 4 else 4)) * h + n * h  # fp32 upcast, normalised, output
-    lora_inputs = [a for a, _ in s.linear_shapes(cfg.lora_target == "all-linear")]
-    lora = sum((drop + cast) * a for a in lora_inputs)  # LoRA A's input: dropped copy, autocast copy
-    qkv = 3 * cast * h  # the frozen NF4 q/k/v each save their 16-bit input
-    rotary = 3 * c * (q + kv)  # q, k and their rotated halves, saved by the products; the outputs
-    attention = 5 * c * q + 2 * c * kv  # S2 regrouped q and GQA-expanded k/v, output, output transposed; k, v
-    mlp_inputs = 2 * cast * h
-    mlp = (4 + 2) * c * i  # gate, up, act, product saved; two gradients of that size in the backward
-    stream = 2 * c * h  # the gradient flowing in and the one flowing out
+    out = b.st if cfg.baseline else b.c  # a norm's output: ours is cast to the compute dtype
+    norms = _norm_bytes(b, cfg, s, True) + _norm_bytes(b, cfg, s, False)
+    attention = _lora_input_bytes(b, cfg, out, 3) * h + b.c * (q + 2 * kv) + b.c * q + 4 * s.heads
+    attention += _lora_input_bytes(b, cfg, b.c, 1) * q  # o_proj's input, the attention output
+    mlp = (3 + MLP_BACKWARD_COPIES) * out * i
+    if cfg.lora_target == "all-linear":
+        mlp += _lora_input_bytes(b, cfg, out, 2) * h + _lora_input_bytes(b, cfg, out, 1) * i
+    stream = 2 * b.st * h
     tokens = cfg.batch * cfg.context
-    mlp_tokens = min(tokens, cfg.tile_tokens) if cfg.tiled_mlp else tokens
-    per_token = 2 * norm + lora + qkv + rotary + attention + mlp_inputs + stream
-    return tokens * per_token + mlp_tokens * mlp + (tokens * c * h if cfg.tiled_mlp else 0)  # tiled: output
+    if not cfg.tiled_mlp:
+        return tokens * (norms + attention + mlp + stream)
+    tile = min(tokens, cfg.tile_tokens)
+    return tokens * (norms + attention + out * h + stream) + tile * mlp  # tiled: only the MLP's input per token
 
 
 def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """The loss and its backward: TRL's fused head keeps the final hidden states and an fp32 gradient for them plus
-    a few projection tiles; the plain loss holds (tokens x vocab) logits, their fp32 copies and gradient."""
-    c = BYTES[cfg.compute_dtype]
-    n = 4 if "norm" in cfg.trainable else c
+    """The final norm and the loss at the start of the backward. TRL's fused head keeps the final hidden states
+    and builds their fp32 gradient (then its 16-bit copy) with (4096 x 32768) logit tiles; the plain loss holds the
+    (tokens x vocab) logits in 16 bits and fp32 copies for the log-softmax and its gradients."""
+    b = _Bytes.of(cfg)
     tokens = cfg.batch * cfg.context
+    norm = _norm_bytes(b, cfg, s, False)
     if cfg.chunked_loss:
-        tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1])
-        return tokens * s.hidden * (n + n + 4) + 3 * tile * 4
-    return tokens * s.hidden * (n + 4) + tokens * s.vocab * (c + 4 + 4 + 4 + 4)
+        tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1]) * b.c
+        return tokens * (norm + s.hidden * (b.c + 4 + b.c)) + LOSS_TILES * tile
+    return tokens * (norm + s.hidden * b.c + s.vocab * (b.c + 4 * PLAIN_LOSS_FP32_COPIES))
+
+
+def step_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> int:
+    """The end of the backward and the optimizer step: every gradient allocated (the embedding's last, beside the
+    fp32 gradient of its output) and the optimizer's temporaries (torch's foreach AdamW on CUDA: one fp32 copy of
+    every trained tensor; none for bitsandbytes' paged and 8-bit AdamW)."""
+    tokens = cfg.batch * cfg.context
+    embedding = tokens * s.hidden * 4 if "embed" in cfg.trainable else 0
+    temp = params["gradients"] if cfg.optim == "adamw" and cfg.device == "cuda" else 0
+    return params["gradients"] + max(embedding, temp)
+
+
+def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
+    """Pinned host memory that offloading holds at the start of the backward: every layer's checkpoint."""
+    return s.layers * cfg.batch * cfg.context * s.hidden * _Bytes.of(cfg).st if cfg.offload else 0
 
 
 # --------------------------------------------------------------------------------------------------- the plan
 def plan(config, cfg: PlanConfig) -> dict:
-    """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device."""
+    """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device: the larger of the backward's
+    start (persistent + checkpoints + the larger of one layer's and the loss's working set) and its end (persistent
+    + every gradient + the optimizer's temporaries)."""
     s = Shapes.of(config)
     params = parameter_bytes(s, cfg)
     parts = {"weights": params["weights"], "trainable_state": params["trainable_state"],
              "checkpoints": checkpoint_bytes(s, cfg), "layer_recompute": layer_bytes(s, cfg),
-             "loss": loss_bytes(s, cfg)}
-    peak = parts["weights"] + parts["trainable_state"] + parts["checkpoints"]
-    peak += max(parts["layer_recompute"], parts["loss"])
-    overhead = peak * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB
-    result = {"model": cfg.model, "context": cfg.context, "batch": cfg.batch,
+             "loss": loss_bytes(s, cfg), "gradients_and_step": step_bytes(s, cfg, params)}
+    persistent = parts["weights"] + parts["trainable_state"]
+    backward = persistent + parts["checkpoints"] + max(parts["layer_recompute"], parts["loss"])
+    peak = max(backward, persistent + parts["gradients_and_step"])
+    overhead = peak * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB if cfg.device == "cuda" else 0.0
+    result = {"model": cfg.model, "context": cfg.context, "batch": cfg.batch, "config": dataclasses.asdict(cfg),
               "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.tiled_mlp},
               "trainable_params": params["trainable_params"],
               "parts_gib": {k: v / GIB for k, v in parts.items()},
               "peak_allocated_gib": peak / GIB, "overhead_gib": overhead / GIB,
-              "device_need_gib": (peak + overhead) / GIB, "device_gib": cfg.device_gib}
+              "device_need_gib": (peak + overhead) / GIB, "device_gib": cfg.device_gib,
+              "host_offload_gib": host_offload_bytes(s, cfg) / GIB}
     if cfg.device_gib is not None:
         result["fits"] = result["device_need_gib"] <= cfg.device_gib
     return result
@@ -248,19 +330,21 @@ def advise(config, cfg: PlanConfig) -> dict:
 def render(result: dict) -> str:
     """The plan as a short human-readable report."""
     names = {"weights": "frozen weights (NF4 + embedding/head)",
-             "trainable_state": "trainable: params + grads + AdamW (fp32)",
+             "trainable_state": "trainable: fp32 params + optimizer state",
              "checkpoints": "checkpointed hidden states", "layer_recompute": "one layer's recomputation",
-             "loss": "loss and its backward"}
+             "loss": "loss and its backward", "gradients_and_step": "gradients + optimizer step"}
     on = [k for k, v in result["switches"].items() if v]
     lines = [f"{result['model']} at {result['context']:,} tokens x batch {result['batch']} "
              f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"]
     lines += [f"  {names[k]:<46} {v:8.2f} GiB" for k, v in result["parts_gib"].items()]
-    lines.append(f"  {'peak allocated (persistent + checkpoints + max)':<46} "
+    lines.append(f"  {'peak allocated (backward start or end)':<46} "
                  f"{result['peak_allocated_gib']:8.2f} GiB")
     lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
+    if result.get("host_offload_gib"):
+        lines.append(f"  {'pinned host memory for offloaded checkpoints':<46} {result['host_offload_gib']:8.2f} GiB")
     if "longest_context" in result:
         lines.append(f"longest context that fits: {result['longest_context']:,} tokens as asked, "
                      f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP")

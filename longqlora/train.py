@@ -26,7 +26,8 @@ from trl import SFTConfig
 from longqlora import data as data_lib
 from longqlora import instructions, memory
 from longqlora.inference import EXTENSION_FILE
-from longqlora.model import ModelConfig, check_model, load_model, trainable_to_fp32
+from longqlora.adapters import trainable_to_fp32
+from longqlora.model import ModelConfig, check_model, load_model
 from longqlora.report import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class TrainingConfig(SFTConfig):
                                                               "(one tile's intermediates at a time): auto (batches "
                                                               "of 4 tiles or more), on, or off."})
     tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+    recompute_norms: bool = field(default=True, metadata={"help": "Norms keep only their input for the backward "
+                                                                   "and recompute themselves there (not an fp32 "
+                                                                   "copy and their output); false: Llama's own."})
+    recompute_lora_dropout: bool = field(default=True, metadata={"help": "LoRA's dropout is redrawn in the backward "
+                                                                          "instead of keeping a dropped copy and "
+                                                                          "mask of every adapted input."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -199,12 +206,21 @@ def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, inf
         chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
         tiled_mlp=memory.tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
         compute_dtype=info["compute_dtype"], load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
+        recompute_norms=training.recompute_norms, recompute_dropout=training.recompute_lora_dropout,
+        optim=plan_optimizer(training.optim),
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
     return plan(hf_config, cfg)
 
 
+def plan_optimizer(optim) -> str:
+    """The planner's name for a TrainingArguments --optim: its state size and temporaries."""
+    name = str(getattr(optim, "value", optim))
+    return "adamw_8bit" if "8bit" in name else "paged_adamw" if "paged" in name or "bnb" in name else "adamw"
+
+
 def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None:
-    """Switch on, for this trainer's model, what --offload_activations / --tiled_mlp ask for."""
+    """Switch on, for this trainer's model, what --offload_activations, --tiled_mlp, --recompute_norms and
+    --recompute_lora_dropout ask for."""
     model = trainer.model
     dtype = getattr(torch, info["compute_dtype"])
     hidden = model.config.get_text_config().hidden_size
@@ -215,8 +231,11 @@ def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None
     tiled = 0
     if training.tiled_mlp != "off":
         tiled = memory.enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
-    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers",
-                training.offload_activations, threshold, training.chunked_loss, training.tiled_mlp, tiled)
+    norms = memory.recompute_norms(model, training.tiled_mlp_tokens) if training.recompute_norms else 0
+    dropouts = memory.recompute_lora_dropout(model) if training.recompute_lora_dropout else 0
+    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
+                "%d norms and %d LoRA dropouts recomputed", training.offload_activations, threshold,
+                training.chunked_loss, training.tiled_mlp, tiled, norms, dropouts)
 
 
 # --------------------------------------------------------------------------------------------------- callbacks
@@ -225,6 +244,10 @@ class ThroughputCallback(TrainerCallback):
 
     def __init__(self):
         self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():  # the training peak, not the loading's
+            torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
@@ -344,7 +367,9 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=resume)
     extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
         "steps": trainer.state.global_step, "final_loss": result.training_loss,
-        "tokens": trainer.state.num_input_tokens_seen, "seconds": result.metrics.get("train_runtime")}}
+        "tokens": trainer.state.num_input_tokens_seen, "seconds": result.metrics.get("train_runtime"),
+        **({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if torch.cuda.is_available() else {})}}
     out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir, extension)
     logger.info("adapter written to %s", out)
     return out

@@ -175,20 +175,43 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @CUDA
-@pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers", "auto"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_gpu_backends_agree_with_reference(backend, packed):
-    if hardware.backend_problem(backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,h_kv", [(8, 2), (9, 3)])
+def test_gpu_backends_agree_with_reference(backend, packed, dtype, h, h_kv):
+    if backend != "auto" and hardware.backend_problem(backend):
         pytest.skip(hardware.backend_problem(backend))
+    if dtype == torch.bfloat16 and not hardware.supports_bf16():
+        pytest.skip("no bf16 on this GPU")
     n, group = 1000, 128
-    pos = packed_positions((300, 450, 250)) if packed else None
+    pos = packed_positions((300, 450, 250)).cuda() if packed else None
     mask = torch.ones(2, n, dtype=torch.long)
     mask[1, 900:] = 0
-    q, k, v = rand_qkv(2, 8, 2, n, d=64, dtype=torch.float32, seed=6)
-    want = reference_s2(q, k, v, group, pos, mask).float()
-    got = s2_attention(*(t.cuda().bfloat16() for t in (q, k, v)), group, position_ids=pos, attention_mask=mask,
-                       backend=backend)
+    q, k, v = rand_qkv(2, h, h_kv, n, d=64, dtype=torch.float32, seed=6)
+    want = reference_s2(q, k, v, group, None if pos is None else pos.cpu(), mask).float()
+    qkv = [t.cuda().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = s2_attention(*qkv, group, position_ids=pos, attention_mask=mask.cuda(), backend=backend)
     assert (got.float().cpu() - want).norm() / want.norm() < 2e-2
+    got.float().pow(2).sum().backward()  # the backward runs on every backend
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in qkv)
+
+
+@CUDA
+@pytest.mark.parametrize("h,h_kv", [(32, 32), (32, 8)])
+def test_gpu_grouped_path_runs_on_the_flash_kernel(h, h_kv):
+    """Plain rows: every SDPA call of the grouped path qualifies for the flash kernel (views with unit last
+    stride, no mask; GQA broadcast only where flash takes it), so restricting SDPA to flash still runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if hardware.cuda_capability() < (8, 0):
+        pytest.skip("SDPA's flash kernel needs sm_80+")
+    shape = lambda heads: (1, 4096, heads, 128)  # noqa: E731  (B, N, H, D) seen as (B, H, N, D)
+    q = torch.randn(shape(h), device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(shape(h_kv), device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for _ in range(2))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        s2_attention(q, k, v, 1024, backend="sdpa").sum().backward()
 
 
 @CUDA

@@ -61,7 +61,7 @@ def test_tiled_mlp_same_loss_and_gradients(tiny_dir):
     assert_same(plain, tiled, 1e-5)  # fp32: the tiles change the summation order only
     lora_mlp = [n for n in tiled[1] if "mlp" in n and "lora" in n]
     assert lora_mlp and all(tiled[1][n].abs().sum() > 0 for n in lora_mlp)
-    memory.disable_tiled_mlp(model)
+    memory.disable_recompute(model)
     assert_same(plain, step(model, ids), 1e-6)
 
 
@@ -73,7 +73,7 @@ def test_tiled_mlp_replays_dropout_masks(tiny_dir, monkeypatch):
     ids = torch.randint(3, 320, (2, 384))
     torch.manual_seed(1)
     tiled = step(model, ids)
-    monkeypatch.setattr(memory._TiledMLPFunction, "apply",
+    monkeypatch.setattr(memory._Recomputed, "apply",
                         lambda x, run, tile, *params: torch.cat([run(p) for p in x.split(tile, dim=-2)], dim=-2))
     torch.manual_seed(1)
     reference = step(model, ids)
@@ -82,11 +82,67 @@ def test_tiled_mlp_replays_dropout_masks(tiny_dir, monkeypatch):
     assert not torch.allclose(step(model, ids)[0], tiled[0])  # dropout is really on
 
 
+@pytest.mark.parametrize("trainable", ["embed,norm", ""])
+def test_recomputed_norms_same_loss_and_gradients(tiny_dir, trainable):
+    model = adapted(tiny_dir, trainable_params=trainable)
+    ids = torch.randint(3, 320, (2, 384))
+    plain = step(model, ids)
+    assert memory.recompute_norms(model, tile_tokens=100) == (10 if trainable else 5)  # 5 norms, + trained copies
+    assert_same(plain, step(model, ids), 1e-5)
+    memory.disable_recompute(model)
+    assert_same(plain, step(model, ids), 1e-6)
+
+
+def test_recomputed_norms_save_only_their_input(tiny_dir):
+    """What one decoder layer saves for its backward (bf16 autocast, as on a GPU), with and without recomputed norms:
+    each of the two norms keeps its 16-bit input (2 bytes a value) instead of an fp32 copy of it and its 16-bit
+    normalised output (6 bytes)."""
+    cfg = ModelConfig(model_name_or_path=str(tiny_dir), target_context=512, compute_dtype="bfloat16")
+    model, _, _ = load_model(cfg, gradient_checkpointing=False)
+    model.train()
+    base = model.get_base_model().model
+    x = torch.randn(1, 512, 128, dtype=torch.bfloat16, requires_grad=True)
+    rope = base.rotary_emb(x, torch.arange(512)[None])
+
+    def saved_bytes():
+        sizes = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            base.layers[0](x, position_embeddings=rope)
+        return sum(sizes.values())
+
+    before = saved_bytes()
+    assert memory.recompute_norms(model) == 10
+    after = saved_bytes()
+    assert before - after >= 2 * 512 * 128 * (6 - 2), (before, after)
+
+
+def test_recomputed_lora_dropout_same_loss_and_gradients(tiny_dir):
+    """Dropout drawn inside LoRA's A: the same masks as PEFT's own dropout (same RNG draws), so the same loss and
+    gradients, and no dropped copies saved."""
+    model = adapted(tiny_dir, lora_dropout=0.3)
+    ids = torch.randint(3, 320, (2, 256))
+    torch.manual_seed(3)
+    plain = step(model, ids)
+    assert memory.recompute_lora_dropout(model) == 8  # q, k, v, o in 2 layers
+    torch.manual_seed(3)
+    assert_same(plain, step(model, ids), 1e-5)
+    torch.manual_seed(4)
+    assert not torch.allclose(step(model, ids)[0], plain[0])  # dropout is really on
+    model.eval()
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+    memory.disable_recompute(model)
+    with torch.no_grad():
+        assert torch.equal(a, model(input_ids=ids).logits)  # eval: no dropout either way
+
+
 def test_tiled_mlp_falls_back_below_its_threshold(tiny_dir, monkeypatch):
     model = adapted(tiny_dir)
     memory.enable_tiled_mlp(model, tile_tokens=64, min_tokens=10_000)
     calls = []
-    monkeypatch.setattr(memory._TiledMLPFunction, "apply", lambda *a: calls.append(1))
+    monkeypatch.setattr(memory._Recomputed, "apply", lambda *a: calls.append(1))
     step(model, torch.randint(3, 320, (1, 256)))  # 256 tokens < 10,000: the plain MLP runs
     assert calls == []
 
@@ -225,16 +281,27 @@ def test_recipe_runs_with_every_switch(tmp_path):
 
 
 def test_memory_bench_tiny(tmp_path):
+    """The benchmark's CPU mode at two depths: every point measured, the depth fit exact at two depths, the JSON
+    record holding what the planner's calibration test reads."""
+    import json
+
     spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_memory"] = bench
     spec.loader.exec_module(bench)
     out = tmp_path / "memory.md"
-    bench.main(["--tiny", "--contexts", "128", "--variants", "ours", "baseline", "--steps", "2",
-                "--output", str(out)])
+    bench.main(["--tiny", "--contexts", "128", "--layers", "1", "2", "--variants", "ours", "baseline", "--steps",
+                "2", "--output", str(out), "--json", str(tmp_path / "memory.json")])
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 2 and "bench/memory.py --tiny" in text
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[3]) > 0 and float(cells[5]) > 0  # peak GiB, tokens/s
+    assert len(rows) == 4 + 2 and "bench/memory.py --tiny" in text  # 4 points, 2 fits
+    record = json.loads((tmp_path / "memory.json").read_text())
+    points = record["points"]
+    assert {(p["layers"], p["variant"]) for p in points} == {(1, "ours"), (2, "ours"), (1, "baseline"),
+                                                             (2, "baseline")}
+    assert all(p["peak_bytes"] > 0 and p["tokens_per_s"] > 0 and p["dtype"] == "bfloat16" for p in points)
+    for fit in record["fits"]:
+        one, two = (next(p["peak_bytes"] for p in points if p["variant"] == fit["variant"] and p["layers"] == n)
+                    for n in (1, 2))
+        assert fit["per_layer_bytes"] == pytest.approx(two - one)
+        assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from longqlora import hardware, model as lm
 from longqlora.attention import s2_enabled
-from longqlora.model import ModelConfig, check_model, count_trainable, load_base, load_model, modules_to_save
+from longqlora.adapters import count_trainable, modules_to_save
+from longqlora.model import ModelConfig, check_model, load_base, load_model
 from longqlora.tiny import TINY_SHAPES, save_tiny_model
 
 TARGET = 512  # 4x the tiny models' 128 positions; S2 group size 128

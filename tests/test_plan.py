@@ -8,7 +8,11 @@ from longqlora import cli
 from longqlora.model import ModelConfig, count_trainable_without_weights
 from longqlora.plan import (
     GIB,
+    LOSS_TILES,
+    MLP_BACKWARD_COPIES,
     NF4_BYTES_PER_PARAM,
+    OFFLOAD_IN_FLIGHT,
+    PLAIN_LOSS_FP32_COPIES,
     PlanConfig,
     Shapes,
     advise,
@@ -21,19 +25,59 @@ LLAMA2_7B = preset_config("llama-2-7b")
 
 
 def test_llama2_7b_parts_by_hand():
-    """Llama-2-7B, 8k, r=8 on q/k/v/o, embeddings and norms trained, bf16: every part recomputed by hand."""
+    """Llama-2-7B, 8k, r=8 on q/k/v/o, embeddings and norms trained, bf16 on CUDA, paged AdamW, norms and LoRA
+    dropout recomputed: every part recomputed by hand from the inventory in docs/memory.md."""
     p = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=8192))
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o + gate, up, down
     assert linear == 6_476_005_376
-    weights = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * 32000 * 4096 * 4 + 65 * 4096 * 4
+    weights = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * 32000 * 4096 * 2 + 65 * 4096 * 2  # 16-bit kept
     assert p["parts_gib"]["weights"] == pytest.approx(weights / GIB)
     trainable = 32 * 8 * 4 * (4096 + 4096) + 32000 * 4096 + 65 * 4096
     assert p["trainable_params"] == trainable == 139_726_848
-    assert p["parts_gib"]["trainable_state"] == pytest.approx(trainable * 16 / GIB)
-    assert p["parts_gib"]["checkpoints"] == pytest.approx(33 * 8192 * 4096 * 2 / GIB)
-    assert p["peak_allocated_gib"] == pytest.approx(
-        sum(p["parts_gib"][k] for k in ("weights", "trainable_state", "checkpoints"))
-        + max(p["parts_gib"]["layer_recompute"], p["parts_gib"]["loss"]))
+    assert p["parts_gib"]["trainable_state"] == pytest.approx(trainable * 12 / GIB)  # fp32 + two fp32 moments
+    assert p["parts_gib"]["checkpoints"] == pytest.approx((32 * 8192 * 4096 * 2 + 8192 * 2 * 128 * 2) / GIB)
+    h, i = 4096, 11008
+    per_token = (2 * h  # the post-attention norm's input (the first norm's is the checkpoint)
+                 + 2 * h + 2 * 3 * h + 2 * h + 4 * 32 + 2 * h  # q/k/v's LoRA input, q k v, attention out, lse, o in
+                 + (3 + MLP_BACKWARD_COPIES) * 2 * i  # gate, up, act saved; gradients
+                 + 2 * 2 * h)  # the stream's gradient in and out
+    assert p["parts_gib"]["layer_recompute"] == pytest.approx(8192 * per_token / GIB)
+    tile = 4096 * 32000 * 2
+    assert p["parts_gib"]["loss"] == pytest.approx((8192 * (2 * h + h * (2 + 4 + 2)) + LOSS_TILES * tile) / GIB)
+    assert p["parts_gib"]["gradients_and_step"] == pytest.approx((4 * trainable + 8192 * h * 4) / GIB)
+    persistent = p["parts_gib"]["weights"] + p["parts_gib"]["trainable_state"]
+    assert p["peak_allocated_gib"] == pytest.approx(max(
+        persistent + p["parts_gib"]["checkpoints"] + max(p["parts_gib"]["layer_recompute"], p["parts_gib"]["loss"]),
+        persistent + p["parts_gib"]["gradients_and_step"]))
+
+
+def test_the_baseline_and_each_cut_by_hand():
+    """Plain QLoRA's fp32 stream and weights, and what each of ours' cuts takes off one layer, per token."""
+    h, i, n = 4096, 11008, 8192
+    ours = plan(LLAMA2_7B, PlanConfig(model="m", context=n))["parts_gib"]
+    no_norms = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_norms=False))["parts_gib"]
+    # Llama's RMSNorm keeps an fp32 copy of its input and (trained) its bf16 output, twice per layer; ours keeps
+    # the second norm's input
+    assert (no_norms["layer_recompute"] - ours["layer_recompute"]) * GIB == pytest.approx(n * (2 * (4 + 2) - 2) * h)
+    no_drop = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_dropout=False))["parts_gib"]
+    # PEFT: a 1-byte mask and a bf16 dropped copy per adapted projection (q, k, v share one input; o has its own)
+    assert (no_drop["layer_recompute"] - ours["layer_recompute"]) * GIB == pytest.approx(
+        n * (3 * 3 * h - 2 * h + 3 * h - 2 * h))
+    base = plan(LLAMA2_7B, PlanConfig(model="m", context=n, baseline=True, trainable_params="",
+                                      chunked_loss=False))["parts_gib"]
+    assert base["checkpoints"] * GIB == pytest.approx(32 * n * h * 4 + n * 2 * 128 * 2)  # fp32 stream
+    assert base["weights"] * GIB == pytest.approx(
+        6_476_005_376 * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * 32000 * h * 4 + 65 * h * 4)
+    assert base["layer_recompute"] * GIB == pytest.approx(n * (
+        4 * h  # the post-attention norm's fp32 input (the first norm's input is the fp32 checkpoint itself)
+        + 3 * (1 + 2) * h + 2 * 3 * h + 2 * h + 4 * 32 + (1 + 2) * h  # dropout masks and bf16 copies, q k v, out
+        + (3 + MLP_BACKWARD_COPIES) * 4 * i  # the MLP in fp32 (Linear4bit returns its input's dtype)
+        + 2 * 4 * h))
+    assert base["loss"] * GIB == pytest.approx(n * (4 * h + 2 * h + 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES)))
+    cpu = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_dropout=False, device="cpu"))["parts_gib"]
+    # the CPU's dropout multiplies by a noise tensor of the input's dtype (2 bytes) instead of a 1-byte mask
+    assert (cpu["layer_recompute"] - no_drop["layer_recompute"]) * GIB == pytest.approx(n * 4 * h)
+    assert plan(LLAMA2_7B, PlanConfig(model="m", context=n, device="cpu"))["overhead_gib"] == 0
 
 
 def test_trainable_count_matches_peft_on_the_meta_device():
@@ -54,16 +98,21 @@ def test_switches_move_the_right_parts():
     base = PlanConfig(model="llama-2-7b", context=32768)
     plain = plan(LLAMA2_7B, base)
     offload = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, offload=True))
-    assert offload["parts_gib"]["checkpoints"] == pytest.approx(4 * 32768 * 4096 * 2 / GIB)  # 4 in flight
+    assert offload["parts_gib"]["checkpoints"] == pytest.approx(
+        (OFFLOAD_IN_FLIGHT * 32768 * 4096 * 2 + 32768 * 2 * 128 * 2) / GIB)
     assert offload["parts_gib"]["layer_recompute"] == plain["parts_gib"]["layer_recompute"]
+    assert offload["host_offload_gib"] == pytest.approx(32 * 32768 * 4096 * 2 / GIB) and plain["host_offload_gib"] == 0
     full_logits = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, chunked_loss=False))
-    # the plain loss holds (tokens x vocab) logits in bf16 and four fp32 tensors of that size
+    # the plain loss holds (tokens x vocab) logits in bf16 and fp32 tensors of that size
     assert full_logits["parts_gib"]["loss"] - plain["parts_gib"]["loss"] == pytest.approx(
-        (32768 * 32000 * 18 + 32768 * 4096 * 8 - 32768 * 4096 * 12 - 3 * 4096 * 32000 * 4) / GIB)
+        (32768 * 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES) + 32768 * 4096 * 2 - 32768 * 4096 * 8
+         - LOSS_TILES * 4096 * 32000 * 2) / GIB)
     tiled = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, tiled_mlp=True, tile_tokens=8192))
-    mlp = 6 * 2 * 11008  # bytes per token of MLP intermediates and their gradients
+    mlp = (3 + MLP_BACKWARD_COPIES) * 2 * 11008  # bytes per token of MLP intermediates and their gradients
     assert plain["parts_gib"]["layer_recompute"] - tiled["parts_gib"]["layer_recompute"] == pytest.approx(
         ((32768 - 8192) * mlp - 32768 * 2 * 4096) / GIB)
+    eight_bit = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, optim="adamw_8bit"))
+    assert eight_bit["parts_gib"]["trainable_state"] * GIB == pytest.approx(plain["trainable_params"] * (4 + 2 + 8 / 256))
     # batch 2 at 16k has the same token-proportional parts as batch 1 at 32k
     batch2 = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=16384, batch=2))
     assert batch2["parts_gib"]["checkpoints"] == plain["parts_gib"]["checkpoints"]
