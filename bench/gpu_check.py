@@ -161,15 +161,17 @@ def part_planner(cfg, ctx):
         result = ctx["results"].get(part, {}).get("result") or {}
         for p in result.get("points", []) + result.get("trials", []):
             if "error" not in p:
-                rows.append({"source": part, "variant": p["variant"], "context": p["context"],
-                             "measured_gib": p["peak_bytes"] / planner.GIB, "planned_gib": p["planned_bytes"] / planner.GIB,
-                             "error_pct": 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]})
+                rows.append(_error_row(part, p["variant"], p["context"], p["peak_bytes"] / planner.GIB,
+                                       p["planned_bytes"] / planner.GIB))
     recipe = ctx["results"].get("recipe", {}).get("result") or {}
     if recipe.get("peak_allocated_gib") and recipe.get("planned_gib"):
-        rows.append({"source": "recipe", "variant": "recipe", "context": 8192, "measured_gib": recipe["peak_allocated_gib"],
-                     "planned_gib": recipe["planned_gib"],
-                     "error_pct": 100 * (recipe["planned_gib"] - recipe["peak_allocated_gib"]) / recipe["peak_allocated_gib"]})
+        rows.append(_error_row("recipe", "recipe", 8192, recipe["peak_allocated_gib"], recipe["planned_gib"]))
     return {"points": rows}
+
+
+def _error_row(source, variant, context, measured_gib, planned_gib) -> dict:
+    return {"source": source, "variant": variant, "context": context, "measured_gib": measured_gib,
+            "planned_gib": planned_gib, "error_pct": 100 * (planned_gib - measured_gib) / measured_gib}
 
 
 # (function, estimated seconds on a GPU, on a CPU dry run)
@@ -264,8 +266,8 @@ def render(record: dict) -> str:
     if recipe:
         lines += ["", "## The recipe (extend_7b_8k.py)", "", markdown_table(
             ["steps", "loss", "tokens/s", "peak allocated GiB", "peak reserved GiB", "planned GiB"],
-            [[recipe["steps"], f"{recipe['loss']:.3f}", f"{recipe['tokens_per_s']:.0f}", gib(recipe["peak_allocated_gib"]),
-              gib(recipe["peak_reserved_gib"]), gib(recipe["planned_gib"])]])]
+            [[recipe["steps"], f"{recipe['loss']:.3f}", f"{recipe['tokens_per_s']:.0f}",
+              gib(recipe["peak_allocated_gib"]), gib(recipe["peak_reserved_gib"]), gib(recipe["planned_gib"])]])]
     for name in ("bench", "longest"):
         result = parts.get(name, {}).get("result") or {}
         points = result.get("points", []) + result.get("trials", [])

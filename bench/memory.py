@@ -49,6 +49,7 @@ class Variant:
     tiled_mlp: str = "auto"
     offload: str = "auto"
     optim: str = "adamw"  # or adamw_8bit (bitsandbytes)
+    s2: bool = True  # ours with full attention instead of S2-Attn (the speed comparison)
 
 
 VARIANTS = {
@@ -60,6 +61,7 @@ VARIANTS = {
     "ours_tiled": Variant(tiled_mlp="on"),
     "ours_8bit": Variant(optim="adamw_8bit"),
     "ours_no_offload": Variant(offload="off"),
+    "ours_full_attention": Variant(s2=False),
     "baseline": Variant(lora_plus=False, ours=False, recompute_norms=False, recompute_dropout=False, offload="off"),
     "baseline_plus": Variant(ours=False, recompute_norms=False, recompute_dropout=False, offload="off"),
 }
@@ -160,7 +162,7 @@ def prepare(model, variant: Variant, context: int, cfg: BenchConfig, dtype: torc
 
     mcfg = ModelConfig(model_name_or_path="bench", target_context=context, lora_r=cfg.rank, lora_alpha=2 * cfg.rank,
                        lora_dropout=cfg.lora_dropout, trainable_params="embed,norm" if variant.lora_plus else "",
-                       s2_attention=variant.ours, s2_group_schedule="none")
+                       s2_attention=variant.ours and variant.s2, s2_group_schedule="none")
     if variant.ours:
         model, _ = adapt_for_training(model, mcfg, dtype)
         if variant.recompute_norms:
@@ -448,8 +450,27 @@ def main(argv=None) -> None:
     text, record = run(cfg, argv)
     write_text_atomic(cfg.output, text)
     if cfg.json:
-        write_json_atomic(cfg.json, record)
+        write_json_atomic(cfg.json, merge_record(cfg.json, record))
     print(text)
+
+
+def merge_record(path: str, record: dict) -> dict:
+    """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
+    say) build one calibration file; a point measured again replaces the old one."""
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return {"commands": [record["command"]], "points": record["points"], "fits": record["fits"]}
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    key = lambda p: (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"))  # noqa: E731
+    fresh = {key(p) for p in record["points"]}
+    fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
+    new_fits = {fit_key(f) for f in record["fits"]}
+    return {"commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
+            "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
+            "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"]}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class PlanConfig:
                                                                            "norm; empty for plain LoRA."})
     gpu: str | None = field(default=None, metadata={"help": f"One of {', '.join(GPUS)}."})
     gpu_memory: float | None = field(default=None, metadata={"help": "Device memory in GiB, instead of --gpu."})
+    host_memory: float | None = field(default=None, metadata={"help": "Host memory (GiB) that offloaded "
+                                                                      "checkpoints may pin; unlimited if unset."})
     offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
@@ -89,6 +91,8 @@ class PlanConfig:
             raise ValueError(f"--optim {self.optim!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"--device {self.device!r}: cuda or cpu")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise ValueError(f"--host_memory {self.host_memory}: must be a positive number of GiB, e.g. 128")
         if self.tile_tokens < 1:
             raise ValueError(f"--tile_tokens {self.tile_tokens}: must be a positive number of tokens")
 
@@ -215,26 +219,37 @@ def _norm_bytes(b: _Bytes, cfg: PlanConfig, s: Shapes, input_is_checkpoint: bool
     return upcast + (b.st * s.hidden if "norm" in cfg.trainable else 0)
 
 
-def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """One decoder layer recomputed with gradients at the start of its backward: what its forward saved (the
-    inventory in docs/memory.md, read off a 7B-wide layer) plus the MLP backward's first gradients and the stream's
-    gradient in and out. Attention (S2's grouped or varlen kernels, or full SDPA) keeps q, k, v, its output and the
-    o projection's input; an NF4 matmul keeps none of its input."""
+def layer_saved_per_token(s: Shapes, cfg: PlanConfig) -> tuple[int, int]:
+    """(bytes per token, of which the MLP's) that one decoder layer's forward keeps for its backward, the layer's
+    input (its checkpoint) aside: the inventory of bench/saved_tensors.py (docs/memory_inventory.md), which
+    tests/test_plan.py checks this against. Attention (S2's grouped or varlen kernels, or full SDPA) keeps q, k, v
+    and its output, the o projection's LoRA its input; an NF4 matmul keeps none of its input."""
     b = _Bytes.of(cfg)
     h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
     out = b.st if cfg.baseline else b.c  # a norm's output: ours is cast to the compute dtype
     norms = _norm_bytes(b, cfg, s, True) + _norm_bytes(b, cfg, s, False)
     attention = _lora_input_bytes(b, cfg, out, 3) * h + b.c * (q + 2 * kv) + b.c * q + 4 * s.heads
     attention += _lora_input_bytes(b, cfg, b.c, 1) * q  # o_proj's input, the attention output
-    mlp = (3 + MLP_BACKWARD_COPIES) * out * i
+    attention += 4 * cfg.rank * b.c  # each LoRA A's output, kept by its B
+    mlp = 3 * out * i  # gate, up and their product's input (SiLU's output)
     if cfg.lora_target == "all-linear":
-        mlp += _lora_input_bytes(b, cfg, out, 2) * h + _lora_input_bytes(b, cfg, out, 1) * i
-    stream = 2 * b.st * h
+        mlp += _lora_input_bytes(b, cfg, out, 2) * h + _lora_input_bytes(b, cfg, out, 1) * i + 3 * cfg.rank * b.c
+    return norms + attention + mlp, mlp
+
+
+def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
+    """One decoder layer recomputed with gradients at the start of its backward: what it saved plus the stream's
+    gradient in and out (and MLP_BACKWARD_COPIES gradients of the MLP's width). With the tiled MLP, the MLP's part
+    exists for one tile and the MLP keeps only its input per token."""
+    b = _Bytes.of(cfg)
+    saved, mlp = layer_saved_per_token(s, cfg)
+    mlp_peak = mlp + MLP_BACKWARD_COPIES * (b.st if cfg.baseline else b.c) * s.intermediate
+    other = saved - mlp + 2 * b.st * s.hidden  # the stream's gradient in and out
     tokens = cfg.batch * cfg.context
     if not cfg.tiled_mlp:
-        return tokens * (norms + attention + mlp + stream)
-    tile = min(tokens, cfg.tile_tokens)
-    return tokens * (norms + attention + out * h + stream) + tile * mlp  # tiled: only the MLP's input per token
+        return tokens * (other + mlp_peak)
+    mlp_input = (b.st if cfg.baseline else b.c) * s.hidden
+    return tokens * (other + mlp_input) + min(tokens, cfg.tile_tokens) * mlp_peak
 
 
 def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
@@ -246,7 +261,8 @@ def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
     norm = _norm_bytes(b, cfg, s, False)
     if cfg.chunked_loss:
         tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1]) * b.c
-        return tokens * (norm + s.hidden * (b.c + 4 + b.c)) + LOSS_TILES * tile
+        scatter = b.c if cfg.device == "cuda" else 0  # on CUDA the scored tokens are compacted, then scattered back
+        return tokens * (norm + s.hidden * (b.c + 4 + b.c + scatter)) + LOSS_TILES * tile
     return tokens * (norm + s.hidden * b.c + s.vocab * (b.c + 4 * PLAIN_LOSS_FP32_COPIES))
 
 
@@ -287,7 +303,8 @@ def plan(config, cfg: PlanConfig) -> dict:
               "device_need_gib": (peak + overhead) / GIB, "device_gib": cfg.device_gib,
               "host_offload_gib": host_offload_bytes(s, cfg) / GIB}
     if cfg.device_gib is not None:
-        result["fits"] = result["device_need_gib"] <= cfg.device_gib
+        result["fits"] = result["device_need_gib"] <= cfg.device_gib and (
+            cfg.host_memory is None or result["host_offload_gib"] <= cfg.host_memory)
     return result
 
 
@@ -314,6 +331,8 @@ def advise(config, cfg: PlanConfig) -> dict:
     everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
     result["longest_context"] = longest_context(config, cfg)
     result["longest_context_all_switches"] = longest_context(config, everything)
+    result["host_offload_gib_at_longest"] = host_offload_bytes(
+        Shapes.of(config), replace(everything, context=result["longest_context_all_switches"])) / GIB
     advice = []
     if not result["fits"]:
         for switches in ({"chunked_loss": True}, {"chunked_loss": True, "offload": True},
@@ -340,14 +359,15 @@ def render(result: dict) -> str:
     lines.append(f"  {'peak allocated (backward start or end)':<46} "
                  f"{result['peak_allocated_gib']:8.2f} GiB")
     lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
+    if result.get("host_offload_gib"):
+        lines.append(f"  {'pinned host memory (offloaded checkpoints)':<46} {result['host_offload_gib']:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
-    if result.get("host_offload_gib"):
-        lines.append(f"  {'pinned host memory for offloaded checkpoints':<46} {result['host_offload_gib']:8.2f} GiB")
     if "longest_context" in result:
         lines.append(f"longest context that fits: {result['longest_context']:,} tokens as asked, "
-                     f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP")
+                     f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP "
+                     f"({result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory)")
     if result.get("turn_on"):
         lines.append("turn on: " + ", ".join(result["turn_on"]))
     return "\n".join(lines)

@@ -148,7 +148,7 @@ def test_gradients_through_the_varlen_path(kernels):
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """Pretend to be a GPU of capability `cap` with the given packages: gpu(cap, flash=..., xformers=..., torch_varlen=...)."""
+    """Pretend to be a GPU of capability `cap` with the given packages: gpu(cap, flash=, xformers=, torch_varlen=)."""
     def setup(cap, flash=False, xformers=False, torch_varlen=False, enable_gqa=True):
         monkeypatch.setattr(hardware, "cuda_capability", lambda: cap)
         monkeypatch.setattr(hardware, "flash_attn_module", lambda: object() if flash else None)
