@@ -210,7 +210,8 @@ def recompute_lora_dropout(model) -> int:
     count = 0
     for module in model.modules():
         drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
-        if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict):
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict) or \
+                getattr(module, "lora_variant", None):  # DoRA and the like use the dropped input elsewhere too
             continue
         for name, drop in drops.items():
             if not isinstance(drop, nn.Dropout) or drop.p == 0 or name not in lora_a or \

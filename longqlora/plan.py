@@ -26,7 +26,7 @@ LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns pe
 OPTIMIZER_STATE_BYTES = {"paged_adamw": 8, "adamw": 8, "adamw_8bit": 2 + 8 / 256}  # two moments per parameter
 # Calibrated against the CPU measurements (tests/test_plan.py, docs/memory.md):
 MLP_BACKWARD_COPIES = 0  # (tokens x intermediate) gradients alive at the peak beyond what the layer saved
-PLAIN_LOSS_FP32_COPIES = 3  # fp32 (tokens x vocab) tensors of the plain loss's backward
+PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak, beside the 16-bit logits
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
@@ -263,7 +263,8 @@ def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
         tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1]) * b.c
         scatter = b.c if cfg.device == "cuda" else 0  # on CUDA the scored tokens are compacted, then scattered back
         return tokens * (norm + s.hidden * (b.c + 4 + b.c + scatter)) + LOSS_TILES * tile
-    return tokens * (norm + s.hidden * b.c + s.vocab * (b.c + 4 * PLAIN_LOSS_FP32_COPIES))
+    head_cast = s.vocab * s.hidden * b.c if b.kept != b.c else 0  # autocast's 16-bit copy of an fp32 head, kept
+    return tokens * (norm + s.hidden * b.c + s.vocab * (b.c + 4 * PLAIN_LOSS_FP32_COPIES)) + head_cast
 
 
 def step_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> int:

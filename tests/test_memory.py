@@ -201,6 +201,10 @@ def test_offload_keeps_the_fused_loss_on_the_device(tiny_dir, cpu_offload):
     plain = step(model, ids, fused_lm_head=True)
     assert_same(plain, step(model, ids, manager, fused_lm_head=True), 1e-6)
     assert shapes[-1] == [(1, 512), (1, 512, 128), (1, 512, 128)]
+    step(model, ids, manager, fused_lm_head=True)  # a second step: the no-offload region opened and closed again
+    assert shapes[-1] == [(1, 512), (1, 512, 128), (1, 512, 128)]
+    step(model, ids, fused_lm_head=True)  # outside the context no hook is left installed
+    assert shapes[-1] == []
 
 
 def test_tiled_mlp_recomputation_is_not_offloaded(tiny_dir):
