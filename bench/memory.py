@@ -90,6 +90,8 @@ class BenchConfig:
     json: str | None = field(default=None, metadata={"help": "Also write every measured point as JSON (the "
                                                              "planner's calibration test reads it)."})
     tiny: bool = field(default=False, metadata={"help": "Tiny shapes on the CPU (tests): the same code, seconds."})
+    report_from: str | None = field(default=None, metadata={"help": "Measure nothing: render --output from the "
+                                                                    "points of this JSON, with the current planner."})
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -376,6 +378,9 @@ def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longes
         if "error" in p:
             rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
             continue
+        p = {**p, "planned_bytes": plan_for(model_config(p["model"], p["layers"]), p["model"], VARIANTS[p["variant"]],
+                                            p["context"], cfg, torch.device(p["device"]), getattr(torch, p["dtype"]))[
+            "peak_allocated_gib"] * gib}  # the current planner, also for points measured before it changed
         err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
         reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
         rows.append([p["model"], p["layers"], p["context"], p["variant"], f"{p['peak_bytes'] / gib:.3f}", reserved,
@@ -392,17 +397,23 @@ def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longes
         fit = fit_depth(group, full)
         if fit is None:
             continue
-        planned = plan_for(model_config(name), name, VARIANTS[variant], context, cfg, device,
-                           getattr(torch, group[0]["dtype"]))["peak_allocated_gib"] * gib
+        dtype = getattr(torch, group[0]["dtype"])
+        planned = plan_for(model_config(name), name, VARIANTS[variant], context, cfg,
+                           torch.device(group[0]["device"]), dtype)["peak_allocated_gib"] * gib
+        on_gpu = plan_for(model_config(name), name, VARIANTS[variant], context, cfg, torch.device("cuda"), dtype)
         err = 100 * (planned - fit["extrapolated_bytes"]) / fit["extrapolated_bytes"]
-        fits.append({"model": name, "variant": variant, "context": context, **fit, "planned_bytes": planned})
+        fits.append({"model": name, "variant": variant, "context": context, **fit, "planned_bytes": planned,
+                     "planned_gpu_need_gib": on_gpu["device_need_gib"]})
         fits[-1]["row"] = [name, context, variant, f"{fit['fixed_bytes'] / gib:.3f}",
                            f"{fit['per_layer_bytes'] / gib:.4f}", full, f"{fit['extrapolated_bytes'] / gib:.2f}",
-                           f"{planned / gib:.2f} ({err:+.1f}%)"]
+                           f"{planned / gib:.2f} ({err:+.1f}%)", f"{on_gpu['device_need_gib']:.2f}"]
     if fits:
-        lines += ["", "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth:", "",
+        lines += ["", "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
+                  "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
+                  "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):", "",
                   markdown_table(["model", "context", "variant", "fixed GiB", "per layer GiB", "full depth",
-                                  "extrapolated GiB", "planned GiB (error)"], [f.pop("row") for f in fits])]
+                                  "extrapolated GiB", "planned GiB (error)", "planned GPU need GiB"],
+                                 [f.pop("row") for f in fits])]
     if longest:
         lines += ["", "Longest context ours trains (LoRA+, S2-Attn, every switch):", "",
                   markdown_table(["model", "tokens"], longest)]
@@ -447,6 +458,18 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses(args=argv)
+    if cfg.report_from:
+        import json
+
+        with open(cfg.report_from, encoding="utf-8") as f:
+            record = json.load(f)
+        points = record["points"]
+        text, _ = report(points, cfg, argv, torch.device(points[0]["device"] if points else "cpu"), [])
+        text = text.replace("\n\n", "\n\nPoints measured by:\n\n" + "\n".join(
+            f"- `{c}`" for c in record.get("commands", [])) + "\n\n", 1)
+        write_text_atomic(cfg.output, text)
+        print(text)
+        return
     text, record = run(cfg, argv)
     write_text_atomic(cfg.output, text)
     if cfg.json:
