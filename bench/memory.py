@@ -445,11 +445,18 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                                  "variant": variant, "context": context, "error": "out of memory"}
                     logger.info("%s", {k: v for k, v in point.items() if k != "plan"})
                     points.append(point)
+                    if cfg.json:  # every point kept as it comes: a long CPU run cut short loses nothing measured
+                        write_json_atomic(cfg.json, merge_record(cfg.json, {
+                            "command": _command(argv), "points": points, "fits": []}))
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:
             longest.append([name, f"{longest_context(name, cfg, device, dtype):,}"])
     text, fits = report(points, cfg, argv, device, longest)
-    return text, {"command": f"python bench/memory.py {' '.join(argv)}", "device": device.type,
+    return text, {"command": _command(argv), "device": device.type,
                   "torch": torch.__version__, "points": points, "fits": fits}
+
+
+def _command(argv: list[str]) -> str:
+    return f"python bench/memory.py {' '.join(argv)}"
 
 
 def main(argv=None) -> None:
