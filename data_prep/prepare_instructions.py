@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer
-
 from longqlora.chat_template import apply_vicuna_template
 from longqlora.data import check_output_dir, save_dataset_atomic
 from longqlora.instructions import InstructionDataConfig, length_report, load_conversations
 from longqlora.cli import run_data_script
+from longqlora.model import load_tokenizer
 
 
 @dataclass
@@ -30,9 +29,9 @@ class ScriptArguments:
 
 def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    tokenizer = apply_vicuna_template(AutoTokenizer.from_pretrained(args.tokenizer))
     stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "chat_template": "vicuna_v1.1"}
-    conversations = load_conversations(cfg, stats=stats)
+    conversations = load_conversations(cfg, stats=stats)  # every record checked before the tokenizer loads
+    tokenizer = apply_vicuna_template(load_tokenizer(args.tokenizer))
     conversations, lengths = length_report(conversations, tokenizer, args.max_length, cfg.overlong, cfg.num_proc)
     stats.update(lengths)
     save_dataset_atomic(conversations, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
@@ -41,7 +40,8 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     run_data_script((InstructionDataConfig, ScriptArguments), run, lambda stats, cfg, args: (
-        f"wrote {stats['count_out']} conversations to {args.output_dir}; {stats['over_max_length']} exceed "
+        f"wrote {stats['count_out']} conversations to {args.output_dir}; skipped {stats['skipped_invalid']} "
+        f"invalid ({stats['skipped_empty_reply']} for an empty assistant reply); {stats['over_max_length']} exceed "
         f"--max_length {args.max_length} (--overlong {cfg.overlong})"), __doc__, argv)
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer
-
 from longqlora.data import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
                             tokenize_documents)
 from longqlora.cli import run_data_script
+from longqlora.model import load_tokenizer
 
 
 @dataclass
@@ -30,8 +29,8 @@ class ScriptArguments:
 
 def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    documents = load_documents(cfg)
+    documents = load_documents(cfg)  # every file read and checked before the tokenizer loads
+    tokenizer = load_tokenizer(args.tokenizer)
     tokenized, stats = tokenize_documents(documents, tokenizer, cfg)
     if args.max_length is not None:
         check_packable(stats, args.max_length, cfg.dataset)

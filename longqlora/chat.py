@@ -91,18 +91,11 @@ def read_document(cfg: ChatConfig) -> str | None:
 
 def check_inputs(cfg: ChatConfig) -> None:
     """Every path check that needs no weights: --model, --adapter (and its recorded base), --context_file."""
-    from longqlora.inference import adapter_base, read_extension
+    from longqlora.inference import model_dir, read_extension
 
     if cfg.adapter:
         read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
-    model = cfg.model or adapter_base(cfg.adapter)
-    flag = "--model" if cfg.model else f"--adapter {cfg.adapter}: its recorded base"
-    if not model or not os.path.isdir(os.path.expanduser(model)):
-        raise ValueError(f"{flag} {model or '(none)'}: no such directory; pass a local model directory"
-                         + ("" if cfg.model else " with --model"))
-    if not os.path.isfile(os.path.join(os.path.expanduser(model), "config.json")):
-        raise ValueError(f"{flag} {model}: the directory has no config.json; pass a directory saved with "
-                         "save_pretrained")
+    model_dir(cfg.model, cfg.adapter)
     read_document(cfg)
 
 

@@ -72,9 +72,43 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "system": "system"}
 
 
+# The list-of-turns formats: each turn an object with these text fields (LongQLoRA's may omit one of its two).
+TURN_FIELDS = {"messages": ("role", "content"), "sharegpt": ("from", "value"),
+               "longqlora_conversation": ("human", "assistant")}
+EMPTY_REPLY = "an empty assistant reply"
+
+
 def detect_format(record: dict) -> str:
     """The first of `FORMATS` whose keys all hold a value in `record`, or '' for none."""
     return next((name for name, keys in FORMATS.items() if all(record.get(k) is not None for k in keys)), "")
+
+
+def _kind(value) -> str:
+    return {str: "a string", list: "a list", dict: "an object", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def record_problem(record: dict) -> str:
+    """Why `record` does not have its format's shape ('' when it does, or when it matches no format): turns that
+    are not a list of objects (a string, a list of strings), a role that is not text, a flat field not text."""
+    fmt = detect_format(record)
+    if fmt in TURN_FIELDS:
+        name, keys = FORMATS[fmt][0], TURN_FIELDS[fmt]
+        shape = "{" + ", ".join(keys) + "} objects"
+        turns = record[name]
+        if not isinstance(turns, list):
+            return f"'{name}' is {_kind(turns)}, not a list of {shape}"
+        for k, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict):
+                return f"'{name}' item {k} is {_kind(turn)}, not one of {shape}"
+            role = keys[0]
+            if fmt != "longqlora_conversation" and not isinstance(turn.get(role), str):
+                return f"'{name}' item {k}: '{role}' is {_kind(turn.get(role))}, not text"
+        return ""
+    for key in (*FORMATS[fmt], "input") if fmt else ():
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"'{key}' is {_kind(record[key])}, not text"
+    return ""
 
 
 def _text(value) -> str | None:
@@ -118,4 +152,7 @@ def conversation_problem(messages: list[dict]) -> str:
         expected = "user" if k % 2 == 0 else "assistant"
         if m["role"] != expected:
             return f"message {k + 1} is {m['role']}, expected {expected}"
-    return "" if body[-1]["role"] == "assistant" else "ends with a user message"
+    if body[-1]["role"] != "assistant":
+        return "ends with a user message"
+    empty = [k for k, m in enumerate(messages, start=1) if m["role"] == "assistant" and not m["content"].strip()]
+    return f"message {empty[0]} is {EMPTY_REPLY}" if empty else ""

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-
-def _fail(err: Exception):
-    """Bad input ends in one line naming the flag and the fix; LONGQLORA_TRACEBACK=1 shows the traceback."""
-    if os.environ.get("LONGQLORA_TRACEBACK"):
-        raise err
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2) from None
+from longqlora.config_file import parse_with_config
+from longqlora.errors import one_line_errors
 
 
 def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
@@ -24,9 +18,9 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     from longqlora.train import RunConfig, describe, resolve, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
-    try:
-        model_cfg, data_cfg, run_cfg, training = parser.parse_args_and_config(args=argv)
+    with one_line_errors():
+        parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
+        model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         model_cfg, data_cfg, training, info = resolve(model_cfg, data_cfg, run_cfg, training)
         if run_cfg.dry_run:
             from longqlora.model import count_trainable_without_weights
@@ -35,8 +29,6 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
             print(describe(info, training, data_cfg))
             return None
         return train(model_cfg, data_cfg, training)
-    except ValueError as err:
-        _fail(err)
 
 
 def _perplexity(argv):
@@ -132,10 +124,8 @@ def main(argv=None) -> int:
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with one_line_errors():
         return COMMANDS[argv[0]][0](argv[1:])
-    except ValueError as err:
-        _fail(err)
 
 
 def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
@@ -146,11 +136,9 @@ def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser(dataclass_types, description=doc.split("\n")[0])
-    try:
+    with one_line_errors():
         configs = parser.parse_args_into_dataclasses(args=argv)
         stats = run(*configs)
-    except (ValueError, OSError) as e:  # OSError: a tokenizer that cannot be loaded
-        sys.exit(f"error: {str(e).splitlines()[0]}")
     print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
     print(summary(stats, *configs))
     return stats
@@ -163,8 +151,8 @@ def run_quickstart(config_cls, argv=None) -> dict | None:
     from longqlora.quickstart import run, s2_groups
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (cfg,) = TrlParser((config_cls,)).parse_args_and_config(args=argv)
+    with one_line_errors():
+        (cfg,) = parse_with_config(TrlParser((config_cls,)), argv)
         if cfg.dry_run:
             print(f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
                   f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
@@ -172,7 +160,5 @@ def run_quickstart(config_cls, argv=None) -> dict | None:
                   f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}")
             return None
         result = run(cfg)
-    except ValueError as err:
-        _fail(err)
     print(result["report"])
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from longqlora.report import write_json_atomic
+from longqlora.report import check_output_path, write_json_atomic
 from longqlora.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,8 @@ def packing_strategy(packing: str) -> str:
 
 
 def check_output_dir(output_dir, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if `output_dir` exists and may not be replaced."""
-    out = Path(output_dir)
+    """Fail early, before any work, if `output_dir` exists and may not be replaced, or cannot be written."""
+    out = check_output_path(output_dir, "--output_dir")
     if out.exists() and not overwrite:
         raise ValueError(f"--output_dir {out}: already exists; pass --overwrite or another directory")
     return out

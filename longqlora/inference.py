@@ -32,6 +32,32 @@ def adapter_base(adapter) -> str:
     return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
 
 
+def model_dir(model: str | None, adapter: str | None = None) -> str:
+    """The local directory `--model` names (default: the adapter's recorded base), checked before anything loads:
+    one line naming the flag when it is missing or holds no config.json (never a hub lookup of a local path)."""
+    path = model or (adapter_base(adapter) if adapter else "")
+    flag = "--model" if model else f"--adapter {adapter}: its recorded base"
+    if not path:
+        raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded):
+        what = "is a file, not a directory" if os.path.exists(expanded) else "no such directory"
+        raise ValueError(f"{flag} {path}: {what}; pass a local model directory" + ("" if model else " with --model"))
+    if not os.path.isfile(os.path.join(expanded, "config.json")):
+        raise ValueError(f"{flag} {path}: the directory has no config.json; pass a directory saved with "
+                         "save_pretrained")
+    return expanded
+
+
+def tokenizer_dir(model: str | None, adapter: str | None = None) -> str:
+    """Where `load_for_inference` takes the tokenizer from: the adapter when it saved one, else the model."""
+    if adapter:
+        read_extension(adapter)  # one line when it is not an adapter directory
+        if (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
+            return os.path.expanduser(adapter)
+    return model_dir(model, adapter)
+
+
 def adapter_shapes(adapter: Path) -> dict:
     """Tensor name (without PEFT's prefix) -> shape, read from the safetensors header only."""
     from safetensors import safe_open
@@ -97,13 +123,8 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
     from longqlora.model import ModelConfig, load_base
 
     extension = read_extension(adapter) if adapter else {}
-    if not model_path:
-        if not adapter:
-            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
-        model_path = adapter_base(adapter)
-    expanded = os.path.expanduser(model_path)
-    if not os.path.isdir(expanded):
-        raise ValueError(f"--model {model_path}: no such directory; pass a local model directory")
+    expanded = model_dir(model_path, adapter)
+    model_path = model_path or adapter_base(adapter)
     if adapter:
         check_adapter_fits(Path(os.path.expanduser(adapter)), Path(expanded), flag="--model", name=model_path,
                            recorded=adapter_base(adapter) or model_path)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
-from longqlora.chat_template import FORMATS, conversation_problem, detect_format, to_messages
+from longqlora.chat_template import (EMPTY_REPLY, FORMATS, conversation_problem, detect_format, record_problem,
+                                     to_messages)
 from longqlora.data import length_stats
 from longqlora.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
@@ -52,8 +53,10 @@ class InstructionDataConfig:
 
 def _convert_row(row: dict, system_prompt: str | None) -> dict:
     fmt = detect_format(row)
-    messages = to_messages(row, fmt, system_prompt) if fmt else []
-    return {"messages": messages, "_format": fmt, "_problem": conversation_problem(messages) if fmt else ""}
+    shape = record_problem(row) if fmt else ""
+    messages = to_messages(row, fmt, system_prompt) if fmt and not shape else []
+    return {"messages": messages, "_format": fmt, "_shape": shape,
+            "_problem": conversation_problem(messages) if fmt and not shape else ""}
 
 
 def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> str:
@@ -73,32 +76,40 @@ def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> 
 def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) -> datasets.Dataset:
     """Load `cfg.dataset` as a Dataset with one `messages` column of role/content turns, format auto-detected.
 
-    Conversations must alternate user/assistant (after an optional system message) and end with the assistant;
+    A record whose turns are not a list of role/content objects is an error naming its line. Conversations must
+    alternate user/assistant (after an optional system message), end with the assistant and have no empty reply;
     others are skipped and counted (logged, and in `stats` if given), or raise with --invalid_conversations error."""
     src = resolve(cfg.dataset)
-    raw = load_raw(src, cfg.split, cfg.num_proc)
+    raw = load_raw(src, cfg.split, cfg.num_proc, record_problem=record_problem)
     if not len(raw):
         raise ValueError(f"--dataset {cfg.dataset} holds no conversations")
     features = datasets.Features({"messages": MESSAGES, "_format": datasets.Value("string"),
-                                  "_problem": datasets.Value("string")})
+                                  "_shape": datasets.Value("string"), "_problem": datasets.Value("string")})
     ds = raw.map(_convert_row, remove_columns=raw.column_names, num_proc=cfg.num_proc, features=features,
                  fn_kwargs={"system_prompt": cfg.system_prompt}, desc="Converting to messages")
     fmt = _check_formats(ds, raw, src)
+    shapes = column(ds, "_shape").to_numpy(zero_copy_only=False)
+    if (shapes != "").any():  # JSON files are checked line by line before; this catches Parquet and hub data
+        i = int(np.flatnonzero(shapes != "")[0])
+        raise ValueError(f"--dataset {where(src, i)}: {shapes[i]}")
     problems = column(ds, "_problem").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(problems != "")
+    empty = int(np.char.endswith(problems.astype(str), EMPTY_REPLY).sum())
     if len(bad):
         first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}"
         if cfg.invalid_conversations == "error":
             raise ValueError(f"--dataset {first}; fix it or pass --invalid_conversations skip")
-        logger.warning("skipped %d of %d conversations that are not user/assistant turns ending with the assistant "
-                       "(first: %s)", len(bad), len(ds), first)
+        logger.warning("skipped %d of %d conversations: %d with %s, %d not user/assistant turns ending with the "
+                       "assistant (first: %s)", len(bad), len(ds), empty, EMPTY_REPLY, len(bad) - empty, first)
         ds = ds.filter(lambda p: [not x for x in p], input_columns="_problem", batched=True, num_proc=cfg.num_proc)
     if not len(ds):
-        raise ValueError(f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped)")
+        raise ValueError(f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped, {empty} of "
+                         f"them for {EMPTY_REPLY}; first: {where(src, int(bad[0]))})")
     if stats is not None:
-        stats.update(format=fmt, conversations_in=len(raw), skipped_invalid=len(bad), conversations_out=len(ds))
+        stats.update(format=fmt, conversations_in=len(raw), skipped_invalid=len(bad), skipped_empty_reply=empty,
+                     conversations_out=len(ds))
     logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)
-    return ds.remove_columns(["_format", "_problem"])
+    return ds.remove_columns(["_format", "_shape", "_problem"])
 
 
 def _chat_lengths(batch, tokenizer, max_length: int, masks: bool):

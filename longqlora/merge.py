@@ -83,6 +83,7 @@ def _within(inner: Path, outer: Path) -> bool:
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
     from longqlora.inference import adapter_base, check_adapter_fits, read_extension
+    from longqlora.report import check_output_path
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
     adapter = _path(cfg.adapter)
@@ -100,13 +101,9 @@ def check_merge(cfg: MergeConfig) -> dict:
         if _within(out, path) or _within(path, out):
             raise ValueError(f"--output {cfg.output}: is, contains or lies inside the {name} directory {path}; "
                              "choose a separate directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {cfg.output}: is a file; choose a directory")
+    check_output_path(out, "--output")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"--output {cfg.output}: is not empty; pass --overwrite to replace it, or a new directory")
-    parent = next(p for p in out.parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--output {cfg.output}: {parent} is not writable; choose another directory")
     target = extension.get("target_context")
     if target and cfg.sample_tokens > int(target):
         raise ValueError(f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; "

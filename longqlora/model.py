@@ -160,6 +160,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name.split("/")[0])
 
 
+def load_tokenizer(name: str, flag: str = "--tokenizer", fix: str = "pass a tokenizer or model directory, or a hub id",
+                   **kwargs):
+    """`AutoTokenizer.from_pretrained(name, **kwargs)`, or one ValueError line naming `flag` and the `fix`; a local
+    path that does not exist is refused here rather than looked up on the hub."""
+    path = os.path.expanduser(name)
+    if _looks_like_path(name) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {name}: no such directory; {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {name}: cannot load its tokenizer ({_first_line(err)}); {fix}") from err
+
+
 def _load_config(cfg: ModelConfig, trust_remote_code: bool, prefer_preset: bool = False):
     """The transformers config of `cfg.model_name_or_path`, or one ValueError line saying what to pass instead.
 
@@ -252,12 +265,8 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
 
     hf_config, info = check_model(cfg, trust_remote_code=trust_remote_code)
     path = os.path.expanduser(cfg.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision,
-                                                  trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load its tokenizer "
-                         f"({_first_line(err)}); save the tokenizer next to the weights") from err
+    tokenizer = load_tokenizer(cfg.model_name_or_path, "--model_name_or_path", "save the tokenizer next to the "
+                               "weights", revision=cfg.revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Reuse an existing token rather than adding one: a new row would change the vocabulary of the base.
         source = "unk" if tokenizer.unk_token is not None else "eos"

@@ -15,7 +15,6 @@ Protocol (recorded in every result):
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -231,28 +230,17 @@ def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, see
 
 
 # ---------------------------------------------------------------------------------------------------- command
-def _tokenizer_dir(cfg: PasskeyConfig) -> str:
-    """Where load_for_inference will take the tokenizer from: the adapter when it saved one, else the model."""
-    from longqlora.inference import adapter_base, read_extension
-
-    if cfg.adapter:
-        read_extension(cfg.adapter)  # one line when it is not an adapter directory
-        if (Path(os.path.expanduser(cfg.adapter)) / "tokenizer_config.json").is_file():
-            return os.path.expanduser(cfg.adapter)
-    path = cfg.model or adapter_base(cfg.adapter)
-    if not path or not os.path.isdir(os.path.expanduser(path)):
-        raise ValueError(f"--model {path}: no such directory; pass a local model directory")
-    return os.path.expanduser(path)
-
-
 def run_passkey(cfg: PasskeyConfig) -> dict:
     """Check every prompt fits, load the model (optionally + adapter, NF4), run the trials, write JSON and PNG."""
     from transformers import AutoTokenizer
 
-    from longqlora.inference import adapter_base, load_for_inference
-    from longqlora.report import write_json_atomic
+    from longqlora.inference import adapter_base, load_for_inference, tokenizer_dir
+    from longqlora.report import check_output_path, write_json_atomic
 
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg), trust_remote_code=cfg.trust_remote_code)
+    if cfg.output_dir:
+        check_output_path(cfg.output_dir, "--output_dir")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.model, cfg.adapter),
+                                              trust_remote_code=cfg.trust_remote_code)
     plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
     model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
                                                 compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,

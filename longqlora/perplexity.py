@@ -161,7 +161,10 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
     from longqlora.data import TextDataConfig, load_documents
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
-    documents = load_documents(TextDataConfig(dataset=source, text_field=text_field))
+    try:
+        documents = load_documents(TextDataConfig(dataset=source, text_field=text_field))
+    except ValueError as err:  # the data layer names its recipes' flag; this command's is --data
+        raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     ids: list[int] = []
     for text in documents["text"]:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -176,15 +179,14 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
     """Score `cfg.data` at every context length; writes JSON, CSV and a plot when `cfg.output` is set."""
     from transformers import AutoTokenizer
 
-    from longqlora.inference import adapter_base, load_for_inference, read_extension
-    from longqlora.report import write_json_atomic, write_text_atomic
+    from longqlora.inference import adapter_base, load_for_inference, read_extension, tokenizer_dir
+    from longqlora.report import check_output_path, write_json_atomic, write_text_atomic
 
     extension = read_extension(cfg.adapter) if cfg.adapter else {}
-    tokenizer_dir = cfg.adapter or cfg.model
-    if not tokenizer_dir:
-        raise ValueError("--model: pass a model directory or an --adapter")
-    ids = text_token_ids(cfg.data, AutoTokenizer.from_pretrained(tokenizer_dir), text_field=cfg.text_field,
-                         max_tokens=cfg.max_tokens)
+    if cfg.output:
+        check_output_path(cfg.output, "--output", directory=False)
+    ids = text_token_ids(cfg.data, AutoTokenizer.from_pretrained(tokenizer_dir(cfg.model, cfg.adapter)),
+                         text_field=cfg.text_field, max_tokens=cfg.max_tokens)
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
             raise ValueError(f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "

@@ -8,6 +8,22 @@ import tempfile
 from pathlib import Path
 
 
+def check_output_path(path, flag: str, *, directory: bool = True) -> Path:
+    """Refuse, before any work, an output that cannot be written: a directory path that is an existing file (or a
+    file path that is a directory), or a path under a file. Returns the expanded path; creates nothing."""
+    out = Path(os.path.expanduser(str(path)))
+    if directory and out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a directory; choose a directory")
+    if not directory and out.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; pass a file name")
+    ancestor = next(p for p in (out if directory else out.parent, *out.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {ancestor} is not writable; choose another directory")
+    return out
+
+
 def write_text_atomic(path, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,34 +68,69 @@ def _is_json_array(path: str) -> bool:
         return f.read(4096).lstrip().startswith("[")
 
 
-def _is_blank(path: str) -> bool:
-    with _open_text(path) as f:
-        return not any(line.strip() for line in f)
+def _lines(flag: str, path: str):
+    """(line number, UTF-8 text) of every line of a plain or gzip file, read to its end; one ValueError line
+    naming the file and line for a gzip that is not one, is damaged or cut short (never a shorter document),
+    bytes that are not UTF-8, or NUL bytes (binary data). A newline byte never occurs inside a UTF-8 sequence,
+    so decoding line by line finds exactly the errors decoding the whole file would."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{flag} line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                     f"{err.start + 1}); convert the file to UTF-8") from None
+                if "\0" in line:
+                    raise ValueError(f"{flag} line {lineno}: holds NUL bytes: binary data, not text")
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        if isinstance(err, gzip.BadGzipFile) and lineno == 0 and "Not a gzipped file" in str(err):
+            raise ValueError(f"{flag}: not a gzip file; rename it without .gz if it is plain text") from None
+        where = f" after line {lineno}" if lineno else ""
+        what = f"is cut short{where} (a truncated file)" if isinstance(err, EOFError) else f"is damaged{where} ({err})"
+        raise ValueError(f"{flag}: the gzip data {what}; re-download or recompress it") from None
 
 
-def _json_problem(path: str) -> str | None:
-    """Where and why a JSON/JSONL file does not parse ("line 17: not valid JSON (...)"), or None if it does.
+def check_text_file(flag: str, path: str) -> None:
+    """Read a .txt/.txt.gz document to its end before `datasets` does; see `_lines` for what is refused."""
+    for _ in _lines(flag, path):
+        pass
 
-    datasets' own error names neither line nor cause, so on failure we read the file once more ourselves."""
-    if _is_json_array(path):
+
+def check_json_file(flag: str, path: str, record_problem=None) -> int:
+    """Parse a JSON/JSONL(.gz) file before `datasets` does and return its number of records; one ValueError
+    line naming the file and line (record, for a JSON array) of the first bad bytes, bad JSON, non-object or,
+    with `record_problem(record) -> str`, the first record of the wrong shape. (datasets' own errors name
+    neither the line nor the cause.)"""
+    def check(record, place: str) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{flag} {place}: not a JSON object (found {type(record).__name__})")
+        problem = record_problem(record) if record_problem else ""
+        if problem:
+            raise ValueError(f"{flag} {place}: {problem}")
+
+    def parse(text: str, lineno: int):
         try:
-            with _open_text(path) as f:
-                records = json.load(f)
+            return json.loads(text)
         except json.JSONDecodeError as e:
-            return f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-        bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
-        return f"record {bad[0] + 1}: not a JSON object" if bad else None
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
-            if not isinstance(record, dict):
-                return f"line {lineno}: not a JSON object (found {type(record).__name__})"
-    return None
+            raise ValueError(f"{flag} line {lineno + e.lineno - 1}: not valid JSON ({e.msg} at column "
+                             f"{e.colno})") from None
+
+    lines = _lines(flag, path)
+    count = 0
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        if count == 0 and line.lstrip().startswith("["):  # a JSON array: parsed whole
+            records = parse(line + "".join(text for _, text in lines), lineno)
+            for i, record in enumerate(records):
+                check(record, f"record {i + 1}")
+            return len(records)
+        check(parse(line, lineno), f"line {lineno}")
+        count += 1
+    return count
 
 
 def _root_cause(error: BaseException) -> str:
@@ -103,8 +139,9 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def load_raw(src: Source, split: str, num_proc: int | None) -> datasets.Dataset:
-    """The source as a datasets.Dataset (cached by datasets under HF_DATASETS_CACHE for files)."""
+def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None) -> datasets.Dataset:
+    """The source as a datasets.Dataset (cached by datasets under HF_DATASETS_CACHE for files). Local text and
+    JSON files are read through once first (`check_text_file`, `check_json_file` with `record_problem`)."""
     if src.kind == "disk":
         loaded = datasets.load_from_disk(src.path)
         if isinstance(loaded, datasets.DatasetDict):
@@ -124,17 +161,16 @@ def load_raw(src: Source, split: str, num_proc: int | None) -> datasets.Dataset:
         if not files:
             raise ValueError(f"--dataset {src.name}: the directory holds no {'/'.join(TEXT_SUFFIXES)} files and is "
                              "not a save_to_disk dataset")
+        for file in files:
+            check_text_file(f"--dataset {src.name}" + ("" if src.kind == "txt" else f": {file}"), file)
         return datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
                                      num_proc=num_proc)
     builder = "parquet" if src.kind == "parquet" else "json"
+    if builder == "json" and not check_json_file(f"--dataset {src.name}", src.path, record_problem):
+        return datasets.Dataset.from_dict({})  # datasets fails on a file without records with a bare StopIteration
     try:
         return datasets.load_dataset(builder, data_files=src.path, split="train", num_proc=num_proc)
     except Exception as e:
-        if builder == "json" and _is_blank(src.path):
-            return datasets.Dataset.from_dict({})  # datasets fails on it with a bare StopIteration
-        problem = _json_problem(src.path) if builder == "json" else None
-        if problem:
-            raise ValueError(f"--dataset {src.name} {problem}") from None
         raise ValueError(f"--dataset {src.name}: datasets could not load it ({_root_cause(e)})") from None
 
 

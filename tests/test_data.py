@@ -319,7 +319,7 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
         expected = two_singles if name in ("longalpaca", "longqlora") else [CHAT]
         assert list(ds["messages"]) == expected, name
         assert stats == {"format": name, "conversations_in": len(expected), "skipped_invalid": 0,
-                         "conversations_out": len(expected)}
+                         "skipped_empty_reply": 0, "conversations_out": len(expected)}
 
 
 def test_system_prompt_and_sharegpt_system_turn(tmp_path):
@@ -444,7 +444,7 @@ def test_scripts_end_to_end(tok, tmp_path):
 
     again = run_script("prepare_text.py", "--dataset", str(texts), "--tokenizer", str(tmp_path / "tok"),
                        "--output_dir", str(tmp_path / "text_out"), "--max_length", "100000", tmp_path=tmp_path)
-    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
 
     chats = write_instruction_formats(tmp_path)["longalpaca"]
     result = run_script("prepare_instructions.py", "--dataset", chats, "--tokenizer", str(tmp_path / "tok"),

@@ -1,0 +1,130 @@
+"""`--config my.yaml`: the recipes' YAML file of flag defaults, read and checked before any default changes.
+
+TRL's `TrlParser` reads the file with `yaml.safe_load` and sets each value as a parser default as it is: argparse
+converts only string defaults, so `lora_r: 8.5`, `lora_r: null` or `max_steps: true` reach the dataclasses
+unconverted and fail later with a TypeError, and a missing file or bad YAML is a traceback. Here each value goes
+through its flag's own argparse conversion (the same `type` and `choices` as on the command line) and the
+converted values go to TrlParser's `set_defaults_with_config`; every problem is one line naming the file, the
+key and the fix. Command-line flags still override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from pathlib import Path
+
+
+def parse_with_config(parser, argv: list[str] | None):
+    """`parser.parse_args_and_config` (a TrlParser) with a checked --config file; returns the dataclasses."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
+            raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
+        path = args[i + 1]
+        del args[i:i + 2]
+        config = read_config(path)
+        for key, value in config.pop("env", {}).items():  # TrlParser's `env:` section
+            os.environ[key] = str(value)
+        parser.set_defaults_with_config(**checked_values(parser, config, path))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def read_config(path: str) -> dict:
+    """The YAML mapping in `path`, or one ValueError line saying what is wrong with the file."""
+    import yaml
+
+    file = Path(os.path.expanduser(path))
+    flag = f"--config {path}"
+    if not file.exists():
+        raise ValueError(f"{flag}: no such file; pass a YAML file of flag: value lines")
+    if not file.is_file():
+        raise ValueError(f"{flag}: is a directory, not a file; pass a YAML file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{flag}{where}: not valid YAML ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag}: must be a mapping of flag: value lines, found a {type(config).__name__}")
+    env = config.get("env", {})
+    if not isinstance(env, dict):
+        raise ValueError(f"{flag}: env must be a mapping of NAME: value")
+    return config
+
+
+def _hints(parser) -> dict:
+    hints = {}
+    for dtype in getattr(parser, "dataclass_types", ()):
+        try:
+            hints.update(typing.get_type_hints(dtype))
+        except Exception:  # an unresolvable annotation: that dataclass's values are checked by argparse alone
+            continue
+    return hints
+
+
+def _admits(hint, kind) -> bool:
+    """Whether the annotation `hint` admits values of `kind` (NoneType, dict, list)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    return any(o is kind or typing.get_origin(o) is kind for o in options)
+
+
+def _convert(action, value, key: str):
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{key}: {value!r} is a {type(value).__name__}; give one value")
+    if action.type is None:
+        return value
+    try:
+        converted = action.type(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        name = getattr(action.type, "__name__", "value")
+        kind = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}.get(name, f"a {name}")
+        raise ValueError(f"{key}: {value!r} is not {kind}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{key}: {value!r} must be one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def checked_values(parser, config: dict, path: str) -> dict:
+    """The config's values converted as their flags would be; ValueError naming file and key on the first bad one."""
+    actions = {}
+    for action in parser._actions:  # argparse keeps no public index of its actions
+        if action.dest not in actions or f"--{action.dest}" in action.option_strings:
+            actions[action.dest] = action
+    hints = _hints(parser)
+    values = {}
+    for key, value in config.items():
+        try:
+            action = actions.get(key)
+            if action is None:
+                raise ValueError(f"{key}: not a flag of this command (--help lists them)")
+            hint = hints.get(key)
+            if value is None:
+                if hint is not None and not _admits(hint, type(None)):
+                    raise ValueError(f"{key}: null; give a value, or leave the key out for the default")
+                values[key] = None
+            elif isinstance(value, dict) and hint is not None and _admits(hint, dict):
+                values[key] = value
+            elif action.nargs in ("+", "*"):
+                values[key] = [_convert(action, v, key) for v in (value if isinstance(value, list) else [value])]
+            elif isinstance(value, list) and hint is not None and _admits(hint, list):
+                values[key] = [str(v) for v in value]
+            else:
+                values[key] = _convert(action, value, key)
+        except ValueError as err:
+            raise ValueError(f"--config {path}: {err}") from None
+    return values
