@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig
 
+from longqlora import checkpoints, instructions, memory
 from longqlora import data as data_lib
-from longqlora import instructions, memory
 from longqlora.inference import EXTENSION_FILE
 from longqlora.adapters import trainable_to_fp32
 from longqlora.model import ModelConfig, check_model, load_model
-from longqlora.report import write_json_atomic
+from longqlora.report import check_output_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,13 @@ def tiny_overrides(model_cfg, data_cfg, training):
 
     out = Path(training.output_dir)
     base = out / "tiny-base"
-    if not (base / "config.json").exists():
-        texts = [corpora.book("austen_persuasion")[:200_000]]
-        save_tiny_model(base, shape="gqa", texts=texts, max_position_embeddings=64)
+    if not (base / "config.json").exists():  # written whole, then renamed: a killed run leaves no half a base
+        partial = out / ".tiny-base.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_tiny_model(partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]],
+                        max_position_embeddings=64)
+        shutil.rmtree(base, ignore_errors=True)
+        os.replace(partial, base)
     model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
                                     compute_dtype="float32", attn_backend="sdpa")
     if isinstance(data_cfg, instructions.InstructionDataConfig):
@@ -292,6 +296,8 @@ def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
     `output_dir`, weights first and adapter_config.json last: a killed run never leaves a half-written adapter."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".adapter-*"):  # left by a killed run (the output lock makes this run the only writer)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -299,6 +305,7 @@ def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
         write_json_atomic(tmp / EXTENSION_FILE, extension)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == "adapter_config.json")
+        (out / "adapter_config.json").unlink(missing_ok=True)  # not an adapter until the new config comes, last
         for name in names:
             os.chmod(tmp / name, 0o755 if (tmp / name).is_dir() else 0o644)  # some writers create 0600 files
             os.replace(tmp / name, out / name)
@@ -308,17 +315,24 @@ def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def prepare_dataset(data_cfg, tokenizer, max_length: int):
-    """Tokenized documents (text) or chat messages (instructions), with their statistics."""
+def load_data(data_cfg):
+    """The training data read and checked, before any weights load: documents (text) or conversations."""
+    if isinstance(data_cfg, instructions.InstructionDataConfig):
+        return instructions.load_conversations(data_cfg)
+    return data_lib.load_documents(data_cfg)
+
+
+def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
+    """Tokenized documents (text) or chat messages (instructions), with their statistics; `loaded` is what
+    `load_data` returned (read now when not given)."""
+    loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         from longqlora.chat_template import apply_vicuna_template
 
         if not tokenizer.chat_template:
             apply_vicuna_template(tokenizer)
-        conversations = instructions.load_conversations(data_cfg)
-        return instructions.length_report(conversations, tokenizer, max_length, data_cfg.overlong)
-    documents = data_lib.load_documents(data_cfg)
-    tokenized, stats = data_lib.tokenize_documents(documents, tokenizer, data_cfg)
+        return instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
+    tokenized, stats = data_lib.tokenize_documents(loaded, tokenizer, data_cfg)
     data_lib.check_packable(stats, max_length)
     return tokenized, stats
 
@@ -328,6 +342,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
 
     Returns (model_cfg, data_cfg, training, info); `info` is what `describe` prints.
     """
+    check_output_path(training.output_dir, "--output_dir")
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
     hf_config, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code,
@@ -348,28 +363,26 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
                        "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
                        "parts and the switches that fit", plan["device_need_gib"], plan["device_gib"],
                        model_cfg.model_name_or_path, model_cfg.target_context, plan["device_gib"])
-    model, tokenizer, info = load_model(model_cfg, gradient_checkpointing=training.gradient_checkpointing,
-                                        trust_remote_code=training.trust_remote_code)
-    info["memory_plan"] = plan
-    logger.info("configuration:\n%s", describe(info, training, data_cfg))
-    dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
-    trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[ThroughputCallback(), *s2_schedule_callbacks(model_cfg)],
-                         compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
-    trainable_to_fp32(trainer.model)
-    apply_memory_switches(trainer, training, info)
-    resume = training.resume_from_checkpoint
-    if resume in ("auto", "last", "True", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(training.output_dir)
-        logger.info("resuming from %s", resume or "the start (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
-    extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
-        "steps": trainer.state.global_step, "final_loss": result.training_loss,
-        "tokens": trainer.state.num_input_tokens_seen, "seconds": result.metrics.get("train_runtime"),
-        **({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if torch.cuda.is_available() else {})}}
-    out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir, extension)
+    loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
+    with checkpoints.locked_run(training.output_dir, training.resume_from_checkpoint,
+                                with_optimizer=not training.save_only_model) as resume:
+        set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
+        model, tokenizer, info = load_model(model_cfg, gradient_checkpointing=training.gradient_checkpointing,
+                                            trust_remote_code=training.trust_remote_code)
+        info["memory_plan"] = plan
+        logger.info("configuration:\n%s", describe(info, training, data_cfg))
+        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context, loaded)
+        guard = checkpoints.CheckpointGuard()
+        trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
+                             compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
+        trainable_to_fp32(trainer.model)
+        apply_memory_switches(trainer, training, info)
+        extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
+            **checkpoints.run_training(trainer, resume, guard),
+            **({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if torch.cuda.is_available() else {})}}
+        out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir, extension)
+        checkpoints.remove_aside(out)
     logger.info("adapter written to %s", out)
     return out

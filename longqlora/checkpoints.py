@@ -1,0 +1,201 @@
+"""Interruptions lose nothing: one run per output directory, checkpoints known to be complete, resume from the
+last complete one, and a clean stop on Ctrl-C or SIGTERM.
+
+transformers' Trainer writes `checkpoint-N` in place (`Trainer._save_checkpoint`): the weights, then the optimizer,
+scheduler and RNG state, and `trainer_state.json` last. A kill -9 in between leaves a folder that
+`get_last_checkpoint` would hand to `resume_from_checkpoint`, and a missing optimizer.pt is silently skipped there.
+Here a checkpoint counts as complete only when its trainer_state.json parses and names its step and the files
+written before it are present (safetensors headers intact); a newer folder that is not complete is moved aside
+(`incomplete-checkpoint-N`) with a warning and never loaded. Before the Trainer saves over an existing folder, its
+trainer_state.json is removed, so a save cut short there is not taken for complete either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".longqlora.lock"
+STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils._re_checkpoint
+ASIDE_PREFIX = "incomplete-"  # not matched by the Trainer's `checkpoint-*` rotation nor by get_last_checkpoint
+AUTO = ("auto", "last", "true")
+
+
+@contextmanager
+def output_lock(output_dir):
+    """Hold `output_dir`'s lock file while a run writes there: a second run on it refuses in one line. The lock is
+    an OS file lock (filelock: flock on Unix), released by the kernel when the process ends, even by kill -9."""
+    from filelock import FileLock, Timeout
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"--output_dir {output_dir}: another run is writing there (it holds {LOCK_FILE}); wait "
+                         "for it to end or choose another --output_dir") from None
+    try:
+        yield out
+    finally:
+        lock.release()
+
+
+def checkpoint_problem(path: Path, *, with_optimizer: bool = True) -> str:
+    """Why the checkpoint folder `path` cannot be resumed from, or '' when it is complete."""
+    from safetensors import safe_open
+
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE} (written last): the save was cut short"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+    except (ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} does not parse: the save was cut short"
+    match = CHECKPOINT.match(path.name)
+    if match and step != int(match.group(1)):
+        return f"{STATE_FILE} is for step {step}"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors weights"
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception:  # safetensors raises its own error types for a cut or damaged header
+            return f"{file.name} is damaged"
+    needed = ["optimizer.pt", "scheduler.pt"] if with_optimizer else []
+    missing = [name for name in needed if not (path / name).is_file()]
+    if with_optimizer and not any(path.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    return f"no {', '.join(missing)}" if missing else ""
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(ASIDE_PREFIX + path.name)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{ASIDE_PREFIX}{path.name}-{n}")
+    path.rename(aside)
+    return aside
+
+
+def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
+    """The checkpoint `--resume_from_checkpoint requested` means: for auto/last/true the newest complete one in
+    `output_dir` (newer incomplete ones are moved aside with a warning) or None; a path must be complete."""
+    if requested is None or str(requested).lower() in ("", "false", "none"):
+        return None
+    if str(requested).lower() in AUTO:
+        out = Path(output_dir)
+        found = [(int(m.group(1)), p) for p in (out.iterdir() if out.is_dir() else ())
+                 if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+        for _, path in sorted(found, reverse=True):
+            problem = checkpoint_problem(path, with_optimizer=with_optimizer)
+            if not problem:
+                logger.info("resuming from %s", path)
+                return str(path)
+            logger.warning("skipping %s: %s; moved to %s, never loaded", path, problem, _move_aside(path).name)
+        logger.info("no complete checkpoint in %s: starting from step 0", output_dir)
+        return None
+    path = Path(str(requested)).expanduser()
+    problem = checkpoint_problem(path, with_optimizer=with_optimizer) if path.is_dir() else "no such directory"
+    if problem:
+        raise ValueError(f"--resume_from_checkpoint {requested}: {problem}; pass auto to take the last complete "
+                         "checkpoint")
+    return str(path)
+
+
+@contextmanager
+def locked_run(output_dir, requested, *, with_optimizer: bool = True):
+    """Hold the output lock for a training run and yield the checkpoint to resume from (`resume_checkpoint`): a
+    named checkpoint is checked before anything is written; auto looks, and moves aside, under the lock only."""
+    auto = str(requested).lower() in AUTO
+    resume = None if auto else resume_checkpoint(output_dir, requested, with_optimizer=with_optimizer)
+    with output_lock(output_dir):
+        yield resume_checkpoint(output_dir, requested, with_optimizer=with_optimizer) if auto else resume
+
+
+def remove_aside(output_dir) -> None:
+    """After a run completes, the incomplete checkpoints moved aside on resume are of no use: remove them."""
+    for path in Path(output_dir).glob(f"{ASIDE_PREFIX}checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class CheckpointGuard(TrainerCallback):
+    """Removes a checkpoint folder's trainer_state.json before the Trainer saves over it, and, once `stop_signal`
+    is set (by `stop_on_signals`), saves a checkpoint after the current step and stops training."""
+
+    def __init__(self):
+        self.stop_signal: str | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_signal is not None and not control.should_training_stop:
+            logger.warning("%s: saving checkpoint-%d and stopping", self.stop_signal, state.global_step)
+            control.should_save = control.should_training_stop = True
+        if control.should_save:  # set by the Trainer's DefaultFlowCallback, which runs before this one
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE).unlink(missing_ok=True)
+        return control
+
+
+def run_training(trainer, resume: str | None, guard: CheckpointGuard):
+    """`trainer.train(resume_from_checkpoint=resume)` under `stop_on_signals(guard)`; returns the run's steps,
+    mean loss, tokens and seconds. A checkpoint that already holds the run's last step is loaded as it is: resumed
+    there, the Trainer would train one step past --max_steps. Raises Interrupted when a signal stopped the run."""
+    from transformers import TrainerState
+
+    from longqlora.errors import Interrupted
+
+    max_steps = trainer.args.max_steps
+    if resume and max_steps > 0 and json.loads((Path(resume) / STATE_FILE).read_text())["global_step"] >= max_steps:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        logger.info("%s holds the last step (%d): the adapter is written from it", resume, max_steps)
+        set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+        state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
+        losses = [e["loss"] for e in state.log_history if "loss" in e]
+        return {"steps": state.global_step, "final_loss": losses[-1] if losses else None,
+                "tokens": state.num_input_tokens_seen, "seconds": 0.0}
+    with stop_on_signals(guard):
+        result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    if guard.stop_signal and state.global_step < state.max_steps:
+        raise Interrupted(f"{guard.stop_signal} at step {state.global_step} of {state.max_steps}: checkpoint-"
+                          f"{state.global_step} in {trainer.args.output_dir} holds the run; continue with "
+                          "--resume_from_checkpoint auto")
+    return {"steps": state.global_step, "final_loss": result.training_loss, "tokens": state.num_input_tokens_seen,
+            "seconds": result.metrics.get("train_runtime")}
+
+
+@contextmanager
+def stop_on_signals(guard: CheckpointGuard):
+    """While training: the first Ctrl-C (SIGINT) or SIGTERM asks `guard` to save and stop after the current step;
+    a second Ctrl-C stops at once (KeyboardInterrupt, possibly inside a save: that checkpoint is then skipped)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield guard
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        guard.stop_signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield guard
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

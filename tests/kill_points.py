@@ -1,0 +1,58 @@
+"""Run a recipe script and kill -9 itself at a chosen point of it (for tests/test_interruptions.py).
+
+    python tests/kill_points.py POINT recipes/extend_7b_8k.py --tiny --output_dir out ...
+
+POINT is `none`, `save:<file>:<step>` (SIGKILL halfway through writing <file> of checkpoint-<step>: half its
+bytes are on disk) or `publish` (SIGKILL right after the final adapter's weights are moved into place, before its
+adapter_config.json). The hooks wrap torch.save and os.replace in this process only; the recipe runs as a script.
+"""
+
+import io
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_while_saving(name: str, step: int):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and Path(f).name == name and Path(f).parent.name == f"checkpoint-{step}":
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            with open(f, "wb") as out:
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            die()
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def kill_while_publishing():
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if Path(dst).name == "adapter_model.safetensors" and ".adapter-" in str(src):
+            die()
+
+    os.replace = replace
+
+
+if __name__ == "__main__":
+    point, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if point.startswith("save:"):
+        _, file, step = point.split(":")
+        kill_while_saving(file, int(step))
+    elif point == "publish":
+        kill_while_publishing()
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
