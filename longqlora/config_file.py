@@ -22,17 +22,23 @@ def parse_with_config(parser, argv: list[str] | None):
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args) or args[i + 1].startswith("--"):
-            raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
-        path = args[i + 1]
-        del args[i:i + 2]
-        config = read_config(path)
-        for key, value in config.pop("env", {}).items():  # TrlParser's `env:` section
-            os.environ[key] = str(value)
-        parser.set_defaults_with_config(**checked_values(parser, config, path))
-    return parser.parse_args_into_dataclasses(args=args)
+    if "--config" not in args:
+        return parser.parse_args_into_dataclasses(args=args)
+    i = args.index("--config")
+    if i + 1 >= len(args) or args[i + 1].startswith("--"):
+        raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
+    path = args[i + 1]
+    del args[i:i + 2]
+    config = read_config(path)
+    for key, value in config.pop("env", {}).items():  # TrlParser's `env:` section
+        os.environ[key] = str(value)
+    parser.set_defaults_with_config(**checked_values(parser, config, path))
+    try:
+        return parser.parse_args_into_dataclasses(args=args)
+    except ValueError as err:  # a dataclass refusing a value: say so when the value came from the file
+        if any(str(err).startswith((f"--{k} ", f"--{k}:")) and f"--{k}" not in args for k in config):
+            raise ValueError(f"--config {path}: {err}") from None
+        raise
 
 
 def read_config(path: str) -> dict:

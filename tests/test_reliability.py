@@ -1,0 +1,286 @@
+"""Every class of bad input ends in one line at every entry point (recipes, `python -m longqlora ...`, data_prep/):
+exit status 2, no traceback, a last line under 300 characters naming the file or flag, no weights loaded, and the
+output directory neither created nor changed. One table row per (input class, entry point); docs/reliability.md
+lists them."""
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import datasets
+import pytest
+
+from longqlora import cli
+from longqlora.tiny import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"reliability_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+EXTEND, SFT = load_script(ROOT / "recipes" / "extend_7b_8k.py"), load_script(ROOT / "recipes" / "sft_vicuna_13b_8k.py")
+TEXT, CHATS = (load_script(ROOT / "data_prep" / "prepare_text.py"),
+               load_script(ROOT / "data_prep" / "prepare_instructions.py"))
+ENTRIES = {
+    "recipe": lambda argv: cli.run_recipe(EXTEND.Model, EXTEND.Data, EXTEND.Training, argv),
+    "sft recipe": lambda argv: cli.run_recipe(SFT.Model, SFT.Data, SFT.Training, argv),
+    "prepare_text": TEXT.main,
+    "prepare_instructions": CHATS.main,
+    "command": lambda argv: sys.exit(cli.main(argv)),
+}
+
+
+def jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> Path:
+    """One folder holding a tiny model and every malformed input."""
+    d = tmp_path_factory.mktemp("bad")
+    save_tiny_model(d / "model", max_position_embeddings=64)
+    (d / "no-config").mkdir()
+    (d / "a-file").write_text("not a directory")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait. ".encode("latin-1") * 40)
+    (d / "garbage.txt").write_bytes(bytes(range(256)) * 16)
+    (d / "nul.txt").write_bytes(b"text with \x00 NUL bytes\n" * 10)
+    (d / "plain.txt.gz").write_bytes(b"plain text, not gzip\n" * 40)
+    whole = gzip.compress(b"All work and no play makes Jack a dull boy.\n" * 2000)
+    (d / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    whole = gzip.compress(b"".join(b'{"text": "document %d"}\n' % i for i in range(2000)))
+    (d / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (d / "bytes.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n{"text": "bad \xff byte"}\n')
+    (d / "json.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (d / "array.jsonl").write_text('{"text": "fine"}\n["not", "an", "object"]\n')
+    (d / "books").mkdir()
+    (d / "books" / "good.txt").write_text("A good book. " * 50)
+    (d / "books" / "bad.txt").write_bytes(b"\xff\xfe" + "bad book".encode("utf-16-le"))
+    (d / "notes").mkdir()
+    (d / "notes" / "readme.md").write_text("no documents here")
+    (d / "table.csv").write_text("text\nhello\n")
+    jsonl(d / "msg-string.jsonl", [GOOD, {"messages": "hello there"}])
+    jsonl(d / "msg-strings.jsonl", [GOOD, {"messages": ["hi", "hello"]}])
+    jsonl(d / "msg-role.jsonl", [GOOD, {"messages": [{"role": 1, "content": "hi"}]}])
+    jsonl(d / "conv-string.jsonl", [{"conversations": "hi"}])
+    jsonl(d / "conv-strings.jsonl", [{"conversations": ["hi", "hello"]}])
+    jsonl(d / "empty-replies.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": reply}]} for reply in ("", " ")])
+    jsonl(d / "unknown.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    for name, text in {"missing-colon.yaml": "lora_r: [8, 16\nlora_alpha: : 2\n", "list.yaml": "- lora_r\n",
+                       "null.yaml": "lora_r: null\n", "word.yaml": "lora_r: eight\n", "float.yaml": "lora_r: 8.5\n",
+                       "bool.yaml": "max_steps: true\n", "unknown.yaml": "lora_rank: 8\n",
+                       "choice.yaml": "pack: sideways\n"}.items():
+        (d / name).write_text(text)
+    (d / "latin1.yaml").write_bytes("lora_r: 8 # caf\xe9\n".encode("latin-1"))
+    return d
+
+
+@dataclass
+class Case:
+    input_class: str
+    entry: str
+    argv: Callable[[Path, Path], list]  # (bad, out) -> argv
+    names: Callable[[Path, Path], str]  # the file or flag the last line must name
+
+
+def recipe_args(bad: Path, out: Path, *more) -> list:
+    return ["--model_name_or_path", str(bad / "model"), "--target_context", "256", "--compute_dtype", "float32",
+            "--attn_backend", "sdpa", "--output_dir", str(out), *map(str, more)]
+
+
+def text_args(bad: Path, out: Path, dataset) -> list:
+    return ["--dataset", str(dataset), "--tokenizer", str(bad / "model"), "--output_dir", str(out)]
+
+
+def chats_args(bad: Path, out: Path, dataset) -> list:
+    return [*text_args(bad, out, dataset), "--max_length", "256"]
+
+
+def ppl_args(bad: Path, out: Path, data, model=None) -> list:
+    return ["perplexity", "--model", str(model or bad / "model"), "--data", str(data), "--context_lengths", "32",
+            "--output", str(out / "ppl.json")]
+
+
+def data_cases(input_class: str, file: str, *entries: str) -> list:
+    """One row per entry point reading `file` as training or evaluation text."""
+    argv = {"recipe": lambda b, o: recipe_args(b, o, "--dataset", b / file),
+            "prepare_text": lambda b, o: text_args(b, o, b / file),
+            "command": lambda b, o: ppl_args(b, o, b / file)}
+    return [Case(input_class, entry, argv[entry], lambda b, o: str(b / file)) for entry in entries]
+
+
+def config_case(input_class: str, file: str, key: str = "") -> Case:
+    return Case(input_class, "recipe", lambda b, o: recipe_args(b, o, "--config", b / file),
+                lambda b, o: f"--config {b / file}" + (f": {key}" if key else " line"))
+
+
+CASES = [
+    Case("--output_dir is a file", "recipe", lambda b, o: recipe_args(b, b / "a-file"),
+         lambda b, o: f"--output_dir {b / 'a-file'}"),
+    Case("--output_dir under a file", "prepare_text", lambda b, o: text_args(b, b / "a-file" / "out", b / "x.txt"),
+         lambda b, o: "--output_dir"),
+    Case("--output under a file", "command", lambda b, o: ppl_args(b, b / "a-file", b / "books" / "good.txt"),
+         lambda b, o: "--output"),
+    Case("--output_dir is a file", "command", lambda b, o: ["passkey", "--model", str(b / "model"),
+                                                            "--context_lengths", "64", "--output_dir",
+                                                            str(b / "a-file")], lambda b, o: "--output_dir"),
+    Case("model directory missing", "recipe", lambda b, o: [*recipe_args(b, o), "--model_name_or_path",
+                                                            str(b / "nowhere")], lambda b, o: "--model_name_or_path"),
+    Case("model directory missing", "command", lambda b, o: ppl_args(b, o, "x.txt", model=b / "nowhere"),
+         lambda b, o: f"--model {b / 'nowhere'}"),
+    Case("model directory missing", "command", lambda b, o: ["passkey", "--model", str(b / "nowhere"),
+                                                             "--output_dir", str(o)], lambda b, o: "--model"),
+    Case("model directory missing", "command", lambda b, o: ["chat", "--model", "nowhere/at-all", "--prompt", "hi"],
+         lambda b, o: "--model nowhere/at-all"),
+    Case("model directory without config.json", "command", lambda b, o: ppl_args(b, o, "x", model=b / "no-config"),
+         lambda b, o: "--model"),
+    Case("not an adapter directory", "command", lambda b, o: ["merge", "--adapter", str(b / "model"), "--output",
+                                                              str(o)], lambda b, o: "--adapter"),
+    Case("tokenizer missing", "prepare_text", lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--tokenizer",
+                                                            str(b / "nowhere")], lambda b, o: "--tokenizer"),
+    Case("--config missing", "recipe", lambda b, o: recipe_args(b, o, "--config", b / "none.yaml"),
+         lambda b, o: f"--config {b / 'none.yaml'}"),
+    Case("--config is a directory", "recipe", lambda b, o: recipe_args(b, o, "--config", b / "notes"),
+         lambda b, o: "--config"),
+    config_case("--config not YAML", "missing-colon.yaml"),
+    config_case("--config not UTF-8", "latin1.yaml", "not UTF-8"),
+    config_case("--config not a mapping", "list.yaml", "must be a mapping"),
+    config_case("--config null value", "null.yaml", "lora_r: null"),
+    config_case("--config wrong type", "word.yaml", "lora_r"),
+    config_case("--config wrong type", "float.yaml", "lora_r"),
+    config_case("--config wrong type", "bool.yaml", "max_steps"),
+    config_case("--config value refused by its dataclass", "choice.yaml", "--pack 'sideways'"),
+    config_case("--config unknown key", "unknown.yaml", "lora_rank"),
+    Case("flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"),
+         lambda b, o: "--lora_r"),
+    Case("--dataset missing", "recipe", lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),
+         lambda b, o: "--dataset"),
+    *data_cases("text not UTF-8", "latin1.txt", "recipe", "prepare_text", "command"),
+    *data_cases("binary garbage", "garbage.txt", "recipe", "prepare_text"),
+    *data_cases("NUL bytes", "nul.txt", "prepare_text"),
+    *data_cases(".gz that is not gzip", "plain.txt.gz", "recipe", "prepare_text", "command"),
+    *data_cases("truncated gzip", "cut.txt.gz", "recipe", "prepare_text", "command"),
+    *data_cases("truncated gzip", "cut.jsonl.gz", "prepare_text"),
+    *data_cases("JSONL bad bytes", "bytes.jsonl", "recipe", "prepare_text"),
+    *data_cases("JSONL bad JSON", "json.jsonl", "prepare_text", "command"),
+    *data_cases("JSONL line not an object", "array.jsonl", "prepare_text"),
+    Case("bad file inside a directory", "prepare_text", lambda b, o: text_args(b, o, b / "books"),
+         lambda b, o: str(b / "books" / "bad.txt")),
+    Case("directory without documents", "prepare_text", lambda b, o: text_args(b, o, b / "notes"),
+         lambda b, o: str(b / "notes")),
+    Case("unsupported file type", "prepare_text", lambda b, o: text_args(b, o, b / "table.csv"),
+         lambda b, o: str(b / "table.csv")),
+    *[Case(f"instruction turns {kind}", entry, lambda b, o, f=file, e=entry: (
+        chats_args(b, o, b / f) if e == "prepare_instructions" else recipe_args(b, o, "--dataset", b / f)),
+        lambda b, o, f=file: f"{b / f} line ")
+      for kind, file in (("a string", "msg-string.jsonl"), ("a list of strings", "msg-strings.jsonl"),
+                         ("with a non-text role", "msg-role.jsonl"), ("a string", "conv-string.jsonl"),
+                         ("a list of strings", "conv-strings.jsonl"))
+      for entry in ("prepare_instructions", "sft recipe")],
+    Case("only empty assistant replies", "prepare_instructions", lambda b, o: chats_args(b, o, b / "empty-replies.jsonl"),
+         lambda b, o: "2 skipped, 2 of them for an empty assistant reply"),
+    Case("unknown instruction format", "prepare_instructions", lambda b, o: chats_args(b, o, b / "unknown.jsonl"),
+         lambda b, o: f"{b / 'unknown.jsonl'} line 1"),
+    Case("--context_file not UTF-8", "command", lambda b, o: ["chat", "--model", str(b / "model"), "--context_file",
+                                                              str(b / "latin1.txt"), "--prompt", "hi"],
+         lambda b, o: f"--context_file {b / 'latin1.txt'}"),
+    Case("--context_file missing", "command", lambda b, o: ["chat", "--model", str(b / "model"), "--context_file",
+                                                            str(b / "none.txt"), "--prompt", "hi"],
+         lambda b, o: "--context_file"),
+]
+
+
+def snapshot(*paths: Path) -> dict:
+    """Every file and folder under `paths` with its size and modification time."""
+    state = {}
+    for root in paths:
+        for p in [root, *root.rglob("*")] if root.exists() else []:
+            stat = p.stat()
+            state[str(p)] = (p.is_dir(), stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def no_weights_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded for bad input"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.input_class} [{c.entry}]" for c in CASES])
+def test_bad_input_is_one_line(case, bad, tmp_path, capfd):
+    out = tmp_path / "out"
+    before = snapshot(bad, out)
+    with pytest.raises(SystemExit) as ended:  # any other exception is a traceback for the user
+        ENTRIES[case.entry](case.argv(bad, out))
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert ended.value.code == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert "error:" in last and case.names(bad, out) in last, last
+    assert len(last) < 300, last
+    assert snapshot(bad, out) == before and not out.exists()
+
+
+def test_table_covers_every_input_class_of_the_issue():
+    classes = {c.input_class for c in CASES}
+    assert len(classes) >= 30 and len(CASES) >= 50
+    for needed in ("--output_dir is a file", "model directory missing", "--config not YAML", "--config missing",
+                   "--config null value", "--config wrong type", "text not UTF-8", "binary garbage",
+                   ".gz that is not gzip", "truncated gzip", "JSONL bad bytes", "instruction turns a string",
+                   "instruction turns a list of strings", "only empty assistant replies"):
+        assert needed in classes
+    assert {c.entry for c in CASES} == set(ENTRIES)
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "recipes/extend_7b_8k.py", "--config", "{bad}/missing-colon.yaml", "--output_dir", "{out}"],
+    [sys.executable, "data_prep/prepare_text.py", "--dataset", "{bad}/cut.txt.gz", "--tokenizer", "{bad}/model",
+     "--output_dir", "{out}"],
+    [sys.executable, "-m", "longqlora", "perplexity", "--model", "{bad}/nowhere", "--output", "{out}/p.json"],
+], ids=["recipe", "data_prep", "python -m longqlora"])
+def test_a_real_process_ends_in_one_line(command, bad, tmp_path):
+    out = tmp_path / "out"
+    argv = [part.format(bad=bad, out=out) for part in command]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("error: ") and str(bad) in last and len(last) < 300
+    assert not out.exists()
+    if "longqlora" in argv:  # the traceback on request (one entry point suffices: they share errors.fail)
+        shown = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                               env={**env, "LONGQLORA_TRACEBACK": "1"})
+        assert shown.returncode == 1 and "Traceback" in shown.stderr and "ValueError: --model" in shown.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only input errors become one line: a TypeError from inside the toolkit still raises."""
+    def broken(*args, **kwargs):
+        raise TypeError("a genuine bug")
+    monkeypatch.setattr("longqlora.plan.advise", broken)
+    with pytest.raises(TypeError, match="a genuine bug"):
+        cli.main(["plan", "--model", "llama-2-7b", "--context", "8192"])
+
+
+def test_empty_replies_are_counted_and_reported(bad, tmp_path, capsys):
+    rows = [GOOD, *[json.loads(line) for line in (bad / "empty-replies.jsonl").read_text().splitlines()], GOOD]
+    jsonl(tmp_path / "mixed.jsonl", rows)
+    CHATS.main(chats_args(bad, tmp_path / "out", tmp_path / "mixed.jsonl"))
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert (stats["conversations_in"], stats["skipped_invalid"], stats["skipped_empty_reply"],
+            stats["conversations_out"]) == (4, 2, 2, 2)
+    assert "skipped 2 invalid (2 for an empty assistant reply)" in capsys.readouterr().out
