@@ -1,0 +1,168 @@
+"""Interruptions lose nothing. kill -9 at seeded random moments of a tiny recipe run, halfway through writing a
+checkpoint and while the final adapter is moved into place; then `--resume_from_checkpoint auto` ends at the very
+tensors of an uninterrupted run. A half-written checkpoint is skipped with a warning and never loaded; Ctrl-C saves
+a checkpoint and stops; a second run on the same --output_dir refuses in one line. docs/reliability.md lists them."""
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longqlora import checkpoints
+from longqlora.corpora import book_path
+from test_recipes import run  # the recipe in this process, as the Trainer pickles it
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "extend_7b_8k"
+ARGS = ["--tiny", "--seed", "3"]  # 4 steps of a tiny random Llama, a checkpoint every 2
+# Seeds of the random kill moments: one by default (the suite stays short); LONGQLORA_KILL_TRIALS=N runs seeds 1..N.
+TRIALS = int(os.environ.get("LONGQLORA_KILL_TRIALS", "0"))
+RANDOM_KILLS = list(range(1, TRIALS + 1)) if TRIALS else [5]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its final adapter's tensors, its wall time in this process, its folder."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    started = time.perf_counter()
+    adapter = run(RECIPE, *ARGS, "--output_dir", str(out))
+    return load_file(adapter / "adapter_model.safetensors"), time.perf_counter() - started, out
+
+
+def start(out: Path, point: str = "none") -> subprocess.Popen:
+    """The recipe in its own process (tests/kill_points.py kills it at `point`); its output goes to <out>.log."""
+    log = open(f"{out}.log", "w")
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_points.py"), point,
+                             str(ROOT / "recipes" / f"{RECIPE}.py"), *ARGS, "--output_dir", str(out)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def resume(out: Path, monkeypatch, caplog):
+    """--resume_from_checkpoint auto in this process; returns (final tensors, [(file, weights_only)] of every
+    torch.load, the checkpoint log)."""
+    loads, real_load = [], torch.load
+
+    def spy(f, *args, **kwargs):
+        loads.append((str(f), kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with caplog.at_level(logging.INFO, logger="longqlora.checkpoints"):
+        adapter = run(RECIPE, *ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
+    monkeypatch.undo()
+    assert loads == [(f, True) for f, _ in loads], "a torch.load without weights_only=True"
+    return load_file(adapter / "adapter_model.safetensors"), loads, caplog.text
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def on_disk(out: Path) -> str:
+    """What a killed run left: each checkpoint (complete or why not) and whether the final adapter is there."""
+    parts = [f"{p.name}: {checkpoints.checkpoint_problem(p) or 'complete'}"
+             for p in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))]
+    return "; ".join(parts + [f"adapter config {'present' if (out / 'adapter_config.json').exists() else 'absent'}"])
+
+
+@pytest.mark.parametrize("seed", RANDOM_KILLS)
+def test_kill_9_at_a_random_moment_then_resume(seed, reference, tmp_path, monkeypatch, caplog):
+    tensors, wall, _ = reference
+    delay = 3.0 + random.Random(seed).random() * (wall + 3.0)  # from the end of the imports (~3 s) to the end
+    out = tmp_path / "run"
+    process = start(out)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    left = on_disk(out) if out.exists() else "nothing"
+    if out.exists():
+        with checkpoints.output_lock(out):  # kill -9 leaves no stale lock behind
+            pass
+    final, _, log = resume(out, monkeypatch, caplog)
+    print(f"kill -9 after {delay:.1f} s (exit {process.returncode}): {left}; bit-identical {identical(final, tensors)}")
+    assert identical(final, tensors)
+
+
+def test_kill_9_while_writing_a_checkpoint_skips_it(reference, tmp_path, monkeypatch, caplog):
+    tensors = reference[0]
+    out = tmp_path / "run"
+    assert start(out, "save:optimizer.pt:4").wait() == -signal.SIGKILL
+    half = out / "checkpoint-4"
+    assert (half / "optimizer.pt").stat().st_size < (out / "checkpoint-2" / "optimizer.pt").stat().st_size
+    assert checkpoints.checkpoint_problem(half).startswith("no trainer_state.json")
+    assert checkpoints.checkpoint_problem(out / "checkpoint-2") == ""
+    final, loads, log = resume(out, monkeypatch, caplog)
+    assert f"skipping {half}: no trainer_state.json" in log and "moved to incomplete-checkpoint-4, never loaded" in log
+    assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert loads and all(Path(f).parent == out / "checkpoint-2" for f, _ in loads)  # optimizer, scheduler, RNG
+    assert identical(final, tensors)
+    assert checkpoints.checkpoint_problem(half) == "" and not list(out.glob("incomplete-*"))
+
+
+def test_kill_9_while_publishing_the_adapter_then_resume(reference, tmp_path, monkeypatch, caplog):
+    tensors = reference[0]
+    out = tmp_path / "run"
+    assert start(out, "publish").wait() == -signal.SIGKILL
+    assert (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    final, _, log = resume(out, monkeypatch, caplog)
+    assert "checkpoint-4 holds the last step (4): the adapter is written from it" in log
+    assert not (out / "checkpoint-5").exists()  # the Trainer, resumed at its last step, would train one more
+    assert identical(final, tensors)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, caplog):
+    tensors = reference[0]
+    out = tmp_path / "run"
+    process = start(out)
+    log = Path(f"{out}.log")
+    deadline = time.monotonic() + 300
+    while "'loss'" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the first step is logged: training, under the signal handler
+    with pytest.raises(ValueError, match="another run is writing there"):
+        with checkpoints.output_lock(out):  # the running run holds its output directory
+            pass
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 130
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted: SIGINT at step ") and len(last) < 300 and "Traceback" not in text, last
+    step = int(last.split("at step ")[1].split()[0])
+    assert 1 <= step < 4 and checkpoints.checkpoint_problem(out / f"checkpoint-{step}") == ""
+    assert not (out / "adapter_config.json").exists()  # an unfinished run writes no final adapter
+    assert identical(resume(out, monkeypatch, caplog)[0], tensors)
+
+
+def test_a_second_run_on_the_same_output_dir_refuses(reference, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "recipes" / f"{RECIPE}.py"), "--model_name_or_path",
+            str(reference[2] / "tiny-base"), "--target_context", "256", "--compute_dtype", "float32",
+            "--attn_backend", "sdpa", "--dataset", book_path("austen_persuasion"), "--output_dir", str(out)]
+    with checkpoints.output_lock(out):  # what a running run holds
+        before = sorted(p.name for p in out.iterdir())
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last == (f"error: --output_dir {out}: another run is writing there (it holds .longqlora.lock); wait for "
+                    "it to end or choose another --output_dir")
+    assert sorted(p.name for p in out.iterdir()) == before == [".longqlora.lock"]
+
+
+def test_an_incomplete_checkpoint_named_explicitly_is_refused(tmp_path):
+    half = tmp_path / "checkpoint-6"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*checkpoint-6: no trainer_state.json"):
+        checkpoints.resume_checkpoint(tmp_path, str(half))
+    (half / "trainer_state.json").write_text('{"global_step": 6}')
+    assert checkpoints.checkpoint_problem(half) == "adapter_model.safetensors is damaged"
