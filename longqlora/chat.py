@@ -144,8 +144,16 @@ def build_messages(cfg: ChatConfig, history: list[dict], user_text: str, documen
 
 
 def render(tokenizer, messages: list[dict]) -> str:
-    """The prompt string for `messages`, ending with the assistant's generation prompt."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The prompt string for `messages`, ending with the assistant's generation prompt. The template comes from
+    the model or adapter directory; transformers renders it in Jinja's immutable sandbox, and a template that
+    fails there (or reaches for Python internals) is one error line naming its directory."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise ValueError(f"the chat template of {tokenizer.name_or_path} failed ({type(err).__name__}: {err}); "
+                         "fix or remove it") from None
 
 
 def prompt_ids(tokenizer, rendered: str) -> list[int]:

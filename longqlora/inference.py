@@ -46,16 +46,32 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
     if not os.path.isfile(os.path.join(expanded, "config.json")):
         raise ValueError(f"{flag} {path}: the directory has no config.json; pass a directory saved with "
                          "save_pretrained")
+    from longqlora.model import check_safetensors
+
+    check_safetensors(path, flag)
     return expanded
 
 
-def tokenizer_dir(model: str | None, adapter: str | None = None) -> str:
-    """Where `load_for_inference` takes the tokenizer from: the adapter when it saved one, else the model."""
-    if adapter:
-        read_extension(adapter)  # one line when it is not an adapter directory
-        if (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
-            return os.path.expanduser(adapter)
-    return model_dir(model, adapter)
+def adapter_tokenizer(adapter: str, *, trust_remote_code: bool = False):
+    """The tokenizer saved with an adapter (None when it saved none), padding with an existing token."""
+    from longqlora.model import load_tokenizer
+
+    read_extension(adapter)  # one line when it is not an adapter directory
+    if not (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
+        return None
+    tokenizer = load_tokenizer(adapter, "--adapter", "save the tokenizer with the adapter",
+                               trust_remote_code=trust_remote_code)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def inference_tokenizer(model: str | None, adapter: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer `load_for_inference` uses: the adapter's when it saved one, else the model's; loading it
+    fails in one line naming the flag."""
+    from longqlora.model import load_tokenizer
+
+    return (adapter and adapter_tokenizer(adapter, trust_remote_code=trust_remote_code)) or load_tokenizer(
+        model_dir(model, adapter), "--model", "pass a local model directory", trust_remote_code=trust_remote_code)
 
 
 def adapter_shapes(adapter: Path) -> dict:
@@ -74,10 +90,12 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
     """One line when the adapter's tensors cannot belong to this base (`flag name`): hidden or vocab size, then
     every tensor against the base's structure built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from longqlora.model import load_config
 
     shapes = adapter_shapes(adapter)
-    hf_config = AutoConfig.from_pretrained(base)
+    hf_config = load_config(str(base), flag)
     hidden = vocab = None
     for key, shape in shapes.items():
         if key.endswith("embed_tokens.weight") and len(shape) == 2:
@@ -118,9 +136,7 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
     (e.g. PI without training), else the adapter's trained context, else the model's config as saved.
     """
-    from transformers import AutoConfig
-
-    from longqlora.model import ModelConfig, load_base
+    from longqlora.model import ModelConfig, load_base, load_config
 
     extension = read_extension(adapter) if adapter else {}
     expanded = model_dir(model_path, adapter)
@@ -129,8 +145,8 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
         check_adapter_fits(Path(os.path.expanduser(adapter)), Path(expanded), flag="--model", name=model_path,
                            recorded=adapter_base(adapter) or model_path)
     if target_context is None:
-        target_context = extension.get("target_context") or AutoConfig.from_pretrained(
-            expanded, trust_remote_code=trust_remote_code).max_position_embeddings
+        target_context = extension.get("target_context") or load_config(
+            expanded, "--model", trust_remote_code=trust_remote_code).max_position_embeddings
     cfg = ModelConfig(model_name_or_path=expanded, target_context=int(target_context), load_in_4bit=load_in_4bit,
                       compute_dtype=compute_dtype, s2_attention=False)
     model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
@@ -138,11 +154,7 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
-        if (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(adapter))
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
+        tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
     info.update(adapter=adapter, extension=extension)
     logger.info("loaded %s%s for inference: context %d (PI x%.4g), %s", model_path,
                 f" + adapter {adapter}" if adapter else "", info["target_context"], info["pi_factor"],

@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -160,6 +161,22 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name.split("/")[0])
 
 
+def _why(err: Exception) -> str:
+    """One line for a transformers loading error; a directory with its own Python code gets the flag it needs."""
+    if "custom code" in str(err):
+        return "it ships its own Python code, which is never run without --trust_remote_code true"
+    return _first_line(err)
+
+
+def check_safetensors(name: str, flag: str) -> None:
+    """Weights load from safetensors only: refuse a local model directory that holds none (pickle .bin files
+    could run code when loaded, so they are never read)."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise ValueError(f"{flag} {name}: no .safetensors weights (pickle .bin files are never loaded); save the "
+                         "model with safe_serialization=True")
+
+
 def load_tokenizer(name: str, flag: str = "--tokenizer", fix: str = "pass a tokenizer or model directory, or a hub id",
                    **kwargs):
     """`AutoTokenizer.from_pretrained(name, **kwargs)`, or one ValueError line naming `flag` and the `fix`; a local
@@ -170,36 +187,34 @@ def load_tokenizer(name: str, flag: str = "--tokenizer", fix: str = "pass a toke
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {name}: cannot load its tokenizer ({_first_line(err)}); {fix}") from err
+        raise ValueError(f"{flag} {name}: cannot load its tokenizer ({_why(err)}); {fix}") from err
 
 
-def _load_config(cfg: ModelConfig, trust_remote_code: bool, prefer_preset: bool = False):
-    """The transformers config of `cfg.model_name_or_path`, or one ValueError line saying what to pass instead.
-
-    With `prefer_preset`, a model the toolkit knows (presets.py) uses its built-in config: no download.
-    """
+def load_config(name: str, flag: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                prefer_preset: bool = False):
+    """The transformers config of model `name` (a directory or hub id), or one ValueError line naming `flag` and
+    what to pass instead. With `prefer_preset`, a model the toolkit knows (presets.py) uses its built-in config."""
     from longqlora.presets import preset_config
 
-    flag = f"--model_name_or_path {cfg.model_name_or_path}"
-    name = os.path.expanduser(cfg.model_name_or_path)
-    local = _looks_like_path(cfg.model_name_or_path)
-    preset = None if local or not prefer_preset else preset_config(cfg.model_name_or_path)
+    flag = f"{flag} {name}"
+    path = os.path.expanduser(name)
+    local = _looks_like_path(name)
+    preset = None if local or not prefer_preset else preset_config(name)
     if preset is not None:
         return preset
-    if local and not os.path.isdir(name):
+    if local and not os.path.isdir(path):
         raise ValueError(f"{flag}: no such directory; pass a local model directory or a hub id")
-    if local and not os.path.isfile(os.path.join(name, "config.json")):
+    if local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
     try:
-        return AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         if local:
             raise ValueError(f"{flag}: cannot read its config ({_first_line(err)})") from err
         raise ValueError(f"{flag}: could not be found locally or on the hub (offline?); pass a local model "
                          "directory") from err
     except ValueError as err:
-        hint = "" if trust_remote_code else "; pass --trust_remote_code true if it ships its own model code"
-        raise ValueError(f"{flag}: {_first_line(err)}{hint}") from err
+        raise ValueError(f"{flag}: {_why(err)}") from err
 
 
 def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False):
@@ -228,7 +243,8 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
             raise ValueError(f"--load_in_4bit: bitsandbytes does not import ({_first_line(err)}); "
                              "`pip install bitsandbytes` or pass --load_in_4bit false") from err
 
-    hf_config = _load_config(cfg, trust_remote_code, prefer_preset)
+    hf_config = load_config(cfg.model_name_or_path, "--model_name_or_path", revision=cfg.revision,
+                            trust_remote_code=trust_remote_code, prefer_preset=prefer_preset)
     original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE
     if cfg.target_context < original:
         raise ValueError(f"--target_context {cfg.target_context} is below the model's pre-trained context "
@@ -265,6 +281,7 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
 
     hf_config, info = check_model(cfg, trust_remote_code=trust_remote_code)
     path = os.path.expanduser(cfg.model_name_or_path)
+    check_safetensors(cfg.model_name_or_path, "--model_name_or_path")
     tokenizer = load_tokenizer(cfg.model_name_or_path, "--model_name_or_path", "save the tokenizer next to the "
                                "weights", revision=cfg.revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

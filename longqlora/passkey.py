@@ -232,15 +232,12 @@ def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, see
 # ---------------------------------------------------------------------------------------------------- command
 def run_passkey(cfg: PasskeyConfig) -> dict:
     """Check every prompt fits, load the model (optionally + adapter, NF4), run the trials, write JSON and PNG."""
-    from transformers import AutoTokenizer
-
-    from longqlora.inference import adapter_base, load_for_inference, tokenizer_dir
+    from longqlora.inference import adapter_base, inference_tokenizer, load_for_inference
     from longqlora.report import check_output_path, write_json_atomic
 
     if cfg.output_dir:
         check_output_path(cfg.output_dir, "--output_dir")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg.model, cfg.adapter),
-                                              trust_remote_code=cfg.trust_remote_code)
+    tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
     plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
     model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
                                                 compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,

@@ -177,16 +177,14 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
     """Score `cfg.data` at every context length; writes JSON, CSV and a plot when `cfg.output` is set."""
-    from transformers import AutoTokenizer
-
-    from longqlora.inference import adapter_base, load_for_inference, read_extension, tokenizer_dir
+    from longqlora.inference import adapter_base, inference_tokenizer, load_for_inference, read_extension
     from longqlora.report import check_output_path, write_json_atomic, write_text_atomic
 
     extension = read_extension(cfg.adapter) if cfg.adapter else {}
     if cfg.output:
         check_output_path(cfg.output, "--output", directory=False)
-    ids = text_token_ids(cfg.data, AutoTokenizer.from_pretrained(tokenizer_dir(cfg.model, cfg.adapter)),
-                         text_field=cfg.text_field, max_tokens=cfg.max_tokens)
+    ids = text_token_ids(cfg.data, inference_tokenizer(cfg.model, cfg.adapter), text_field=cfg.text_field,
+                         max_tokens=cfg.max_tokens)
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
             raise ValueError(f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "

@@ -87,7 +87,7 @@ def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
         "import sys; sys.modules['longqlora'] = None  # any import of the toolkit would fail\n"
         "import torch; from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()\n"
-        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
         "with torch.no_grad(): logits = model(ids).logits\n"
         f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
         "assert not [m for m in sys.modules if m.startswith('longqlora') and sys.modules[m] is not None]\n"
@@ -97,7 +97,7 @@ def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["sdpa", "LlamaForCausalLM"]
     assert "Unrecognized keys" not in done.stderr  # the saved rope_parameters validate cleanly
-    assert relative(torch.load(tmp_path / "logits.pt"), reference) <= 1e-4
+    assert relative(torch.load(tmp_path / "logits.pt", weights_only=True), reference) <= 1e-4
 
 
 def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):
