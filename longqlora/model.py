@@ -281,7 +281,6 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
 
     hf_config, info = check_model(cfg, trust_remote_code=trust_remote_code)
     path = os.path.expanduser(cfg.model_name_or_path)
-    check_safetensors(cfg.model_name_or_path, "--model_name_or_path")
     tokenizer = load_tokenizer(cfg.model_name_or_path, "--model_name_or_path", "save the tokenizer next to the "
                                "weights", revision=cfg.revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -291,6 +290,7 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
         logger.info("tokenizer has no pad token; padding with the %s token %r (id %d)", source,
                     tokenizer.pad_token, tokenizer.pad_token_id)
     info["pad_token"] = tokenizer.pad_token
+    check_safetensors(cfg.model_name_or_path, "--model_name_or_path")
 
     dtype = COMPUTE_DTYPES[info["compute_dtype"]]
     quant = None
