@@ -79,11 +79,9 @@ def read_document(cfg: ChatConfig) -> str | None:
     path = Path(os.path.expanduser(cfg.context_file))
     if not path.is_file():
         raise ValueError(f"--context_file {cfg.context_file}: no such file; pass a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--context_file {cfg.context_file}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "convert it to UTF-8") from None
+    from longqlora.sources import read_text
+
+    text = read_text(f"--context_file {cfg.context_file}", str(path))
     if not text.strip():
         raise ValueError(f"--context_file {cfg.context_file}: the file is empty; pass a document")
     return text.strip()

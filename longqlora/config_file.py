@@ -45,16 +45,15 @@ def read_config(path: str) -> dict:
     """The YAML mapping in `path`, or one ValueError line saying what is wrong with the file."""
     import yaml
 
+    from longqlora.sources import read_text
+
     file = Path(os.path.expanduser(path))
     flag = f"--config {path}"
     if not file.exists():
         raise ValueError(f"{flag}: no such file; pass a YAML file of flag: value lines")
     if not file.is_file():
         raise ValueError(f"{flag}: is a directory, not a file; pass a YAML file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{flag}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_text(flag, str(file))
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:

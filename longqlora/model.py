@@ -181,6 +181,7 @@ def load_tokenizer(name: str, flag: str = "--tokenizer", fix: str = "pass a toke
                    **kwargs):
     """`AutoTokenizer.from_pretrained(name, **kwargs)`, or one ValueError line naming `flag` and the `fix`; a local
     path that does not exist is refused here rather than looked up on the hub."""
+    name = str(name)  # Python callers pass Path objects
     path = os.path.expanduser(name)
     if _looks_like_path(name) and not os.path.isdir(path):
         raise ValueError(f"{flag} {name}: no such directory; {fix}")
@@ -196,6 +197,7 @@ def load_config(name: str, flag: str, *, revision: str | None = None, trust_remo
     what to pass instead. With `prefer_preset`, a model the toolkit knows (presets.py) uses its built-in config."""
     from longqlora.presets import preset_config
 
+    name = str(name)
     flag = f"{flag} {name}"
     path = os.path.expanduser(name)
     local = _looks_like_path(name)

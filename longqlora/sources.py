@@ -99,6 +99,11 @@ def check_text_file(flag: str, path: str) -> None:
         pass
 
 
+def read_text(flag: str, path: str) -> str:
+    """The whole text of a plain or .gz file, refused as `_lines` refuses it (bad bytes named by line)."""
+    return "".join(line for _, line in _lines(flag, path))
+
+
 def check_json_file(flag: str, path: str, record_problem=None) -> int:
     """Parse a JSON/JSONL(.gz) file before `datasets` does and return its number of records; one ValueError
     line naming the file and line (record, for a JSON array) of the first bad bytes, bad JSON, non-object or,

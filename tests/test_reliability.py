@@ -156,7 +156,7 @@ CASES = [
     Case("--config is a directory", "recipe", lambda b, o: recipe_args(b, o, "--config", b / "notes"),
          lambda b, o: "--config"),
     config_case("--config not YAML", "missing-colon.yaml"),
-    config_case("--config not UTF-8", "latin1.yaml", "not UTF-8"),
+    config_case("--config not UTF-8", "latin1.yaml"),
     config_case("--config not a mapping", "list.yaml", "must be a mapping"),
     config_case("--config null value", "null.yaml", "lora_r: null"),
     config_case("--config wrong type", "word.yaml", "lora_r"),
