@@ -246,8 +246,9 @@ def train_steps(model, variant: Variant, context: int, cfg: BenchConfig, device,
             model, optimizer) + measure_cpu(run)))
     finally:
         torch.set_autocast_enabled("cuda", False)
-    timed = times[1:] or times
-    return {"tokens_per_s": context / (sum(timed) / len(timed)), "loss": losses[-1], "cpu_peak": cpu_peak}
+    timed = times[1:] or times  # the first step warms up (and on a CPU runs under the profiler)
+    return {"tokens_per_s": context / (sum(timed) / len(timed)), "loss": losses[-1], "cpu_peak": cpu_peak,
+            "timed_steps": len(times) - 1 if measure_cpu or len(times) > 1 else 1}
 
 
 def _measured_steps(one_step, steps: int, measure_cpu) -> int | None:
@@ -322,6 +323,7 @@ def measure(name: str, layers: int | None, variant_name: str, context: int, cfg:
     return {"model": name, "layers": config.num_hidden_layers, "variant": variant_name, "context": context,
             "rows": cfg.rows, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
             "peak_bytes": peak, "reserved_bytes": reserved, "tokens_per_s": result["tokens_per_s"],
+            "timed_steps": result["timed_steps"],
             "loss": result["loss"], "planned_bytes": predicted["peak_allocated_gib"] * planner.GIB,
             "plan": predicted["config"]}
 
@@ -384,7 +386,8 @@ def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longes
         err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
         reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
         rows.append([p["model"], p["layers"], p["context"], p["variant"], f"{p['peak_bytes'] / gib:.3f}", reserved,
-                     f"{p['tokens_per_s']:.0f}", f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)"])
+                     f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
+                     f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)"])
     lines.append(markdown_table(["model", "layers", "context", "variant", "peak allocated GiB", "peak reserved GiB",
                                  "tokens/s", "planned GiB (error)"], rows))
     fits = []
@@ -414,10 +417,28 @@ def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longes
                   markdown_table(["model", "context", "variant", "fixed GiB", "per layer GiB", "full depth",
                                   "extrapolated GiB", "planned GiB (error)", "planned GPU need GiB"],
                                  [f.pop("row") for f in fits])]
+    speed = speed_rows(points)
+    if speed:
+        lines += ["", "Speed where steps ran without the profiler (ratios within one command's run; the same "
+                  "machine, one after the other):", "",
+                  markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"],
+                                 speed)]
     if longest:
         lines += ["", "Longest context ours trains (LoRA+, S2-Attn, every switch):", "",
                   markdown_table(["model", "tokens"], longest)]
     return "\n".join(lines) + "\n", fits
+
+
+def speed_rows(points: list[dict]) -> list[list]:
+    """Tokens/s of every timed point, and its step time relative to ours at the same model, depth and context."""
+    timed = [p for p in points if p.get("timed_steps") and "error" not in p]
+    ours = {(p["model"], p["layers"], p["context"]): p["tokens_per_s"] for p in timed if p["variant"] == "ours"}
+    rows = []
+    for p in timed:
+        ref = ours.get((p["model"], p["layers"], p["context"]))
+        rows.append([p["model"], p["layers"], p["context"], p["variant"], f"{p['tokens_per_s']:.1f}",
+                     f"{ref / p['tokens_per_s']:.2f}" if ref else ""])
+    return rows
 
 
 def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:

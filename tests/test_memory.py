@@ -298,12 +298,16 @@ def test_memory_bench_tiny(tmp_path):
                 "2", "--output", str(out), "--json", str(tmp_path / "memory.json")])
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 4 + 2 and "bench/memory.py --tiny" in text  # 4 points, 2 fits
+    assert len(rows) == 4 + 2 + 4 and "bench/memory.py --tiny" in text  # 4 points, 2 fits, 4 timed points
+    speed = [line.split("|")[4:7] for line in rows[-4:]]
+    assert [v.strip() for v, _, _ in speed] == ["ours", "baseline", "ours", "baseline"]
+    assert all(float(r.strip()) == 1.0 for v, _, r in speed if v.strip() == "ours")
     record = json.loads((tmp_path / "memory.json").read_text())
     points = record["points"]
     assert {(p["layers"], p["variant"]) for p in points} == {(1, "ours"), (2, "ours"), (1, "baseline"),
                                                              (2, "baseline")}
     assert all(p["peak_bytes"] > 0 and p["tokens_per_s"] > 0 and p["dtype"] == "bfloat16" for p in points)
+    assert all(p["timed_steps"] == 1 for p in points)  # 2 steps: the profiled one is not timed
     for fit in record["fits"]:
         one, two = (next(p["peak_bytes"] for p in points if p["variant"] == fit["variant"] and p["layers"] == n)
                     for n in (1, 2))
