@@ -67,7 +67,7 @@ class AblationConfig(SmallLlamaConfig):
     variants: str = field(default=DEFAULT_VARIANTS, metadata={"help": "Comma list of variant ids to run."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Extension seeds."})
     pretrain_books: str = field(default="austen+kjv", metadata={
-        "help": "austen+kjv: five Austen novels and the first 90% of the KJV (the last 10% joins Persuasion in the "
+        "help": "austen+kjv: five Austen novels and the first 90%% of the KJV (the last 10%% joins Persuasion in the "
                 "held-out text); austen: the five novels only (with --pretrain_steps 240 --base_cache "
                 "out/quickstart, the quickstart's own cached base)."})
     base_cache: str = field(default="out/ablations", metadata={"help": "Where the pre-trained base is cached."})
