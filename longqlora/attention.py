@@ -5,7 +5,8 @@ and both lie in the same segment: floor(p / G) for the first half of the heads, 
 second half (the shifted heads; with an odd head count the second half is the larger one). Nothing wraps around:
 LongLoRA's rolled implementation lets the last tokens of the shifted heads attend the first ones; here the first
 and last shifted segments are half groups instead, as in LongLoRA's flash-attn varlen code. With `position_ids`
-(packed documents) p is the position inside the document and no token attends across documents.
+(packed documents) p is the token's index inside its document and no token attends across documents; a document
+begins where the ids do not increase, so PoSE's skipping ids (pose.py) keep one document and G-token groups.
 
 `enable_s2_attention` registers the op under the name "longqlora_s2" and switches a model to it: S2 while the
 model trains, and the model's own attention, bit for bit, in eval mode or with a KV cache (LongLoRA keeps full
@@ -65,7 +66,7 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
                  full_heads: float = 0.0) -> torch.Tensor:
     """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
 
-    position_ids: (B, N) or (1, N) token positions; where they restart, a new document begins.
+    position_ids: (B, N) or (1, N) token positions; where they do not increase, a new document begins.
     attention_mask: (B, N), 1 = real token, 0 = padding; padding keys are never attended and padded queries
     return zeros. backend: "sdpa", "flash_attn", "xformers", or None/"auto" for the fastest that runs here.
     shift, sink_tokens, full_heads: the variants in the module docstring. Sinks and the rolled shift run on SDPA

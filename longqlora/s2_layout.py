@@ -19,15 +19,32 @@ WHOLE = 1 << 62  # a "group size" no document reaches: segment ids then number d
 _ATTR = "_longqlora_s2_layout"
 
 
+def document_starts(positions: torch.Tensor) -> torch.Tensor:
+    """(B, N) positions -> (B, N) bool, True where a document begins: the first token and wherever the positions
+    do not increase (packed documents restart at 0). Positions that jump forward stay in one document: PoSE's
+    skipping ids (pose.py) are one document, not a document per chunk as transformers' +1 rule would read them."""
+    start = torch.ones_like(positions, dtype=torch.bool)
+    start[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+    return start
+
+
+def token_index(start: torch.Tensor) -> torch.Tensor:
+    """(B, N) document starts -> (B, N) int64 index of each token inside its document (0 at its first token)."""
+    idx = torch.arange(start.shape[1], device=start.device).expand_as(start)
+    return idx - torch.where(start, idx, 0).cummax(dim=1).values
+
+
 def segment_ids(positions: torch.Tensor, group: int, shift: int) -> torch.Tensor:
     """(B, N) positions -> (B, N) int64 ids, equal exactly for tokens of one S2 segment.
 
-    A document starts wherever positions do not continue by +1 (transformers' packed-sequence rule); a segment is
-    a run of one document with the same floor((p + shift) / G).
+    A segment is a run of one document (`document_starts`) whose tokens share floor((t + shift) / G), t the token's
+    index inside its document. Groups count tokens, not position ids: for plain or restarting ids the two agree;
+    with PoSE's skips a group still holds G tokens (S2's cost) and attends across a skip that falls inside it.
     """
-    bucket = torch.div(positions + shift, group, rounding_mode="floor")
-    change = torch.ones_like(positions, dtype=torch.bool)
-    change[:, 1:] = (positions[:, 1:] != positions[:, :-1] + 1) | (bucket[:, 1:] != bucket[:, :-1])
+    start = document_starts(positions)
+    bucket = torch.div(token_index(start) + shift, group, rounding_mode="floor")
+    change = start.clone()
+    change[:, 1:] |= bucket[:, 1:] != bucket[:, :-1]
     return change.long().cumsum(dim=1)
 
 
@@ -81,11 +98,8 @@ class RowLayout:
     def documents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(doc ids, index inside the document), both (B, N): for attention sinks."""
         if not self._documents:
-            doc = self.segments(WHOLE, 0)
-            first = torch.cat([doc.new_ones(self.b, 1, dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
-            plain = self.plain()
-            starts = torch.where(first, plain, 0)  # (B, N) index of each document's first token, else 0
-            self._documents["doc"] = (doc, plain - starts.cummax(1).values)
+            start = document_starts(self.plain() if self.positions is None else self.positions)
+            self._documents["doc"] = (start.long().cumsum(dim=1), token_index(start))
         return self._documents["doc"]
 
     def varlen(self, group: int, shift: int) -> Varlen:
