@@ -131,9 +131,11 @@ def adapt_for_training(model, cfg, compute_dtype: torch.dtype, *, gradient_check
     model, lora = add_adapters(model, cfg)
     trainable_to_fp32(model)
     stream_in_compute_dtype(model, compute_dtype)
-    if cfg.s2_attention:
+    if cfg.s2_attention or cfg.pose_window:
         from longqlora.attention import enable_s2_attention
 
+        # Full attention with PoSE runs through the S2 op with every head full: transformers' packed-sequence
+        # mask would read each of PoSE's position skips as a new document.
         enable_s2_attention(model, cfg.group_sizes[0], backend=cfg.attn_backend, shift=cfg.s2_shift,
-                            sink_tokens=cfg.s2_sink_tokens, full_heads=cfg.s2_full_heads)
+                            sink_tokens=cfg.s2_sink_tokens, full_heads=cfg.s2_full_heads if cfg.s2_attention else 1.0)
     return model, lora

@@ -43,8 +43,9 @@ class ModelConfig:
                                                       "Mistral, Qwen2)."})
     target_context: int = field(metadata={"help": "Context length to extend to, e.g. 8192; RoPE is "
                                                   "position-interpolated by target / pre-trained context."})
-    group_ratio: float = field(default=0.25, metadata={"help": "S2-Attn group size as a fraction of the target "
-                                                                "context, in (0, 1] (LongLoRA §3.2 uses 1/4)."})
+    group_ratio: float = field(default=0.25, metadata={"help": "S2-Attn group size as a fraction of the training "
+                                                                "length (--target_context, or --pose_window), in "
+                                                                "(0, 1] (LongLoRA §3.2 uses 1/4)."})
     s2_attention: bool = field(default=True, metadata={"help": "Train with shifted sparse attention; false trains "
                                                                 "with full attention (ablation)."})
     s2_shift: str = field(default="leakfree", metadata={"help": "S2-Attn shift: leakfree (ours: half groups at "
@@ -57,9 +58,16 @@ class ModelConfig:
     s2_full_every: int = field(default=0, metadata={"help": "Train every Nth step with full attention in all heads "
                                                              "and the others with S2-Attn (N >= 2); 0 = never."})
     s2_group_schedule: str = field(default=DEFAULT_SCHEDULE, metadata={
-        "help": "S2-Attn group-size schedule: multiples of --group_ratio (capped at the target context) that share "
+        "help": "S2-Attn group-size schedule: multiples of --group_ratio (capped at the training length) that share "
                 "the training steps in order; their mean is the attention cost relative to a fixed group "
                 "(docs/ablations.md); none = --group_ratio throughout."})
+    # PoSE lives with the model, not the data: it decides which positions RoPE (interpolated to --target_context)
+    # sees and how long the rows whose S2 groups are set here are; the data config only says what is packed.
+    pose_window: int = field(default=0, metadata={"help": "PoSE (arXiv 2309.10400): train in rows of this many "
+                                                           "tokens whose position ids skip so that they span "
+                                                           "--target_context; 0 = off (rows of --target_context)."})
+    pose_chunks: int = field(default=2, metadata={"help": "PoSE: chunks per document; each after the first skips "
+                                                           "a random number of positions (the paper uses 2)."})
     attn_backend: str = field(default="auto", metadata={"help": "Attention kernel: auto, sdpa, flash_attn or "
                                                                  "xformers."})
     load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the frozen base to 4-bit NF4 with double "
@@ -104,6 +112,16 @@ class ModelConfig:
         if not multiples or not all(m > 0 for m in multiples):
             bad("s2_group_schedule", self.s2_group_schedule, f"must be none or a comma list of positive multiples "
                 f"of --group_ratio, e.g. {DEFAULT_SCHEDULE}")
+        if self.pose_window < 0 or self.pose_window >= self.target_context:
+            bad("pose_window", self.pose_window, f"must be 0 (off) or a row length below --target_context "
+                f"{self.target_context}, e.g. {self.target_context // 4}")
+        if self.pose_chunks < 2:
+            bad("pose_chunks", self.pose_chunks, "must be at least 2: the first chunk keeps positions from 0, the "
+                                                 "others skip")
+        if self.pose_window and self.pose_chunks > self.pose_window:
+            bad("pose_chunks", self.pose_chunks, f"must be at most --pose_window {self.pose_window}")
+        if self.pose_window and self.s2_shift == "rolled":
+            bad("s2_shift", self.s2_shift, "LongLoRA's roll knows no position ids; PoSE takes --s2_shift leakfree")
         if self.s2_shift == "rolled" and any(self.target_context % g for g in self.group_sizes):
             bad("s2_group_schedule", self.s2_group_schedule, f"--s2_shift rolled needs groups that divide "
                 f"--target_context {self.target_context}, got {self.group_sizes}; use --s2_group_schedule none")
@@ -123,9 +141,14 @@ class ModelConfig:
             bad("lora_target", self.lora_target, "use attention, all-linear or a comma list of module names")
 
     @property
+    def train_length(self) -> int:
+        """Tokens per training row: --pose_window with PoSE, else --target_context."""
+        return self.pose_window or self.target_context
+
+    @property
     def group_size(self) -> int:
-        """S2-Attn group size in tokens: group_ratio x target_context, at least 1."""
-        return max(1, int(round(self.group_ratio * self.target_context)))
+        """S2-Attn group size in tokens: group_ratio x the training length, at least 1."""
+        return max(1, int(round(self.group_ratio * self.train_length)))
 
     @property
     def group_schedule(self) -> list[float]:
@@ -136,9 +159,9 @@ class ModelConfig:
 
     @property
     def group_sizes(self) -> list[int]:
-        """S2-Attn group sizes in tokens, one per equal share of the training steps (at most the target context:
-        with --group_ratio above 1/2 the default schedule's last share is one whole-context group)."""
-        return [max(1, min(self.target_context, int(round(m * self.group_ratio * self.target_context))))
+        """S2-Attn group sizes in tokens, one per equal share of the training steps (at most the training length:
+        with --group_ratio above 1/2 the default schedule's last share is one whole-row group)."""
+        return [max(1, min(self.train_length, int(round(m * self.group_ratio * self.train_length))))
                 for m in self.group_schedule]
 
     @property
@@ -259,6 +282,7 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
         "pi_factor": pi_factor,
         "rope_type": rope.rope_summary(hf_config).get("rope_type"),
         "group_size": cfg.group_size,
+        "pose": {"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
         "s2_attention": cfg.s2_attention,
         "s2_options": {"shift": cfg.s2_shift, "sink_tokens": cfg.s2_sink_tokens, "full_heads": cfg.s2_full_heads,
                        "full_every": cfg.s2_full_every, "group_sizes": cfg.group_sizes},

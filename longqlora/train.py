@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig
 
-from longqlora import checkpoints, instructions, memory
+from longqlora import checkpoints, instructions, memory, pose
 from longqlora import data as data_lib
 from longqlora.inference import EXTENSION_FILE
 from longqlora.adapters import trainable_to_fp32
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 class TrainingConfig(SFTConfig):
     """TRL's SFTConfig with this toolkit's defaults: packed rows of the target context, non-reentrant gradient
     checkpointing, a checkpoint every `save_steps`, and a log line every step. Precision (fp16/bf16) follows
-    `--compute_dtype`; `max_length` follows `--target_context`."""
+    `--compute_dtype`; `max_length` follows `--target_context` (`--pose_window` with PoSE)."""
 
     # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
@@ -113,7 +113,8 @@ def tiny_overrides(model_cfg, data_cfg, training):
         shutil.rmtree(base, ignore_errors=True)
         os.replace(partial, base)
     model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
-                                    compute_dtype="float32", attn_backend="sdpa")
+                                    compute_dtype="float32", attn_backend="sdpa", pose_window=pose.tiny_window(
+                                        model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks))
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         data_cfg = dataclasses.replace(data_cfg, dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
                                        num_proc=None, system_prompt=data_cfg.system_prompt or "A chat.")
@@ -131,7 +132,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: dict) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
     dtype = info["compute_dtype"]
-    changes = {"max_length": model_cfg.target_context,
+    changes = {"max_length": model_cfg.train_length,
                "fp16": dtype == "float16" and torch.cuda.is_available(),
                "bf16": dtype == "bfloat16" and torch.cuda.is_available()}
     if isinstance(data_cfg, instructions.InstructionDataConfig):
@@ -170,6 +171,7 @@ def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
         f"model              {info['model']}",
         f"context            {info['original_context']} -> {info['target_context']} tokens "
         f"(position interpolation x{info['pi_factor']:.4g}, rope {info['rope_type']})",
+        *pose.describe(info),
         f"attention          {_attention_text(info)} (training), full at inference; backend "
         f"{info['attn_backend_requested']} ({info['attn_backend']} here)",
         f"weights            {'NF4 4-bit, double quant' if info['load_in_4bit'] else info['compute_dtype']}, "
@@ -199,11 +201,11 @@ def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, inf
     """The planner's prediction (longqlora.plan) for this run's switches, against this GPU when there is one."""
     from longqlora.plan import PlanConfig, plan
 
-    tokens = training.per_device_train_batch_size * model_cfg.target_context
+    tokens = training.per_device_train_batch_size * model_cfg.train_length
     mode = training.offload_activations
     offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
     cfg = PlanConfig(
-        model=model_cfg.model_name_or_path, context=model_cfg.target_context,
+        model=model_cfg.model_name_or_path, context=model_cfg.train_length,
         batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
         lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
         trainable_params=model_cfg.trainable_params, offload=offload,
@@ -362,7 +364,7 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
         logger.warning("this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of "
                        "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
                        "parts and the switches that fit", plan["device_need_gib"], plan["device_gib"],
-                       model_cfg.model_name_or_path, model_cfg.target_context, plan["device_gib"])
+                       model_cfg.model_name_or_path, model_cfg.train_length, plan["device_gib"])
     loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
     with checkpoints.locked_run(training.output_dir, training.resume_from_checkpoint,
                                 with_optimizer=not training.save_only_model) as resume:
@@ -371,11 +373,13 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
                                             trust_remote_code=training.trust_remote_code)
         info["memory_plan"] = plan
         logger.info("configuration:\n%s", describe(info, training, data_cfg))
-        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context, loaded)
+        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
         guard = checkpoints.CheckpointGuard()
         trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
                              compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
+        if model_cfg.pose_window:
+            pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
         trainable_to_fp32(trainer.model)
         apply_memory_switches(trainer, training, info)
         extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
