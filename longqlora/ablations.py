@@ -56,8 +56,13 @@ VARIANTS = {
     "loraplus-s2-gsched-lin": dict(label="LoRA+, S2-Attn, group 1/8, 1/4, 3/8 by thirds",
                                    group_schedule="0.125,0.25,0.375"),
     "loraplus-s2-g50": dict(label="LoRA+, S2-Attn, group 1/2", group_ratio=0.5),
+    # PoSE (arXiv 2309.10400): rows of pose x 4L = L tokens whose position ids span 4L, batch / pose rows, so the
+    # same tokens and optimizer steps as the 4L rows of the others; S2 groups are 1/4 of the L-token row.
+    "loraplus-s2-pose": dict(label="LoRA+, S2-Attn, PoSE: rows of L spanning 4L, 4x batch", pose=0.25),
+    "loraplus-pose": dict(label="LoRA+, full attention, PoSE: rows of L spanning 4L, 4x batch", s2=False, pose=0.25),
 }
-TARGETED = ("loraplus-s2-g50", "loraplus-s2-gsched-eq", "loraplus-s2-gsched-lin")  # their own sections
+TARGETED = ("loraplus-s2-g50", "loraplus-s2-gsched-eq", "loraplus-s2-gsched-lin",  # their own sections
+            "loraplus-s2-pose", "loraplus-pose")
 DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
 
 
@@ -154,7 +159,8 @@ def variant_settings(cfg: AblationConfig, vid: str) -> dict:
             "nf4": v.get("nf4", False), "full_ft": v.get("full_ft", False),
             "trainable": v.get("trainable", "embed,norm"), "shift": v.get("shift", "leakfree"),
             "sinks": v.get("sinks", 0), "full_heads": v.get("full_heads", 0.0), "full_every": v.get("full_every", 0),
-            "group_schedule": v.get("group_schedule", ""), "group_ratio": v.get("group_ratio", cfg.group_ratio)}
+            "group_schedule": v.get("group_schedule", ""), "group_ratio": v.get("group_ratio", cfg.group_ratio),
+            **({"pose": v["pose"]} if v.get("pose") else {})}  # only when set: the other variants' cache keys stay
 
 
 def _model_config(cfg: AblationConfig, base: Path, s: dict):
@@ -168,14 +174,16 @@ def _model_config(cfg: AblationConfig, base: Path, s: dict):
                        lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
                        trainable_params=s["trainable"], s2_shift=s["shift"], s2_sink_tokens=s["sinks"],
                        s2_full_heads=s["full_heads"], s2_full_every=s["full_every"],
-                       s2_group_schedule=schedule)
+                       s2_group_schedule=schedule, pose_window=round(s.get("pose", 0) * cfg.long_context))
 
 
-def _training(cfg: AblationConfig, out: Path, seed: int):
+def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
     from longqlora.train import TrainingConfig
 
     # The quickstart's extension settings; no gradient checkpointing: the model is small and CPU time is short.
-    return TrainingConfig(output_dir=str(out), max_steps=cfg.extend_steps, per_device_train_batch_size=8,
+    # PoSE's rows are shorter: more of them, the same tokens per step.
+    rows = round(8 / s.get("pose", 1))
+    return TrainingConfig(output_dir=str(out), max_steps=cfg.extend_steps, per_device_train_batch_size=rows,
                           learning_rate=cfg.extend_lr, lr_scheduler_type="constant_with_warmup",
                           warmup_steps=min(5, cfg.extend_steps), max_grad_norm=1.0, optim="adamw_torch",
                           save_strategy="no", logging_steps=10, seed=seed, use_cpu=True,
@@ -190,7 +198,7 @@ def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, 
     # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
     data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
     model_cfg, data_cfg, training, _ = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(),
-                                               _training(cfg, out, seed))
+                                               _training(cfg, out, seed, s))
     if s["full_ft"]:
         return _extend_full(model_cfg, data_cfg, training)
     return train(model_cfg, data_cfg, training)

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from longqlora import pose, s2_layout
+from longqlora import ablations, pose, s2_layout
+from longqlora.ablations import AblationConfig, variant_settings
 from longqlora.adapters import adapt_for_training
 from longqlora.attention import s2_attention
 from longqlora.model import ModelConfig
@@ -234,3 +235,15 @@ def test_tiny_recipe_trains_with_pose(tmp_path, monkeypatch):
     ids = torch.cat(seen)
     assert int(ids.max()) <= 255 and int(ids.max()) > 63 and (out / "adapter_model.safetensors").exists()
 
+
+def test_ablation_pose_variants_train_on_quarter_rows_at_equal_tokens(tmp_path):
+    cfg = AblationConfig(tiny=True)
+
+    def tokens_per_step(vid):
+        s = variant_settings(cfg, vid)
+        model = ablations._model_config(cfg, tmp_path, s)
+        return model.train_length, ablations._training(cfg, tmp_path, 0, s).per_device_train_batch_size
+    assert tokens_per_step("loraplus-s2") == (256, 8)
+    assert tokens_per_step("loraplus-s2-pose") == (64, 32) and tokens_per_step("loraplus-pose") == (64, 32)
+    assert not variant_settings(cfg, "loraplus-pose")["s2"]
+    assert "pose" not in variant_settings(cfg, "loraplus-s2")  # the other variants' cached results keep their keys
