@@ -8,6 +8,8 @@ AdamW (one 32 GB V100).
         --min_length 8192 --output_dir data/pg19-llama2-13b       # once: tokenized long documents
     python recipes/extend_13b_8k.py --dataset data/pg19-llama2-13b --output_dir out/llama2-13b-8k
     python recipes/extend_13b_8k.py --dry_run                  # the resolved configuration, no weights loaded
+    python recipes/extend_13b_8k.py --output_dir out/llama2-13b-8k-pose --pose_window 4096
+        # PoSE (arXiv 2309.10400): 4096-token rows whose position ids skip to span 8192
     python recipes/extend_13b_8k.py --tiny --output_dir /tmp/tiny-13b_8k   # the same recipe on CPU, tiny model
 
 Every default below is a flag (`--max_steps 200`), or set them in `--config my.yaml`.

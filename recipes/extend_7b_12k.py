@@ -8,6 +8,8 @@ AdamW (one 32 GB V100).
         --min_length 12288 --output_dir data/pg19-llama2       # once: tokenized long documents
     python recipes/extend_7b_12k.py --dataset data/pg19-llama2 --output_dir out/llama2-7b-12k
     python recipes/extend_7b_12k.py --dry_run                  # the resolved configuration, no weights loaded
+    python recipes/extend_7b_12k.py --output_dir out/llama2-7b-12k-pose --pose_window 4096
+        # PoSE (arXiv 2309.10400): 4096-token rows whose position ids skip to span 12288
     python recipes/extend_7b_12k.py --tiny --output_dir /tmp/tiny-7b_12k   # the same recipe on CPU, tiny model
 
 Every default below is a flag (`--max_steps 200`), or set them in `--config my.yaml`.

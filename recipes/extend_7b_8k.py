@@ -7,6 +7,8 @@ norms; 1000 steps of batch 1 x accumulation 16, constant LR with 20 warm-up step
         --min_length 8192 --output_dir data/pg19-llama2       # once: tokenized long documents
     python recipes/extend_7b_8k.py --dataset data/pg19-llama2 --output_dir out/llama2-7b-8k
     python recipes/extend_7b_8k.py --dry_run                  # the resolved configuration, no weights loaded
+    python recipes/extend_7b_8k.py --output_dir out/llama2-7b-8k-pose --pose_window 4096
+        # PoSE (arXiv 2309.10400): 4096-token rows whose position ids skip to span 8192
     python recipes/extend_7b_8k.py --tiny --output_dir /tmp/tiny-7b-8k   # the same recipe on CPU, tiny model
 
 Every default below is a flag (`--max_steps 200`), or set them in `--config my.yaml`.
