@@ -347,6 +347,9 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     check_output_path(training.output_dir, "--output_dir")
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
+    if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
+        raise ValueError(f"--pose_window {model_cfg.pose_window}: PoSE trains on rows cut from long text, but "
+                         "conversations train whole; pass a text --dataset, or --pose_window 0")
     hf_config, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code,
                                   prefer_preset=run_cfg.dry_run)
     training = finalize_training(model_cfg, data_cfg, training, info)

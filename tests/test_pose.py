@@ -247,3 +247,10 @@ def test_ablation_pose_variants_train_on_quarter_rows_at_equal_tokens(tmp_path):
     assert tokens_per_step("loraplus-s2-pose") == (64, 32) and tokens_per_step("loraplus-pose") == (64, 32)
     assert not variant_settings(cfg, "loraplus-pose")["s2"]
     assert "pose" not in variant_settings(cfg, "loraplus-s2")  # the other variants' cached results keep their keys
+
+
+def test_conversations_refuse_pose(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("sft_vicuna_13b_8k", "--dry_run", "--pose_window", "2048")
+    assert exit_.value.code == 2 and "error: --pose_window 2048: PoSE trains on rows cut from long text" in \
+        capsys.readouterr().err
