@@ -184,6 +184,18 @@ def test_s2_on_padded_pose_rows_equals_the_explicit_mask():
     torch.testing.assert_close(got, reference(q, k, v, [40], 8, shifted_from=2, valid=valid), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels run on CUDA only")
+def test_gpu_kernels_on_pose_rows_match_the_cpu_path():
+    lengths = [300, 1, 700, 23]
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, x, sum(lengths), 64, generator=g) for x in (8, 2, 2))
+    plain = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = pose.skip_positions(plain, 8192, 2, g)
+    want = s2_attention(q.double(), k.double(), v.double(), 256, position_ids=ids)  # the banded path, as above
+    got = s2_attention(*(t.cuda().bfloat16() for t in (q, k, v)), 256, position_ids=ids.cuda())
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_full_attention_with_pose_keeps_documents_whole_in_a_model():
     """--s2_attention false with PoSE: packed documents each see their own past across the skips, as one document
     run alone would; transformers' own mask (a skip = a new sequence) would not."""
