@@ -57,12 +57,14 @@ VARIANTS = {
                                    group_schedule="0.125,0.25,0.375"),
     "loraplus-s2-g50": dict(label="LoRA+, S2-Attn, group 1/2", group_ratio=0.5),
     # PoSE (arXiv 2309.10400): rows of pose x 4L = L tokens whose position ids span 4L, batch / pose rows, so the
-    # same tokens and optimizer steps as the 4L rows of the others; S2 groups are 1/4 of the L-token row.
+    # same tokens and optimizer steps as the 4L rows of the others; S2 groups are 1/4 (-g50: 1/2) of the L-token row.
     "loraplus-s2-pose": dict(label="LoRA+, S2-Attn, PoSE: rows of L spanning 4L, 4x batch", pose=0.25),
+    "loraplus-s2-pose-g50": dict(label="LoRA+, S2-Attn group 1/2, PoSE: rows of L spanning 4L, 4x batch", pose=0.25,
+                                 group_ratio=0.5),
     "loraplus-pose": dict(label="LoRA+, full attention, PoSE: rows of L spanning 4L, 4x batch", s2=False, pose=0.25),
 }
 TARGETED = ("loraplus-s2-g50", "loraplus-s2-gsched-eq", "loraplus-s2-gsched-lin",  # their own sections
-            "loraplus-s2-pose", "loraplus-pose")
+            "loraplus-s2-pose", "loraplus-s2-pose-g50", "loraplus-pose")
 DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
 
 
