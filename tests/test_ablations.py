@@ -10,6 +10,8 @@ import pytest
 from longqlora import ablations
 from longqlora.ablations import VARIANTS, AblationConfig
 
+pytestmark = pytest.mark.slow  # pre-trains and extends a tiny base for every variant: minutes
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

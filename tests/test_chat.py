@@ -1,6 +1,5 @@
 """Chat: scripted conversations on tiny models; the prompts the model sees, streaming, history, exits, errors."""
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -35,11 +34,11 @@ def random_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory):
     """The SFT recipe's tiny chat adapter (trained once for this file; one step is enough to test the plumbing)."""
-    spec = importlib.util.spec_from_file_location("recipe_sft_chat", RECIPES / "sft_vicuna_13b_8k.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_sft_chat"] = mod
-    spec.loader.exec_module(mod)
+    from conftest import load_script
+
     from longqlora.cli import run_recipe
+
+    mod = load_script("recipes/sft_vicuna_13b_8k.py")
 
     return run_recipe(mod.Model, mod.Data, mod.Training,
                       argv=["--tiny", "--output_dir", str(tmp_path_factory.mktemp("chat-sft") / "a"),

@@ -36,18 +36,10 @@ def test_bad_flag_value_is_one_line():
     assert done.stderr.strip().splitlines()[-1].startswith("error: --context_lengths")
 
 
-def test_adapter_for_a_different_base_is_one_line(tmp_path):
-    import importlib.util
-
-    from longqlora.cli import run_recipe
+def test_adapter_for_a_different_base_is_one_line(tmp_path, tiny_adapter):
     from longqlora.tiny import save_tiny_model
 
-    spec = importlib.util.spec_from_file_location("recipe_cli_extend", "recipes/extend_7b_8k.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe
-    spec.loader.exec_module(recipe)
-    adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training,
-                         argv=["--tiny", "--output_dir", str(tmp_path / "a"), "--max_steps", "1"])
+    adapter = tiny_adapter
     other = save_tiny_model(tmp_path / "other", shape="odd", max_position_embeddings=64)  # hidden 192, not 128
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     done = longqlora("perplexity", "--model", str(other), "--adapter", str(adapter), "--data",

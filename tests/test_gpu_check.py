@@ -1,18 +1,10 @@
 """bench/gpu_check.py --dry_run: the GPU script's every part runs on the CPU with tiny shapes and reports."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", ROOT / "bench" / "gpu_check.py")
-    check = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = check
-    spec.loader.exec_module(check)
+def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
+    check = script("bench/gpu_check.py")
     out = tmp_path / "out"
     check.main(["--dry_run", "--output_dir", str(out), "--work_dir", str(tmp_path / "work")])
     record = json.loads((out / "report.json").read_text())

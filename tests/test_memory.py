@@ -1,9 +1,6 @@
 """Memory switches (longqlora.memory) give the plain path's loss and gradients; the benchmark's tiny mode runs."""
 
 import contextlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +8,6 @@ import torch
 from longqlora import memory
 from longqlora.model import ModelConfig, load_model
 from longqlora.tiny import save_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -265,17 +260,14 @@ def test_training_config_rejects_bad_switches(flag, value):
     assert "\n" not in str(err.value)
 
 
-def test_recipe_runs_with_every_switch(tmp_path):
+def test_recipe_runs_with_every_switch(tmp_path, script):
     """The tiny 7B recipe with offloading, the tiled MLP and the plain loss: trains, writes the adapter, and the
     plan is in the extension record."""
     import json
 
     from longqlora.cli import run_recipe
 
-    spec = importlib.util.spec_from_file_location("extend_7b_8k_memory", ROOT / "recipes" / "extend_7b_8k.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # the Trainer pickles the recipe's TrainingConfig into checkpoints
-    spec.loader.exec_module(recipe)
+    recipe = script("recipes/extend_7b_8k.py")
     out = run_recipe(recipe.Model, recipe.Data, recipe.Training,
                      ["--tiny", "--output_dir", str(tmp_path), "--max_steps", "2", "--offload_activations", "on",
                       "--tiled_mlp", "on", "--tiled_mlp_tokens", "96", "--chunked_loss", "false"])
@@ -284,15 +276,12 @@ def test_recipe_runs_with_every_switch(tmp_path):
     assert record["train"]["steps"] == 2 and record["train"]["final_loss"] > 0
 
 
-def test_memory_bench_tiny(tmp_path):
+def test_memory_bench_tiny(tmp_path, script):
     """The benchmark's CPU mode at two depths: every point measured, the depth fit exact at two depths, the JSON
     record holding what the planner's calibration test reads."""
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_memory"] = bench
-    spec.loader.exec_module(bench)
+    bench = script("bench/memory.py")
     out = tmp_path / "memory.md"
     bench.main(["--tiny", "--contexts", "128", "--layers", "1", "2", "--variants", "ours", "baseline", "--steps",
                 "2", "--output", str(out), "--json", str(tmp_path / "memory.json")])

@@ -1,7 +1,6 @@
 """Merge: the merged model is a plain transformers model that gives the adapter model's logits; bad input is
 refused in one line before any weights load."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,20 +19,10 @@ from longqlora.tiny import save_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def trained_adapter(out: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("recipe_merge_extend", ROOT / "recipes" / "extend_7b_8k.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the Trainer pickles the recipe's Training into each checkpoint
-    spec.loader.exec_module(module)
-    from longqlora.cli import run_recipe
-
-    return Path(run_recipe(module.Model, module.Data, module.Training, argv=["--tiny", "--output_dir", str(out)]))
-
-
 @pytest.fixture(scope="session")
-def adapter(tmp_path_factory):
+def adapter(tiny_adapter):
     """A tiny trained adapter: base context 64, extended x4 to 256 with linear PI, trained on NF4."""
-    return trained_adapter(tmp_path_factory.mktemp("merge") / "adapter")
+    return tiny_adapter
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,8 @@
 """Passkey retrieval: prompts have the requested length, depth and wording; scoring can pass and fail; runs on tiny
 models write a well-formed result; bad input fails in one line before weights load."""
 
-import importlib.util
 import json
 import re
-import sys
 
 import pytest
 import torch
@@ -29,16 +27,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def adapter(tiny_adapter):
     """The 7B 8k recipe trained for a few steps on the tiny base (context 64, x4 to 256)."""
-    spec = importlib.util.spec_from_file_location("recipe_passkey", "/work/main/recipes/extend_7b_8k.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_passkey"] = mod
-    spec.loader.exec_module(mod)
-    from longqlora.cli import run_recipe
-
-    out = tmp_path_factory.mktemp("passkey_adapter") / "a"
-    return run_recipe(mod.Model, mod.Data, mod.Training, argv=["--tiny", "--output_dir", str(out)])
+    return tiny_adapter
 
 
 def measured_depth(tokenizer, prompt: str, key: str, depth: float) -> float:

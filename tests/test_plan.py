@@ -185,26 +185,15 @@ def test_shapes_read_gqa_and_head_dim():
     assert s.linear_shapes(False) == [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
 
 
-def _bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_memory_plan", root / "bench" / "memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    return bench, root
-
-
-def test_planner_within_10_percent_of_every_cpu_measurement():
+def test_planner_within_10_percent_of_every_cpu_measurement(script):
     """The calibration: every point bench/memory.py measured on the CPU at real model width (docs/memory_cpu.json,
     bf16 autocast, 2 and 4 layers) against the planner's prediction for the same switches, device "cpu"."""
     import torch
 
-    bench, root = _bench()
-    record = json.loads((root / "docs" / "memory_cpu.json").read_text())
+    from conftest import ROOT
+
+    bench = script("bench/memory.py")
+    record = json.loads((ROOT / "docs" / "memory_cpu.json").read_text())
     points = [p for p in record["points"] if "error" not in p]
     assert {p["model"] for p in points} >= {"llama-2-7b", "llama-2-13b", "llama-3.1-8b"}
     assert {p["layers"] for p in points} >= {2, 4} and len(points) >= 40
@@ -225,19 +214,12 @@ def test_planner_within_10_percent_of_every_cpu_measurement():
 
 @pytest.mark.parametrize("variant", ["ours", "ours_lora", "ours_no_cuts", "ours_no_norms", "ours_no_dropout",
                                      "baseline", "baseline_plus"])
-def test_layer_term_is_the_saved_tensor_inventory(variant):
+def test_layer_term_is_the_saved_tensor_inventory(variant, script):
     """The planner's per-layer saved set equals, byte for byte up to the LoRA weights' casts, what autograd really
     keeps for one layer (bench/saved_tensors.py, on a tiny GQA Llama with the same code as the 7B inventory)."""
-    import importlib.util
-    import sys
-
     import torch
 
-    bench, root = _bench()
-    spec = importlib.util.spec_from_file_location("bench_saved_tensors", root / "bench" / "saved_tensors.py")
-    inventory = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = inventory
-    spec.loader.exec_module(inventory)
+    bench, inventory = script("bench/memory.py"), script("bench/saved_tensors.py")
     tokens = 512
     _, measured = inventory.inventory("tiny", variant, tokens, min_bytes=1)
     config = bench.model_config("tiny", 1)

@@ -117,7 +117,8 @@ def test_ids_that_do_not_restart_at_zero_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-@pytest.mark.parametrize("kwargs,flag", [(dict(pose_window=8192), "--pose_window"), (dict(pose_window=-1), "--pose_window"),
+@pytest.mark.parametrize("kwargs,flag", [(dict(pose_window=8192), "--pose_window"),
+                                         (dict(pose_window=-1), "--pose_window"),
                                          (dict(pose_window=2048, pose_chunks=1), "--pose_chunks"),
                                          (dict(pose_window=4, pose_chunks=5), "--pose_chunks"),
                                          (dict(pose_window=2048, s2_shift="rolled"), "--s2_shift")])

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "pip install torch==2.13.0 && pip install -r requirements.txt && pip install -e ."
 
@@ -34,6 +36,7 @@ def quickstart(out):
     return done
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs_and_repeats(tmp_path):
     """The README's quickstart script, end to end, with --tiny so that it takes seconds; seeded, so a second run
     in a fresh directory measures the same numbers, and a rerun in the same directory reuses the base."""

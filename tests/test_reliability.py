@@ -4,7 +4,6 @@ output directory neither created nor changed. One table row per (input class, en
 lists them."""
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from typing import Callable
 
 import datasets
 import pytest
+from conftest import load_script
 
 from longqlora import cli
 from longqlora.tiny import save_tiny_model
@@ -23,17 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(f"reliability_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-EXTEND, SFT = load_script(ROOT / "recipes" / "extend_7b_8k.py"), load_script(ROOT / "recipes" / "sft_vicuna_13b_8k.py")
-TEXT, CHATS = (load_script(ROOT / "data_prep" / "prepare_text.py"),
-               load_script(ROOT / "data_prep" / "prepare_instructions.py"))
+EXTEND, SFT = load_script("recipes/extend_7b_8k.py"), load_script("recipes/sft_vicuna_13b_8k.py")
+TEXT, CHATS = load_script("data_prep/prepare_text.py"), load_script("data_prep/prepare_instructions.py")
 ENTRIES = {
     "recipe": lambda argv: cli.run_recipe(EXTEND.Model, EXTEND.Data, EXTEND.Training, argv),
     "sft recipe": lambda argv: cli.run_recipe(SFT.Model, SFT.Data, SFT.Training, argv),

@@ -5,7 +5,6 @@ environment. Each check is shown to catch what it guards against (the payloads d
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import jinja2
@@ -132,11 +131,9 @@ def test_model_code_runs_only_with_trust_remote_code(model, tmp_path, capfd, mon
 
 
 def recipe_classes(name: str = "extend_7b_8k"):
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location(f"security_{name}", ROOT / "recipes" / f"{name}.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_script(f"recipes/{name}.py")
     return recipe.Model, recipe.Data, recipe.Training
 
 
