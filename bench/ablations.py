@@ -2,7 +2,7 @@
 
 Pre-trains a ~4.5M-parameter Llama at 128 tokens on five Austen novels and the first 90% of the KJV (cached under
 --output_dir; --pretrain_books austen: the novels only), then extends it to 512 tokens with every default variant
-of longqlora.ablations.VARIANTS (no fine-tuning; interpolation only; LoRA; LoRA+ with full attention, S2-Attn,
+of experiments.ablations.VARIANTS (no fine-tuning; interpolation only; LoRA; LoRA+ with full attention, S2-Attn,
 S2-Attn on an NF4 base; full fine-tuning; S2 with LongLoRA's rolled shift; with attention sinks; with a quarter of
 the heads in full attention; with every 4th step in full attention; with a growing group size), each with seeds 0,
 1, 2, and scores held-out text (Persuasion and the last 10% of the KJV) at 128, 256 and 512 tokens and passkey
@@ -18,17 +18,19 @@ The command line is recorded in the section it writes, with the compute time and
 threads of two processes spinning against each other cost more than the second thread gains).
 """
 
-import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from longqlora.ablations import AblationConfig, main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside bench/, not in the package
+from experiments.ablations import AblationConfig, main  # noqa: E402
+from longqlora.cli import setup_logging  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     (cfg,) = HfArgumentParser(AblationConfig).parse_args_into_dataclasses()
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     cfg.command = cfg.command or f"{threads}python {shlex.join(sys.argv)}"

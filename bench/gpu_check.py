@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import memory as memory_bench  # noqa: E402  (bench/memory.py)
 import s2_speed  # noqa: E402  (bench/s2_speed.py)
 
-from longqlora import plan as planner  # noqa: E402
-from longqlora.report import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.training import plan as planner  # noqa: E402
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.cli import setup_logging  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -95,7 +96,7 @@ def part_recipe(cfg, ctx):
         argv += ["--tiny", "--max_steps", "2"]
     else:
         base = _random_model("llama-2-7b", work / "llama-2-7b-random")
-        from longqlora import corpora
+        from longqlora.data import corpora
 
         argv += ["--model_name_or_path", str(base), "--dataset", corpora.book_path("austen_emma"),
                  "--min_length", "0"]
@@ -217,8 +218,8 @@ def _random_model(preset: str, path: Path) -> Path:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from longqlora import corpora
-    from longqlora.tiny import train_tokenizer
+    from longqlora.data import corpora
+    from longqlora.training.tiny import train_tokenizer
 
     if (path / "config.json").exists():
         return path
@@ -341,7 +342,7 @@ def _write(cfg, record):
 def main(argv=None) -> None:
     from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     (cfg,) = HfArgumentParser(CheckConfig).parse_args_into_dataclasses(args=argv)

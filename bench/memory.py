@@ -4,7 +4,7 @@ planner's prediction; the longest context ours trains at on this GPU.
 Each model is built from its preset config with random weights, every decoder Linear quantised to NF4 one at a
 time (no download, never a 16-bit copy of the model). Ours goes through the toolkit's own adaptation
 (`adapters.adapt_for_training`: 16-bit frozen weights, fp32 trained copies, the residual stream in the compute dtype,
-S2-Attn) and memory switches (`longqlora.memory`); the baseline is what a user of transformers + PEFT + bitsandbytes
+S2-Attn) and memory switches (`longqlora.training.memory`); the baseline is what a user of transformers + PEFT + bitsandbytes
 runs instead (`prepare_model_for_kbit_training`, LoRA on q/k/v/o, SDPA full attention, gradient checkpointing, the
 model's own loss), with plain LoRA and with the same trained embedding and norms as ours.
 
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longqlora import memory
-from longqlora import plan as planner
-from longqlora.report import markdown_table, write_json_atomic, write_text_atomic
+from longqlora.training import memory
+from longqlora.training import plan as planner
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
+from longqlora.cli import setup_logging
 
 logger = logging.getLogger("bench.memory")
 
@@ -114,7 +115,7 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------------- the model
 def model_config(name: str, layers: int | None = None):
     if name == "tiny":
-        from longqlora.tiny import tiny_llama_config
+        from longqlora.training.tiny import tiny_llama_config
 
         config = tiny_llama_config("gqa", vocab_size=512, max_position_embeddings=8192)
     else:
@@ -483,7 +484,7 @@ def _command(argv: list[str]) -> str:
 def main(argv=None) -> None:
     from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses(args=argv)
     if cfg.report_from:

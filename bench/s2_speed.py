@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser
 
 from longqlora.attention import s2_attention
-from longqlora.report import write_text_atomic
+from longqlora.output import write_text_atomic
 
 
 @dataclass
@@ -56,7 +56,7 @@ def measure(lengths, *, heads: int, head_dim: int = 128, group_ratio: float = 0.
     """Median times of full causal SDPA and of S2-Attn per length. On CUDA both sides are held to SDPA's flash
     kernel for plain rows (a path that would fall back to another kernel raises instead of running slowly);
     `packed` rows (4 documents) take S2's varlen kernel against full attention over the same documents."""
-    from longqlora.s2_layout import WHOLE
+    from longqlora.attention.layout import WHOLE
 
     device = torch.device(device)
     kernels = contextlib.nullcontext

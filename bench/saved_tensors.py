@@ -1,5 +1,5 @@
 """What one decoder layer keeps for its backward, per token: the inventory the memory planner's per-layer term is
-written from (longqlora.plan.layer_bytes).
+written from (longqlora.training.plan.layer_bytes).
 
     python bench/saved_tensors.py --output docs/memory_inventory.md
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory as memory_bench  # noqa: E402  (bench/memory.py)
 
-from longqlora.report import markdown_table, write_text_atomic  # noqa: E402
+from longqlora.output import markdown_table, write_text_atomic  # noqa: E402
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from longqlora.perplexity import PerplexityConfig, run_perplexity
-from longqlora.report import markdown_table, write_text_atomic
+from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
+from longqlora.output import markdown_table, write_text_atomic
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longqlora.chat_template import apply_vicuna_template
-from longqlora.data import check_output_dir, save_dataset_atomic
-from longqlora.instructions import InstructionDataConfig, length_report, load_conversations
+from longqlora.data.formats import apply_vicuna_template
+from longqlora.data.text import check_output_dir, save_dataset_atomic
+from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
 from longqlora.cli import run_data_script
 from longqlora.model import load_tokenizer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longqlora.data import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
+from longqlora.data.text import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
                             tokenize_documents)
 from longqlora.cli import run_data_script
 from longqlora.model import load_tokenizer

@@ -1,7 +1,7 @@
 """Chat with an extended model: Vicuna v1.1 turns, a long document in the first turn, streamed replies.
 
 `python -m longqlora chat --model DIR [--adapter DIR] [--context_file FILE] [--prompt TEXT]`. The model loads
-through `longqlora.inference` (plain/merged directory, or base + PEFT adapter with the adapter's position
+through `longqlora.evaluation.loading` (plain/merged directory, or base + PEFT adapter with the adapter's position
 interpolation), with the model's own full attention. Every turn is rendered by the tokenizer's chat template
 (the Vicuna v1.1 one is set when the tokenizer has none), so the model sees exactly the format it was
 fine-tuned on. Output goes to the stream the caller passes, never straight to sys.stdout, so it can be captured.
@@ -79,7 +79,7 @@ def read_document(cfg: ChatConfig) -> str | None:
     path = Path(os.path.expanduser(cfg.context_file))
     if not path.is_file():
         raise ValueError(f"--context_file {cfg.context_file}: no such file; pass a UTF-8 text file")
-    from longqlora.sources import read_text
+    from longqlora.data.sources import read_text
 
     text = read_text(f"--context_file {cfg.context_file}", str(path))
     if not text.strip():
@@ -89,7 +89,7 @@ def read_document(cfg: ChatConfig) -> str | None:
 
 def check_inputs(cfg: ChatConfig) -> None:
     """Every path check that needs no weights: --model, --adapter (and its recorded base), --context_file."""
-    from longqlora.inference import model_dir, read_extension
+    from longqlora.evaluation.loading import model_dir, read_extension
 
     if cfg.adapter:
         read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
@@ -100,7 +100,7 @@ def check_inputs(cfg: ChatConfig) -> None:
 def ensure_chat_template(tokenizer):
     """Give a tokenizer without a chat template the Vicuna v1.1 one (what the SFT recipe trains on)."""
     if not getattr(tokenizer, "chat_template", None):
-        from longqlora.chat_template import apply_vicuna_template
+        from longqlora.data.formats import apply_vicuna_template
 
         logger.info("the tokenizer has no chat template; using Vicuna v1.1")
         apply_vicuna_template(tokenizer)
@@ -109,7 +109,7 @@ def ensure_chat_template(tokenizer):
 
 def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
-    from longqlora.inference import load_for_inference
+    from longqlora.evaluation.loading import load_for_inference
 
     check_inputs(cfg)
     model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
@@ -249,7 +249,7 @@ def chat_turn(cfg: ChatConfig, model, tokenizer, history: list[dict], user_text:
 # ---------------------------------------------------------------------------------------- the commands
 def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
     """Model, context length and what the document takes, plus a warning when it leaves no room to chat."""
-    from longqlora.inference import adapter_base
+    from longqlora.evaluation.loading import adapter_base
 
     limit = context_limit(model)
     name = (cfg.model or adapter_base(cfg.adapter)) + (f" + {cfg.adapter}" if cfg.adapter else "")

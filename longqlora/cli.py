@@ -10,14 +10,20 @@ from longqlora.config_file import parse_with_config
 from longqlora.errors import one_line_errors
 
 
+def setup_logging() -> None:
+    """One log format for every entry point (recipes, subcommands, data scripts, bench and experiments)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     """Parse `--flag value` and `--config x.yaml` over a recipe's dataclasses (whose defaults are the recipe),
     then dry-run or train. Returns the adapter directory (None for --dry_run)."""
     from trl import TrlParser
 
-    from longqlora.train import RunConfig, describe, resolve, train
+    from longqlora.training.config import RunConfig
+    from longqlora.training.run import describe, resolve, train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     with one_line_errors():
         parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
@@ -34,11 +40,11 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
 def _perplexity(argv):
     from transformers import HfArgumentParser
 
-    from longqlora.perplexity import PerplexityConfig, run_perplexity
+    from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
 
     (cfg,) = HfArgumentParser(PerplexityConfig).parse_args_into_dataclasses(args=argv)
     result = run_perplexity(cfg)
-    from longqlora.report import markdown_table
+    from longqlora.output import markdown_table
 
     print(f"{result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} on {result['data']} "
           f"({result['text_tokens']} tokens); {result['results'][0]['protocol'].split(' (')[0]}...")
@@ -53,8 +59,8 @@ def _perplexity(argv):
 def _passkey(argv):
     from transformers import HfArgumentParser
 
-    from longqlora.passkey import PasskeyConfig, run_passkey
-    from longqlora.report import markdown_table
+    from longqlora.evaluation.passkey import PasskeyConfig, run_passkey
+    from longqlora.output import markdown_table
 
     (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=argv)
     result = run_passkey(cfg)
@@ -98,7 +104,7 @@ def _plan(argv):
 
     from transformers import HfArgumentParser
 
-    from longqlora.plan import PlanConfig, advise, load_config, render
+    from longqlora.training.plan import PlanConfig, advise, load_config, render
 
     (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
     result = advise(load_config(cfg.model), cfg)
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
         print("usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     with one_line_errors():
         return COMMANDS[argv[0]][0](argv[1:])
 
@@ -132,9 +138,9 @@ def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
     """The data_prep scripts' command line: parse, `run(*configs) -> stats`, print the stats and `summary`."""
     from transformers import HfArgumentParser
 
-    from longqlora.report import markdown_table
+    from longqlora.output import markdown_table
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = HfArgumentParser(dataclass_types, description=doc.split("\n")[0])
     with one_line_errors():
         configs = parser.parse_args_into_dataclasses(args=argv)
@@ -142,23 +148,3 @@ def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
     print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
     print(summary(stats, *configs))
     return stats
-
-
-def run_quickstart(config_cls, argv=None) -> dict | None:
-    """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
-    from trl import TrlParser
-
-    from longqlora.quickstart import run, s2_groups
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with one_line_errors():
-        (cfg,) = parse_with_config(TrlParser((config_cls,)), argv)
-        if cfg.dry_run:
-            print(f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
-                  f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
-                  f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
-                  f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}")
-            return None
-        result = run(cfg)
-    print(result["report"])
-    return result

@@ -45,7 +45,7 @@ def read_config(path: str) -> dict:
     """The YAML mapping in `path`, or one ValueError line saying what is wrong with the file."""
     import yaml
 
-    from longqlora.sources import read_text
+    from longqlora.data.sources import read_text
 
     file = Path(os.path.expanduser(path))
     flag = f"--config {path}"

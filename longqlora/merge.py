@@ -82,8 +82,8 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
-    from longqlora.inference import adapter_base, check_adapter_fits, read_extension
-    from longqlora.report import check_output_path
+    from longqlora.evaluation.loading import adapter_base, check_adapter_fits, read_extension
+    from longqlora.output import check_output_path
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
     adapter = _path(cfg.adapter)
@@ -203,8 +203,8 @@ def merge(cfg: MergeConfig) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from longqlora.inference import load_for_inference
-    from longqlora.report import write_json_atomic
+    from longqlora.evaluation.loading import load_for_inference
+    from longqlora.output import write_json_atomic
 
     start = time.perf_counter()
     paths = check_merge(cfg)

@@ -18,9 +18,9 @@ Every default below is a flag (`--max_steps 200`), or set them in `--config my.y
 from dataclasses import dataclass
 
 from longqlora.cli import run_recipe
-from longqlora.data import TextDataConfig
+from longqlora.data.text import TextDataConfig
 from longqlora.model import ModelConfig
-from longqlora.train import TrainingConfig
+from longqlora.training.config import TrainingConfig
 
 
 @dataclass

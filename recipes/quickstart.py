@@ -11,10 +11,12 @@ perplexity.png into --output_dir and prints the table. About 9 minutes on 2 CPU 
     python recipes/quickstart.py --dry_run
 """
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from longqlora.cli import run_quickstart
-from longqlora.quickstart import QuickstartConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside recipes/, not in the package
+from experiments.quickstart import QuickstartConfig, main  # noqa: E402
 
 
 @dataclass
@@ -30,4 +32,4 @@ class Quickstart(QuickstartConfig):
 
 
 if __name__ == "__main__":
-    run_quickstart(Quickstart)
+    main(Quickstart)

@@ -16,9 +16,9 @@ Every default below is a flag, or set them in `--config my.yaml`.
 from dataclasses import dataclass
 
 from longqlora.cli import run_recipe
-from longqlora.instructions import InstructionDataConfig
+from longqlora.data.instructions import InstructionDataConfig
 from longqlora.model import ModelConfig
-from longqlora.train import TrainingConfig
+from longqlora.training.config import TrainingConfig
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Shared test fixtures: scripts (recipes, benchmarks) loaded by their path in the repository, one tiny trained
-adapter for the whole session, and the `slow` marker for long end-to-end runs."""
+adapter for the whole session. The `slow` marker and the default that leaves it out are in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long end-to-end run (the default run and CI include it; "
-                                       "`-m 'not slow'` leaves it out while iterating)")
 
 
 def load_script(relative: str):

@@ -1,4 +1,4 @@
-"""bench/ablations.py's pipeline (longqlora.ablations) end to end in --tiny mode: every variant x seed is trained,
+"""bench/ablations.py's pipeline (experiments.ablations) end to end in --tiny mode: every variant x seed is trained,
 scored and cached; a rerun is served from the cache; the report lists every variant."""
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from longqlora import ablations
-from longqlora.ablations import VARIANTS, AblationConfig
+from experiments import ablations
+from experiments.ablations import VARIANTS, AblationConfig
 
 pytestmark = pytest.mark.slow  # pre-trains and extends a tiny base for every variant: minutes
 

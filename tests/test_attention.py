@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from longqlora import hardware
-from longqlora.attention import head_split, s2_attention
+from longqlora.attention.op import head_split, s2_attention
 
 
 def reference_s2(q, k, v, group, position_ids=None, attention_mask=None):
@@ -219,7 +219,7 @@ def test_gpu_grouped_path_runs_on_the_flash_kernel(h, h_kv):
 def test_gpu_auto_backend_agrees_with_forced_sdpa(packed):
     """auto takes a varlen kernel for packed rows where one runs (flash-attn, torch's own, xformers) and SDPA's
     grouped path for plain rows; both agree with forced sdpa (banded or torch varlen for the packed rows)."""
-    from longqlora.attention import varlen_choice
+    from longqlora.attention.op import varlen_choice
 
     n = 4096
     pos = packed_positions((1000, 2500, 596)).cuda() if packed else None

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longqlora import attention, hardware, s2_layout
-from longqlora.attention import s2_attention, varlen_choice
+from longqlora import hardware
+from longqlora.attention import op as attention
+from longqlora.attention import layout as s2_layout
+from longqlora.attention.op import s2_attention, varlen_choice
 from test_attention import HEADS, packed_positions, rand_qkv, reference_s2
 
 
@@ -197,7 +199,7 @@ def test_layout_is_built_once_per_forward_and_backward(monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from longqlora.attention import enable_s2_attention
-    from longqlora.tiny import tiny_llama_config
+    from longqlora.training.tiny import tiny_llama_config
 
     built = []
     original = s2_layout.RowLayout

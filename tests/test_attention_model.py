@@ -13,13 +13,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from longqlora.attention import (
-    IMPLEMENTATION,
-    disable_s2_attention,
-    enable_s2_attention,
-    s2_enabled,
-)
-from longqlora.tiny import tiny_llama_config
+from longqlora.attention import disable_s2_attention, enable_s2_attention, s2_enabled
+from longqlora.attention.integration import IMPLEMENTATION
+from longqlora.training.tiny import tiny_llama_config
 
 SMALL = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -269,7 +265,7 @@ def test_model_config_validates_the_variant_flags():
 
 # ------------------------------------------------------------------------------ S2 schedules (between steps)
 def test_step_settings_split_the_steps_and_mark_full_steps():
-    from longqlora.attention import step_settings
+    from longqlora.attention.schedule import step_settings
 
     sizes = [step_settings(s, 10, [16, 32, 64])[0] for s in range(10)]
     assert sizes == [16] * 4 + [32] * 3 + [64] * 3  # step * 3 // 10: equal shares, in order
@@ -279,7 +275,7 @@ def test_step_settings_split_the_steps_and_mark_full_steps():
 
 
 def test_set_step_settings_changes_what_training_computes():
-    from longqlora.attention import set_step_settings
+    from longqlora.attention.schedule import set_step_settings
 
     x = ids(2, 64)
     model, ref32, full = make_model("llama-gqa"), make_model("llama-gqa"), make_model("llama-gqa")
@@ -299,10 +295,11 @@ def test_set_step_settings_changes_what_training_computes():
 
 def test_trainer_applies_the_schedule_at_every_step(tmp_path, monkeypatch):
     """A tiny recipe run (4 steps of 2 micro-batches, 256 tokens): groups 1/4 then 1/2, every 2nd step full."""
-    from longqlora import attention
-    from longqlora.data import TextDataConfig
+    from longqlora.attention import integration as attention
+    from longqlora.data.text import TextDataConfig
     from longqlora.model import ModelConfig
-    from longqlora.train import RunConfig, TrainingConfig, resolve, train
+    from longqlora.training.config import RunConfig, TrainingConfig
+    from longqlora.training.run import resolve, train
 
     seen, real = [], attention.s2_attention
 

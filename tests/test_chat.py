@@ -18,8 +18,8 @@ from longqlora.chat import (
     prompt_ids,
     render,
 )
-from longqlora.chat_template import VICUNA_V1_1_TEMPLATE
-from longqlora.tiny import save_tiny_model
+from longqlora.data.formats import VICUNA_V1_1_TEMPLATE
+from longqlora.training.tiny import save_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NEW = 6  # tokens per reply: enough to see text, short enough to stay fast
@@ -203,12 +203,12 @@ def _one_line(err):
 
 
 def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkeypatch):
-    import longqlora.inference
+    import longqlora.evaluation.loading
 
     def never(*args, **kwargs):
         raise AssertionError("weights loaded before the inputs were checked")
 
-    monkeypatch.setattr(longqlora.inference, "load_for_inference", never)
+    monkeypatch.setattr(longqlora.evaluation.loading, "load_for_inference", never)
     with pytest.raises(ValueError) as err:
         load_chat_model(ChatConfig(model=str(tmp_path / "missing")))
     assert _one_line(err).startswith(f"--model {tmp_path / 'missing'}: no such directory")

@@ -37,7 +37,7 @@ def test_bad_flag_value_is_one_line():
 
 
 def test_adapter_for_a_different_base_is_one_line(tmp_path, tiny_adapter):
-    from longqlora.tiny import save_tiny_model
+    from longqlora.training.tiny import save_tiny_model
 
     adapter = tiny_adapter
     other = save_tiny_model(tmp_path / "other", shape="odd", max_position_embeddings=64)  # hidden 192, not 128

@@ -1,4 +1,4 @@
-"""longqlora.data, longqlora.chat_template and the data_prep scripts: every input format, the error lines, the stats,
+"""longqlora.data.text, longqlora.data.formats and the data_prep scripts: every input format, the error lines, the stats,
 the Vicuna template and its assistant mask, and TRL 1.16's packing on our output. CPU only, all in tmp_path."""
 
 import gzip
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from longqlora import data as D
-from longqlora.chat_template import VICUNA_V1_1_SYSTEM, VICUNA_V1_1_TEMPLATE, apply_vicuna_template
-from longqlora import instructions as I
-from longqlora.data import TextDataConfig
-from longqlora.instructions import InstructionDataConfig
-from longqlora.tiny import train_tokenizer
+from longqlora.data import text as D
+from longqlora.data.formats import VICUNA_V1_1_SYSTEM, VICUNA_V1_1_TEMPLATE, apply_vicuna_template
+from longqlora.data import instructions as I
+from longqlora.data.text import TextDataConfig
+from longqlora.data.instructions import InstructionDataConfig
+from longqlora.training.tiny import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -157,7 +157,7 @@ def test_missing_empty_and_unsupported_inputs(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr("longqlora.sources.datasets.load_dataset", offline)
+    monkeypatch.setattr("longqlora.data.sources.datasets.load_dataset", offline)
     assert error_of(D.load_documents, TextDataConfig("someone/corpus")).startswith(
         "--dataset someone/corpus: not a local file or directory, and loading it from the Hugging Face hub failed "
         "(ConnectionError: Couldn't reach")
@@ -271,7 +271,7 @@ def test_sft_trainer_takes_our_outputs(tok, tmp_path):
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from longqlora.tiny import tiny_llama_config
+    from longqlora.training.tiny import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())

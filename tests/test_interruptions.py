@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longqlora import checkpoints
-from longqlora.corpora import book_path
+from longqlora.training import checkpoints
+from longqlora.data.corpora import book_path
 from test_recipes import run  # the recipe in this process, as the Trainer pickles it
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def resume(out: Path, monkeypatch, caplog):
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    with caplog.at_level(logging.INFO, logger="longqlora.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="longqlora.training.checkpoints"):
         adapter = run(RECIPE, *ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
     monkeypatch.undo()
     assert loads == [(f, True) for f, _ in loads], "a torch.load without weights_only=True"

@@ -1,13 +1,13 @@
-"""Memory switches (longqlora.memory) give the plain path's loss and gradients; the benchmark's tiny mode runs."""
+"""Memory switches (longqlora.training.memory) give the plain path's loss and gradients; the benchmark's tiny mode runs."""
 
 import contextlib
 
 import pytest
 import torch
 
-from longqlora import memory
+from longqlora.training import memory
 from longqlora.model import ModelConfig, load_model
-from longqlora.tiny import save_tiny_model
+from longqlora.training.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_chunked_loss_equals_the_plain_loss(tiny_dir):
 @pytest.mark.parametrize("flag,value", [("offload_activations", "always"), ("tiled_mlp", "yes"),
                                         ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)])
 def test_training_config_rejects_bad_switches(flag, value):
-    from longqlora.train import TrainingConfig
+    from longqlora.training.config import TrainingConfig
 
     with pytest.raises(ValueError, match=f"--{flag}") as err:
         TrainingConfig(output_dir="/tmp/x", **{flag: value})

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from longqlora.inference import load_for_inference
+from longqlora.evaluation.loading import load_for_inference
 from longqlora.merge import DEFAULT_TOLERANCE, REPORT_FILE, MergeConfig, logits_of, merge, sample_ids
-from longqlora.tiny import save_tiny_model
+from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_float16_merge(adapter, merged, tmp_path):
 
 def test_chat_template_is_saved(adapter, tmp_path):
     """An SFT adapter's tokenizer carries the Vicuna template (train.py sets it); the merged model keeps it."""
-    from longqlora.chat_template import apply_vicuna_template
+    from longqlora.data.formats import apply_vicuna_template
 
     chat = tmp_path / "chat-adapter"
     shutil.copytree(adapter, chat, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))

@@ -11,7 +11,7 @@ from longqlora import hardware, model as lm
 from longqlora.attention import s2_enabled
 from longqlora.adapters import count_trainable, modules_to_save
 from longqlora.model import ModelConfig, check_model, load_base, load_model
-from longqlora.tiny import TINY_SHAPES, save_tiny_model
+from longqlora.training.tiny import TINY_SHAPES, save_tiny_model
 
 TARGET = 512  # 4x the tiny models' 128 positions; S2 group size 128
 
@@ -292,7 +292,7 @@ def test_bf16_compute_keeps_fp32_trainables(tiny_dirs):
 def test_bf16_stream_qkv_and_checkpoints(tiny_dirs, monkeypatch, trainable):
     """Under bf16 autocast the frozen embedding, head and norms stay bf16, the trained copies fp32, and what reaches
     the attention op (q/k/v) and every checkpointed layer input is bf16, not fp32 (docs/gpu.md, finding 1)."""
-    from longqlora import attention
+    from longqlora.attention import integration as attention
 
     model, _, _ = load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16", trainable_params=trainable))
     base = model.get_base_model()

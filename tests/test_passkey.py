@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from longqlora import passkey as P
-from longqlora.passkey import PasskeyConfig, build_prompt, evaluate_passkey, is_correct, run_passkey
-from longqlora.tiny import save_tiny_model
+from longqlora.evaluation import passkey as P
+from longqlora.evaluation.passkey import PasskeyConfig, build_prompt, evaluate_passkey, is_correct, run_passkey
+from longqlora.training.tiny import save_tiny_model
 
 # A corpus made of the prompt's own sentences and digits, so a 512-entry BPE tokenizes the fixed parts compactly
 # (about 56 tokens) and a 128-token context still has room for filler.
@@ -176,12 +176,12 @@ def test_flags_parse(tmp_path):
 
 
 def test_unbuildable_prompt_or_bad_paths_fail_before_weights_load(tiny, adapter, tmp_path, monkeypatch):
-    import longqlora.inference
+    import longqlora.evaluation.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(longqlora.inference, "load_for_inference", no_loading)
+    monkeypatch.setattr(longqlora.evaluation.loading, "load_for_inference", no_loading)
     # The tiny recipe's tokenizer (trained on Austen) needs ~170 tokens for the fixed parts of the prompt.
     with pytest.raises(ValueError, match=r"^--context_lengths 128: the passkey prompt needs \d+ tokens") as err:
         run_passkey(PasskeyConfig(adapter=str(adapter), context_lengths=[128, 256], trials=1))

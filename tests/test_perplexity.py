@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from longqlora.perplexity import PerplexityConfig, run_perplexity, scored_positions, window_scores
-from longqlora.tiny import save_tiny_model
+from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity, scored_positions, window_scores
+from longqlora.training.tiny import save_tiny_model
 
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 3
         + "The pass key is 4821. Remember it. " + "In the beginning was the word. " * 8)

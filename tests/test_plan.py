@@ -1,4 +1,4 @@
-"""The memory planner (longqlora.plan) against hand-computed cases, and the `plan` command."""
+"""The memory planner (longqlora.training.plan) against hand-computed cases, and the `plan` command."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from longqlora import cli
 from longqlora.model import ModelConfig, count_trainable_without_weights
-from longqlora.plan import (
+from longqlora.training.plan import (
     GIB,
     LOSS_TILES,
     MLP_BACKWARD_COPIES,
@@ -225,7 +225,7 @@ def test_layer_term_is_the_saved_tensor_inventory(variant, script):
     config = bench.model_config("tiny", 1)
     cfg = bench.plan_for(config, "tiny", bench.VARIANTS[variant], tokens, bench.BenchConfig(models=["tiny"]),
                          torch.device("cpu"), torch.bfloat16)["config"]
-    from longqlora.plan import layer_saved_per_token
+    from longqlora.training.plan import layer_saved_per_token
 
     planned, _ = layer_saved_per_token(Shapes.of(config), PlanConfig(**cfg))
     # beyond the planned set: the bf16 casts of LoRA's weights that autocast keeps (not per token) and small stats

@@ -1,4 +1,4 @@
-"""PoSE (longqlora.pose): the position ids cover the target range, keep documents whole, compose with S2-Attn, and a
+"""PoSE (longqlora.data.pose): the position ids cover the target range, keep documents whole, compose with S2-Attn, and a
 recipe trains with them end to end."""
 
 import json
@@ -8,12 +8,14 @@ import torch
 from transformers import LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from longqlora import ablations, pose, s2_layout
-from longqlora.ablations import AblationConfig, variant_settings
+from experiments import ablations
+from longqlora.data import pose
+from longqlora.attention import layout as s2_layout
+from experiments.ablations import AblationConfig, variant_settings
 from longqlora.adapters import adapt_for_training
 from longqlora.attention import s2_attention
 from longqlora.model import ModelConfig
-from longqlora.tiny import tiny_llama_config
+from longqlora.training.tiny import tiny_llama_config
 
 from test_recipes import run
 
@@ -46,7 +48,8 @@ def test_ids_cover_every_distance_of_the_target_and_stay_below_it():
     pos = one_document_rows(3000, window, target)  # (3000, 32)
     assert int(pos.min()) == 0 and int(pos.max()) == target - 1
     assert bool((pos[:, 0] == 0).all()) and bool((pos.diff(dim=1) > 0).all())
-    distances = (pos[:, None, :] - pos[:, :, None])[:, *torch.triu_indices(window, window, 1)]  # (rows, pairs)
+    i, j = torch.triu_indices(window, window, 1)
+    distances = (pos[:, None, :] - pos[:, :, None])[:, i, j]  # (rows, pairs)
     assert set(distances.unique().tolist()) == set(range(1, target))  # every distance in (0, target)
     # The skip is uniform on {0, ..., target - window} (PoSE §3): the last id averages window - 1 + 48 = 79.
     assert abs(float(pos[:, -1].float().mean()) - 79) < 3

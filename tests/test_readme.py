@@ -27,6 +27,7 @@ def test_readme_has_the_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+    assert "python -m pytest -q tests -m slow" in ci  # the default run leaves the slow tests out; CI runs them too
 
 
 def quickstart(out):

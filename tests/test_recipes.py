@@ -10,7 +10,8 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
-from longqlora import train as train_lib
+from longqlora.training import callbacks as train_callbacks
+from longqlora.evaluation.loading import EXTENSION_FILE
 from longqlora.cli import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_tiny_run_end_to_end(name, tmp_path):
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
     assert any("embed_tokens" in n for n in names), "trained embeddings missing from the adapter"
     assert sum("layernorm" in n or n.endswith("norm.weight") for n in names) == 2 * 2 + 1, "norms missing"
-    extension = (out / train_lib.EXTENSION_FILE).read_text()
+    extension = (out / EXTENSION_FILE).read_text()
     assert '"pi_factor": 4.0' in extension and '"group_size": 64' in extension
     assert (out / "tokenizer.json").exists()
     base = AutoModelForCausalLM.from_pretrained(out / "tiny-base")
@@ -100,13 +101,13 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
     whole = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "whole"), *steps)
     # The seeded tiny run is pinned: data, model, LoRA initialisation and training order are all fixed by --seed, so
     # any change of behaviour (not of speed) shows here. 5.75868 measured on this project's CPU, torch 2.13.
-    record = json.loads((whole / train_lib.EXTENSION_FILE).read_text())
+    record = json.loads((whole / EXTENSION_FILE).read_text())
     assert record["train"]["final_loss"] == pytest.approx(5.75868, rel=1e-4)  # seed 4: 5.74907
 
     def stop_at_three(self, args, state, control, **kwargs):
         if state.global_step == 3:
             raise Interrupt
-    monkeypatch.setattr(train_lib.ThroughputCallback, "on_step_end", stop_at_three, raising=False)
+    monkeypatch.setattr(train_callbacks.ThroughputCallback, "on_step_end", stop_at_three, raising=False)
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
         run("extend_7b_8k", "--tiny", "--output_dir", str(cut), *steps)

@@ -17,7 +17,7 @@ import pytest
 from conftest import load_script
 
 from longqlora import cli
-from longqlora.tiny import save_tiny_model
+from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -262,7 +262,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: a TypeError from inside the toolkit still raises."""
     def broken(*args, **kwargs):
         raise TypeError("a genuine bug")
-    monkeypatch.setattr("longqlora.plan.advise", broken)
+    monkeypatch.setattr("longqlora.training.plan.advise", broken)
     with pytest.raises(TypeError, match="a genuine bug"):
         cli.main(["plan", "--model", "llama-2-7b", "--context", "8192"])
 

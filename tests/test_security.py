@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from longqlora import cli
-from longqlora.tiny import save_tiny_model
+from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for folder in ("longqlora", "recipes", "data_prep", "bench", "tests") for p in (ROOT / folder).rglob("*.py")]
@@ -139,7 +139,7 @@ def recipe_classes(name: str = "extend_7b_8k"):
 
 def test_every_trust_remote_code_flag_defaults_to_off():
     from longqlora.chat import ChatConfig
-    from longqlora.passkey import PasskeyConfig
+    from longqlora.evaluation.passkey import PasskeyConfig
 
     assert ChatConfig(model="m").trust_remote_code is False
     assert PasskeyConfig(model="m").trust_remote_code is False

@@ -1,7 +1,7 @@
 """Conversation formats: instruction records read as role/content messages, written as FastChat's Vicuna v1.1.
 
 Read (`detect_format`, `to_messages`): LongAlpaca, LongQLoRA (single- and multi-turn), ShareGPT and role/content
-`messages` records, one format per file (longqlora.instructions.load_conversations checks that).
+`messages` records, one format per file (longqlora.data.instructions.load_conversations checks that).
 
 Written: a Jinja chat template with `{% generation %}` markers. The string it renders (FastChat `vicuna_v1.1`,
 separator style ADD_COLON_TWO: sep " ", sep2 "</s>"):

@@ -1,4 +1,4 @@
-"""Tables, plot and Markdown sections for longqlora.ablations: mean ± sd over seeds, and differences paired by seed
+"""Tables, plot and Markdown sections for experiments.ablations: mean ± sd over seeds, and differences paired by seed
 against a reference variant (the seed's data-order effect cancels)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from longqlora.ablations import VARIANTS, AblationConfig, variant_settings
-from longqlora.report import markdown_table, write_text_atomic
+from experiments.ablations import VARIANTS, AblationConfig, variant_settings
+from longqlora.output import markdown_table, write_text_atomic
 
 
 def summary(runs: list[dict], length: int) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     """Left: perplexity by evaluation length (mean ± sd); right: the same paired by seed against the reference."""
     from matplotlib.ticker import ScalarFormatter
 
-    from longqlora.report import new_figure, save_figure
+    from longqlora.output import new_figure, save_figure
 
     fig, _ = new_figure(figsize=(12, 4.8))
     fig.clf()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from longqlora import corpora
-from longqlora.report import markdown_table, write_json_atomic, write_text_atomic
+from longqlora.data import corpora
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from longqlora.tiny import tiny_llama_config, train_tokenizer
+    from longqlora.training.tiny import tiny_llama_config, train_tokenizer
 
     names = list(texts) if texts is not None else TRAIN_BOOKS
     out = Path(cfg.output_dir) / f"base-{_base_key(cfg, None if texts is None else names)}"
@@ -136,9 +136,10 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
 # ------------------------------------------------------------------------------------------------------ extension
 def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool) -> Path:
     """The toolkit's own extension path, S2-Attn or full attention; returns the adapter directory."""
-    from longqlora.data import TextDataConfig
+    from longqlora.data.text import TextDataConfig
     from longqlora.model import ModelConfig
-    from longqlora.train import RunConfig, TrainingConfig, resolve, train
+    from longqlora.training.config import RunConfig, TrainingConfig
+    from longqlora.training.run import resolve, train
 
     name = "extended-s2" if s2 else "extended-full"
     model_cfg = ModelConfig(model_name_or_path=str(base), target_context=cfg.long_context,
@@ -166,8 +167,8 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
     """Perplexity of every model at L and 4L (stride = window: whole, non-overlapping windows)."""
     from transformers import AutoTokenizer
 
-    from longqlora.inference import load_for_inference
-    from longqlora.perplexity import window_scores
+    from longqlora.evaluation.loading import load_for_inference
+    from longqlora.evaluation.perplexity import window_scores
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = _held_out_ids(tokenizer, cfg.eval_tokens)
@@ -205,7 +206,7 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
 
 
 def plot(results: dict, path: Path, short: int, long: int) -> None:
-    from longqlora.report import new_figure, save_figure
+    from longqlora.output import new_figure, save_figure
 
     fig, ax = new_figure(figsize=(7, 4.2))
     for label, r in results.items():
@@ -269,3 +270,25 @@ def run(cfg: QuickstartConfig) -> dict:
     write_text_atomic(out / "report.md", text)
     plot(results, out / "perplexity.png", cfg.short_context, cfg.long_context)
     return {"results": results, "report": text, **meta}
+
+
+def main(config_cls, argv=None) -> dict | None:
+    """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
+    from trl import TrlParser
+
+    from longqlora.cli import setup_logging
+    from longqlora.config_file import parse_with_config
+    from longqlora.errors import one_line_errors
+
+    setup_logging()
+    with one_line_errors():
+        (cfg,) = parse_with_config(TrlParser((config_cls,)), argv)
+        if cfg.dry_run:
+            print(f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
+                  f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
+                  f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
+                  f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}")
+            return None
+        result = run(cfg)
+    print(result["report"])
+    return result

@@ -11,97 +11,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import TrainerCallback, set_seed
-from trl import SFTConfig
+from transformers import set_seed
 
-from longqlora import checkpoints, instructions, memory, pose
-from longqlora import data as data_lib
-from longqlora.inference import EXTENSION_FILE
 from longqlora.adapters import trainable_to_fp32
+from longqlora.attention.schedule import s2_schedule_callbacks
+from longqlora.data import instructions, pose
+from longqlora.data import text as data_lib
+from longqlora.evaluation.loading import EXTENSION_FILE
 from longqlora.model import ModelConfig, check_model, load_model
-from longqlora.report import check_output_path, write_json_atomic
+from longqlora.output import check_output_path, write_json_atomic
+from longqlora.training import checkpoints, memory
+from longqlora.training.callbacks import ThroughputCallback
+from longqlora.training.config import RunConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 
 
-@dataclass
-class TrainingConfig(SFTConfig):
-    """TRL's SFTConfig with this toolkit's defaults: packed rows of the target context, non-reentrant gradient
-    checkpointing, a checkpoint every `save_steps`, and a log line every step. Precision (fp16/bf16) follows
-    `--compute_dtype`; `max_length` follows `--target_context` (`--pose_window` with PoSE)."""
-
-    # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
-    output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
-    packing: bool = True
-    gradient_checkpointing: bool | None = True
-    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
-        default_factory=lambda: {"use_reentrant": False})
-    logging_steps: float = 1
-    save_steps: float = 100
-    save_total_limit: int | None = 3
-    report_to: None | str | list[str] = "none"
-    include_num_input_tokens_seen: str | bool = True  # "all"; the parser reads this union as a bool
-    bf16: bool | None = False  # set from --compute_dtype (TRL would default it on, failing on machines without)
-    # Long-context memory switches (longqlora.memory); `python -m longqlora plan` shows what each one saves.
-    offload_activations: str = field(default="auto", metadata={
-        "help": "Checkpointed hidden states to pinned host memory, copied on a side stream (TRL's offloading): "
-                "auto (only tensors of at least --offload_min_tokens tokens, so short batches keep plain "
-                "checkpointing), on, or off."})
-    offload_min_tokens: int = field(default=8192, metadata={"help": "Smallest batch (tokens) whose checkpoints "
-                                                                     "--offload_activations auto moves to the host."})
-    chunked_loss: bool = field(default=True, metadata={"help": "TRL's fused LM head: the loss in tiles, never the "
-                                                                "(tokens x vocab) logits; false computes it from "
-                                                                "full fp32 logits (comparison only)."})
-    tiled_mlp: str = field(default="auto", metadata={"help": "Run the MLPs in sequence tiles of --tiled_mlp_tokens "
-                                                              "(one tile's intermediates at a time): auto (batches "
-                                                              "of 4 tiles or more), on, or off."})
-    tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
-    recompute_norms: bool = field(default=True, metadata={"help": "Norms keep only their input for the backward "
-                                                                   "and recompute themselves there (not an fp32 "
-                                                                   "copy and their output); false: Llama's own."})
-    recompute_lora_dropout: bool = field(default=True, metadata={"help": "LoRA's dropout is redrawn in the backward "
-                                                                          "instead of keeping a dropped copy and "
-                                                                          "mask of every adapted input."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        memory.offload_threshold_bytes(self.offload_activations, 1, 1, 1)  # raises naming the flag
-        memory.tiled_mlp_active(self.tiled_mlp, 0, 1)
-        for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
-
-    @property
-    def tiled_mlp_min_tokens(self) -> int:
-        """Smallest batch (tokens) whose MLPs run tiled: any with --tiled_mlp on, 4 tiles or more with auto."""
-        return 0 if self.tiled_mlp == "on" else 4 * self.tiled_mlp_tokens
-
-
-@dataclass
-class RunConfig:
-    """Switches of a recipe run that are neither model, data nor optimiser settings."""
-
-    tiny: bool = field(default=False, metadata={"help": "Run this very recipe end to end on CPU on a tiny random "
-                                                        "Llama (kept under <output_dir>/tiny-base) and bundled text."})
-    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit before "
-                                                           "loading weights."})
 
 
 # ------------------------------------------------------------------------------------------------ configuration
 def tiny_overrides(model_cfg, data_cfg, training):
     """The same recipe scaled down to a CPU: a tiny random Llama (context 64 -> 256) and bundled text."""
-    from longqlora import corpora
-    from longqlora.tiny import save_tiny_model, tiny_instruction_file
+    from longqlora.data import corpora
+    from longqlora.training.tiny import save_tiny_model, tiny_instruction_file
 
     out = Path(training.output_dir)
     base = out / "tiny-base"
@@ -198,8 +136,8 @@ def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
 
 
 def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, info: dict) -> dict:
-    """The planner's prediction (longqlora.plan) for this run's switches, against this GPU when there is one."""
-    from longqlora.plan import PlanConfig, plan
+    """The planner's prediction (longqlora.training.plan) for this run's switches, against this GPU when there is one."""
+    from longqlora.training.plan import PlanConfig, plan
 
     tokens = training.per_device_train_batch_size * model_cfg.train_length
     mode = training.offload_activations
@@ -245,51 +183,10 @@ def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None
 
 
 # --------------------------------------------------------------------------------------------------- callbacks
-class ThroughputCallback(TrainerCallback):
-    """Adds tokens/s and peak memory to every log line (transformers' callback interface, not a subclass tree)."""
-
-    def __init__(self):
-        self._last = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():  # the training peak, not the loading's
-            torch.cuda.reset_peak_memory_stats()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return
-        now, seen = time.perf_counter(), state.num_input_tokens_seen
-        if self._last is not None and now > self._last[0]:
-            logs["tokens_per_second"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
-        self._last = (now, seen)
-        if torch.cuda.is_available():
-            logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        else:  # peak resident memory of this process (Linux reports KiB)
-            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def s2_schedule_callbacks(model_cfg: ModelConfig) -> list:
-    """[S2ScheduleCallback] when S2-Attn trains with a group schedule or full-attention steps, else []."""
-    scheduled = len(model_cfg.group_sizes) > 1 or model_cfg.s2_full_every
-    return [S2ScheduleCallback(model_cfg)] if model_cfg.s2_attention and scheduled else []
 
 
-class S2ScheduleCallback(TrainerCallback):
-    """S2-Attn schedules (--s2_group_schedule, --s2_full_every; ablations in docs/ablations.md): sets each step's
-    group size and full-attention share before its forward, from the step count, so a resumed run continues them."""
-
-    def __init__(self, model_cfg: ModelConfig):
-        self.cfg, self._current = model_cfg, None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        from longqlora.attention import set_step_settings, step_settings
-
-        now = step_settings(state.global_step, state.max_steps, self.cfg.group_sizes, self.cfg.s2_full_every,
-                            self.cfg.s2_full_heads)
-        if now != self._current:
-            set_step_settings(model, *now)
-            logger.debug("step %d: S2 group size %d, %.0f%% of heads full", state.global_step, now[0], 100 * now[1])
-            self._current = now
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -329,7 +226,7 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
     `load_data` returned (read now when not given)."""
     loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
-        from longqlora.chat_template import apply_vicuna_template
+        from longqlora.data.formats import apply_vicuna_template
 
         if not tokenizer.chat_template:
             apply_vicuna_template(tokenizer)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
-from longqlora.chat_template import (EMPTY_REPLY, FORMATS, conversation_problem, detect_format, record_problem,
+from longqlora.data.formats import (EMPTY_REPLY, FORMATS, conversation_problem, detect_format, record_problem,
                                      to_messages)
-from longqlora.data import length_stats
-from longqlora.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.data.text import length_stats
+from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
     if max_length < 1:
         bad("max_length", max_length, "must be a positive number of tokens, e.g. 8192")
     if not tokenizer.chat_template:
-        raise ValueError("--tokenizer has no chat template; call longqlora.chat_template.apply_vicuna_template")
+        raise ValueError("--tokenizer has no chat template; call longqlora.data.formats.apply_vicuna_template")
     from trl.chat_template_utils import has_generation_markers
 
     masks = has_generation_markers(tokenizer.chat_template)

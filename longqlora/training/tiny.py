@@ -98,8 +98,8 @@ def tiny_instruction_file(path, n: int = 24) -> Path:
     each sample asks for the first sentence of a passage."""
     import json
 
-    from longqlora import corpora
-    from longqlora.report import write_text_atomic
+    from longqlora.data import corpora
+    from longqlora.output import write_text_atomic
 
     paragraphs = [" ".join(p.split()) for p in corpora.book("austen_persuasion").split("\n\n")]
     paragraphs = [p for p in paragraphs if 80 <= len(p) <= 200 and ". " in p][:n]  # fits a 256-token context

@@ -25,8 +25,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from longqlora.report import check_output_path, write_json_atomic
-from longqlora.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.output import check_output_path, write_json_atomic
+from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from longqlora import corpora
-from longqlora.quickstart import TRAIN_BOOKS, SmallLlamaConfig
-from longqlora.report import write_json_atomic, write_text_atomic
+from longqlora.data import corpora
+from experiments.quickstart import TRAIN_BOOKS, SmallLlamaConfig
+from longqlora.output import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _model_config(cfg: AblationConfig, base: Path, s: dict):
 
 
 def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
-    from longqlora.train import TrainingConfig
+    from longqlora.training.config import TrainingConfig
 
     # The quickstart's extension settings; no gradient checkpointing: the model is small and CPU time is short.
     # PoSE's rows are shorter: more of them, the same tokens per step.
@@ -194,8 +194,9 @@ def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
 
 def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, out: Path) -> Path:
     """Train one variant; returns the adapter (or, for full fine-tuning, model) directory."""
-    from longqlora.data import TextDataConfig
-    from longqlora.train import RunConfig, resolve, train
+    from longqlora.data.text import TextDataConfig
+    from longqlora.training.config import RunConfig
+    from longqlora.training.run import resolve, train
 
     # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
     data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
@@ -212,7 +213,7 @@ def _extend_full(model_cfg, data_cfg, training) -> Path:
     from trl import SFTTrainer
 
     from longqlora.model import load_base
-    from longqlora.train import prepare_dataset
+    from longqlora.training.run import prepare_dataset
 
     torch.manual_seed(training.seed)
     model, tokenizer, _ = load_base(model_cfg)
@@ -229,8 +230,8 @@ def _extend_full(model_cfg, data_cfg, training) -> Path:
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: Path | None) -> dict:
     """The toolkit's perplexity command at L, 2L, 4L and its passkey command at 4L, on one variant."""
-    from longqlora.passkey import PasskeyConfig, run_passkey
-    from longqlora.perplexity import PerplexityConfig, run_perplexity
+    from longqlora.evaluation.passkey import PasskeyConfig, run_passkey
+    from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
 
     if trained is None:
         where = dict(model=str(base), target_context=cfg.long_context if s["pi"] else None)
@@ -282,7 +283,7 @@ def run(cfg: AblationConfig) -> dict:
     started = time.perf_counter()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.base_cache).mkdir(parents=True, exist_ok=True)
-    from longqlora.quickstart import pretrain_base
+    from experiments.quickstart import pretrain_base
 
     torch.manual_seed(cfg.seed)
     books = None
@@ -300,7 +301,7 @@ def run(cfg: AblationConfig) -> dict:
 
 
 def main(cfg: AblationConfig) -> dict:
-    from longqlora.ablation_report import plot, report, write_section
+    from experiments.ablation_report import plot, report, write_section
 
     out = run(cfg)
     write_json_atomic(Path(cfg.output_dir) / f"summary-{cfg.section}.json",

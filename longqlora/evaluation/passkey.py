@@ -232,8 +232,8 @@ def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, see
 # ---------------------------------------------------------------------------------------------------- command
 def run_passkey(cfg: PasskeyConfig) -> dict:
     """Check every prompt fits, load the model (optionally + adapter, NF4), run the trials, write JSON and PNG."""
-    from longqlora.inference import adapter_base, inference_tokenizer, load_for_inference
-    from longqlora.report import check_output_path, write_json_atomic
+    from longqlora.evaluation.loading import adapter_base, inference_tokenizer, load_for_inference
+    from longqlora.output import check_output_path, write_json_atomic
 
     if cfg.output_dir:
         check_output_path(cfg.output_dir, "--output_dir")
@@ -258,7 +258,7 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
 
 def plot_heatmap(cells, context_lengths, depths, path: Path, title: str) -> Path:
     """Accuracy by context length (x) and depth (y), each cell annotated; written atomically."""
-    from longqlora.report import new_figure, save_figure
+    from longqlora.output import new_figure, save_figure
 
     grid = [[next(c["accuracy"] for c in cells if c["context_length"] == n and c["depth"] == d)
              for n in context_lengths] for d in depths]

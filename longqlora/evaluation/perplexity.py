@@ -157,8 +157,8 @@ class PerplexityConfig:
 
 def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
     """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed)."""
-    from longqlora import corpora
-    from longqlora.data import TextDataConfig, load_documents
+    from longqlora.data import corpora
+    from longqlora.data.text import TextDataConfig, load_documents
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
     try:
@@ -177,8 +177,8 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
     """Score `cfg.data` at every context length; writes JSON, CSV and a plot when `cfg.output` is set."""
-    from longqlora.inference import adapter_base, inference_tokenizer, load_for_inference, read_extension
-    from longqlora.report import check_output_path, write_json_atomic, write_text_atomic
+    from longqlora.evaluation.loading import adapter_base, inference_tokenizer, load_for_inference, read_extension
+    from longqlora.output import check_output_path, write_json_atomic, write_text_atomic
 
     extension = read_extension(cfg.adapter) if cfg.adapter else {}
     if cfg.output:
@@ -219,7 +219,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
 
 
 def _plot(rows, path: Path, title: str) -> None:
-    from longqlora.report import new_figure, save_figure
+    from longqlora.output import new_figure, save_figure
 
     fig, ax = new_figure()
     ax.plot([r["context_length"] for r in rows], [r["perplexity"] for r in rows], marker="o")

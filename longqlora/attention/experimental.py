@@ -1,0 +1,30 @@
+"""S2-Attn variants kept for the ablations and for comparison with LongLoRA, off by default; all validated here.
+
+- `shift="rolled"`: LongLoRA's original implementation (§3.2: roll the shifted half by -G/2, attend in groups,
+  roll back), whose last group mixes the last G/2 tokens with the first G/2: those first tokens attend the future.
+- `sink_tokens=k`: attention sinks (SinkLoRA, arXiv 2406.05678): the first k tokens of each document are visible
+  to every later query of that document, in every head, whatever its group.
+- `full_heads=f`: the first round(f x H) query heads use full causal attention (within each document); S2's two
+  halves split the remaining heads.
+
+What the ablations measured (docs/ablations.md, "What does not close it"): 4 attention sinks and a quarter of
+the heads in full attention are inside the seed spread of plain S2-Attn; LongLoRA's rolled shift is within the
+spread of the leak-free one (which also never lets a token see the future). None of them is a default; the
+schedules (schedule.py) are what pays.
+"""
+
+from __future__ import annotations
+
+SHIFTS = ("leakfree", "rolled")
+
+
+def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: float = 0.0) -> None:
+    """One-line ValueError naming the flag when an S2 variant setting is invalid."""
+    if shift not in SHIFTS:
+        raise ValueError(f"--s2_shift {shift!r}: must be one of {', '.join(SHIFTS)}")
+    if int(sink_tokens) != sink_tokens or sink_tokens < 0:
+        raise ValueError(f"--s2_sink_tokens {sink_tokens}: must be an integer >= 0")
+    if not 0 <= full_heads <= 1:
+        raise ValueError(f"--s2_full_heads {full_heads}: must be a fraction of the heads in [0, 1]")
+    if shift == "rolled" and sink_tokens:
+        raise ValueError("--s2_sink_tokens: combine sinks with the leak-free shift only (--s2_shift leakfree)")

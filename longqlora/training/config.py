@@ -1,0 +1,74 @@
+"""The training flags of a recipe: TRL's SFTConfig with this toolkit's defaults and memory switches, and the run
+switches (--tiny, --dry_run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from longqlora.training import memory
+
+
+@dataclass
+class TrainingConfig(SFTConfig):
+    """TRL's SFTConfig with this toolkit's defaults: packed rows of the target context, non-reentrant gradient
+    checkpointing, a checkpoint every `save_steps`, and a log line every step. Precision (fp16/bf16) follows
+    `--compute_dtype`; `max_length` follows `--target_context` (`--pose_window` with PoSE)."""
+
+    # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
+    output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
+    packing: bool = True
+    gradient_checkpointing: bool | None = True
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default_factory=lambda: {"use_reentrant": False})
+    logging_steps: float = 1
+    save_steps: float = 100
+    save_total_limit: int | None = 3
+    report_to: None | str | list[str] = "none"
+    include_num_input_tokens_seen: str | bool = True  # "all"; the parser reads this union as a bool
+    bf16: bool | None = False  # set from --compute_dtype (TRL would default it on, failing on machines without)
+    # Long-context memory switches (longqlora.training.memory); `python -m longqlora plan` shows what each one saves.
+    offload_activations: str = field(default="auto", metadata={
+        "help": "Checkpointed hidden states to pinned host memory, copied on a side stream (TRL's offloading): "
+                "auto (only tensors of at least --offload_min_tokens tokens, so short batches keep plain "
+                "checkpointing), on, or off."})
+    offload_min_tokens: int = field(default=8192, metadata={"help": "Smallest batch (tokens) whose checkpoints "
+                                                                     "--offload_activations auto moves to the host."})
+    chunked_loss: bool = field(default=True, metadata={"help": "TRL's fused LM head: the loss in tiles, never the "
+                                                                "(tokens x vocab) logits; false computes it from "
+                                                                "full fp32 logits (comparison only)."})
+    tiled_mlp: str = field(default="auto", metadata={"help": "Run the MLPs in sequence tiles of --tiled_mlp_tokens "
+                                                              "(one tile's intermediates at a time): auto (batches "
+                                                              "of 4 tiles or more), on, or off."})
+    tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+    recompute_norms: bool = field(default=True, metadata={"help": "Norms keep only their input for the backward "
+                                                                   "and recompute themselves there (not an fp32 "
+                                                                   "copy and their output); false: Llama's own."})
+    recompute_lora_dropout: bool = field(default=True, metadata={"help": "LoRA's dropout is redrawn in the backward "
+                                                                          "instead of keeping a dropped copy and "
+                                                                          "mask of every adapted input."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        memory.offload_threshold_bytes(self.offload_activations, 1, 1, 1)  # raises naming the flag
+        memory.tiled_mlp_active(self.tiled_mlp, 0, 1)
+        for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
+
+    @property
+    def tiled_mlp_min_tokens(self) -> int:
+        """Smallest batch (tokens) whose MLPs run tiled: any with --tiled_mlp on, 4 tiles or more with auto."""
+        return 0 if self.tiled_mlp == "on" else 4 * self.tiled_mlp_tokens
+
+
+@dataclass
+class RunConfig:
+    """Switches of a recipe run that are neither model, data nor optimiser settings."""
+
+    tiny: bool = field(default=False, metadata={"help": "Run this very recipe end to end on CPU on a tiny random "
+                                                        "Llama (kept under <output_dir>/tiny-base) and bundled text."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit before "
+                                                           "loading weights."})
