@@ -200,14 +200,11 @@ def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, 
 
     # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
     data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
-    model_cfg, data_cfg, training, _ = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(),
-                                               _training(cfg, out, seed, s))
-    if s["full_ft"]:
-        return _extend_full(model_cfg, data_cfg, training)
-    return train(model_cfg, data_cfg, training)
+    run = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(), _training(cfg, out, seed, s))
+    return _extend_full(run) if s["full_ft"] else train(run)
 
 
-def _extend_full(model_cfg, data_cfg, training) -> Path:
+def _extend_full(run) -> Path:
     """Full fine-tuning: every weight trains, so no LoRA wrapper (model.load_model always adds one); the rest is
     the toolkit's path: load_base (PI applied), the same dataset preparation, the same SFTTrainer settings."""
     from trl import SFTTrainer
@@ -215,10 +212,11 @@ def _extend_full(model_cfg, data_cfg, training) -> Path:
     from longqlora.model import load_base
     from longqlora.training.run import prepare_dataset
 
+    model_cfg, training = run.model, run.training
     torch.manual_seed(training.seed)
-    model, tokenizer, _ = load_base(model_cfg)
+    model, tokenizer, _ = load_base(model_cfg, checked=(run.hf_config, run.info))
     model.requires_grad_(True)
-    dataset, _ = prepare_dataset(data_cfg, tokenizer, model_cfg.target_context)
+    dataset, _ = prepare_dataset(run.data, tokenizer, model_cfg.target_context)
     trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     out = Path(training.output_dir)

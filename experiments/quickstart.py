@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from longqlora.data import corpora
-from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
+from longqlora.output import atomic_directory, markdown_table, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -109,27 +108,24 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
                                num_key_value_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=cfg.output_dir))
-    args = SFTConfig(output_dir=str(tmp / "trainer"), max_steps=cfg.pretrain_steps, per_device_train_batch_size=32,
-                     learning_rate=cfg.pretrain_lr, lr_scheduler_type="cosine", warmup_steps=min(20, cfg.pretrain_steps),
-                     weight_decay=0.1, max_length=cfg.short_context, packing=True, packing_strategy="wrapped",
-                     logging_steps=25, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True,
-                     dataset_text_field="text", bf16=False)
-    from datasets import Dataset
+    with atomic_directory(out) as tmp:  # a killed pre-training leaves no half a base
+        args = SFTConfig(output_dir=str(tmp / "trainer"), max_steps=cfg.pretrain_steps, per_device_train_batch_size=32,
+                         learning_rate=cfg.pretrain_lr, lr_scheduler_type="cosine", warmup_steps=min(20, cfg.pretrain_steps),
+                         weight_decay=0.1, max_length=cfg.short_context, packing=True, packing_strategy="wrapped",
+                         logging_steps=25, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True,
+                         dataset_text_field="text", bf16=False)
+        from datasets import Dataset
 
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_dict({"text": texts}))
-    started = time.perf_counter()
-    result = trainer.train()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "pretrain.json", {"steps": cfg.pretrain_steps, "final_loss": result.training_loss,
-                                              "seconds": time.perf_counter() - started,
-                                              "parameters": model.num_parameters(), "books": names})
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"text": texts}))
+        started = time.perf_counter()
+        result = trainer.train()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "pretrain.json", {"steps": cfg.pretrain_steps, "final_loss": result.training_loss,
+                                                  "seconds": time.perf_counter() - started,
+                                                  "parameters": model.num_parameters(), "books": names})
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
     return out
 
 
@@ -153,8 +149,7 @@ def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool) -> Path:
                               lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, cfg.extend_steps),
                               max_grad_norm=1.0, optim="adamw_torch", save_strategy="no", logging_steps=10,
                               seed=cfg.seed, use_cpu=True)
-    resolved = resolve(model_cfg, data_cfg, RunConfig(), training)
-    return train(resolved[0], resolved[1], resolved[2])
+    return train(resolve(model_cfg, data_cfg, RunConfig(), training))
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -253,10 +248,9 @@ def run(cfg: QuickstartConfig) -> dict:
     started = time.perf_counter()
     data_dir = out / "train-books"
     if not data_dir.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".books-", dir=out))
-        for name in TRAIN_BOOKS:
-            (tmp / f"{name}.txt").write_text(corpora.book(name), encoding="utf-8")
-        tmp.rename(data_dir)
+        with atomic_directory(data_dir) as tmp:
+            for name in TRAIN_BOOKS:
+                (tmp / f"{name}.txt").write_text(corpora.book(name), encoding="utf-8")
     torch.manual_seed(cfg.seed)
     base = pretrain_base(cfg)
     adapters = {"extended, S2-Attn (ours)": extend(cfg, base, data_dir, s2=True),

@@ -17,27 +17,18 @@ from pathlib import Path
 
 import torch
 
+from longqlora.evaluation.loading import LoaderArgs
+
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 NEAR_FULL = 0.9  # a note is shown once the conversation uses this share of the context
 HELP = "Type a message; /reset starts a new conversation, /exit or Ctrl-D quits."
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(LoaderArgs):
     """`python -m longqlora chat`: the fields are its flags."""
 
-    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
-                                                                "--adapter; default: the adapter's recorded base)."})
-    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
-                                                                  "longqlora_extension.json sets the context."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (bitsandbytes), as trained; "
-                                                                 "default 16-bit (fp32 on CPU)."})
-    compute_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on Ampere+, fp16 on older GPUs, fp32 "
-                                                                  "on CPU), bfloat16, float16 or float32."})
-    target_context: int | None = field(default=None, metadata={
-        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
     context_file: str | None = field(default=None, metadata={"help": "A UTF-8 text file put before the first "
                                                                        "question of the conversation."})
     prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print the reply and "
@@ -49,12 +40,9 @@ class ChatConfig:
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens; 1 is none."})
     seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own code from its "
-                                                                      "directory (off: only transformers' code)."})
 
     def __post_init__(self):
-        if not self.model and not self.adapter:
-            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -63,10 +51,6 @@ class ChatConfig:
             raise ValueError(f"--top_p must be in (0, 1], e.g. 0.9, got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"--repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"--compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
-        if self.target_context is not None and self.target_context < 1:
-            raise ValueError(f"--target_context must be a positive number of tokens, got {self.target_context}")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt is empty; pass a message, or leave --prompt out to chat interactively")
 
@@ -109,13 +93,9 @@ def ensure_chat_template(tokenizer):
 
 def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
-    from longqlora.evaluation.loading import load_for_inference
-
     check_inputs(cfg)
-    model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
-                                                compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,
-                                                trust_remote_code=cfg.trust_remote_code)
-    logger.info("chat model ready: context %d tokens (PI x%.4g)", info["target_context"], info["pi_factor"])
+    model, tokenizer, info = cfg.load()
+    logger.info("chat model ready: context %d tokens (PI x%.4g)", info.target_context, info.pi_factor)
     return model, ensure_chat_template(tokenizer)
 
 

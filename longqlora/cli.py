@@ -27,14 +27,14 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     with one_line_errors():
         parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
-        model_cfg, data_cfg, training, info = resolve(model_cfg, data_cfg, run_cfg, training)
+        run = resolve(model_cfg, data_cfg, run_cfg, training)
         if run_cfg.dry_run:
             from longqlora.model import count_trainable_without_weights
 
-            info.update(count_trainable_without_weights(model_cfg, trust_remote_code=training.trust_remote_code))
-            print(describe(info, training, data_cfg))
+            print(describe(run, count_trainable_without_weights(run.model, run.hf_config,
+                                                                trust_remote_code=run.training.trust_remote_code)))
             return None
-        return train(model_cfg, data_cfg, training)
+        return train(run)
 
 
 def _perplexity(argv):

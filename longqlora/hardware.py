@@ -15,6 +15,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "flash_attn", "xformers")
+# The one table of dtype names every flag takes (--compute_dtype, merge --dtype, the planner's byte sizes).
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @functools.cache
@@ -48,6 +50,11 @@ def default_compute_dtype() -> torch.dtype:
     if cap is None:
         return torch.float32
     return torch.bfloat16 if cap >= (8, 0) else torch.float16
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --compute_dtype / --dtype name; auto is `default_compute_dtype()`."""
+    return default_compute_dtype() if name == "auto" else DTYPES[name]
 
 
 def flash_attn_module():

@@ -16,15 +16,14 @@ import gc
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longqlora.hardware import DTYPES
+
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float16", "bfloat16", "float32")
 REPORT_FILE = "merge_report.json"
 # Relative tolerance: max |merged - adapter logits| / max |adapter logits| on the check sample, both models in the
 # same dtype on the same base. Measured with 256 tokens on random Llamas (hidden 1024 x 4 and x 32 layers, 4096 x 2;
@@ -59,7 +58,7 @@ class MergeConfig:
     sample_tokens: int = field(default=64, metadata={"help": "Length of the fixed token sample the check runs on."})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:  # the one dtype table (hardware.DTYPES)
             raise ValueError(f"--dtype {self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"--tolerance {self.tolerance}: must be a positive number, e.g. 1e-4")
@@ -104,7 +103,7 @@ def check_merge(cfg: MergeConfig) -> dict:
     check_output_path(out, "--output")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"--output {cfg.output}: is not empty; pass --overwrite to replace it, or a new directory")
-    target = extension.get("target_context")
+    target = extension.target_context if extension else None
     if target and cfg.sample_tokens > int(target):
         raise ValueError(f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; "
                          f"pass at most {target}")
@@ -183,20 +182,6 @@ def _check_saved_config(folder: Path, target: int) -> dict:
     return {"rope_parameters": saved.get("rope_parameters"), "max_position_embeddings": target}
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing output (--overwrite) is moved aside first."""
-    os.chmod(tmp, 0o755)
-    for path in tmp.rglob("*"):
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)  # mkdtemp and some writers make 0600/0700
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def merge(cfg: MergeConfig) -> dict:
     """Merge `cfg.adapter` into its base and save a plain model to `cfg.output`; returns the report (also written
     there as merge_report.json). Raises ValueError when the merged logits miss the tolerance."""
@@ -204,7 +189,7 @@ def merge(cfg: MergeConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     from longqlora.evaluation.loading import load_for_inference
-    from longqlora.output import write_json_atomic
+    from longqlora.output import atomic_directory, write_json_atomic
 
     start = time.perf_counter()
     paths = check_merge(cfg)
@@ -218,16 +203,14 @@ def merge(cfg: MergeConfig) -> dict:
     merged_diff = float((reference - logits_of(merged, ids)).abs().max())
     plain_config(merged)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # an existing output (--overwrite) is replaced only by a checked model
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del model, merged
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        saved_config = _check_saved_config(tmp, info["target_context"])
+        saved_config = _check_saved_config(tmp, info.target_context)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype),
                                                         device_map={"": device}).eval()
         reloaded_logits = logits_of(reloaded, ids)
@@ -237,8 +220,8 @@ def merge(cfg: MergeConfig) -> dict:
         worst = max(merged_diff, reloaded_diff)
         report = {
             "adapter": str(paths["adapter"]), "base": str(paths["base"]), "output": str(out), "dtype": cfg.dtype,
-            "original_context": info["original_context"], "target_context": info["target_context"],
-            "pi_factor": info["pi_factor"], **saved_config,
+            "original_context": info.original_context, "target_context": info.target_context,
+            "pi_factor": info.pi_factor, **saved_config,
             "modules_replaced": replaced, "lora_layers_merged": lora_layers,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
             "check": {
@@ -259,9 +242,6 @@ def merge(cfg: MergeConfig) -> dict:
                              f"{worst:.3g} ({worst / scale:.3g} relative); nothing written to {out}. Try --dtype "
                              "float32, or a larger --tolerance if this difference is acceptable")
         write_json_atomic(tmp / REPORT_FILE, report)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("merged %s into %s: %s, max |diff| %.3g (%.3g relative, tolerance %g)", paths["adapter"], out,
                 cfg.dtype, report["check"]["reloaded_max_abs_diff"], report["check"]["relative_diff"], tolerance)
     return report

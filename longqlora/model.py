@@ -12,6 +12,7 @@ the flag to change.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -23,10 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longqlora import hardware, rope
 from longqlora.adapters import adapt_for_training, add_adapters, count_trainable
+from longqlora.hardware import DTYPES
 
 logger = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRAINABLE_TOKENS = ("embed", "norm")
 
 
@@ -129,8 +130,8 @@ class ModelConfig:
             bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", self.lora_dropout, "must be in [0, 1), e.g. 0.05")
-        if self.compute_dtype not in ("auto", *COMPUTE_DTYPES):
-            bad("compute_dtype", self.compute_dtype, f"must be one of auto, {', '.join(COMPUTE_DTYPES)}")
+        if self.compute_dtype not in ("auto", *DTYPES):
+            bad("compute_dtype", self.compute_dtype, f"must be one of auto, {', '.join(DTYPES)}")
         if self.attn_backend not in ("auto", *hardware.BACKENDS):
             bad("attn_backend", self.attn_backend, f"must be one of auto, {', '.join(hardware.BACKENDS)}")
         unknown = [t for t in self.trainable_tokens if t not in TRAINABLE_TOKENS]
@@ -170,13 +171,34 @@ class ModelConfig:
         return [t.strip() for t in self.trainable_params.split(",") if t.strip()]
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `check_model` found before any weights load: the contexts, the interpolation, and the precision and
+    kernels this machine runs. `load_model` adds the parameter counts and the pad token."""
+
+    model: str
+    original_context: int
+    target_context: int
+    pi_factor: float
+    rope_type: str | None
+    compute_dtype: str
+    attn_backend: str
+    attn_backend_requested: str
+    load_in_4bit: bool
+    device: str
+    trainable_params: int | None = None
+    total_params: int | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    pad_token: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+
 def _first_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-def _resolve_dtype(name: str) -> torch.dtype:
-    return hardware.default_compute_dtype() if name == "auto" else COMPUTE_DTYPES[name]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -242,8 +264,9 @@ def load_config(name: str, flag: str, *, revision: str | None = None, trust_remo
         raise ValueError(f"{flag}: {_why(err)}") from err
 
 
-def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False):
-    """Check everything that can fail before weights load; returns (hf_config with PI applied, info dict).
+def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False,
+                prefer_preset: bool = False) -> tuple[object, ModelInfo]:
+    """Check everything that can fail before weights load; returns (hf_config with PI applied, ModelInfo).
 
     Raises one ValueError line naming the flag and the fix: a bad path or hub id, no RoPE, a target below the
     pre-trained context, an attention backend or compute dtype this machine cannot run, bitsandbytes missing.
@@ -257,7 +280,7 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
     backend = hardware.resolve_backend(cfg.attn_backend, device)
     if backend == "auto":
         backend = hardware.auto_kernels(device)
-    dtype = _resolve_dtype(cfg.compute_dtype)
+    dtype = hardware.resolve_dtype(cfg.compute_dtype)
     if dtype == torch.bfloat16 and not hardware.supports_bf16():
         major, minor = hardware.cuda_capability()
         raise ValueError(f"--compute_dtype bfloat16: this GPU (sm_{major}{minor}) has no bf16; use float16")
@@ -275,37 +298,22 @@ def check_model(cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_pre
         raise ValueError(f"--target_context {cfg.target_context} is below the model's pre-trained context "
                          f"{original}; pass --target_context {original} or more")
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context)
-    info = {
-        "model": cfg.model_name_or_path,
-        "original_context": original,
-        "target_context": cfg.target_context,
-        "pi_factor": pi_factor,
-        "rope_type": rope.rope_summary(hf_config).get("rope_type"),
-        "group_size": cfg.group_size,
-        "pose": {"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
-        "s2_attention": cfg.s2_attention,
-        "s2_options": {"shift": cfg.s2_shift, "sink_tokens": cfg.s2_sink_tokens, "full_heads": cfg.s2_full_heads,
-                       "full_every": cfg.s2_full_every, "group_sizes": cfg.group_sizes},
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "attn_backend": backend,
-        "attn_backend_requested": cfg.attn_backend,
-        "load_in_4bit": cfg.load_in_4bit,
-        "device": device,
-        "lora_r": cfg.lora_r,
-        "lora_target": cfg.lora_target,
-        "trainable_modules": cfg.trainable_params,
-    }
+    info = ModelInfo(model=cfg.model_name_or_path, original_context=original, target_context=cfg.target_context,
+                     pi_factor=pi_factor, rope_type=rope.rope_summary(hf_config).get("rope_type"),
+                     compute_dtype=str(dtype).removeprefix("torch."), attn_backend=backend,
+                     attn_backend_requested=cfg.attn_backend, load_in_4bit=cfg.load_in_4bit, device=device)
     return hf_config, info
 
 
-def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
-    """Check, then load the tokenizer and the (4-bit NF4) base model with PI applied; no adapters yet.
+def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer and the (4-bit NF4) base model with PI applied; no adapters yet. `checked` is what
+    `check_model` returned for `cfg` (a resolved run passes it; checked here when not given).
 
-    Returns (model, tokenizer, info). Also what evaluation uses before `PeftModel.from_pretrained`.
+    Returns (model, tokenizer, ModelInfo). Also what evaluation uses before `PeftModel.from_pretrained`.
     """
     from transformers import BitsAndBytesConfig
 
-    hf_config, info = check_model(cfg, trust_remote_code=trust_remote_code)
+    hf_config, info = checked or check_model(cfg, trust_remote_code=trust_remote_code)
     path = os.path.expanduser(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, "--model_name_or_path", "save the tokenizer next to the "
                                "weights", revision=cfg.revision, trust_remote_code=trust_remote_code)
@@ -315,15 +323,15 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.unk_token if source == "unk" else tokenizer.eos_token
         logger.info("tokenizer has no pad token; padding with the %s token %r (id %d)", source,
                     tokenizer.pad_token, tokenizer.pad_token_id)
-    info["pad_token"] = tokenizer.pad_token
+    info = dataclasses.replace(info, pad_token=tokenizer.pad_token)
     check_safetensors(cfg.model_name_or_path, "--model_name_or_path")
 
-    dtype = COMPUTE_DTYPES[info["compute_dtype"]]
+    dtype = info.dtype
     quant = None
     if cfg.load_in_4bit:  # LongQLoRA: NF4 with double quantization of the scales
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
-    device_map = {"": torch.cuda.current_device()} if info["device"] == "cuda" else {"": "cpu"}
+    device_map = {"": torch.cuda.current_device()} if info.device == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         path, config=hf_config, dtype=dtype, quantization_config=quant, device_map=device_map,
         use_safetensors=True, revision=cfg.revision, trust_remote_code=trust_remote_code,
@@ -334,12 +342,14 @@ def load_base(cfg: ModelConfig, *, trust_remote_code: bool = False):
     return model, tokenizer, info
 
 
-def count_trainable_without_weights(cfg: ModelConfig, *, trust_remote_code: bool = False) -> dict:
+def count_trainable_without_weights(cfg: ModelConfig, hf_config=None, *, trust_remote_code: bool = False) -> dict:
     """Trainable and total parameter counts of the adapted model, computed on the meta device (no weights load);
-    the base's Linear layers count as full-size here, as they would in 16-bit."""
+    the base's Linear layers count as full-size here, as they would in 16-bit. `hf_config`: the model's config
+    as `check_model` returned it (read here when not given)."""
     from accelerate import init_empty_weights
 
-    hf_config, _ = check_model(cfg, trust_remote_code=trust_remote_code, prefer_preset=True)
+    if hf_config is None:
+        hf_config, _ = check_model(cfg, trust_remote_code=trust_remote_code, prefer_preset=True)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
@@ -348,16 +358,17 @@ def count_trainable_without_weights(cfg: ModelConfig, *, trust_remote_code: bool
     return {"trainable_params": trainable, "total_params": total}
 
 
-def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = True, trust_remote_code: bool = False):
+def load_model(cfg: ModelConfig, *, checked: tuple | None = None, gradient_checkpointing: bool = True,
+               trust_remote_code: bool = False):
     """Load the base (`load_base`) and adapt it for training (`adapt_for_training`).
 
-    Returns (peft_model, tokenizer, info) ready for training; info adds trainable_params and total_params.
+    Returns (peft_model, tokenizer, ModelInfo) ready for training, the info with the parameter counts.
     """
-    model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
-    model, lora = adapt_for_training(model, cfg, COMPUTE_DTYPES[info["compute_dtype"]],
-                                     gradient_checkpointing=gradient_checkpointing)
+    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
+    model, lora = adapt_for_training(model, cfg, info.dtype, gradient_checkpointing=gradient_checkpointing)
     trainable, total = count_trainable(model)
-    info.update(trainable_params=trainable, total_params=total, modules_to_save=lora.modules_to_save)
+    saved = tuple(lora.modules_to_save) if lora.modules_to_save else None
+    info = dataclasses.replace(info, trainable_params=trainable, total_params=total, modules_to_save=saved)
     logger.info("trainable parameters: %d of %d (%.2f%%): LoRA r=%d on %s, full %s", trainable, total,
                 100 * trainable / max(total, 1), cfg.lora_r, cfg.lora_target, cfg.trainable_params or "nothing else")
     return model, tokenizer, info

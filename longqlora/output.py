@@ -1,9 +1,12 @@
-"""Writing results: atomic text/JSON files and Markdown tables, so a killed run never leaves half a file."""
+"""What the toolkit writes: atomic files and directories (a killed run never leaves half of one), Markdown tables
+and figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +43,48 @@ def write_text_atomic(path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
+    """Yield an empty temporary folder to fill; when the block ends without an error its contents become `out`.
+
+    into=False: the folder is a sibling of `out` and replaces it by one rename (an existing `out` is moved aside
+    first and removed after). into=True: the folder lies inside `out` (which keeps its other files, e.g.
+    checkpoints) and each entry is moved in, the names in `last` after the others and removed from `out` before
+    the first move, so that a reader keyed on them never sees a half-moved set. On an error or a kill the
+    temporary folder is all that is left; the next call removes it. Files become 0644 and folders 0755 (mkdtemp
+    and some writers make 0600/0700).
+    """
+    out = Path(os.path.expanduser(str(out)))
+    parent = out if into else out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = ".partial-" if into else f".{out.name}.partial-"
+    for stale in parent.glob(f"{prefix}*"):  # left by a killed writer of the same output
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        if into:
+            names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n in last, n))
+            for name in last:
+                (out / name).unlink(missing_ok=True)
+            for name in names:
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.rmtree(out / name)
+                os.replace(tmp / name, out / name)
+        else:
+            aside = None
+            if out.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f"{prefix}old-", dir=parent))
+                os.replace(out, aside / out.name)
+            os.replace(tmp, out)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path, data) -> Path:

@@ -41,7 +41,7 @@ def kill_while_publishing():
 
     def replace(src, dst, *args, **kwargs):
         real_replace(src, dst, *args, **kwargs)
-        if Path(dst).name == "adapter_model.safetensors" and ".adapter-" in str(src):
+        if Path(dst).name == "adapter_model.safetensors" and ".partial-" in str(src):
             die()
 
     os.replace = replace

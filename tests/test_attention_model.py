@@ -313,9 +313,8 @@ def test_trainer_applies_the_schedule_at_every_step(tmp_path, monkeypatch):
     monkeypatch.setattr(attention, "s2_attention", recording)
     model_cfg = ModelConfig(model_name_or_path="unused", target_context=4096, s2_full_every=2,
                             s2_group_schedule="1,2")  # x group_ratio 0.25 of the tiny run's 256 tokens
-    resolved = resolve(model_cfg, TextDataConfig(dataset="unused"), RunConfig(tiny=True),
-                       TrainingConfig(output_dir=str(tmp_path), max_steps=4, save_strategy="no"))
-    train(*resolved[:3])
+    train(resolve(model_cfg, TextDataConfig(dataset="unused"), RunConfig(tiny=True),
+                  TrainingConfig(output_dir=str(tmp_path), max_steps=4, save_strategy="no")))
     runs = [now for now, _ in seen]
     assert runs == [(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)], seen
     assert len({count for _, count in seen}) == 1  # the same number of attention calls in every step

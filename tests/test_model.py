@@ -81,13 +81,14 @@ def test_config_group_size_and_flags():
 
 
 def test_check_model_applies_interpolation(tiny_dirs, no_weights):
-    hf_config, info = check_model(config(tiny_dirs["gqa"], target_context=1024, group_ratio=0.125))
+    cfg = config(tiny_dirs["gqa"], target_context=1024, group_ratio=0.125)
+    hf_config, info = check_model(cfg)
     assert hf_config.max_position_embeddings == 1024
-    assert info["original_context"] == 128 and info["target_context"] == 1024
-    assert info["pi_factor"] == pytest.approx(8.0)
-    assert info["group_size"] == 128
-    assert (info["compute_dtype"], info["load_in_4bit"], info["attn_backend"]) == ("float32", True, "sdpa")
-    assert info["rope_type"] not in (None, "default")
+    assert info.original_context == 128 and info.target_context == 1024
+    assert info.pi_factor == pytest.approx(8.0)
+    assert cfg.group_sizes == [32, 96, 256]  # the default schedule, 0.25, 0.75 and 2 x (0.125 x 1024)
+    assert (info.compute_dtype, info.load_in_4bit, info.attn_backend) == ("float32", True, "sdpa")
+    assert info.rope_type not in (None, "default")
 
 
 @pytest.mark.parametrize("name", ["/no/such/model/dir", "./missing-model", "~/no-such-model-here"])
@@ -182,17 +183,17 @@ def test_load_4bit_lora_plus(tiny_dirs):
             assert param.dtype == torch.float32, name
 
     trainable, total = count_trainable(model)
-    assert trainable == info["trainable_params"] == expected_trainable("gqa") == 55936
+    assert trainable == info.trainable_params == expected_trainable("gqa") == 55936
     assert (trainable, total) == model.get_nb_trainable_parameters()
     # the base's 377472 values (4-bit ones unpacked) plus every trained tensor, the modules_to_save copies included
     assert total == 377472 + trainable
 
     assert model.config.max_position_embeddings == TARGET
-    assert info["pi_factor"] == pytest.approx(4.0) and info["group_size"] == 128
+    assert info.pi_factor == pytest.approx(4.0)
     assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == 0 and len(tokenizer) == 320
     assert model.config.use_cache is False
     assert base.is_activation_checkpointing
-    assert s2_enabled(model) and info["s2_attention"]
+    assert s2_enabled(model)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # PEFT reading a deprecated transformers name
@@ -243,7 +244,7 @@ def test_train_step_save_and_reload(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("shape", ["odd", "gqa"])
 def test_shapes_train(tiny_dirs, shape):
     model, _, info = load_model(config(tiny_dirs[shape]))
-    assert info["trainable_params"] == expected_trainable(shape)
+    assert info.trainable_params == expected_trainable(shape)
     model.train()
     ids = torch.randint(3, 320, (1, TARGET))
     loss = model(input_ids=ids, labels=ids).loss
@@ -256,7 +257,7 @@ def test_shapes_train(tiny_dirs, shape):
 def test_all_linear_and_custom_targets(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], lora_target="all-linear", s2_attention=False))
     assert lora_layers(model) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert info["trainable_params"] == expected_trainable(
+    assert info.trainable_params == expected_trainable(
         "gqa", targets=("q", "k", "v", "o", "gate", "up", "down"))
 
     model, _, _ = load_model(config(tiny_dirs["gqa"], lora_target="q_proj,v_proj", s2_attention=False))
@@ -268,8 +269,8 @@ def test_all_linear_and_custom_targets(tiny_dirs):
 def test_plain_lora_and_no_checkpointing(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], trainable_params="", s2_attention=False),
                                 gradient_checkpointing=False)
-    assert info["modules_to_save"] is None
-    assert info["trainable_params"] == expected_trainable("gqa") - 320 * 128 - 5 * 128
+    assert info.modules_to_save is None
+    assert info.trainable_params == expected_trainable("gqa") - 320 * 128 - 5 * 128
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     assert not model.get_base_model().is_activation_checkpointing
     assert not s2_enabled(model)
@@ -277,7 +278,7 @@ def test_plain_lora_and_no_checkpointing(tiny_dirs):
 
 def test_bf16_compute_keeps_fp32_trainables(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16", s2_attention=False))
-    assert info["compute_dtype"] == "bfloat16"
+    assert info.compute_dtype == "bfloat16"
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert q.compute_dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
@@ -329,8 +330,8 @@ def test_full_precision_base(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], load_in_4bit=False))
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32 and not q.weight.requires_grad
-    assert info["trainable_params"] == expected_trainable("gqa")
-    assert info["total_params"] == 377472 + info["trainable_params"]
+    assert info.trainable_params == expected_trainable("gqa")
+    assert info.total_params == 377472 + info.trainable_params
     model.train()
     ids = torch.randint(3, 320, (1, TARGET))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -375,7 +376,7 @@ def test_pad_falls_back_to_eos(tiny_dirs, monkeypatch):
     monkeypatch.setattr(lm.AutoTokenizer, "from_pretrained", without_unk)
     model, tokenizer, info = load_base(config(tiny_dirs["gqa"], load_in_4bit=False))
     assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == 2 == model.config.pad_token_id
-    assert info["pad_token"] == "</s>" and len(tokenizer) == 320
+    assert info.pad_token == "</s>" and len(tokenizer) == 320
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside transformers' tokenizer fallbacks
@@ -404,7 +405,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
     base = model.get_base_model()
     trained = base.model.embed_tokens.modules_to_save["default"].weight
     assert base.get_output_embeddings().weight is trained and trained.requires_grad
-    assert info["trainable_params"] == expected_trainable("gqa")
+    assert info.trainable_params == expected_trainable("gqa")
 
 
 def test_trainable_count_without_weights_matches_the_loaded_model(tiny_dirs, monkeypatch):
@@ -416,4 +417,4 @@ def test_trainable_count_without_weights_matches_the_loaded_model(tiny_dirs, mon
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: calls.append(a))
     counted = count_trainable_without_weights(cfg)
     assert not calls
-    assert counted["trainable_params"] == info["trainable_params"]
+    assert counted["trainable_params"] == info.trainable_params

@@ -1,6 +1,7 @@
 """Every recipe: --help, --dry_run and a tiny end-to-end run on CPU; resume after an interruption."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from conftest import load_script
 from safetensors.torch import load_file
 
 from longqlora.training import callbacks as train_callbacks
-from longqlora.evaluation.loading import EXTENSION_FILE
+from longqlora.record import EXTENSION_FILE
 from longqlora.cli import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,18 +71,23 @@ def test_dry_run_trainable_count_is_exact_for_llama2_7b(capsys):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_tiny_run_end_to_end(name, tmp_path):
+def test_tiny_run_end_to_end(name, tmp_path, caplog):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    caplog.set_level(logging.INFO, logger="longqlora")
     out = run(name, "--tiny", "--output_dir", str(tmp_path / name))
+    resolved = [r.getMessage() for r in caplog.records if r.name == "longqlora.rope"]
+    assert len(resolved) == 1, resolved  # the model config is read, checked and interpolated once per run
     weights = load_file(out / "adapter_model.safetensors")
     names = list(weights)
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
     assert any("embed_tokens" in n for n in names), "trained embeddings missing from the adapter"
     assert sum("layernorm" in n or n.endswith("norm.weight") for n in names) == 2 * 2 + 1, "norms missing"
     extension = (out / EXTENSION_FILE).read_text()
-    assert '"pi_factor": 4.0' in extension and '"group_size": 64' in extension
+    assert '"pi_factor": 4.0' in extension
+    # the groups trained (the default schedule 0.25, 0.75, 2 x 1/4 of 256 tokens), not one nominal group
+    assert json.loads(extension)["s2_options"]["group_sizes"] == [16, 48, 128]
     assert (out / "tokenizer.json").exists()
     base = AutoModelForCausalLM.from_pretrained(out / "tiny-base")
     embed_before = base.get_input_embeddings().weight.detach().clone()

@@ -98,13 +98,12 @@ def enable_pose(trainer, target_context: int, chunks: int, seed: int) -> None:
                 trainer.args.max_length, target_context - 1, chunks)
 
 
-def describe(info: dict) -> list[str]:
-    """The dry run's line for PoSE, or none when it is off."""
-    pose = info.get("pose")
-    if not pose:
+def describe(model_cfg) -> list[str]:
+    """The dry run's line for PoSE (from the ModelConfig), or none when it is off."""
+    if not model_cfg.pose_window:
         return []
-    return [f"positions          PoSE: rows of {pose['window']} tokens, position ids skipping to span "
-            f"{info['target_context']} ({pose['chunks']} chunks per document; arXiv 2309.10400 §3)"]
+    return [f"positions          PoSE: rows of {model_cfg.pose_window} tokens, position ids skipping to span "
+            f"{model_cfg.target_context} ({model_cfg.pose_chunks} chunks per document; arXiv 2309.10400 §3)"]
 
 
 def tiny_window(window: int, target: int, tiny_target: int, chunks: int) -> int:

@@ -17,15 +17,13 @@ Every error is one line naming the flag and the fix.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from longqlora.output import check_output_path, write_json_atomic
+from longqlora.output import atomic_directory, check_output_path, write_json_atomic
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
 logger = logging.getLogger(__name__)
@@ -170,22 +168,8 @@ def save_dataset_atomic(ds: datasets.Dataset, output_dir, files: dict | None = N
     """`save_to_disk` into a temporary sibling directory, add `files` ({name: JSON data}), then rename it into place,
     so a killed run never leaves a half-written dataset."""
     out = check_output_dir(output_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # a sibling, so the rename stays on one file system
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out) as tmp:
         ds.save_to_disk(str(tmp))
         for name, data in (files or {}).items():
             write_json_atomic(tmp / name, data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -10,20 +10,57 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from longqlora.hardware import DTYPES
+from longqlora.record import ExtensionRecord
 
 logger = logging.getLogger(__name__)
 
-EXTENSION_FILE = "longqlora_extension.json"
+
+@dataclass
+class LoaderArgs:
+    """The flags of every command that loads a model to use it (chat, passkey, perplexity): which model and adapter,
+    and how to load them. Each command's config adds its own flags to these."""
+
+    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
+                                                                "--adapter; default: the adapter's recorded base)."})
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
+                                                                  "longqlora_extension.json sets the context."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (bitsandbytes), as trained; "
+                                                                 "default 16-bit (fp32 on CPU)."})
+    compute_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on Ampere+, fp16 on older GPUs, fp32 "
+                                                                  "on CPU), bfloat16, float16 or float32."})
+    target_context: int | None = field(default=None, metadata={
+        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own code from its "
+                                                                      "directory (off: only transformers' code)."})
+
+    def __post_init__(self):
+        for name in ("model", "adapter"):  # Python callers pass Path objects
+            value = getattr(self, name)
+            setattr(self, name, str(value) if value else None)
+        if not self.model and not self.adapter:
+            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+        if self.compute_dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--compute_dtype {self.compute_dtype!r}: must be one of auto, {', '.join(DTYPES)}")
+        if self.target_context is not None and self.target_context < 1:
+            raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
+
+    def load(self):
+        """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
+        return load_for_inference(self.model, adapter=self.adapter, load_in_4bit=self.load_in_4bit,
+                                  compute_dtype=self.compute_dtype, target_context=self.target_context,
+                                  trust_remote_code=self.trust_remote_code)
 
 
-def read_extension(adapter) -> dict:
-    """The extension record of an adapter directory ({} when it has none), after checking it is a PEFT adapter."""
+def read_extension(adapter) -> ExtensionRecord | None:
+    """The extension record of an adapter directory (None when it has none), after checking it is a PEFT adapter."""
     path = Path(os.path.expanduser(str(adapter)))
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    record = path / EXTENSION_FILE
-    return json.loads(record.read_text()) if record.is_file() else {}
+    return ExtensionRecord.read(path)
 
 
 def adapter_base(adapter) -> str:
@@ -131,21 +168,21 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
 def load_for_inference(model_path: str | None, *, adapter: str | None = None, load_in_4bit: bool = False,
                        compute_dtype: str = "auto", target_context: int | None = None,
                        trust_remote_code: bool = False):
-    """Returns (model in eval mode, tokenizer, info).
+    """Returns (model in eval mode, tokenizer, ModelInfo).
 
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
     (e.g. PI without training), else the adapter's trained context, else the model's config as saved.
     """
     from longqlora.model import ModelConfig, load_base, load_config
 
-    extension = read_extension(adapter) if adapter else {}
+    extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)
     model_path = model_path or adapter_base(adapter)
     if adapter:
         check_adapter_fits(Path(os.path.expanduser(adapter)), Path(expanded), flag="--model", name=model_path,
                            recorded=adapter_base(adapter) or model_path)
     if target_context is None:
-        target_context = extension.get("target_context") or load_config(
+        target_context = (extension.target_context if extension else None) or load_config(
             expanded, "--model", trust_remote_code=trust_remote_code).max_position_embeddings
     cfg = ModelConfig(model_name_or_path=expanded, target_context=int(target_context), load_in_4bit=load_in_4bit,
                       compute_dtype=compute_dtype, s2_attention=False)
@@ -155,8 +192,8 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
 
         model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
         tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
-    info.update(adapter=adapter, extension=extension)
     logger.info("loaded %s%s for inference: context %d (PI x%.4g), %s", model_path,
-                f" + adapter {adapter}" if adapter else "", info["target_context"], info["pi_factor"],
-                "NF4" if load_in_4bit else info["compute_dtype"])
+                f" + adapter {adapter}" if adapter else "", info.target_context, info.pi_factor,
+                "NF4" if load_in_4bit else info.compute_dtype)
     return model.eval(), tokenizer, info
+

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from longqlora.evaluation.loading import LoaderArgs
+
 logger = logging.getLogger(__name__)
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -37,32 +39,20 @@ _WORDS = FILLER.split()
 
 
 @dataclass
-class PasskeyConfig:
+class PasskeyConfig(LoaderArgs):
     """`python -m longqlora passkey`: the fields are its flags."""
 
-    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
-                                                                "--adapter; default: the adapter's recorded base)."})
-    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
-                                                                  "longqlora_extension.json sets the interpolation."})
     context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192], metadata={
         "help": "Context lengths to test; each prompt fills its context minus the answer tokens."})
     trials: int = field(default=10, metadata={"help": "Random keys per (context length, depth)."})
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], metadata={
         "help": "Where the key line goes, as a fraction of the filler (0 = first, 1 = last)."})
     seed: int = field(default=42, metadata={"help": "Seed of the key generator; the same seed gives the same keys."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (as trained)."})
-    compute_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
-    target_context: int | None = field(default=None, metadata={
-        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
     output_dir: str | None = field(default=None, metadata={"help": "Write passkey.json and passkey.png here."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the model."})
 
     def __post_init__(self):
-        for name in ("model", "adapter", "output_dir"):  # paths given as Path objects by Python callers
-            value = getattr(self, name)
-            setattr(self, name, str(value) if value else None)
-        if not self.model and not self.adapter:
-            raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+        super().__post_init__()
+        self.output_dir = str(self.output_dir) if self.output_dir else None  # Python callers pass Path objects
         if not self.context_lengths or min(self.context_lengths) < MIN_CONTEXT:
             raise ValueError(f"--context_lengths {' '.join(map(str, self.context_lengths))}: each must be at least "
                              f"{MIN_CONTEXT} tokens, e.g. --context_lengths 1024 2048 4096")
@@ -73,10 +63,6 @@ class PasskeyConfig:
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths) or len(set(self.depths)) != len(self.depths):
             raise ValueError(f"--depths {' '.join(map(str, self.depths))}: pass distinct fractions in [0, 1], "
                              "e.g. 0 0.25 0.5 0.75 1")
-        if self.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"--compute_dtype {self.compute_dtype!r}: must be one of auto, bfloat16, float16, float32")
-        if self.target_context is not None and self.target_context < 1:
-            raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -232,21 +218,19 @@ def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, see
 # ---------------------------------------------------------------------------------------------------- command
 def run_passkey(cfg: PasskeyConfig) -> dict:
     """Check every prompt fits, load the model (optionally + adapter, NF4), run the trials, write JSON and PNG."""
-    from longqlora.evaluation.loading import adapter_base, inference_tokenizer, load_for_inference
+    from longqlora.evaluation.loading import adapter_base, inference_tokenizer
     from longqlora.output import check_output_path, write_json_atomic
 
     if cfg.output_dir:
         check_output_path(cfg.output_dir, "--output_dir")
     tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
     plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
-    model, tokenizer, info = load_for_inference(cfg.model, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit,
-                                                compute_dtype=cfg.compute_dtype, target_context=cfg.target_context,
-                                                trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, info = cfg.load()
     evaluated = evaluate_passkey(model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)
     result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "config": asdict(cfg),
-              "original_context": info["original_context"], "model_context": info["target_context"],
-              "pi_factor": info["pi_factor"], "load_in_4bit": cfg.load_in_4bit,
-              "compute_dtype": info["compute_dtype"], **evaluated}
+              "original_context": info.original_context, "model_context": info.target_context,
+              "pi_factor": info.pi_factor, "load_in_4bit": cfg.load_in_4bit,
+              "compute_dtype": info.compute_dtype, **evaluated}
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         result["files"] = {"json": str(out / "passkey.json"), "png": str(out / "passkey.png")}

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longqlora.evaluation.loading import LoaderArgs
+
 logger = logging.getLogger(__name__)
 
 
@@ -120,31 +122,25 @@ def window_scores(model, token_ids, context_length: int, stride: int | None = No
 
 # ------------------------------------------------------------------------------------------- the command line
 @dataclass
-class PerplexityConfig:
+class PerplexityConfig(LoaderArgs):
     """`python -m longqlora perplexity`: the fields are its flags."""
 
-    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
-                                                                "--adapter; default: the adapter's recorded base)."})
     data: str = field(default="austen_persuasion", metadata={
         "help": "Text to score: a bundled book name (austen_persuasion, kjv_bible, ...), a .txt/.jsonl/.parquet "
                 "file, a folder of .txt files or a save_to_disk dataset; documents are joined with EOS."})
     context_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={
         "help": "Window lengths to evaluate."})
-    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe."})
     stride: int | None = field(default=None, metadata={"help": "Tokens between window starts (default: the "
                                                                  "window length, non-overlapping windows)."})
     score: str = field(default="new", metadata={"help": "new: every token once, in the first window holding it; "
                                                          "tail: only tokens with >= context-stride tokens before."})
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON/Parquet data."})
     max_tokens: int | None = field(default=None, metadata={"help": "Score only the first N tokens of the text."})
-    target_context: int | None = field(default=None, metadata={
-        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (as trained)."})
-    compute_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward pass."})
     output: str | None = field(default=None, metadata={"help": "results.json path; a .csv and a .png go beside."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.context_lengths or min(self.context_lengths) < 2:
             raise ValueError(f"--context_lengths must be window lengths >= 2, got {self.context_lengths}")
         if self.stride is not None and self.stride < 1:
@@ -177,22 +173,20 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
     """Score `cfg.data` at every context length; writes JSON, CSV and a plot when `cfg.output` is set."""
-    from longqlora.evaluation.loading import adapter_base, inference_tokenizer, load_for_inference, read_extension
+    from longqlora.evaluation.loading import adapter_base, inference_tokenizer, read_extension
     from longqlora.output import check_output_path, write_json_atomic, write_text_atomic
 
-    extension = read_extension(cfg.adapter) if cfg.adapter else {}
+    extension = read_extension(cfg.adapter) if cfg.adapter else None
     if cfg.output:
         check_output_path(cfg.output, "--output", directory=False)
-    ids = text_token_ids(cfg.data, inference_tokenizer(cfg.model, cfg.adapter), text_field=cfg.text_field,
+    ids = text_token_ids(cfg.data, inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code), text_field=cfg.text_field,
                          max_tokens=cfg.max_tokens)
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
             raise ValueError(f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "
                              "or a shorter context")
-    model, _, info = load_for_inference(cfg.model, adapter=cfg.adapter,
-                                        load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype,
-                                        target_context=cfg.target_context)
-    extended, original = info["target_context"], info["original_context"]
+    model, _, info = cfg.load()
+    extended, original = info.target_context, info.original_context
     rows = []
     for n in cfg.context_lengths:
         if n > extended:
@@ -206,8 +200,8 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         logger.info("context %d: perplexity %.3f over %d tokens", n, rows[-1]["perplexity"], rows[-1]["tokens_scored"])
     result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "data": cfg.data,
               "text_tokens": ids.numel(), "original_context": original, "model_context": extended,
-              "pi_factor": info["pi_factor"], "load_in_4bit": cfg.load_in_4bit, "score": cfg.score,
-              "extension": extension, "results": rows}
+              "pi_factor": info.pi_factor, "load_in_4bit": cfg.load_in_4bit, "score": cfg.score,
+              "extension": extension.to_dict() if extension else {}, "results": rows}
     if cfg.output:
         out = Path(cfg.output)
         write_json_atomic(out, result)

@@ -249,3 +249,50 @@ def disable_recompute(model) -> None:
             if module.__dict__.pop(marker, None) is not None:
                 module.__dict__.pop("forward", None)
 
+
+# ------------------------------------------------------------------------------------------ a run's switches
+def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
+    """The planner's prediction (longqlora.training.plan) for this run's switches, against this GPU when there is one."""
+    from longqlora.training.plan import PlanConfig, plan
+
+
+    tokens = training.per_device_train_batch_size * model_cfg.train_length
+    mode = training.offload_activations
+    offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
+    cfg = PlanConfig(
+        model=model_cfg.model_name_or_path, context=model_cfg.train_length,
+        batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
+        lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
+        trainable_params=model_cfg.trainable_params, offload=offload,
+        chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
+        tiled_mlp=tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
+        compute_dtype=compute_dtype, load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
+        recompute_norms=training.recompute_norms, recompute_dropout=training.recompute_lora_dropout,
+        optim=plan_optimizer(training.optim),
+        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
+    return plan(hf_config, cfg)
+
+
+def plan_optimizer(optim) -> str:
+    """The planner's name for a TrainingArguments --optim: its state size and temporaries."""
+    name = str(getattr(optim, "value", optim))
+    return "adamw_8bit" if "8bit" in name else "paged_adamw" if "paged" in name or "bnb" in name else "adamw"
+
+
+def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None:
+    """Switch on, for this trainer's model, what --offload_activations, --tiled_mlp, --recompute_norms and
+    --recompute_lora_dropout ask for."""
+    model = trainer.model
+    hidden = model.config.get_text_config().hidden_size
+    threshold = offload_threshold_bytes(training.offload_activations, training.offload_min_tokens, hidden,
+                                        compute_dtype.itemsize)
+    # TRL builds its offloading context only from its own boolean flag; ours carries the size threshold.
+    trainer.maybe_activation_offload_context = offload_context(model, threshold)
+    tiled = 0
+    if training.tiled_mlp != "off":
+        tiled = enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
+    norms = recompute_norms(model, training.tiled_mlp_tokens) if training.recompute_norms else 0
+    dropouts = recompute_lora_dropout(model) if training.recompute_lora_dropout else 0
+    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
+                "%d norms and %d LoRA dropouts recomputed", training.offload_activations, threshold,
+                training.chunked_loss, training.tiled_mlp, tiled, norms, dropouts)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, replace
 
+from longqlora.hardware import DTYPES
+
 GIB = 2 ** 30
 # Total device memory as CUDA reports it (GiB), for --gpu.
 GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2,
@@ -28,7 +30,7 @@ OPTIMIZER_STATE_BYTES = {"paged_adamw": 8, "adamw": 8, "adamw_8bit": 2 + 8 / 256
 MLP_BACKWARD_COPIES = 0  # (tokens x intermediate) gradients alive at the peak beyond what the layer saved
 PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak, beside the 16-bit logits
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 
 

@@ -4,16 +4,18 @@ Continued pre-training on long text (LongLoRA §4, LongQLoRA §3) and supervised
 share the same path: check everything that can be checked before weights load, load the NF4 + PI + S2-Attn + LoRA+
 model, pack the data with TRL, train, and write a PEFT adapter directory holding the LoRA weights, the trained
 embeddings and norms, the tokenizer and `longqlora_extension.json`.
+
+`resolve` does everything that needs no weights once and returns a `ResolvedRun`; `train(run)` loads, trains
+and saves from it without checking anything again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import set_seed
@@ -22,17 +24,14 @@ from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks
 from longqlora.data import instructions, pose
 from longqlora.data import text as data_lib
-from longqlora.evaluation.loading import EXTENSION_FILE
-from longqlora.model import ModelConfig, check_model, load_model
-from longqlora.output import check_output_path, write_json_atomic
+from longqlora.model import ModelConfig, ModelInfo, check_model, load_model
+from longqlora.output import atomic_directory, check_output_path
+from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, memory
 from longqlora.training.callbacks import ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -44,12 +43,9 @@ def tiny_overrides(model_cfg, data_cfg, training):
     out = Path(training.output_dir)
     base = out / "tiny-base"
     if not (base / "config.json").exists():  # written whole, then renamed: a killed run leaves no half a base
-        partial = out / ".tiny-base.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        save_tiny_model(partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]],
-                        max_position_embeddings=64)
-        shutil.rmtree(base, ignore_errors=True)
-        os.replace(partial, base)
+        with atomic_directory(base) as partial:
+            save_tiny_model(partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]],
+                            max_position_embeddings=64)
     model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
                                     compute_dtype="float32", attn_backend="sdpa", pose_window=pose.tiny_window(
                                         model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks))
@@ -67,9 +63,9 @@ def tiny_overrides(model_cfg, data_cfg, training):
     return model_cfg, data_cfg, training
 
 
-def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: dict) -> TrainingConfig:
+def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
-    dtype = info["compute_dtype"]
+    dtype = info.compute_dtype
     changes = {"max_length": model_cfg.train_length,
                "fp16": dtype == "float16" and torch.cuda.is_available(),
                "bf16": dtype == "bfloat16" and torch.cuda.is_available()}
@@ -83,48 +79,79 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     return dataclasses.replace(training, **changes)
 
 
-def _attention_text(info: dict) -> str:
+def s2_options(model_cfg: ModelConfig) -> dict | None:
+    """The S2-Attn settings a run trains with, as recorded: the group sizes in order (one per equal share of the
+    steps) and the variant options; None with full attention."""
+    if not model_cfg.s2_attention:
+        return None
+    return {"group_sizes": model_cfg.group_sizes, "shift": model_cfg.s2_shift, "sink_tokens": model_cfg.s2_sink_tokens,
+            "full_heads": model_cfg.s2_full_heads, "full_every": model_cfg.s2_full_every}
+
+
+def _attention_text(model_cfg: ModelConfig) -> str:
     """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
-    if not info["s2_attention"]:
+    o = s2_options(model_cfg)
+    if o is None:
         return "full"
-    o = info.get("s2_options") or {"group_sizes": [info["group_size"]]}
     sizes = o["group_sizes"]
     text = f"S2-Attn, group {sizes[0]}" if len(sizes) == 1 else \
         f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
-    extras = [f"1 step in {o['full_every']} full" if o.get("full_every") else "",
-              f"{o['sink_tokens']} sink tokens" if o.get("sink_tokens") else "",
-              f"{o['full_heads']:.0%} of heads full" if o.get("full_heads") else "",
-              "rolled shift" if o.get("shift") == "rolled" else ""]
+    extras = [f"1 step in {o['full_every']} full" if o["full_every"] else "",
+              f"{o['sink_tokens']} sink tokens" if o["sink_tokens"] else "",
+              f"{o['full_heads']:.0%} of heads full" if o["full_heads"] else "",
+              "rolled shift" if o["shift"] == "rolled" else ""]
     return ", ".join([text, *filter(None, extras)])
 
 
-def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
-    """The resolved configuration, as `--dry_run` prints it and the run logs it."""
+@dataclass(frozen=True)
+class ResolvedRun:
+    """One recipe run, resolved once before any weights load by `resolve`: the configs after --tiny with the
+    training settings derived from the model's, the model's transformers config with position interpolation
+    applied, what `check_model` found, and the memory plan. `train` takes it and checks nothing again."""
+
+    model: ModelConfig
+    data: Any  # TextDataConfig or InstructionDataConfig
+    training: TrainingConfig
+    hf_config: Any  # transformers PretrainedConfig, PI applied
+    info: ModelInfo
+    plan: dict
+
+    @property
+    def instructions(self) -> bool:
+        return isinstance(self.data, instructions.InstructionDataConfig)
+
+
+def describe(run: ResolvedRun, counts: ModelInfo | dict | None = None) -> str:
+    """The resolved configuration, as `--dry_run` prints it and the run logs it; `counts` has trainable_params and
+    total_params (the loaded model's info, or a count without weights)."""
     def plain(value):  # TrainingArguments turns some strings into enums
         return getattr(value, "value", value)
 
+    info, cfg, training = run.info, run.model, run.training
+    counts = dataclasses.asdict(counts) if isinstance(counts, ModelInfo) else counts or {}
+    trainable, total = counts.get("trainable_params"), counts.get("total_params")
     steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
-
     lines = [
-        f"model              {info['model']}",
-        f"context            {info['original_context']} -> {info['target_context']} tokens "
-        f"(position interpolation x{info['pi_factor']:.4g}, rope {info['rope_type']})",
-        *pose.describe(info),
-        f"attention          {_attention_text(info)} (training), full at inference; backend "
-        f"{info['attn_backend_requested']} ({info['attn_backend']} here)",
-        f"weights            {'NF4 4-bit, double quant' if info['load_in_4bit'] else info['compute_dtype']}, "
-        f"compute {info['compute_dtype']}",
-        f"trainable          {info['trainable_params']:,} of {info['total_params']:,} parameters "
-        f"(LoRA r={info['lora_r']} on {info['lora_target']}; full: {info['trainable_modules'] or 'nothing'})",
-        f"data               {data_cfg.dataset}",
+        f"model              {info.model}",
+        f"context            {info.original_context} -> {info.target_context} tokens "
+        f"(position interpolation x{info.pi_factor:.4g}, rope {info.rope_type})",
+        *pose.describe(cfg),
+        f"attention          {_attention_text(cfg)} (training), full at inference; backend "
+        f"{info.attn_backend_requested} ({info.attn_backend} here)",
+        f"weights            {'NF4 4-bit, double quant' if info.load_in_4bit else info.compute_dtype}, "
+        f"compute {info.compute_dtype}",
+        f"trainable          {'?' if trainable is None else f'{trainable:,}'} of "
+        f"{'?' if total is None else f'{total:,}'} parameters "
+        f"(LoRA r={cfg.lora_r} on {cfg.lora_target}; full: {cfg.trainable_params or 'nothing'})",
+        f"data               {run.data.dataset}",
         f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
         f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
         f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}",
-        f"precision          {info['compute_dtype']} compute"
-        + (" (mixed precision on the GPU)" if info["compute_dtype"] != "float32" else ""),
+        f"precision          {info.compute_dtype} compute"
+        + (" (mixed precision on the GPU)" if info.compute_dtype != "float32" else ""),
         f"output             {training.output_dir}",
     ]
-    plan = info.get("memory_plan")
+    plan = run.plan
     if plan:
         on = [k for k, v in plan["switches"].items() if v]
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in plan["parts_gib"].items())
@@ -135,82 +162,28 @@ def describe(info: dict, training: TrainingConfig, data_cfg) -> str:
     return "\n".join(lines)
 
 
-def memory_plan(hf_config, model_cfg: ModelConfig, training: TrainingConfig, info: dict) -> dict:
-    """The planner's prediction (longqlora.training.plan) for this run's switches, against this GPU when there is one."""
-    from longqlora.training.plan import PlanConfig, plan
-
-    tokens = training.per_device_train_batch_size * model_cfg.train_length
-    mode = training.offload_activations
-    offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
-    cfg = PlanConfig(
-        model=model_cfg.model_name_or_path, context=model_cfg.train_length,
-        batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
-        lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
-        trainable_params=model_cfg.trainable_params, offload=offload,
-        chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
-        tiled_mlp=memory.tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
-        compute_dtype=info["compute_dtype"], load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
-        recompute_norms=training.recompute_norms, recompute_dropout=training.recompute_lora_dropout,
-        optim=plan_optimizer(training.optim),
-        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
-    return plan(hf_config, cfg)
-
-
-def plan_optimizer(optim) -> str:
-    """The planner's name for a TrainingArguments --optim: its state size and temporaries."""
-    name = str(getattr(optim, "value", optim))
-    return "adamw_8bit" if "8bit" in name else "paged_adamw" if "paged" in name or "bnb" in name else "adamw"
-
-
-def apply_memory_switches(trainer, training: TrainingConfig, info: dict) -> None:
-    """Switch on, for this trainer's model, what --offload_activations, --tiled_mlp, --recompute_norms and
-    --recompute_lora_dropout ask for."""
-    model = trainer.model
-    dtype = getattr(torch, info["compute_dtype"])
-    hidden = model.config.get_text_config().hidden_size
-    threshold = memory.offload_threshold_bytes(training.offload_activations, training.offload_min_tokens, hidden,
-                                               dtype.itemsize)
-    # TRL builds its offloading context only from its own boolean flag; ours carries the size threshold.
-    trainer.maybe_activation_offload_context = memory.offload_context(model, threshold)
-    tiled = 0
-    if training.tiled_mlp != "off":
-        tiled = memory.enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
-    norms = memory.recompute_norms(model, training.tiled_mlp_tokens) if training.recompute_norms else 0
-    dropouts = memory.recompute_lora_dropout(model) if training.recompute_lora_dropout else 0
-    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
-                "%d norms and %d LoRA dropouts recomputed", training.offload_activations, threshold,
-                training.chunked_loss, training.tiled_mlp, tiled, norms, dropouts)
-
-
-# --------------------------------------------------------------------------------------------------- callbacks
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------- output
-def save_adapter_atomic(model, tokenizer, output_dir, extension: dict) -> Path:
-    """Write the adapter, tokenizer and extension record into a temporary folder, then move the files into
-    `output_dir`, weights first and adapter_config.json last: a killed run never leaves a half-written adapter."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".adapter-*"):  # left by a killed run (the output lock makes this run the only writer)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
-    try:
+def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord) -> Path:
+    """Write the adapter, tokenizer and extension record into `output_dir` (beside its checkpoints), weights first
+    and adapter_config.json last: a killed run never leaves a half-written adapter."""
+    with atomic_directory(output_dir, into=True, last=("adapter_config.json",)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / EXTENSION_FILE, extension)
-        names = sorted(p.name for p in tmp.iterdir())
-        names.sort(key=lambda n: n == "adapter_config.json")
-        (out / "adapter_config.json").unlink(missing_ok=True)  # not an adapter until the new config comes, last
-        for name in names:
-            os.chmod(tmp / name, 0o755 if (tmp / name).is_dir() else 0o644)  # some writers create 0600 files
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        record.write(tmp)
+    return Path(output_dir)
+
+
+def extension_record(run: ResolvedRun, info: ModelInfo, data_stats: dict, train_stats: dict) -> ExtensionRecord:
+    """What the adapter records about its run (longqlora.record)."""
+    cfg = run.model
+    return ExtensionRecord(
+        model=info.model, original_context=info.original_context, target_context=info.target_context,
+        pi_factor=info.pi_factor, rope_type=info.rope_type, compute_dtype=info.compute_dtype,
+        load_in_4bit=info.load_in_4bit, attn_backend=info.attn_backend, s2_attention=cfg.s2_attention,
+        s2_options=s2_options(cfg), pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window
+        else None, lora={"r": cfg.lora_r, "target": cfg.lora_target, "trainable_modules": cfg.trainable_params,
+                         "trainable_params": info.trainable_params, "total_params": info.total_params},
+        memory_plan=run.plan, data={"dataset": run.data.dataset, **data_stats}, train=train_stats)
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -236,11 +209,8 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
     return tokenized, stats
 
 
-def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig):
-    """Apply --tiny, run every check that needs no weights, and derive the training settings.
-
-    Returns (model_cfg, data_cfg, training, info); `info` is what `describe` prints.
-    """
+def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
+    """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     check_output_path(training.output_dir, "--output_dir")
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
@@ -250,16 +220,15 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code,
                                   prefer_preset=run_cfg.dry_run)
     training = finalize_training(model_cfg, data_cfg, training, info)
-    info["memory_plan"] = memory_plan(hf_config, model_cfg, training, info)
-    return model_cfg, data_cfg, training, info
+    plan = memory.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
+    return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
 
 
-def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
-    """Load, train and save one recipe (already resolved); returns the adapter directory."""
+def train(run: ResolvedRun) -> Path:
+    """Load, train and save one resolved run; returns the adapter directory."""
     from trl import SFTTrainer
 
-    hf_config, checked = check_model(model_cfg, trust_remote_code=training.trust_remote_code)
-    plan = memory_plan(hf_config, model_cfg, training, checked)
+    model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
     if plan.get("fits") is False:
         logger.warning("this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of "
                        "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
@@ -269,10 +238,10 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
     with checkpoints.locked_run(training.output_dir, training.resume_from_checkpoint,
                                 with_optimizer=not training.save_only_model) as resume:
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
-        model, tokenizer, info = load_model(model_cfg, gradient_checkpointing=training.gradient_checkpointing,
+        model, tokenizer, info = load_model(model_cfg, checked=(run.hf_config, run.info),
+                                            gradient_checkpointing=training.gradient_checkpointing,
                                             trust_remote_code=training.trust_remote_code)
-        info["memory_plan"] = plan
-        logger.info("configuration:\n%s", describe(info, training, data_cfg))
+        logger.info("configuration:\n%s", describe(run, info))
         dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
         guard = checkpoints.CheckpointGuard()
         trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
@@ -281,12 +250,13 @@ def train(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> Path:
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
         trainable_to_fp32(trainer.model)
-        apply_memory_switches(trainer, training, info)
-        extension = {**info, "data": {"dataset": data_cfg.dataset, **stats}, "train": {
-            **checkpoints.run_training(trainer, resume, guard),
-            **({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if torch.cuda.is_available() else {})}}
-        out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir, extension)
+        memory.apply_memory_switches(trainer, training, info.dtype)
+        trained = checkpoints.run_training(trainer, resume, guard)
+        if torch.cuda.is_available():
+            trained.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+        out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir,
+                                  extension_record(run, info, stats, trained))
         checkpoints.remove_aside(out)
     logger.info("adapter written to %s", out)
     return out

@@ -1,0 +1,76 @@
+"""The shape of the package (docs/architecture.md): stages import without cycles and without GPU packages, modules
+stay small, the repository names no machine's paths, and the lint is clean."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "longqlora"
+MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"
+)
+
+
+def test_every_module_imports_first_without_a_cycle_or_a_gpu_package():
+    """Each module imported first in a clean module table (a cycle fails when its first module is the entry);
+    flash-attn and xformers are never imported by an import (bitsandbytes is: PEFT imports it when installed)."""
+    code = (
+        "import importlib, sys\n"
+        f"modules = {MODULES!r}\n"
+        "for name in modules:\n"
+        "    for loaded in [m for m in sys.modules if m == 'longqlora' or m.startswith('longqlora.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+        "gpu = [m for m in ('flash_attn', 'xformers') if m in sys.modules]\n"
+        "assert not gpu, gpu\n"
+        "print(len(modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == len(MODULES) > 30
+
+
+def test_the_stages_are_subpackages():
+    for stage in ("attention", "data", "training", "evaluation"):
+        assert (PACKAGE / stage / "__init__.py").is_file()
+    flat = {p.stem for p in PACKAGE.glob("*.py")}
+    assert not flat & {"quickstart", "ablations", "ablation_report", "utils", "train", "inference"}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_over_400_lines(path):
+    assert len(path.read_text().splitlines()) <= 400
+
+
+def test_the_library_never_imports_the_experiments():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "experiments" for n in names), path
+
+
+def test_no_absolute_machine_path_in_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    pattern = re.compile(r"(?<![\w.])/(?:work|root|home|Users|tmp/pytest-of)/\w")
+    hits = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".toml", ".yaml", ".yml", ".txt", "") and path.is_file():
+            text = path.read_text(errors="replace")
+            hits += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert not hits, hits
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed by `pip install -e .[test]`")
+def test_ruff_is_clean():
+    done = subprocess.run(["ruff", "check", "--no-cache", "."], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    done = subprocess.run(["ruff", "format", "--check", "--no-cache", "."], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:]
