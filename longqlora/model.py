@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longqlora import hardware, rope
+from longqlora.attention.experimental import check_variant
 from longqlora.adapters import adapt_for_training, add_adapters, count_trainable
 from longqlora.hardware import DTYPES
 
@@ -95,14 +96,7 @@ class ModelConfig:
             bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
-        if self.s2_shift not in ("leakfree", "rolled"):
-            bad("s2_shift", self.s2_shift, "must be leakfree or rolled")
-        if self.s2_sink_tokens < 0:
-            bad("s2_sink_tokens", self.s2_sink_tokens, "must be >= 0")
-        if not 0 <= self.s2_full_heads <= 1:
-            bad("s2_full_heads", self.s2_full_heads, "must be a share of the heads in [0, 1]")
-        if self.s2_shift == "rolled" and self.s2_sink_tokens:
-            bad("s2_sink_tokens", self.s2_sink_tokens, "sinks combine with --s2_shift leakfree only")
+        check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)
         if self.s2_full_every < 0 or self.s2_full_every == 1:
             bad("s2_full_every", self.s2_full_every, "must be 0 (never) or >= 2; every step in full attention is "
                                                      "--s2_attention false")

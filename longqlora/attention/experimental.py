@@ -19,12 +19,13 @@ SHIFTS = ("leakfree", "rolled")
 
 
 def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: float = 0.0) -> None:
-    """One-line ValueError naming the flag when an S2 variant setting is invalid."""
+    """The one check of the variant settings (ModelConfig, enable_s2_attention, the schedule and the op call it):
+    a ValueError line naming the flag and the fix."""
     if shift not in SHIFTS:
-        raise ValueError(f"--s2_shift {shift!r}: must be one of {', '.join(SHIFTS)}")
+        raise ValueError(f"--s2_shift {shift!r}: must be leakfree or rolled")
     if int(sink_tokens) != sink_tokens or sink_tokens < 0:
-        raise ValueError(f"--s2_sink_tokens {sink_tokens}: must be an integer >= 0")
+        raise ValueError(f"--s2_sink_tokens {sink_tokens}: must be >= 0 (a whole number of tokens)")
     if not 0 <= full_heads <= 1:
-        raise ValueError(f"--s2_full_heads {full_heads}: must be a fraction of the heads in [0, 1]")
+        raise ValueError(f"--s2_full_heads {full_heads}: must be a share of the heads in [0, 1]")
     if shift == "rolled" and sink_tokens:
-        raise ValueError("--s2_sink_tokens: combine sinks with the leak-free shift only (--s2_shift leakfree)")
+        raise ValueError(f"--s2_sink_tokens {sink_tokens}: sinks combine with --s2_shift leakfree only")
