@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import memory as memory_bench  # noqa: E402  (bench/memory.py)
 import s2_speed  # noqa: E402  (bench/s2_speed.py)
 
-from longqlora.training import plan as planner  # noqa: E402
-from longqlora.output import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
 from longqlora.cli import setup_logging  # noqa: E402
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.training import plan as planner  # noqa: E402
+from longqlora.training.advice import longest_context  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -51,8 +52,10 @@ class CheckConfig:
     budget_s: float = field(default=540, metadata={"help": "Wall-time budget; parts that would overrun are skipped."})
     parts: list[str] = field(default_factory=lambda: ["tests", "speed", "recipe", "bench", "longest", "planner"])
     longest_trials: int = field(default=4, metadata={"help": "Training steps tried by the longest-context search."})
-    work_dir: str | None = field(default=None, metadata={"help": "Scratch space for the random model and the "
-                                                                 "recipe's output (default: the system temp dir)."})
+    work_dir: str | None = field(
+        default=None,
+        metadata={"help": "Scratch space for the random model and the recipe's output (default: the system temp dir)."},
+    )
 
     def __post_init__(self):
         bad = [p for p in self.parts if p not in PARTS]
@@ -64,8 +67,17 @@ class CheckConfig:
 def part_tests(cfg, ctx):
     """The GPU tests, in a subprocess; their log is kept."""
     log = Path(cfg.output_dir) / "gpu_tests.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "gpu", "tests/test_attention.py",
-           "tests/test_attention_kernels.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "-k",
+        "gpu",
+        "tests/test_attention.py",
+        "tests/test_attention_kernels.py",
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx["left"]())
     log.write_text(run.stdout + run.stderr)
     last = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -73,13 +85,14 @@ def part_tests(cfg, ctx):
 
 
 def part_speed(cfg, ctx):
-    lengths, heads, dtype = ([256, 512], 4, torch.float32) if cfg.dry_run else ([8192, 16384, 32768], 32,
-                                                                                  torch.bfloat16)
+    lengths, heads, dtype = (
+        ([256, 512], 4, torch.float32) if cfg.dry_run else ([8192, 16384, 32768], 32, torch.bfloat16)
+    )
     out = {}
     for packed in (False, True):
-        out["packed" if packed else "plain"] = s2_speed.measure(lengths, heads=heads, device=ctx["device"],
-                                                               dtype=dtype, repeats=1 if cfg.dry_run else 3,
-                                                               packed=packed)
+        out["packed" if packed else "plain"] = s2_speed.measure(
+            lengths, heads=heads, device=ctx["device"], dtype=dtype, repeats=1 if cfg.dry_run else 3, packed=packed
+        )
     return out
 
 
@@ -90,32 +103,51 @@ def part_recipe(cfg, ctx):
 
     recipe = _load_recipe("extend_7b_8k")
     work = Path(cfg.work_dir or tempfile.gettempdir()) / "longqlora-gpu-check"
-    argv = ["--output_dir", str(work / "recipe"), "--max_steps", "3", "--save_steps", "1000",
-            "--gradient_accumulation_steps", "1"]
+    argv = [
+        "--output_dir",
+        str(work / "recipe"),
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1000",
+        "--gradient_accumulation_steps",
+        "1",
+    ]
     if cfg.dry_run:
         argv += ["--tiny", "--max_steps", "2"]
     else:
         base = _random_model("llama-2-7b", work / "llama-2-7b-random")
         from longqlora.data import corpora
 
-        argv += ["--model_name_or_path", str(base), "--dataset", corpora.book_path("austen_emma"),
-                 "--min_length", "0"]
+        argv += ["--model_name_or_path", str(base), "--dataset", corpora.book_path("austen_emma"), "--min_length", "0"]
     start = time.perf_counter()
     adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv)
     record = json.loads((Path(adapter) / "longqlora_extension.json").read_text())
     train = record["train"]
     plan = record.get("memory_plan", {})
-    return {"argv": argv, "wall_s": time.perf_counter() - start, "steps": train["steps"], "loss": train["final_loss"],
-            "tokens_per_s": train["tokens"] / max(train["seconds"] or 1e-9, 1e-9),
-            "peak_allocated_gib": train.get("peak_allocated_gib"), "peak_reserved_gib": train.get("peak_reserved_gib"),
-            "planned_gib": plan.get("peak_allocated_gib"), "attention": record.get("s2_options")}
+    return {
+        "argv": argv,
+        "wall_s": time.perf_counter() - start,
+        "steps": train["steps"],
+        "loss": train["final_loss"],
+        "tokens_per_s": train["tokens"] / max(train["seconds"] or 1e-9, 1e-9),
+        "peak_allocated_gib": train.get("peak_allocated_gib"),
+        "peak_reserved_gib": train.get("peak_reserved_gib"),
+        "planned_gib": plan.get("peak_allocated_gib"),
+        "attention": record.get("s2_options"),
+    }
 
 
 def part_bench(cfg, ctx):
     name, contexts = ("tiny", [512]) if cfg.dry_run else ("llama-2-7b", [8192])
-    bench = memory_bench.BenchConfig(models=[name], contexts=contexts, steps=2 if cfg.dry_run else 3,
-                                     variants=["ours", "baseline", "baseline_plus", "ours_full_attention"],
-                                     search_longest=False, tiny=cfg.dry_run)  # the last: S2's step time at 8k
+    bench = memory_bench.BenchConfig(
+        models=[name],
+        contexts=contexts,
+        steps=2 if cfg.dry_run else 3,
+        variants=["ours", "baseline", "baseline_plus", "ours_full_attention"],
+        search_longest=False,
+        tiny=cfg.dry_run,
+    )  # the last: S2's step time at 8k
     points = []
     for context in bench.contexts:
         for variant in bench.variants:
@@ -132,8 +164,9 @@ def part_longest(cfg, ctx):
         name, step, limit = "tiny", 256, 4096
     else:
         name, step, limit = "llama-3.1-8b", 16384, 1 << 21
-    bench = memory_bench.BenchConfig(models=[name], contexts=[step], variants=["ours_lora"], steps=1,
-                                     search_longest=False, tiny=cfg.dry_run)
+    bench = memory_bench.BenchConfig(
+        models=[name], contexts=[step], variants=["ours_lora"], steps=1, search_longest=False, tiny=cfg.dry_run
+    )
     device = ctx["device"]
     guess = step * 2
     if device.type == "cuda":
@@ -141,9 +174,17 @@ def part_longest(cfg, ctx):
 
         total = torch.cuda.get_device_properties(0).total_memory / planner.GIB
         host = 0.5 * psutil.virtual_memory().total / planner.GIB  # TRL refuses to pin beyond 60% of the RAM
-        pc = planner.PlanConfig(model=name, context=step, trainable_params="", offload=True, tiled_mlp=True,
-                                optim="adamw", gpu_memory=total, host_memory=host)
-        guess = max(step, planner.longest_context(memory_bench.model_config(name), pc, step=step))
+        pc = planner.PlanConfig(
+            model=name,
+            context=step,
+            trainable_params="",
+            offload=True,
+            tiled_mlp=True,
+            optim="adamw",
+            gpu_memory=total,
+            host_memory=host,
+        )
+        guess = max(step, longest_context(memory_bench.model_config(name), pc, step=step))
     lo, hi, trials = 0, None, []
     n = guess
     for _ in range(cfg.longest_trials):
@@ -165,8 +206,15 @@ def part_planner(cfg, ctx):
         result = ctx["results"].get(part, {}).get("result") or {}
         for p in result.get("points", []) + result.get("trials", []):
             if "error" not in p:
-                rows.append(_error_row(part, p["variant"], p["context"], p["peak_bytes"] / planner.GIB,
-                                       p["planned_bytes"] / planner.GIB))
+                rows.append(
+                    _error_row(
+                        part,
+                        p["variant"],
+                        p["context"],
+                        p["peak_bytes"] / planner.GIB,
+                        p["planned_bytes"] / planner.GIB,
+                    )
+                )
     recipe = ctx["results"].get("recipe", {}).get("result") or {}
     if recipe.get("peak_allocated_gib") and recipe.get("planned_gib"):
         rows.append(_error_row("recipe", "recipe", 8192, recipe["peak_allocated_gib"], recipe["planned_gib"]))
@@ -174,13 +222,25 @@ def part_planner(cfg, ctx):
 
 
 def _error_row(source, variant, context, measured_gib, planned_gib) -> dict:
-    return {"source": source, "variant": variant, "context": context, "measured_gib": measured_gib,
-            "planned_gib": planned_gib, "error_pct": 100 * (planned_gib - measured_gib) / measured_gib}
+    return {
+        "source": source,
+        "variant": variant,
+        "context": context,
+        "measured_gib": measured_gib,
+        "planned_gib": planned_gib,
+        "error_pct": 100 * (planned_gib - measured_gib) / measured_gib,
+    }
 
 
 # (function, estimated seconds on a GPU, on a CPU dry run)
-PARTS = {"tests": (part_tests, 60, 20), "speed": (part_speed, 45, 5), "recipe": (part_recipe, 150, 15),
-         "bench": (part_bench, 120, 10), "longest": (part_longest, 150, 10), "planner": (part_planner, 1, 1)}
+PARTS = {
+    "tests": (part_tests, 60, 20),
+    "speed": (part_speed, 45, 5),
+    "recipe": (part_recipe, 150, 15),
+    "bench": (part_bench, 120, 10),
+    "longest": (part_longest, 150, 10),
+    "planner": (part_planner, 1, 1),
+}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -242,11 +302,17 @@ def _random_model(preset: str, path: Path) -> Path:
 def environment(device) -> dict:
     from longqlora import hardware
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.machine()}",
-           "capability": hardware.cuda_capability(), "auto_kernels": hardware.auto_kernels(device),
-           "flash_attn": hardware.flash_attn_module() is not None, "xformers": hardware.xformers_ops() is not None,
-           "torch_varlen": hardware.torch_varlen() is not None}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.machine()}",
+        "capability": hardware.cuda_capability(),
+        "auto_kernels": hardware.auto_kernels(device),
+        "flash_attn": hardware.flash_attn_module() is not None,
+        "xformers": hardware.xformers_ops() is not None,
+        "torch_varlen": hardware.torch_varlen() is not None,
+    }
     for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
         try:
             env[name] = __import__(name).__version__
@@ -257,10 +323,18 @@ def environment(device) -> dict:
 
 def render(record: dict) -> str:
     gib = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-    lines = [f"# GPU check: {record['environment']['device']}", "", f"`{record['command']}`", "",
-             markdown_table(["package", "version"], [[k, str(v)] for k, v in record["environment"].items()]), "",
-             markdown_table(["part", "status", "seconds"], [[name, r["status"], f"{r.get('seconds', 0):.0f}"]
-                                                           for name, r in record["parts"].items()])]
+    lines = [
+        f"# GPU check: {record['environment']['device']}",
+        "",
+        f"`{record['command']}`",
+        "",
+        markdown_table(["package", "version"], [[k, str(v)] for k, v in record["environment"].items()]),
+        "",
+        markdown_table(
+            ["part", "status", "seconds"],
+            [[name, r["status"], f"{r.get('seconds', 0):.0f}"] for name, r in record["parts"].items()],
+        ),
+    ]
     parts = record["parts"]
     for name, r in parts.items():
         if r["status"] == "failed":
@@ -272,30 +346,72 @@ def render(record: dict) -> str:
             lines += ["", s2_speed.table(rows, f"## S2-Attn op against full attention, {rows_kind} rows")]
     recipe = parts.get("recipe", {}).get("result")
     if recipe:
-        lines += ["", "## The recipe (extend_7b_8k.py)", "", markdown_table(
-            ["steps", "loss", "tokens/s", "peak allocated GiB", "peak reserved GiB", "planned GiB"],
-            [[recipe["steps"], f"{recipe['loss']:.3f}", f"{recipe['tokens_per_s']:.0f}",
-              gib(recipe["peak_allocated_gib"]), gib(recipe["peak_reserved_gib"]), gib(recipe["planned_gib"])]])]
+        lines += [
+            "",
+            "## The recipe (extend_7b_8k.py)",
+            "",
+            markdown_table(
+                ["steps", "loss", "tokens/s", "peak allocated GiB", "peak reserved GiB", "planned GiB"],
+                [
+                    [
+                        recipe["steps"],
+                        f"{recipe['loss']:.3f}",
+                        f"{recipe['tokens_per_s']:.0f}",
+                        gib(recipe["peak_allocated_gib"]),
+                        gib(recipe["peak_reserved_gib"]),
+                        gib(recipe["planned_gib"]),
+                    ]
+                ],
+            ),
+        ]
     for name in ("bench", "longest"):
         result = parts.get(name, {}).get("result") or {}
         points = result.get("points", []) + result.get("trials", [])
         if points:
             lines += ["", f"## {name}", ""]
             if name == "longest":
-                lines += [f"planned longest {result['planned_longest']:,}; trained {result['longest_trained']:,}; "
-                          f"first failure {result['first_failure']}", ""]
-            lines.append(markdown_table(
-                ["variant", "context", "peak allocated GiB", "peak reserved GiB", "tokens/s", "planned GiB"],
-                [[p["variant"], p["context"], p.get("error") or gib(p["peak_bytes"] / planner.GIB),
-                  gib(p["reserved_bytes"] / planner.GIB) if p.get("reserved_bytes") else "",
-                  f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "",
-                  gib(p["planned_bytes"] / planner.GIB) if "planned_bytes" in p else ""] for p in points]))
+                lines += [
+                    f"planned longest {result['planned_longest']:,}; trained {result['longest_trained']:,}; "
+                    f"first failure {result['first_failure']}",
+                    "",
+                ]
+            lines.append(
+                markdown_table(
+                    ["variant", "context", "peak allocated GiB", "peak reserved GiB", "tokens/s", "planned GiB"],
+                    [
+                        [
+                            p["variant"],
+                            p["context"],
+                            p.get("error") or gib(p["peak_bytes"] / planner.GIB),
+                            gib(p["reserved_bytes"] / planner.GIB) if p.get("reserved_bytes") else "",
+                            f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "",
+                            gib(p["planned_bytes"] / planner.GIB) if "planned_bytes" in p else "",
+                        ]
+                        for p in points
+                    ],
+                )
+            )
     errors = (parts.get("planner", {}).get("result") or {}).get("points", [])
     if errors:
-        lines += ["", "## Planner error", "", markdown_table(
-            ["source", "variant", "context", "measured GiB", "planned GiB", "error"],
-            [[e["source"], e["variant"], e["context"], gib(e["measured_gib"]), gib(e["planned_gib"]),
-              f"{e['error_pct']:+.1f}%"] for e in errors])]
+        lines += [
+            "",
+            "## Planner error",
+            "",
+            markdown_table(
+                ["source", "variant", "context", "measured GiB", "planned GiB", "error"],
+                [
+                    [
+                        e["source"],
+                        e["variant"],
+                        e["context"],
+                        gib(e["measured_gib"]),
+                        gib(e["planned_gib"]),
+                        f"{e['error_pct']:+.1f}%",
+                    ]
+                    for e in errors
+                ],
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -309,8 +425,13 @@ def run(cfg: CheckConfig, argv: list[str]) -> dict:
     dtype = torch.float32 if cfg.dry_run else (torch.bfloat16 if supports_bf16() else torch.float16)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     left = lambda: cfg.budget_s - (time.perf_counter() - start)  # noqa: E731
-    record = {"command": f"python bench/gpu_check.py {' '.join(argv)}", "environment": environment(device),
-              "dtype": str(dtype), "budget_s": cfg.budget_s, "parts": {}}
+    record = {
+        "command": f"python bench/gpu_check.py {' '.join(argv)}",
+        "environment": environment(device),
+        "dtype": str(dtype),
+        "budget_s": cfg.budget_s,
+        "parts": {},
+    }
     ctx = {"device": device, "dtype": dtype, "left": left, "results": record["parts"]}
     for name in cfg.parts:
         fn, gpu_s, cpu_s = PARTS[name]
@@ -323,8 +444,11 @@ def run(cfg: CheckConfig, argv: list[str]) -> dict:
             result = fn(cfg, ctx)
             record["parts"][name] = {"status": "ok", "result": result}
         except Exception as err:  # every part runs; a failure is a finding, kept with its traceback
-            record["parts"][name] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                                     "traceback": traceback.format_exc()[-8000:]}
+            record["parts"][name] = {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}"[:2000],
+                "traceback": traceback.format_exc()[-8000:],
+            }
         record["parts"][name]["seconds"] = time.perf_counter() - t0
         logger.info("%s: %s (%.0f s)", name, record["parts"][name]["status"], record["parts"][name]["seconds"])
         _write(cfg, record)  # after every part: a run killed at its limit still leaves a report

@@ -4,9 +4,9 @@ planner's prediction; the longest context ours trains at on this GPU.
 Each model is built from its preset config with random weights, every decoder Linear quantised to NF4 one at a
 time (no download, never a 16-bit copy of the model). Ours goes through the toolkit's own adaptation
 (`adapters.adapt_for_training`: 16-bit frozen weights, fp32 trained copies, the residual stream in the compute dtype,
-S2-Attn) and memory switches (`longqlora.training.memory`); the baseline is what a user of transformers + PEFT + bitsandbytes
-runs instead (`prepare_model_for_kbit_training`, LoRA on q/k/v/o, SDPA full attention, gradient checkpointing, the
-model's own loss), with plain LoRA and with the same trained embedding and norms as ours.
+S2-Attn) and memory switches (`longqlora.training.memory`); the baseline is what a user of transformers + PEFT +
+bitsandbytes runs instead (`prepare_model_for_kbit_training`, LoRA on q/k/v/o, SDPA full attention, gradient
+checkpointing, the model's own loss), with plain LoRA and with the same trained embedding and norms as ours.
 
     python bench/memory.py --output docs/memory_gpu.md                 # a GPU: full depth, 8k-32k, longest context
     python bench/memory.py --layers 2 4 --contexts 2048 4096 8192 \\
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from longqlora.cli import setup_logging
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
 from longqlora.training import memory
 from longqlora.training import plan as planner
-from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
-from longqlora.cli import setup_logging
 
 logger = logging.getLogger("bench.memory")
 
@@ -73,26 +73,46 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["llama-2-7b", "llama-2-13b", "llama-3.1-8b", "llama-2-70b"])
     contexts: list[int] = field(default_factory=lambda: [8192, 16384, 32768])
     variants: list[str] = field(default_factory=lambda: ["ours", "ours_no_offload", "baseline", "baseline_plus"])
-    layers: list[int] = field(default_factory=list, metadata={
-        "help": "Decoder layers to build (the preset's width, heads, vocabulary and MLP); two or more depths fit "
-                "fixed + layers x per-layer and extrapolate to full depth. Empty: the full model."})
-    steps: int = field(default=2, metadata={"help": "Training steps per point: the first gives the peak (on a CPU "
-                                                    "under the profiler), the others tokens/s (the first if alone)."})
+    layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Decoder layers to build (the preset's width, heads, vocabulary and MLP); two or more depths fit "
+            "fixed + layers x per-layer and extrapolate to full depth. Empty: the full model."
+        },
+    )
+    steps: int = field(
+        default=2,
+        metadata={
+            "help": "Training steps per point: the first gives the peak (on a CPU "
+            "under the profiler), the others tokens/s (the first if alone)."
+        },
+    )
     rank: int = 8
     lora_dropout: float = 0.05
     tiled_mlp_tokens: int = 16384
-    rows: str = field(default="plain", metadata={"help": "plain rows, or packed: 4 documents per row (S2's varlen "
-                                                        "path; the baseline gets the same position ids)."})
-    dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bf16, fp16 on a V100), bfloat16, "
-                                                        "float16, float32."})
-    search_longest: bool = field(default=True, metadata={"help": "On a GPU, also find the longest context ours "
-                                                                 "trains at (full depth)."})
+    rows: str = field(
+        default="plain",
+        metadata={
+            "help": "plain rows, or packed: 4 documents per row (S2's varlen "
+            "path; the baseline gets the same position ids)."
+        },
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "Compute dtype: auto (bf16, fp16 on a V100), bfloat16, float16, float32."}
+    )
+    search_longest: bool = field(
+        default=True, metadata={"help": "On a GPU, also find the longest context ours trains at (full depth)."}
+    )
     output: str = "docs/memory.md"
-    json: str | None = field(default=None, metadata={"help": "Also write every measured point as JSON (the "
-                                                             "planner's calibration test reads it)."})
+    json: str | None = field(
+        default=None,
+        metadata={"help": "Also write every measured point as JSON (the planner's calibration test reads it)."},
+    )
     tiny: bool = field(default=False, metadata={"help": "Tiny shapes on the CPU (tests): the same code, seconds."})
-    report_from: str | None = field(default=None, metadata={"help": "Measure nothing: render --output from the "
-                                                                    "points of this JSON, with the current planner."})
+    report_from: str | None = field(
+        default=None,
+        metadata={"help": "Measure nothing: render --output from the points of this JSON, with the current planner."},
+    )
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -140,10 +160,18 @@ def build_nf4(config, device: torch.device, dtype: torch.dtype):
             if not isinstance(child, torch.nn.Linear):
                 continue
             weight = torch.randn(child.out_features, child.in_features, generator=gen, device=device, dtype=dtype)
-            new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
-                                    compress_statistics=True, quant_type="nf4", device="meta")
-            new.weight = bnb.nn.Params4bit(weight.mul_(0.02), requires_grad=False, compress_statistics=True,
-                                           quant_type="nf4").to(device)
+            new = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=False,
+                compute_dtype=dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            new.weight = bnb.nn.Params4bit(
+                weight.mul_(0.02), requires_grad=False, compress_statistics=True, quant_type="nf4"
+            ).to(device)
             setattr(parent, name, new)
             del weight
     for module in model.modules():  # embeddings, norms, lm_head: still on the meta device
@@ -163,9 +191,16 @@ def prepare(model, variant: Variant, context: int, cfg: BenchConfig, dtype: torc
     from longqlora.adapters import adapt_for_training, add_adapters
     from longqlora.model import ModelConfig
 
-    mcfg = ModelConfig(model_name_or_path="bench", target_context=context, lora_r=cfg.rank, lora_alpha=2 * cfg.rank,
-                       lora_dropout=cfg.lora_dropout, trainable_params="embed,norm" if variant.lora_plus else "",
-                       s2_attention=variant.ours and variant.s2, s2_group_schedule="none")
+    mcfg = ModelConfig(
+        model_name_or_path="bench",
+        target_context=context,
+        lora_r=cfg.rank,
+        lora_alpha=2 * cfg.rank,
+        lora_dropout=cfg.lora_dropout,
+        trainable_params="embed,norm" if variant.lora_plus else "",
+        s2_attention=variant.ours and variant.s2,
+        s2_group_schedule="none",
+    )
     if variant.ours:
         model, _ = adapt_for_training(model, mcfg, dtype)
         if variant.recompute_norms:
@@ -173,8 +208,9 @@ def prepare(model, variant: Variant, context: int, cfg: BenchConfig, dtype: torc
         if variant.recompute_dropout:
             memory.recompute_lora_dropout(model)
         if variant.tiled_mlp != "off":
-            memory.enable_tiled_mlp(model, cfg.tiled_mlp_tokens, 0 if variant.tiled_mlp == "on"
-                                    else 4 * cfg.tiled_mlp_tokens)
+            memory.enable_tiled_mlp(
+                model, cfg.tiled_mlp_tokens, 0 if variant.tiled_mlp == "on" else 4 * cfg.tiled_mlp_tokens
+            )
     else:
         from peft import prepare_model_for_kbit_training
 
@@ -209,8 +245,7 @@ def train_steps(model, variant: Variant, context: int, cfg: BenchConfig, device,
     if variant.ours:
         add_fused_lm_head(model.get_base_model())
     hidden = model.config.get_text_config().hidden_size
-    threshold = memory.offload_threshold_bytes(variant.offload if variant.ours else "off", 8192, hidden,
-                                               dtype.itemsize)
+    threshold = memory.offload_threshold_bytes(variant.offload if variant.ours else "off", 8192, hidden, dtype.itemsize)
     offload = memory.offload_context(model, threshold)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_for(params, variant.optim)
@@ -243,13 +278,18 @@ def train_steps(model, variant: Variant, context: int, cfg: BenchConfig, device,
         # flag for the whole step, backward and recomputation included, makes the CPU step take the GPU's branch.
         torch.set_autocast_enabled("cuda", True)
     try:
-        cpu_peak = _measured_steps(one_step, cfg.steps, measure_cpu and (lambda run: _resident_bytes(
-            model, optimizer) + measure_cpu(run)))
+        cpu_peak = _measured_steps(
+            one_step, cfg.steps, measure_cpu and (lambda run: _resident_bytes(model, optimizer) + measure_cpu(run))
+        )
     finally:
         torch.set_autocast_enabled("cuda", False)
     timed = times[1:] or times  # the first step warms up (and on a CPU runs under the profiler)
-    return {"tokens_per_s": context / (sum(timed) / len(timed)), "loss": losses[-1], "cpu_peak": cpu_peak,
-            "timed_steps": len(times) - 1 if measure_cpu or len(times) > 1 else 1}
+    return {
+        "tokens_per_s": context / (sum(timed) / len(timed)),
+        "loss": losses[-1],
+        "cpu_peak": cpu_peak,
+        "timed_steps": len(times) - 1 if measure_cpu or len(times) > 1 else 1,
+    }
 
 
 def _measured_steps(one_step, steps: int, measure_cpu) -> int | None:
@@ -270,8 +310,16 @@ def _resident_bytes(model, optimizer) -> int:
     for module in model.modules():  # bitsandbytes keeps the NF4 scales outside the parameter
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
-            tensors += [t for t in (state.absmax, state.code, getattr(state.state2, "absmax", None),
-                                    getattr(state.state2, "code", None)) if t is not None]
+            tensors += [
+                t
+                for t in (
+                    state.absmax,
+                    state.code,
+                    getattr(state.state2, "absmax", None),
+                    getattr(state.state2, "code", None),
+                )
+                if t is not None
+            ]
     for state in optimizer.state.values():
         tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -282,8 +330,9 @@ def _profile_peak(run) -> int:
     """The highest total of live CPU tensor bytes above the start while `run()` runs (allocation events in order)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted((e for e in prof.profiler.function_events if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.profiler.function_events if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
+    )
     live = peak = 0
     for event in events:
         live += event.self_cpu_memory_usage
@@ -293,16 +342,36 @@ def _profile_peak(run) -> int:
 
 def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with."""
-    offload = variant.ours and device.type == "cuda" and (
-        variant.offload == "on" or (variant.offload == "auto" and context >= 8192))
-    tiled = variant.ours and context > cfg.tiled_mlp_tokens and (
-        variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and context >= 4 * cfg.tiled_mlp_tokens))
-    return planner.plan(config, planner.PlanConfig(
-        model=name, context=context, rank=cfg.rank, trainable_params="embed,norm" if variant.lora_plus else "",
-        offload=offload, chunked_loss=variant.ours, tiled_mlp=tiled, tile_tokens=cfg.tiled_mlp_tokens,
-        compute_dtype=str(dtype).removeprefix("torch."), lora_dropout=cfg.lora_dropout, baseline=not variant.ours,
-        recompute_norms=variant.recompute_norms, recompute_dropout=variant.recompute_dropout, optim=variant.optim,
-        device=device.type))
+    offload = (
+        variant.ours
+        and device.type == "cuda"
+        and (variant.offload == "on" or (variant.offload == "auto" and context >= 8192))
+    )
+    tiled = (
+        variant.ours
+        and context > cfg.tiled_mlp_tokens
+        and (variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and context >= 4 * cfg.tiled_mlp_tokens))
+    )
+    return planner.plan(
+        config,
+        planner.PlanConfig(
+            model=name,
+            context=context,
+            rank=cfg.rank,
+            trainable_params="embed,norm" if variant.lora_plus else "",
+            offload=offload,
+            chunked_loss=variant.ours,
+            tiled_mlp=tiled,
+            tile_tokens=cfg.tiled_mlp_tokens,
+            compute_dtype=str(dtype).removeprefix("torch."),
+            lora_dropout=cfg.lora_dropout,
+            baseline=not variant.ours,
+            recompute_norms=variant.recompute_norms,
+            recompute_dropout=variant.recompute_dropout,
+            optim=variant.optim,
+            device=device.type,
+        ),
+    )
 
 
 def measure(name: str, layers: int | None, variant_name: str, context: int, cfg: BenchConfig, device, dtype) -> dict:
@@ -312,8 +381,9 @@ def measure(name: str, layers: int | None, variant_name: str, context: int, cfg:
     _free(device)
     model = prepare(build_nf4(config, device, dtype), variant, context, cfg, dtype)
     try:
-        result = train_steps(model, variant, context, cfg, device, dtype,
-                             measure_cpu=_profile_peak if device.type == "cpu" else None)
+        result = train_steps(
+            model, variant, context, cfg, device, dtype, measure_cpu=_profile_peak if device.type == "cpu" else None
+        )
     finally:
         del model
     if device.type == "cuda":
@@ -321,12 +391,22 @@ def measure(name: str, layers: int | None, variant_name: str, context: int, cfg:
     else:
         peak, reserved = result["cpu_peak"], None
     predicted = plan_for(config, name, variant, context, cfg, device, dtype)
-    return {"model": name, "layers": config.num_hidden_layers, "variant": variant_name, "context": context,
-            "rows": cfg.rows, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
-            "peak_bytes": peak, "reserved_bytes": reserved, "tokens_per_s": result["tokens_per_s"],
-            "timed_steps": result["timed_steps"],
-            "loss": result["loss"], "planned_bytes": predicted["peak_allocated_gib"] * planner.GIB,
-            "plan": predicted["config"]}
+    return {
+        "model": name,
+        "layers": config.num_hidden_layers,
+        "variant": variant_name,
+        "context": context,
+        "rows": cfg.rows,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "peak_bytes": peak,
+        "reserved_bytes": reserved,
+        "tokens_per_s": result["tokens_per_s"],
+        "timed_steps": result["timed_steps"],
+        "loss": result["loss"],
+        "planned_bytes": predicted["peak_allocated_gib"] * planner.GIB,
+        "plan": predicted["config"],
+    }
 
 
 def _free(device) -> None:
@@ -338,6 +418,7 @@ def _free(device) -> None:
 
 def longest_context(name: str, cfg: BenchConfig, device, dtype, start: int = 32768, limit: int = 1 << 21) -> int:
     """The longest context (a multiple of 8192) at which ours trains a step without running out of memory."""
+
     def trains(n):
         out_of_memory = False
         try:
@@ -366,31 +447,74 @@ def fit_depth(points: list[dict], full_layers: int) -> dict | None:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     per_layer = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     fixed = my - per_layer * mx
-    return {"fixed_bytes": fixed, "per_layer_bytes": per_layer, "full_layers": full_layers,
-            "extrapolated_bytes": fixed + per_layer * full_layers}
+    return {
+        "fixed_bytes": fixed,
+        "per_layer_bytes": per_layer,
+        "full_layers": full_layers,
+        "extrapolated_bytes": fixed + per_layer * full_layers,
+    }
 
 
 def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longest: list) -> tuple[str, list]:
     gib = planner.GIB
-    where = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    lines = [f"# Training memory: {where}, torch {torch.__version__}", "",
-             f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"), ""]
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"# Training memory: {where}, torch {torch.__version__}",
+        "",
+        f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"),
+        "",
+    ]
     rows = []
     for p in points:
         if "error" in p:
             rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
             continue
-        p = {**p, "planned_bytes": plan_for(model_config(p["model"], p["layers"]), p["model"], VARIANTS[p["variant"]],
-                                            p["context"], cfg, torch.device(p["device"]), getattr(torch, p["dtype"]))[
-            "peak_allocated_gib"] * gib}  # the current planner, also for points measured before it changed
+        p = {
+            **p,
+            "planned_bytes": plan_for(
+                model_config(p["model"], p["layers"]),
+                p["model"],
+                VARIANTS[p["variant"]],
+                p["context"],
+                cfg,
+                torch.device(p["device"]),
+                getattr(torch, p["dtype"]),
+            )["peak_allocated_gib"]
+            * gib,
+        }  # the current planner, also for points measured before it changed
         err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
         reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
-        rows.append([p["model"], p["layers"], p["context"], p["variant"], f"{p['peak_bytes'] / gib:.3f}", reserved,
-                     f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
-                     f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)"])
-    lines.append(markdown_table(["model", "layers", "context", "variant", "peak allocated GiB", "peak reserved GiB",
-                                 "tokens/s", "planned GiB (error)"], rows))
+        rows.append(
+            [
+                p["model"],
+                p["layers"],
+                p["context"],
+                p["variant"],
+                f"{p['peak_bytes'] / gib:.3f}",
+                reserved,
+                f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
+                f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "model",
+                "layers",
+                "context",
+                "variant",
+                "peak allocated GiB",
+                "peak reserved GiB",
+                "tokens/s",
+                "planned GiB (error)",
+            ],
+            rows,
+        )
+    )
     fits = []
     groups = {}
     for p in points:
@@ -402,31 +526,73 @@ def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longes
         if fit is None:
             continue
         dtype = getattr(torch, group[0]["dtype"])
-        planned = plan_for(model_config(name), name, VARIANTS[variant], context, cfg,
-                           torch.device(group[0]["device"]), dtype)["peak_allocated_gib"] * gib
+        planned = (
+            plan_for(
+                model_config(name), name, VARIANTS[variant], context, cfg, torch.device(group[0]["device"]), dtype
+            )["peak_allocated_gib"]
+            * gib
+        )
         on_gpu = plan_for(model_config(name), name, VARIANTS[variant], context, cfg, torch.device("cuda"), dtype)
         err = 100 * (planned - fit["extrapolated_bytes"]) / fit["extrapolated_bytes"]
-        fits.append({"model": name, "variant": variant, "context": context, **fit, "planned_bytes": planned,
-                     "planned_gpu_need_gib": on_gpu["device_need_gib"]})
-        fits[-1]["row"] = [name, context, variant, f"{fit['fixed_bytes'] / gib:.3f}",
-                           f"{fit['per_layer_bytes'] / gib:.4f}", full, f"{fit['extrapolated_bytes'] / gib:.2f}",
-                           f"{planned / gib:.2f} ({err:+.1f}%)", f"{on_gpu['device_need_gib']:.2f}"]
+        fits.append(
+            {
+                "model": name,
+                "variant": variant,
+                "context": context,
+                **fit,
+                "planned_bytes": planned,
+                "planned_gpu_need_gib": on_gpu["device_need_gib"],
+            }
+        )
+        fits[-1]["row"] = [
+            name,
+            context,
+            variant,
+            f"{fit['fixed_bytes'] / gib:.3f}",
+            f"{fit['per_layer_bytes'] / gib:.4f}",
+            full,
+            f"{fit['extrapolated_bytes'] / gib:.2f}",
+            f"{planned / gib:.2f} ({err:+.1f}%)",
+            f"{on_gpu['device_need_gib']:.2f}",
+        ]
     if fits:
-        lines += ["", "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
-                  "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
-                  "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):", "",
-                  markdown_table(["model", "context", "variant", "fixed GiB", "per layer GiB", "full depth",
-                                  "extrapolated GiB", "planned GiB (error)", "planned GPU need GiB"],
-                                 [f.pop("row") for f in fits])]
+        lines += [
+            "",
+            "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
+            "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
+            "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):",
+            "",
+            markdown_table(
+                [
+                    "model",
+                    "context",
+                    "variant",
+                    "fixed GiB",
+                    "per layer GiB",
+                    "full depth",
+                    "extrapolated GiB",
+                    "planned GiB (error)",
+                    "planned GPU need GiB",
+                ],
+                [f.pop("row") for f in fits],
+            ),
+        ]
     speed = speed_rows(points)
     if speed:
-        lines += ["", "Speed where steps ran without the profiler (ratios within one command's run; the same "
-                  "machine, one after the other):", "",
-                  markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"],
-                                 speed)]
+        lines += [
+            "",
+            "Speed where steps ran without the profiler (ratios within one command's run; the same "
+            "machine, one after the other):",
+            "",
+            markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"], speed),
+        ]
     if longest:
-        lines += ["", "Longest context ours trains (LoRA+, S2-Attn, every switch):", "",
-                  markdown_table(["model", "tokens"], longest)]
+        lines += [
+            "",
+            "Longest context ours trains (LoRA+, S2-Attn, every switch):",
+            "",
+            markdown_table(["model", "tokens"], longest),
+        ]
     return "\n".join(lines) + "\n", fits
 
 
@@ -437,8 +603,16 @@ def speed_rows(points: list[dict]) -> list[list]:
     rows = []
     for p in timed:
         ref = ours.get((p["model"], p["layers"], p["context"]))
-        rows.append([p["model"], p["layers"], p["context"], p["variant"], f"{p['tokens_per_s']:.1f}",
-                     f"{ref / p['tokens_per_s']:.2f}" if ref else ""])
+        rows.append(
+            [
+                p["model"],
+                p["layers"],
+                p["context"],
+                p["variant"],
+                f"{p['tokens_per_s']:.1f}",
+                f"{ref / p['tokens_per_s']:.2f}" if ref else "",
+            ]
+        )
     return rows
 
 
@@ -463,18 +637,29 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                         out_of_memory = True  # freed below, once the traceback's frames are gone
                     if out_of_memory:
                         _free(device)
-                        point = {"model": name, "layers": layers or model_config(name).num_hidden_layers,
-                                 "variant": variant, "context": context, "error": "out of memory"}
+                        point = {
+                            "model": name,
+                            "layers": layers or model_config(name).num_hidden_layers,
+                            "variant": variant,
+                            "context": context,
+                            "error": "out of memory",
+                        }
                     logger.info("%s", {k: v for k, v in point.items() if k != "plan"})
                     points.append(point)
                     if cfg.json:  # every point kept as it comes: a long CPU run cut short loses nothing measured
-                        write_json_atomic(cfg.json, merge_record(cfg.json, {
-                            "command": _command(argv), "points": points, "fits": []}))
+                        write_json_atomic(
+                            cfg.json, merge_record(cfg.json, {"command": _command(argv), "points": points, "fits": []})
+                        )
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:
             longest.append([name, f"{longest_context(name, cfg, device, dtype):,}"])
     text, fits = report(points, cfg, argv, device, longest)
-    return text, {"command": _command(argv), "device": device.type,
-                  "torch": torch.__version__, "points": points, "fits": fits}
+    return text, {
+        "command": _command(argv),
+        "device": device.type,
+        "torch": torch.__version__,
+        "points": points,
+        "fits": fits,
+    }
 
 
 def _command(argv: list[str]) -> str:
@@ -494,8 +679,11 @@ def main(argv=None) -> None:
             record = json.load(f)
         points = record["points"]
         text, _ = report(points, cfg, argv, torch.device(points[0]["device"] if points else "cpu"), [])
-        text = text.replace("\n\n", "\n\nPoints measured by:\n\n" + "\n".join(
-            f"- `{c}`" for c in record.get("commands", [])) + "\n\n", 1)
+        text = text.replace(
+            "\n\n",
+            "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n",
+            1,
+        )
         write_text_atomic(cfg.output, text)
         print(text)
         return
@@ -520,9 +708,11 @@ def merge_record(path: str, record: dict) -> dict:
     fresh = {key(p) for p in record["points"]}
     fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
     new_fits = {fit_key(f) for f in record["fits"]}
-    return {"commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
-            "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
-            "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"]}
+    return {
+        "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
+        "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
+        "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
+    }
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ class Args:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     repeats: int = field(default=3, metadata={"help": "timed runs per cell; the median is reported"})
     backward: bool = field(default=True, metadata={"help": "also time forward+backward"})
-    packed: bool = field(default=False, metadata={"help": "4 documents per row: S2's varlen path against full "
-                                                          "attention within the documents"})
+    packed: bool = field(
+        default=False,
+        metadata={"help": "4 documents per row: S2's varlen path against full attention within the documents"},
+    )
     output: str | None = field(default=None, metadata={"help": "write the Markdown table here"})
 
 
@@ -51,8 +53,18 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def measure(lengths, *, heads: int, head_dim: int = 128, group_ratio: float = 0.25, device="cpu",
-            dtype=torch.float32, repeats: int = 3, backward: bool = True, packed: bool = False) -> list[dict]:
+def measure(
+    lengths,
+    *,
+    heads: int,
+    head_dim: int = 128,
+    group_ratio: float = 0.25,
+    device="cpu",
+    dtype=torch.float32,
+    repeats: int = 3,
+    backward: bool = True,
+    packed: bool = False,
+) -> list[dict]:
     """Median times of full causal SDPA and of S2-Attn per length. On CUDA both sides are held to SDPA's flash
     kernel for plain rows (a path that would fall back to another kernel raises instead of running slowly);
     `packed` rows (4 documents) take S2's varlen kernel against full attention over the same documents."""
@@ -69,17 +81,24 @@ def measure(lengths, *, heads: int, head_dim: int = 128, group_ratio: float = 0.
         group = max(1, round(group_ratio * n))
         # (B, N, H, D) memory seen as (B, H, N, D): the layout a transformers attention module hands over.
         shape = (1, n, heads, head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(shape, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward) for _ in range(3)
+        )
         pos = None
         if packed:
-            pos = torch.cat([torch.arange(n // 4, device=device)] * 3 + [torch.arange(n - 3 * (n // 4),
-                                                                                       device=device)])[None]
-        ops = {"full": (lambda: s2_attention(q, k, v, WHOLE, position_ids=pos, full_heads=1.0)) if packed else
-               (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-               "s2": lambda: s2_attention(q, k, v, group, position_ids=pos)}
+            pos = torch.cat(
+                [torch.arange(n // 4, device=device)] * 3 + [torch.arange(n - 3 * (n // 4), device=device)]
+            )[None]
+        # The operands are bound as defaults: each op runs inside this iteration, with this iteration's tensors.
+        ops = {
+            "full": (lambda q=q, k=k, v=v, pos=pos: s2_attention(q, k, v, WHOLE, position_ids=pos, full_heads=1.0))
+            if packed
+            else (lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+            "s2": lambda q=q, k=k, v=v, group=group, pos=pos: s2_attention(q, k, v, group, position_ids=pos),
+        }
         cells = {}
         for name, op in ops.items():
+
             def forward(op=op):
                 with torch.no_grad(), kernels():
                     op()
@@ -89,35 +108,66 @@ def measure(lengths, *, heads: int, head_dim: int = 128, group_ratio: float = 0.
                     op().sum().backward()
 
             cells[name] = (timed(forward, device, repeats), timed(both, device, repeats) if backward else float("nan"))
-        rows.append({"tokens": n, "group": group, "full_fwd_s": cells["full"][0], "full_fwd_bwd_s": cells["full"][1],
-                     "s2_fwd_s": cells["s2"][0], "s2_fwd_bwd_s": cells["s2"][1]})
-        print(f"{n:>6} tokens  G={group:<5} forward full {cells['full'][0]*1e3:9.1f} ms  "
-              f"s2 {cells['s2'][0]*1e3:9.1f} ms  ratio {cells['s2'][0]/cells['full'][0]:.3f}", flush=True)
+        rows.append(
+            {
+                "tokens": n,
+                "group": group,
+                "full_fwd_s": cells["full"][0],
+                "full_fwd_bwd_s": cells["full"][1],
+                "s2_fwd_s": cells["s2"][0],
+                "s2_fwd_bwd_s": cells["s2"][1],
+            }
+        )
+        print(
+            f"{n:>6} tokens  G={group:<5} forward full {cells['full'][0] * 1e3:9.1f} ms  "
+            f"s2 {cells['s2'][0] * 1e3:9.1f} ms  ratio {cells['s2'][0] / cells['full'][0]:.3f}",
+            flush=True,
+        )
     return rows
 
 
 def table(rows: list[dict], title: str) -> str:
-    lines = [title, "",
-             "| tokens | group | full fwd (ms) | S2 fwd (ms) | S2/full fwd | full fwd+bwd (ms) | S2 fwd+bwd (ms) | "
-             "S2/full fwd+bwd |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        title,
+        "",
+        "| tokens | group | full fwd (ms) | S2 fwd (ms) | S2/full fwd | full fwd+bwd (ms) | S2 fwd+bwd (ms) | "
+        "S2/full fwd+bwd |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ff, sf, fb, sb = r["full_fwd_s"], r["s2_fwd_s"], r["full_fwd_bwd_s"], r["s2_fwd_bwd_s"]
-        lines.append(f"| {r['tokens']} | {r['group']} | {ff*1e3:.1f} | {sf*1e3:.1f} | {sf/ff:.3f} | {fb*1e3:.1f} | "
-                     f"{sb*1e3:.1f} | {sb/fb:.3f} |")
+        lines.append(
+            f"| {r['tokens']} | {r['group']} | {ff * 1e3:.1f} | {sf * 1e3:.1f} | {sf / ff:.3f} | {fb * 1e3:.1f} | "
+            f"{sb * 1e3:.1f} | {sb / fb:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main():
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = measure(args.lengths, heads=args.heads, head_dim=args.head_dim, group_ratio=args.group_ratio,
-                   device=device, dtype=dtype, repeats=args.repeats, backward=args.backward, packed=args.packed)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    text = table(rows, f"S2-Attn vs full causal SDPA — {name}, torch {torch.__version__}, {args.dtype}, batch 1, "
-                       f"{args.heads} heads x {args.head_dim}, group = {args.group_ratio} x length, median of "
-                       f"{args.repeats}{', packed rows (4 documents)' if args.packed else ''}.")
+    rows = measure(
+        args.lengths,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        group_ratio=args.group_ratio,
+        device=device,
+        dtype=dtype,
+        repeats=args.repeats,
+        backward=args.backward,
+        packed=args.packed,
+    )
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    text = table(
+        rows,
+        f"S2-Attn vs full causal SDPA — {name}, torch {torch.__version__}, {args.dtype}, batch 1, "
+        f"{args.heads} heads x {args.head_dim}, group = {args.group_ratio} x length, median of "
+        f"{args.repeats}{', packed rows (4 documents)' if args.packed else ''}.",
+    )
     print(text)
     if args.output:
         write_text_atomic(args.output, text)

@@ -41,8 +41,9 @@ def inventory(name: str, variant: str, tokens: int, min_bytes: int = 64) -> tupl
     bench = memory_bench.BenchConfig(models=[name], contexts=[tokens], variants=[variant])
     config = memory_bench.model_config(name, 1)
     dtype = torch.bfloat16
-    model = memory_bench.prepare(memory_bench.build_nf4(config, torch.device("cpu"), dtype), variant_cfg, tokens,
-                                 bench, dtype)
+    model = memory_bench.prepare(
+        memory_bench.build_nf4(config, torch.device("cpu"), dtype), variant_cfg, tokens, bench, dtype
+    )
     hf = model.get_base_model()
     hf.activation_checkpointing_disable()
     model.train()
@@ -59,8 +60,9 @@ def inventory(name: str, variant: str, tokens: int, min_bytes: int = 64) -> tupl
         if storage.data_ptr() not in seen and storage.nbytes() >= tokens * min_bytes:
             seen.add(storage.data_ptr())
             shape = tuple(t.shape[1:]) if t.shape[0] == 1 else tuple(t.shape)
-            rows[(str(t.dtype).removeprefix("torch."), shape, type(t.grad_fn).__name__ if t.grad_fn else "leaf")] \
-                += storage.nbytes()
+            rows[(str(t.dtype).removeprefix("torch."), shape, type(t.grad_fn).__name__ if t.grad_fn else "leaf")] += (
+                storage.nbytes()
+            )
         return t
 
     torch.set_autocast_enabled("cuda", True)  # PEFT's GPU branch, as in bench/memory.py
@@ -79,16 +81,25 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     (cfg,) = HfArgumentParser(InventoryConfig).parse_args_into_dataclasses(args=argv)
     config = memory_bench.model_config(cfg.model)
-    lines = [f"`python bench/saved_tensors.py {' '.join(argv)}`".replace(" `", "`"), "",
-             f"{cfg.model}, one layer (hidden {config.hidden_size}, MLP {config.intermediate_size}), "
-             f"{cfg.tokens} tokens, "
-             "bf16 autocast on the CPU; bytes per token of every distinct tensor autograd keeps, the layer's input "
-             "left out.", ""]
+    lines = [
+        f"`python bench/saved_tensors.py {' '.join(argv)}`".replace(" `", "`"),
+        "",
+        f"{cfg.model}, one layer (hidden {config.hidden_size}, MLP {config.intermediate_size}), "
+        f"{cfg.tokens} tokens, "
+        "bf16 autocast on the CPU; bytes per token of every distinct tensor autograd keeps, the layer's input "
+        "left out.",
+        "",
+    ]
     for variant in cfg.variants:
         listed, total = inventory(cfg.model, variant, cfg.tokens)
-        lines += [f"**{variant}**: {total:,} bytes per token ({total / config.hidden_size:.1f} x hidden)", "",
-                  markdown_table(["bytes/token", "dtype", "shape", "made by"],
-                                 [[f"{n:,.0f}", d, str(s), op] for n, d, s, op in listed]), ""]
+        lines += [
+            f"**{variant}**: {total:,} bytes per token ({total / config.hidden_size:.1f} x hidden)",
+            "",
+            markdown_table(
+                ["bytes/token", "dtype", "shape", "made by"], [[f"{n:,.0f}", d, str(s), op] for n, d, s, op in listed]
+            ),
+            "",
+        ]
     text = "\n".join(lines)
     print(text)
     if cfg.output:

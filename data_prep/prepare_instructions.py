@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longqlora.data.formats import apply_vicuna_template
-from longqlora.data.text import check_output_dir, save_dataset_atomic
-from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
 from longqlora.cli import run_data_script
+from longqlora.data.formats import apply_vicuna_template
+from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
+from longqlora.data.text import check_output_dir, save_dataset_atomic
 from longqlora.model import load_tokenizer
 
 
@@ -39,10 +39,17 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_data_script((InstructionDataConfig, ScriptArguments), run, lambda stats, cfg, args: (
-        f"wrote {stats['count_out']} conversations to {args.output_dir}; skipped {stats['skipped_invalid']} "
-        f"invalid ({stats['skipped_empty_reply']} for an empty assistant reply); {stats['over_max_length']} exceed "
-        f"--max_length {args.max_length} (--overlong {cfg.overlong})"), __doc__, argv)
+    run_data_script(
+        (InstructionDataConfig, ScriptArguments),
+        run,
+        lambda stats, cfg, args: (
+            f"wrote {stats['count_out']} conversations to {args.output_dir}; skipped {stats['skipped_invalid']} "
+            f"invalid ({stats['skipped_empty_reply']} for an empty assistant reply); {stats['over_max_length']} exceed "
+            f"--max_length {args.max_length} (--overlong {cfg.overlong})"
+        ),
+        __doc__,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longqlora.data.text import (TextDataConfig, check_output_dir, check_packable, load_documents, save_dataset_atomic,
-                            tokenize_documents)
 from longqlora.cli import run_data_script
+from longqlora.data.text import (
+    TextDataConfig,
+    check_output_dir,
+    check_packable,
+    load_documents,
+    save_dataset_atomic,
+    tokenize_documents,
+)
 from longqlora.model import load_tokenizer
 
 
@@ -22,8 +28,10 @@ from longqlora.model import load_tokenizer
 class ScriptArguments:
     tokenizer: str = field(metadata={"help": "Tokenizer directory or hub id (the base model's)."})
     output_dir: str = field(metadata={"help": "Where to write the tokenized dataset and stats.json."})
-    max_length: int | None = field(default=None, metadata={"help": "Training row length (the target context); "
-                                                                   "checks the text fills at least one row."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Training row length (the target context); checks the text fills at least one row."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
 
@@ -41,9 +49,16 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_data_script((TextDataConfig, ScriptArguments), run, lambda stats, cfg, args: (
-        f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
-        f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})"), __doc__, argv)
+    run_data_script(
+        (TextDataConfig, ScriptArguments),
+        run,
+        lambda stats, cfg, args: (
+            f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
+            f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})"
+        ),
+        __doc__,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def paired(runs: list[dict], ref: list[dict], length: int) -> str:
 
 def table(cfg: AblationConfig, results: dict) -> str:
     ref = reference(results)
-    header = ["variant", "id", "seeds"] + [f"ppl @{n}" for n in cfg.lengths] + [f"passkey @{cfg.long_context}",
-                                                                                  "train s / run"]
+    header = (
+        ["variant", "id", "seeds"]
+        + [f"ppl @{n}" for n in cfg.lengths]
+        + [f"passkey @{cfg.long_context}", "train s / run"]
+    )
     if ref:
         header.append(f"@{cfg.long_context} vs `{ref}`, paired by seed (seeds better)")
     rows = []
@@ -52,10 +55,16 @@ def table(cfg: AblationConfig, results: dict) -> str:
             cells.append(f"{mean:.2f} ± {spread:.2f}" if math.isfinite(mean) else "nan")
         accuracy = statistics.fmean(r["passkey"] for r in runs)
         trials = sum(r["passkey_trials"] for r in runs)
-        rows.append([VARIANTS[vid]["label"], f"`{vid}`", len(runs)] + cells
-                    + [f"{accuracy:.0%} of {trials}", f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}"]
-                    + ([paired(runs, results[ref], cfg.long_context) if variant_settings(cfg, vid)["train"] else ""]
-                       if ref else []))
+        rows.append(
+            [VARIANTS[vid]["label"], f"`{vid}`", len(runs)]
+            + cells
+            + [f"{accuracy:.0%} of {trials}", f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}"]
+            + (
+                [paired(runs, results[ref], cfg.long_context) if variant_settings(cfg, vid)["train"] else ""]
+                if ref
+                else []
+            )
+        )
     return markdown_table(header, rows)
 
 
@@ -77,13 +86,26 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     for vid, runs in results.items():
         trained = variant_settings(cfg, vid)["train"]
         means = [summary(runs, n) for n in cfg.lengths]
-        line = left.errorbar(cfg.lengths, [m for m, _ in means], yerr=[s for _, s in means], marker="o", capsize=3,
-                             label=vid, linestyle="-" if trained else "--")
+        line = left.errorbar(
+            cfg.lengths,
+            [m for m, _ in means],
+            yerr=[s for _, s in means],
+            marker="o",
+            capsize=3,
+            label=vid,
+            linestyle="-" if trained else "--",
+        )
         if ref and trained and vid != ref:
             diffs = [_paired_values(runs, results[ref], n) for n in cfg.lengths]
-            right.errorbar(cfg.lengths, [statistics.fmean(d) for d in diffs], marker="o", capsize=3, label=vid,
-                           yerr=[statistics.stdev(d) if len(d) > 1 else 0 for d in diffs],
-                           color=line[0].get_color())
+            right.errorbar(
+                cfg.lengths,
+                [statistics.fmean(d) for d in diffs],
+                marker="o",
+                capsize=3,
+                label=vid,
+                yerr=[statistics.stdev(d) if len(d) > 1 else 0 for d in diffs],
+                color=line[0].get_color(),
+            )
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg.lengths, [str(n) for n in cfg.lengths])
@@ -106,21 +128,28 @@ def report(cfg: AblationConfig, out: dict, png_name: str) -> str:
     p = out["pretrain"]
     held_kjv = " then the last 10% of the KJV" if cfg.pretrain_books == "austen+kjv" else ""
     first = next(iter(out["results"].values()))[0]
-    return "\n".join([
-        f"Command: `{cfg.command or 'python bench/ablations.py'}`  ",
-        f"Compute time {_compute_minutes(out):.1f} min on {_cpu()}: pre-training {p['seconds'] / 60:.1f} min plus "
-        f"every (variant, seed) run, training and evaluation, as recorded in the cached results (this invocation's "
-        f"wall time: {out['seconds'] / 60:.1f} min).", "",
-        f"Base: {p['parameters']:,}-parameter Llama, pre-trained {p['steps']} steps x 32 x {cfg.short_context} "
-        f"tokens on {', '.join(p['books'])}. Extension to {cfg.long_context}: {cfg.extend_steps} steps x 8 x "
-        f"{cfg.long_context} tokens, lr {cfg.extend_lr:g}, LoRA r={cfg.lora_r}, S2 group {cfg.group_ratio:g} x "
-        f"{cfg.long_context} unless the variant says otherwise; fp32 base unless NF4. Seeds {cfg.seeds} (extension "
-        f"data order and LoRA init; one base). Evaluation: `longqlora perplexity` on the first {cfg.eval_tokens} "
-        f"tokens of held-out Persuasion{held_kjv}, {first['protocol']} (shown for "
-        f"{cfg.lengths[0]}; the same at every length); `longqlora passkey` at {cfg.long_context}, 5 depths x "
-        f"{cfg.passkey_trials} keys per seed. Mean ± sample standard deviation over seeds; train seconds are wall "
-        f"time on a CPU shared with other work (not a cost measurement).", "",
-        table(cfg, out["results"]), f"![perplexity by evaluation length]({png_name})", ""])
+    return "\n".join(
+        [
+            f"Command: `{cfg.command or 'python bench/ablations.py'}`  ",
+            f"Compute time {_compute_minutes(out):.1f} min on {_cpu()}: pre-training {p['seconds'] / 60:.1f} min plus "
+            f"every (variant, seed) run, training and evaluation, as recorded in the cached results (this invocation's "
+            f"wall time: {out['seconds'] / 60:.1f} min).",
+            "",
+            f"Base: {p['parameters']:,}-parameter Llama, pre-trained {p['steps']} steps x 32 x {cfg.short_context} "
+            f"tokens on {', '.join(p['books'])}. Extension to {cfg.long_context}: {cfg.extend_steps} steps x 8 x "
+            f"{cfg.long_context} tokens, lr {cfg.extend_lr:g}, LoRA r={cfg.lora_r}, S2 group {cfg.group_ratio:g} x "
+            f"{cfg.long_context} unless the variant says otherwise; fp32 base unless NF4. Seeds {cfg.seeds} (extension "
+            f"data order and LoRA init; one base). Evaluation: `longqlora perplexity` on the first {cfg.eval_tokens} "
+            f"tokens of held-out Persuasion{held_kjv}, {first['protocol']} (shown for "
+            f"{cfg.lengths[0]}; the same at every length); `longqlora passkey` at {cfg.long_context}, 5 depths x "
+            f"{cfg.passkey_trials} keys per seed. Mean ± sample standard deviation over seeds; train seconds are wall "
+            f"time on a CPU shared with other work (not a cost measurement).",
+            "",
+            table(cfg, out["results"]),
+            f"![perplexity by evaluation length]({png_name})",
+            "",
+        ]
+    )
 
 
 def _compute_minutes(out: dict) -> float:
@@ -146,7 +175,7 @@ def write_section(doc: Path, section: str, text: str) -> Path:
     old = doc.read_text(encoding="utf-8") if doc.exists() else ""
     block = f"{start}\n{text}\n{end}"
     if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
         new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
     return write_text_atomic(doc, new)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from longqlora.data import corpora
 from experiments.quickstart import TRAIN_BOOKS, SmallLlamaConfig
+from longqlora.data import corpora
 from longqlora.output import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ VARIANTS = {
     "loraplus-full": dict(label="LoRA+ (embed, norms), full attention", s2=False),
     "loraplus-s2": dict(label="LoRA+, S2-Attn"),
     "loraplus-s2-nf4": dict(label="LoRA+, S2-Attn, NF4 base", nf4=True),
-    "default": dict(label="toolkit default: LoRA+, S2-Attn with group schedule, NF4", nf4=True,
-                    group_schedule="0.0625,0.1875,0.5"),
+    "default": dict(
+        label="toolkit default: LoRA+, S2-Attn with group schedule, NF4", nf4=True, group_schedule="0.0625,0.1875,0.5"
+    ),
     "fullft-full": dict(label="full fine-tuning, full attention", full_ft=True, s2=False),
     "loraplus-s2-rolled": dict(label="LoRA+, S2-Attn, LongLoRA's rolled shift", shift="rolled"),
     "loraplus-s2-sink4": dict(label="LoRA+, S2-Attn + 4 sink tokens", sinks=4),
@@ -51,20 +52,29 @@ VARIANTS = {
     "loraplus-s2-fullstep4": dict(label="LoRA+, S2-Attn, every 4th step full", full_every=4),
     "loraplus-s2-gsched": dict(label="LoRA+, S2-Attn, group 1/8, 1/4, 1/2 by thirds", group_schedule="0.125,0.25,0.5"),
     # two schedules whose mean group is plain S2's 1/4 (the same attention cost), ending at 1/2 or at 3/8
-    "loraplus-s2-gsched-eq": dict(label="LoRA+, S2-Attn, group 1/16, 3/16, 1/2 by thirds",
-                                  group_schedule="0.0625,0.1875,0.5"),
-    "loraplus-s2-gsched-lin": dict(label="LoRA+, S2-Attn, group 1/8, 1/4, 3/8 by thirds",
-                                   group_schedule="0.125,0.25,0.375"),
+    "loraplus-s2-gsched-eq": dict(
+        label="LoRA+, S2-Attn, group 1/16, 3/16, 1/2 by thirds", group_schedule="0.0625,0.1875,0.5"
+    ),
+    "loraplus-s2-gsched-lin": dict(
+        label="LoRA+, S2-Attn, group 1/8, 1/4, 3/8 by thirds", group_schedule="0.125,0.25,0.375"
+    ),
     "loraplus-s2-g50": dict(label="LoRA+, S2-Attn, group 1/2", group_ratio=0.5),
     # PoSE (arXiv 2309.10400): rows of pose x 4L = L tokens whose position ids span 4L, batch / pose rows, so the
     # same tokens and optimizer steps as the 4L rows of the others; S2 groups are 1/4 (-g50: 1/2) of the L-token row.
     "loraplus-s2-pose": dict(label="LoRA+, S2-Attn, PoSE: rows of L spanning 4L, 4x batch", pose=0.25),
-    "loraplus-s2-pose-g50": dict(label="LoRA+, S2-Attn group 1/2, PoSE: rows of L spanning 4L, 4x batch", pose=0.25,
-                                 group_ratio=0.5),
+    "loraplus-s2-pose-g50": dict(
+        label="LoRA+, S2-Attn group 1/2, PoSE: rows of L spanning 4L, 4x batch", pose=0.25, group_ratio=0.5
+    ),
     "loraplus-pose": dict(label="LoRA+, full attention, PoSE: rows of L spanning 4L, 4x batch", s2=False, pose=0.25),
 }
-TARGETED = ("loraplus-s2-g50", "loraplus-s2-gsched-eq", "loraplus-s2-gsched-lin",  # their own sections
-            "loraplus-s2-pose", "loraplus-s2-pose-g50", "loraplus-pose")
+TARGETED = (
+    "loraplus-s2-g50",
+    "loraplus-s2-gsched-eq",
+    "loraplus-s2-gsched-lin",  # their own sections
+    "loraplus-s2-pose",
+    "loraplus-s2-pose-g50",
+    "loraplus-pose",
+)
 DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
 
 
@@ -73,10 +83,14 @@ class AblationConfig(SmallLlamaConfig):
     output_dir: str = field(default="out/ablations", metadata={"help": "Cached base, adapters and result JSONs."})
     variants: str = field(default=DEFAULT_VARIANTS, metadata={"help": "Comma list of variant ids to run."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Extension seeds."})
-    pretrain_books: str = field(default="austen+kjv", metadata={
-        "help": "austen+kjv: five Austen novels and the first 90%% of the KJV (the last 10%% joins Persuasion in the "
-                "held-out text); austen: the five novels only (with --pretrain_steps 240 --base_cache "
-                "out/quickstart, the quickstart's own cached base)."})
+    pretrain_books: str = field(
+        default="austen+kjv",
+        metadata={
+            "help": "austen+kjv: five Austen novels and the first 90%% of the KJV (the last 10%% joins Persuasion "
+            "in the held-out text); austen: the five novels only (with --pretrain_steps 240 --base_cache "
+            "out/quickstart, the quickstart's own cached base)."
+        },
+    )
     base_cache: str = field(default="out/ablations", metadata={"help": "Where the pre-trained base is cached."})
     pretrain_steps: int = field(default=400, metadata={"help": "Pre-training steps of 32 x L tokens."})
     seed: int = field(default=0, metadata={"help": "Seed of the base pre-training (one base for all variants)."})
@@ -84,8 +98,9 @@ class AblationConfig(SmallLlamaConfig):
     extend_lr: float = field(default=1e-3, metadata={"help": "Extension learning rate (LoRA, LoRA+, full FT)."})
     group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / 4L (variants may override)."})
     lora_r: int = 16
-    extend_chars: int = field(default=300_000, metadata={"help": "Characters of each training book the "
-                                                                   "extension reads."})
+    extend_chars: int = field(
+        default=300_000, metadata={"help": "Characters of each training book the extension reads."}
+    )
     eval_tokens: int = field(default=16384, metadata={"help": "Held-out tokens scored at every length."})
     passkey_trials: int = field(default=2, metadata={"help": "Passkey keys per depth (5 depths) at 4L."})
     doc: str | None = field(default=None, metadata={"help": "Markdown file whose section --section is rewritten."})
@@ -96,8 +111,10 @@ class AblationConfig(SmallLlamaConfig):
     def __post_init__(self):
         unknown = [v for v in self.variant_ids if v not in VARIANTS]
         if unknown or not self.variant_ids:
-            raise ValueError(f"--variants {self.variants}: unknown {', '.join(unknown) or 'empty list'}; choose from "
-                             f"{', '.join(VARIANTS)}")
+            raise ValueError(
+                f"--variants {self.variants}: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                f"{', '.join(VARIANTS)}"
+            )
         if self.pretrain_books not in ("austen", "austen+kjv"):
             raise ValueError(f"--pretrain_books {self.pretrain_books}: must be austen or austen+kjv")
         if not self.seeds:
@@ -122,7 +139,7 @@ class AblationConfig(SmallLlamaConfig):
 def _kjv_split() -> tuple[str, str]:
     text = corpora.book("kjv_bible")
     cut = text.index("\n", int(len(text) * (1 - HELD_OUT_KJV)))
-    return text[:cut], text[cut + 1:]
+    return text[:cut], text[cut + 1 :]
 
 
 def train_texts(chars: int | None = None, kjv: bool = True) -> dict[str, str]:
@@ -148,21 +165,30 @@ def write_data(cfg: AblationConfig) -> tuple[Path, Path]:
             write_text_atomic(train_dir / f"{name.replace('[:90%]', '_head')}.txt", text)
     if not eval_dir.exists():
         chars = 4 * cfg.eval_tokens  # more than enough: the stream is cut at eval_tokens tokens
-        write_text_atomic(eval_dir / "1_persuasion.txt", corpora.book("austen_persuasion")[:chars // (1 + kjv)])
+        write_text_atomic(eval_dir / "1_persuasion.txt", corpora.book("austen_persuasion")[: chars // (1 + kjv)])
         if kjv:
-            write_text_atomic(eval_dir / "2_kjv_tail.txt", _kjv_split()[1][:chars // 2])
+            write_text_atomic(eval_dir / "2_kjv_tail.txt", _kjv_split()[1][: chars // 2])
     return train_dir, eval_dir
 
 
 # -------------------------------------------------------------------------------------------------- extension
 def variant_settings(cfg: AblationConfig, vid: str) -> dict:
     v = VARIANTS[vid]
-    return {"train": v.get("train", True), "pi": v.get("pi", True), "s2": v.get("s2", True),
-            "nf4": v.get("nf4", False), "full_ft": v.get("full_ft", False),
-            "trainable": v.get("trainable", "embed,norm"), "shift": v.get("shift", "leakfree"),
-            "sinks": v.get("sinks", 0), "full_heads": v.get("full_heads", 0.0), "full_every": v.get("full_every", 0),
-            "group_schedule": v.get("group_schedule", ""), "group_ratio": v.get("group_ratio", cfg.group_ratio),
-            **({"pose": v["pose"]} if v.get("pose") else {})}  # only when set: the other variants' cache keys stay
+    return {
+        "train": v.get("train", True),
+        "pi": v.get("pi", True),
+        "s2": v.get("s2", True),
+        "nf4": v.get("nf4", False),
+        "full_ft": v.get("full_ft", False),
+        "trainable": v.get("trainable", "embed,norm"),
+        "shift": v.get("shift", "leakfree"),
+        "sinks": v.get("sinks", 0),
+        "full_heads": v.get("full_heads", 0.0),
+        "full_every": v.get("full_every", 0),
+        "group_schedule": v.get("group_schedule", ""),
+        "group_ratio": v.get("group_ratio", cfg.group_ratio),
+        **({"pose": v["pose"]} if v.get("pose") else {}),
+    }  # only when set: the other variants' cache keys stay
 
 
 def _model_config(cfg: AblationConfig, base: Path, s: dict):
@@ -171,12 +197,25 @@ def _model_config(cfg: AblationConfig, base: Path, s: dict):
     # Variants give schedules as ratios of 4L (and a fixed group as none); the flag takes multiples of group_ratio.
     ratios = [float(r) for r in s["group_schedule"].split(",") if r.strip()]
     schedule = ",".join(f"{r / s['group_ratio']:g}" for r in ratios) or "none"
-    return ModelConfig(model_name_or_path=str(base), target_context=cfg.long_context, group_ratio=s["group_ratio"],
-                       s2_attention=s["s2"], attn_backend="sdpa", load_in_4bit=s["nf4"], compute_dtype="float32",
-                       lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-                       trainable_params=s["trainable"], s2_shift=s["shift"], s2_sink_tokens=s["sinks"],
-                       s2_full_heads=s["full_heads"], s2_full_every=s["full_every"],
-                       s2_group_schedule=schedule, pose_window=round(s.get("pose", 0) * cfg.long_context))
+    return ModelConfig(
+        model_name_or_path=str(base),
+        target_context=cfg.long_context,
+        group_ratio=s["group_ratio"],
+        s2_attention=s["s2"],
+        attn_backend="sdpa",
+        load_in_4bit=s["nf4"],
+        compute_dtype="float32",
+        lora_r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        lora_dropout=0.0,
+        trainable_params=s["trainable"],
+        s2_shift=s["shift"],
+        s2_sink_tokens=s["sinks"],
+        s2_full_heads=s["full_heads"],
+        s2_full_every=s["full_every"],
+        s2_group_schedule=schedule,
+        pose_window=round(s.get("pose", 0) * cfg.long_context),
+    )
 
 
 def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
@@ -185,11 +224,21 @@ def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
     # The quickstart's extension settings; no gradient checkpointing: the model is small and CPU time is short.
     # PoSE's rows are shorter: more of them, the same tokens per step.
     rows = round(8 / s.get("pose", 1))
-    return TrainingConfig(output_dir=str(out), max_steps=cfg.extend_steps, per_device_train_batch_size=rows,
-                          learning_rate=cfg.extend_lr, lr_scheduler_type="constant_with_warmup",
-                          warmup_steps=min(5, cfg.extend_steps), max_grad_norm=1.0, optim="adamw_torch",
-                          save_strategy="no", logging_steps=10, seed=seed, use_cpu=True,
-                          gradient_checkpointing=False)
+    return TrainingConfig(
+        output_dir=str(out),
+        max_steps=cfg.extend_steps,
+        per_device_train_batch_size=rows,
+        learning_rate=cfg.extend_lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, cfg.extend_steps),
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        save_strategy="no",
+        logging_steps=10,
+        seed=seed,
+        use_cpu=True,
+        gradient_checkpointing=False,
+    )
 
 
 def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, out: Path) -> Path:
@@ -237,20 +286,49 @@ def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: 
         where = dict(model=str(trained))
     else:
         where = dict(model=str(base), adapter=str(trained), load_in_4bit=s["nf4"])
-    ppl = run_perplexity(PerplexityConfig(data=str(eval_dir), context_lengths=cfg.lengths,
-                                          max_tokens=cfg.eval_tokens, compute_dtype="float32", **where))
-    key = run_passkey(PasskeyConfig(context_lengths=[cfg.long_context], trials=cfg.passkey_trials,
-                                    compute_dtype="float32", **where))
-    return {"perplexity": {str(r["context_length"]): r["perplexity"] for r in ppl["results"]},
-            "protocol": ppl["results"][0]["protocol"], "tokens_scored": ppl["results"][-1]["tokens_scored"],
-            "passkey": key["accuracy"], "passkey_trials": len(key["keys"])}
+    ppl = run_perplexity(
+        PerplexityConfig(
+            data=str(eval_dir),
+            context_lengths=cfg.lengths,
+            max_tokens=cfg.eval_tokens,
+            compute_dtype="float32",
+            **where,
+        )
+    )
+    key = run_passkey(
+        PasskeyConfig(context_lengths=[cfg.long_context], trials=cfg.passkey_trials, compute_dtype="float32", **where)
+    )
+    return {
+        "perplexity": {str(r["context_length"]): r["perplexity"] for r in ppl["results"]},
+        "protocol": ppl["results"][0]["protocol"],
+        "tokens_scored": ppl["results"][-1]["tokens_scored"],
+        "passkey": key["accuracy"],
+        "passkey_trials": len(key["keys"]),
+    }
 
 
 def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
     """Hash of everything that determines one (variant, seed) result."""
-    fields = ("pretrain_books", "short_context", "factor", "vocab_size", "hidden_size", "num_layers",
-              "intermediate_size", "num_heads", "pretrain_steps", "pretrain_lr", "seed", "extend_steps", "extend_lr",
-              "lora_r", "eval_tokens", "passkey_trials", "extend_chars", "tiny")
+    fields = (
+        "pretrain_books",
+        "short_context",
+        "factor",
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "intermediate_size",
+        "num_heads",
+        "pretrain_steps",
+        "pretrain_lr",
+        "seed",
+        "extend_steps",
+        "extend_lr",
+        "lora_r",
+        "eval_tokens",
+        "passkey_trials",
+        "extend_chars",
+        "tiny",
+    )
     used = {f: getattr(cfg, f) for f in fields}
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
@@ -269,8 +347,14 @@ def run_one(cfg: AblationConfig, base: Path, train_dir: Path, eval_dir: Path, vi
     if s["train"]:
         trained = extend(cfg, base, train_dir, s, seed, Path(cfg.output_dir) / "runs" / path.stem)
     train_s = time.perf_counter() - started
-    result = {"variant": vid, "seed": seed, "settings": s, **evaluate(cfg, base, eval_dir, s, trained),
-              "train_seconds": train_s, "seconds": time.perf_counter() - started}
+    result = {
+        "variant": vid,
+        "seed": seed,
+        "settings": s,
+        **evaluate(cfg, base, eval_dir, s, trained),
+        "train_seconds": train_s,
+        "seconds": time.perf_counter() - started,
+    }
     write_json_atomic(path, result)
     logger.info("%s seed %d: %s", vid, seed, {k: round(v, 2) for k, v in result["perplexity"].items()})
     return result
@@ -302,8 +386,7 @@ def main(cfg: AblationConfig) -> dict:
     from experiments.ablation_report import plot, report, write_section
 
     out = run(cfg)
-    write_json_atomic(Path(cfg.output_dir) / f"summary-{cfg.section}.json",
-                      {"config": dataclasses.asdict(cfg), **out})
+    write_json_atomic(Path(cfg.output_dir) / f"summary-{cfg.section}.json", {"config": dataclasses.asdict(cfg), **out})
     if cfg.doc:
         doc = Path(cfg.doc)
         png = doc.with_name(f"{doc.stem}_{cfg.section}.png")

@@ -79,8 +79,17 @@ class QuickstartConfig(SmallLlamaConfig):
 
 # -------------------------------------------------------------------------------------------------- pre-training
 def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
-    fields = ("short_context", "vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads",
-              "pretrain_steps", "pretrain_lr", "seed")
+    fields = (
+        "short_context",
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "intermediate_size",
+        "num_heads",
+        "pretrain_steps",
+        "pretrain_lr",
+        "seed",
+    )
     key = [getattr(cfg, f) for f in fields] + ([books] if books is not None else [])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
@@ -102,29 +111,58 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         return out
     texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-    config = tiny_llama_config("gqa", vocab_size=cfg.vocab_size, max_position_embeddings=cfg.short_context,
-                               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                               intermediate_size=cfg.intermediate_size, num_attention_heads=cfg.num_heads,
-                               num_key_value_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads)
+    config = tiny_llama_config(
+        "gqa",
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.short_context,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+    )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     with atomic_directory(out) as tmp:  # a killed pre-training leaves no half a base
-        args = SFTConfig(output_dir=str(tmp / "trainer"), max_steps=cfg.pretrain_steps, per_device_train_batch_size=32,
-                         learning_rate=cfg.pretrain_lr, lr_scheduler_type="cosine", warmup_steps=min(20, cfg.pretrain_steps),
-                         weight_decay=0.1, max_length=cfg.short_context, packing=True, packing_strategy="wrapped",
-                         logging_steps=25, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True,
-                         dataset_text_field="text", bf16=False)
+        args = SFTConfig(
+            output_dir=str(tmp / "trainer"),
+            max_steps=cfg.pretrain_steps,
+            per_device_train_batch_size=32,
+            learning_rate=cfg.pretrain_lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=min(20, cfg.pretrain_steps),
+            weight_decay=0.1,
+            max_length=cfg.short_context,
+            packing=True,
+            packing_strategy="wrapped",
+            logging_steps=25,
+            save_strategy="no",
+            report_to="none",
+            seed=cfg.seed,
+            use_cpu=True,
+            dataset_text_field="text",
+            bf16=False,
+        )
         from datasets import Dataset
 
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_dict({"text": texts}))
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts})
+        )
         started = time.perf_counter()
         result = trainer.train()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "pretrain.json", {"steps": cfg.pretrain_steps, "final_loss": result.training_loss,
-                                                  "seconds": time.perf_counter() - started,
-                                                  "parameters": model.num_parameters(), "books": names})
+        write_json_atomic(
+            tmp / "pretrain.json",
+            {
+                "steps": cfg.pretrain_steps,
+                "final_loss": result.training_loss,
+                "seconds": time.perf_counter() - started,
+                "parameters": model.num_parameters(),
+                "books": names,
+            },
+        )
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
     return out
 
@@ -138,17 +176,34 @@ def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool) -> Path:
     from longqlora.training.run import resolve, train
 
     name = "extended-s2" if s2 else "extended-full"
-    model_cfg = ModelConfig(model_name_or_path=str(base), target_context=cfg.long_context,
-                            group_ratio=cfg.group_ratio, s2_attention=s2, compute_dtype="float32",
-                            attn_backend="sdpa", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0)
+    model_cfg = ModelConfig(
+        model_name_or_path=str(base),
+        target_context=cfg.long_context,
+        group_ratio=cfg.group_ratio,
+        s2_attention=s2,
+        compute_dtype="float32",
+        attn_backend="sdpa",
+        lora_r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        lora_dropout=0.0,
+    )
     # Five long books: joining them ("concat") differs from keeping documents apart at four boundaries in ~1M
     # tokens, and it keeps the full-attention baseline on plain rows (packed rows would cost it an N x N mask).
     data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
-    training = TrainingConfig(output_dir=str(Path(cfg.output_dir) / name), max_steps=cfg.extend_steps,
-                              per_device_train_batch_size=8, learning_rate=cfg.extend_lr,
-                              lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, cfg.extend_steps),
-                              max_grad_norm=1.0, optim="adamw_torch", save_strategy="no", logging_steps=10,
-                              seed=cfg.seed, use_cpu=True)
+    training = TrainingConfig(
+        output_dir=str(Path(cfg.output_dir) / name),
+        max_steps=cfg.extend_steps,
+        per_device_train_batch_size=8,
+        learning_rate=cfg.extend_lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, cfg.extend_steps),
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        save_strategy="no",
+        logging_steps=10,
+        seed=cfg.seed,
+        use_cpu=True,
+    )
     return train(resolve(model_cfg, data_cfg, RunConfig(), training))
 
 
@@ -219,18 +274,31 @@ def plot(results: dict, path: Path, short: int, long: int) -> None:
 def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
     short, long = cfg.short_context, cfg.long_context
     cols = [f"ppl@{short}", f"ppl@{long}", f"ppl@{long} positions<{short}", f"ppl@{long} positions>={short}"]
-    table = markdown_table(["model", f"{short} (whole windows)", f"{long} (whole windows)",
-                            f"{long}, positions < {short}", f"{long}, positions >= {short}"],
-                           [[label] + [round(r[c], 2) for c in cols] for label, r in results.items()])
-    return "\n".join([
-        f"# Quickstart: {short} -> {long} tokens", "",
-        f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
-        f"{cfg.pretrain_steps} steps on {', '.join(TRAIN_BOOKS)}; extended x{cfg.factor} for {cfg.extend_steps} "
-        f"steps (NF4 base, position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn "
-        f"group {s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
-        f"of held-out {HELD_OUT}; {results[next(iter(results))]['protocol']}.", "",
-        table,
-        f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; `python recipes/quickstart.py` reproduces it.", ""])
+    table = markdown_table(
+        [
+            "model",
+            f"{short} (whole windows)",
+            f"{long} (whole windows)",
+            f"{long}, positions < {short}",
+            f"{long}, positions >= {short}",
+        ],
+        [[label] + [round(r[c], 2) for c in cols] for label, r in results.items()],
+    )
+    return "\n".join(
+        [
+            f"# Quickstart: {short} -> {long} tokens",
+            "",
+            f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
+            f"{cfg.pretrain_steps} steps on {', '.join(TRAIN_BOOKS)}; extended x{cfg.factor} for {cfg.extend_steps} "
+            f"steps (NF4 base, position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn "
+            f"group {s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
+            f"of held-out {HELD_OUT}; {results[next(iter(results))]['protocol']}.",
+            "",
+            table,
+            f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; `python recipes/quickstart.py` reproduces it.",
+            "",
+        ]
+    )
 
 
 def s2_groups(cfg: QuickstartConfig) -> str:
@@ -253,12 +321,17 @@ def run(cfg: QuickstartConfig) -> dict:
                 (tmp / f"{name}.txt").write_text(corpora.book(name), encoding="utf-8")
     torch.manual_seed(cfg.seed)
     base = pretrain_base(cfg)
-    adapters = {"extended, S2-Attn (ours)": extend(cfg, base, data_dir, s2=True),
-                "extended, full attention": extend(cfg, base, data_dir, s2=False)}
+    adapters = {
+        "extended, S2-Attn (ours)": extend(cfg, base, data_dir, s2=True),
+        "extended, full attention": extend(cfg, base, data_dir, s2=False),
+    }
     results = evaluate(cfg, base, adapters)
-    meta = {"seconds": time.perf_counter() - started, "config": dataclasses.asdict(cfg),
-            "base_parameters": json.loads((base / "pretrain.json").read_text())["parameters"],
-            "pretrain": json.loads((base / "pretrain.json").read_text())}
+    meta = {
+        "seconds": time.perf_counter() - started,
+        "config": dataclasses.asdict(cfg),
+        "base_parameters": json.loads((base / "pretrain.json").read_text())["parameters"],
+        "pretrain": json.loads((base / "pretrain.json").read_text()),
+    }
     write_json_atomic(out / "results.json", {"results": results, **meta})
     text = report(cfg, results, meta)
     write_text_atomic(out / "report.md", text)
@@ -278,10 +351,12 @@ def main(config_cls, argv=None) -> dict | None:
     with one_line_errors():
         (cfg,) = parse_with_config(TrlParser((config_cls,)), argv)
         if cfg.dry_run:
-            print(f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
-                  f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
-                  f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
-                  f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}")
+            print(
+                f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
+                f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
+                f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
+                f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}"
+            )
             return None
         result = run(cfg)
     print(result["report"])

@@ -46,8 +46,10 @@ def _lora_targets(model, spec: str):
     leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [n for n in names if n not in leaves]
     if missing:
-        raise ValueError(f"--lora_target {spec}: this model has no Linear layer named {', '.join(missing)}; "
-                         f"pass a comma list of its names ({', '.join(sorted(leaves))}) or all-linear")
+        raise ValueError(
+            f"--lora_target {spec}: this model has no Linear layer named {', '.join(missing)}; "
+            f"pass a comma list of its names ({', '.join(sorted(leaves))}) or all-linear"
+        )
     return names
 
 
@@ -77,9 +79,16 @@ def add_adapters(model, cfg):
     if "embed" in cfg.trainable_tokens and output is not None and output.weight is model.get_input_embeddings().weight:
         # Tied lm_head (e.g. small Qwen2): keep it tied to the trained embedding copy, as full fine-tuning would.
         extra["ensure_weight_tying"] = True
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=_lora_targets(model, cfg.lora_target), bias="none", task_type="CAUSAL_LM",
-                      modules_to_save=modules_to_save(model, cfg.trainable_tokens), **extra)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_lora_targets(model, cfg.lora_target),
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save(model, cfg.trainable_tokens),
+        **extra,
+    )
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lora), lora
@@ -87,7 +96,7 @@ def add_adapters(model, cfg):
 
 def trainable_to_fp32(model) -> None:
     """Keep trainable parameters in fp32 (master weights): small AdamW steps on the trained embedding and norms
-    would round to nothing in 16-bit, and TRL casts them to bf16 for quantized models (train.py calls this again
+    would round to nothing in 16-bit, and TRL casts them to bf16 for quantized models (training/run.py calls this again
     after building the trainer). Autocast still computes in the compute dtype."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
@@ -136,6 +145,12 @@ def adapt_for_training(model, cfg, compute_dtype: torch.dtype, *, gradient_check
 
         # Full attention with PoSE runs through the S2 op with every head full: transformers' packed-sequence
         # mask would read each of PoSE's position skips as a new document.
-        enable_s2_attention(model, cfg.group_sizes[0], backend=cfg.attn_backend, shift=cfg.s2_shift,
-                            sink_tokens=cfg.s2_sink_tokens, full_heads=cfg.s2_full_heads if cfg.s2_attention else 1.0)
+        enable_s2_attention(
+            model,
+            cfg.group_sizes[0],
+            backend=cfg.attn_backend,
+            shift=cfg.s2_shift,
+            sink_tokens=cfg.s2_sink_tokens,
+            full_heads=cfg.s2_full_heads if cfg.s2_attention else 1.0,
+        )
     return model, lora

@@ -29,12 +29,15 @@ HELP = "Type a message; /reset starts a new conversation, /exit or Ctrl-D quits.
 class ChatConfig(LoaderArgs):
     """`python -m longqlora chat`: the fields are its flags."""
 
-    context_file: str | None = field(default=None, metadata={"help": "A UTF-8 text file put before the first "
-                                                                       "question of the conversation."})
-    prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print the reply and "
-                                                                 "exit (for scripts)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: the chat "
-                                                                        "template's, Vicuna's for Vicuna)."})
+    context_file: str | None = field(
+        default=None, metadata={"help": "A UTF-8 text file put before the first question of the conversation."}
+    )
+    prompt: str | None = field(
+        default=None, metadata={"help": "Answer this one message, print the reply and exit (for scripts)."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message (default: the chat template's, Vicuna's for Vicuna)."}
+    )
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per reply."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
@@ -109,8 +112,10 @@ def overflow(cfg: ChatConfig, prompt_tokens: int, limit: int) -> str:
     """Why a prompt of `prompt_tokens` plus a full reply would not fit `limit` positions, or '' when it fits."""
     if prompt_tokens + cfg.max_new_tokens <= limit:
         return ""
-    return (f"the prompt takes {prompt_tokens} tokens and the reply up to {cfg.max_new_tokens} (--max_new_tokens), "
-            f"over the model's context of {limit}")
+    return (
+        f"the prompt takes {prompt_tokens} tokens and the reply up to {cfg.max_new_tokens} (--max_new_tokens), "
+        f"over the model's context of {limit}"
+    )
 
 
 def build_messages(cfg: ChatConfig, history: list[dict], user_text: str, document: str | None) -> list[dict]:
@@ -130,8 +135,9 @@ def render(tokenizer, messages: list[dict]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError as err:
-        raise ValueError(f"the chat template of {tokenizer.name_or_path} failed ({type(err).__name__}: {err}); "
-                         "fix or remove it") from None
+        raise ValueError(
+            f"the chat template of {tokenizer.name_or_path} failed ({type(err).__name__}: {err}); fix or remove it"
+        ) from None
 
 
 def prompt_ids(tokenizer, rendered: str) -> list[int]:
@@ -143,8 +149,13 @@ def generation_kwargs(cfg: ChatConfig, tokenizer) -> dict:
     """generate() settings; greedy at temperature 0, with the sampling knobs at their neutral values so a model's
     own generation_config (e.g. Vicuna's do_sample=True) neither samples nor warns."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty, "use_cache": True,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+    kwargs = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "repetition_penalty": cfg.repetition_penalty,
+        "use_cache": True,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad,
+    }
     if cfg.temperature == 0:
         kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
     else:
@@ -171,13 +182,13 @@ class StreamWriter:
             return
         self.ids += value.flatten().tolist()
         text = self._text()
-        stable = text if text.endswith("\n") else text[:text.rfind(" ") + 1]
-        if len(stable) > self.written and "\ufffd" not in stable[self.written:]:
-            self._write(stable[self.written:])
+        stable = text if text.endswith("\n") else text[: text.rfind(" ") + 1]
+        if len(stable) > self.written and "\ufffd" not in stable[self.written :]:
+            self._write(stable[self.written :])
 
     def end(self):
         text = self._text()
-        self._write(text[self.written:])
+        self._write(text[self.written :])
 
     def _write(self, text: str):
         if text:
@@ -192,14 +203,19 @@ def generate_reply(cfg: ChatConfig, model, tokenizer, ids: list[int], stream=Non
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     streamer = StreamWriter(tokenizer, stream) if stream is not None else None
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                         **generation_kwargs(cfg, tokenizer))
-    new = out[0, len(ids):]
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        streamer=streamer,
+        **generation_kwargs(cfg, tokenizer),
+    )
+    new = out[0, len(ids) :]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())
 
 
-def chat_turn(cfg: ChatConfig, model, tokenizer, history: list[dict], user_text: str, stdout,
-              document: str | None = None) -> str | None:
+def chat_turn(
+    cfg: ChatConfig, model, tokenizer, history: list[dict], user_text: str, stdout, document: str | None = None
+) -> str | None:
     """Answer `user_text`, streaming to `stdout`, and append the exchange to `history`.
 
     Returns the reply, or None when the turn is refused because prompt + --max_new_tokens would not fit the context
@@ -238,8 +254,10 @@ def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
         n = len(tokenizer(document, add_special_tokens=False)["input_ids"])
         lines.append(f"document {cfg.context_file}: {n} tokens, put before your first question")
         if n + cfg.max_new_tokens >= limit:
-            lines.append(f"warning: the document and a {cfg.max_new_tokens}-token reply do not fit the {limit}-token "
-                         "context; pass a shorter document or a smaller --max_new_tokens")
+            lines.append(
+                f"warning: the document and a {cfg.max_new_tokens}-token reply do not fit the {limit}-token "
+                "context; pass a shorter document or a smaller --max_new_tokens"
+            )
     lines.append(HELP)
     return "\n".join(lines)
 
@@ -283,8 +301,11 @@ def chat_loop(cfg: ChatConfig, model, tokenizer, stdin, stdout) -> int:
                 return 0
             if text == "/reset":
                 history.clear()
-                stdout.write("(conversation cleared; the document opens the next question)\n" if document
-                             else "(conversation cleared)\n")
+                stdout.write(
+                    "(conversation cleared; the document opens the next question)\n"
+                    if document
+                    else "(conversation cleared)\n"
+                )
                 continue
             if text == "/help":
                 stdout.write(HELP + "\n")

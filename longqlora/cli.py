@@ -31,8 +31,14 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         if run_cfg.dry_run:
             from longqlora.model import count_trainable_without_weights
 
-            print(describe(run, count_trainable_without_weights(run.model, run.hf_config,
-                                                                trust_remote_code=run.training.trust_remote_code)))
+            print(
+                describe(
+                    run,
+                    count_trainable_without_weights(
+                        run.model, run.hf_config, trust_remote_code=run.training.trust_remote_code
+                    ),
+                )
+            )
             return None
         return train(run)
 
@@ -46,11 +52,19 @@ def _perplexity(argv):
     result = run_perplexity(cfg)
     from longqlora.output import markdown_table
 
-    print(f"{result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} on {result['data']} "
-          f"({result['text_tokens']} tokens); {result['results'][0]['protocol'].split(' (')[0]}...")
-    print(markdown_table(["context", "windows", "tokens scored", "perplexity"],
-                         [[r["context_length"], r["windows"], r["tokens_scored"], round(r["perplexity"], 3)]
-                          for r in result["results"]]))
+    print(
+        f"{result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} on {result['data']} "
+        f"({result['text_tokens']} tokens); {result['results'][0]['protocol'].split(' (')[0]}..."
+    )
+    print(
+        markdown_table(
+            ["context", "windows", "tokens scored", "perplexity"],
+            [
+                [r["context_length"], r["windows"], r["tokens_scored"], round(r["perplexity"], 3)]
+                for r in result["results"]
+            ],
+        )
+    )
     for r in result["results"]:
         print(f"{r['context_length']}: {r['protocol']}")
     return 0
@@ -64,13 +78,25 @@ def _passkey(argv):
 
     (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=argv)
     result = run_passkey(cfg)
-    print(f"passkey retrieval: {result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} "
-          f"(context {result['model_context']}, PI x{result['pi_factor']:g}), {cfg.trials} trials per cell, "
-          f"seed {cfg.seed}: {result['accuracy']:.1%} overall")
-    print(markdown_table(["context", "prompt tokens", *[f"depth {d:g}" for d in cfg.depths], "accuracy"],
-                         [[r["context_length"], r["prompt_tokens_max"],
-                           *[c["accuracy"] for c in result["cells"] if c["context_length"] == r["context_length"]],
-                           r["accuracy"]] for r in result["by_length"]]))
+    print(
+        f"passkey retrieval: {result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} "
+        f"(context {result['model_context']}, PI x{result['pi_factor']:g}), {cfg.trials} trials per cell, "
+        f"seed {cfg.seed}: {result['accuracy']:.1%} overall"
+    )
+    print(
+        markdown_table(
+            ["context", "prompt tokens", *[f"depth {d:g}" for d in cfg.depths], "accuracy"],
+            [
+                [
+                    r["context_length"],
+                    r["prompt_tokens_max"],
+                    *[c["accuracy"] for c in result["cells"] if c["context_length"] == r["context_length"]],
+                    r["accuracy"],
+                ]
+                for r in result["by_length"]
+            ],
+        )
+    )
     if cfg.output_dir:
         print(f"wrote {result['files']['json']} and {result['files']['png']}")
     return 0
@@ -104,7 +130,8 @@ def _plan(argv):
 
     from transformers import HfArgumentParser
 
-    from longqlora.training.plan import PlanConfig, advise, load_config, render
+    from longqlora.training.advice import advise, render
+    from longqlora.training.plan import PlanConfig, load_config
 
     (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
     result = advise(load_config(cfg.model), cfg)
@@ -126,8 +153,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
-        print("usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print(
+            "usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     setup_logging()
     with one_line_errors():

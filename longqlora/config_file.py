@@ -28,7 +28,7 @@ def parse_with_config(parser, argv: list[str] | None):
     if i + 1 >= len(args) or args[i + 1].startswith("--"):
         raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
     path = args[i + 1]
-    del args[i:i + 2]
+    del args[i : i + 2]
     config = read_config(path)
     for key, value in config.pop("env", {}).items():  # TrlParser's `env:` section
         os.environ[key] = str(value)

@@ -83,8 +83,10 @@ def backend_problem(backend: str) -> str | None:
         return f"--attn_backend {backend} needs a CUDA GPU; use --attn_backend sdpa (or auto) on this machine"
     if backend == "flash_attn":
         if cap < (8, 0):
-            return (f"--attn_backend flash_attn needs an Ampere or newer GPU (this one is sm_{cap[0]}{cap[1]}); "
-                    "use xformers or sdpa")
+            return (
+                f"--attn_backend flash_attn needs an Ampere or newer GPU (this one is sm_{cap[0]}{cap[1]}); "
+                "use xformers or sdpa"
+            )
         if _import("flash_attn") is None:
             return "--attn_backend flash_attn: flash-attn is not installed; `pip install -e .[gpu]` or use sdpa"
     if backend == "xformers" and _import("xformers.ops") is None:
@@ -144,9 +146,15 @@ def auto_kernels(device: torch.device | str) -> str:
     """What `--attn_backend auto` runs on `device`, for plain rows and for packed or padded rows."""
     if torch.device(device).type != "cuda":
         return "sdpa (packed rows: banded sdpa)"
-    packed = "flash_attn varlen" if backend_problem("flash_attn") is None else \
-        "torch varlen" if torch_varlen() is not None else \
-        "xformers varlen" if backend_problem("xformers") is None else "banded sdpa"
+    packed = (
+        "flash_attn varlen"
+        if backend_problem("flash_attn") is None
+        else "torch varlen"
+        if torch_varlen() is not None
+        else "xformers varlen"
+        if backend_problem("xformers") is None
+        else "banded sdpa"
+    )
     return f"sdpa (packed rows: {packed})"
 
 

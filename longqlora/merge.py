@@ -1,7 +1,7 @@
 """Merge a trained adapter into its base: one plain transformers model that needs neither PEFT nor this toolkit.
 
 The base is reloaded in 16-bit (or float32), never in NF4: merging a LoRA delta into 4-bit weights re-quantizes
-them and changes generations. The adapter's position interpolation is applied first (inference.py reads it from
+them and changes generations. The adapter's position interpolation is applied first (evaluation/loading.py reads it from
 `longqlora_extension.json`), the trained embedding and norms (LongLoRA §3.3, PEFT modules_to_save) replace the
 base's, the LoRA products are added into the projections, and the result is saved with the adapter's tokenizer.
 S2-Attn is a training-time attention only, so the saved model uses ordinary attention.
@@ -35,9 +35,11 @@ REPORT_FILE = "merge_report.json"
 # norm copies are also compared exactly (fold_adapter). Defaults: float32 1e-4, float16 2e-2, bfloat16 5e-2 (2x the
 # deepest measurement, as 40-80-layer models accumulate more rounding).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
-SAMPLE_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
-               "in want of a wife. The pass key is 71432. Remember it. Call me Ishmael. Some years ago, never mind "
-               "how long precisely, having little or no money in my purse, I thought I would sail about a little. ")
+SAMPLE_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+    "in want of a wife. The pass key is 71432. Remember it. Call me Ishmael. Some years ago, never mind "
+    "how long precisely, having little or no money in my purse, I thought I would sail about a little. "
+)
 
 
 @dataclass
@@ -46,15 +48,27 @@ class MergeConfig:
 
     adapter: str = field(metadata={"help": "Adapter directory written by a recipe (a PEFT directory)."})
     output: str = field(metadata={"help": "Directory for the merged model (safetensors, tokenizer, config)."})
-    base: str | None = field(default=None, metadata={"help": "Base model directory; default: the base recorded in "
-                                                              "the adapter's adapter_config.json."})
-    dtype: str = field(default="float16", metadata={"help": "Dtype of the merged weights: float16, bfloat16 or "
-                                                            "float32 (never 4-bit: merging into NF4 changes outputs)."})
+    base: str | None = field(
+        default=None,
+        metadata={"help": "Base model directory; default: the base recorded in the adapter's adapter_config.json."},
+    )
+    dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "Dtype of the merged weights: float16, bfloat16 or "
+            "float32 (never 4-bit: merging into NF4 changes outputs)."
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output directory."})
-    tolerance: float | None = field(default=None, metadata={"help": "Largest allowed max|merged - adapter| / "
-                                                                    "max|adapter logits| on the check sample; "
-                                                                    "default 1e-4 float32, 2e-2 float16, 5e-2 "
-                                                                    "bfloat16."})
+    tolerance: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest allowed max|merged - adapter| / "
+            "max|adapter logits| on the check sample; "
+            "default 1e-4 float32, 2e-2 float16, 5e-2 "
+            "bfloat16."
+        },
+    )
     sample_tokens: int = field(default=64, metadata={"help": "Length of the fixed token sample the check runs on."})
 
     def __post_init__(self):
@@ -93,20 +107,25 @@ def check_merge(cfg: MergeConfig) -> dict:
     base = _path(base_name)
     flag = "--base" if cfg.base else f"--adapter {cfg.adapter}: its recorded base"
     if not (base / "config.json").is_file():
-        raise ValueError(f"{flag} {base_name}: no model directory (no config.json) there; pass --base DIR, the "
-                         "local base model the adapter was trained on")
+        raise ValueError(
+            f"{flag} {base_name}: no model directory (no config.json) there; pass --base DIR, the "
+            "local base model the adapter was trained on"
+        )
     out = _path(cfg.output)
     for name, path in (("base", base), ("adapter", adapter)):
         if _within(out, path) or _within(path, out):
-            raise ValueError(f"--output {cfg.output}: is, contains or lies inside the {name} directory {path}; "
-                             "choose a separate directory")
+            raise ValueError(
+                f"--output {cfg.output}: is, contains or lies inside the {name} directory {path}; "
+                "choose a separate directory"
+            )
     check_output_path(out, "--output")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"--output {cfg.output}: is not empty; pass --overwrite to replace it, or a new directory")
     target = extension.target_context if extension else None
     if target and cfg.sample_tokens > int(target):
-        raise ValueError(f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; "
-                         f"pass at most {target}")
+        raise ValueError(
+            f"--sample_tokens {cfg.sample_tokens}: longer than the adapter's context {target}; pass at most {target}"
+        )
     check_adapter_fits(adapter, base, flag="--base", name=base_name, recorded=recorded or base_name)
     return {"adapter": adapter, "base": base, "output": out, "extension": extension, "recorded_base": recorded}
 
@@ -142,8 +161,9 @@ def fold_adapter(peft_model):
 
     active = peft_model.active_adapter
     inner = peft_model.get_base_model()
-    trained = {name: m.modules_to_save[active] for name, m in inner.named_modules()
-               if isinstance(m, ModulesToSaveWrapper)}
+    trained = {
+        name: m.modules_to_save[active] for name, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)
+    }
     lora_layers = sum(isinstance(m, LoraLayer) for m in inner.modules())
     merged = peft_model.merge_and_unload(progressbar=True)
     for name, copy in trained.items():
@@ -164,8 +184,11 @@ def plain_config(model) -> None:
             delattr(config, key)
     params = dict(getattr(config, "rope_parameters", None) or {})
     original = params.get("original_max_position_embeddings")
-    if params.get("rope_type") == "linear" and original and original * params.get("factor", 1) == \
-            config.max_position_embeddings:
+    if (
+        params.get("rope_type") == "linear"
+        and original
+        and original * params.get("factor", 1) == config.max_position_embeddings
+    ):
         # Plain transformers warns about this key for linear scaling; max_position_embeddings / factor recovers it.
         params.pop("original_max_position_embeddings")
         config.rope_parameters = params
@@ -194,8 +217,9 @@ def merge(cfg: MergeConfig) -> dict:
     start = time.perf_counter()
     paths = check_merge(cfg)
     out, tolerance = paths["output"], cfg.resolved_tolerance
-    model, tokenizer, info = load_for_inference(str(paths["base"]), adapter=str(paths["adapter"]),
-                                                load_in_4bit=False, compute_dtype=cfg.dtype)
+    model, tokenizer, info = load_for_inference(
+        str(paths["base"]), adapter=str(paths["adapter"]), load_in_4bit=False, compute_dtype=cfg.dtype
+    )
     device = next(model.parameters()).device
     ids = sample_ids(tokenizer, cfg.sample_tokens)
     reference = logits_of(model, ids)
@@ -211,18 +235,25 @@ def merge(cfg: MergeConfig) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         saved_config = _check_saved_config(tmp, info.target_context)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype),
-                                                        device_map={"": device}).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=getattr(torch, cfg.dtype), device_map={"": device}
+        ).eval()
         reloaded_logits = logits_of(reloaded, ids)
         del reloaded
         reloaded_diff = float((reference - reloaded_logits).abs().max())
         scale = float(reference.abs().max()) or 1.0
         worst = max(merged_diff, reloaded_diff)
         report = {
-            "adapter": str(paths["adapter"]), "base": str(paths["base"]), "output": str(out), "dtype": cfg.dtype,
-            "original_context": info.original_context, "target_context": info.target_context,
-            "pi_factor": info.pi_factor, **saved_config,
-            "modules_replaced": replaced, "lora_layers_merged": lora_layers,
+            "adapter": str(paths["adapter"]),
+            "base": str(paths["base"]),
+            "output": str(out),
+            "dtype": cfg.dtype,
+            "original_context": info.original_context,
+            "target_context": info.target_context,
+            "pi_factor": info.pi_factor,
+            **saved_config,
+            "modules_replaced": replaced,
+            "lora_layers_merged": lora_layers,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
             "check": {
                 "sample_tokens": cfg.sample_tokens,
@@ -238,23 +269,34 @@ def merge(cfg: MergeConfig) -> dict:
             "seconds": round(time.perf_counter() - start, 2),
         }
         if not report["check"]["passed"]:
-            raise ValueError(f"--tolerance {tolerance:g}: the merged model's logits differ from the adapter's by "
-                             f"{worst:.3g} ({worst / scale:.3g} relative); nothing written to {out}. Try --dtype "
-                             "float32, or a larger --tolerance if this difference is acceptable")
+            raise ValueError(
+                f"--tolerance {tolerance:g}: the merged model's logits differ from the adapter's by "
+                f"{worst:.3g} ({worst / scale:.3g} relative); nothing written to {out}. Try --dtype "
+                "float32, or a larger --tolerance if this difference is acceptable"
+            )
         write_json_atomic(tmp / REPORT_FILE, report)
-    logger.info("merged %s into %s: %s, max |diff| %.3g (%.3g relative, tolerance %g)", paths["adapter"], out,
-                cfg.dtype, report["check"]["reloaded_max_abs_diff"], report["check"]["relative_diff"], tolerance)
+    logger.info(
+        "merged %s into %s: %s, max |diff| %.3g (%.3g relative, tolerance %g)",
+        paths["adapter"],
+        out,
+        cfg.dtype,
+        report["check"]["reloaded_max_abs_diff"],
+        report["check"]["relative_diff"],
+        tolerance,
+    )
     return report
 
 
 def describe(report: dict) -> str:
     """The lines `python -m longqlora merge` prints."""
     check, replaced = report["check"], report["modules_replaced"]
-    return (f"merged {report['adapter']} into {report['base']} ({report['dtype']}, context "
-            f"{report['original_context']} -> {report['target_context']}, PI x{report['pi_factor']:.4g}): "
-            f"{report['lora_layers_merged']} LoRA layers, {len(replaced)} trained modules ({', '.join(replaced[:3])}"
-            f"{', ...' if len(replaced) > 3 else ''})\nwritten to {report['output']}\ncheck on "
-            f"{check['sample_tokens']} tokens, saved model reloaded: max |logit diff| "
-            f"{check['reloaded_max_abs_diff']:.3g} = {check['relative_diff']:.3g} of max |logit|, tolerance "
-            f"{check['tolerance']:g}: "
-            f"{'pass' if check['passed'] else 'FAIL'}")
+    return (
+        f"merged {report['adapter']} into {report['base']} ({report['dtype']}, context "
+        f"{report['original_context']} -> {report['target_context']}, PI x{report['pi_factor']:.4g}): "
+        f"{report['lora_layers_merged']} LoRA layers, {len(replaced)} trained modules ({', '.join(replaced[:3])}"
+        f"{', ...' if len(replaced) > 3 else ''})\nwritten to {report['output']}\ncheck on "
+        f"{check['sample_tokens']} tokens, saved model reloaded: max |logit diff| "
+        f"{check['reloaded_max_abs_diff']:.3g} = {check['relative_diff']:.3g} of max |logit|, tolerance "
+        f"{check['tolerance']:g}: "
+        f"{'pass' if check['passed'] else 'FAIL'}"
+    )

@@ -93,6 +93,7 @@ def write_json_atomic(path, data) -> Path:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub Markdown table; numbers right-aligned."""
+
     def cell(x):
         return f"{x:.4g}" if isinstance(x, float) else str(x)
 

@@ -60,5 +60,7 @@ class ExtensionRecord:
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError) as err:  # bad JSON, or a record without the contexts
-            raise ValueError(f"{path}: not a valid extension record ({err}); retrain, or remove the file to load "
-                             "the adapter with --target_context") from err
+            raise ValueError(
+                f"{path}: not a valid extension record ({err}); retrain, or remove the file to load "
+                "the adapter with --target_context"
+            ) from err

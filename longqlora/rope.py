@@ -45,11 +45,7 @@ def _no_rope(config) -> ValueError:
 
 
 def _check_target(target_context) -> int:
-    if (
-        not isinstance(target_context, numbers.Integral)
-        or isinstance(target_context, bool)
-        or target_context < 1
-    ):
+    if not isinstance(target_context, numbers.Integral) or isinstance(target_context, bool) or target_context < 1:
         raise ValueError(
             f"--target_context must be a positive integer number of tokens (e.g. 16384), got {target_context!r}"
         )
@@ -205,16 +201,26 @@ def apply_position_interpolation(config, target_context: int) -> float:
                 "nothing to extend"
             )
         if target <= s.max_positions:
-            logger.debug("RoPE: target %d already covered (%s, factor %s); config unchanged",
-                         target, s.rope_type, _format(s.factor))
+            logger.debug(
+                "RoPE: target %d already covered (%s, factor %s); config unchanged",
+                target,
+                s.rope_type,
+                _format(s.factor),
+            )
             return 1.0 if s.rope_type == "dynamic" else s.factor
         # The scaling already covers the target but max_position_embeddings lags (e.g. a yarn
         # block added to Qwen2.5's config): keep the factor, only raise the advertised length.
         params = dict(s.params)
         params[_OMP] = s.original
         _commit(config, params, target)
-        logger.info("RoPE: %s factor %s already covers %d tokens; max_position_embeddings %d -> %d",
-                    s.rope_type, _format(s.factor), target, s.max_positions, target)
+        logger.info(
+            "RoPE: %s factor %s already covers %d tokens; max_position_embeddings %d -> %d",
+            s.rope_type,
+            _format(s.factor),
+            target,
+            s.max_positions,
+            target,
+        )
         return s.factor
 
     if s.rope_type not in _EXTENDABLE:
@@ -244,7 +250,10 @@ def apply_position_interpolation(config, target_context: int) -> float:
             "RoPE: pre-training context not recorded; assuming max_position_embeddings / factor = %d / %s = %d "
             "(if max_position_embeddings is still the pre-training context, set "
             "rope_parameters.original_max_position_embeddings in config.json)",
-            s.max_positions, _format(s.factor), s.original)
+            s.max_positions,
+            _format(s.factor),
+            s.original,
+        )
 
     params = dict(s.params)
     new_type = "linear" if s.rope_type == "default" else s.rope_type
@@ -260,5 +269,12 @@ def apply_position_interpolation(config, target_context: int) -> float:
     _commit(config, params, target)
     logger.info(
         "RoPE: %s factor %s -> %s %s (pre-trained context %d, max_position_embeddings %d -> %d)",
-        s.rope_type, _format(s.factor), new_type, _format(new_factor), s.original, s.max_positions, target)
+        s.rope_type,
+        _format(s.factor),
+        new_type,
+        _format(new_factor),
+        s.original,
+        s.max_positions,
+        target,
+    )
     return new_factor

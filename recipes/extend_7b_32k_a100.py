@@ -10,7 +10,8 @@ AdamW (one 80 GB A100 or H100).
     python recipes/extend_7b_32k_a100.py --dry_run                  # the resolved configuration, no weights loaded
     python recipes/extend_7b_32k_a100.py --output_dir out/llama2-7b-32k-pose --pose_window 4096
         # PoSE (arXiv 2309.10400): 4096-token rows whose position ids skip to span 32768
-    python recipes/extend_7b_32k_a100.py --tiny --output_dir /tmp/tiny-7b_32k_a100   # the same recipe on CPU, tiny model
+    python recipes/extend_7b_32k_a100.py --tiny --output_dir /tmp/tiny-7b_32k_a100
+        # the same recipe on CPU, tiny model
 
 Every default below is a flag (`--max_steps 200`), or set them in `--config my.yaml`.
 """

@@ -18,8 +18,15 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablations")
     doc = out / "doc.md"
     doc.write_text("# Ablations\n\nHand-written text stays.\n")
-    cfg = AblationConfig(output_dir=str(out), tiny=True, seeds=[0, 1], doc=str(doc), command="python x.py --tiny",
-                         pretrain_books="austen+kjv", variants=",".join(VARIANTS))
+    cfg = AblationConfig(
+        output_dir=str(out),
+        tiny=True,
+        seeds=[0, 1],
+        doc=str(doc),
+        command="python x.py --tiny",
+        pretrain_books="austen+kjv",
+        variants=",".join(VARIANTS),
+    )
     return cfg, ablations.main(cfg), doc
 
 

@@ -13,7 +13,8 @@ from conftest import ROOT
 PACKAGE = ROOT / "longqlora"
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"
+    for p in PACKAGE.rglob("*.py")
+    if p.name != "__main__.py"
 )
 
 

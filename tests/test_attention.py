@@ -21,9 +21,13 @@ def reference_s2(q, k, v, group, position_ids=None, attention_mask=None):
     for head in range(h):
         shift = 0 if head < h // 2 else group // 2
         seg = torch.div(pos + shift, group, rounding_mode="floor")
-        allowed = ((seg[:, :, None] == seg[:, None, :]) & (doc[:, :, None] == doc[:, None, :])
-                   & torch.ones(n, n, dtype=torch.bool).tril() & valid[:, None, :])
-        scores = q[:, head].double() @ k[:, head].transpose(-1, -2) / d ** 0.5
+        allowed = (
+            (seg[:, :, None] == seg[:, None, :])
+            & (doc[:, :, None] == doc[:, None, :])
+            & torch.ones(n, n, dtype=torch.bool).tril()
+            & valid[:, None, :]
+        )
+        scores = q[:, head].double() @ k[:, head].transpose(-1, -2) / d**0.5
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.nan_to_num(scores.softmax(-1))
         out[:, head] = (probs @ v[:, head]) * valid[:, :, None]
@@ -32,8 +36,11 @@ def reference_s2(q, k, v, group, position_ids=None, attention_mask=None):
 
 def rand_qkv(b, h, h_kv, n, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, n, d, generator=g, dtype=dtype), torch.randn(b, h_kv, n, d, generator=g, dtype=dtype),
-            torch.randn(b, h_kv, n, d, generator=g, dtype=dtype))
+    return (
+        torch.randn(b, h, n, d, generator=g, dtype=dtype),
+        torch.randn(b, h_kv, n, d, generator=g, dtype=dtype),
+        torch.randn(b, h_kv, n, d, generator=g, dtype=dtype),
+    )
 
 
 HEADS = [(4, 4), (4, 2), (3, 1), (9, 3), (5, 5), (8, 1)]
@@ -63,8 +70,8 @@ def test_matches_reference_packed(h, h_kv, lengths, group):
 
 def padding_masks(n):
     right = torch.ones(3, n, dtype=torch.long)
-    right[0, n - 5:] = 0
-    right[2, n // 2:] = 0
+    right[0, n - 5 :] = 0
+    right[2, n // 2 :] = 0
     left = right.flip(1)
     holes = torch.ones(3, n, dtype=torch.long)
     holes[0, ::3] = 0
@@ -123,7 +130,7 @@ def test_no_wrap_around():
     k2[:, :, : group // 2] += 10.0
     after = s2_attention(q, k2, v2, group)
     # Shifted head 1: only its first half group [0, 8) may change; unshifted head 0: only [0, 16).
-    assert torch.equal(after[:, 1, group // 2:], base[:, 1, group // 2:])
+    assert torch.equal(after[:, 1, group // 2 :], base[:, 1, group // 2 :])
     assert torch.equal(after[:, 0, group:], base[:, 0, group:])
     assert not torch.allclose(after[:, 1, : group // 2], base[:, 1, : group // 2])
 
@@ -134,8 +141,8 @@ def test_packed_documents_are_independent():
     packed = s2_attention(q, k, v, 8, position_ids=packed_positions(lengths))
     start = 0
     for n in lengths:
-        alone = s2_attention(q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n], 8)
-        torch.testing.assert_close(packed[:, :, start:start + n], alone, atol=1e-6, rtol=1e-5)
+        alone = s2_attention(q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n], 8)
+        torch.testing.assert_close(packed[:, :, start : start + n], alone, atol=1e-6, rtol=1e-5)
         start += n
 
 
@@ -208,8 +215,9 @@ def test_gpu_grouped_path_runs_on_the_flash_kernel(h, h_kv):
         pytest.skip("SDPA's flash kernel needs sm_80+")
     shape = lambda heads: (1, 4096, heads, 128)  # noqa: E731  (B, N, H, D) seen as (B, H, N, D)
     q = torch.randn(shape(h), device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-    k, v = (torch.randn(shape(h_kv), device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-            for _ in range(2))
+    k, v = (
+        torch.randn(shape(h_kv), device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_() for _ in range(2)
+    )
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         s2_attention(q, k, v, 1024, backend="sdpa").sum().backward()
 
@@ -238,7 +246,7 @@ def variant_mask(b, h, n, group, position_ids=None, attention_mask=None, shift="
     doc = torch.zeros(b, n, dtype=torch.long)
     doc[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).long().cumsum(1)
     idx = torch.arange(n)
-    in_doc = torch.stack([torch.stack([(doc[r, :i + 1] == doc[r, i]).sum() - 1 for i in range(n)]) for r in range(b)])
+    in_doc = torch.stack([torch.stack([(doc[r, : i + 1] == doc[r, i]).sum() - 1 for i in range(n)]) for r in range(b)])
     valid = torch.ones(b, n, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     causal = idx[None, :, None] >= idx[None, None, :]
     same_doc = doc[:, :, None] == doc[:, None, :]
@@ -262,7 +270,7 @@ def reference_masked(q, k, v, masks, attention_mask=None):
     b, h, n, d = q.shape
     rep = h // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
-    scores = (q.double() @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~masks, float("-inf"))
+    scores = (q.double() @ k.transpose(-1, -2) / d**0.5).masked_fill(~masks, float("-inf"))
     out = torch.nan_to_num(scores.softmax(-1)) @ v
     return out if attention_mask is None else out * attention_mask.bool()[:, None, :, None]
 
@@ -276,20 +284,36 @@ def rolled_direct(q, k, v, group):
         s = group // 2 if head >= h // 2 else 0
         qh, kh, vh = (x[:, head].roll(-s, 1) for x in (q, k, v))
         for g0 in range(0, n, group):
-            o = F.scaled_dot_product_attention(qh[:, None, g0:g0 + group], kh[:, None, g0:g0 + group],
-                                               vh[:, None, g0:g0 + group], is_causal=True)
-            out[:, head, g0:g0 + group] = o[:, 0]
+            o = F.scaled_dot_product_attention(
+                qh[:, None, g0 : g0 + group], kh[:, None, g0 : g0 + group], vh[:, None, g0 : g0 + group], is_causal=True
+            )
+            out[:, head, g0 : g0 + group] = o[:, 0]
         out[:, head] = out[:, head].roll(s, 1)
     return out
 
 
-VARIANTS = [dict(shift="rolled"), dict(sinks=1), dict(sinks=4), dict(full_heads=0.25), dict(full_heads=0.5),
-            dict(sinks=3, full_heads=0.34), dict(full_heads=1.0)]
+VARIANTS = [
+    dict(shift="rolled"),
+    dict(sinks=1),
+    dict(sinks=4),
+    dict(full_heads=0.25),
+    dict(full_heads=0.5),
+    dict(sinks=3, full_heads=0.34),
+    dict(full_heads=1.0),
+]
 
 
 def call(q, k, v, group, variant, **kw):
-    return s2_attention(q, k, v, group, shift=variant.get("shift", "leakfree"), sink_tokens=variant.get("sinks", 0),
-                        full_heads=variant.get("full_heads", 0.0), **kw)
+    return s2_attention(
+        q,
+        k,
+        v,
+        group,
+        shift=variant.get("shift", "leakfree"),
+        sink_tokens=variant.get("sinks", 0),
+        full_heads=variant.get("full_heads", 0.0),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -297,9 +321,20 @@ def call(q, k, v, group, variant, **kw):
 @pytest.mark.parametrize("n,group", [(32, 8), (48, 16), (24, 6)])
 def test_variants_match_masked_reference_plain(variant, h, h_kv, n, group):
     q, k, v = rand_qkv(2, h, h_kv, n, dtype=torch.float32, seed=7)
-    want = reference_masked(q, k, v, variant_mask(2, h, n, group, shift=variant.get("shift", "leakfree"),
-                                                  sinks=variant.get("sinks", 0),
-                                                  full_heads=variant.get("full_heads", 0.0)))
+    want = reference_masked(
+        q,
+        k,
+        v,
+        variant_mask(
+            2,
+            h,
+            n,
+            group,
+            shift=variant.get("shift", "leakfree"),
+            sinks=variant.get("sinks", 0),
+            full_heads=variant.get("full_heads", 0.0),
+        ),
+    )
     assert (call(q, k, v, group, variant).double() - want).abs().max() < 1e-5
 
 
@@ -312,8 +347,9 @@ def test_variants_match_masked_reference_packed_and_padded(variant, h, h_kv, len
     q, k, v = rand_qkv(3, h, h_kv, n, dtype=torch.float32, seed=8)
     pos = packed_positions(lengths)
     mask = None if padding is None else padding_masks(n)[padding]
-    masks = variant_mask(3, h, n, group, pos, mask, sinks=variant.get("sinks", 0),
-                         full_heads=variant.get("full_heads", 0.0))
+    masks = variant_mask(
+        3, h, n, group, pos, mask, sinks=variant.get("sinks", 0), full_heads=variant.get("full_heads", 0.0)
+    )
     got = call(q, k, v, group, variant, position_ids=pos, attention_mask=mask)
     assert (got.double() - reference_masked(q, k, v, masks, mask)).abs().max() < 1e-5
 
@@ -322,8 +358,9 @@ def test_rolled_matches_longlora_roll_and_defaults_are_unchanged():
     q, k, v = rand_qkv(2, 4, 2, 64, dtype=torch.float32, seed=9)
     assert (s2_attention(q, k, v, 16, shift="rolled") - rolled_direct(q, k, v, 16)).abs().max() < 1e-5
     # the defaults are the leak-free S2 of reference_s2, bit for bit the same call as before the variants existed
-    assert torch.equal(s2_attention(q, k, v, 16), s2_attention(q, k, v, 16, shift="leakfree", sink_tokens=0,
-                                                               full_heads=0.0))
+    assert torch.equal(
+        s2_attention(q, k, v, 16), s2_attention(q, k, v, 16, shift="leakfree", sink_tokens=0, full_heads=0.0)
+    )
 
 
 def test_rolled_leaks_the_future_and_leakfree_does_not():
@@ -331,13 +368,13 @@ def test_rolled_leaks_the_future_and_leakfree_does_not():
     n, group = 64, 16
     q, k, v = rand_qkv(1, 2, 2, n, dtype=torch.float32, seed=10)
     k2, v2 = k.clone(), v.clone()
-    k2[:, :, -group // 2:] += 10.0
-    v2[:, :, -group // 2:] *= -5.0
+    k2[:, :, -group // 2 :] += 10.0
+    v2[:, :, -group // 2 :] *= -5.0
     for shift, leaks in (("rolled", True), ("leakfree", False)):
         before, after = s2_attention(q, k, v, group, shift=shift), s2_attention(q, k2, v2, group, shift=shift)
-        changed = (after[:, 1, :group // 2] - before[:, 1, :group // 2]).abs().max()
+        changed = (after[:, 1, : group // 2] - before[:, 1, : group // 2]).abs().max()
         assert bool(changed > 1e-3) is leaks, shift
-        assert torch.equal(after[:, 0, :n - group // 2], before[:, 0, :n - group // 2])  # unshifted heads: causal
+        assert torch.equal(after[:, 0, : n - group // 2], before[:, 0, : n - group // 2])  # unshifted heads: causal
 
 
 @pytest.mark.parametrize("variant", [dict(sinks=4), dict(full_heads=0.5), dict(sinks=2, full_heads=0.25)])
@@ -361,7 +398,7 @@ def test_sinks_reach_every_group_and_full_heads_see_everything():
     v2[:, :, 2] += 10.0  # token 2: a sink for k=4, not for k=2
     far = slice(3 * group, n)  # queries three groups later
     for sinks, reaches in ((4, True), (2, False), (0, False)):
-        diff = (s2_attention(q, k, v2, group, sink_tokens=sinks) - s2_attention(q, k, v, group, sink_tokens=sinks))
+        diff = s2_attention(q, k, v2, group, sink_tokens=sinks) - s2_attention(q, k, v, group, sink_tokens=sinks)
         assert bool(diff[:, :, far].abs().min() > 1e-4) is reaches if reaches else diff[:, :, far].abs().max() == 0
     diff = s2_attention(q, k, v2, group, full_heads=0.5) - s2_attention(q, k, v, group, full_heads=0.5)
     assert diff[:, :2, far].abs().min() > 1e-4 and diff[:, 2:, far].abs().max() == 0

@@ -7,12 +7,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attention import HEADS, packed_positions, rand_qkv, reference_s2
 
 from longqlora import hardware
-from longqlora.attention import op as attention
 from longqlora.attention import layout as s2_layout
+from longqlora.attention import op as attention
 from longqlora.attention.op import s2_attention, varlen_choice
-from test_attention import HEADS, packed_positions, rand_qkv, reference_s2
 
 
 def _segments(q, k, v, cu, max_len, scale):
@@ -22,8 +22,14 @@ def _segments(q, k, v, cu, max_len, scale):
     assert q.dim() == k.dim() == v.dim() == 3 and q.stride(-1) == 1 and q.shape[1] % k.shape[1] == 0
     out = torch.empty_like(q)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
         out[a:b] = o.transpose(0, 1)
     return out
 
@@ -33,11 +39,23 @@ class Calls(list):
 
 
 def fake_flash(calls):
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                               softmax_scale=None, causal=False, **_):
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        **_,
+    ):
         assert causal and dropout_p == 0.0 and torch.equal(cu_seqlens_q, cu_seqlens_k)
         calls.append(("flash_attn", q.shape[1], k.shape[1]))
         return _segments(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale)
+
     return types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
 
 
@@ -45,17 +63,35 @@ def fake_torch_varlen(calls, style):
     """The two spellings of torch.nn.attention.varlen.varlen_attn: `is_causal=` (torch 2.9-2.10) and
     `window_size=(-1, 0)` with scale and enable_gqa (later releases)."""
     if style == "is_causal":
+
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
             assert is_causal and query.shape[1] == key.shape[1]  # no GQA in this version: repeated heads
             calls.append(("torch", query.shape[1], key.shape[1]))
             return _segments(query, key, value, cu_seq_q, max_q, None)
     else:
-        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+
+        def varlen_attn(
+            query,
+            key,
+            value,
+            cu_seq_q,
+            cu_seq_k,
+            max_q,
+            max_k,
+            *,
+            return_aux=None,
+            scale=None,
+            window_size=(-1, -1),
+            enable_gqa=False,
+            seqused_k=None,
+            block_table=None,
+            num_splits=None,
+        ):
             assert tuple(window_size) == (-1, 0)
             assert enable_gqa == (query.shape[1] != key.shape[1])
             calls.append(("torch", query.shape[1], key.shape[1]))
             return _segments(query, key, value, cu_seq_q, max_q, scale)
+
     return varlen_attn
 
 
@@ -75,14 +111,16 @@ def fake_xformers(calls):
         cu = F.pad(torch.tensor(attn_bias.lengths).cumsum(0), (1, 0)).to(torch.int32)
         return _segments(query[0], key[0], value[0], cu, max(attn_bias.lengths), scale).unsqueeze(0)
 
-    return types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention,
-                                 fmha=types.SimpleNamespace(attn_bias=types.SimpleNamespace(
-                                     BlockDiagonalCausalMask=BlockDiagonalCausalMask)))
+    return types.SimpleNamespace(
+        memory_efficient_attention=memory_efficient_attention,
+        fmha=types.SimpleNamespace(attn_bias=types.SimpleNamespace(BlockDiagonalCausalMask=BlockDiagonalCausalMask)),
+    )
 
 
 @pytest.fixture
 def kernels(monkeypatch):
     """Route s2_attention on the CPU to one fake varlen kernel: kernels(name, gqa[, style]) -> the call log."""
+
     def use(name, gqa, style="window_size"):
         calls = Calls()
         monkeypatch.setattr(hardware, "flash_attn_module", lambda: fake_flash(calls))
@@ -92,12 +130,19 @@ def kernels(monkeypatch):
         monkeypatch.setattr(hardware, "torch_varlen", lambda: features)
         monkeypatch.setattr(attention, "_varlen_kernel", lambda *a: (name, gqa))
         return calls
+
     return use
 
 
-CASES = [(name, gqa, style) for name, gqa, style in
-         [("flash_attn", True, None), ("torch", True, "window_size"), ("torch", False, "is_causal"),
-          ("xformers", False, None)]]
+CASES = [
+    (name, gqa, style)
+    for name, gqa, style in [
+        ("flash_attn", True, None),
+        ("torch", True, "window_size"),
+        ("torch", False, "is_causal"),
+        ("xformers", False, None),
+    ]
+]
 
 
 @pytest.mark.parametrize("name,gqa,style", CASES)
@@ -123,8 +168,11 @@ def test_varlen_kernels_match_the_reference(kernels, name, gqa, style, h, h_kv, 
     assert len(calls) == 2  # one call per head half
     # GQA goes to the kernel unrepeated where it takes it and the head halves do not split a KV group
     aligned = h_kv > 1 and (h // 2) % (h // h_kv) == 0 and h % 2 == 0
-    expect_kv = [h1 // (h // h_kv) - h0 // (h // h_kv) if gqa and aligned else h1 - h0
-                 for h0, h1, kind in attention.head_split(h, 0.0) if h1 > h0]
+    expect_kv = [
+        h1 // (h // h_kv) - h0 // (h // h_kv) if gqa and aligned else h1 - h0
+        for h0, h1, kind in attention.head_split(h, 0.0)
+        if h1 > h0
+    ]
     assert [c[2] for c in calls] == expect_kv
 
 
@@ -151,12 +199,14 @@ def test_gradients_through_the_varlen_path(kernels):
 @pytest.fixture
 def gpu(monkeypatch):
     """Pretend to be a GPU of capability `cap` with the given packages: gpu(cap, flash=, xformers=, torch_varlen=)."""
+
     def setup(cap, flash=False, xformers=False, torch_varlen=False, enable_gqa=True):
         monkeypatch.setattr(hardware, "cuda_capability", lambda: cap)
         monkeypatch.setattr(hardware, "flash_attn_module", lambda: object() if flash else None)
         monkeypatch.setattr(hardware, "xformers_ops", lambda: object() if xformers else None)
         features = {"fn": None, "causal": "window_size", "scale": True, "enable_gqa": enable_gqa}
         monkeypatch.setattr(hardware, "torch_varlen", lambda: features if torch_varlen else None)
+
     return setup
 
 

@@ -17,8 +17,15 @@ from longqlora.attention import disable_s2_attention, enable_s2_attention, s2_en
 from longqlora.attention.integration import IMPLEMENTATION
 from longqlora.training.tiny import tiny_llama_config
 
-SMALL = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SMALL = dict(
+    vocab_size=320,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def make_model(arch: str, seed: int = 0):
@@ -105,8 +112,8 @@ def test_packed_batch_documents_do_not_see_each_other():
         packed = model(x, position_ids=pos).logits
         start = 0
         for n in lengths:
-            alone = model(x[:, start:start + n]).logits
-            torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-4)
+            alone = model(x[:, start : start + n]).logits
+            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-4)
             start += n
 
 
@@ -125,12 +132,12 @@ def test_padded_batch_matches_unpadded_rows(side):
     else:
         mask[1, : 40 - real] = 0
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        row = x[1:, 40 - real:]
+        row = x[1:, 40 - real :]
     with torch.no_grad():
         batched = model(x, attention_mask=mask, position_ids=pos).logits
         alone = model(row).logits
     assert torch.isfinite(batched).all()
-    got = batched[1:, :real] if side == "right" else batched[1:, 40 - real:]
+    got = batched[1:, :real] if side == "right" else batched[1:, 40 - real :]
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
 
 
@@ -242,18 +249,20 @@ def test_model_config_validates_the_variant_flags():
     assert len(ok.group_sizes) > 1 and max(ok.group_sizes) > ok.group_size > min(ok.group_sizes)
     for schedule, sizes in (("none", [128]), ("", [128]), ("0.5, 2,", [64, 256])):
         assert ModelConfig(model_name_or_path="m", target_context=512, s2_group_schedule=schedule).group_sizes == sizes
-    for kwargs, message in ((dict(s2_sink_tokens=-1), "--s2_sink_tokens -1: must be >= 0"),
-                            (dict(s2_full_heads=2.0), "--s2_full_heads 2.0: must be"),
-                            (dict(s2_shift="wrap"), "--s2_shift 'wrap': must be leakfree or rolled"),
-                            (dict(s2_shift="rolled", s2_sink_tokens=2), "--s2_sink_tokens 2: sinks combine"),
-                            (dict(s2_full_every=1), "--s2_full_every 1: must be 0 .never. or >= 2"),
-                            (dict(s2_group_schedule="0.25,x"), "--s2_group_schedule '0.25,x': must be none or"),
-                            (dict(s2_group_schedule="0.5,-1"), "--s2_group_schedule '0.5,-1': must be none or"),
-                            (dict(s2_group_schedule="1", group_ratio=0.5), [256]),
-                            (dict(group_ratio=0.5), [64, 192, 512]),  # the default, its last share capped at 512
-                            (dict(group_ratio=1.0, s2_group_schedule="none"), [512]),
-                            (dict(s2_shift="rolled"), "--s2_shift rolled needs groups that divide --target_context"),
-                            (dict(s2_shift="rolled", s2_group_schedule="0.5,1,2"), [64, 128, 256])):
+    for kwargs, message in (
+        (dict(s2_sink_tokens=-1), "--s2_sink_tokens -1: must be >= 0"),
+        (dict(s2_full_heads=2.0), "--s2_full_heads 2.0: must be"),
+        (dict(s2_shift="wrap"), "--s2_shift 'wrap': must be leakfree or rolled"),
+        (dict(s2_shift="rolled", s2_sink_tokens=2), "--s2_sink_tokens 2: sinks combine"),
+        (dict(s2_full_every=1), "--s2_full_every 1: must be 0 .never. or >= 2"),
+        (dict(s2_group_schedule="0.25,x"), "--s2_group_schedule '0.25,x': must be none or"),
+        (dict(s2_group_schedule="0.5,-1"), "--s2_group_schedule '0.5,-1': must be none or"),
+        (dict(s2_group_schedule="1", group_ratio=0.5), [256]),
+        (dict(group_ratio=0.5), [64, 192, 512]),  # the default, its last share capped at 512
+        (dict(group_ratio=1.0, s2_group_schedule="none"), [512]),
+        (dict(s2_shift="rolled"), "--s2_shift rolled needs groups that divide --target_context"),
+        (dict(s2_shift="rolled", s2_group_schedule="0.5,1,2"), [64, 128, 256]),
+    ):
         if isinstance(message, list):  # valid: the group sizes it gives
             assert ModelConfig(model_name_or_path="m", target_context=512, **kwargs).group_sizes == message
             continue
@@ -311,10 +320,17 @@ def test_trainer_applies_the_schedule_at_every_step(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "s2_attention", recording)
-    model_cfg = ModelConfig(model_name_or_path="unused", target_context=4096, s2_full_every=2,
-                            s2_group_schedule="1,2")  # x group_ratio 0.25 of the tiny run's 256 tokens
-    train(resolve(model_cfg, TextDataConfig(dataset="unused"), RunConfig(tiny=True),
-                  TrainingConfig(output_dir=str(tmp_path), max_steps=4, save_strategy="no")))
+    model_cfg = ModelConfig(
+        model_name_or_path="unused", target_context=4096, s2_full_every=2, s2_group_schedule="1,2"
+    )  # x group_ratio 0.25 of the tiny run's 256 tokens
+    train(
+        resolve(
+            model_cfg,
+            TextDataConfig(dataset="unused"),
+            RunConfig(tiny=True),
+            TrainingConfig(output_dir=str(tmp_path), max_steps=4, save_strategy="no"),
+        )
+    )
     runs = [now for now, _ in seen]
     assert runs == [(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)], seen
     assert len({count for _, count in seen}) == 1  # the same number of attention calls in every step

@@ -40,9 +40,12 @@ def sft_adapter(tmp_path_factory):
 
     mod = load_script("recipes/sft_vicuna_13b_8k.py")
 
-    return run_recipe(mod.Model, mod.Data, mod.Training,
-                      argv=["--tiny", "--output_dir", str(tmp_path_factory.mktemp("chat-sft") / "a"),
-                            "--max_steps", "1"])
+    return run_recipe(
+        mod.Model,
+        mod.Data,
+        mod.Training,
+        argv=["--tiny", "--output_dir", str(tmp_path_factory.mktemp("chat-sft") / "a"), "--max_steps", "1"],
+    )
 
 
 def _cfg(source, **kw):
@@ -67,7 +70,7 @@ def record(model, monkeypatch):
     def generate(**kwargs):
         out = original(**kwargs)
         prompt = kwargs["input_ids"][0].tolist()
-        calls.append({"prompt": prompt, "new": out[0, len(prompt):].tolist()})
+        calls.append({"prompt": prompt, "new": out[0, len(prompt) :].tolist()})
         return out
 
     monkeypatch.setattr(model, "generate", generate)
@@ -93,8 +96,11 @@ def test_scripted_conversation_keeps_history(chat, monkeypatch):
     for reply in replies:
         assert f"ASSISTANT: {reply}" in out  # the streamed text is the reply
     assert "context 512 tokens" in out if source.name == "tiny" else "context 256 tokens" in out
-    second = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": replies[0]},
-              {"role": "user", "content": "what next?"}]
+    second = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": "what next?"},
+    ]
     assert calls[1]["prompt"] == prompt_ids(tokenizer, render(tokenizer, second))
     text = tokenizer.decode(calls[1]["prompt"])
     assert f"USER: hello ASSISTANT: {replies[0]}</s>USER: what next? ASSISTANT:" in text
@@ -110,10 +116,15 @@ def test_greedy_reply_is_deterministic_and_equals_direct_generate(chat):
     assert outs[0].getvalue().strip() == replies[0]  # streaming writes exactly the reply
     ids = torch.tensor([prompt_ids(tokenizer, render(tokenizer, [{"role": "user", "content": "hello"}]))])
     with torch.no_grad():
-        direct = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=NEW, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
-    assert tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True).strip() == replies[0]
+        direct = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True).strip() == replies[0]
 
 
 def test_sampling_is_seeded(random_dir):
@@ -137,8 +148,10 @@ def test_context_file_opens_the_first_turn(chat, tmp_path, monkeypatch):
     assert prompts[1].count("The pass key is 4821.") == 1  # kept in the history, not repeated
     assert "The pass key is 4821. Remember it.\n\nand now?" in prompts[2]  # a new conversation opens with it
     assert "again?" not in prompts[2]
-    assert one_shot(_cfg(source, context_file=str(doc), prompt="key?"), model, tokenizer, io.StringIO()) \
+    assert (
+        one_shot(_cfg(source, context_file=str(doc), prompt="key?"), model, tokenizer, io.StringIO())
         == tokenizer.decode(calls[-1]["new"], skip_special_tokens=True).strip()
+    )
     assert "4821. Remember it.\n\nkey? ASSISTANT:" in tokenizer.decode(calls[-1]["prompt"])
 
 
@@ -221,10 +234,13 @@ def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkey
     with pytest.raises(ValueError) as err:
         load_chat_model(ChatConfig(adapter=str(tmp_path)))
     assert _one_line(err).startswith(f"--adapter {tmp_path}: not a PEFT adapter directory")
-    for kwargs, flag in [({}, "--model"), ({"model": "x", "temperature": -1}, "--temperature"),
-                         ({"model": "x", "top_p": 0}, "--top_p"), ({"model": "x", "max_new_tokens": 0},
-                                                                   "--max_new_tokens"),
-                         ({"model": "x", "prompt": " "}, "--prompt")]:
+    for kwargs, flag in [
+        ({}, "--model"),
+        ({"model": "x", "temperature": -1}, "--temperature"),
+        ({"model": "x", "top_p": 0}, "--top_p"),
+        ({"model": "x", "max_new_tokens": 0}, "--max_new_tokens"),
+        ({"model": "x", "prompt": " "}, "--prompt"),
+    ]:
         with pytest.raises(ValueError) as err:
             ChatConfig(**kwargs)
         assert _one_line(err).startswith(flag)
@@ -247,11 +263,32 @@ def _cli_has_chat() -> bool:
 
 @pytest.mark.skipif(not _cli_has_chat(), reason="longqlora/cli.py does not wire the chat subcommand yet")
 def test_command_line_one_shot(random_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "longqlora", "chat", "--model", str(random_dir), "--prompt",
-                             "hi", "--max_new_tokens", "3"], capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "longqlora",
+            "chat",
+            "--model",
+            str(random_dir),
+            "--prompt",
+            "hi",
+            "--max_new_tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n")
-    missing = subprocess.run([sys.executable, "-m", "longqlora", "chat", "--model", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=120, check=False)
+    missing = subprocess.run(
+        [sys.executable, "-m", "longqlora", "chat", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith(f"error: --model {tmp_path / 'nope'}")

@@ -42,8 +42,17 @@ def test_adapter_for_a_different_base_is_one_line(tmp_path, tiny_adapter):
     adapter = tiny_adapter
     other = save_tiny_model(tmp_path / "other", shape="odd", max_position_embeddings=64)  # hidden 192, not 128
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    done = longqlora("perplexity", "--model", str(other), "--adapter", str(adapter), "--data",
-                     str(tmp_path / "text.txt"), "--context_lengths", "32")
+    done = longqlora(
+        "perplexity",
+        "--model",
+        str(other),
+        "--adapter",
+        str(adapter),
+        "--data",
+        str(tmp_path / "text.txt"),
+        "--context_lengths",
+        "32",
+    )
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --model {other}: the adapter was trained on") and "hidden 128" in last

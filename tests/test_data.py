@@ -1,5 +1,5 @@
-"""longqlora.data.text, longqlora.data.formats and the data_prep scripts: every input format, the error lines, the stats,
-the Vicuna template and its assistant mask, and TRL 1.16's packing on our output. CPU only, all in tmp_path."""
+"""longqlora.data.text, longqlora.data.formats and the data_prep scripts: every input format, the error lines, the
+stats, the Vicuna template and its assistant mask, and TRL 1.16's packing on our output. CPU only, all in tmp_path."""
 
 import gzip
 import json
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from longqlora.data import instructions as I
 from longqlora.data import text as D
 from longqlora.data.formats import VICUNA_V1_1_SYSTEM, VICUNA_V1_1_TEMPLATE, apply_vicuna_template
-from longqlora.data import instructions as I
-from longqlora.data.text import TextDataConfig
 from longqlora.data.instructions import InstructionDataConfig
+from longqlora.data.text import TextDataConfig
 from longqlora.training.tiny import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,9 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return apply_vicuna_template(train_tokenizer(DOCS * 4 + ["USER: ASSISTANT: hi hello more sure summary"],
-                                                 vocab_size=320))
+    return apply_vicuna_template(
+        train_tokenizer(DOCS * 4 + ["USER: ASSISTANT: hi hello more sure summary"], vocab_size=320)
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +118,8 @@ def test_text_field_max_documents_and_empty_documents(tmp_path):
 def test_split_missing_from_a_saved_dict(tmp_path):
     name, _ = make_source("dict", tmp_path)
     assert error_of(D.load_documents, TextDataConfig(name, split="test")) == (
-        f"--split test: {name} has splits train, validation; pass --split")
+        f"--split test: {name} has splits train, validation; pass --split"
+    )
 
 
 # ------------------------------------------------------------------------------------------- text: errors
@@ -136,19 +138,23 @@ def test_missing_field_names_field_line_and_fields(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}, {"text": "b"}, {"a": 1, "b": "x"}, {"text": "c"}])
     assert error_of(D.load_documents, TextDataConfig(str(path))) == (
         f"--text_field text: {path} line 3 has no 'text' field (fields: a, b); pass --text_field "
-        "(1 of 4 records lack it)")
+        "(1 of 4 records lack it)"
+    )
     assert error_of(D.load_documents, TextDataConfig(str(path), text_field="body")).startswith(
-        f"--text_field body: {path} line 1 has no 'body' field (fields: text")
+        f"--text_field body: {path} line 1 has no 'body' field (fields: text"
+    )
 
 
 def test_missing_empty_and_unsupported_inputs(tmp_path, monkeypatch):
     assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "nope.jsonl"))) == (
-        f"--dataset {tmp_path / 'nope.jsonl'}: no such file or directory")
+        f"--dataset {tmp_path / 'nope.jsonl'}: no such file or directory"
+    )
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "empty.jsonl"))).endswith("holds no documents")
     write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": " "}])
     assert error_of(D.load_documents, TextDataConfig(str(tmp_path / "blank.jsonl"))) == (
-        f"--dataset {tmp_path / 'blank.jsonl'} holds no documents")
+        f"--dataset {tmp_path / 'blank.jsonl'} holds no documents"
+    )
     (tmp_path / "empty_dir").mkdir()
     assert "holds no .txt/.txt.gz files" in error_of(D.load_documents, TextDataConfig(str(tmp_path / "empty_dir")))
     (tmp_path / "d.csv").write_text("text\na\n")
@@ -160,18 +166,32 @@ def test_missing_empty_and_unsupported_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr("longqlora.data.sources.datasets.load_dataset", offline)
     assert error_of(D.load_documents, TextDataConfig("someone/corpus")).startswith(
         "--dataset someone/corpus: not a local file or directory, and loading it from the Hugging Face hub failed "
-        "(ConnectionError: Couldn't reach")
+        "(ConnectionError: Couldn't reach"
+    )
 
 
-@pytest.mark.parametrize("flag, kwargs", [("pack", {"pack": "wrap"}), ("min_length", {"min_length": -1}),
-                                          ("num_proc", {"num_proc": 0}), ("max_documents", {"max_documents": 0}),
-                                          ("text_field", {"text_field": ""})])
+@pytest.mark.parametrize(
+    "flag, kwargs",
+    [
+        ("pack", {"pack": "wrap"}),
+        ("min_length", {"min_length": -1}),
+        ("num_proc", {"num_proc": 0}),
+        ("max_documents", {"max_documents": 0}),
+        ("text_field", {"text_field": ""}),
+    ],
+)
 def test_text_config_errors_name_the_flag(flag, kwargs):
     assert error_of(TextDataConfig, "d.jsonl", **kwargs).startswith(f"--{flag} ")
 
 
-@pytest.mark.parametrize("flag, kwargs", [("overlong", {"overlong": "cut"}), ("num_proc", {"num_proc": -2}),
-                                          ("invalid_conversations", {"invalid_conversations": "fix"})])
+@pytest.mark.parametrize(
+    "flag, kwargs",
+    [
+        ("overlong", {"overlong": "cut"}),
+        ("num_proc", {"num_proc": -2}),
+        ("invalid_conversations", {"invalid_conversations": "fix"}),
+    ],
+)
 def test_instruction_config_errors_name_the_flag(flag, kwargs):
     assert error_of(InstructionDataConfig, "d.jsonl", **kwargs).startswith(f"--{flag} ")
 
@@ -182,8 +202,20 @@ def test_configs_share_a_parser_with_sft_config(data_cls):
     from trl import SFTConfig, TrlParser
 
     data_cfg, sft = TrlParser((data_cls, SFTConfig)).parse_args_into_dataclasses(
-        ["--dataset", "d.jsonl", "--output_dir", "o", "--max_length", "64", "--packing", "false", "--use_cpu",
-         "--bf16", "false"])
+        [
+            "--dataset",
+            "d.jsonl",
+            "--output_dir",
+            "o",
+            "--max_length",
+            "64",
+            "--packing",
+            "false",
+            "--use_cpu",
+            "--bf16",
+            "false",
+        ]
+    )
     assert (data_cfg.dataset, sft.max_length, sft.packing) == ("d.jsonl", 64, False)
 
 
@@ -201,7 +233,10 @@ def test_tokens_and_stats_equal_a_direct_tokenization(tok, tmp_path):
     assert stats["documents_in"] == stats["documents_out"] == 4 and stats["dropped_short"] == 0
     assert stats["tokens_total"] == sum(lengths)
     assert (stats["length_min"], stats["length_median"], stats["length_max"]) == (
-        min(lengths), float(np.median(lengths)), max(lengths))
+        min(lengths),
+        float(np.median(lengths)),
+        max(lengths),
+    )
     assert (stats["pack"], stats["packing_strategy"]) == ("documents", "bfd_split")
 
 
@@ -224,16 +259,18 @@ def test_min_length_drops_exactly_the_short_documents(tok):
     assert stats["tokens_total"] == sum(n for n in lengths if n >= cut)
     assert stats["tokens_dropped"] == sum(n for n in lengths if n < cut)
     message = error_of(D.tokenize_documents, ds, tok, TextDataConfig("x", min_length=max(lengths) + 1))
-    assert message == (f"--min_length {max(lengths) + 1} drops all 4 documents of --dataset x (longest: "
-                       f"{max(lengths)} tokens); lower --min_length")
+    assert message == (
+        f"--min_length {max(lengths) + 1} drops all 4 documents of --dataset x (longest: "
+        f"{max(lengths)} tokens); lower --min_length"
+    )
 
 
 def test_check_packable_and_packing_strategy():
     D.check_packable({"tokens_total": 100}, 100)
     assert error_of(D.check_packable, {"dataset": "b.txt", "tokens_total": 9}, 10).startswith("--dataset b.txt holds 9")
     assert error_of(D.check_packable, {"tokens_total": 99}, 100, "d.jsonl") == (
-        "--dataset d.jsonl holds 99 tokens, fewer than one row of --max_length 100; add text or lower "
-        "--target_context")
+        "--dataset d.jsonl holds 99 tokens, fewer than one row of --max_length 100; add text or lower --target_context"
+    )
     assert (D.packing_strategy("documents"), D.packing_strategy("concat")) == ("bfd_split", "wrapped")
     assert error_of(D.packing_strategy, "bfd").startswith("--pack 'bfd'")
 
@@ -258,7 +295,7 @@ def test_trl_bfd_split_keeps_documents_apart(tok):
         assert [i for i, p in enumerate(positions) if p == 0] == starts  # positions restart at each document
         assert max(positions) < max_length
         for start, n in zip(starts, row["seq_lengths"]):  # each piece is a run of one document, at most one EOS
-            assert row["input_ids"][start:start + n - 1].count(tok.eos_token_id) == 0
+            assert row["input_ids"][start : start + n - 1].count(tok.eos_token_id) == 0
         total += len(row["input_ids"])
     assert total == stats["tokens_total"]  # bfd_split loses nothing
 
@@ -277,15 +314,23 @@ def test_sft_trainer_takes_our_outputs(tok, tmp_path):
     model = LlamaForCausalLM(tiny_llama_config())
     common = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False)
     tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": DOCS}), tok, TextDataConfig("x"))
-    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=tokenized,
-                         args=SFTConfig(packing=True, packing_strategy="bfd_split", max_length=40, **common))
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=tokenized,
+        args=SFTConfig(packing=True, packing_strategy="bfd_split", max_length=40, **common),
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     assert batch["input_ids"].shape[1] == stats["tokens_total"]  # untouched by TRL: no second EOS, no truncation
     assert int(batch["position_ids"].max()) == 39
 
     conversations = datasets.Dataset.from_dict({"messages": [[{"role": "system", "content": "S"}, *CHAT]]})
-    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=conversations,
-                         args=SFTConfig(assistant_only_loss=True, max_length=256, **common))
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=conversations,
+        args=SFTConfig(assistant_only_loss=True, max_length=256, **common),
+    )
     row = trainer.train_dataset[0]
     trained = tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
     assert trained == " a short summary</s> sure</s>"  # the space after "ASSISTANT:" merges into the reply's token
@@ -298,14 +343,30 @@ def write_instruction_formats(tmp_path):
     """The same two conversations (one of two turns where the format allows it) in each format."""
     long_q = "Summarize\n\nthe long document"
     formats = {
-        "longalpaca": [{"instruction": "Summarize", "input": "the long document", "output": "a short summary",
-                        "file": "x.pdf"}, {"instruction": "more", "input": "", "output": "sure"}],
+        "longalpaca": [
+            {"instruction": "Summarize", "input": "the long document", "output": "a short summary", "file": "x.pdf"},
+            {"instruction": "more", "input": "", "output": "sure"},
+        ],
         "longqlora": [{"input": long_q, "output": "a short summary"}, {"input": "more", "output": "sure"}],
-        "sharegpt": [{"conversations": [{"from": "human", "value": long_q}, {"from": "gpt", "value": "a short "
-                                        "summary"}, {"from": "human", "value": "more"}, {"from": "gpt",
-                                                                                           "value": "sure"}]}],
-        "longqlora_conversation": [{"conversation_id": 7, "conversation": [
-            {"human": long_q, "assistant": "a short summary"}, {"human": "more", "assistant": "sure"}]}],
+        "sharegpt": [
+            {
+                "conversations": [
+                    {"from": "human", "value": long_q},
+                    {"from": "gpt", "value": "a short summary"},
+                    {"from": "human", "value": "more"},
+                    {"from": "gpt", "value": "sure"},
+                ]
+            }
+        ],
+        "longqlora_conversation": [
+            {
+                "conversation_id": 7,
+                "conversation": [
+                    {"human": long_q, "assistant": "a short summary"},
+                    {"human": "more", "assistant": "sure"},
+                ],
+            }
+        ],
         "messages": [{"messages": CHAT}],
     }
     return {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows)) for name, rows in formats.items()}
@@ -318,56 +379,85 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
         ds = I.load_conversations(InstructionDataConfig(path), stats=stats)
         expected = two_singles if name in ("longalpaca", "longqlora") else [CHAT]
         assert list(ds["messages"]) == expected, name
-        assert stats == {"format": name, "conversations_in": len(expected), "skipped_invalid": 0,
-                         "skipped_empty_reply": 0, "conversations_out": len(expected)}
+        assert stats == {
+            "format": name,
+            "conversations_in": len(expected),
+            "skipped_invalid": 0,
+            "skipped_empty_reply": 0,
+            "conversations_out": len(expected),
+        }
 
 
 def test_system_prompt_and_sharegpt_system_turn(tmp_path):
-    path = write_jsonl(tmp_path / "sg.jsonl", [
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
-                           {"from": "gpt", "value": "hello"}]},
-        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    path = write_jsonl(
+        tmp_path / "sg.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"},
+                ]
+            },
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        ],
+    )
     ds = I.load_conversations(InstructionDataConfig(str(path), system_prompt="Default."))
-    assert [m[0] for m in ds["messages"]] == [{"role": "system", "content": "Be brief."},
-                                              {"role": "system", "content": "Default."}]
+    assert [m[0] for m in ds["messages"]] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Default."},
+    ]
 
 
 def test_invalid_conversations_are_counted_or_raise(tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
-            {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"}]},
-            {"conversations": [{"from": "human", "value": "hi"}]},
-            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"}]},
+        {"conversations": [{"from": "human", "value": "hi"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    ]
     path = str(write_jsonl(tmp_path / "sg.jsonl", rows))
     stats = {}
     ds = I.load_conversations(InstructionDataConfig(path), stats=stats)
     assert len(ds) == 2 and stats["skipped_invalid"] == 2 and stats["conversations_in"] == 4
     assert error_of(I.load_conversations, InstructionDataConfig(path, invalid_conversations="error")) == (
-        f"--dataset {path} line 2: message 1 is assistant, expected user; fix it or pass --invalid_conversations "
-        "skip")
+        f"--dataset {path} line 2: message 1 is assistant, expected user; fix it or pass --invalid_conversations skip"
+    )
 
 
 def test_unknown_and_mixed_formats_name_line_and_keys(tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
     assert error_of(I.load_conversations, InstructionDataConfig(str(path))).startswith(
-        f"--dataset {path} line 1: unknown format, keys: question, answer; expected messages (messages), ")
-    path = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"}] * 2 + [
-        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+        f"--dataset {path} line 1: unknown format, keys: question, answer; expected messages (messages), "
+    )
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"instruction": "a", "output": "b"}] * 2
+        + [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}],
+    )
     assert error_of(I.load_conversations, InstructionDataConfig(str(path))) == (
         f"--dataset {path} line 3: sharegpt format (keys: conversations) in a longalpaca file (1 such records); "
-        "use one format")
+        "use one format"
+    )
 
 
 # ------------------------------------------------------------------------------------------- Vicuna template
 
 
 def test_vicuna_renders_fastchat_exactly(tok):
-    messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"},
-                {"role": "assistant", "content": "sure"}]
+    messages = [
+        {"role": "system", "content": "SYSTEM"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "sure"},
+    ]
     assert tok.apply_chat_template(messages, tokenize=False) == (
-        "<s>SYSTEM USER: hi ASSISTANT: hello</s>USER: more ASSISTANT: sure</s>")
+        "<s>SYSTEM USER: hi ASSISTANT: hello</s>USER: more ASSISTANT: sure</s>"
+    )
     assert tok.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True) == (
-        f"<s>{VICUNA_V1_1_SYSTEM} USER: hi ASSISTANT:")
+        f"<s>{VICUNA_V1_1_SYSTEM} USER: hi ASSISTANT:"
+    )
     assert tok.chat_template == VICUNA_V1_1_TEMPLATE
     with pytest.raises(Exception, match="expected user"):
         tok.apply_chat_template(messages[2:], tokenize=False)
@@ -376,8 +466,9 @@ def test_vicuna_renders_fastchat_exactly(tok):
 def test_vicuna_assistant_mask_is_the_replies_and_stop_tokens(tok):
     from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 
-    out = tok.apply_chat_template([{"role": "system", "content": "SYSTEM"}, *CHAT], return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(
+        [{"role": "system", "content": "SYSTEM"}, *CHAT], return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = out["input_ids"], out["assistant_masks"]
     runs, current = [], []
     for token, bit in zip(ids + [None], mask + [0]):
@@ -397,18 +488,26 @@ def test_vicuna_assistant_mask_is_the_replies_and_stop_tokens(tok):
 
 
 def test_length_report_counts_and_policies(tok):
-    conversations = [[{"role": "system", "content": "S"}, *CHAT[:2]],
-                     [{"role": "system", "content": "S"}, {"role": "user", "content": DOCS[1]},
-                      {"role": "assistant", "content": "a short summary"}],
-                     [{"role": "system", "content": "S"}, *CHAT]]
+    conversations = [
+        [{"role": "system", "content": "S"}, *CHAT[:2]],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": DOCS[1]},
+            {"role": "assistant", "content": "a short summary"},
+        ],
+        [{"role": "system", "content": "S"}, *CHAT],
+    ]
     lengths = [len(tok.apply_chat_template(c)["input_ids"]) for c in conversations]
     max_length = sorted(lengths)[0]  # the two longer ones exceed it; the long-document one loses its answer
     ds = datasets.Dataset.from_dict({"messages": conversations})
     kept, stats = I.length_report(ds, tok, max_length, "truncate")
     assert len(kept) == 3 and (stats["over_max_length"], stats["truncated"], stats["dropped"]) == (2, 2, 0)
     assert stats["answers_lost"] == 1
-    assert (stats["length_min"], stats["length_max"], stats["tokens_total"]) == (min(lengths), max(lengths),
-                                                                                 sum(lengths))
+    assert (stats["length_min"], stats["length_max"], stats["tokens_total"]) == (
+        min(lengths),
+        max(lengths),
+        sum(lengths),
+    )
     assert stats["length_p90"] == pytest.approx(float(np.percentile(lengths, 90)), abs=0.05)
     short, stats = I.length_report(ds, tok, max_length, "drop")
     assert list(short["messages"]) == conversations[:1] and stats["dropped"] == 2 and stats["count_out"] == 1
@@ -421,8 +520,14 @@ def test_length_report_counts_and_policies(tok):
 
 def run_script(name, *args, tmp_path):
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "data_prep" / name), *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def test_prepare_text_help(tmp_path):
@@ -433,8 +538,18 @@ def test_prepare_text_help(tmp_path):
 def test_scripts_end_to_end(tok, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     texts = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
-    result = run_script("prepare_text.py", "--dataset", str(texts), "--tokenizer", str(tmp_path / "tok"),
-                        "--output_dir", str(tmp_path / "text_out"), "--max_length", "64", tmp_path=tmp_path)
+    result = run_script(
+        "prepare_text.py",
+        "--dataset",
+        str(texts),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--output_dir",
+        str(tmp_path / "text_out"),
+        "--max_length",
+        "64",
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "text_out" / "stats.json").read_text())
     assert stats["tokens_total"] == sum(direct_lengths(tok, DOCS)) and "| tokens_total |" in result.stdout
@@ -442,13 +557,33 @@ def test_scripts_end_to_end(tok, tmp_path):
     assert [len(ids) for ids in saved["input_ids"]] == direct_lengths(tok, DOCS)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".text_out")]  # no temporary left behind
 
-    again = run_script("prepare_text.py", "--dataset", str(texts), "--tokenizer", str(tmp_path / "tok"),
-                       "--output_dir", str(tmp_path / "text_out"), "--max_length", "100000", tmp_path=tmp_path)
+    again = run_script(
+        "prepare_text.py",
+        "--dataset",
+        str(texts),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--output_dir",
+        str(tmp_path / "text_out"),
+        "--max_length",
+        "100000",
+        tmp_path=tmp_path,
+    )
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
 
     chats = write_instruction_formats(tmp_path)["longalpaca"]
-    result = run_script("prepare_instructions.py", "--dataset", chats, "--tokenizer", str(tmp_path / "tok"),
-                        "--output_dir", str(tmp_path / "chat_out"), "--max_length", "4096", tmp_path=tmp_path)
+    result = run_script(
+        "prepare_instructions.py",
+        "--dataset",
+        chats,
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--output_dir",
+        str(tmp_path / "chat_out"),
+        "--max_length",
+        "4096",
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "chat_out" / "stats.json").read_text())
     assert (stats["format"], stats["count_out"], stats["over_max_length"]) == ("longalpaca", 2, 0)

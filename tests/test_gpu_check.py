@@ -12,8 +12,12 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
     parts = record["parts"]
     assert parts["recipe"]["result"]["steps"] == 2 and parts["recipe"]["result"]["loss"] > 0
-    assert {p["variant"] for p in parts["bench"]["result"]["points"]} == {"ours", "baseline", "baseline_plus",
-                                                                          "ours_full_attention"}
+    assert {p["variant"] for p in parts["bench"]["result"]["points"]} == {
+        "ours",
+        "baseline",
+        "baseline_plus",
+        "ours_full_attention",
+    }
     assert all(p["peak_bytes"] > 0 and p["tokens_per_s"] > 0 for p in parts["bench"]["result"]["points"])
     assert parts["longest"]["result"]["longest_trained"] > 0
     errors = parts["planner"]["result"]["points"]

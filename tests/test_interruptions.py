@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from longqlora.training import checkpoints
-from longqlora.data.corpora import book_path
 from test_recipes import run  # the recipe in this process, as the Trainer pickles it
+
+from longqlora.data.corpora import book_path
+from longqlora.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "extend_7b_8k"
@@ -40,10 +40,21 @@ def reference(tmp_path_factory):
 def start(out: Path, point: str = "none") -> subprocess.Popen:
     """The recipe in its own process (tests/kill_points.py kills it at `point`); its output goes to <out>.log."""
     log = open(f"{out}.log", "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_points.py"), point,
-                             str(ROOT / "recipes" / f"{RECIPE}.py"), *ARGS, "--output_dir", str(out)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "kill_points.py"),
+            point,
+            str(ROOT / "recipes" / f"{RECIPE}.py"),
+            *ARGS,
+            "--output_dir",
+            str(out),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def resume(out: Path, monkeypatch, caplog):
@@ -69,8 +80,10 @@ def identical(a: dict, b: dict) -> bool:
 
 def on_disk(out: Path) -> str:
     """What a killed run left: each checkpoint (complete or why not) and whether the final adapter is there."""
-    parts = [f"{p.name}: {checkpoints.checkpoint_problem(p) or 'complete'}"
-             for p in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))]
+    parts = [
+        f"{p.name}: {checkpoints.checkpoint_problem(p) or 'complete'}"
+        for p in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ]
     return "; ".join(parts + [f"adapter config {'present' if (out / 'adapter_config.json').exists() else 'absent'}"])
 
 
@@ -91,8 +104,10 @@ def test_kill_9_at_a_random_moment_then_resume(seed, reference, tmp_path, monkey
         with checkpoints.output_lock(out):  # kill -9 leaves no stale lock behind
             pass
     final, _, log = resume(out, monkeypatch, caplog)
-    print(f"kill -9 after {delay:.1f} s of a {wall:.1f} s run (exit {process.returncode}): {left}; bit-identical "
-          f"{identical(final, tensors)}")
+    print(
+        f"kill -9 after {delay:.1f} s of a {wall:.1f} s run (exit {process.returncode}): {left}; bit-identical "
+        f"{identical(final, tensors)}"
+    )
     assert identical(final, tensors)
 
 
@@ -147,17 +162,33 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, c
 
 def test_a_second_run_on_the_same_output_dir_refuses(reference, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, str(ROOT / "recipes" / f"{RECIPE}.py"), "--model_name_or_path",
-            str(reference[2] / "tiny-base"), "--target_context", "256", "--compute_dtype", "float32",
-            "--attn_backend", "sdpa", "--dataset", book_path("austen_persuasion"), "--output_dir", str(out)]
+    argv = [
+        sys.executable,
+        str(ROOT / "recipes" / f"{RECIPE}.py"),
+        "--model_name_or_path",
+        str(reference[2] / "tiny-base"),
+        "--target_context",
+        "256",
+        "--compute_dtype",
+        "float32",
+        "--attn_backend",
+        "sdpa",
+        "--dataset",
+        book_path("austen_persuasion"),
+        "--output_dir",
+        str(out),
+    ]
     with checkpoints.output_lock(out):  # what a running run holds
         before = sorted(p.name for p in out.iterdir())
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert last == (f"error: --output_dir {out}: another run is writing there (it holds .longqlora.lock); wait for "
-                    "it to end or choose another --output_dir")
+    assert last == (
+        f"error: --output_dir {out}: another run is writing there (it holds .longqlora.lock); wait for "
+        "it to end or choose another --output_dir"
+    )
     assert sorted(p.name for p in out.iterdir()) == before == [".longqlora.lock"]
 
 

@@ -1,12 +1,13 @@
-"""Memory switches (longqlora.training.memory) give the plain path's loss and gradients; the benchmark's tiny mode runs."""
+"""Memory switches (longqlora.training.memory) give the plain path's loss and gradients; the benchmark's tiny mode
+runs."""
 
 import contextlib
 
 import pytest
 import torch
 
-from longqlora.training import memory
 from longqlora.model import ModelConfig, load_model
+from longqlora.training import memory
 from longqlora.training.tiny import save_tiny_model
 
 
@@ -18,8 +19,13 @@ def tiny_dir(tmp_path_factory):
 def adapted(path, **kw):
     """The NF4 LoRA+ training model (S2-Attn, checkpointing), dropout off unless asked (deterministic grads)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(model_name_or_path=str(path), target_context=512, compute_dtype="float32",
-                      lora_dropout=kw.pop("lora_dropout", 0.0), **kw)
+    cfg = ModelConfig(
+        model_name_or_path=str(path),
+        target_context=512,
+        compute_dtype="float32",
+        lora_dropout=kw.pop("lora_dropout", 0.0),
+        **kw,
+    )
     model, _, _ = load_model(cfg)
     for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter do something
         if "lora_B" in name:
@@ -68,8 +74,11 @@ def test_tiled_mlp_replays_dropout_masks(tiny_dir, monkeypatch):
     ids = torch.randint(3, 320, (2, 384))
     torch.manual_seed(1)
     tiled = step(model, ids)
-    monkeypatch.setattr(memory._Recomputed, "apply",
-                        lambda x, run, tile, *params: torch.cat([run(p) for p in x.split(tile, dim=-2)], dim=-2))
+    monkeypatch.setattr(
+        memory._Recomputed,
+        "apply",
+        lambda x, run, tile, *params: torch.cat([run(p) for p in x.split(tile, dim=-2)], dim=-2),
+    )
     torch.manual_seed(1)
     reference = step(model, ids)
     assert_same(reference, tiled, 1e-5)
@@ -101,9 +110,13 @@ def test_recomputed_norms_save_only_their_input(tiny_dir):
 
     def saved_bytes():
         sizes = {}
-        with torch.autograd.graph.saved_tensors_hooks(
+        with (
+            torch.autograd.graph.saved_tensors_hooks(
                 lambda t: sizes.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
-                lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+                lambda t: t,
+            ),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             base.layers[0](x, position_embeddings=rope)
         return sum(sizes.values())
 
@@ -190,8 +203,9 @@ def test_offload_keeps_the_fused_loss_on_the_device(tiny_dir, cpu_offload):
     add_fused_lm_head(model.get_base_model())
     manager = cpu_offload(model, memory.offload_threshold_bytes("on", 0, 0, 0))
     shapes = []
-    model.register_forward_hook(lambda *a: shapes.append(
-        sorted(tuple(t.shape) for t, moved, *_ in manager.tracker.values() if moved)))
+    model.register_forward_hook(
+        lambda *a: shapes.append(sorted(tuple(t.shape) for t, moved, *_ in manager.tracker.values() if moved))
+    )
     ids = torch.randint(3, 320, (1, 512))
     plain = step(model, ids, fused_lm_head=True)
     assert_same(plain, step(model, ids, manager, fused_lm_head=True), 1e-6)
@@ -250,8 +264,10 @@ def test_chunked_loss_equals_the_plain_loss(tiny_dir):
     assert_same(plain, chunked, 1e-4)
 
 
-@pytest.mark.parametrize("flag,value", [("offload_activations", "always"), ("tiled_mlp", "yes"),
-                                        ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("offload_activations", "always"), ("tiled_mlp", "yes"), ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)],
+)
 def test_training_config_rejects_bad_switches(flag, value):
     from longqlora.training.config import TrainingConfig
 
@@ -268,9 +284,26 @@ def test_recipe_runs_with_every_switch(tmp_path, script):
     from longqlora.cli import run_recipe
 
     recipe = script("recipes/extend_7b_8k.py")
-    out = run_recipe(recipe.Model, recipe.Data, recipe.Training,
-                     ["--tiny", "--output_dir", str(tmp_path), "--max_steps", "2", "--offload_activations", "on",
-                      "--tiled_mlp", "on", "--tiled_mlp_tokens", "96", "--chunked_loss", "false"])
+    out = run_recipe(
+        recipe.Model,
+        recipe.Data,
+        recipe.Training,
+        [
+            "--tiny",
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--offload_activations",
+            "on",
+            "--tiled_mlp",
+            "on",
+            "--tiled_mlp_tokens",
+            "96",
+            "--chunked_loss",
+            "false",
+        ],
+    )
     record = json.loads((out / "longqlora_extension.json").read_text())
     assert record["memory_plan"]["switches"] == {"offload": True, "chunked_loss": False, "tiled_mlp": True}
     assert record["train"]["steps"] == 2 and record["train"]["final_loss"] > 0
@@ -283,8 +316,25 @@ def test_memory_bench_tiny(tmp_path, script):
 
     bench = script("bench/memory.py")
     out = tmp_path / "memory.md"
-    bench.main(["--tiny", "--contexts", "128", "--layers", "1", "2", "--variants", "ours", "baseline", "--steps",
-                "2", "--output", str(out), "--json", str(tmp_path / "memory.json")])
+    bench.main(
+        [
+            "--tiny",
+            "--contexts",
+            "128",
+            "--layers",
+            "1",
+            "2",
+            "--variants",
+            "ours",
+            "baseline",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+            "--json",
+            str(tmp_path / "memory.json"),
+        ]
+    )
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 4 + 2 + 4 and "bench/memory.py --tiny" in text  # 4 points, 2 fits, 4 timed points
@@ -293,12 +343,12 @@ def test_memory_bench_tiny(tmp_path, script):
     assert all(float(r.strip()) == 1.0 for v, _, r in speed if v.strip() == "ours")
     record = json.loads((tmp_path / "memory.json").read_text())
     points = record["points"]
-    assert {(p["layers"], p["variant"]) for p in points} == {(1, "ours"), (2, "ours"), (1, "baseline"),
-                                                             (2, "baseline")}
+    assert {(p["layers"], p["variant"]) for p in points} == {(1, "ours"), (2, "ours"), (1, "baseline"), (2, "baseline")}
     assert all(p["peak_bytes"] > 0 and p["tokens_per_s"] > 0 and p["dtype"] == "bfloat16" for p in points)
     assert all(p["timed_steps"] == 1 for p in points)  # 2 steps: the profiled one is not timed
     for fit in record["fits"]:
-        one, two = (next(p["peak_bytes"] for p in points if p["variant"] == fit["variant"] and p["layers"] == n)
-                    for n in (1, 2))
+        one, two = (
+            next(p["peak_bytes"] for p in points if p["variant"] == fit["variant"] and p["layers"] == n) for n in (1, 2)
+        )
         assert fit["per_layer_bytes"] == pytest.approx(two - one)
         assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))

@@ -52,8 +52,14 @@ def test_float32_merge_round_trip(adapter, merged):
     ids, reference = adapter_logits(adapter)
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert relative(logits_of(plain, ids), reference) <= 1e-4
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", REPORT_FILE,
-                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        REPORT_FILE,
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
@@ -80,9 +86,11 @@ def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
         "with torch.no_grad(): logits = model(ids).logits\n"
         f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
         "assert not [m for m in sys.modules if m.startswith('longqlora') and sys.modules[m] is not None]\n"
-        "print(model.config._attn_implementation, type(model).__name__)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)
+        "print(model.config._attn_implementation, type(model).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["sdpa", "LlamaForCausalLM"]
     assert "Unrecognized keys" not in done.stderr  # the saved rope_parameters validate cleanly
@@ -91,9 +99,11 @@ def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
 
 def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):
     _, out = merged
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as a, \
-            safe_open(str(out / "model.safetensors"), "pt") as m, \
-            safe_open(str(adapter / "tiny-base" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(str(adapter / "adapter_model.safetensors"), "pt") as a,
+        safe_open(str(out / "model.safetensors"), "pt") as m,
+        safe_open(str(adapter / "tiny-base" / "model.safetensors"), "pt") as b,
+    ):
         for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
             trained = a.get_tensor(f"base_model.model.{name}")
             assert torch.equal(m.get_tensor(name), trained), name
@@ -103,8 +113,7 @@ def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):
 
 
 def test_float16_merge(adapter, merged, tmp_path):
-    report = merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "f16"), dtype="float16",
-                               sample_tokens=200))
+    report = merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "f16"), dtype="float16", sample_tokens=200))
     assert report["check"]["passed"] and report["check"]["tolerance"] == 2e-2
     assert report["check"]["relative_diff"] <= 2e-2
     with safe_open(str(tmp_path / "f16" / "model.safetensors"), "pt") as f:
@@ -116,7 +125,7 @@ def test_float16_merge(adapter, merged, tmp_path):
 
 
 def test_chat_template_is_saved(adapter, tmp_path):
-    """An SFT adapter's tokenizer carries the Vicuna template (train.py sets it); the merged model keeps it."""
+    """An SFT adapter's tokenizer carries the Vicuna template (training/run.py sets it); the merged model keeps it."""
     from longqlora.data.formats import apply_vicuna_template
 
     chat = tmp_path / "chat-adapter"
@@ -124,11 +133,14 @@ def test_chat_template_is_saved(adapter, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(chat)
     apply_vicuna_template(tokenizer)
     tokenizer.save_pretrained(chat)
-    report = merge(MergeConfig(adapter=str(chat), base=str(adapter / "tiny-base"), output=str(tmp_path / "m"),
-                               dtype="float32"))
+    report = merge(
+        MergeConfig(adapter=str(chat), base=str(adapter / "tiny-base"), output=str(tmp_path / "m"), dtype="float32")
+    )
     assert report["chat_template"] and report["check"]["passed"]
-    assert tokenizer.chat_template and AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == \
+    assert (
         tokenizer.chat_template
+        and AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == tokenizer.chat_template
+    )
 
 
 def test_overwrite_replaces_and_a_failed_check_writes_nothing(adapter, tmp_path):
@@ -144,12 +156,21 @@ def test_overwrite_replaces_and_a_failed_check_writes_nothing(adapter, tmp_path)
 
 def test_flags_parse():
     (cfg,) = HfArgumentParser(MergeConfig).parse_args_into_dataclasses(
-        args=["--adapter", "a", "--output", "o", "--dtype", "bfloat16", "--overwrite", "--tolerance", "1e-3"])
-    assert (cfg.base, cfg.dtype, cfg.overwrite, cfg.resolved_tolerance, cfg.sample_tokens) == \
-        (None, "bfloat16", True, 1e-3, 64)
+        args=["--adapter", "a", "--output", "o", "--dtype", "bfloat16", "--overwrite", "--tolerance", "1e-3"]
+    )
+    assert (cfg.base, cfg.dtype, cfg.overwrite, cfg.resolved_tolerance, cfg.sample_tokens) == (
+        None,
+        "bfloat16",
+        True,
+        1e-3,
+        64,
+    )
     assert MergeConfig(adapter="a", output="o", dtype="bfloat16").resolved_tolerance == 5e-2
-    for kwargs, flag in (({"dtype": "int4"}, "--dtype"), ({"tolerance": 0.0}, "--tolerance"),
-                         ({"sample_tokens": 0}, "--sample_tokens")):
+    for kwargs, flag in (
+        ({"dtype": "int4"}, "--dtype"),
+        ({"tolerance": 0.0}, "--tolerance"),
+        ({"sample_tokens": 0}, "--sample_tokens"),
+    ):
         with pytest.raises(ValueError, match=f"^{flag} "):
             MergeConfig(adapter="a", output="o", **kwargs)
 
@@ -184,16 +205,19 @@ def refusal(adapter, tmp_path, case):
     if case == "output inside base":
         return {"output": str(base / "merged")}, f"--output {base / 'merged'}: is, contains or lies inside the base"
     if case == "output contains adapter":
-        return {"output": str(adapter.parent), "overwrite": True}, \
-            f"--output {adapter.parent}: is, contains or lies inside the"
+        return {
+            "output": str(adapter.parent),
+            "overwrite": True,
+        }, f"--output {adapter.parent}: is, contains or lies inside the"
     if case == "output not empty":
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("x")
         return {"output": str(tmp_path / "full")}, f"--output {tmp_path / 'full'}: is not empty; pass --overwrite"
     if case == "hidden mismatch":
         other = save_tiny_model(tmp_path / "odd", shape="odd", max_position_embeddings=64)
-        return {"base": str(other)}, (f"--base {other}: the adapter was trained on {base} (hidden 128) but {other} "
-                                      "has hidden 192")
+        return {"base": str(other)}, (
+            f"--base {other}: the adapter was trained on {base} (hidden 128) but {other} has hidden 192"
+        )
     if case == "vocab mismatch":
         other = save_tiny_model(tmp_path / "v384", shape="gqa", vocab_size=384, max_position_embeddings=64)
         return {"base": str(other)}, f"--base {other}: the adapter was trained on {base} (vocab 320) but"
@@ -205,9 +229,20 @@ def refusal(adapter, tmp_path, case):
     raise AssertionError(case)
 
 
-CASES = ["no adapter dir", "no adapter_config.json", "base missing", "recorded base missing", "output is base",
-         "output inside base", "output contains adapter", "output not empty", "hidden mismatch", "vocab mismatch",
-         "layer mismatch", "sample too long"]
+CASES = [
+    "no adapter dir",
+    "no adapter_config.json",
+    "base missing",
+    "recorded base missing",
+    "output is base",
+    "output inside base",
+    "output contains adapter",
+    "output not empty",
+    "hidden mismatch",
+    "vocab mismatch",
+    "layer mismatch",
+    "sample too long",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from longqlora import hardware, model as lm
-from longqlora.attention import s2_enabled
+from longqlora import hardware
+from longqlora import model as lm
 from longqlora.adapters import count_trainable, modules_to_save
+from longqlora.attention import s2_enabled
 from longqlora.model import ModelConfig, check_model, load_base, load_model
 from longqlora.training.tiny import TINY_SHAPES, save_tiny_model
 
@@ -30,8 +31,10 @@ def config(path, **kw):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if any model weights are loaded."""
+
     def fail(*args, **kwargs):
         pytest.fail("weights were loaded before the configuration was checked")
+
     monkeypatch.setattr(lm.AutoModelForCausalLM, "from_pretrained", fail)
 
 
@@ -39,8 +42,15 @@ def expected_trainable(shape, r=8, vocab=320, targets=("q", "k", "v", "o")):
     """LoRA A+B on each targeted projection, plus the full embedding and every norm (2 per layer + final)."""
     hidden, heads, kv, layers, inter = TINY_SHAPES[shape]
     head_dim = hidden // heads
-    dims = {"q": (hidden, heads * head_dim), "k": (hidden, kv * head_dim), "v": (hidden, kv * head_dim),
-            "o": (heads * head_dim, hidden), "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+    dims = {
+        "q": (hidden, heads * head_dim),
+        "k": (hidden, kv * head_dim),
+        "v": (hidden, kv * head_dim),
+        "o": (heads * head_dim, hidden),
+        "gate": (hidden, inter),
+        "up": (hidden, inter),
+        "down": (inter, hidden),
+    }
     lora = layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
     return lora + vocab * hidden + (2 * layers + 1) * hidden
 
@@ -48,11 +58,21 @@ def expected_trainable(shape, r=8, vocab=320, targets=("q", "k", "v", "o")):
 # ---------------------------------------------------------------- ModelConfig
 
 
-@pytest.mark.parametrize("field,value", [
-    ("target_context", 0), ("group_ratio", 0.0), ("group_ratio", 1.5), ("lora_r", 0), ("lora_dropout", 1.0),
-    ("lora_dropout", -0.1), ("compute_dtype", "fp8"), ("attn_backend", "triton"), ("trainable_params", "embed,head"),
-    ("lora_target", " , "),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("target_context", 0),
+        ("group_ratio", 0.0),
+        ("group_ratio", 1.5),
+        ("lora_r", 0),
+        ("lora_dropout", 1.0),
+        ("lora_dropout", -0.1),
+        ("compute_dtype", "fp8"),
+        ("attn_backend", "triton"),
+        ("trainable_params", "embed,head"),
+        ("lora_target", " , "),
+    ],
+)
 def test_config_rejects_bad_values(field, value):
     kwargs = {"model_name_or_path": "m", "target_context": 8192, field: value}
     with pytest.raises(ValueError, match=f"--{field}") as err:
@@ -71,10 +91,25 @@ def test_config_group_size_and_flags():
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(ModelConfig).parse_args_into_dataclasses(
-        ["--model_name_or_path", "m", "--target_context", "16384", "--no_s2_attention", "--lora_r", "16",
-         "--revision", "main"])
+        [
+            "--model_name_or_path",
+            "m",
+            "--target_context",
+            "16384",
+            "--no_s2_attention",
+            "--lora_r",
+            "16",
+            "--revision",
+            "main",
+        ]
+    )
     assert (cfg.target_context, cfg.s2_attention, cfg.lora_r, cfg.revision, cfg.load_in_4bit) == (
-        16384, False, 16, "main", True)
+        16384,
+        False,
+        16,
+        "main",
+        True,
+    )
 
 
 # ---------------------------------------------------------------- checks before any weight loads
@@ -106,8 +141,9 @@ def test_unknown_hub_id_offline(monkeypatch, no_weights):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ValueError, match="--model_name_or_path nobody-here/no-such-model: could not be found "
-                                         "locally or on the hub") as err:
+    with pytest.raises(
+        ValueError, match="--model_name_or_path nobody-here/no-such-model: could not be found locally or on the hub"
+    ) as err:
         load_model(config("nobody-here/no-such-model"))
     assert "\n" not in str(err.value)
 
@@ -121,7 +157,8 @@ def test_model_without_rope(tmp_path, no_weights):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=320, n_positions=128)).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     with pytest.raises(ValueError, match="--target_context") as err:
         load_model(config(tmp_path))
     assert "\n" not in str(err.value)
@@ -171,11 +208,17 @@ def test_load_4bit_lora_plus(tiny_dirs):
             assert isinstance(getattr(layer.mlp, name), bnb.nn.Linear4bit)
     assert lora_layers(model) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
-    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
-               if isinstance(m, ModulesToSaveWrapper)}
+    wrapped = {
+        name.removeprefix("base_model.model.")
+        for name, m in model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
     n = len(base.model.layers)
-    assert wrapped == {"model.embed_tokens", "model.norm", *(f"model.layers.{i}.{k}" for i in range(n)
-                                                              for k in ("input_layernorm", "post_attention_layernorm"))}
+    assert wrapped == {
+        "model.embed_tokens",
+        "model.norm",
+        *(f"model.layers.{i}.{k}" for i in range(n) for k in ("input_layernorm", "post_attention_layernorm")),
+    }
     for name, param in model.named_parameters():
         expect = ".lora_A." in name or ".lora_B." in name or ".modules_to_save.default." in name
         assert param.requires_grad == expect, name
@@ -257,8 +300,7 @@ def test_shapes_train(tiny_dirs, shape):
 def test_all_linear_and_custom_targets(tiny_dirs):
     model, _, info = load_model(config(tiny_dirs["gqa"], lora_target="all-linear", s2_attention=False))
     assert lora_layers(model) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert info.trainable_params == expected_trainable(
-        "gqa", targets=("q", "k", "v", "o", "gate", "up", "down"))
+    assert info.trainable_params == expected_trainable("gqa", targets=("q", "k", "v", "o", "gate", "up", "down"))
 
     model, _, _ = load_model(config(tiny_dirs["gqa"], lora_target="q_proj,v_proj", s2_attention=False))
     assert lora_layers(model) == {"q_proj", "v_proj"}
@@ -267,8 +309,9 @@ def test_all_linear_and_custom_targets(tiny_dirs):
 
 
 def test_plain_lora_and_no_checkpointing(tiny_dirs):
-    model, _, info = load_model(config(tiny_dirs["gqa"], trainable_params="", s2_attention=False),
-                                gradient_checkpointing=False)
+    model, _, info = load_model(
+        config(tiny_dirs["gqa"], trainable_params="", s2_attention=False), gradient_checkpointing=False
+    )
     assert info.modules_to_save is None
     assert info.trainable_params == expected_trainable("gqa") - 320 * 128 - 5 * 128
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -298,14 +341,20 @@ def test_bf16_stream_qkv_and_checkpoints(tiny_dirs, monkeypatch, trainable):
     model, _, _ = load_model(config(tiny_dirs["gqa"], compute_dtype="bfloat16", trainable_params=trainable))
     base = model.get_base_model()
     assert base.lm_head.weight.dtype == torch.bfloat16
-    frozen = [p for n, p in model.named_parameters() if not p.requires_grad and "embed" in n or ".norm." in n
-              and "original_module" in n]
+    frozen = [
+        p
+        for n, p in model.named_parameters()
+        if not p.requires_grad and "embed" in n or ".norm." in n and "original_module" in n
+    ]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     seen, saved = [], []
     original = attention.s2_attention
-    monkeypatch.setattr(attention, "s2_attention", lambda q, k, v, *a, **kw: seen.append(
-        (q.dtype, k.dtype, v.dtype)) or original(q, k, v, *a, **kw))
+    monkeypatch.setattr(
+        attention,
+        "s2_attention",
+        lambda q, k, v, *a, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or original(q, k, v, *a, **kw),
+    )
 
     def pack(t):
         if t.dim() == 3 and t.shape[-1] == 128 and t.shape[1] == 256:  # (B, N, hidden): layer inputs and the like
@@ -346,8 +395,9 @@ def test_modules_to_save_falls_back_to_full_names():
         def __init__(self):
             super().__init__()
             self.tok = torch.nn.Embedding(4, 4)
-            self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"norm": MyRMSNorm(), "prenorm": MyRMSNorm(),
-                                                                    "gate_norm": torch.nn.Linear(4, 4)})])
+            self.blocks = torch.nn.ModuleList(
+                [torch.nn.ModuleDict({"norm": MyRMSNorm(), "prenorm": MyRMSNorm(), "gate_norm": torch.nn.Linear(4, 4)})]
+            )
             self.final_norm = MyRMSNorm()
 
         def get_input_embeddings(self):
@@ -355,8 +405,7 @@ def test_modules_to_save_falls_back_to_full_names():
 
     net = Net()
     # "norm" would also match the Linear "gate_norm" by suffix, so full names are needed
-    assert modules_to_save(net, ["embed", "norm"]) == sorted(
-        ["tok", "blocks.0.norm", "blocks.0.prenorm", "final_norm"])
+    assert modules_to_save(net, ["embed", "norm"]) == sorted(["tok", "blocks.0.norm", "blocks.0.prenorm", "final_norm"])
     assert modules_to_save(net, ["embed"]) == ["tok"]
     del net.blocks[0]["gate_norm"]
     assert modules_to_save(net, ["norm"]) == ["final_norm", "norm", "prenorm"]

@@ -14,15 +14,21 @@ from longqlora.training.tiny import save_tiny_model
 
 # A corpus made of the prompt's own sentences and digits, so a 512-entry BPE tokenizes the fixed parts compactly
 # (about 56 tokens) and a 128-token context still has room for filler.
-PROMPT_TEXT = "\n".join([P.TASK, " ".join([P.FILLER] * 20), P.KEY_LINE.format(key=12345), P.QUESTION,
-                         " ".join("0123456789") * 3])
+PROMPT_TEXT = "\n".join(
+    [P.TASK, " ".join([P.FILLER] * 20), P.KEY_LINE.format(key=12345), P.QUESTION, " ".join("0123456789") * 3]
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny Llama with a 128-token context (no interpolation) and a compact tokenizer."""
-    path = save_tiny_model(tmp_path_factory.mktemp("passkey") / "tiny", shape="gqa", texts=[PROMPT_TEXT],
-                           vocab_size=512, max_position_embeddings=128)
+    path = save_tiny_model(
+        tmp_path_factory.mktemp("passkey") / "tiny",
+        shape="gqa",
+        texts=[PROMPT_TEXT],
+        vocab_size=512,
+        max_position_embeddings=128,
+    )
     return path, AutoTokenizer.from_pretrained(path)
 
 
@@ -35,7 +41,7 @@ def adapter(tiny_adapter):
 def measured_depth(tokenizer, prompt: str, key: str, depth: float) -> float:
     """Filler tokens before the key line over all filler tokens, measured on the prompt text itself."""
     head = P.count_tokens(tokenizer, P.TASK)
-    before = P.count_tokens(tokenizer, prompt[:prompt.index(P.KEY_LINE.format(key=key))]) - head
+    before = P.count_tokens(tokenizer, prompt[: prompt.index(P.KEY_LINE.format(key=key))]) - head
     filler = P.count_tokens(tokenizer, prompt) - P.count_tokens(tokenizer, P.compose(key, 0, depth))
     return before / filler
 
@@ -52,8 +58,10 @@ def test_prompt_has_the_length_depth_and_wording(tiny, target, depth):
     assert prompt.startswith(P.TASK + "\n")
     assert prompt.endswith("\nWhat is the pass key? The pass key is")
     assert "\nThe pass key is 48213. Remember it. 48213 is the pass key.\n" in prompt
-    assert "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." in prompt \
+    assert (
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." in prompt
         or target < 300
+    )
     tolerance = 0.15 if target < 300 else 0.05
     assert measured_depth(tok, prompt, "48213", depth) == pytest.approx(depth, abs=tolerance)
 
@@ -103,7 +111,7 @@ class OracleModel(torch.nn.Module):
         key = re.search(r"The pass key is (\d+)\.", self.tokenizer.decode(input_ids[0])).group(1)
         answer = str(int(key) + 1) if self.wrong else key
         new = self.tokenizer(" " + answer + ". Remember", add_special_tokens=False, return_tensors="pt").input_ids
-        return torch.cat([input_ids, new[:, :kwargs["max_new_tokens"]]], dim=1)
+        return torch.cat([input_ids, new[:, : kwargs["max_new_tokens"]]], dim=1)
 
 
 @pytest.mark.parametrize("wrong,expected", [(False, 1.0), (True, 0.0)])
@@ -118,16 +126,23 @@ def test_scoring_can_pass_and_fail(tiny, wrong, expected):
 # --------------------------------------------------------------------------------------------- tiny real runs
 def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog):
     path, _ = tiny
-    cfg = PasskeyConfig(model=str(path), context_lengths=[128, 256], depths=[0.0, 1.0], trials=2, seed=5,
-                        output_dir=str(tmp_path / "out"))
+    cfg = PasskeyConfig(
+        model=str(path),
+        context_lengths=[128, 256],
+        depths=[0.0, 1.0],
+        trials=2,
+        seed=5,
+        output_dir=str(tmp_path / "out"),
+    )
     with caplog.at_level("WARNING"):
         result = run_passkey(cfg)
     assert "--context_lengths 256 is beyond the 128 tokens" in caplog.text
     assert [row["context_length"] for row in result["by_length"]] == [128, 256]
     assert all(row["trials"] == 4 and 0 <= row["accuracy"] <= 1 for row in result["by_length"])
     assert len(result["cells"]) == 4 and all(c["trials"] == 2 for c in result["cells"])
-    assert all(c["prompt_tokens_max"] <= c["context_length"] - result["protocol"]["max_new_tokens"]
-               for c in result["cells"])
+    assert all(
+        c["prompt_tokens_max"] <= c["context_length"] - result["protocol"]["max_new_tokens"] for c in result["cells"]
+    )
     assert len(result["keys"]) == 8 and len(result["samples"]) == 4
     saved = json.loads((tmp_path / "out" / "passkey.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -146,8 +161,9 @@ def test_same_seed_same_result_other_seed_other_keys(tiny):
 
 
 def test_run_with_a_trained_adapter_in_4bit(adapter, tmp_path):
-    cfg = PasskeyConfig(adapter=str(adapter), context_lengths=[256], depths=[0.5], trials=1, load_in_4bit=True,
-                        output_dir=str(tmp_path))
+    cfg = PasskeyConfig(
+        adapter=str(adapter), context_lengths=[256], depths=[0.5], trials=1, load_in_4bit=True, output_dir=str(tmp_path)
+    )
     result = run_passkey(cfg)
     assert result["model_context"] == 256 and result["pi_factor"] == pytest.approx(4.0)
     assert result["model"] == str(adapter / "tiny-base") or result["model"].endswith("tiny-base")
@@ -155,13 +171,16 @@ def test_run_with_a_trained_adapter_in_4bit(adapter, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kwargs,flag", [
-    ({"context_lengths": [32, 1024]}, "--context_lengths"),
-    ({"trials": 0}, "--trials"),
-    ({"depths": [0.5, 1.5]}, "--depths"),
-    ({"compute_dtype": "int8"}, "--compute_dtype"),
-    ({"model": None}, "--model"),
-])
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        ({"context_lengths": [32, 1024]}, "--context_lengths"),
+        ({"trials": 0}, "--trials"),
+        ({"depths": [0.5, 1.5]}, "--depths"),
+        ({"compute_dtype": "int8"}, "--compute_dtype"),
+        ({"model": None}, "--model"),
+    ],
+)
 def test_bad_flags_fail_in_one_line(kwargs, flag):
     with pytest.raises(ValueError) as err:
         PasskeyConfig(**{"model": "m", **kwargs})
@@ -169,9 +188,25 @@ def test_bad_flags_fail_in_one_line(kwargs, flag):
 
 
 def test_flags_parse(tmp_path):
-    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=[
-        "--model", "m", "--context_lengths", "1024", "2048", "--depths", "0", "0.5", "--trials", "3",
-        "--load_in_4bit", "--seed", "9", "--output_dir", str(tmp_path)])
+    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(
+        args=[
+            "--model",
+            "m",
+            "--context_lengths",
+            "1024",
+            "2048",
+            "--depths",
+            "0",
+            "0.5",
+            "--trials",
+            "3",
+            "--load_in_4bit",
+            "--seed",
+            "9",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert cfg.context_lengths == [1024, 2048] and cfg.depths == [0.0, 0.5] and cfg.load_in_4bit and cfg.seed == 9
 
 

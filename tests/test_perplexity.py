@@ -13,14 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity, scored_positions, window_scores
 from longqlora.training.tiny import save_tiny_model
 
-TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 3
-        + "The pass key is 4821. Remember it. " + "In the beginning was the word. " * 8)
+TEXT = (
+    "It was a bright cold day in April, and the clocks were striking thirteen. " * 3
+    + "The pass key is 4821. Remember it. "
+    + "In the beginning was the word. " * 8
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("ppl") / "tiny", shape="odd", texts=[TEXT],
-                           max_position_embeddings=64)
+    path = save_tiny_model(
+        tmp_path_factory.mktemp("ppl") / "tiny", shape="odd", texts=[TEXT], max_position_embeddings=64
+    )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(path)(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
     return path, model, ids
@@ -31,7 +35,7 @@ def direct_nll(model, ids, context, stride, score):
     total, count = 0.0, 0
     starts = range(0, len(ids) - context + 1, stride)
     for k, start in enumerate(starts):
-        window = ids[start:start + context].unsqueeze(0)
+        window = ids[start : start + context].unsqueeze(0)
         with torch.no_grad():
             logp = F.log_softmax(model(window).logits.double(), -1)[0]
         for pos in range(*scored_positions(k, context, stride, score).indices(context)):
@@ -81,13 +85,16 @@ def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):
     text = tmp_path / "held_out.txt"
     text.write_text(TEXT)
     out = tmp_path / "results.json"
-    result = run_perplexity(PerplexityConfig(model=str(path), data=str(text), context_lengths=[32, 96],
-                                             output=str(out)))
+    result = run_perplexity(
+        PerplexityConfig(model=str(path), data=str(text), context_lengths=[32, 96], output=str(out))
+    )
     saved = json.loads(out.read_text())
     assert saved["results"] == result["results"]
     direct = window_scores(model, ids.tolist() + [2], 32, progress=False)  # the command appends EOS per document
     assert saved["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
-    assert out.with_suffix(".csv").read_text().splitlines()[0] == "context_length,stride,windows,tokens_scored,perplexity"
+    assert (
+        out.with_suffix(".csv").read_text().splitlines()[0] == "context_length,stride,windows,tokens_scored,perplexity"
+    )
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "beyond the 64 tokens" in caplog.text  # 96 > the model's 64: a warning, not an error
 
@@ -96,7 +103,22 @@ def test_command_line_errors_are_one_line(tiny, tmp_path):
     path, _, _ = tiny
     text = tmp_path / "short.txt"
     text.write_text("Too short.")
-    done = subprocess.run([sys.executable, "-m", "longqlora", "perplexity", "--model", str(path), "--data",
-                           str(text), "--context_lengths", "512"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "longqlora",
+            "perplexity",
+            "--model",
+            str(path),
+            "--data",
+            str(text),
+            "--context_lengths",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --context_lengths 512: the text has only")

@@ -6,6 +6,8 @@ import pytest
 
 from longqlora import cli
 from longqlora.model import ModelConfig, count_trainable_without_weights
+from longqlora.presets import preset_config
+from longqlora.training.advice import advise, longest_context
 from longqlora.training.plan import (
     GIB,
     LOSS_TILES,
@@ -15,11 +17,8 @@ from longqlora.training.plan import (
     PLAIN_LOSS_FP32_COPIES,
     PlanConfig,
     Shapes,
-    advise,
-    longest_context,
     plan,
 )
-from longqlora.presets import preset_config
 
 LLAMA2_7B = preset_config("llama-2-7b")
 
@@ -37,20 +36,29 @@ def test_llama2_7b_parts_by_hand():
     assert p["parts_gib"]["trainable_state"] == pytest.approx(trainable * 12 / GIB)  # fp32 + two fp32 moments
     assert p["parts_gib"]["checkpoints"] == pytest.approx((32 * 8192 * 4096 * 2 + 8192 * 2 * 128 * 2) / GIB)
     h, i = 4096, 11008
-    per_token = (2 * h  # the post-attention norm's input (the first norm's is the checkpoint)
-                 + 2 * h + 2 * 3 * h + 2 * h + 4 * 32 + 2 * h  # q/k/v's LoRA input, q k v, attention out, lse, o in
-                 + 4 * 8 * 2  # LoRA A's outputs
-                 + (3 + MLP_BACKWARD_COPIES) * 2 * i  # gate, up, act saved; gradients
-                 + 2 * 2 * h)  # the stream's gradient in and out
+    per_token = (
+        2 * h  # the post-attention norm's input (the first norm's is the checkpoint)
+        + 2 * h
+        + 2 * 3 * h
+        + 2 * h
+        + 4 * 32
+        + 2 * h  # q/k/v's LoRA input, q k v, attention out, lse, o in
+        + 4 * 8 * 2  # LoRA A's outputs
+        + (3 + MLP_BACKWARD_COPIES) * 2 * i  # gate, up, act saved; gradients
+        + 2 * 2 * h
+    )  # the stream's gradient in and out
     assert p["parts_gib"]["layer_recompute"] == pytest.approx(8192 * per_token / GIB)
     tile = 4096 * 32000 * 2
     # the final norm's input; the scored hidden states, their fp32 gradient, its bf16 copy, the scatter back (CUDA)
     assert p["parts_gib"]["loss"] == pytest.approx((8192 * (2 * h + h * (2 + 4 + 2 + 2)) + LOSS_TILES * tile) / GIB)
     assert p["parts_gib"]["gradients_and_step"] == pytest.approx((4 * trainable + 8192 * h * 4) / GIB)
     persistent = p["parts_gib"]["weights"] + p["parts_gib"]["trainable_state"]
-    assert p["peak_allocated_gib"] == pytest.approx(max(
-        persistent + p["parts_gib"]["checkpoints"] + max(p["parts_gib"]["layer_recompute"], p["parts_gib"]["loss"]),
-        persistent + p["parts_gib"]["gradients_and_step"]))
+    assert p["peak_allocated_gib"] == pytest.approx(
+        max(
+            persistent + p["parts_gib"]["checkpoints"] + max(p["parts_gib"]["layer_recompute"], p["parts_gib"]["loss"]),
+            persistent + p["parts_gib"]["gradients_and_step"],
+        )
+    )
 
 
 def test_the_baseline_and_each_cut_by_hand():
@@ -64,22 +72,34 @@ def test_the_baseline_and_each_cut_by_hand():
     no_drop = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_dropout=False))["parts_gib"]
     # PEFT: a 1-byte mask and a bf16 dropped copy per adapted projection (q, k, v share one input; o has its own)
     assert (no_drop["layer_recompute"] - ours["layer_recompute"]) * GIB == pytest.approx(
-        n * (3 * 3 * h - 2 * h + 3 * h - 2 * h))
-    base = plan(LLAMA2_7B, PlanConfig(model="m", context=n, baseline=True, trainable_params="",
-                                      chunked_loss=False))["parts_gib"]
+        n * (3 * 3 * h - 2 * h + 3 * h - 2 * h)
+    )
+    base = plan(LLAMA2_7B, PlanConfig(model="m", context=n, baseline=True, trainable_params="", chunked_loss=False))[
+        "parts_gib"
+    ]
     assert base["checkpoints"] * GIB == pytest.approx(32 * n * h * 4 + n * 2 * 128 * 2)  # fp32 stream
     assert base["weights"] * GIB == pytest.approx(
-        6_476_005_376 * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * 32000 * h * 4 + 65 * h * 4)
-    assert base["layer_recompute"] * GIB == pytest.approx(n * (
-        4 * h  # the post-attention norm's fp32 input (the first norm's input is the fp32 checkpoint itself)
-        + 3 * (1 + 2) * h + 2 * 3 * h + 2 * h + 4 * 32 + (1 + 2) * h  # dropout masks and bf16 copies, q k v, out
-        + 4 * 8 * 2
-        + (3 + MLP_BACKWARD_COPIES) * 4 * i  # the MLP in fp32 (Linear4bit returns its input's dtype)
-        + 2 * 4 * h))
+        6_476_005_376 * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * 32000 * h * 4 + 65 * h * 4
+    )
+    assert base["layer_recompute"] * GIB == pytest.approx(
+        n
+        * (
+            4 * h  # the post-attention norm's fp32 input (the first norm's input is the fp32 checkpoint itself)
+            + 3 * (1 + 2) * h
+            + 2 * 3 * h
+            + 2 * h
+            + 4 * 32
+            + (1 + 2) * h  # dropout masks and bf16 copies, q k v, out
+            + 4 * 8 * 2
+            + (3 + MLP_BACKWARD_COPIES) * 4 * i  # the MLP in fp32 (Linear4bit returns its input's dtype)
+            + 2 * 4 * h
+        )
+    )
     # the final norm's fp32 input, the head's bf16 input, the logits and their fp32 copies; autocast's bf16 copy of
     # the fp32 head weight
-    assert base["loss"] * GIB == pytest.approx(n * (4 * h + 2 * h + 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES))
-                                               + 32000 * h * 2)
+    assert base["loss"] * GIB == pytest.approx(
+        n * (4 * h + 2 * h + 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES)) + 32000 * h * 2
+    )
     cpu = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_dropout=False, device="cpu"))["parts_gib"]
     # the CPU's dropout multiplies by a noise tensor of the input's dtype (2 bytes) instead of a 1-byte mask
     assert (cpu["layer_recompute"] - no_drop["layer_recompute"]) * GIB == pytest.approx(n * 4 * h)
@@ -89,8 +109,9 @@ def test_the_baseline_and_each_cut_by_hand():
 def test_trainable_count_matches_peft_on_the_meta_device():
     """The planner's trainable parameters equal PEFT's count of the really adapted model (GQA: Llama-3.1-8B)."""
     for name, target in (("llama-2-7b", "attention"), ("llama-3.1-8b", "all-linear")):
-        counted = count_trainable_without_weights(ModelConfig(model_name_or_path=name, target_context=16384,
-                                                              lora_target=target, load_in_4bit=False))
+        counted = count_trainable_without_weights(
+            ModelConfig(model_name_or_path=name, target_context=16384, lora_target=target, load_in_4bit=False)
+        )
         planned = plan(preset_config(name), PlanConfig(model=name, context=16384, lora_target=target))
         assert planned["trainable_params"] == counted["trainable_params"]
 
@@ -105,21 +126,30 @@ def test_switches_move_the_right_parts():
     plain = plan(LLAMA2_7B, base)
     offload = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, offload=True))
     assert offload["parts_gib"]["checkpoints"] == pytest.approx(
-        (OFFLOAD_IN_FLIGHT * 32768 * 4096 * 2 + 32768 * 2 * 128 * 2) / GIB)
+        (OFFLOAD_IN_FLIGHT * 32768 * 4096 * 2 + 32768 * 2 * 128 * 2) / GIB
+    )
     assert offload["parts_gib"]["layer_recompute"] == plain["parts_gib"]["layer_recompute"]
     assert offload["host_offload_gib"] == pytest.approx(32 * 32768 * 4096 * 2 / GIB) and plain["host_offload_gib"] == 0
     full_logits = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, chunked_loss=False))
     # the plain loss holds (tokens x vocab) logits in bf16 and fp32 tensors of that size
     assert full_logits["parts_gib"]["loss"] - plain["parts_gib"]["loss"] == pytest.approx(
-        (32768 * 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES) + 32768 * 4096 * 2 - 32768 * 4096 * 10
-         - LOSS_TILES * 4096 * 32000 * 2) / GIB)
+        (
+            32768 * 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES)
+            + 32768 * 4096 * 2
+            - 32768 * 4096 * 10
+            - LOSS_TILES * 4096 * 32000 * 2
+        )
+        / GIB
+    )
     tiled = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, tiled_mlp=True, tile_tokens=8192))
     mlp = (3 + MLP_BACKWARD_COPIES) * 2 * 11008  # bytes per token of MLP intermediates and their gradients
     assert plain["parts_gib"]["layer_recompute"] - tiled["parts_gib"]["layer_recompute"] == pytest.approx(
-        ((32768 - 8192) * mlp - 32768 * 2 * 4096) / GIB)
+        ((32768 - 8192) * mlp - 32768 * 2 * 4096) / GIB
+    )
     eight_bit = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=32768, optim="adamw_8bit"))
     assert eight_bit["parts_gib"]["trainable_state"] * GIB == pytest.approx(
-        plain["trainable_params"] * (4 + 2 + 8 / 256))
+        plain["trainable_params"] * (4 + 2 + 8 / 256)
+    )
     # batch 2 at 16k has the same token-proportional parts as batch 1 at 32k
     batch2 = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=16384, batch=2))
     assert batch2["parts_gib"]["checkpoints"] == plain["parts_gib"]["checkpoints"]
@@ -132,8 +162,9 @@ def test_longest_context_is_the_fitting_boundary():
     assert n > 0 and n % 1024 == 0
     assert plan(config, PlanConfig(model="llama-2-13b", context=n, gpu="v100-32gb"))["fits"]
     assert not plan(config, PlanConfig(model="llama-2-13b", context=n + 1024, gpu="v100-32gb"))["fits"]
-    more = longest_context(config, PlanConfig(model="llama-2-13b", context=4096, gpu="v100-32gb", offload=True,
-                                              tiled_mlp=True))
+    more = longest_context(
+        config, PlanConfig(model="llama-2-13b", context=4096, gpu="v100-32gb", offload=True, tiled_mlp=True)
+    )
     assert more > n
 
 
@@ -152,12 +183,16 @@ def test_advise_names_the_switches_that_make_it_fit():
     assert advice["longest_context"] < context <= advice["longest_context_all_switches"]
 
 
-@pytest.mark.parametrize("flags,flag", [
-    (["--context", "0"], "--context"), (["--context", "8192", "--gpu", "h200"], "--gpu"),
-    (["--context", "8192", "--lora_target", "mlp"], "--lora_target"),
-    (["--context", "8192", "--trainable_params", "embed,head"], "--trainable_params"),
-    (["--context", "8192", "--gpu", "v100-32gb", "--gpu_memory", "30"], "--gpu"),
-])
+@pytest.mark.parametrize(
+    "flags,flag",
+    [
+        (["--context", "0"], "--context"),
+        (["--context", "8192", "--gpu", "h200"], "--gpu"),
+        (["--context", "8192", "--lora_target", "mlp"], "--lora_target"),
+        (["--context", "8192", "--trainable_params", "embed,head"], "--trainable_params"),
+        (["--context", "8192", "--gpu", "v100-32gb", "--gpu_memory", "30"], "--gpu"),
+    ],
+)
 def test_plan_command_rejects_bad_flags_in_one_line(flags, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["plan", "--model", "llama-2-7b", *flags])
@@ -189,7 +224,6 @@ def test_planner_within_10_percent_of_every_cpu_measurement(script):
     """The calibration: every point bench/memory.py measured on the CPU at real model width (docs/memory_cpu.json,
     bf16 autocast, 2 and 4 layers) against the planner's prediction for the same switches, device "cpu"."""
     import torch
-
     from conftest import ROOT
 
     bench = script("bench/memory.py")
@@ -201,19 +235,32 @@ def test_planner_within_10_percent_of_every_cpu_measurement(script):
     worst = []
     for p in points:
         config = bench.model_config(p["model"], p["layers"])
-        predicted = bench.plan_for(config, p["model"], bench.VARIANTS[p["variant"]], p["context"],
-                                   bench.BenchConfig(models=[p["model"]], rank=p["plan"]["rank"],
-                                                     lora_dropout=p["plan"]["lora_dropout"],
-                                                     tiled_mlp_tokens=p["plan"]["tile_tokens"]),
-                                   torch.device(p["device"]),
-                                   getattr(torch, p["dtype"]))["peak_allocated_gib"] * GIB
-        worst.append((abs(predicted - p["peak_bytes"]) / p["peak_bytes"], p["model"], p["layers"], p["variant"],
-                      p["context"]))
+        predicted = (
+            bench.plan_for(
+                config,
+                p["model"],
+                bench.VARIANTS[p["variant"]],
+                p["context"],
+                bench.BenchConfig(
+                    models=[p["model"]],
+                    rank=p["plan"]["rank"],
+                    lora_dropout=p["plan"]["lora_dropout"],
+                    tiled_mlp_tokens=p["plan"]["tile_tokens"],
+                ),
+                torch.device(p["device"]),
+                getattr(torch, p["dtype"]),
+            )["peak_allocated_gib"]
+            * GIB
+        )
+        worst.append(
+            (abs(predicted - p["peak_bytes"]) / p["peak_bytes"], p["model"], p["layers"], p["variant"], p["context"])
+        )
     assert max(worst)[0] < 0.10, max(worst)
 
 
-@pytest.mark.parametrize("variant", ["ours", "ours_lora", "ours_no_cuts", "ours_no_norms", "ours_no_dropout",
-                                     "baseline", "baseline_plus"])
+@pytest.mark.parametrize(
+    "variant", ["ours", "ours_lora", "ours_no_cuts", "ours_no_norms", "ours_no_dropout", "baseline", "baseline_plus"]
+)
 def test_layer_term_is_the_saved_tensor_inventory(variant, script):
     """The planner's per-layer saved set equals, byte for byte up to the LoRA weights' casts, what autograd really
     keeps for one layer (bench/saved_tensors.py, on a tiny GQA Llama with the same code as the 7B inventory)."""
@@ -223,8 +270,15 @@ def test_layer_term_is_the_saved_tensor_inventory(variant, script):
     tokens = 512
     _, measured = inventory.inventory("tiny", variant, tokens, min_bytes=1)
     config = bench.model_config("tiny", 1)
-    cfg = bench.plan_for(config, "tiny", bench.VARIANTS[variant], tokens, bench.BenchConfig(models=["tiny"]),
-                         torch.device("cpu"), torch.bfloat16)["config"]
+    cfg = bench.plan_for(
+        config,
+        "tiny",
+        bench.VARIANTS[variant],
+        tokens,
+        bench.BenchConfig(models=["tiny"]),
+        torch.device("cpu"),
+        torch.bfloat16,
+    )["config"]
     from longqlora.training.plan import layer_saved_per_token
 
     planned, _ = layer_saved_per_token(Shapes.of(config), PlanConfig(**cfg))

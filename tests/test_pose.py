@@ -1,23 +1,22 @@
-"""PoSE (longqlora.data.pose): the position ids cover the target range, keep documents whole, compose with S2-Attn, and a
-recipe trains with them end to end."""
+"""PoSE (longqlora.data.pose): the position ids cover the target range, keep documents whole, compose with S2-Attn,
+and a recipe trains with them end to end."""
 
 import json
 
 import pytest
 import torch
+from test_recipes import run
 from transformers import LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from experiments import ablations
-from longqlora.data import pose
-from longqlora.attention import layout as s2_layout
 from experiments.ablations import AblationConfig, variant_settings
 from longqlora.adapters import adapt_for_training
+from longqlora.attention import layout as s2_layout
 from longqlora.attention import s2_attention
+from longqlora.data import pose
 from longqlora.model import ModelConfig
 from longqlora.training.tiny import tiny_llama_config
-
-from test_recipes import run
 
 
 def one_document_rows(rows, window, target, chunks=2, seed=0):
@@ -79,7 +78,7 @@ def test_packed_documents_restart_at_zero_and_keep_their_own_skips():
     lengths = [n for e in examples for n in e["seq_lengths"]]
     skipped = 0
     for start, n in zip(starts_of(lengths), lengths):
-        doc = pos[start:start + n]
+        doc = pos[start : start + n]
         assert int(doc[0]) == 0 and bool((doc.diff() > 0).all()) and int(doc.max()) <= target - 1
         skipped += int((doc.diff() > 1).any())
     assert skipped >= 0.8 * sum(n >= 2 for n in lengths)
@@ -120,11 +119,16 @@ def test_ids_that_do_not_restart_at_zero_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-@pytest.mark.parametrize("kwargs,flag", [(dict(pose_window=8192), "--pose_window"),
-                                         (dict(pose_window=-1), "--pose_window"),
-                                         (dict(pose_window=2048, pose_chunks=1), "--pose_chunks"),
-                                         (dict(pose_window=4, pose_chunks=5), "--pose_chunks"),
-                                         (dict(pose_window=2048, s2_shift="rolled"), "--s2_shift")])
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        (dict(pose_window=8192), "--pose_window"),
+        (dict(pose_window=-1), "--pose_window"),
+        (dict(pose_window=2048, pose_chunks=1), "--pose_chunks"),
+        (dict(pose_window=4, pose_chunks=5), "--pose_chunks"),
+        (dict(pose_window=2048, s2_shift="rolled"), "--s2_shift"),
+    ],
+)
 def test_bad_pose_settings_name_their_flag(kwargs, flag):
     with pytest.raises(ValueError, match=f"^{flag} "):
         ModelConfig(model_name_or_path="m", target_context=8192, **kwargs)
@@ -149,11 +153,18 @@ def reference(q, k, v, lengths, group, shifted_from, valid=None):
     out = torch.zeros(b, h, n, d, dtype=torch.float64)
     for head in range(h):
         shift = group // 2 if head >= shifted_from else 0
-        allowed = torch.tensor([[j <= i and doc[i] == doc[j] and (idx[i] + shift) // group == (idx[j] + shift) // group
-                                 for j in range(n)] for i in range(n)])
+        allowed = torch.tensor(
+            [
+                [
+                    j <= i and doc[i] == doc[j] and (idx[i] + shift) // group == (idx[j] + shift) // group
+                    for j in range(n)
+                ]
+                for i in range(n)
+            ]
+        )
         for row in range(b):
             see = allowed if valid is None else allowed & valid[row][None, :]
-            scores = q[row, head] @ k[row, head // rep].T / d ** 0.5
+            scores = q[row, head] @ k[row, head // rep].T / d**0.5
             probs = torch.nan_to_num(scores.masked_fill(~see, float("-inf")).softmax(-1))
             out[row, head] = probs @ v[row, head // rep]
     return out if valid is None else out * valid[:, None, :, None]
@@ -173,9 +184,10 @@ def test_s2_on_pose_rows_equals_the_explicit_mask(h, h_kv, group):
     # The attention never reads the id values, only the documents and groups they mark: PoSE ids equal plain ones.
     torch.testing.assert_close(got, s2_attention(q, k, v, group, position_ids=plain), atol=0, rtol=0)
     # PoSE with full attention (every head full): causal inside each document, across its skips.
-    full = reference(q, k, v, lengths, 10 ** 6, shifted_from=h)
-    torch.testing.assert_close(s2_attention(q, k, v, group, position_ids=ids, full_heads=1.0), full,
-                               atol=1e-10, rtol=1e-10)
+    full = reference(q, k, v, lengths, 10**6, shifted_from=h)
+    torch.testing.assert_close(
+        s2_attention(q, k, v, group, position_ids=ids, full_heads=1.0), full, atol=1e-10, rtol=1e-10
+    )
 
 
 def test_s2_on_padded_pose_rows_equals_the_explicit_mask():
@@ -205,8 +217,15 @@ def test_full_attention_with_pose_keeps_documents_whole_in_a_model():
     run alone would; transformers' own mask (a skip = a new sequence) would not."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config("gqa", vocab_size=320, max_position_embeddings=64)).float()
-    cfg = ModelConfig(model_name_or_path="m", target_context=256, pose_window=64, s2_attention=False, lora_r=4,
-                      lora_dropout=0.0, trainable_params="")
+    cfg = ModelConfig(
+        model_name_or_path="m",
+        target_context=256,
+        pose_window=64,
+        s2_attention=False,
+        lora_r=4,
+        lora_dropout=0.0,
+        trainable_params="",
+    )
     lengths = [25, 39]
     ids = torch.randint(3, 320, (1, 64), generator=torch.Generator().manual_seed(1))
     plain = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -217,8 +236,10 @@ def test_full_attention_with_pose_keeps_documents_whole_in_a_model():
         peft.train()
         packed = peft(input_ids=ids, position_ids=pos).logits
         peft.eval()
-        alone = [peft(input_ids=ids[:, s:s + n], position_ids=pos[:, s:s + n], attention_mask=torch.ones(1, n)).logits
-                 for s, n in zip(starts_of(lengths), lengths)]
+        alone = [
+            peft(input_ids=ids[:, s : s + n], position_ids=pos[:, s : s + n], attention_mask=torch.ones(1, n)).logits
+            for s, n in zip(starts_of(lengths), lengths)
+        ]
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-4)
     assert float((bare - packed).abs().max()) > 1e-2  # what the S2 op's document rule avoids
 
@@ -234,6 +255,7 @@ def test_dry_run_names_pose_and_plans_the_shorter_rows(capsys):
 
     def peak(out):
         return float(out.split("memory (planned)   peak ")[1].split(" GiB")[0])
+
     assert peak(text) < peak(plain)
 
 
@@ -241,8 +263,9 @@ def test_tiny_recipe_trains_with_pose(tmp_path, monkeypatch):
     seen = []
     original = pose.skip_positions
     monkeypatch.setattr(pose, "skip_positions", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
-    out = run("extend_7b_8k", "--tiny", "--pose_window", "2048", "--max_steps", "2",
-              "--output_dir", str(tmp_path / "pose"))
+    out = run(
+        "extend_7b_8k", "--tiny", "--pose_window", "2048", "--max_steps", "2", "--output_dir", str(tmp_path / "pose")
+    )
     extension = json.loads((out / "longqlora_extension.json").read_text())
     assert extension["pose"] == {"window": 64, "chunks": 2} and extension["target_context"] == 256
     assert "group_size" not in extension and extension["s2_options"]["group_sizes"] == [4, 12, 32]
@@ -259,6 +282,7 @@ def test_ablation_pose_variants_train_on_quarter_rows_at_equal_tokens(tmp_path):
         s = variant_settings(cfg, vid)
         model = ablations._model_config(cfg, tmp_path, s)
         return model.train_length, ablations._training(cfg, tmp_path, 0, s).per_device_train_batch_size
+
     assert tokens_per_step("loraplus-s2") == (256, 8)
     for vid in ("loraplus-s2-pose", "loraplus-s2-pose-g50", "loraplus-pose"):
         assert tokens_per_step(vid) == (64, 32), vid
@@ -269,5 +293,7 @@ def test_ablation_pose_variants_train_on_quarter_rows_at_equal_tokens(tmp_path):
 def test_conversations_refuse_pose(capsys):
     with pytest.raises(SystemExit) as exit_:
         run("sft_vicuna_13b_8k", "--dry_run", "--pose_window", "2048")
-    assert exit_.value.code == 2 and "error: --pose_window 2048: PoSE trains on rows cut from long text" in \
-        capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and "error: --pose_window 2048: PoSE trains on rows cut from long text" in capsys.readouterr().err
+    )

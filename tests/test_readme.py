@@ -31,8 +31,13 @@ def test_ci_runs_the_readme_test_command():
 
 
 def quickstart(out):
-    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--tiny", "--output_dir",
-                           str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--tiny", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -44,8 +49,13 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
     out = tmp_path / "qs"
     done = quickstart(out)
     results = json.loads((out / "results.json").read_text())["results"]
-    assert set(results) == {"base, no interpolation", "base + interpolation, untrained",
-                            "base in NF4, no interpolation", "extended, S2-Attn (ours)", "extended, full attention"}
+    assert set(results) == {
+        "base, no interpolation",
+        "base + interpolation, untrained",
+        "base in NF4, no interpolation",
+        "extended, S2-Attn (ours)",
+        "extended, full attention",
+    }
     for row in results.values():
         assert all(v > 1 for k, v in row.items() if k.startswith("ppl@"))
     assert (out / "perplexity.png").stat().st_size > 1000

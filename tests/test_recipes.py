@@ -11,9 +11,9 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
-from longqlora.training import callbacks as train_callbacks
-from longqlora.record import EXTENSION_FILE
 from longqlora.cli import run_recipe
+from longqlora.record import EXTENSION_FILE
+from longqlora.training import callbacks as train_callbacks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "quickstart")
@@ -29,22 +29,30 @@ def run(name, *argv):
 
 
 def test_recipes_exist():
-    assert {"extend_7b_8k", "extend_7b_12k", "extend_13b_8k", "extend_13b_12k", "extend_7b_32k_a100",
-            "sft_vicuna_13b_8k"} <= set(RECIPES)
+    assert {
+        "extend_7b_8k",
+        "extend_7b_12k",
+        "extend_13b_8k",
+        "extend_13b_12k",
+        "extend_7b_32k_a100",
+        "sft_vicuna_13b_8k",
+    } <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES + ["quickstart"])
 def test_help(name):
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--help"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "--output_dir" in out.stdout and "--dry_run" in out.stdout and "--tiny" in out.stdout
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypatch):
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("--dry_run loaded weights"))
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("--dry_run loaded weights")
+    )
     recipe = load_recipe(name)
     assert run(name, "--dry_run") is None
     text = capsys.readouterr().out
@@ -58,8 +66,7 @@ def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypa
 
 def test_dry_run_shows_the_s2_schedule(capsys):
     run("extend_7b_8k", "--dry_run", "--s2_group_schedule", "0.25,0.75,2", "--s2_full_every", "4")
-    assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), 1 step in 4 full" in \
-        capsys.readouterr().out
+    assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), 1 step in 4 full" in capsys.readouterr().out
 
 
 def test_dry_run_trainable_count_is_exact_for_llama2_7b(capsys):
@@ -113,6 +120,7 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
     def stop_at_three(self, args, state, control, **kwargs):
         if state.global_step == 3:
             raise Interrupt
+
     monkeypatch.setattr(train_callbacks.ThroughputCallback, "on_step_end", stop_at_three, raising=False)
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
@@ -127,17 +135,28 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
 
 
 def test_bad_input_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "extend_7b_8k.py"), "--model_name_or_path",
-                          str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "extend_7b_8k.py"),
+            "--model_name_or_path",
+            str(tmp_path / "nowhere"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --model_name_or_path")
     assert "Traceback" not in out.stderr
 
 
 def test_tensorboard_when_asked(tmp_path):
-    out = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "tb"), "--report_to", "tensorboard",
-              "--max_steps", "2")
+    out = run(
+        "extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "tb"), "--report_to", "tensorboard", "--max_steps", "2"
+    )
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
@@ -145,7 +164,12 @@ def test_tensorboard_when_asked(tmp_path):
 def test_quickstart_dry_run_shows_the_groups_it_trains():
     from longqlora.model import ModelConfig
 
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--dry_run"], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     sizes = ModelConfig(model_name_or_path="-", target_context=512).group_sizes  # the quickstart: 128 -> 512
     assert out.returncode == 0 and f"S2-Attn group {' -> '.join(map(str, sizes))} over" in out.stdout, out.stderr

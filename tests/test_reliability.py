@@ -8,9 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import datasets
 import pytest
@@ -67,13 +67,24 @@ def bad(tmp_path_factory) -> Path:
     jsonl(d / "msg-role.jsonl", [GOOD, {"messages": [{"role": 1, "content": "hi"}]}])
     jsonl(d / "conv-string.jsonl", [{"conversations": "hi"}])
     jsonl(d / "conv-strings.jsonl", [{"conversations": ["hi", "hello"]}])
-    jsonl(d / "empty-replies.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                    {"role": "assistant", "content": reply}]} for reply in ("", " ")])
+    jsonl(
+        d / "empty-replies.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+            for reply in ("", " ")
+        ],
+    )
     jsonl(d / "unknown.jsonl", [{"prompt": "hi", "completion": "hello"}])
-    for name, text in {"missing-colon.yaml": "lora_r: [8, 16\nlora_alpha: : 2\n", "list.yaml": "- lora_r\n",
-                       "null.yaml": "lora_r: null\n", "word.yaml": "lora_r: eight\n", "float.yaml": "lora_r: 8.5\n",
-                       "bool.yaml": "max_steps: true\n", "unknown.yaml": "lora_rank: 8\n",
-                       "choice.yaml": "pack: sideways\n"}.items():
+    for name, text in {
+        "missing-colon.yaml": "lora_r: [8, 16\nlora_alpha: : 2\n",
+        "list.yaml": "- lora_r\n",
+        "null.yaml": "lora_r: null\n",
+        "word.yaml": "lora_r: eight\n",
+        "float.yaml": "lora_r: 8.5\n",
+        "bool.yaml": "max_steps: true\n",
+        "unknown.yaml": "lora_rank: 8\n",
+        "choice.yaml": "pack: sideways\n",
+    }.items():
         (d / name).write_text(text)
     (d / "latin1.yaml").write_bytes("lora_r: 8 # caf\xe9\n".encode("latin-1"))
     return d
@@ -88,8 +99,19 @@ class Case:
 
 
 def recipe_args(bad: Path, out: Path, *more) -> list:
-    return ["--model_name_or_path", str(bad / "model"), "--target_context", "256", "--compute_dtype", "float32",
-            "--attn_backend", "sdpa", "--output_dir", str(out), *map(str, more)]
+    return [
+        "--model_name_or_path",
+        str(bad / "model"),
+        "--target_context",
+        "256",
+        "--compute_dtype",
+        "float32",
+        "--attn_backend",
+        "sdpa",
+        "--output_dir",
+        str(out),
+        *map(str, more),
+    ]
 
 
 def text_args(bad: Path, out: Path, dataset) -> list:
@@ -101,51 +123,125 @@ def chats_args(bad: Path, out: Path, dataset) -> list:
 
 
 def ppl_args(bad: Path, out: Path, data, model=None) -> list:
-    return ["perplexity", "--model", str(model or bad / "model"), "--data", str(data), "--context_lengths", "32",
-            "--output", str(out / "ppl.json")]
+    return [
+        "perplexity",
+        "--model",
+        str(model or bad / "model"),
+        "--data",
+        str(data),
+        "--context_lengths",
+        "32",
+        "--output",
+        str(out / "ppl.json"),
+    ]
 
 
 def data_cases(input_class: str, file: str, *entries: str) -> list:
     """One row per entry point reading `file` as training or evaluation text."""
-    argv = {"recipe": lambda b, o: recipe_args(b, o, "--dataset", b / file),
-            "prepare_text": lambda b, o: text_args(b, o, b / file),
-            "command": lambda b, o: ppl_args(b, o, b / file)}
+    argv = {
+        "recipe": lambda b, o: recipe_args(b, o, "--dataset", b / file),
+        "prepare_text": lambda b, o: text_args(b, o, b / file),
+        "command": lambda b, o: ppl_args(b, o, b / file),
+    }
     return [Case(input_class, entry, argv[entry], lambda b, o: str(b / file)) for entry in entries]
 
 
 def config_case(input_class: str, file: str, key: str = "") -> Case:
-    return Case(input_class, "recipe", lambda b, o: recipe_args(b, o, "--config", b / file),
-                lambda b, o: f"--config {b / file}" + (f": {key}" if key else " line"))
+    return Case(
+        input_class,
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--config", b / file),
+        lambda b, o: f"--config {b / file}" + (f": {key}" if key else " line"),
+    )
 
 
 CASES = [
-    Case("--output_dir is a file", "recipe", lambda b, o: recipe_args(b, b / "a-file"),
-         lambda b, o: f"--output_dir {b / 'a-file'}"),
-    Case("--output_dir under a file", "prepare_text", lambda b, o: text_args(b, b / "a-file" / "out", b / "x.txt"),
-         lambda b, o: "--output_dir"),
-    Case("--output under a file", "command", lambda b, o: ppl_args(b, b / "a-file", b / "books" / "good.txt"),
-         lambda b, o: "--output"),
-    Case("--output_dir is a file", "command", lambda b, o: ["passkey", "--model", str(b / "model"),
-                                                            "--context_lengths", "64", "--output_dir",
-                                                            str(b / "a-file")], lambda b, o: "--output_dir"),
-    Case("model directory missing", "recipe", lambda b, o: [*recipe_args(b, o), "--model_name_or_path",
-                                                            str(b / "nowhere")], lambda b, o: "--model_name_or_path"),
-    Case("model directory missing", "command", lambda b, o: ppl_args(b, o, "x.txt", model=b / "nowhere"),
-         lambda b, o: f"--model {b / 'nowhere'}"),
-    Case("model directory missing", "command", lambda b, o: ["passkey", "--model", str(b / "nowhere"),
-                                                             "--output_dir", str(o)], lambda b, o: "--model"),
-    Case("model directory missing", "command", lambda b, o: ["chat", "--model", "nowhere/at-all", "--prompt", "hi"],
-         lambda b, o: "--model nowhere/at-all"),
-    Case("model directory without config.json", "command", lambda b, o: ppl_args(b, o, "x", model=b / "no-config"),
-         lambda b, o: "--model"),
-    Case("not an adapter directory", "command", lambda b, o: ["merge", "--adapter", str(b / "model"), "--output",
-                                                              str(o)], lambda b, o: "--adapter"),
-    Case("tokenizer missing", "prepare_text", lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--tokenizer",
-                                                            str(b / "nowhere")], lambda b, o: "--tokenizer"),
-    Case("--config missing", "recipe", lambda b, o: recipe_args(b, o, "--config", b / "none.yaml"),
-         lambda b, o: f"--config {b / 'none.yaml'}"),
-    Case("--config is a directory", "recipe", lambda b, o: recipe_args(b, o, "--config", b / "notes"),
-         lambda b, o: "--config"),
+    Case(
+        "--output_dir is a file",
+        "recipe",
+        lambda b, o: recipe_args(b, b / "a-file"),
+        lambda b, o: f"--output_dir {b / 'a-file'}",
+    ),
+    Case(
+        "--output_dir under a file",
+        "prepare_text",
+        lambda b, o: text_args(b, b / "a-file" / "out", b / "x.txt"),
+        lambda b, o: "--output_dir",
+    ),
+    Case(
+        "--output under a file",
+        "command",
+        lambda b, o: ppl_args(b, b / "a-file", b / "books" / "good.txt"),
+        lambda b, o: "--output",
+    ),
+    Case(
+        "--output_dir is a file",
+        "command",
+        lambda b, o: [
+            "passkey",
+            "--model",
+            str(b / "model"),
+            "--context_lengths",
+            "64",
+            "--output_dir",
+            str(b / "a-file"),
+        ],
+        lambda b, o: "--output_dir",
+    ),
+    Case(
+        "model directory missing",
+        "recipe",
+        lambda b, o: [*recipe_args(b, o), "--model_name_or_path", str(b / "nowhere")],
+        lambda b, o: "--model_name_or_path",
+    ),
+    Case(
+        "model directory missing",
+        "command",
+        lambda b, o: ppl_args(b, o, "x.txt", model=b / "nowhere"),
+        lambda b, o: f"--model {b / 'nowhere'}",
+    ),
+    Case(
+        "model directory missing",
+        "command",
+        lambda b, o: ["passkey", "--model", str(b / "nowhere"), "--output_dir", str(o)],
+        lambda b, o: "--model",
+    ),
+    Case(
+        "model directory missing",
+        "command",
+        lambda b, o: ["chat", "--model", "nowhere/at-all", "--prompt", "hi"],
+        lambda b, o: "--model nowhere/at-all",
+    ),
+    Case(
+        "model directory without config.json",
+        "command",
+        lambda b, o: ppl_args(b, o, "x", model=b / "no-config"),
+        lambda b, o: "--model",
+    ),
+    Case(
+        "not an adapter directory",
+        "command",
+        lambda b, o: ["merge", "--adapter", str(b / "model"), "--output", str(o)],
+        lambda b, o: "--adapter",
+    ),
+    Case(
+        "tokenizer missing",
+        "prepare_text",
+        lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--tokenizer", str(b / "nowhere")],
+        lambda b, o: "--tokenizer",
+    ),
+    Case(
+        "--config missing",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--config", b / "none.yaml"),
+        lambda b, o: f"--config {b / 'none.yaml'}",
+    ),
+    Case(
+        "--config is a directory",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--config", b / "notes"),
+        lambda b, o: "--config",
+    ),
     config_case("--config not YAML", "missing-colon.yaml"),
     config_case("--config not UTF-8", "latin1.yaml"),
     config_case("--config not a mapping", "list.yaml", "must be a mapping"),
@@ -155,10 +251,15 @@ CASES = [
     config_case("--config wrong type", "bool.yaml", "max_steps"),
     config_case("--config value refused by its dataclass", "choice.yaml", "--pack 'sideways'"),
     config_case("--config unknown key", "unknown.yaml", "lora_rank"),
-    Case("flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"),
-         lambda b, o: "--lora_r"),
-    Case("--dataset missing", "recipe", lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),
-         lambda b, o: "--dataset"),
+    Case(
+        "flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"), lambda b, o: "--lora_r"
+    ),
+    Case(
+        "--dataset missing",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),
+        lambda b, o: "--dataset",
+    ),
     *data_cases("text not UTF-8", "latin1.txt", "recipe", "prepare_text", "command"),
     *data_cases("binary garbage", "garbage.txt", "recipe", "prepare_text"),
     *data_cases("NUL bytes", "nul.txt", "prepare_text"),
@@ -168,29 +269,66 @@ CASES = [
     *data_cases("JSONL bad bytes", "bytes.jsonl", "recipe", "prepare_text"),
     *data_cases("JSONL bad JSON", "json.jsonl", "prepare_text", "command"),
     *data_cases("JSONL line not an object", "array.jsonl", "prepare_text"),
-    Case("bad file inside a directory", "prepare_text", lambda b, o: text_args(b, o, b / "books"),
-         lambda b, o: str(b / "books" / "bad.txt")),
-    Case("directory without documents", "prepare_text", lambda b, o: text_args(b, o, b / "notes"),
-         lambda b, o: str(b / "notes")),
-    Case("unsupported file type", "prepare_text", lambda b, o: text_args(b, o, b / "table.csv"),
-         lambda b, o: str(b / "table.csv")),
-    *[Case(f"instruction turns {kind}", entry, lambda b, o, f=file, e=entry: (
-        chats_args(b, o, b / f) if e == "prepare_instructions" else recipe_args(b, o, "--dataset", b / f)),
-        lambda b, o, f=file: f"{b / f} line ")
-      for kind, file in (("a string", "msg-string.jsonl"), ("a list of strings", "msg-strings.jsonl"),
-                         ("with a non-text role", "msg-role.jsonl"), ("a string", "conv-string.jsonl"),
-                         ("a list of strings", "conv-strings.jsonl"))
-      for entry in ("prepare_instructions", "sft recipe")],
-    Case("only empty assistant replies", "prepare_instructions", lambda b, o: chats_args(b, o, b / "empty-replies.jsonl"),
-         lambda b, o: "2 skipped, 2 of them for an empty assistant reply"),
-    Case("unknown instruction format", "prepare_instructions", lambda b, o: chats_args(b, o, b / "unknown.jsonl"),
-         lambda b, o: f"{b / 'unknown.jsonl'} line 1"),
-    Case("--context_file not UTF-8", "command", lambda b, o: ["chat", "--model", str(b / "model"), "--context_file",
-                                                              str(b / "latin1.txt"), "--prompt", "hi"],
-         lambda b, o: f"--context_file {b / 'latin1.txt'}"),
-    Case("--context_file missing", "command", lambda b, o: ["chat", "--model", str(b / "model"), "--context_file",
-                                                            str(b / "none.txt"), "--prompt", "hi"],
-         lambda b, o: "--context_file"),
+    Case(
+        "bad file inside a directory",
+        "prepare_text",
+        lambda b, o: text_args(b, o, b / "books"),
+        lambda b, o: str(b / "books" / "bad.txt"),
+    ),
+    Case(
+        "directory without documents",
+        "prepare_text",
+        lambda b, o: text_args(b, o, b / "notes"),
+        lambda b, o: str(b / "notes"),
+    ),
+    Case(
+        "unsupported file type",
+        "prepare_text",
+        lambda b, o: text_args(b, o, b / "table.csv"),
+        lambda b, o: str(b / "table.csv"),
+    ),
+    *[
+        Case(
+            f"instruction turns {kind}",
+            entry,
+            lambda b, o, f=file, e=entry: (
+                chats_args(b, o, b / f) if e == "prepare_instructions" else recipe_args(b, o, "--dataset", b / f)
+            ),
+            lambda b, o, f=file: f"{b / f} line ",
+        )
+        for kind, file in (
+            ("a string", "msg-string.jsonl"),
+            ("a list of strings", "msg-strings.jsonl"),
+            ("with a non-text role", "msg-role.jsonl"),
+            ("a string", "conv-string.jsonl"),
+            ("a list of strings", "conv-strings.jsonl"),
+        )
+        for entry in ("prepare_instructions", "sft recipe")
+    ],
+    Case(
+        "only empty assistant replies",
+        "prepare_instructions",
+        lambda b, o: chats_args(b, o, b / "empty-replies.jsonl"),
+        lambda b, o: "2 skipped, 2 of them for an empty assistant reply",
+    ),
+    Case(
+        "unknown instruction format",
+        "prepare_instructions",
+        lambda b, o: chats_args(b, o, b / "unknown.jsonl"),
+        lambda b, o: f"{b / 'unknown.jsonl'} line 1",
+    ),
+    Case(
+        "--context_file not UTF-8",
+        "command",
+        lambda b, o: ["chat", "--model", str(b / "model"), "--context_file", str(b / "latin1.txt"), "--prompt", "hi"],
+        lambda b, o: f"--context_file {b / 'latin1.txt'}",
+    ),
+    Case(
+        "--context_file missing",
+        "command",
+        lambda b, o: ["chat", "--model", str(b / "model"), "--context_file", str(b / "none.txt"), "--prompt", "hi"],
+        lambda b, o: "--context_file",
+    ),
 ]
 
 
@@ -207,8 +345,9 @@ def snapshot(*paths: Path) -> dict:
 @pytest.fixture(autouse=True)
 def no_weights_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("weights loaded for bad input"))
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("weights loaded for bad input")
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.input_class} [{c.entry}]" for c in CASES])
@@ -229,20 +368,44 @@ def test_bad_input_is_one_line(case, bad, tmp_path, capfd):
 def test_table_covers_every_input_class_of_the_issue():
     classes = {c.input_class for c in CASES}
     assert len(classes) >= 30 and len(CASES) >= 50
-    for needed in ("--output_dir is a file", "model directory missing", "--config not YAML", "--config missing",
-                   "--config null value", "--config wrong type", "text not UTF-8", "binary garbage",
-                   ".gz that is not gzip", "truncated gzip", "JSONL bad bytes", "instruction turns a string",
-                   "instruction turns a list of strings", "only empty assistant replies"):
+    for needed in (
+        "--output_dir is a file",
+        "model directory missing",
+        "--config not YAML",
+        "--config missing",
+        "--config null value",
+        "--config wrong type",
+        "text not UTF-8",
+        "binary garbage",
+        ".gz that is not gzip",
+        "truncated gzip",
+        "JSONL bad bytes",
+        "instruction turns a string",
+        "instruction turns a list of strings",
+        "only empty assistant replies",
+    ):
         assert needed in classes
     assert {c.entry for c in CASES} == set(ENTRIES)
 
 
-@pytest.mark.parametrize("command", [
-    [sys.executable, "recipes/extend_7b_8k.py", "--config", "{bad}/missing-colon.yaml", "--output_dir", "{out}"],
-    [sys.executable, "data_prep/prepare_text.py", "--dataset", "{bad}/cut.txt.gz", "--tokenizer", "{bad}/model",
-     "--output_dir", "{out}"],
-    [sys.executable, "-m", "longqlora", "perplexity", "--model", "{bad}/nowhere", "--output", "{out}/p.json"],
-], ids=["recipe", "data_prep", "python -m longqlora"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "recipes/extend_7b_8k.py", "--config", "{bad}/missing-colon.yaml", "--output_dir", "{out}"],
+        [
+            sys.executable,
+            "data_prep/prepare_text.py",
+            "--dataset",
+            "{bad}/cut.txt.gz",
+            "--tokenizer",
+            "{bad}/model",
+            "--output_dir",
+            "{out}",
+        ],
+        [sys.executable, "-m", "longqlora", "perplexity", "--model", "{bad}/nowhere", "--output", "{out}/p.json"],
+    ],
+    ids=["recipe", "data_prep", "python -m longqlora"],
+)
 def test_a_real_process_ends_in_one_line(command, bad, tmp_path):
     out = tmp_path / "out"
     argv = [part.format(bad=bad, out=out) for part in command]
@@ -253,16 +416,19 @@ def test_a_real_process_ends_in_one_line(command, bad, tmp_path):
     assert last.startswith("error: ") and str(bad) in last and len(last) < 300
     assert not out.exists()
     if "longqlora" in argv:  # the traceback on request (one entry point suffices: they share errors.fail)
-        shown = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                               env={**env, "LONGQLORA_TRACEBACK": "1"})
+        shown = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**env, "LONGQLORA_TRACEBACK": "1"}
+        )
         assert shown.returncode == 1 and "Traceback" in shown.stderr and "ValueError: --model" in shown.stderr
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: a TypeError from inside the toolkit still raises."""
+
     def broken(*args, **kwargs):
         raise TypeError("a genuine bug")
-    monkeypatch.setattr("longqlora.training.plan.advise", broken)
+
+    monkeypatch.setattr("longqlora.training.advice.advise", broken)
     with pytest.raises(TypeError, match="a genuine bug"):
         cli.main(["plan", "--model", "llama-2-7b", "--context", "8192"])
 
@@ -272,6 +438,10 @@ def test_empty_replies_are_counted_and_reported(bad, tmp_path, capsys):
     jsonl(tmp_path / "mixed.jsonl", rows)
     CHATS.main(chats_args(bad, tmp_path / "out", tmp_path / "mixed.jsonl"))
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert (stats["conversations_in"], stats["skipped_invalid"], stats["skipped_empty_reply"],
-            stats["conversations_out"]) == (4, 2, 2, 2)
+    assert (
+        stats["conversations_in"],
+        stats["skipped_invalid"],
+        stats["skipped_empty_reply"],
+        stats["conversations_out"],
+    ) == (4, 2, 2, 2)
     assert "skipped 2 invalid (2 for an empty assistant reply)" in capsys.readouterr().out

@@ -12,10 +12,22 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from longqlora.rope import apply_position_interpolation, original_context, rope_summary
 
 # Small models whose head_dim (128) matches real Llama/Qwen so every frequency band exists.
-_SMALL = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-              num_hidden_layers=1, vocab_size=32)
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+_SMALL = dict(
+    hidden_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    vocab_size=32,
+)
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 
 
 def llama(**kw):
@@ -28,8 +40,15 @@ def llama31():
 
 def qwen25_yarn():
     # Qwen2.5's model-card recipe: yarn block added, max_position_embeddings left at 32768.
-    return transformers.Qwen2Config(**_SMALL, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})
+    return transformers.Qwen2Config(
+        **_SMALL,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+            "rope_theta": 1e6,
+        },
+    )
 
 
 def longlora_release():
@@ -42,6 +61,7 @@ def default_inv_freq(theta, dim=128):
 
 
 # ---------------------------------------------------------------- default -> linear
+
 
 def test_default_becomes_linear_with_exact_factor():
     cfg = llama(max_position_embeddings=4096)
@@ -59,15 +79,22 @@ def test_fractional_factor_is_not_rounded_up():
     assert cfg.rope_parameters["factor"] == 2.44140625
 
 
-@pytest.mark.parametrize("make, target, factor", [
-    (lambda: transformers.MistralConfig(**_SMALL, max_position_embeddings=32768), 65536, 2.0),
-    (lambda: transformers.Qwen2Config(**_SMALL), 50000, 50000 / 32768),
-])
+@pytest.mark.parametrize(
+    "make, target, factor",
+    [
+        (lambda: transformers.MistralConfig(**_SMALL, max_position_embeddings=32768), 65536, 2.0),
+        (lambda: transformers.Qwen2Config(**_SMALL), 50000, 50000 / 32768),
+    ],
+)
 def test_mistral_and_qwen2_default(make, target, factor):
     cfg = make()
     assert apply_position_interpolation(cfg, target) == factor
-    assert rope_summary(cfg) == {"rope_type": "linear", "factor": factor,
-                                 "original_context": target / factor, "max_position_embeddings": target}
+    assert rope_summary(cfg) == {
+        "rope_type": "linear",
+        "factor": factor,
+        "original_context": target / factor,
+        "max_position_embeddings": target,
+    }
 
 
 def test_idempotent_second_call_changes_nothing():
@@ -98,8 +125,11 @@ def test_survives_save_and_reload():
     cfg = llama(max_position_embeddings=4096)
     apply_position_interpolation(cfg, 16384)
     again = transformers.LlamaConfig.from_dict(cfg.to_dict())
-    assert rope_summary(again) == rope_summary(cfg) == {
-        "rope_type": "linear", "factor": 4.0, "original_context": 4096, "max_position_embeddings": 16384}
+    assert (
+        rope_summary(again)
+        == rope_summary(cfg)
+        == {"rope_type": "linear", "factor": 4.0, "original_context": 4096, "max_position_embeddings": 16384}
+    )
     before = again.to_dict()
     assert apply_position_interpolation(again, 16384) == 4.0
     assert again.to_dict() == before
@@ -107,6 +137,7 @@ def test_survives_save_and_reload():
 
 
 # ---------------------------------------------------------------- key numerical property (PI)
+
 
 @pytest.mark.parametrize("factor", [4.0, 2.5])
 def test_interpolated_position_fp_matches_original_position_p(factor):
@@ -135,6 +166,7 @@ def test_interpolated_position_fp_matches_original_position_p(factor):
 
 
 # ---------------------------------------------------------------- existing scaling types keep their type
+
 
 def test_llama31_stays_llama3_with_factor_16():
     cfg = llama31()
@@ -176,8 +208,12 @@ def test_llama3_target_within_max_changes_nothing():
 
 def test_yarn_keeps_type_and_factor_relative_to_covered_context():
     cfg = qwen25_yarn()
-    assert rope_summary(cfg) == {"rope_type": "yarn", "factor": 4.0, "original_context": 32768,
-                                 "max_position_embeddings": 32768}
+    assert rope_summary(cfg) == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_context": 32768,
+        "max_position_embeddings": 32768,
+    }
     rot_before = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(copy.deepcopy(cfg))
     # yarn 4 x 32768 already covers 131072 tokens: factor 4 doubles to 8 for 262144.
     assert apply_position_interpolation(cfg, 262144) == 8.0
@@ -228,10 +264,17 @@ def test_legacy_rope_scaling_type_key_kept_consistent():
 
 def test_longrope_long_factors_scaled():
     dim_half = 64
-    cfg = transformers.Phi3Config(**_SMALL, max_position_embeddings=131072, original_max_position_embeddings=4096,
-                                  rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
-                                                   "short_factor": [1.0] * dim_half,
-                                                   "long_factor": [float(i % 7 + 1) for i in range(dim_half)]})
+    cfg = transformers.Phi3Config(
+        **_SMALL,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1e4,
+            "short_factor": [1.0] * dim_half,
+            "long_factor": [float(i % 7 + 1) for i in range(dim_half)],
+        },
+    )
     long_before, _ = ROPE_INIT_FUNCTIONS["longrope"](copy.deepcopy(cfg), None, seq_len=4097)
     assert apply_position_interpolation(cfg, 262144) == 64.0
     rp = cfg.rope_parameters
@@ -245,6 +288,7 @@ def test_longrope_long_factors_scaled():
 
 # ---------------------------------------------------------------- dynamic NTK
 
+
 def test_dynamic_fits_returns_one_extension_refused_unchanged():
     cfg = llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=4096)
     before = cfg.to_dict()
@@ -255,6 +299,7 @@ def test_dynamic_fits_returns_one_extension_refused_unchanged():
 
 
 # ---------------------------------------------------------------- errors, all before any change
+
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, 16384.0, "16384", True, None])
 def test_bad_target_rejected(bad):

@@ -3,6 +3,7 @@ run unless --trust_remote_code true, and a chat template from an adapter rendere
 environment. Each check is shown to catch what it guards against (the payloads do run when the guard is off)."""
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -15,10 +16,13 @@ from longqlora import cli
 from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for folder in ("longqlora", "recipes", "data_prep", "bench", "tests") for p in (ROOT / folder).rglob("*.py")]
+SOURCES = [
+    p for folder in ("longqlora", "recipes", "data_prep", "bench", "tests") for p in (ROOT / folder).rglob("*.py")
+]
 # What loads a pickle, spelled so that this file does not match itself.
-PICKLE = re.compile(r"\b(pickle|cPickle|dill|joblib)\.(load|loads|Unpickler)\b|read_" + r"pickle\(|allow_" +
-                    r"pickle\s*=\s*True")
+PICKLE = re.compile(
+    r"\b(pickle|cPickle|dill|joblib)\.(load|loads|Unpickler)\b|read_" + r"pickle\(|allow_" + r"pickle\s*=\s*True"
+)
 TORCH_LOAD = re.compile(r"\btorch\.load\(")
 REMOTE_CODE = re.compile(r"trust_remote_code\s*=\s*" + "True")
 SANDBOXLESS = re.compile(r"\bjinja2\.(Template|Environment)\(|from jinja2 import .*\b(Template|Environment)\b")
@@ -37,14 +41,19 @@ def unsafe_lines(text: str) -> list[str]:
     """Lines of `text` that load a pickle, call torch.load without weights_only=True, turn on remote code or
     render Jinja outside a sandbox."""
     found = [m.group(0) for pattern in (PICKLE, REMOTE_CODE, SANDBOXLESS) for m in pattern.finditer(text)]
-    found += [f"torch.load({call_text(text, m.end())}" for m in TORCH_LOAD.finditer(text)
-              if not re.search(r"weights_only\s*=\s*True", call_text(text, m.end()))]
+    found += [
+        f"torch.load({call_text(text, m.end())}"
+        for m in TORCH_LOAD.finditer(text)
+        if not re.search(r"weights_only\s*=\s*True", call_text(text, m.end()))
+    ]
     return found
 
 
 def test_the_scan_finds_what_it_looks_for():
-    bad = ("state = torch.load(path)\nx = pickle.loads(blob)\nm = AutoModel.from_pretrained(p, trust_remote_code="
-           "True)\nt = jinja2.Template(s)\nok = torch.load(path, map_location='cpu', weights_only=True)\n")
+    bad = (
+        "state = torch.load(path)\nx = pickle.loads(blob)\nm = AutoModel.from_pretrained(p, trust_remote_code="
+        "True)\nt = jinja2.Template(s)\nok = torch.load(path, map_location='cpu', weights_only=True)\n"
+    )
     assert len(unsafe_lines(bad)) == 4 and not any("map_location" in line for line in unsafe_lines(bad))
 
 
@@ -84,17 +93,21 @@ def test_pickled_weights_are_never_loaded(model, tmp_path, capfd):
     torch.save({"weight": Payload(marker)}, base / "pytorch_model.bin")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model),
-                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(model), "peft_type": "LORA"})
+    )
     torch.save({"base_model.model.lm_head.weight": Payload(marker)}, adapter / "adapter_model.bin")
-    assert "no .safetensors weights" in last_error(["perplexity", "--model", str(base), "--context_lengths",
-                                                    "32"], capfd)
-    assert "no adapter_model.safetensors" in last_error(["merge", "--adapter", str(adapter), "--output",
-                                                         str(tmp_path / "merged")], capfd)
-    assert "no adapter_model.safetensors" in last_error(["perplexity", "--adapter", str(adapter),
-                                                         "--context_lengths", "32"], capfd)
+    assert "no .safetensors weights" in last_error(
+        ["perplexity", "--model", str(base), "--context_lengths", "32"], capfd
+    )
+    assert "no adapter_model.safetensors" in last_error(
+        ["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")], capfd
+    )
+    assert "no adapter_model.safetensors" in last_error(
+        ["perplexity", "--adapter", str(adapter), "--context_lengths", "32"], capfd
+    )
     assert not marker.exists()
-    with pytest.raises(Exception):  # what weights_only=True does with it
+    with pytest.raises(pickle.UnpicklingError):  # what weights_only=True does with it
         torch.load(adapter / "adapter_model.bin", weights_only=True)
     assert not marker.exists()
     torch.load(adapter / "adapter_model.bin", weights_only=False)  # the payload is real
@@ -109,15 +122,18 @@ def test_model_code_runs_only_with_trust_remote_code(model, tmp_path, capfd, mon
     (remote / "config.json").write_text(json.dumps(config))
     (remote / "configuration_shipped.py").write_text(
         f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaConfig\n\n\n"
-        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped'\n")
+        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped'\n"
+    )
     recipe = ["--model_name_or_path", str(remote), "--target_context", "256", "--dry_run"]
     with pytest.raises(SystemExit) as ended:
         cli.run_recipe(*recipe_classes(), argv=recipe)
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert ended.value.code == 2 and last.startswith(f"error: --model_name_or_path {remote}: it ships its own")
     assert "--trust_remote_code true" in last
-    for argv in (["chat", "--model", str(remote), "--prompt", "hi"],
-                 ["perplexity", "--model", str(remote), "--context_lengths", "32"]):
+    for argv in (
+        ["chat", "--model", str(remote), "--prompt", "hi"],
+        ["perplexity", "--model", str(remote), "--context_lengths", "32"],
+    ):
         assert last_error(argv, capfd).startswith(f"error: --model {remote}: it ships its own Python code")
     assert not marker.exists()
     import transformers.dynamic_module_utils as modules
@@ -153,16 +169,20 @@ def test_an_adapters_chat_template_renders_in_the_sandbox(model, tmp_path, capfd
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     marker = tmp_path / "escaped"
-    escape = ("{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
-              "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    escape = (
+        "{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj"])
-                   ).save_pretrained(adapter)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj"])
+    ).save_pretrained(adapter)
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.chat_template = escape
     tokenizer.save_pretrained(adapter)
-    last = last_error(["chat", "--model", str(model), "--adapter", str(adapter), "--prompt", "hi",
-                       "--max_new_tokens", "1"], capfd)
+    last = last_error(
+        ["chat", "--model", str(model), "--adapter", str(adapter), "--prompt", "hi", "--max_new_tokens", "1"], capfd
+    )
     assert last.startswith(f"error: the chat template of {adapter} failed (SecurityError: ") and len(last) < 300
     assert not marker.exists()
     jinja2.Environment().from_string(escape).render(messages=[])  # outside a sandbox the template escapes

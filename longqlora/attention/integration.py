@@ -59,19 +59,34 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
     """AttentionInterface entry for "longqlora_s2"; returns ((B, N, H, D), None) like transformers' own."""
     settings: S2Settings | None = getattr(module, "_longqlora_s2", None)
     if settings is None:
-        raise RuntimeError(f"{type(module).__name__} uses attention '{IMPLEMENTATION}' but was not set up by "
-                           "longqlora.attention.enable_s2_attention; call it on the model")
+        raise RuntimeError(
+            f"{type(module).__name__} uses attention '{IMPLEMENTATION}' but was not set up by "
+            "longqlora.attention.enable_s2_attention; call it on the model"
+        )
     if module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]:
-        out = s2_attention(query, key, value, settings.group_size, position_ids=kwargs.get("position_ids"),
-                           attention_mask=_padding_mask(attention_mask), scale=scaling, backend=settings.backend,
-                           dropout=dropout, shift=settings.shift, sink_tokens=settings.sink_tokens,
-                           full_heads=settings.full_heads)
+        out = s2_attention(
+            query,
+            key,
+            value,
+            settings.group_size,
+            position_ids=kwargs.get("position_ids"),
+            attention_mask=_padding_mask(attention_mask),
+            scale=scaling,
+            backend=settings.backend,
+            dropout=dropout,
+            shift=settings.shift,
+            sink_tokens=settings.sink_tokens,
+            full_heads=settings.full_heads,
+        )
         return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.ndim == 2:
-        raise RuntimeError("longqlora_s2: full attention got an S2 padding mask; call the model itself (its forward "
-                           "hook chooses the mask), not an inner module")
-    return _base_function(settings.base, module)(module, query, key, value, attention_mask, scaling=scaling,
-                                                 dropout=dropout, **kwargs)
+        raise RuntimeError(
+            "longqlora_s2: full attention got an S2 padding mask; call the model itself (its forward "
+            "hook chooses the mask), not an inner module"
+        )
+    return _base_function(settings.base, module)(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
 
 
 def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,8 +136,15 @@ def _post_hook(module, args, kwargs, output):
         _S2_MASKS.reset(token)
 
 
-def enable_s2_attention(model, group_size: int, *, backend: str | None = None, shift: str = "leakfree",
-                        sink_tokens: int = 0, full_heads: float = 0.0):
+def enable_s2_attention(
+    model,
+    group_size: int,
+    *,
+    backend: str | None = None,
+    shift: str = "leakfree",
+    sink_tokens: int = 0,
+    full_heads: float = 0.0,
+):
     """Switch `model` (a transformers decoder with RoPE, or a PEFT wrapper of one) to S2-Attn for training.
 
     S2 runs while `model.training` is true and no KV cache is used; otherwise the model's previous attention
@@ -141,19 +163,30 @@ def enable_s2_attention(model, group_size: int, *, backend: str | None = None, s
             raise ValueError(problem)
     config = hf.config
     if not (getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)):
-        raise ValueError(f"{type(hf).__name__} has no rotary position embeddings; S2-Attn extends RoPE decoders "
-                         "(Llama, Mistral, Qwen2, ...)")
+        raise ValueError(
+            f"{type(hf).__name__} has no rotary position embeddings; S2-Attn extends RoPE decoders "
+            "(Llama, Mistral, Qwen2, ...)"
+        )
     if not getattr(hf, "_supports_attention_backend", False):
-        raise ValueError(f"{type(hf).__name__} does not run its attention through transformers' AttentionInterface;"
-                         " S2-Attn cannot be enabled for it")
+        raise ValueError(
+            f"{type(hf).__name__} does not run its attention through transformers' AttentionInterface;"
+            " S2-Attn cannot be enabled for it"
+        )
     modules = _attention_modules(hf)
     if not modules:
         raise ValueError(f"{type(hf).__name__}: no attention modules found (nothing has layer_idx and is_causal)")
     current = modules[0].__dict__.get("_longqlora_s2")
     base = current.base if current else config._attn_implementation
     use_cache = current.use_cache if current else getattr(config, "use_cache", None)
-    settings = S2Settings(group_size=int(group_size), backend=backend, base=base, use_cache=use_cache, shift=shift,
-                          sink_tokens=int(sink_tokens), full_heads=float(full_heads))
+    settings = S2Settings(
+        group_size=int(group_size),
+        backend=backend,
+        base=base,
+        use_cache=use_cache,
+        shift=shift,
+        sink_tokens=int(sink_tokens),
+        full_heads=float(full_heads),
+    )
     _register()
     for m in modules:
         m._longqlora_s2 = settings
@@ -161,13 +194,22 @@ def enable_s2_attention(model, group_size: int, *, backend: str | None = None, s
         for m in hf.modules():
             if isinstance(m, PreTrainedModel):
                 m._longqlora_s2_base = base
-                m._longqlora_s2_hooks = (m.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-                                         m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
+                m._longqlora_s2_hooks = (
+                    m.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                    m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
+                )
     hf.set_attn_implementation(IMPLEMENTATION)
     config.use_cache = False
-    logger.info("S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads; full attention "
-                "(%s) in eval mode", settings.group_size, backend or "auto", shift, settings.sink_tokens,
-                100 * settings.full_heads, base)
+    logger.info(
+        "S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads; full attention "
+        "(%s) in eval mode",
+        settings.group_size,
+        backend or "auto",
+        shift,
+        settings.sink_tokens,
+        100 * settings.full_heads,
+        base,
+    )
     return model
 
 

@@ -30,22 +30,21 @@ def kv_for_heads(key: torch.Tensor, value: torch.Tensor, h0: int, h1: int, n_rep
     if n_rep == 1:
         return key[:, h0:h1], value[:, h0:h1], False
     if allow_gqa and h0 % n_rep == 0 and h1 % n_rep == 0:
-        return key[:, h0 // n_rep:h1 // n_rep], value[:, h0 // n_rep:h1 // n_rep], True
+        return key[:, h0 // n_rep : h1 // n_rep], value[:, h0 // n_rep : h1 // n_rep], True
     index = torch.arange(h0, h1, device=key.device) // n_rep
     return key.index_select(1, index), value.index_select(1, index), False
 
 
 def _sdpa(q, k, v, *, gqa: bool, scale, dropout: float, mask=None):
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout, enable_gqa=gqa)
 
 
 def _as_groups(x: torch.Tensor, start: int, n_groups: int, size: int) -> torch.Tensor:
     """(B, h, N, D) -> (B * n_groups, h, size, D) for tokens [start, start + n_groups * size)."""
     b, h, _, d = x.shape
-    x = x[:, :, start:start + n_groups * size].unflatten(2, (n_groups, size))  # (B, h, n, size, D)
+    x = x[:, :, start : start + n_groups * size].unflatten(2, (n_groups, size))  # (B, h, n, size, D)
     return x.transpose(1, 2).reshape(b * n_groups, h, size, d)
 
 
@@ -63,14 +62,33 @@ def sdpa_groups(out, q, k, v, *, gqa: bool, group: int, shift: int, scale, dropo
     for start, size, count in pieces:
         if size == 0 or count == 0:
             continue
-        o = _sdpa(_as_groups(q, start, count, size), _as_groups(k, start, count, size),
-                  _as_groups(v, start, count, size), gqa=gqa, scale=scale, dropout=dropout)
-        out[:, :, start:start + count * size] = o.unflatten(0, (b, count)).transpose(1, 2).flatten(2, 3)
+        o = _sdpa(
+            _as_groups(q, start, count, size),
+            _as_groups(k, start, count, size),
+            _as_groups(v, start, count, size),
+            gqa=gqa,
+            scale=scale,
+            dropout=dropout,
+        )
+        out[:, :, start : start + count * size] = o.unflatten(0, (b, count)).transpose(1, 2).flatten(2, 3)
 
 
-def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bool, group: int, scale,
-                dropout: float, doc: torch.Tensor | None = None, in_doc: torch.Tensor | None = None,
-                sinks: int = 0) -> None:
+def sdpa_banded(
+    out,
+    q,
+    k,
+    v,
+    seg: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    gqa: bool,
+    group: int,
+    scale,
+    dropout: float,
+    doc: torch.Tensor | None = None,
+    in_doc: torch.Tensor | None = None,
+    sinks: int = 0,
+) -> None:
     """Exact S2 for arbitrary segments: query blocks of G against the 2G keys ending with the block.
 
     `seg`, `valid`: (B, N). A key is visible iff it is valid, not in the future and in the query's segment; segments
@@ -124,8 +142,15 @@ def sdpa_banded(out, q, k, v, seg: torch.Tensor, valid: torch.Tensor, *, gqa: bo
 
         keys, values = torch.cat([gathered(k), keys], dim=2), torch.cat([gathered(v), values], dim=2)
     qb = F.pad(q, (0, 0, 0, pad_end)).unflatten(2, (n_blocks, group)).transpose(1, 2).reshape(b * n_blocks, h, group, d)
-    o = _sdpa(qb, keys, values, gqa=gqa, scale=scale, dropout=dropout,
-              mask=mask.expand(b, -1, -1, -1).reshape(b * n_blocks, 1, group, mask.shape[-1]))
+    o = _sdpa(
+        qb,
+        keys,
+        values,
+        gqa=gqa,
+        scale=scale,
+        dropout=dropout,
+        mask=mask.expand(b, -1, -1, -1).reshape(b * n_blocks, 1, group, mask.shape[-1]),
+    )
     out.copy_(o.unflatten(0, (b, n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, :n])
 
 
@@ -140,8 +165,17 @@ def sdpa_rolled(out, q, k, v, *, gqa: bool, group: int, scale, dropout: float) -
         raise ValueError(f"--s2_shift rolled needs a sequence length divisible by the group size {group}, got {n}")
     shift = group // 2
     rolled = q.new_empty(q.shape)
-    sdpa_groups(rolled, q.roll(-shift, 2), k.roll(-shift, 2), v.roll(-shift, 2), gqa=gqa, group=group, shift=0,
-                scale=scale, dropout=dropout)
+    sdpa_groups(
+        rolled,
+        q.roll(-shift, 2),
+        k.roll(-shift, 2),
+        v.roll(-shift, 2),
+        gqa=gqa,
+        group=group,
+        shift=0,
+        scale=scale,
+        dropout=dropout,
+    )
     out.copy_(rolled.roll(shift, 2))
 
 
@@ -172,15 +206,18 @@ def varlen(out, q, k, v, pack, *, kernel: str, scale, dropout: float) -> None:
     cu, longest = pack.cu_seqlens, pack.max_len
     if kernel == "flash_attn":
         o = hardware.flash_attn_module().flash_attn_varlen_func(
-            qt, kt, vt, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scale, causal=True)
+            qt, kt, vt, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scale, causal=True
+        )
     elif kernel == "torch":
-        o = hardware.call_torch_varlen(qt.contiguous(), kt.contiguous(), vt.contiguous(), cu, longest,
-                                       scale=scale, gqa=kt.shape[1] != qt.shape[1])
+        o = hardware.call_torch_varlen(
+            qt.contiguous(), kt.contiguous(), vt.contiguous(), cu, longest, scale=scale, gqa=kt.shape[1] != qt.shape[1]
+        )
     else:  # xformers: (1, tokens, h, D) with a block-diagonal causal bias, one block per segment
         ops = hardware.xformers_ops()
         bias = ops.fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(pack.lengths_list())
-        o = ops.memory_efficient_attention(qt.unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0), attn_bias=bias,
-                                           p=dropout, scale=scale).squeeze(0)
+        o = ops.memory_efficient_attention(
+            qt.unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0), attn_bias=bias, p=dropout, scale=scale
+        ).squeeze(0)
     target = out.transpose(1, 2)  # (B, N, h, D): a head slice of the caller's (B, N, H, D) output
     if pack.keep is None:
         target.copy_(o.view(b, n, h, d))

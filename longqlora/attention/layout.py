@@ -124,13 +124,18 @@ def _is_right_padded(valid: torch.Tensor) -> bool:
     return bool((as_int.cummin(dim=1).values == as_int).all())
 
 
-def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, b: int, n: int,
-          device) -> RowLayout:
+def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, b: int, n: int, device) -> RowLayout:
     """The layout of (B, N) rows from their position ids ((B, N) or (1, N), or None) and padding mask ((B, N),
     1 = real token, or None), reused from the position-ids (else mask) tensor when it was built for it before."""
     holder = position_ids if position_ids is not None else attention_mask
-    key = (b, n, str(device), id(attention_mask), None if attention_mask is None else attention_mask._version,
-           None if position_ids is None else position_ids._version)
+    key = (
+        b,
+        n,
+        str(device),
+        id(attention_mask),
+        None if attention_mask is None else attention_mask._version,
+        None if position_ids is None else position_ids._version,
+    )
     if holder is not None:
         cached = holder.__dict__.get(_ATTR)
         if cached is not None and cached[0] == key:

@@ -29,9 +29,21 @@ def head_split(h: int, full_heads: float) -> list[tuple[int, int, str]]:
 
 
 # --------------------------------------------------------------------------------------------------- the pure op
-def s2_attention(query, key, value, group_size: int, *, position_ids=None, attention_mask=None, scale=None,
-                 backend: str | None = None, dropout: float = 0.0, shift: str = "leakfree", sink_tokens: int = 0,
-                 full_heads: float = 0.0) -> torch.Tensor:
+def s2_attention(
+    query,
+    key,
+    value,
+    group_size: int,
+    *,
+    position_ids=None,
+    attention_mask=None,
+    scale=None,
+    backend: str | None = None,
+    dropout: float = 0.0,
+    shift: str = "leakfree",
+    sink_tokens: int = 0,
+    full_heads: float = 0.0,
+) -> torch.Tensor:
     """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
 
     position_ids: (B, N) or (1, N) token positions; where they do not increase, a new document begins.
@@ -50,7 +62,7 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
     if group < 1:
         raise ValueError(f"s2_attention: group_size must be >= 1, got {group_size}")
     backend = _check_backend(backend, query)
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     check_variant(shift, sink_tokens, full_heads)
 
     rows = s2_layout.build(position_ids, attention_mask, b, n, query.device)  # once per forward, not per layer
@@ -79,12 +91,14 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
             # Packed or padded rows (or a forced GPU kernel): every segment one sequence of a varlen kernel, linear
             # in N with no mask and no wasted blocks.
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=varlen[1])
-            s2_kernels.varlen(out[:, h0:h1], q, k, v, rows.varlen(span, step), kernel=varlen[0], scale=scale,
-                              dropout=dropout)
+            s2_kernels.varlen(
+                out[:, h0:h1], q, k, v, rows.varlen(span, step), kernel=varlen[0], scale=scale, dropout=dropout
+            )
         elif rows.grouped and not sinks:
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
-            s2_kernels.sdpa_groups(out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale,
-                                   dropout=dropout)
+            s2_kernels.sdpa_groups(
+                out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale, dropout=dropout
+            )
         elif kind == "full":
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=masked_gqa)
             seg = rows.segments(span, step)  # (B, N)
@@ -93,8 +107,21 @@ def s2_attention(query, key, value, group_size: int, *, position_ids=None, atten
         else:  # no varlen kernel here (the CPU, or none installed), or attention sinks: O(N x G) masks
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=masked_gqa)
             doc, in_doc = rows.documents() if sinks else (None, None)
-            s2_kernels.sdpa_banded(out[:, h0:h1], q, k, v, rows.segments(span, step), rows.mask, gqa=gqa,
-                                   group=group, scale=scale, dropout=dropout, doc=doc, in_doc=in_doc, sinks=sinks)
+            s2_kernels.sdpa_banded(
+                out[:, h0:h1],
+                q,
+                k,
+                v,
+                rows.segments(span, step),
+                rows.mask,
+                gqa=gqa,
+                group=group,
+                scale=scale,
+                dropout=dropout,
+                doc=doc,
+                in_doc=in_doc,
+                sinks=sinks,
+            )
     if rows.valid is not None:
         out_t.mul_(rows.valid[:, :, None, None].to(out_t.dtype))
     return out
@@ -112,11 +139,12 @@ def _check_backend(backend: str | None, query: torch.Tensor) -> str:
 
 def _varlen_kernel(backend: str, query: torch.Tensor, scale: float, dropout: float) -> tuple[str, bool] | None:
     d = query.shape[-1]
-    return varlen_choice(backend, query.device.type, query.dtype, d, abs(scale - d ** -0.5) < 1e-12, dropout)
+    return varlen_choice(backend, query.device.type, query.dtype, d, abs(scale - d**-0.5) < 1e-12, dropout)
 
 
-def varlen_choice(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, default_scale: bool = True,
-                  dropout: float = 0.0) -> tuple[str, bool] | None:
+def varlen_choice(
+    backend: str, device_type: str, dtype: torch.dtype, head_dim: int, default_scale: bool = True, dropout: float = 0.0
+) -> tuple[str, bool] | None:
     """(kernel, takes GQA natively) for rows that are packed or padded, or None for the SDPA fallbacks.
 
     auto prefers flash-attn's varlen kernel, then PyTorch's own (torch.nn.attention.varlen: the same flash kernel,
@@ -131,8 +159,13 @@ def varlen_choice(backend: str, device_type: str, dtype: torch.dtype, head_dim: 
         if name == "flash_attn" and hardware.flash_attn_module() is not None and head_dim <= 256:
             return name, True
         features = hardware.torch_varlen() if name == "torch" else None
-        if features is not None and head_dim <= 256 and head_dim % 8 == 0 and not dropout and \
-                (features["scale"] or default_scale):
+        if (
+            features is not None
+            and head_dim <= 256
+            and head_dim % 8 == 0
+            and not dropout
+            and (features["scale"] or default_scale)
+        ):
             return name, features["enable_gqa"]
         if name == "xformers" and hardware.xformers_ops() is not None:
             return name, False

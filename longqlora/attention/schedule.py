@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def step_settings(step: int, max_steps: int, group_sizes: list[int], full_every: int = 0,
-                  full_heads: float = 0.0) -> tuple[int, float]:
+def step_settings(
+    step: int, max_steps: int, group_sizes: list[int], full_every: int = 0, full_heads: float = 0.0
+) -> tuple[int, float]:
     """(group size, full-head share) for 0-based training step `step` of `max_steps`.
 
     The group sizes share the steps in order, in equal parts; with full_every = N, the last step of every N runs
@@ -51,8 +52,9 @@ class S2ScheduleCallback(TrainerCallback):
         self.cfg, self._current = model_cfg, None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        now = step_settings(state.global_step, state.max_steps, self.cfg.group_sizes, self.cfg.s2_full_every,
-                            self.cfg.s2_full_heads)
+        now = step_settings(
+            state.global_step, state.max_steps, self.cfg.group_sizes, self.cfg.s2_full_every, self.cfg.s2_full_heads
+        )
         if now != self._current:
             set_step_settings(model, *now)
             logger.debug("step %d: S2 group size %d, %.0f%% of heads full", state.global_step, now[0], 100 * now[1])

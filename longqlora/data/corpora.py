@@ -6,8 +6,7 @@ import functools
 import gzip
 from importlib import resources
 
-AUSTEN = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice",
-          "sense_and_sensibility")
+AUSTEN = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice", "sense_and_sensibility")
 BOOKS = tuple(f"austen_{name}" for name in AUSTEN) + ("kjv_bible",)
 
 

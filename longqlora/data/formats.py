@@ -53,7 +53,6 @@ VICUNA_V1_1_TEMPLATE = (
 )
 
 
-
 def apply_vicuna_template(tokenizer):
     """Set `tokenizer.chat_template` to Vicuna v1.1 and return the tokenizer (the same object)."""
     tokenizer.chat_template = VICUNA_V1_1_TEMPLATE
@@ -68,13 +67,22 @@ FORMATS = {
     "longalpaca": ("instruction", "output"),  # user = instruction + "\n\n" + input (when input is non-empty)
     "longqlora": ("input", "output"),  # LongQLoRA's VicunaSFTDataset: one user turn, one reply
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 
 
 # The list-of-turns formats: each turn an object with these text fields (LongQLoRA's may omit one of its two).
-TURN_FIELDS = {"messages": ("role", "content"), "sharegpt": ("from", "value"),
-               "longqlora_conversation": ("human", "assistant")}
+TURN_FIELDS = {
+    "messages": ("role", "content"),
+    "sharegpt": ("from", "value"),
+    "longqlora_conversation": ("human", "assistant"),
+}
 EMPTY_REPLY = "an empty assistant reply"
 
 
@@ -85,7 +93,8 @@ def detect_format(record: dict) -> str:
 
 def _kind(value) -> str:
     return {str: "a string", list: "a list", dict: "an object", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
 
 
 def record_problem(record: dict) -> str:
@@ -119,11 +128,17 @@ def _turns(record: dict, fmt: str) -> list[dict]:
     if fmt == "messages":
         return [{"role": _text(m.get("role")), "content": _text(m.get("content"))} for m in record["messages"]]
     if fmt == "sharegpt":
-        return [{"role": SHAREGPT_ROLES.get(m.get("from"), _text(m.get("from"))), "content": _text(m.get("value"))}
-                for m in record["conversations"]]
+        return [
+            {"role": SHAREGPT_ROLES.get(m.get("from"), _text(m.get("from"))), "content": _text(m.get("value"))}
+            for m in record["conversations"]
+        ]
     if fmt == "longqlora_conversation":
-        return [{"role": role, "content": _text(turn.get(key))} for turn in record["conversation"]
-                for role, key in (("user", "human"), ("assistant", "assistant")) if turn.get(key) is not None]
+        return [
+            {"role": role, "content": _text(turn.get(key))}
+            for turn in record["conversation"]
+            for role, key in (("user", "human"), ("assistant", "assistant"))
+            if turn.get(key) is not None
+        ]
     user = _text(record["instruction"] if fmt == "longalpaca" else record["input"])
     if fmt == "longalpaca" and record.get("input"):
         user = f"{user}\n\n{record['input']}"

@@ -13,10 +13,16 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
-from longqlora.data.formats import (EMPTY_REPLY, FORMATS, conversation_problem, detect_format, record_problem,
-                                     to_messages)
-from longqlora.data.text import length_stats
+from longqlora.data.formats import (
+    EMPTY_REPLY,
+    FORMATS,
+    conversation_problem,
+    detect_format,
+    record_problem,
+    to_messages,
+)
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.data.text import length_stats
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +36,21 @@ class InstructionDataConfig:
     """Conversations for instruction tuning; the fields become flags through HfArgumentParser. The length limit is
     not a field (it would clash with SFTConfig's --max_length in the recipes' parser): pass it to `length_report`."""
 
-    dataset: str = flag("A .jsonl/.json(.gz) or .parquet file, a save_to_disk directory or a hub name holding "
-                         "LongAlpaca, LongQLoRA, ShareGPT or role/content messages records.")
+    dataset: str = flag(
+        "A .jsonl/.json(.gz) or .parquet file, a save_to_disk directory or a hub name holding "
+        "LongAlpaca, LongQLoRA, ShareGPT or role/content messages records."
+    )
     split: str = flag("Split of a save_to_disk DatasetDict or of a hub dataset.", default="train")
-    overlong: str = flag("Conversations over the length limit: truncate (kept; TRL cuts them) or drop.",
-                          default="truncate")
-    system_prompt: str | None = flag("System message for conversations without one; unset: the chat "
-                                      "template's default.", default=None)
-    invalid_conversations: str = flag("Conversations that do not alternate user/assistant ending with the "
-                                       "assistant: skip (counted) or error.", default="skip")
+    overlong: str = flag(
+        "Conversations over the length limit: truncate (kept; TRL cuts them) or drop.", default="truncate"
+    )
+    system_prompt: str | None = flag(
+        "System message for conversations without one; unset: the chat template's default.", default=None
+    )
+    invalid_conversations: str = flag(
+        "Conversations that do not alternate user/assistant ending with the assistant: skip (counted) or error.",
+        default="skip",
+    )
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
 
     def __post_init__(self):
@@ -55,8 +67,12 @@ def _convert_row(row: dict, system_prompt: str | None) -> dict:
     fmt = detect_format(row)
     shape = record_problem(row) if fmt else ""
     messages = to_messages(row, fmt, system_prompt) if fmt and not shape else []
-    return {"messages": messages, "_format": fmt, "_shape": shape,
-            "_problem": conversation_problem(messages) if fmt and not shape else ""}
+    return {
+        "messages": messages,
+        "_format": fmt,
+        "_shape": shape,
+        "_problem": conversation_problem(messages) if fmt and not shape else "",
+    }
 
 
 def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> str:
@@ -68,8 +84,10 @@ def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> 
     other = np.flatnonzero(formats != formats[0])
     if len(other):
         i = int(other[0])
-        raise ValueError(f"--dataset {where(src, i)}: {formats[i] or 'unknown'} format (keys: {fields(raw[i])}) "
-                         f"in a {formats[0]} file ({len(other)} such records); use one format")
+        raise ValueError(
+            f"--dataset {where(src, i)}: {formats[i] or 'unknown'} format (keys: {fields(raw[i])}) "
+            f"in a {formats[0]} file ({len(other)} such records); use one format"
+        )
     return str(formats[0])
 
 
@@ -83,10 +101,22 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
     raw = load_raw(src, cfg.split, cfg.num_proc, record_problem=record_problem)
     if not len(raw):
         raise ValueError(f"--dataset {cfg.dataset} holds no conversations")
-    features = datasets.Features({"messages": MESSAGES, "_format": datasets.Value("string"),
-                                  "_shape": datasets.Value("string"), "_problem": datasets.Value("string")})
-    ds = raw.map(_convert_row, remove_columns=raw.column_names, num_proc=cfg.num_proc, features=features,
-                 fn_kwargs={"system_prompt": cfg.system_prompt}, desc="Converting to messages")
+    features = datasets.Features(
+        {
+            "messages": MESSAGES,
+            "_format": datasets.Value("string"),
+            "_shape": datasets.Value("string"),
+            "_problem": datasets.Value("string"),
+        }
+    )
+    ds = raw.map(
+        _convert_row,
+        remove_columns=raw.column_names,
+        num_proc=cfg.num_proc,
+        features=features,
+        fn_kwargs={"system_prompt": cfg.system_prompt},
+        desc="Converting to messages",
+    )
     fmt = _check_formats(ds, raw, src)
     shapes = column(ds, "_shape").to_numpy(zero_copy_only=False)
     if (shapes != "").any():  # JSON files are checked line by line before; this catches Parquet and hub data
@@ -99,22 +129,38 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
         first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}"
         if cfg.invalid_conversations == "error":
             raise ValueError(f"--dataset {first}; fix it or pass --invalid_conversations skip")
-        logger.warning("skipped %d of %d conversations: %d with %s, %d not user/assistant turns ending with the "
-                       "assistant (first: %s)", len(bad), len(ds), empty, EMPTY_REPLY, len(bad) - empty, first)
+        logger.warning(
+            "skipped %d of %d conversations: %d with %s, %d not user/assistant turns ending with the "
+            "assistant (first: %s)",
+            len(bad),
+            len(ds),
+            empty,
+            EMPTY_REPLY,
+            len(bad) - empty,
+            first,
+        )
         ds = ds.filter(lambda p: [not x for x in p], input_columns="_problem", batched=True, num_proc=cfg.num_proc)
     if not len(ds):
-        raise ValueError(f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped, {empty} of "
-                         f"them for {EMPTY_REPLY}; first: {where(src, int(bad[0]))})")
+        raise ValueError(
+            f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped, {empty} of "
+            f"them for {EMPTY_REPLY}; first: {where(src, int(bad[0]))})"
+        )
     if stats is not None:
-        stats.update(format=fmt, conversations_in=len(raw), skipped_invalid=len(bad), skipped_empty_reply=empty,
-                     conversations_out=len(ds))
+        stats.update(
+            format=fmt,
+            conversations_in=len(raw),
+            skipped_invalid=len(bad),
+            skipped_empty_reply=empty,
+            conversations_out=len(ds),
+        )
     logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)
     return ds.remove_columns(["_format", "_shape", "_problem"])
 
 
 def _chat_lengths(batch, tokenizer, max_length: int, masks: bool):
-    out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=masks)
+    out = tokenizer.apply_chat_template(
+        batch["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=masks
+    )
     lengths = [len(ids) for ids in out["input_ids"]]
     answered = [1 in m[:max_length] for m in out["assistant_masks"]] if masks else [True] * len(lengths)
     return {"length": lengths, "answer_in_window": answered}
@@ -138,27 +184,58 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
     from trl.chat_template_utils import has_generation_markers
 
     masks = has_generation_markers(tokenizer.chat_template)
-    ds = ds.map(_chat_lengths, batched=True, num_proc=num_proc, desc="Measuring conversations",
-                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "masks": masks})
+    ds = ds.map(
+        _chat_lengths,
+        batched=True,
+        num_proc=num_proc,
+        desc="Measuring conversations",
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "masks": masks},
+    )
     lengths = column(ds, "length").to_numpy().astype(np.int64)
     over = lengths > max_length
     lost = over & ~column(ds, "answer_in_window").to_numpy(zero_copy_only=False).astype(bool)
-    stats = {"count": len(lengths), **length_stats(lengths), "length_p90": round(float(np.percentile(lengths, 90)), 1),
-             "tokens_total": int(lengths.sum()), "max_length": max_length, "over_max_length": int(over.sum()),
-             "overlong": overlong, "dropped": 0, "truncated": 0, "answers_lost": 0}
+    stats = {
+        "count": len(lengths),
+        **length_stats(lengths),
+        "length_p90": round(float(np.percentile(lengths, 90)), 1),
+        "tokens_total": int(lengths.sum()),
+        "max_length": max_length,
+        "over_max_length": int(over.sum()),
+        "overlong": overlong,
+        "dropped": 0,
+        "truncated": 0,
+        "answers_lost": 0,
+    }
     if overlong == "drop" and over.all():
-        raise ValueError(f"--overlong drop removes all {len(lengths)} conversations (shortest: {lengths.min()} "
-                         f"tokens); raise --target_context (--max_length) or pass --overlong truncate")
+        raise ValueError(
+            f"--overlong drop removes all {len(lengths)} conversations (shortest: {lengths.min()} "
+            f"tokens); raise --target_context (--max_length) or pass --overlong truncate"
+        )
     if overlong == "drop" and over.any():
-        ds = ds.filter(lambda n: [x <= max_length for x in n], input_columns="length", batched=True,
-                       num_proc=num_proc, desc="Dropping overlong conversations")
+        ds = ds.filter(
+            lambda n: [x <= max_length for x in n],
+            input_columns="length",
+            batched=True,
+            num_proc=num_proc,
+            desc="Dropping overlong conversations",
+        )
         stats["dropped"] = int(over.sum())
-        logger.warning("dropped %d of %d conversations over max_length %d tokens (--overlong drop)",
-                       stats["dropped"], len(lengths), max_length)
+        logger.warning(
+            "dropped %d of %d conversations over max_length %d tokens (--overlong drop)",
+            stats["dropped"],
+            len(lengths),
+            max_length,
+        )
     elif over.any():
         stats.update(truncated=int(over.sum()), answers_lost=int(lost.sum()))
-        logger.warning("%d of %d conversations exceed max_length %d tokens; kept, TRL truncates them to their "
-                       "first %d tokens (%d then hold no assistant token)", stats["truncated"], len(lengths),
-                       max_length, max_length, stats["answers_lost"])
+        logger.warning(
+            "%d of %d conversations exceed max_length %d tokens; kept, TRL truncates them to their "
+            "first %d tokens (%d then hold no assistant token)",
+            stats["truncated"],
+            len(lengths),
+            max_length,
+            max_length,
+            stats["answers_lost"],
+        )
     stats["count_out"] = len(ds)
     return ds.remove_columns(["length", "answer_in_window"]), stats

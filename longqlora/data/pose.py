@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,12 +36,16 @@ def skip_positions(plain: torch.Tensor, target: int, chunks: int, generator: tor
     for r, row in enumerate(plain):
         starts = (row == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
-            raise ValueError("PoSE: a row does not begin a document at position 0; the collator's position ids "
-                             "must restart at 0 for each document")
+            raise ValueError(
+                "PoSE: a row does not begin a document at position 0; the collator's position ids "
+                "must restart at 0 for each document"
+            )
         for s, e in zip(starts, starts[1:] + [len(row)]):
             if not torch.equal(row[s:e], torch.arange(e - s, dtype=row.dtype)):
-                raise ValueError(f"PoSE: position ids {row[s:e].tolist()[:8]}... are not 0, 1, 2, ... inside a "
-                                 "document; PoSE must see the collator's plain ids")
+                raise ValueError(
+                    f"PoSE: position ids {row[s:e].tolist()[:8]}... are not 0, 1, 2, ... inside a "
+                    "document; PoSE must see the collator's plain ids"
+                )
             out[r, s:e] = _document(e - s, target, chunks, generator)
     return out
 
@@ -51,7 +56,7 @@ def _document(n: int, target: int, chunks: int, generator: torch.Generator) -> t
     k, room = min(chunks, n), target - n
     if k < 2 or room <= 0:
         return torch.arange(n)
-    cuts = (torch.randperm(n - 1, generator=generator)[:k - 1] + 1).sort().values  # (k - 1,) chunk starts
+    cuts = (torch.randperm(n - 1, generator=generator)[: k - 1] + 1).sort().values  # (k - 1,) chunk starts
     bias = [0]
     for _ in range(k - 1):  # u_i ~ U{u_(i-1), ..., room}: non-decreasing, so ids keep increasing
         bias.append(int(torch.randint(bias[-1], room + 1, (1,), generator=generator)))
@@ -61,8 +66,9 @@ def _document(n: int, target: int, chunks: int, generator: torch.Generator) -> t
 
 def batch_generator(seed: int, input_ids: torch.Tensor) -> torch.Generator:
     """A generator seeded by `seed` and the batch's tokens: the same batch always gets the same skips."""
-    digest = hashlib.blake2b(input_ids.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8,
-                             key=str(seed).encode())
+    digest = hashlib.blake2b(
+        input_ids.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8, key=str(seed).encode()
+    )
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
@@ -85,8 +91,7 @@ class PoseCollator:
         else:  # padded rows: the real tokens of a row are one document, padding stays at 0
             mask = batch.get("attention_mask", torch.ones_like(ids)).long()
             plain = (mask.cumsum(1) - 1).clamp(min=0) * mask
-        batch["position_ids"] = skip_positions(plain, self.target_context, self.chunks,
-                                               batch_generator(self.seed, ids))
+        batch["position_ids"] = skip_positions(plain, self.target_context, self.chunks, batch_generator(self.seed, ids))
         return batch
 
 
@@ -94,16 +99,22 @@ def enable_pose(trainer, target_context: int, chunks: int, seed: int) -> None:
     """Give `trainer` (a transformers Trainer) PoSE position ids by wrapping its data collator (TRL refuses a
     custom collator for padding-free rows, so the one it built is wrapped after construction)."""
     trainer.data_collator = PoseCollator(trainer.data_collator, target_context, chunks, seed)
-    logger.info("PoSE: rows of %d tokens with position ids skipping up to %d (%d chunks per document)",
-                trainer.args.max_length, target_context - 1, chunks)
+    logger.info(
+        "PoSE: rows of %d tokens with position ids skipping up to %d (%d chunks per document)",
+        trainer.args.max_length,
+        target_context - 1,
+        chunks,
+    )
 
 
 def describe(model_cfg) -> list[str]:
     """The dry run's line for PoSE (from the ModelConfig), or none when it is off."""
     if not model_cfg.pose_window:
         return []
-    return [f"positions          PoSE: rows of {model_cfg.pose_window} tokens, position ids skipping to span "
-            f"{model_cfg.target_context} ({model_cfg.pose_chunks} chunks per document; arXiv 2309.10400 §3)"]
+    return [
+        f"positions          PoSE: rows of {model_cfg.pose_window} tokens, position ids skipping to span "
+        f"{model_cfg.target_context} ({model_cfg.pose_chunks} chunks per document; arXiv 2309.10400 §3)"
+    ]
 
 
 def tiny_window(window: int, target: int, tiny_target: int, chunks: int) -> int:

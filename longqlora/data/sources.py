@@ -75,13 +75,15 @@ def _lines(flag: str, path: str):
     so decoding line by line finds exactly the errors decoding the whole file would."""
     lineno = 0
     try:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"{flag} line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                     f"{err.start + 1}); convert the file to UTF-8") from None
+                    raise ValueError(
+                        f"{flag} line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}); convert the file to UTF-8"
+                    ) from None
                 if "\0" in line:
                     raise ValueError(f"{flag} line {lineno}: holds NUL bytes: binary data, not text")
                 yield lineno, line
@@ -109,6 +111,7 @@ def check_json_file(flag: str, path: str, record_problem=None) -> int:
     line naming the file and line (record, for a JSON array) of the first bad bytes, bad JSON, non-object or,
     with `record_problem(record) -> str`, the first record of the wrong shape. (datasets' own errors name
     neither the line nor the cause.)"""
+
     def check(record, place: str) -> None:
         if not isinstance(record, dict):
             raise ValueError(f"{flag} {place}: not a JSON object (found {type(record).__name__})")
@@ -120,8 +123,9 @@ def check_json_file(flag: str, path: str, record_problem=None) -> int:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{flag} line {lineno + e.lineno - 1}: not valid JSON ({e.msg} at column "
-                             f"{e.colno})") from None
+            raise ValueError(
+                f"{flag} line {lineno + e.lineno - 1}: not valid JSON ({e.msg} at column {e.colno})"
+            ) from None
 
     lines = _lines(flag, path)
     count = 0
@@ -158,18 +162,24 @@ def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None)
         try:
             return datasets.load_dataset(src.path, split=split, num_proc=num_proc)
         except Exception as e:  # no network, no such dataset, no such split: all end the same way
-            raise ValueError(f"--dataset {src.name}: not a local file or directory, and loading it from the Hugging "
-                             f"Face hub failed ({_root_cause(e)}); pass a local file or directory") from None
+            raise ValueError(
+                f"--dataset {src.name}: not a local file or directory, and loading it from the Hugging "
+                f"Face hub failed ({_root_cause(e)}); pass a local file or directory"
+            ) from None
     if src.kind in ("txt", "txtdir"):
-        files = [src.path] if src.kind == "txt" else sorted(
-            str(p) for p in Path(src.path).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        files = (
+            [src.path]
+            if src.kind == "txt"
+            else sorted(str(p) for p in Path(src.path).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        )
         if not files:
-            raise ValueError(f"--dataset {src.name}: the directory holds no {'/'.join(TEXT_SUFFIXES)} files and is "
-                             "not a save_to_disk dataset")
+            raise ValueError(
+                f"--dataset {src.name}: the directory holds no {'/'.join(TEXT_SUFFIXES)} files and is "
+                "not a save_to_disk dataset"
+            )
         for file in files:
             check_text_file(f"--dataset {src.name}" + ("" if src.kind == "txt" else f": {file}"), file)
-        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
-                                     num_proc=num_proc)
+        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train", num_proc=num_proc)
     builder = "parquet" if src.kind == "parquet" else "json"
     if builder == "json" and not check_json_file(f"--dataset {src.name}", src.path, record_problem):
         return datasets.Dataset.from_dict({})  # datasets fails on a file without records with a bare StopIteration
@@ -198,5 +208,3 @@ def column(ds: datasets.Dataset, name: str):
 
 def fields(row: dict) -> str:
     return ", ".join(k for k, v in row.items() if v is not None) or "none"
-
-

@@ -1,8 +1,8 @@
 """Long text for continued pre-training: documents, tokenization, packing choice, atomic saving.
 
 The output is what TRL 1.16's `SFTTrainer` takes as is: a tokenized `input_ids` dataset (TRL skips its own
-tokenization then). Conversations live in instructions.py, file reading in sources.py. Packing is TRL's (`trl.data_utils.pack_dataset`),
-chosen by `--pack`:
+tokenization then). Conversations live in instructions.py, file reading in sources.py. Packing is TRL's
+(`trl.data_utils.pack_dataset`), chosen by `--pack`:
 
 * "documents" -> `packing_strategy="bfd_split"` (default): best-fit-decreasing bins that keep documents apart; each
   packed row carries `seq_lengths`, from which TRL's collator builds `position_ids` restarting at 0 per document.
@@ -23,8 +23,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from longqlora.output import atomic_directory, check_output_path, write_json_atomic
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.output import atomic_directory, check_output_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,15 @@ PACKING = {"documents": "bfd_split", "concat": "wrapped"}
 class TextDataConfig:
     """Plain-text documents for language modeling; the fields become flags through HfArgumentParser."""
 
-    dataset: str = flag("A .txt/.txt.gz file (one document), a directory of them (one document each), a "
-                         ".jsonl/.json(.gz) or .parquet file, a save_to_disk directory, or a hub dataset name.")
+    dataset: str = flag(
+        "A .txt/.txt.gz file (one document), a directory of them (one document each), a "
+        ".jsonl/.json(.gz) or .parquet file, a save_to_disk directory, or a hub dataset name."
+    )
     text_field: str = flag("Field holding the text in json/parquet/hub data.", default="text")
     split: str = flag("Split of a save_to_disk DatasetDict or of a hub dataset.", default="train")
-    pack: str = flag("documents: TRL bfd_split, no attention across documents; concat: TRL wrapped (LongLoRA).",
-                      default="documents")  # not `packing`: SFTConfig's --packing shares the recipes' parser
+    pack: str = flag(
+        "documents: TRL bfd_split, no attention across documents; concat: TRL wrapped (LongLoRA).", default="documents"
+    )  # not `packing`: SFTConfig's --packing shares the recipes' parser
     min_length: int = flag("Drop documents shorter than this many tokens.", default=0)
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
     max_documents: int | None = flag("Keep only the first N documents.", default=None)
@@ -65,16 +68,19 @@ def _select_text(ds: datasets.Dataset, src: Source, text_field: str) -> datasets
     if src.kind in ("txt", "txtdir"):
         return ds
     if text_field not in ds.column_names:
-        raise ValueError(f"{flag}: {where(src, 0)} has no '{text_field}' field (fields: {fields(ds[0])}); "
-                         "pass --text_field")
+        raise ValueError(
+            f"{flag}: {where(src, 0)} has no '{text_field}' field (fields: {fields(ds[0])}); pass --text_field"
+        )
     dtype = getattr(ds.features[text_field], "dtype", None)
     if dtype not in ("string", "large_string"):
         raise ValueError(f"{flag}: the field holds {ds.features[text_field]}, not text; pass --text_field")
     missing = np.flatnonzero(column(ds, text_field).is_null().to_numpy(zero_copy_only=False))
     if len(missing):
         i = int(missing[0])
-        raise ValueError(f"{flag}: {where(src, i)} has no '{text_field}' field (fields: {fields(ds[i])}); "
-                         f"pass --text_field ({len(missing)} of {len(ds)} records lack it)")
+        raise ValueError(
+            f"{flag}: {where(src, i)} has no '{text_field}' field (fields: {fields(ds[i])}); "
+            f"pass --text_field ({len(missing)} of {len(ds)} records lack it)"
+        )
     ds = ds.select_columns([text_field])
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
@@ -87,8 +93,13 @@ def load_documents(cfg: TextDataConfig) -> datasets.Dataset:
         raise ValueError(f"--dataset {cfg.dataset} holds no documents")
     ds = _select_text(ds, src, cfg.text_field)
     n = len(ds)
-    ds = ds.filter(lambda texts: [bool(t.strip()) for t in texts], input_columns="text", batched=True,
-                   num_proc=cfg.num_proc, desc="Dropping empty documents")
+    ds = ds.filter(
+        lambda texts: [bool(t.strip()) for t in texts],
+        input_columns="text",
+        batched=True,
+        num_proc=cfg.num_proc,
+        desc="Dropping empty documents",
+    )
     if len(ds) < n:
         logger.warning("dropped %d empty documents of %d in %s", n - len(ds), n, cfg.dataset)
     if not len(ds):
@@ -108,8 +119,11 @@ def _tokenize_batch(batch, tokenizer, eos_id: int | None):
 
 
 def length_stats(lengths: np.ndarray) -> dict:
-    return {"length_min": int(lengths.min()), "length_median": float(np.median(lengths)),
-            "length_max": int(lengths.max())}
+    return {
+        "length_min": int(lengths.min()),
+        "length_median": float(np.median(lengths)),
+        "length_max": int(lengths.max()),
+    }
 
 
 def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, add_eos: bool = True):
@@ -118,35 +132,70 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
     eos_id = tokenizer.eos_token_id if add_eos else None
     if add_eos and eos_id is None:
         raise ValueError("--tokenizer has no eos_token, so documents could not be separated; set one")
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                  "length": datasets.Value("int64")})
-    ds = ds.map(_tokenize_batch, batched=True, num_proc=cfg.num_proc, remove_columns=ds.column_names,
-                features=features, fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id}, desc="Tokenizing documents")
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")}
+    )
+    ds = ds.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=cfg.num_proc,
+        remove_columns=ds.column_names,
+        features=features,
+        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
+        desc="Tokenizing documents",
+    )
     lengths = column(ds, "length").to_numpy().astype(np.int64)
     keep = lengths >= cfg.min_length
     if not keep.any():
-        raise ValueError(f"--min_length {cfg.min_length} drops all {len(lengths)} documents of --dataset "
-                         f"{cfg.dataset} (longest: {lengths.max()} tokens); lower --min_length")
+        raise ValueError(
+            f"--min_length {cfg.min_length} drops all {len(lengths)} documents of --dataset "
+            f"{cfg.dataset} (longest: {lengths.max()} tokens); lower --min_length"
+        )
     if not keep.all():
-        ds = ds.filter(lambda n: [x >= cfg.min_length for x in n], input_columns="length", batched=True,
-                       num_proc=cfg.num_proc, desc=f"Dropping documents under {cfg.min_length} tokens")
-        logger.warning("dropped %d of %d documents shorter than --min_length %d tokens",
-                       int((~keep).sum()), len(lengths), cfg.min_length)
+        ds = ds.filter(
+            lambda n: [x >= cfg.min_length for x in n],
+            input_columns="length",
+            batched=True,
+            num_proc=cfg.num_proc,
+            desc=f"Dropping documents under {cfg.min_length} tokens",
+        )
+        logger.warning(
+            "dropped %d of %d documents shorter than --min_length %d tokens",
+            int((~keep).sum()),
+            len(lengths),
+            cfg.min_length,
+        )
     kept = lengths[keep]
-    stats = {"dataset": cfg.dataset, "documents_in": len(lengths), "documents_out": int(keep.sum()), "dropped_short": int((~keep).sum()),
-             "min_length": cfg.min_length, "tokens_total": int(kept.sum()),
-             "tokens_dropped": int(lengths[~keep].sum()), **length_stats(kept), "eos_appended": add_eos,
-             "pack": cfg.pack, "packing_strategy": packing_strategy(cfg.pack)}
-    logger.info("%d documents, %d tokens (median %.0f, max %d per document)", stats["documents_out"],
-                stats["tokens_total"], stats["length_median"], stats["length_max"])
+    stats = {
+        "dataset": cfg.dataset,
+        "documents_in": len(lengths),
+        "documents_out": int(keep.sum()),
+        "dropped_short": int((~keep).sum()),
+        "min_length": cfg.min_length,
+        "tokens_total": int(kept.sum()),
+        "tokens_dropped": int(lengths[~keep].sum()),
+        **length_stats(kept),
+        "eos_appended": add_eos,
+        "pack": cfg.pack,
+        "packing_strategy": packing_strategy(cfg.pack),
+    }
+    logger.info(
+        "%d documents, %d tokens (median %.0f, max %d per document)",
+        stats["documents_out"],
+        stats["tokens_total"],
+        stats["length_median"],
+        stats["length_max"],
+    )
     return ds.remove_columns("length"), stats
 
 
 def check_packable(stats: dict, max_length: int, dataset: str = "") -> None:
     """Raise if the documents cannot fill even one packed row of `max_length` tokens."""
     if stats["tokens_total"] < max_length:
-        raise ValueError(f"--dataset {dataset or stats.get('dataset', '(text)')} holds {stats['tokens_total']} tokens, fewer than one row "
-                         f"of --max_length {max_length}; add text or lower --target_context")
+        raise ValueError(
+            f"--dataset {dataset or stats.get('dataset', '(text)')} holds {stats['tokens_total']} tokens, fewer "
+            f"than one row of --max_length {max_length}; add text or lower --target_context"
+        )
 
 
 def packing_strategy(packing: str) -> str:

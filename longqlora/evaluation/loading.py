@@ -24,18 +24,33 @@ class LoaderArgs:
     """The flags of every command that loads a model to use it (chat, passkey, perplexity): which model and adapter,
     and how to load them. Each command's config adds its own flags to these."""
 
-    model: str | None = field(default=None, metadata={"help": "Model directory (plain, merged, or the base of "
-                                                                "--adapter; default: the adapter's recorded base)."})
-    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory from a recipe; its "
-                                                                  "longqlora_extension.json sets the context."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in NF4 (bitsandbytes), as trained; "
-                                                                 "default 16-bit (fp32 on CPU)."})
-    compute_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on Ampere+, fp16 on older GPUs, fp32 "
-                                                                  "on CPU), bfloat16, float16 or float32."})
-    target_context: int | None = field(default=None, metadata={
-        "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own code from its "
-                                                                      "directory (off: only transformers' code)."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model directory (plain, merged, or the base of --adapter; default: the adapter's recorded base)."
+        },
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT adapter directory from a recipe; its longqlora_extension.json sets the context."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base in NF4 (bitsandbytes), as trained; default 16-bit (fp32 on CPU)."},
+    )
+    compute_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU), bfloat16, float16 or float32."},
+    )
+    target_context: int | None = field(
+        default=None,
+        metadata={
+            "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a model's own code from its directory (off: only transformers' code)."}
+    )
 
     def __post_init__(self):
         for name in ("model", "adapter"):  # Python callers pass Path objects
@@ -50,9 +65,14 @@ class LoaderArgs:
 
     def load(self):
         """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
-        return load_for_inference(self.model, adapter=self.adapter, load_in_4bit=self.load_in_4bit,
-                                  compute_dtype=self.compute_dtype, target_context=self.target_context,
-                                  trust_remote_code=self.trust_remote_code)
+        return load_for_inference(
+            self.model,
+            adapter=self.adapter,
+            load_in_4bit=self.load_in_4bit,
+            compute_dtype=self.compute_dtype,
+            target_context=self.target_context,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
 def read_extension(adapter) -> ExtensionRecord | None:
@@ -81,8 +101,9 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
         what = "is a file, not a directory" if os.path.exists(expanded) else "no such directory"
         raise ValueError(f"{flag} {path}: {what}; pass a local model directory" + ("" if model else " with --model"))
     if not os.path.isfile(os.path.join(expanded, "config.json")):
-        raise ValueError(f"{flag} {path}: the directory has no config.json; pass a directory saved with "
-                         "save_pretrained")
+        raise ValueError(
+            f"{flag} {path}: the directory has no config.json; pass a directory saved with save_pretrained"
+        )
     from longqlora.model import check_safetensors
 
     check_safetensors(path, flag)
@@ -96,8 +117,9 @@ def adapter_tokenizer(adapter: str, *, trust_remote_code: bool = False):
     read_extension(adapter)  # one line when it is not an adapter directory
     if not (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
         return None
-    tokenizer = load_tokenizer(adapter, "--adapter", "save the tokenizer with the adapter",
-                               trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(
+        adapter, "--adapter", "save the tokenizer with the adapter", trust_remote_code=trust_remote_code
+    )
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
@@ -108,7 +130,8 @@ def inference_tokenizer(model: str | None, adapter: str | None = None, *, trust_
     from longqlora.model import load_tokenizer
 
     return (adapter and adapter_tokenizer(adapter, trust_remote_code=trust_remote_code)) or load_tokenizer(
-        model_dir(model, adapter), "--model", "pass a local model directory", trust_remote_code=trust_remote_code)
+        model_dir(model, adapter), "--model", "pass a local model directory", trust_remote_code=trust_remote_code
+    )
 
 
 def adapter_shapes(adapter: Path) -> dict:
@@ -141,8 +164,10 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
             hidden = shape[0]
     for what, theirs, ours in (("hidden", hidden, hf_config.hidden_size), ("vocab", vocab, hf_config.vocab_size)):
         if theirs is not None and theirs != ours:
-            raise ValueError(f"{flag} {name}: the adapter was trained on {recorded} ({what} {theirs}) but "
-                             f"{name} has {what} {ours}; pass the base it was trained on")
+            raise ValueError(
+                f"{flag} {name}: the adapter was trained on {recorded} ({what} {theirs}) but "
+                f"{name} has {what} {ours}; pass the base it was trained on"
+            )
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -158,16 +183,26 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
             want = params.get(key)
             got, expected = shape, want
         if want is None:
-            raise ValueError(f"{flag} {name}: the adapter has {key} but {name} has no such parameter; "
-                             f"pass the base it was trained on ({recorded})")
+            raise ValueError(
+                f"{flag} {name}: the adapter has {key} but {name} has no such parameter; "
+                f"pass the base it was trained on ({recorded})"
+            )
         if got != expected:
-            raise ValueError(f"{flag} {name}: the adapter's {key} has shape {list(shape)} but {name} "
-                             f"has {list(want)}; pass the base it was trained on ({recorded})")
+            raise ValueError(
+                f"{flag} {name}: the adapter's {key} has shape {list(shape)} but {name} "
+                f"has {list(want)}; pass the base it was trained on ({recorded})"
+            )
 
 
-def load_for_inference(model_path: str | None, *, adapter: str | None = None, load_in_4bit: bool = False,
-                       compute_dtype: str = "auto", target_context: int | None = None,
-                       trust_remote_code: bool = False):
+def load_for_inference(
+    model_path: str | None,
+    *,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    compute_dtype: str = "auto",
+    target_context: int | None = None,
+    trust_remote_code: bool = False,
+):
     """Returns (model in eval mode, tokenizer, ModelInfo).
 
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
@@ -179,21 +214,36 @@ def load_for_inference(model_path: str | None, *, adapter: str | None = None, lo
     expanded = model_dir(model_path, adapter)
     model_path = model_path or adapter_base(adapter)
     if adapter:
-        check_adapter_fits(Path(os.path.expanduser(adapter)), Path(expanded), flag="--model", name=model_path,
-                           recorded=adapter_base(adapter) or model_path)
+        check_adapter_fits(
+            Path(os.path.expanduser(adapter)),
+            Path(expanded),
+            flag="--model",
+            name=model_path,
+            recorded=adapter_base(adapter) or model_path,
+        )
     if target_context is None:
         target_context = (extension.target_context if extension else None) or load_config(
-            expanded, "--model", trust_remote_code=trust_remote_code).max_position_embeddings
-    cfg = ModelConfig(model_name_or_path=expanded, target_context=int(target_context), load_in_4bit=load_in_4bit,
-                      compute_dtype=compute_dtype, s2_attention=False)
+            expanded, "--model", trust_remote_code=trust_remote_code
+        ).max_position_embeddings
+    cfg = ModelConfig(
+        model_name_or_path=expanded,
+        target_context=int(target_context),
+        load_in_4bit=load_in_4bit,
+        compute_dtype=compute_dtype,
+        s2_attention=False,
+    )
     model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
         tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
-    logger.info("loaded %s%s for inference: context %d (PI x%.4g), %s", model_path,
-                f" + adapter {adapter}" if adapter else "", info.target_context, info.pi_factor,
-                "NF4" if load_in_4bit else info.compute_dtype)
+    logger.info(
+        "loaded %s%s for inference: context %d (PI x%.4g), %s",
+        model_path,
+        f" + adapter {adapter}" if adapter else "",
+        info.target_context,
+        info.pi_factor,
+        "NF4" if load_in_4bit else info.compute_dtype,
+    )
     return model.eval(), tokenizer, info
-

@@ -27,8 +27,10 @@ from longqlora.evaluation.loading import LoaderArgs
 
 logger = logging.getLogger(__name__)
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -42,11 +44,15 @@ _WORDS = FILLER.split()
 class PasskeyConfig(LoaderArgs):
     """`python -m longqlora passkey`: the fields are its flags."""
 
-    context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192], metadata={
-        "help": "Context lengths to test; each prompt fills its context minus the answer tokens."})
+    context_lengths: list[int] = field(
+        default_factory=lambda: [1024, 2048, 4096, 8192],
+        metadata={"help": "Context lengths to test; each prompt fills its context minus the answer tokens."},
+    )
     trials: int = field(default=10, metadata={"help": "Random keys per (context length, depth)."})
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], metadata={
-        "help": "Where the key line goes, as a fraction of the filler (0 = first, 1 = last)."})
+    depths: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "Where the key line goes, as a fraction of the filler (0 = first, 1 = last)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the key generator; the same seed gives the same keys."})
     output_dir: str | None = field(default=None, metadata={"help": "Write passkey.json and passkey.png here."})
 
@@ -54,15 +60,18 @@ class PasskeyConfig(LoaderArgs):
         super().__post_init__()
         self.output_dir = str(self.output_dir) if self.output_dir else None  # Python callers pass Path objects
         if not self.context_lengths or min(self.context_lengths) < MIN_CONTEXT:
-            raise ValueError(f"--context_lengths {' '.join(map(str, self.context_lengths))}: each must be at least "
-                             f"{MIN_CONTEXT} tokens, e.g. --context_lengths 1024 2048 4096")
+            raise ValueError(
+                f"--context_lengths {' '.join(map(str, self.context_lengths))}: each must be at least "
+                f"{MIN_CONTEXT} tokens, e.g. --context_lengths 1024 2048 4096"
+            )
         if len(set(self.context_lengths)) != len(self.context_lengths):
             raise ValueError(f"--context_lengths {' '.join(map(str, self.context_lengths))}: list each length once")
         if self.trials < 1:
             raise ValueError(f"--trials {self.trials}: must be at least 1, e.g. 10")
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths) or len(set(self.depths)) != len(self.depths):
-            raise ValueError(f"--depths {' '.join(map(str, self.depths))}: pass distinct fractions in [0, 1], "
-                             "e.g. 0 0.25 0.5 0.75 1")
+            raise ValueError(
+                f"--depths {' '.join(map(str, self.depths))}: pass distinct fractions in [0, 1], e.g. 0 0.25 0.5 0.75 1"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -93,9 +102,11 @@ def fit_words(tokenizer, key: str, depth: float, target: int, context_length: in
     """The most filler words whose prompt has at most `target` tokens (doubling, then binary search)."""
     least = count_tokens(tokenizer, compose(key, 0, depth))
     if least > target:
-        raise ValueError(f"--context_lengths {context_length}: the passkey prompt needs {least} tokens without any "
-                         f"filler plus {context_length - target} for the answer; pass a context length of at least "
-                         f"{least + context_length - target}")
+        raise ValueError(
+            f"--context_lengths {context_length}: the passkey prompt needs {least} tokens without any "
+            f"filler plus {context_length - target} for the answer; pass a context length of at least "
+            f"{least + context_length - target}"
+        )
     low, high = 0, max(8, target)
     while count_tokens(tokenizer, compose(key, high, depth)) <= target:  # words may merge into fewer tokens
         low, high = high, high * 2
@@ -108,8 +119,9 @@ def fit_words(tokenizer, key: str, depth: float, target: int, context_length: in
     return low
 
 
-def build_prompt(tokenizer, key: str, depth: float, target: int, context_length: int | None = None,
-                 words: int | None = None) -> dict:
+def build_prompt(
+    tokenizer, key: str, depth: float, target: int, context_length: int | None = None, words: int | None = None
+) -> dict:
     """{"prompt", "tokens", "filler_words"}: at most `target` tokens, as close as word-level trimming gets, hiding
     `key` at `depth`; `words`, a guess from another key at the same length and depth, shrinks until it fits."""
     context_length = context_length or target
@@ -146,8 +158,9 @@ def plan_trials(tokenizer, context_lengths, depths, trials: int, seed: int) -> t
             for trial in range(trials):
                 built = build_prompt(tokenizer, keys[k], depth, target, n, words)
                 words = built["filler_words"]
-                cases.append({"context_length": n, "depth": depth, "trial": trial, "key": keys[k],
-                              "target": target, **built})
+                cases.append(
+                    {"context_length": n, "depth": depth, "trial": trial, "key": keys[k], "target": target, **built}
+                )
                 k += 1
     return cases, max_new
 
@@ -165,53 +178,82 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, use_cache=True)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def summarize(records: list[dict], context_lengths, depths) -> dict:
     """Accuracy per length and per (length, depth), with the prompt token counts actually used."""
+
     def block(rows):
         tokens = [r["tokens"] for r in rows]
-        return {"trials": len(rows), "correct": sum(r["correct"] for r in rows),
-                "accuracy": sum(r["correct"] for r in rows) / len(rows),
-                "prompt_tokens_min": min(tokens), "prompt_tokens_max": max(tokens)}
+        return {
+            "trials": len(rows),
+            "correct": sum(r["correct"] for r in rows),
+            "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "prompt_tokens_min": min(tokens),
+            "prompt_tokens_max": max(tokens),
+        }
 
-    by_length = [{"context_length": n, **block([r for r in records if r["context_length"] == n])}
-                 for n in context_lengths]
-    cells = [{"context_length": n, "depth": d,
-              **block([r for r in records if r["context_length"] == n and r["depth"] == d])}
-             for n in context_lengths for d in depths]
+    by_length = [
+        {"context_length": n, **block([r for r in records if r["context_length"] == n])} for n in context_lengths
+    ]
+    cells = [
+        {"context_length": n, "depth": d, **block([r for r in records if r["context_length"] == n and r["depth"] == d])}
+        for n in context_lengths
+        for d in depths
+    ]
     return {"accuracy": sum(r["correct"] for r in records) / len(records), "by_length": by_length, "cells": cells}
 
 
-def evaluate_passkey(model, tokenizer, context_lengths, depths, trials: int, seed: int = 42,
-                     progress: bool = True) -> dict:
+def evaluate_passkey(
+    model, tokenizer, context_lengths, depths, trials: int, seed: int = 42, progress: bool = True
+) -> dict:
     """Run every trial on a loaded model; returns the accuracies, the protocol and a few samples (no files)."""
     cases, max_new = plan_trials(tokenizer, context_lengths, depths, trials, seed)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for n in context_lengths:
         if limit and n > limit:
-            logger.warning("--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)",
-                           n, limit)
+            logger.warning(
+                "--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)", n, limit
+            )
     was_training = getattr(model, "training", False)
     model.eval()
     records, samples = [], []
     for case in tqdm(cases, desc="passkey", disable=not progress):
         generated = generate_answer(model, tokenizer, case["prompt"], max_new)
-        records.append({**{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
-                        "correct": is_correct(case["key"], generated)})
+        records.append(
+            {
+                **{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
+                "correct": is_correct(case["key"], generated),
+            }
+        )
         if case["trial"] == 0:
             samples.append({**records[-1], "output": generated[:SAMPLE_CHARS]})
     model.train(was_training)
     summary = summarize(records, context_lengths, depths)
     for row in summary["by_length"]:
-        logger.info("passkey @%d: %d/%d correct (%.0f%%)", row["context_length"], row["correct"], row["trials"],
-                    100 * row["accuracy"])
-    protocol = {"task": TASK, "filler": FILLER, "key_line": KEY_LINE, "question": QUESTION, "joiner": "\\n",
-                "key_digits": 5, "seed": seed, "trials": trials, "max_new_tokens": max_new,
-                "prompt_tokens_target": f"context_length - {max_new}", "model_context": limit,
-                "decoding": "greedy (do_sample=False), full attention, KV cache",
-                "success": "generated text, whitespace removed, starts with exactly the key's digits"}
+        logger.info(
+            "passkey @%d: %d/%d correct (%.0f%%)",
+            row["context_length"],
+            row["correct"],
+            row["trials"],
+            100 * row["accuracy"],
+        )
+    protocol = {
+        "task": TASK,
+        "filler": FILLER,
+        "key_line": KEY_LINE,
+        "question": QUESTION,
+        "joiner": "\\n",
+        "key_digits": 5,
+        "seed": seed,
+        "trials": trials,
+        "max_new_tokens": max_new,
+        "prompt_tokens_target": f"context_length - {max_new}",
+        "model_context": limit,
+        "decoding": "greedy (do_sample=False), full attention, KV cache",
+        "success": "generated text, whitespace removed, starts with exactly the key's digits",
+    }
     return {"protocol": protocol, **summary, "samples": samples, "keys": [r["key"] for r in records]}
 
 
@@ -227,10 +269,17 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
     plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
     model, tokenizer, info = cfg.load()
     evaluated = evaluate_passkey(model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)
-    result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "config": asdict(cfg),
-              "original_context": info.original_context, "model_context": info.target_context,
-              "pi_factor": info.pi_factor, "load_in_4bit": cfg.load_in_4bit,
-              "compute_dtype": info.compute_dtype, **evaluated}
+    result = {
+        "model": cfg.model or adapter_base(cfg.adapter),
+        "adapter": cfg.adapter,
+        "config": asdict(cfg),
+        "original_context": info.original_context,
+        "model_context": info.target_context,
+        "pi_factor": info.pi_factor,
+        "load_in_4bit": cfg.load_in_4bit,
+        "compute_dtype": info.compute_dtype,
+        **evaluated,
+    }
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         result["files"] = {"json": str(out / "passkey.json"), "png": str(out / "passkey.png")}
@@ -244,14 +293,23 @@ def plot_heatmap(cells, context_lengths, depths, path: Path, title: str) -> Path
     """Accuracy by context length (x) and depth (y), each cell annotated; written atomically."""
     from longqlora.output import new_figure, save_figure
 
-    grid = [[next(c["accuracy"] for c in cells if c["context_length"] == n and c["depth"] == d)
-             for n in context_lengths] for d in depths]
+    grid = [
+        [next(c["accuracy"] for c in cells if c["context_length"] == n and c["depth"] == d) for n in context_lengths]
+        for d in depths
+    ]
     fig, ax = new_figure(figsize=(1.2 * len(context_lengths) + 2.5, 0.6 * len(depths) + 2))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(grid):
         for j, acc in enumerate(row):
-            ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if acc < 0.25 or acc > 0.85 else "black")  # readable on the dark ends
+            ax.text(
+                j,
+                i,
+                f"{acc:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if acc < 0.25 or acc > 0.85 else "black",
+            )  # readable on the dark ends
     ax.set_xticks(range(len(context_lengths)), [str(n) for n in context_lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")

@@ -50,10 +50,15 @@ class WindowScores:
         return int(self.count[start:end].sum())
 
     def protocol(self) -> str:
-        return (f"windows of {self.context_length} tokens every {self.stride} tokens ({self.windows} windows), "
-                f"score={self.score}: " + ("each token once, in the first window holding it" if self.score == "new"
-                                           else f"only tokens with >= {self.context_length - self.stride} tokens "
-                                                "of context"))
+        return (
+            f"windows of {self.context_length} tokens every {self.stride} tokens ({self.windows} windows), "
+            f"score={self.score}: "
+            + (
+                "each token once, in the first window holding it"
+                if self.score == "new"
+                else f"only tokens with >= {self.context_length - self.stride} tokens of context"
+            )
+        )
 
 
 def scored_positions(window_index: int, context_length: int, stride: int, score: str) -> slice:
@@ -78,15 +83,24 @@ def _token_nll(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
     for start in range(0, window.shape[1] - 1, chunk):
         end = min(start + chunk, window.shape[1] - 1)
         logits = head(hidden[:, start:end]).float()  # predicts tokens start+1 .. end
-        target = window[:, start + 1:end + 1]
-        nll[:, start + 1:end + 1] = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").double()
+        target = window[:, start + 1 : end + 1]
+        nll[:, start + 1 : end + 1] = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").double()
     return nll
 
 
 @torch.no_grad()
-def window_scores(model, token_ids, context_length: int, stride: int | None = None, *, score: str = "new",
-                  batch_size: int = 1, chunk: int = 2048, max_windows: int | None = None,
-                  progress: bool = True) -> WindowScores:
+def window_scores(
+    model,
+    token_ids,
+    context_length: int,
+    stride: int | None = None,
+    *,
+    score: str = "new",
+    batch_size: int = 1,
+    chunk: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> WindowScores:
     """Score a 1-D token stream with the model in eval mode (full attention, no cache)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     stride = context_length if stride is None else stride
@@ -95,8 +109,10 @@ def window_scores(model, token_ids, context_length: int, stride: int | None = No
     if not 1 <= stride <= context_length:
         raise ValueError(f"--stride must be between 1 and the context length {context_length}, got {stride}")
     if ids.numel() < context_length:
-        raise ValueError(f"--context_lengths {context_length}: the text has only {ids.numel()} tokens; pass a "
-                         "longer text or a shorter context")
+        raise ValueError(
+            f"--context_lengths {context_length}: the text has only {ids.numel()} tokens; pass a "
+            "longer text or a shorter context"
+        )
     starts = list(range(0, ids.numel() - context_length + 1, stride))
     if max_windows is not None:
         starts = starts[:max_windows]
@@ -107,8 +123,8 @@ def window_scores(model, token_ids, context_length: int, stride: int | None = No
     count = torch.zeros(context_length, dtype=torch.long)
     bar = tqdm(total=len(starts), desc=f"perplexity @{context_length}", disable=not progress, leave=False)
     for first in range(0, len(starts), batch_size):
-        batch_starts = starts[first:first + batch_size]
-        windows = torch.stack([ids[s:s + context_length] for s in batch_starts]).to(device)
+        batch_starts = starts[first : first + batch_size]
+        windows = torch.stack([ids[s : s + context_length] for s in batch_starts]).to(device)
         nll = _token_nll(model, windows, chunk).cpu()
         for row, index in enumerate(range(first, first + len(batch_starts))):
             keep = scored_positions(index, context_length, stride, score)
@@ -125,15 +141,27 @@ def window_scores(model, token_ids, context_length: int, stride: int | None = No
 class PerplexityConfig(LoaderArgs):
     """`python -m longqlora perplexity`: the fields are its flags."""
 
-    data: str = field(default="austen_persuasion", metadata={
-        "help": "Text to score: a bundled book name (austen_persuasion, kjv_bible, ...), a .txt/.jsonl/.parquet "
-                "file, a folder of .txt files or a save_to_disk dataset; documents are joined with EOS."})
-    context_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={
-        "help": "Window lengths to evaluate."})
-    stride: int | None = field(default=None, metadata={"help": "Tokens between window starts (default: the "
-                                                                 "window length, non-overlapping windows)."})
-    score: str = field(default="new", metadata={"help": "new: every token once, in the first window holding it; "
-                                                         "tail: only tokens with >= context-stride tokens before."})
+    data: str = field(
+        default="austen_persuasion",
+        metadata={
+            "help": "Text to score: a bundled book name (austen_persuasion, kjv_bible, ...), a .txt/.jsonl/.parquet "
+            "file, a folder of .txt files or a save_to_disk dataset; documents are joined with EOS."
+        },
+    )
+    context_lengths: list[int] = field(
+        default_factory=lambda: [2048, 4096, 8192], metadata={"help": "Window lengths to evaluate."}
+    )
+    stride: int | None = field(
+        default=None,
+        metadata={"help": "Tokens between window starts (default: the window length, non-overlapping windows)."},
+    )
+    score: str = field(
+        default="new",
+        metadata={
+            "help": "new: every token once, in the first window holding it; "
+            "tail: only tokens with >= context-stride tokens before."
+        },
+    )
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON/Parquet data."})
     max_tokens: int | None = field(default=None, metadata={"help": "Score only the first N tokens of the text."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward pass."})
@@ -179,35 +207,60 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
     extension = read_extension(cfg.adapter) if cfg.adapter else None
     if cfg.output:
         check_output_path(cfg.output, "--output", directory=False)
-    ids = text_token_ids(cfg.data, inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code), text_field=cfg.text_field,
-                         max_tokens=cfg.max_tokens)
+    ids = text_token_ids(
+        cfg.data,
+        inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code),
+        text_field=cfg.text_field,
+        max_tokens=cfg.max_tokens,
+    )
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
-            raise ValueError(f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "
-                             "or a shorter context")
+            raise ValueError(
+                f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "
+                "or a shorter context"
+            )
     model, _, info = cfg.load()
     extended, original = info.target_context, info.original_context
     rows = []
     for n in cfg.context_lengths:
         if n > extended:
-            logger.warning("--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)",
-                           n, extended)
+            logger.warning(
+                "--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)", n, extended
+            )
         scores = window_scores(model, ids, n, cfg.stride, score=cfg.score, batch_size=cfg.batch_size)
-        rows.append({"context_length": n, "stride": scores.stride, "windows": scores.windows,
-                     "tokens_scored": scores.tokens(), "perplexity": scores.perplexity(),
-                     f"perplexity_positions_ge_{original}": scores.perplexity(original) if n > original else None,
-                     "protocol": scores.protocol()})
+        rows.append(
+            {
+                "context_length": n,
+                "stride": scores.stride,
+                "windows": scores.windows,
+                "tokens_scored": scores.tokens(),
+                "perplexity": scores.perplexity(),
+                f"perplexity_positions_ge_{original}": scores.perplexity(original) if n > original else None,
+                "protocol": scores.protocol(),
+            }
+        )
         logger.info("context %d: perplexity %.3f over %d tokens", n, rows[-1]["perplexity"], rows[-1]["tokens_scored"])
-    result = {"model": cfg.model or adapter_base(cfg.adapter), "adapter": cfg.adapter, "data": cfg.data,
-              "text_tokens": ids.numel(), "original_context": original, "model_context": extended,
-              "pi_factor": info.pi_factor, "load_in_4bit": cfg.load_in_4bit, "score": cfg.score,
-              "extension": extension.to_dict() if extension else {}, "results": rows}
+    result = {
+        "model": cfg.model or adapter_base(cfg.adapter),
+        "adapter": cfg.adapter,
+        "data": cfg.data,
+        "text_tokens": ids.numel(),
+        "original_context": original,
+        "model_context": extended,
+        "pi_factor": info.pi_factor,
+        "load_in_4bit": cfg.load_in_4bit,
+        "score": cfg.score,
+        "extension": extension.to_dict() if extension else {},
+        "results": rows,
+    }
     if cfg.output:
         out = Path(cfg.output)
         write_json_atomic(out, result)
         header = ["context_length", "stride", "windows", "tokens_scored", "perplexity"]
-        write_text_atomic(out.with_suffix(".csv"), "\n".join(
-            [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
+        write_text_atomic(
+            out.with_suffix(".csv"),
+            "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n",
+        )
         _plot(rows, out.with_suffix(".png"), result["model"] + (f" + {cfg.adapter}" if cfg.adapter else ""))
     return result
 

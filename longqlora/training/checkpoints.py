@@ -44,8 +44,10 @@ def output_lock(output_dir):
     try:
         lock.acquire()
     except Timeout:
-        raise ValueError(f"--output_dir {output_dir}: another run is writing there (it holds {LOCK_FILE}); wait "
-                         "for it to end or choose another --output_dir") from None
+        raise ValueError(
+            f"--output_dir {output_dir}: another run is writing there (it holds {LOCK_FILE}); wait "
+            "for it to end or choose another --output_dir"
+        ) from None
     try:
         yield out
     finally:
@@ -99,8 +101,11 @@ def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> 
         return None
     if str(requested).lower() in AUTO:
         out = Path(output_dir)
-        found = [(int(m.group(1)), p) for p in (out.iterdir() if out.is_dir() else ())
-                 if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+        found = [
+            (int(m.group(1)), p)
+            for p in (out.iterdir() if out.is_dir() else ())
+            if p.is_dir() and (m := CHECKPOINT.match(p.name))
+        ]
         for _, path in sorted(found, reverse=True):
             problem = checkpoint_problem(path, with_optimizer=with_optimizer)
             if not problem:
@@ -112,8 +117,9 @@ def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> 
     path = Path(str(requested)).expanduser()
     problem = checkpoint_problem(path, with_optimizer=with_optimizer) if path.is_dir() else "no such directory"
     if problem:
-        raise ValueError(f"--resume_from_checkpoint {requested}: {problem}; pass auto to take the last complete "
-                         "checkpoint")
+        raise ValueError(
+            f"--resume_from_checkpoint {requested}: {problem}; pass auto to take the last complete checkpoint"
+        )
     return str(path)
 
 
@@ -166,17 +172,27 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         losses = [e["loss"] for e in state.log_history if "loss" in e]
-        return {"steps": state.global_step, "final_loss": losses[-1] if losses else None,
-                "tokens": state.num_input_tokens_seen, "seconds": 0.0}
+        return {
+            "steps": state.global_step,
+            "final_loss": losses[-1] if losses else None,
+            "tokens": state.num_input_tokens_seen,
+            "seconds": 0.0,
+        }
     with stop_on_signals(guard):
         result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     if guard.stop_signal and state.global_step < state.max_steps:
-        raise Interrupted(f"{guard.stop_signal} at step {state.global_step} of {state.max_steps}: checkpoint-"
-                          f"{state.global_step} in {trainer.args.output_dir} holds the run; continue with "
-                          "--resume_from_checkpoint auto")
-    return {"steps": state.global_step, "final_loss": result.training_loss, "tokens": state.num_input_tokens_seen,
-            "seconds": result.metrics.get("train_runtime")}
+        raise Interrupted(
+            f"{guard.stop_signal} at step {state.global_step} of {state.max_steps}: checkpoint-"
+            f"{state.global_step} in {trainer.args.output_dir} holds the run; continue with "
+            "--resume_from_checkpoint auto"
+        )
+    return {
+        "steps": state.global_step,
+        "final_loss": result.training_loss,
+        "tokens": state.num_input_tokens_seen,
+        "seconds": result.metrics.get("train_runtime"),
+    }
 
 
 @contextmanager

@@ -21,8 +21,7 @@ class TrainingConfig(SFTConfig):
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
     packing: bool = True
     gradient_checkpointing: bool | None = True
-    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
-        default_factory=lambda: {"use_reentrant": False})
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
     logging_steps: float = 1
     save_steps: float = 100
     save_total_limit: int | None = 3
@@ -30,25 +29,51 @@ class TrainingConfig(SFTConfig):
     include_num_input_tokens_seen: str | bool = True  # "all"; the parser reads this union as a bool
     bf16: bool | None = False  # set from --compute_dtype (TRL would default it on, failing on machines without)
     # Long-context memory switches (longqlora.training.memory); `python -m longqlora plan` shows what each one saves.
-    offload_activations: str = field(default="auto", metadata={
-        "help": "Checkpointed hidden states to pinned host memory, copied on a side stream (TRL's offloading): "
-                "auto (only tensors of at least --offload_min_tokens tokens, so short batches keep plain "
-                "checkpointing), on, or off."})
-    offload_min_tokens: int = field(default=8192, metadata={"help": "Smallest batch (tokens) whose checkpoints "
-                                                                     "--offload_activations auto moves to the host."})
-    chunked_loss: bool = field(default=True, metadata={"help": "TRL's fused LM head: the loss in tiles, never the "
-                                                                "(tokens x vocab) logits; false computes it from "
-                                                                "full fp32 logits (comparison only)."})
-    tiled_mlp: str = field(default="auto", metadata={"help": "Run the MLPs in sequence tiles of --tiled_mlp_tokens "
-                                                              "(one tile's intermediates at a time): auto (batches "
-                                                              "of 4 tiles or more), on, or off."})
+    offload_activations: str = field(
+        default="auto",
+        metadata={
+            "help": "Checkpointed hidden states to pinned host memory, copied on a side stream (TRL's offloading): "
+            "auto (only tensors of at least --offload_min_tokens tokens, so short batches keep plain "
+            "checkpointing), on, or off."
+        },
+    )
+    offload_min_tokens: int = field(
+        default=8192,
+        metadata={"help": "Smallest batch (tokens) whose checkpoints --offload_activations auto moves to the host."},
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "TRL's fused LM head: the loss in tiles, never the "
+            "(tokens x vocab) logits; false computes it from "
+            "full fp32 logits (comparison only)."
+        },
+    )
+    tiled_mlp: str = field(
+        default="auto",
+        metadata={
+            "help": "Run the MLPs in sequence tiles of --tiled_mlp_tokens "
+            "(one tile's intermediates at a time): auto (batches "
+            "of 4 tiles or more), on, or off."
+        },
+    )
     tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
-    recompute_norms: bool = field(default=True, metadata={"help": "Norms keep only their input for the backward "
-                                                                   "and recompute themselves there (not an fp32 "
-                                                                   "copy and their output); false: Llama's own."})
-    recompute_lora_dropout: bool = field(default=True, metadata={"help": "LoRA's dropout is redrawn in the backward "
-                                                                          "instead of keeping a dropped copy and "
-                                                                          "mask of every adapted input."})
+    recompute_norms: bool = field(
+        default=True,
+        metadata={
+            "help": "Norms keep only their input for the backward "
+            "and recompute themselves there (not an fp32 "
+            "copy and their output); false: Llama's own."
+        },
+    )
+    recompute_lora_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA's dropout is redrawn in the backward "
+            "instead of keeping a dropped copy and "
+            "mask of every adapted input."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,7 +93,13 @@ class TrainingConfig(SFTConfig):
 class RunConfig:
     """Switches of a recipe run that are neither model, data nor optimiser settings."""
 
-    tiny: bool = field(default=False, metadata={"help": "Run this very recipe end to end on CPU on a tiny random "
-                                                        "Llama (kept under <output_dir>/tiny-base) and bundled text."})
-    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit before "
-                                                           "loading weights."})
+    tiny: bool = field(
+        default=False,
+        metadata={
+            "help": "Run this very recipe end to end on CPU on a tiny random "
+            "Llama (kept under <output_dir>/tiny-base) and bundled text."
+        },
+    )
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print the resolved configuration and exit before loading weights."}
+    )

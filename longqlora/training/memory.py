@@ -54,8 +54,13 @@ def offload_context(model, threshold_bytes: int | None, *, pin_memory: bool = Tr
         return contextlib.nullcontext()
     from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
-    manager = get_act_offloading_ctx_manager(model, use_pin_memory=pin_memory, use_streams=use_streams,
-                                             min_offload_size=int(threshold_bytes), warn_if_no_head=False)
+    manager = get_act_offloading_ctx_manager(
+        model,
+        use_pin_memory=pin_memory,
+        use_streams=use_streams,
+        min_offload_size=int(threshold_bytes),
+        warn_if_no_head=False,
+    )
     _keep_loss_on_device(model)
     return manager
 
@@ -82,8 +87,10 @@ def _keep_loss_on_device(model) -> None:
             entered.clear()
             region.__exit__(None, None, None)
 
-    hf._longqlora_loss_on_device = (norm.register_forward_pre_hook(enter),
-                                    hf.register_forward_hook(leave, always_call=True))
+    hf._longqlora_loss_on_device = (
+        norm.register_forward_pre_hook(enter),
+        hf.register_forward_hook(leave, always_call=True),
+    )
 
 
 def _identity(tensor):
@@ -140,8 +147,12 @@ class _Recomputed(torch.autograd.Function):
         # Identity saved-tensor hooks: what a tile's recomputation saves is used at once, so an outer offloading
         # context (its hooks follow the autograd thread into this backward) must not send it to the host.
         no_offload = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
-                torch.autocast(device.type, **ctx.autocast), no_offload:
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.enable_grad(),
+            torch.autocast(device.type, **ctx.autocast),
+            no_offload,
+        ):
             _set_rng_state(device, ctx.rng)
             start = 0
             for piece, grad in zip(x.split(ctx.tile, dim=-2), grad_out.split(ctx.tile, dim=-2)):
@@ -170,8 +181,9 @@ def _set_rng_state(device, state):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _recompute_forward(module, run, tile_tokens: int, min_tokens: int = 0, min_length: int = 0,
-                       marker: str = "_longqlora_recomputed"):
+def _recompute_forward(
+    module, run, tile_tokens: int, min_tokens: int = 0, min_length: int = 0, marker: str = "_longqlora_recomputed"
+):
     """Make `module`'s forward `run` through _Recomputed when gradients flow, the batch holds at least `min_tokens`
     tokens and its rows are longer than `min_length` (the instance's forward is replaced, as TRL does for its fused
     LM head: weight names, PEFT and saving are unchanged). False when it already was."""
@@ -181,8 +193,14 @@ def _recompute_forward(module, run, tile_tokens: int, min_tokens: int = 0, min_l
 
     def forward(self, x, *args, **kwargs):
         params = tuple(p for p in self.parameters() if p.requires_grad)
-        if args or kwargs or not torch.is_grad_enabled() or not (x.requires_grad or params) or \
-                x.numel() // x.shape[-1] < min_tokens or x.shape[-2] <= min_length:
+        if (
+            args
+            or kwargs
+            or not torch.is_grad_enabled()
+            or not (x.requires_grad or params)
+            or x.numel() // x.shape[-1] < min_tokens
+            or x.shape[-2] <= min_length
+        ):
             return run(x, *args, **kwargs)
         return _Recomputed.apply(x, run, tile_tokens, *params)
 
@@ -210,12 +228,19 @@ def recompute_lora_dropout(model) -> int:
     count = 0
     for module in model.modules():
         drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
-        if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict) or \
-                getattr(module, "lora_variant", None):  # DoRA and the like use the dropped input elsewhere too
+        if (
+            not isinstance(drops, nn.ModuleDict)
+            or not isinstance(lora_a, nn.ModuleDict)
+            or getattr(module, "lora_variant", None)
+        ):  # DoRA and the like use the dropped input elsewhere too
             continue
         for name, drop in drops.items():
-            if not isinstance(drop, nn.Dropout) or drop.p == 0 or name not in lora_a or \
-                    "_longqlora_recomputed" in lora_a[name].__dict__:
+            if (
+                not isinstance(drop, nn.Dropout)
+                or drop.p == 0
+                or name not in lora_a
+                or "_longqlora_recomputed" in lora_a[name].__dict__
+            ):
                 continue
             a = lora_a[name]
 
@@ -237,8 +262,14 @@ def enable_tiled_mlp(model, tile_tokens: int, min_tokens: int = 0) -> int:
     count = 0
     for name, module in model.named_modules():
         if name.endswith(".mlp"):  # rows of one tile or less run the plain MLP: tiling them saves nothing
-            count += _recompute_forward(module, module.forward, tile_tokens, min_tokens, min_length=tile_tokens,
-                                        marker="_longqlora_untiled_forward")
+            count += _recompute_forward(
+                module,
+                module.forward,
+                tile_tokens,
+                min_tokens,
+                min_length=tile_tokens,
+                marker="_longqlora_untiled_forward",
+            )
     return count
 
 
@@ -252,24 +283,31 @@ def disable_recompute(model) -> None:
 
 # ------------------------------------------------------------------------------------------ a run's switches
 def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
-    """The planner's prediction (longqlora.training.plan) for this run's switches, against this GPU when there is one."""
+    """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
     from longqlora.training.plan import PlanConfig, plan
-
 
     tokens = training.per_device_train_batch_size * model_cfg.train_length
     mode = training.offload_activations
     offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
     cfg = PlanConfig(
-        model=model_cfg.model_name_or_path, context=model_cfg.train_length,
-        batch=training.per_device_train_batch_size, rank=model_cfg.lora_r,
+        model=model_cfg.model_name_or_path,
+        context=model_cfg.train_length,
+        batch=training.per_device_train_batch_size,
+        rank=model_cfg.lora_r,
         lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
-        trainable_params=model_cfg.trainable_params, offload=offload,
-        chunked_loss=training.chunked_loss, tile_tokens=training.tiled_mlp_tokens,
+        trainable_params=model_cfg.trainable_params,
+        offload=offload,
+        chunked_loss=training.chunked_loss,
+        tile_tokens=training.tiled_mlp_tokens,
         tiled_mlp=tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
-        compute_dtype=compute_dtype, load_in_4bit=model_cfg.load_in_4bit, lora_dropout=model_cfg.lora_dropout,
-        recompute_norms=training.recompute_norms, recompute_dropout=training.recompute_lora_dropout,
+        compute_dtype=compute_dtype,
+        load_in_4bit=model_cfg.load_in_4bit,
+        lora_dropout=model_cfg.lora_dropout,
+        recompute_norms=training.recompute_norms,
+        recompute_dropout=training.recompute_lora_dropout,
         optim=plan_optimizer(training.optim),
-        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None)
+        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
+    )
     return plan(hf_config, cfg)
 
 
@@ -284,8 +322,9 @@ def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None
     --recompute_lora_dropout ask for."""
     model = trainer.model
     hidden = model.config.get_text_config().hidden_size
-    threshold = offload_threshold_bytes(training.offload_activations, training.offload_min_tokens, hidden,
-                                        compute_dtype.itemsize)
+    threshold = offload_threshold_bytes(
+        training.offload_activations, training.offload_min_tokens, hidden, compute_dtype.itemsize
+    )
     # TRL builds its offloading context only from its own boolean flag; ours carries the size threshold.
     trainer.maybe_activation_offload_context = offload_context(model, threshold)
     tiled = 0
@@ -293,6 +332,14 @@ def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None
         tiled = enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
     norms = recompute_norms(model, training.tiled_mlp_tokens) if training.recompute_norms else 0
     dropouts = recompute_lora_dropout(model) if training.recompute_lora_dropout else 0
-    logger.info("memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
-                "%d norms and %d LoRA dropouts recomputed", training.offload_activations, threshold,
-                training.chunked_loss, training.tiled_mlp, tiled, norms, dropouts)
+    logger.info(
+        "memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
+        "%d norms and %d LoRA dropouts recomputed",
+        training.offload_activations,
+        threshold,
+        training.chunked_loss,
+        training.tiled_mlp,
+        tiled,
+        norms,
+        dropouts,
+    )

@@ -11,14 +11,13 @@ loss's and one layer's working set. CUDA's own context and the allocator's fragm
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from longqlora.hardware import DTYPES
 
-GIB = 2 ** 30
+GIB = 2**30
 # Total device memory as CUDA reports it (GiB), for --gpu.
-GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2,
-        "h100-80gb": 79.1}
+GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS workspaces, outside PyTorch's allocator
 FRAGMENTATION = 0.05  # reserved-but-unallocated share of the caching allocator
 # Checkpoints on the GPU while offloading, during the backward: the one in use and the one whose copy back has
@@ -38,18 +37,24 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absma
 class PlanConfig:
     """`python -m longqlora plan`: predicted peak GPU memory of a training step, and the longest context that fits."""
 
-    model: str = field(metadata={"help": "Preset (llama-2-7b, llama-2-13b, llama-2-70b, vicuna-13b, llama-3.1-8b, "
-                                         "mistral-7b, or their hub ids) or a local model directory."})
+    model: str = field(
+        metadata={
+            "help": "Preset (llama-2-7b, llama-2-13b, llama-2-70b, vicuna-13b, llama-3.1-8b, "
+            "mistral-7b, or their hub ids) or a local model directory."
+        }
+    )
     context: int = field(metadata={"help": "Training sequence length in tokens, e.g. 8192."})
     batch: int = field(default=1, metadata={"help": "Sequences per device step (per_device_train_batch_size)."})
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_target: str = field(default="attention", metadata={"help": "attention (q/k/v/o) or all-linear."})
-    trainable_params: str = field(default="embed,norm", metadata={"help": "Trained in full: comma list of embed, "
-                                                                           "norm; empty for plain LoRA."})
+    trainable_params: str = field(
+        default="embed,norm", metadata={"help": "Trained in full: comma list of embed, norm; empty for plain LoRA."}
+    )
     gpu: str | None = field(default=None, metadata={"help": f"One of {', '.join(GPUS)}."})
     gpu_memory: float | None = field(default=None, metadata={"help": "Device memory in GiB, instead of --gpu."})
-    host_memory: float | None = field(default=None, metadata={"help": "Host memory (GiB) that offloaded "
-                                                                      "checkpoints may pin; unlimited if unset."})
+    host_memory: float | None = field(
+        default=None, metadata={"help": "Host memory (GiB) that offloaded checkpoints may pin; unlimited if unset."}
+    )
     offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
@@ -57,14 +62,25 @@ class PlanConfig:
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
     load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
-    recompute_norms: bool = field(default=True, metadata={"help": "Norms recomputed in the backward "
-                                                                   "(--recompute_norms)."})
-    recompute_dropout: bool = field(default=True, metadata={"help": "LoRA dropout redrawn in the backward "
-                                                                     "(--recompute_lora_dropout)."})
-    optim: str = field(default="paged_adamw", metadata={"help": "paged_adamw (bitsandbytes, 32-bit states, the "
-                                                                  "recipes' default), adamw (torch) or adamw_8bit."})
-    baseline: bool = field(default=False, metadata={"help": "Plan plain QLoRA instead (prepare_model_for_kbit_"
-                                                            "training's fp32 weights, full attention, plain loss)."})
+    recompute_norms: bool = field(
+        default=True, metadata={"help": "Norms recomputed in the backward (--recompute_norms)."}
+    )
+    recompute_dropout: bool = field(
+        default=True, metadata={"help": "LoRA dropout redrawn in the backward (--recompute_lora_dropout)."}
+    )
+    optim: str = field(
+        default="paged_adamw",
+        metadata={
+            "help": "paged_adamw (bitsandbytes, 32-bit states, the recipes' default), adamw (torch) or adamw_8bit."
+        },
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Plan plain QLoRA instead (prepare_model_for_kbit_"
+            "training's fp32 weights, full attention, plain loss)."
+        },
+    )
     device: str = field(default="cuda", metadata={"help": "cuda, or cpu for the CPU benchmark's step."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
@@ -79,8 +95,10 @@ class PlanConfig:
             raise ValueError(f"--lora_target {self.lora_target!r}: use attention or all-linear")
         unknown = [t for t in self.trainable if t not in ("embed", "norm")]
         if unknown:
-            raise ValueError(f"--trainable_params {self.trainable_params!r}: unknown {', '.join(unknown)}; "
-                             "use a comma list of embed, norm")
+            raise ValueError(
+                f"--trainable_params {self.trainable_params!r}: unknown {', '.join(unknown)}; "
+                "use a comma list of embed, norm"
+            )
         if self.gpu is not None and self.gpu not in GPUS:
             raise ValueError(f"--gpu {self.gpu!r}: use one of {', '.join(GPUS)}, or --gpu_memory GIB")
         if self.gpu is not None and self.gpu_memory is not None:
@@ -124,10 +142,16 @@ class Shapes:
     def of(cls, config) -> Shapes:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
-                   intermediate=config.intermediate_size, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+        return cls(
+            vocab=config.vocab_size,
+            hidden=config.hidden_size,
+            layers=config.num_hidden_layers,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+        )
 
     def linear_shapes(self, all_linear: bool) -> list[tuple[int, int]]:
         """(in, out) of one layer's projections: q, k, v, o, then gate, up, down with `all_linear`."""
@@ -149,8 +173,9 @@ def load_config(name: str):
         return config
     path = os.path.expanduser(name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a "
-                         "config.json")
+        raise ValueError(
+            f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a config.json"
+        )
     return AutoConfig.from_pretrained(path)
 
 
@@ -185,11 +210,15 @@ def parameter_bytes(s: Shapes, cfg: PlanConfig) -> dict:
     frozen = linear * (NF4_BYTES_PER_PARAM if cfg.load_in_4bit else b.c)
     frozen += s.vocab * s.hidden * b.kept * (1 if s.tied else 2) + (2 * s.layers + 1) * s.hidden * b.kept
     lora = s.layers * cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
-    full = (s.vocab * s.hidden if "embed" in cfg.trainable else 0)
+    full = s.vocab * s.hidden if "embed" in cfg.trainable else 0
     full += (2 * s.layers + 1) * s.hidden if "norm" in cfg.trainable else 0
     trainable = lora + full  # PEFT keeps the frozen originals of modules_to_save, counted in `frozen`
-    return {"weights": frozen, "trainable_params": trainable,
-            "trainable_state": trainable * (4 + OPTIMIZER_STATE_BYTES[cfg.optim]), "gradients": 4 * trainable}
+    return {
+        "weights": frozen,
+        "trainable_params": trainable,
+        "trainable_state": trainable * (4 + OPTIMIZER_STATE_BYTES[cfg.optim]),
+        "gradients": 4 * trainable,
+    }
 
 
 def checkpoint_bytes(s: Shapes, cfg: PlanConfig) -> int:
@@ -291,88 +320,34 @@ def plan(config, cfg: PlanConfig) -> dict:
     + every gradient + the optimizer's temporaries)."""
     s = Shapes.of(config)
     params = parameter_bytes(s, cfg)
-    parts = {"weights": params["weights"], "trainable_state": params["trainable_state"],
-             "checkpoints": checkpoint_bytes(s, cfg), "layer_recompute": layer_bytes(s, cfg),
-             "loss": loss_bytes(s, cfg), "gradients_and_step": step_bytes(s, cfg, params)}
+    parts = {
+        "weights": params["weights"],
+        "trainable_state": params["trainable_state"],
+        "checkpoints": checkpoint_bytes(s, cfg),
+        "layer_recompute": layer_bytes(s, cfg),
+        "loss": loss_bytes(s, cfg),
+        "gradients_and_step": step_bytes(s, cfg, params),
+    }
     persistent = parts["weights"] + parts["trainable_state"]
     backward = persistent + parts["checkpoints"] + max(parts["layer_recompute"], parts["loss"])
     peak = max(backward, persistent + parts["gradients_and_step"])
     overhead = peak * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB if cfg.device == "cuda" else 0.0
-    result = {"model": cfg.model, "context": cfg.context, "batch": cfg.batch, "config": dataclasses.asdict(cfg),
-              "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.tiled_mlp},
-              "trainable_params": params["trainable_params"],
-              "parts_gib": {k: v / GIB for k, v in parts.items()},
-              "peak_allocated_gib": peak / GIB, "overhead_gib": overhead / GIB,
-              "device_need_gib": (peak + overhead) / GIB, "device_gib": cfg.device_gib,
-              "host_offload_gib": host_offload_bytes(s, cfg) / GIB}
+    result = {
+        "model": cfg.model,
+        "context": cfg.context,
+        "batch": cfg.batch,
+        "config": dataclasses.asdict(cfg),
+        "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.tiled_mlp},
+        "trainable_params": params["trainable_params"],
+        "parts_gib": {k: v / GIB for k, v in parts.items()},
+        "peak_allocated_gib": peak / GIB,
+        "overhead_gib": overhead / GIB,
+        "device_need_gib": (peak + overhead) / GIB,
+        "device_gib": cfg.device_gib,
+        "host_offload_gib": host_offload_bytes(s, cfg) / GIB,
+    }
     if cfg.device_gib is not None:
         result["fits"] = result["device_need_gib"] <= cfg.device_gib and (
-            cfg.host_memory is None or result["host_offload_gib"] <= cfg.host_memory)
+            cfg.host_memory is None or result["host_offload_gib"] <= cfg.host_memory
+        )
     return result
-
-
-def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 << 23) -> int:
-    """The longest context (a multiple of `step`) whose plan fits `cfg`'s device, 0 if none does."""
-    if cfg.device_gib is None:
-        raise ValueError("--gpu or --gpu_memory: needed to find the longest context that fits")
-
-    def fits(n):
-        return plan(config, replace(cfg, context=n))["fits"]
-
-    lo, hi = 0, limit // step
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid - 1)
-    return lo * step
-
-
-def advise(config, cfg: PlanConfig) -> dict:
-    """The plan, the longest context that fits as asked and with every switch on, and the switches to turn on."""
-    result = plan(config, cfg)
-    if cfg.device_gib is None:
-        return result
-    everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
-    result["longest_context"] = longest_context(config, cfg)
-    result["longest_context_all_switches"] = longest_context(config, everything)
-    result["host_offload_gib_at_longest"] = host_offload_bytes(
-        Shapes.of(config), replace(everything, context=result["longest_context_all_switches"])) / GIB
-    advice = []
-    if not result["fits"]:
-        for switches in ({"chunked_loss": True}, {"chunked_loss": True, "offload": True},
-                         {"chunked_loss": True, "offload": True, "tiled_mlp": True}):
-            if plan(config, replace(cfg, **switches))["fits"]:
-                advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
-                break
-        else:
-            advice = ["none fits: lower --context or --batch, or use a larger GPU"]
-    result["turn_on"] = advice
-    return result
-
-
-def render(result: dict) -> str:
-    """The plan as a short human-readable report."""
-    names = {"weights": "frozen weights (NF4 + embedding/head)",
-             "trainable_state": "trainable: fp32 params + optimizer state",
-             "checkpoints": "checkpointed hidden states", "layer_recompute": "one layer's recomputation",
-             "loss": "loss and its backward", "gradients_and_step": "gradients + optimizer step"}
-    on = [k for k, v in result["switches"].items() if v]
-    lines = [f"{result['model']} at {result['context']:,} tokens x batch {result['batch']} "
-             f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"]
-    lines += [f"  {names[k]:<46} {v:8.2f} GiB" for k, v in result["parts_gib"].items()]
-    lines.append(f"  {'peak allocated (backward start or end)':<46} "
-                 f"{result['peak_allocated_gib']:8.2f} GiB")
-    lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
-    if result.get("host_offload_gib"):
-        lines.append(f"  {'pinned host memory (offloaded checkpoints)':<46} {result['host_offload_gib']:8.2f} GiB")
-    if result.get("device_gib") is not None:
-        verdict = "fits" if result["fits"] else "does NOT fit"
-        lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
-    if "longest_context" in result:
-        lines.append(f"longest context that fits: {result['longest_context']:,} tokens as asked, "
-                     f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP "
-                     f"({result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory)")
-    if result.get("turn_on"):
-        lines.append("turn on: " + ", ".join(result["turn_on"]))
-    return "\n".join(lines)
-
-

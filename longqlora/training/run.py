@@ -44,31 +44,54 @@ def tiny_overrides(model_cfg, data_cfg, training):
     base = out / "tiny-base"
     if not (base / "config.json").exists():  # written whole, then renamed: a killed run leaves no half a base
         with atomic_directory(base) as partial:
-            save_tiny_model(partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]],
-                            max_position_embeddings=64)
-    model_cfg = dataclasses.replace(model_cfg, model_name_or_path=str(base), target_context=256,
-                                    compute_dtype="float32", attn_backend="sdpa", pose_window=pose.tiny_window(
-                                        model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks))
+            save_tiny_model(
+                partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]], max_position_embeddings=64
+            )
+    model_cfg = dataclasses.replace(
+        model_cfg,
+        model_name_or_path=str(base),
+        target_context=256,
+        compute_dtype="float32",
+        attn_backend="sdpa",
+        pose_window=pose.tiny_window(model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks),
+    )
     if isinstance(data_cfg, instructions.InstructionDataConfig):
-        data_cfg = dataclasses.replace(data_cfg, dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
-                                       num_proc=None, system_prompt=data_cfg.system_prompt or "A chat.")
+        data_cfg = dataclasses.replace(
+            data_cfg,
+            dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
+            num_proc=None,
+            system_prompt=data_cfg.system_prompt or "A chat.",
+        )
     else:
-        data_cfg = dataclasses.replace(data_cfg, dataset=corpora.book_path("austen_persuasion"), min_length=0,
-                                       num_proc=None, max_documents=None)
+        data_cfg = dataclasses.replace(
+            data_cfg, dataset=corpora.book_path("austen_persuasion"), min_length=0, num_proc=None, max_documents=None
+        )
     training = dataclasses.replace(
-        training, max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4, save_steps=2,
-        per_device_train_batch_size=1, gradient_accumulation_steps=2, warmup_steps=1, logging_steps=1,
-        optim="adamw_torch", dataset_num_proc=None, use_cpu=True, fp16=False, bf16=False,
-        learning_rate=max(training.learning_rate, 1e-3))
+        training,
+        max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
+        save_steps=2,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        warmup_steps=1,
+        logging_steps=1,
+        optim="adamw_torch",
+        dataset_num_proc=None,
+        use_cpu=True,
+        fp16=False,
+        bf16=False,
+        learning_rate=max(training.learning_rate, 1e-3),
+    )
     return model_cfg, data_cfg, training
 
 
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
     dtype = info.compute_dtype
-    changes = {"max_length": model_cfg.train_length,
-               "fp16": dtype == "float16" and torch.cuda.is_available(),
-               "bf16": dtype == "bfloat16" and torch.cuda.is_available()}
+    changes = {
+        "max_length": model_cfg.train_length,
+        "fp16": dtype == "float16" and torch.cuda.is_available(),
+        "bf16": dtype == "bfloat16" and torch.cuda.is_available(),
+    }
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         changes.update(packing=False, assistant_only_loss=True)
     else:
@@ -84,8 +107,13 @@ def s2_options(model_cfg: ModelConfig) -> dict | None:
     steps) and the variant options; None with full attention."""
     if not model_cfg.s2_attention:
         return None
-    return {"group_sizes": model_cfg.group_sizes, "shift": model_cfg.s2_shift, "sink_tokens": model_cfg.s2_sink_tokens,
-            "full_heads": model_cfg.s2_full_heads, "full_every": model_cfg.s2_full_every}
+    return {
+        "group_sizes": model_cfg.group_sizes,
+        "shift": model_cfg.s2_shift,
+        "sink_tokens": model_cfg.s2_sink_tokens,
+        "full_heads": model_cfg.s2_full_heads,
+        "full_every": model_cfg.s2_full_every,
+    }
 
 
 def _attention_text(model_cfg: ModelConfig) -> str:
@@ -94,12 +122,17 @@ def _attention_text(model_cfg: ModelConfig) -> str:
     if o is None:
         return "full"
     sizes = o["group_sizes"]
-    text = f"S2-Attn, group {sizes[0]}" if len(sizes) == 1 else \
-        f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
-    extras = [f"1 step in {o['full_every']} full" if o["full_every"] else "",
-              f"{o['sink_tokens']} sink tokens" if o["sink_tokens"] else "",
-              f"{o['full_heads']:.0%} of heads full" if o["full_heads"] else "",
-              "rolled shift" if o["shift"] == "rolled" else ""]
+    text = (
+        f"S2-Attn, group {sizes[0]}"
+        if len(sizes) == 1
+        else f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
+    )
+    extras = [
+        f"1 step in {o['full_every']} full" if o["full_every"] else "",
+        f"{o['sink_tokens']} sink tokens" if o["sink_tokens"] else "",
+        f"{o['full_heads']:.0%} of heads full" if o["full_heads"] else "",
+        "rolled shift" if o["shift"] == "rolled" else "",
+    ]
     return ", ".join([text, *filter(None, extras)])
 
 
@@ -124,6 +157,7 @@ class ResolvedRun:
 def describe(run: ResolvedRun, counts: ModelInfo | dict | None = None) -> str:
     """The resolved configuration, as `--dry_run` prints it and the run logs it; `counts` has trainable_params and
     total_params (the loaded model's info, or a count without weights)."""
+
     def plain(value):  # TrainingArguments turns some strings into enums
         return getattr(value, "value", value)
 
@@ -155,10 +189,15 @@ def describe(run: ResolvedRun, counts: ModelInfo | dict | None = None) -> str:
     if plan:
         on = [k for k, v in plan["switches"].items() if v]
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in plan["parts_gib"].items())
-        fit = "" if plan.get("fits") is None else (" - fits this GPU" if plan["fits"] else
-                                                    f" - does NOT fit this GPU ({plan['device_gib']:.1f} GiB)")
-        lines.append(f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated + "
-                     f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'}){fit}")
+        fit = (
+            ""
+            if plan.get("fits") is None
+            else (" - fits this GPU" if plan["fits"] else f" - does NOT fit this GPU ({plan['device_gib']:.1f} GiB)")
+        )
+        lines.append(
+            f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated + "
+            f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'}){fit}"
+        )
     return "\n".join(lines)
 
 
@@ -177,13 +216,28 @@ def extension_record(run: ResolvedRun, info: ModelInfo, data_stats: dict, train_
     """What the adapter records about its run (longqlora.record)."""
     cfg = run.model
     return ExtensionRecord(
-        model=info.model, original_context=info.original_context, target_context=info.target_context,
-        pi_factor=info.pi_factor, rope_type=info.rope_type, compute_dtype=info.compute_dtype,
-        load_in_4bit=info.load_in_4bit, attn_backend=info.attn_backend, s2_attention=cfg.s2_attention,
-        s2_options=s2_options(cfg), pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window
-        else None, lora={"r": cfg.lora_r, "target": cfg.lora_target, "trainable_modules": cfg.trainable_params,
-                         "trainable_params": info.trainable_params, "total_params": info.total_params},
-        memory_plan=run.plan, data={"dataset": run.data.dataset, **data_stats}, train=train_stats)
+        model=info.model,
+        original_context=info.original_context,
+        target_context=info.target_context,
+        pi_factor=info.pi_factor,
+        rope_type=info.rope_type,
+        compute_dtype=info.compute_dtype,
+        load_in_4bit=info.load_in_4bit,
+        attn_backend=info.attn_backend,
+        s2_attention=cfg.s2_attention,
+        s2_options=s2_options(cfg),
+        pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
+        lora={
+            "r": cfg.lora_r,
+            "target": cfg.lora_target,
+            "trainable_modules": cfg.trainable_params,
+            "trainable_params": info.trainable_params,
+            "total_params": info.total_params,
+        },
+        memory_plan=run.plan,
+        data={"dataset": run.data.dataset, **data_stats},
+        train=train_stats,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -215,10 +269,13 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
-        raise ValueError(f"--pose_window {model_cfg.pose_window}: PoSE trains on rows cut from long text, but "
-                         "conversations train whole; pass a text --dataset, or --pose_window 0")
-    hf_config, info = check_model(model_cfg, trust_remote_code=training.trust_remote_code,
-                                  prefer_preset=run_cfg.dry_run)
+        raise ValueError(
+            f"--pose_window {model_cfg.pose_window}: PoSE trains on rows cut from long text, but "
+            "conversations train whole; pass a text --dataset, or --pose_window 0"
+        )
+    hf_config, info = check_model(
+        model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
+    )
     training = finalize_training(model_cfg, data_cfg, training, info)
     plan = memory.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
@@ -230,33 +287,51 @@ def train(run: ResolvedRun) -> Path:
 
     model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
     if plan.get("fits") is False:
-        logger.warning("this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of "
-                       "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
-                       "parts and the switches that fit", plan["device_need_gib"], plan["device_gib"],
-                       model_cfg.model_name_or_path, model_cfg.train_length, plan["device_gib"])
+        logger.warning(
+            "this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of "
+            "memory; `python -m longqlora plan --model %s --context %d --gpu_memory %.0f` shows the "
+            "parts and the switches that fit",
+            plan["device_need_gib"],
+            plan["device_gib"],
+            model_cfg.model_name_or_path,
+            model_cfg.train_length,
+            plan["device_gib"],
+        )
     loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
-    with checkpoints.locked_run(training.output_dir, training.resume_from_checkpoint,
-                                with_optimizer=not training.save_only_model) as resume:
+    with checkpoints.locked_run(
+        training.output_dir, training.resume_from_checkpoint, with_optimizer=not training.save_only_model
+    ) as resume:
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
-        model, tokenizer, info = load_model(model_cfg, checked=(run.hf_config, run.info),
-                                            gradient_checkpointing=training.gradient_checkpointing,
-                                            trust_remote_code=training.trust_remote_code)
+        model, tokenizer, info = load_model(
+            model_cfg,
+            checked=(run.hf_config, run.info),
+            gradient_checkpointing=training.gradient_checkpointing,
+            trust_remote_code=training.trust_remote_code,
+        )
         logger.info("configuration:\n%s", describe(run, info))
         dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
         guard = checkpoints.CheckpointGuard()
-        trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
-                             compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss)
+        trainer = SFTTrainer(
+            model=model,
+            args=training,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
+            compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss,
+        )
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
         trainable_to_fp32(trainer.model)
         memory.apply_memory_switches(trainer, training, info.dtype)
         trained = checkpoints.run_training(trainer, resume, guard)
         if torch.cuda.is_available():
-            trained.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
-                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-        out = save_adapter_atomic(trainer.model, tokenizer, training.output_dir,
-                                  extension_record(run, info, stats, trained))
+            trained.update(
+                peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+            )
+        out = save_adapter_atomic(
+            trainer.model, tokenizer, training.output_dir, extension_record(run, info, stats, trained)
+        )
         checkpoints.remove_aside(out)
     logger.info("adapter written to %s", out)
     return out

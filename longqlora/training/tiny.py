@@ -67,8 +67,16 @@ def train_tokenizer(texts, vocab_size: int = 320):
     )
 
 
-def save_tiny_model(path, *, shape: str = "gqa", texts=None, vocab_size: int = 320, max_position_embeddings=128,
-                    seed: int = 0, **overrides) -> Path:
+def save_tiny_model(
+    path,
+    *,
+    shape: str = "gqa",
+    texts=None,
+    vocab_size: int = 320,
+    max_position_embeddings=128,
+    seed: int = 0,
+    **overrides,
+) -> Path:
     """Write a random tiny Llama and its tokenizer to `path` (safetensors), as a stand-in for a hub checkpoint."""
     import torch
     from transformers import LlamaForCausalLM
@@ -76,8 +84,9 @@ def save_tiny_model(path, *, shape: str = "gqa", texts=None, vocab_size: int = 3
     path = Path(path)
     texts = list(texts) if texts is not None else [_FALLBACK_TEXT]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = tiny_llama_config(shape, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
-                               **overrides)
+    config = tiny_llama_config(
+        shape, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **overrides
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path, safe_serialization=True)
@@ -106,8 +115,7 @@ def tiny_instruction_file(path, n: int = 24) -> Path:
     rows = []
     for i, passage in enumerate(paragraphs):
         first = passage.split(". ")[0] + "."
-        rows.append({"instruction": "What is the first sentence of this passage?", "input": passage,
-                     "output": first})
+        rows.append({"instruction": "What is the first sentence of this passage?", "input": passage, "output": first})
         if i % 2:  # vary the wording
             rows[-1]["instruction"] = "Quote the opening sentence of the passage below."
     return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

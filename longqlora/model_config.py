@@ -1,0 +1,228 @@
+"""The model flags of every recipe (`ModelConfig`): which base, the target context, S2-Attn and its schedule, PoSE,
+the kernel, the precision and LoRA. Each value is checked in `__post_init__`, one line naming the flag; what needs
+the model's own config is checked by `model.check_model`. `longqlora.model` re-exports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longqlora import hardware
+from longqlora.attention.experimental import check_variant
+from longqlora.hardware import DTYPES
+
+TRAINABLE_TOKENS = ("embed", "norm")
+
+
+# S2-Attn's default group-size schedule, as multiples of --group_ratio (mean 1: a fixed group's attention cost).
+# docs/ablations.md ("Default"): better than a fixed group on every seed in fp32, and at 120 steps on NF4.
+DEFAULT_SCHEDULE = "0.25,0.75,2"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to adapt it; the fields become command-line flags through HfArgumentParser."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Local model directory or hub id of a RoPE decoder (Llama, Mistral, Qwen2)."}
+    )
+    target_context: int = field(
+        metadata={
+            "help": "Context length to extend to, e.g. 8192; RoPE is "
+            "position-interpolated by target / pre-trained context."
+        }
+    )
+    group_ratio: float = field(
+        default=0.25,
+        metadata={
+            "help": "S2-Attn group size as a fraction of the training "
+            "length (--target_context, or --pose_window), in "
+            "(0, 1] (LongLoRA §3.2 uses 1/4)."
+        },
+    )
+    s2_attention: bool = field(
+        default=True,
+        metadata={"help": "Train with shifted sparse attention; false trains with full attention (ablation)."},
+    )
+    s2_shift: str = field(
+        default="leakfree",
+        metadata={
+            "help": "S2-Attn shift: leakfree (ours: half groups at "
+            "the ends) or rolled (LongLoRA's original roll, "
+            "which wraps around; ablation)."
+        },
+    )
+    s2_sink_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "S2-Attn attention sinks (SinkLoRA): the first N tokens of each document visible to every query."
+        },
+    )
+    s2_full_heads: float = field(
+        default=0.0,
+        metadata={"help": "Share of attention heads in full causal attention during S2 training, in [0, 1]."},
+    )
+    s2_full_every: int = field(
+        default=0,
+        metadata={
+            "help": "Train every Nth step with full attention in all heads "
+            "and the others with S2-Attn (N >= 2); 0 = never."
+        },
+    )
+    s2_group_schedule: str = field(
+        default=DEFAULT_SCHEDULE,
+        metadata={
+            "help": "S2-Attn group-size schedule: multiples of --group_ratio (capped at the training length) that "
+            "share the training steps in order; their mean is the attention cost relative to a fixed group "
+            "(docs/ablations.md); none = --group_ratio throughout."
+        },
+    )
+    # PoSE lives with the model, not the data: it decides which positions RoPE (interpolated to --target_context)
+    # sees and how long the rows whose S2 groups are set here are; the data config only says what is packed.
+    pose_window: int = field(
+        default=0,
+        metadata={
+            "help": "PoSE (arXiv 2309.10400): train in rows of this many "
+            "tokens whose position ids skip so that they span "
+            "--target_context; 0 = off (rows of --target_context)."
+        },
+    )
+    pose_chunks: int = field(
+        default=2,
+        metadata={
+            "help": "PoSE: chunks per document; each after the first skips "
+            "a random number of positions (the paper uses 2)."
+        },
+    )
+    attn_backend: str = field(
+        default="auto", metadata={"help": "Attention kernel: auto, sdpa, flash_attn or xformers."}
+    )
+    load_in_4bit: bool = field(
+        default=True,
+        metadata={"help": "Quantize the frozen base to 4-bit NF4 with double quantization (bitsandbytes)."},
+    )
+    compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of activations and 4-bit matmuls: auto "
+            "(bf16 where supported, else fp16), bfloat16, "
+            "float16 or float32."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target: str = field(
+        default="attention",
+        metadata={
+            "help": "Modules that get LoRA: attention (q/k/v/o "
+            "projections), all-linear, or a comma list "
+            "of module names."
+        },
+    )
+    trainable_params: str = field(
+        default="embed,norm",
+        metadata={
+            "help": "Modules trained in full and saved with "
+            "the adapter (LongLoRA §3.3): comma list "
+            "of embed, norm; empty for plain LoRA."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to load."})
+
+    def __post_init__(self):
+        def bad(flag, value, fix):
+            raise ValueError(f"--{flag} {value!r}: {fix}")
+
+        if self.target_context < 1:
+            bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
+        if not 0 < self.group_ratio <= 1:
+            bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
+        check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)
+        if self.s2_full_every < 0 or self.s2_full_every == 1:
+            bad(
+                "s2_full_every",
+                self.s2_full_every,
+                "must be 0 (never) or >= 2; every step in full attention is --s2_attention false",
+            )
+        try:
+            multiples = self.group_schedule
+        except ValueError:
+            multiples = [0.0]
+        if not multiples or not all(m > 0 for m in multiples):
+            bad(
+                "s2_group_schedule",
+                self.s2_group_schedule,
+                f"must be none or a comma list of positive multiples of --group_ratio, e.g. {DEFAULT_SCHEDULE}",
+            )
+        if self.pose_window < 0 or self.pose_window >= self.target_context:
+            bad(
+                "pose_window",
+                self.pose_window,
+                f"must be 0 (off) or a row length below --target_context "
+                f"{self.target_context}, e.g. {self.target_context // 4}",
+            )
+        if self.pose_chunks < 2:
+            bad(
+                "pose_chunks",
+                self.pose_chunks,
+                "must be at least 2: the first chunk keeps positions from 0, the others skip",
+            )
+        if self.pose_window and self.pose_chunks > self.pose_window:
+            bad("pose_chunks", self.pose_chunks, f"must be at most --pose_window {self.pose_window}")
+        if self.pose_window and self.s2_shift == "rolled":
+            bad("s2_shift", self.s2_shift, "LongLoRA's roll knows no position ids; PoSE takes --s2_shift leakfree")
+        if self.s2_shift == "rolled" and any(self.target_context % g for g in self.group_sizes):
+            bad(
+                "s2_group_schedule",
+                self.s2_group_schedule,
+                f"--s2_shift rolled needs groups that divide "
+                f"--target_context {self.target_context}, got {self.group_sizes}; use --s2_group_schedule none",
+            )
+        if self.lora_r < 1:
+            bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", self.lora_dropout, "must be in [0, 1), e.g. 0.05")
+        if self.compute_dtype not in ("auto", *DTYPES):
+            bad("compute_dtype", self.compute_dtype, f"must be one of auto, {', '.join(DTYPES)}")
+        if self.attn_backend not in ("auto", *hardware.BACKENDS):
+            bad("attn_backend", self.attn_backend, f"must be one of auto, {', '.join(hardware.BACKENDS)}")
+        unknown = [t for t in self.trainable_tokens if t not in TRAINABLE_TOKENS]
+        if unknown:
+            bad(
+                "trainable_params",
+                self.trainable_params,
+                f"unknown {', '.join(unknown)}; use a comma list of {', '.join(TRAINABLE_TOKENS)}, or '' for none",
+            )
+        if not self.lora_target.strip(" ,"):
+            bad("lora_target", self.lora_target, "use attention, all-linear or a comma list of module names")
+
+    @property
+    def train_length(self) -> int:
+        """Tokens per training row: --pose_window with PoSE, else --target_context."""
+        return self.pose_window or self.target_context
+
+    @property
+    def group_size(self) -> int:
+        """S2-Attn group size in tokens: group_ratio x the training length, at least 1."""
+        return max(1, int(round(self.group_ratio * self.train_length)))
+
+    @property
+    def group_schedule(self) -> list[float]:
+        """The parsed `s2_group_schedule`, multiples of group_ratio ([1.0] for none); ValueError on a non-number."""
+        if self.s2_group_schedule.strip().lower() in ("", "none"):
+            return [1.0]
+        return [float(m) for m in self.s2_group_schedule.split(",") if m.strip()]
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """S2-Attn group sizes in tokens, one per equal share of the training steps (at most the training length:
+        with --group_ratio above 1/2 the default schedule's last share is one whole-row group)."""
+        return [
+            max(1, min(self.train_length, int(round(m * self.group_ratio * self.train_length))))
+            for m in self.group_schedule
+        ]
+
+    @property
+    def trainable_tokens(self) -> list[str]:
+        """The parsed `trainable_params` list, e.g. ["embed", "norm"]."""
+        return [t.strip() for t in self.trainable_params.split(",") if t.strip()]

@@ -1,0 +1,84 @@
+"""What `python -m longqlora plan` says from the planner's arithmetic (plan.py): the longest context that fits a
+GPU, as asked and with every memory switch on, and the switches that make a run fit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from longqlora.training.plan import GIB, PlanConfig, Shapes, host_offload_bytes, plan
+
+
+def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 << 23) -> int:
+    """The longest context (a multiple of `step`) whose plan fits `cfg`'s device, 0 if none does."""
+    if cfg.device_gib is None:
+        raise ValueError("--gpu or --gpu_memory: needed to find the longest context that fits")
+
+    def fits(n):
+        return plan(config, replace(cfg, context=n))["fits"]
+
+    lo, hi = 0, limit // step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid - 1)
+    return lo * step
+
+
+def advise(config, cfg: PlanConfig) -> dict:
+    """The plan, the longest context that fits as asked and with every switch on, and the switches to turn on."""
+    result = plan(config, cfg)
+    if cfg.device_gib is None:
+        return result
+    everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
+    result["longest_context"] = longest_context(config, cfg)
+    result["longest_context_all_switches"] = longest_context(config, everything)
+    result["host_offload_gib_at_longest"] = (
+        host_offload_bytes(Shapes.of(config), replace(everything, context=result["longest_context_all_switches"])) / GIB
+    )
+    advice = []
+    if not result["fits"]:
+        for switches in (
+            {"chunked_loss": True},
+            {"chunked_loss": True, "offload": True},
+            {"chunked_loss": True, "offload": True, "tiled_mlp": True},
+        ):
+            if plan(config, replace(cfg, **switches))["fits"]:
+                advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
+                break
+        else:
+            advice = ["none fits: lower --context or --batch, or use a larger GPU"]
+    result["turn_on"] = advice
+    return result
+
+
+def render(result: dict) -> str:
+    """The plan as a short human-readable report."""
+    names = {
+        "weights": "frozen weights (NF4 + embedding/head)",
+        "trainable_state": "trainable: fp32 params + optimizer state",
+        "checkpoints": "checkpointed hidden states",
+        "layer_recompute": "one layer's recomputation",
+        "loss": "loss and its backward",
+        "gradients_and_step": "gradients + optimizer step",
+    }
+    on = [k for k, v in result["switches"].items() if v]
+    lines = [
+        f"{result['model']} at {result['context']:,} tokens x batch {result['batch']} "
+        f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"
+    ]
+    lines += [f"  {names[k]:<46} {v:8.2f} GiB" for k, v in result["parts_gib"].items()]
+    lines.append(f"  {'peak allocated (backward start or end)':<46} {result['peak_allocated_gib']:8.2f} GiB")
+    lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
+    if result.get("host_offload_gib"):
+        lines.append(f"  {'pinned host memory (offloaded checkpoints)':<46} {result['host_offload_gib']:8.2f} GiB")
+    if result.get("device_gib") is not None:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
+    if "longest_context" in result:
+        lines.append(
+            f"longest context that fits: {result['longest_context']:,} tokens as asked, "
+            f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP "
+            f"({result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory)"
+        )
+    if result.get("turn_on"):
+        lines.append("turn on: " + ", ".join(result["turn_on"]))
+    return "\n".join(lines)
