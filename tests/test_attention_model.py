@@ -5,13 +5,7 @@ import statistics
 
 import pytest
 import torch
-from transformers import (
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from longqlora.attention import disable_s2_attention, enable_s2_attention, s2_enabled
 from longqlora.attention.integration import IMPLEMENTATION

@@ -43,11 +43,7 @@ _S2_MASKS = contextvars.ContextVar("longqlora_s2_masks", default=None)
 
 def _mask_function(*args, **kwargs):
     """Mask interface entry for "longqlora_s2": the 2-D padding mask for S2 forwards, else the base model's mask."""
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        flash_attention_mask,
-        sdpa_mask,
-    )
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
 
     s2, base = _S2_MASKS.get() or (False, "sdpa")
     if s2:

@@ -12,11 +12,7 @@ logger = logging.getLogger(__name__)
 
 # name -> (hidden, heads, kv_heads, layers, intermediate). "gqa": grouped-query attention with an even head count;
 # "odd": 3 query heads sharing one KV head, so the two S2 head halves (1 and 2 heads) split a KV group.
-TINY_SHAPES = {
-    "mha": (128, 4, 4, 2, 256),
-    "gqa": (128, 4, 2, 2, 256),
-    "odd": (192, 3, 1, 2, 256),
-}
+TINY_SHAPES = {"mha": (128, 4, 4, 2, 256), "gqa": (128, 4, 2, 2, 256), "odd": (192, 3, 1, 2, 256)}
 
 
 def tiny_llama_config(shape: str = "gqa", *, vocab_size: int = 320, max_position_embeddings: int = 128, **overrides):
