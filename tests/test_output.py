@@ -1,0 +1,49 @@
+"""The one atomic directory writer (longqlora.output.atomic_directory): a failure leaves the output as it was, a
+success replaces it whole (or moves files into it, the `last` ones last), and a killed writer's leftovers go."""
+
+import pytest
+
+from longqlora.output import atomic_directory
+
+
+def test_replace_whole_and_failure_leaves_the_old_output(tmp_path):
+    out = tmp_path / "model"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and (out / "a.txt").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "b.txt").write_text("two")
+        raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # untouched
+    with atomic_directory(out) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+
+
+def test_into_keeps_other_files_and_moves_the_last_names_last(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "adapter_config.json").write_text("old")
+    (out / ".partial-stale").mkdir()  # left by a killed writer
+    order = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: order.append(os.path.basename(dst)) or real(src, dst))
+    with atomic_directory(out, into=True, last=("adapter_config.json",)) as tmp:
+        assert tmp.parent == out
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+            (tmp / name).write_text("new")
+    assert order[-1] == "adapter_config.json" and set(order) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    }
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-2",
+        "tokenizer.json",
+    ]
+    assert (out / "adapter_config.json").read_text() == "new"
