@@ -259,6 +259,7 @@ def _extend_full(run) -> Path:
     from trl import SFTTrainer
 
     from longqlora.model import load_base
+    from longqlora.output import atomic_directory
     from longqlora.training.run import prepare_dataset
 
     model_cfg, training = run.model, run.training
@@ -269,8 +270,9 @@ def _extend_full(run) -> Path:
     trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     out = Path(training.output_dir)
-    trainer.model.save_pretrained(out, safe_serialization=True)  # config.json carries the interpolation
-    tokenizer.save_pretrained(out)
+    with atomic_directory(out, into=True, last=("config.json",)) as tmp:  # config.json carries the interpolation
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -235,9 +235,7 @@ def merge(cfg: MergeConfig) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         saved_config = _check_saved_config(tmp, info.target_context)
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=getattr(torch, cfg.dtype), device_map={"": device}
-        ).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[cfg.dtype], device_map={"": device}).eval()
         reloaded_logits = logits_of(reloaded, ids)
         del reloaded
         reloaded_diff = float((reference - reloaded_logits).abs().max())

@@ -198,6 +198,10 @@ def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_co
     from transformers import BitsAndBytesConfig
 
     hf_config, info = checked or check_model(cfg, trust_remote_code=trust_remote_code)
+    if (info.model, info.target_context) != (cfg.model_name_or_path, cfg.target_context):
+        raise RuntimeError(
+            f"load_base: checked= was made for {info.model} at {info.target_context} tokens, not this config"
+        )
     path = os.path.expanduser(cfg.model_name_or_path)
     tokenizer = load_tokenizer(
         cfg.model_name_or_path,

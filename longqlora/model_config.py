@@ -203,7 +203,8 @@ class ModelConfig:
 
     @property
     def group_size(self) -> int:
-        """S2-Attn group size in tokens: group_ratio x the training length, at least 1."""
+        """The unit the schedule multiplies: group_ratio x the training length, at least 1 (the one group trained
+        with --s2_group_schedule none; otherwise `group_sizes` says what trains)."""
         return max(1, int(round(self.group_ratio * self.train_length)))
 
     @property

@@ -45,28 +45,57 @@ def write_text_atomic(path, text: str) -> Path:
     return path
 
 
+def _owner_alive(path: Path) -> bool:
+    """Whether the process that made a temporary folder `.<...>-<pid>-<random>` still runs."""
+    try:
+        pid = int(path.name.rsplit("-", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return pid != os.getpid()  # a folder of this very process is never a live writer's: it is one we left
+
+
+def _readable_modes(root: Path) -> None:
+    """mkdtemp makes 0700 and some writers 0600: give the new tree the modes the umask gives a plain file or
+    folder; symlinks are left as they are (their targets lie outside)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
     """Yield an empty temporary folder to fill; when the block ends without an error its contents become `out`.
 
     into=False: the folder is a sibling of `out` and replaces it by one rename (an existing `out` is moved aside
-    first and removed after). into=True: the folder lies inside `out` (which keeps its other files, e.g.
-    checkpoints) and each entry is moved in, the names in `last` after the others and removed from `out` before
-    the first move, so that a reader keyed on them never sees a half-moved set. On an error or a kill the
-    temporary folder is all that is left; the next call removes it. Files become 0644 and folders 0755 (mkdtemp
-    and some writers make 0600/0700).
+    first and removed after; a kill between those two renames is repaired by the next call, which puts the old
+    output back). into=True: the folder lies inside `out` (which keeps its other files, e.g. checkpoints) and
+    each entry is moved in, the names in `last` after the others and removed from `out` before the first move, so
+    that a reader keyed on them never sees a half-moved set. On an error or a kill the temporary folder is all
+    that is left; a later call removes it once the process that made it has ended.
     """
     out = Path(os.path.expanduser(str(out)))
     parent = out if into else out.parent
     parent.mkdir(parents=True, exist_ok=True)
     prefix = ".partial-" if into else f".{out.name}.partial-"
+    aside_prefix = f".{out.name}.old-"
     for stale in parent.glob(f"{prefix}*"):  # left by a killed writer of the same output
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        if not _owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    if not into:
+        for old in parent.glob(f"{aside_prefix}*"):
+            if not out.exists() and (old / out.name).exists():  # killed between the two renames below
+                os.replace(old / out.name, out)
+            if not _owner_alive(old):
+                shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     try:
         yield tmp
-        for path in [tmp, *tmp.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        _readable_modes(tmp)
         if into:
             names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n in last, n))
             for name in last:
@@ -78,7 +107,7 @@ def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
         else:
             aside = None
             if out.exists():
-                aside = Path(tempfile.mkdtemp(prefix=f"{prefix}old-", dir=parent))
+                aside = Path(tempfile.mkdtemp(prefix=f"{aside_prefix}{os.getpid()}-", dir=parent))
                 os.replace(out, aside / out.name)
             os.replace(tmp, out)
             if aside is not None:
@@ -120,8 +149,13 @@ def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
     return path

@@ -48,6 +48,20 @@ class ExtensionRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> ExtensionRecord:
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        data = dict(data)
+        # Records written before this type kept the LoRA settings at the top level: read them into `lora`.
+        old = {
+            "lora_r": "r",
+            "lora_target": "target",
+            "trainable_modules": "trainable_modules",
+            "trainable_params": "trainable_params",
+            "total_params": "total_params",
+        }
+        lora = {new: data.pop(key) for key, new in old.items() if key in data}
+        if lora and not data.get("lora"):
+            data["lora"] = lora
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

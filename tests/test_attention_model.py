@@ -189,7 +189,7 @@ def test_rejects_models_without_rope():
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="rotary"):
         enable_s2_attention(model, 16)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="group size 0: must be a positive number of tokens"):
         enable_s2_attention(make_model("llama-gqa"), 0)
 
 

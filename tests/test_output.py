@@ -10,7 +10,10 @@ def test_replace_whole_and_failure_leaves_the_old_output(tmp_path):
     out = tmp_path / "model"
     with atomic_directory(out) as tmp:
         (tmp / "a.txt").write_text("one")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and (out / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["a.txt"]
+        and (out / "a.txt").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    )
     with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
         (tmp / "b.txt").write_text("two")
         raise RuntimeError("killed halfway")
@@ -47,3 +50,51 @@ def test_into_keeps_other_files_and_moves_the_last_names_last(tmp_path, monkeypa
         "tokenizer.json",
     ]
     assert (out / "adapter_config.json").read_text() == "new"
+
+
+def test_a_kill_between_the_renames_is_repaired_and_a_live_writer_is_left_alone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    aside = tmp_path / ".merged.old-999999999-abc"  # a writer killed after moving the old output aside
+    (aside / "merged").mkdir(parents=True)
+    (aside / "merged" / "config.json").write_text("previous")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".merged.partial-{sleeper.pid}-xyz"  # another process writing right now
+        live.mkdir()
+        with pytest.raises(RuntimeError), atomic_directory(out):
+            raise RuntimeError("this run fails at once")
+        assert (out / "config.json").read_text() == "previous"  # put back, not deleted
+        assert not aside.exists() and live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert not live.exists() and (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_symlinks_inside_are_not_followed(tmp_path):
+    import os
+
+    private = tmp_path / "secret.txt"
+    private.write_text("x")
+    os.chmod(private, 0o600)
+    with atomic_directory(tmp_path / "data") as tmp:
+        (tmp / "link").symlink_to(private)
+        (tmp / "dangling").symlink_to(tmp_path / "nothing-here")
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "data" / "link").is_symlink()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -268,7 +268,8 @@ def test_tiny_recipe_trains_with_pose(tmp_path, monkeypatch):
     )
     extension = json.loads((out / "longqlora_extension.json").read_text())
     assert extension["pose"] == {"window": 64, "chunks": 2} and extension["target_context"] == 256
-    assert "group_size" not in extension and extension["s2_options"]["group_sizes"] == [4, 12, 32]
+    # the groups the 2 steps trained: the schedule's 4, 12, 32 share the steps in thirds, so 32 is never reached
+    assert "group_size" not in extension and extension["s2_options"]["group_sizes"] == [4, 12]
     assert len(seen) >= 4  # 2 steps x 2 accumulated batches, every one through PoSE (the loader reads ahead)
     assert all(p.shape == (1, 64) for p in seen)  # rows of the window, not the target
     ids = torch.cat(seen)

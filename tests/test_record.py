@@ -47,7 +47,7 @@ def test_a_record_of_an_older_version_reads_and_its_unknown_keys_are_ignored(tmp
     (tmp_path / EXTENSION_FILE).write_text(json.dumps(old))
     got = ExtensionRecord.read(tmp_path)
     assert (got.target_context, got.pi_factor, got.train) == (512, 4.0, {"final_loss": 2.0})
-    assert got.s2_options is None and got.lora == {}
+    assert got.s2_options is None and got.lora == {"r": 8, "trainable_modules": "embed,norm"}
 
 
 def test_no_record_and_a_broken_record(tmp_path):
@@ -57,6 +57,7 @@ def test_no_record_and_a_broken_record(tmp_path):
     (tmp_path / EXTENSION_FILE).write_text('{"model": "base"}')  # no contexts
     with pytest.raises(ValueError, match=f"{EXTENSION_FILE}: not a valid extension record"):
         read_extension(tmp_path)
-    (tmp_path / EXTENSION_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid extension record"):
-        ExtensionRecord.read(tmp_path)
+    for broken in ("{not json", "null", "[1, 2]"):
+        (tmp_path / EXTENSION_FILE).write_text(broken)
+        with pytest.raises(ValueError, match="not a valid extension record"):
+            ExtensionRecord.read(tmp_path)

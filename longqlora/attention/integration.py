@@ -151,7 +151,7 @@ def enable_s2_attention(
 
     hf = _hf_model(model)
     if int(group_size) < 1:
-        raise ValueError(f"--group_size must be a positive integer, got {group_size}")
+        raise ValueError(f"S2-Attn group size {group_size}: must be a positive number of tokens (--group_ratio)")
     check_variant(shift, sink_tokens, full_heads)
     if backend not in (None, "auto"):
         problem = hardware.backend_problem(backend)

@@ -13,7 +13,7 @@ Every function here computes one *head half* (heads that share one shift) and wr
 - `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with packed or padded rows.
 - `varlen`: flash-attn's or PyTorch's varlen kernel, or xformers' block-diagonal causal bias, over the unpadded token
   stream, each segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens);
-  the stream, its cu_seqlens and the longest segment come from s2_layout, computed once per forward.
+  the stream, its cu_seqlens and the longest segment come from layout.py, computed once per forward.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def sdpa_dense(out, q, k, v, allowed: torch.Tensor, *, gqa: bool, scale, dropout
 def varlen(out, q, k, v, pack, *, kernel: str, scale, dropout: float) -> None:
     """S2 through a varlen kernel: the valid tokens of all rows in one stream, each segment its own sequence.
 
-    `pack`: s2_layout.Varlen (token indices, int32 cu_seqlens, the longest segment as an int). `kernel`:
+    `pack`: layout.Varlen (token indices, int32 cu_seqlens, the longest segment as an int). `kernel`:
     "flash_attn" (flash_attn_varlen_func), "torch" (torch.nn.attention.varlen.varlen_attn) or "xformers"
     (memory_efficient_attention with a block-diagonal causal bias). `k`, `v` may have fewer heads than `q` (GQA)
     for flash_attn and torch; xformers gets them repeated by the caller.

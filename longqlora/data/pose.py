@@ -10,8 +10,8 @@ occurs. The text stays contiguous (the paper's content offset v_i is 0 here): on
 Documents are TRL's: in padding-free rows (`--pack documents`) a document starts wherever TRL's collator restarts
 the position ids at 0, and each gets its own chunks and skips; a padded row (`--pack concat`'s wrapped rows) is
 one document, its padding left at position 0. Documents begin at 0 as before, so the collator's `cu_seq_lens`
-and its label masking stay right. S2-Attn (s2_layout) begins a document only where ids do not increase, so a skip
-never splits one, and counts its groups in tokens, not ids (G tokens per group whatever the skips).
+and its label masking stay right. S2-Attn (attention/layout.py) begins a document only where ids do not increase, so a
+skip never splits one, and counts its groups in tokens, not ids (G tokens per group whatever the skips).
 
 The skips are drawn from a generator seeded by `--seed` and the batch's token ids: reproducible, independent of
 dataloader workers, and the same batches get the same skips after `--resume_from_checkpoint`.
@@ -74,8 +74,8 @@ def batch_generator(seed: int, input_ids: torch.Tensor) -> torch.Generator:
 
 @dataclass
 class PoseCollator:
-    """The trainer's collator, its batches given PoSE position ids spanning `target_context` (attention.py and
-    s2_layout read them as documents and groups; RoPE reads them as positions). Wraps TRL's collator instead of
+    """The trainer's collator, its batches given PoSE position ids spanning `target_context` (the S2 op and
+    its row layout read them as documents and groups; RoPE reads them as positions). Wraps TRL's collator instead of
     replacing it: TRL builds the rows, labels and `cu_seq_lens`, this only rewrites `position_ids`."""
 
     collator: Callable[[list], dict[str, Any]]

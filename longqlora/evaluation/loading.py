@@ -146,7 +146,9 @@ def adapter_shapes(adapter: Path) -> dict:
         return {k.removeprefix("base_model.model."): tuple(f.get_slice(k).get_shape()) for k in names}
 
 
-def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recorded: str) -> None:
+def check_adapter_fits(
+    adapter: Path, base: Path, *, flag: str, name: str, recorded: str, trust_remote_code: bool = False
+) -> None:
     """One line when the adapter's tensors cannot belong to this base (`flag name`): hidden or vocab size, then
     every tensor against the base's structure built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
@@ -155,7 +157,7 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
     from longqlora.model import load_config
 
     shapes = adapter_shapes(adapter)
-    hf_config = load_config(str(base), flag)
+    hf_config = load_config(str(base), flag, trust_remote_code=trust_remote_code)
     hidden = vocab = None
     for key, shape in shapes.items():
         if key.endswith("embed_tokens.weight") and len(shape) == 2:
@@ -169,7 +171,7 @@ def check_adapter_fits(adapter: Path, base: Path, *, flag: str, name: str, recor
                 f"{name} has {what} {ours}; pass the base it was trained on"
             )
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     for key, shape in shapes.items():
         if ".lora_A." in key or ".lora_B." in key:  # Linear weight (out, in); lora_A (r, in), lora_B (out, r)
@@ -220,6 +222,7 @@ def load_for_inference(
             flag="--model",
             name=model_path,
             recorded=adapter_base(adapter) or model_path,
+            trust_remote_code=trust_remote_code,
         )
     if target_context is None:
         target_context = (extension.target_context if extension else None) or load_config(

@@ -21,7 +21,7 @@ import torch
 from transformers import set_seed
 
 from longqlora.adapters import trainable_to_fp32
-from longqlora.attention.schedule import s2_schedule_callbacks
+from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
 from longqlora.data import instructions, pose
 from longqlora.data import text as data_lib
 from longqlora.model import ModelConfig, ModelInfo, check_model, load_model
@@ -102,13 +102,18 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     return dataclasses.replace(training, **changes)
 
 
-def s2_options(model_cfg: ModelConfig) -> dict | None:
+def s2_options(model_cfg: ModelConfig, max_steps: int | None = None) -> dict | None:
     """The S2-Attn settings a run trains with, as recorded: the group sizes in order (one per equal share of the
-    steps) and the variant options; None with full attention."""
+    steps; with `max_steps`, those that `max_steps` steps reach) and the variant options; None with full
+    attention."""
     if not model_cfg.s2_attention:
         return None
+    sizes = model_cfg.group_sizes
+    if max_steps:
+        reached = [step_settings(step, max_steps, sizes)[0] for step in range(max_steps)]
+        sizes = list(dict.fromkeys(reached))
     return {
-        "group_sizes": model_cfg.group_sizes,
+        "group_sizes": sizes,
         "shift": model_cfg.s2_shift,
         "sink_tokens": model_cfg.s2_sink_tokens,
         "full_heads": model_cfg.s2_full_heads,
@@ -148,10 +153,6 @@ class ResolvedRun:
     hf_config: Any  # transformers PretrainedConfig, PI applied
     info: ModelInfo
     plan: dict
-
-    @property
-    def instructions(self) -> bool:
-        return isinstance(self.data, instructions.InstructionDataConfig)
 
 
 def describe(run: ResolvedRun, counts: ModelInfo | dict | None = None) -> str:
@@ -212,8 +213,10 @@ def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord) -
     return Path(output_dir)
 
 
-def extension_record(run: ResolvedRun, info: ModelInfo, data_stats: dict, train_stats: dict) -> ExtensionRecord:
-    """What the adapter records about its run (longqlora.record)."""
+def extension_record(
+    run: ResolvedRun, info: ModelInfo, data_stats: dict, train_stats: dict, max_steps: int | None = None
+) -> ExtensionRecord:
+    """What the adapter records about its run (longqlora.record); `max_steps`: the steps the run was set for."""
     cfg = run.model
     return ExtensionRecord(
         model=info.model,
@@ -225,7 +228,7 @@ def extension_record(run: ResolvedRun, info: ModelInfo, data_stats: dict, train_
         load_in_4bit=info.load_in_4bit,
         attn_backend=info.attn_backend,
         s2_attention=cfg.s2_attention,
-        s2_options=s2_options(cfg),
+        s2_options=s2_options(cfg, max_steps),
         pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
         lora={
             "r": cfg.lora_r,
@@ -330,7 +333,10 @@ def train(run: ResolvedRun) -> Path:
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
             )
         out = save_adapter_atomic(
-            trainer.model, tokenizer, training.output_dir, extension_record(run, info, stats, trained)
+            trainer.model,
+            tokenizer,
+            training.output_dir,
+            extension_record(run, info, stats, trained, trainer.state.max_steps),
         )
         checkpoints.remove_aside(out)
     logger.info("adapter written to %s", out)
