@@ -343,9 +343,8 @@ def main(config_cls, argv=None) -> dict | None:
     """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
     from trl import TrlParser
 
-    from longqlora.cli import setup_logging
+    from longqlora.cli import one_line_errors, setup_logging
     from longqlora.config_file import parse_with_config
-    from longqlora.errors import one_line_errors
 
     setup_logging()
     with one_line_errors():

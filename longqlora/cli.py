@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from longqlora.config_file import parse_with_config
-from longqlora.errors import one_line_errors
+from longqlora.errors import INTERRUPTED_EXIT, Interrupted, input_error_types, one_line
+
+
+def fail(err: BaseException):
+    """Print `error: <one line>` and exit 2; LONGQLORA_TRACEBACK=1 re-raises to show the traceback."""
+    if os.environ.get("LONGQLORA_TRACEBACK"):
+        raise err
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+@contextmanager
+def one_line_errors():
+    """Run an entry point: input errors end in one line (exit 2), an interruption in one line (exit 130)."""
+    try:
+        yield
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    except KeyboardInterrupt:
+        if os.environ.get("LONGQLORA_TRACEBACK"):
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    except input_error_types() as err:
+        fail(err)
 
 
 def setup_logging() -> None:
@@ -31,14 +58,10 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         if run_cfg.dry_run:
             from longqlora.model import count_trainable_without_weights
 
-            print(
-                describe(
-                    run,
-                    count_trainable_without_weights(
-                        run.model, run.hf_config, trust_remote_code=run.training.trust_remote_code
-                    ),
-                )
+            counts = count_trainable_without_weights(
+                run.model, run.hf_config, trust_remote_code=run.training.trust_remote_code
             )
+            print(describe(run, **counts))
             return None
         return train(run)
 

@@ -27,22 +27,36 @@ def check_output_path(path, flag: str, *, directory: bool = True) -> Path:
     return out
 
 
-def write_text_atomic(path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+def _plain_mode(is_dir: bool) -> int:
+    """The mode the umask gives a new file or folder (mkstemp/mkdtemp make 0600/0700; results are for others too)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` to write; when the block ends without an error it becomes `path` by one
+    rename (the umask's mode); on an error it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
+        yield Path(tmp)
+        os.chmod(tmp, _plain_mode(False))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, synced, and an atomic rename."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def _owner_alive(path: Path) -> bool:
@@ -58,13 +72,10 @@ def _owner_alive(path: Path) -> bool:
 
 
 def _readable_modes(root: Path) -> None:
-    """mkdtemp makes 0700 and some writers 0600: give the new tree the modes the umask gives a plain file or
-    folder; symlinks are left as they are (their targets lie outside)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give the new tree the umask's modes; symlinks are left as they are (their targets lie outside)."""
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+            os.chmod(path, _plain_mode(path.is_dir()))
 
 
 @contextlib.contextmanager
@@ -147,15 +158,10 @@ def save_figure(fig, path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png to go by
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -415,7 +415,7 @@ def test_a_real_process_ends_in_one_line(command, bad, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert last.startswith("error: ") and str(bad) in last and len(last) < 300
     assert not out.exists()
-    if "longqlora" in argv:  # the traceback on request (one entry point suffices: they share errors.fail)
+    if "longqlora" in argv:  # the traceback on request (one entry point suffices: they share cli.fail)
         shown = subprocess.run(
             argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**env, "LONGQLORA_TRACEBACK": "1"}
         )

@@ -155,16 +155,15 @@ class ResolvedRun:
     plan: dict
 
 
-def describe(run: ResolvedRun, counts: ModelInfo | dict | None = None) -> str:
-    """The resolved configuration, as `--dry_run` prints it and the run logs it; `counts` has trainable_params and
-    total_params (the loaded model's info, or a count without weights)."""
+def describe(run: ResolvedRun, trainable_params: int | None = None, total_params: int | None = None) -> str:
+    """The resolved configuration, as `--dry_run` prints it and the run logs it, with the parameter counts (of the
+    loaded model, or counted without weights)."""
 
     def plain(value):  # TrainingArguments turns some strings into enums
         return getattr(value, "value", value)
 
     info, cfg, training = run.info, run.model, run.training
-    counts = dataclasses.asdict(counts) if isinstance(counts, ModelInfo) else counts or {}
-    trainable, total = counts.get("trainable_params"), counts.get("total_params")
+    trainable, total = trainable_params, total_params
     steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
     lines = [
         f"model              {info.model}",
@@ -311,7 +310,7 @@ def train(run: ResolvedRun) -> Path:
             gradient_checkpointing=training.gradient_checkpointing,
             trust_remote_code=training.trust_remote_code,
         )
-        logger.info("configuration:\n%s", describe(run, info))
+        logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
         guard = checkpoints.CheckpointGuard()
         trainer = SFTTrainer(
