@@ -126,7 +126,9 @@ def stream_in_compute_dtype(model, dtype: torch.dtype) -> list:
     return handles
 
 
-def adapt_for_training(model, cfg, compute_dtype: torch.dtype, *, gradient_checkpointing: bool = True):
+def adapt_for_training(
+    model, cfg, compute_dtype: torch.dtype, *, gradient_checkpointing: bool = True, context_parallel=None
+):
     """Freeze the loaded base, add LoRA and the trained embedding/norms, keep the residual stream in the compute
     dtype and switch on S2-Attn. Returns (peft_model, lora_config). `load_model` and bench/memory.py share it."""
     # Not peft.prepare_model_for_kbit_training: besides freezing, it upcasts every unquantized weight to fp32. The
@@ -152,5 +154,6 @@ def adapt_for_training(model, cfg, compute_dtype: torch.dtype, *, gradient_check
             shift=cfg.s2_shift,
             sink_tokens=cfg.s2_sink_tokens,
             full_heads=cfg.s2_full_heads if cfg.s2_attention else 1.0,
+            context_parallel=context_parallel,
         )
     return model, lora

@@ -1,4 +1,5 @@
-"""What this machine can do: GPU generation, bf16, and which optional kernels import.
+"""What this machine can do: GPU generation, bf16, which optional kernels import, and how its processes were
+launched.
 
 GPU-only packages (flash-attn, xformers, bitsandbytes) are imported lazily and only once, so `import longqlora`
 works on a CPU-only machine; every check here is cached.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -169,3 +172,48 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     if backend != "sdpa" and torch.device(device).type != "cuda":
         raise ValueError(f"--attn_backend {backend} runs on CUDA tensors only; these are on {device}")
     return backend
+
+
+# ------------------------------------------------------------------------------------------------ processes
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: `engine` is none (one process), ddp, fsdp2, fsdp1 or deepspeed."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    engine: str
+    zero_stage: int | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shards_weights(self) -> bool:
+        """FSDP and ZeRO-3 hold each weight in pieces: NF4 must be stored in the compute dtype to be sharded."""
+        return self.engine in ("fsdp2", "fsdp1") or (self.engine == "deepspeed" and self.zero_stage == 3)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def launch() -> Launch:
+    """This process's launch, read from the environment that torchrun and `accelerate launch` set."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        return Launch(world, rank, local, "deepspeed", int(stage) if stage and stage.isdigit() else None)
+    if _flag("ACCELERATE_USE_FSDP"):
+        return Launch(world, rank, local, "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1")
+    return Launch(world, rank, local, "ddp" if world > 1 else "none")
+
+
+def device_map(device: str, run: Launch | None = None) -> dict:
+    """Where this process loads the model: its own GPU (LOCAL_RANK) or the CPU."""
+    run = run or launch()
+    if device != "cuda":
+        return {"": "cpu"}
+    return {"": run.local_rank if run.world_size > 1 else torch.cuda.current_device()}

@@ -225,11 +225,18 @@ def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_co
 
     dtype = info.dtype
     quant = None
+    launched = hardware.launch()
     if cfg.load_in_4bit:  # LongQLoRA: NF4 with double quantization of the scales
         quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP shards and all-gathers parameters of one dtype: packed NF4 bytes stored as the compute dtype
+            # (the default uint8 storage crashes FSDP2 or trains with loss 0).
+            bnb_4bit_quant_storage=dtype if launched.shards_weights else torch.uint8,
         )
-    device_map = {"": torch.cuda.current_device()} if info.device == "cuda" else {"": "cpu"}
+    device_map = hardware.device_map(info.device, launched)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         config=hf_config,
@@ -269,13 +276,17 @@ def load_model(
     checked: tuple | None = None,
     gradient_checkpointing: bool = True,
     trust_remote_code: bool = False,
+    context_parallel=None,
 ):
-    """Load the base (`load_base`) and adapt it for training (`adapt_for_training`).
+    """Load the base (`load_base`) and adapt it for training (`adapt_for_training`); `context_parallel`: this
+    process's attention.context_parallel.CPGroup when rows are split over processes.
 
     Returns (peft_model, tokenizer, ModelInfo) ready for training, the info with the parameter counts.
     """
     model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
-    model, lora = adapt_for_training(model, cfg, info.dtype, gradient_checkpointing=gradient_checkpointing)
+    model, lora = adapt_for_training(
+        model, cfg, info.dtype, gradient_checkpointing=gradient_checkpointing, context_parallel=context_parallel
+    )
     trainable, total = count_trainable(model)
     saved = tuple(lora.modules_to_save) if lora.modules_to_save else None
     info = dataclasses.replace(info, trainable_params=trainable, total_params=total, modules_to_save=saved)

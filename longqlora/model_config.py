@@ -76,6 +76,14 @@ class ModelConfig:
             "(docs/ablations.md); none = --group_ratio throughout."
         },
     )
+    context_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "Split each row over this many launched processes (torchrun/accelerate launch), each holding a "
+            "contiguous chunk; S2-Attn's shifted heads borrow half a group of keys/values from the previous rank "
+            "(docs/distributed.md). 1 = off."
+        },
+    )
     # PoSE lives with the model, not the data: it decides which positions RoPE (interpolated to --target_context)
     # sees and how long the rows whose S2 groups are set here are; the data config only says what is packed.
     pose_window: int = field(
@@ -178,6 +186,7 @@ class ModelConfig:
                 f"--s2_shift rolled needs groups that divide "
                 f"--target_context {self.target_context}, got {self.group_sizes}; use --s2_group_schedule none",
             )
+        self._check_context_parallel(bad)
         if self.lora_r < 1:
             bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
         if not 0 <= self.lora_dropout < 1:
@@ -195,6 +204,35 @@ class ModelConfig:
             )
         if not self.lora_target.strip(" ,"):
             bad("lora_target", self.lora_target, "use attention, all-linear or a comma list of module names")
+
+    def _check_context_parallel(self, bad) -> None:
+        cp = self.context_parallel
+        if cp < 1:
+            bad("context_parallel", cp, "must be a number of processes, 1 = off")
+        if cp == 1:
+            return
+        if not self.s2_attention:
+            bad("context_parallel", cp, "splits rows for S2-Attn only; drop it or keep --s2_attention true")
+        for flag, value in (
+            ("pose_window", self.pose_window),
+            ("s2_full_every", self.s2_full_every),
+            ("s2_full_heads", self.s2_full_heads),
+            ("s2_sink_tokens", self.s2_sink_tokens),
+        ):
+            if value:
+                bad(flag, value, f"does not run with --context_parallel {cp} (it needs more than a neighbour's "
+                    "keys); set it to 0 or --context_parallel 1")  # fmt: skip
+        if self.s2_shift != "leakfree":
+            bad("s2_shift", self.s2_shift, f"--context_parallel {cp} takes --s2_shift leakfree")
+        chunk, rest = divmod(self.target_context, cp)
+        if rest or max(self.group_sizes) > chunk:
+            bad(
+                "context_parallel",
+                cp,
+                f"each rank holds --target_context {self.target_context} / {cp} tokens, which must be a whole "
+                f"number at least the largest S2 group ({max(self.group_sizes)}); use fewer processes, or "
+                "--s2_group_schedule none",
+            )
 
     @property
     def train_length(self) -> int:

@@ -34,6 +34,7 @@ class S2Settings:
     shift: str = "leakfree"  # the variants of s2_attention
     sink_tokens: int = 0
     full_heads: float = 0.0
+    context_parallel: object = None  # context_parallel.CPGroup when each rank holds a chunk of every row
 
 
 # The mask form the current forward needs, set by a pre-hook on the model: True = S2 (2-D padding mask),
@@ -59,7 +60,30 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
             f"{type(module).__name__} uses attention '{IMPLEMENTATION}' but was not set up by "
             "longqlora.attention.enable_s2_attention; call it on the model"
         )
-    if module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]:
+    cp = settings.context_parallel
+    s2 = module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]
+    if cp is not None:
+        if not s2:
+            raise RuntimeError(
+                "context parallel: this model holds one chunk of each row and trains with S2-Attn only; evaluate "
+                "or generate with a model loaded in one process"
+            )
+        from longqlora.attention.context_parallel import cp_attention
+
+        out = cp_attention(
+            query,
+            key,
+            value,
+            settings.group_size,
+            cp,
+            position_ids=kwargs.get("position_ids"),
+            attention_mask=_padding_mask(attention_mask),
+            scale=scaling,
+            backend=settings.backend,
+            dropout=dropout,
+        )
+        return out.transpose(1, 2), None
+    if s2:
         out = s2_attention(
             query,
             key,
@@ -140,12 +164,14 @@ def enable_s2_attention(
     shift: str = "leakfree",
     sink_tokens: int = 0,
     full_heads: float = 0.0,
+    context_parallel=None,
 ):
     """Switch `model` (a transformers decoder with RoPE, or a PEFT wrapper of one) to S2-Attn for training.
 
     S2 runs while `model.training` is true and no KV cache is used; otherwise the model's previous attention
     implementation runs unchanged. Sets `config.use_cache = False` (generation still caches), restored by
-    `disable_s2_attention`. shift, sink_tokens, full_heads: the variants in the module docstring. Returns the model.
+    `disable_s2_attention`. shift, sink_tokens, full_heads: the variants in the module docstring. context_parallel:
+    a `context_parallel.CPGroup` when every row is split over its ranks (training only). Returns the model.
     """
     from transformers import PreTrainedModel
 
@@ -182,6 +208,7 @@ def enable_s2_attention(
         shift=shift,
         sink_tokens=int(sink_tokens),
         full_heads=float(full_heads),
+        context_parallel=context_parallel,
     )
     _register()
     for m in modules:
@@ -197,13 +224,14 @@ def enable_s2_attention(
     hf.set_attn_implementation(IMPLEMENTATION)
     config.use_cache = False
     logger.info(
-        "S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads; full attention "
+        "S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads%s; full attention "
         "(%s) in eval mode",
         settings.group_size,
         backend or "auto",
         shift,
         settings.sink_tokens,
         100 * settings.full_heads,
+        f", rows split over {context_parallel.size} ranks" if context_parallel else "",
         base,
     )
     return model

@@ -34,15 +34,17 @@ def token_index(start: torch.Tensor) -> torch.Tensor:
     return idx - torch.where(start, idx, 0).cummax(dim=1).values
 
 
-def segment_ids(positions: torch.Tensor, group: int, shift: int) -> torch.Tensor:
+def segment_ids(positions: torch.Tensor, group: int, shift: int, indexed: bool = False) -> torch.Tensor:
     """(B, N) positions -> (B, N) int64 ids, equal exactly for tokens of one S2 segment.
 
     A segment is a run of one document (`document_starts`) whose tokens share floor((t + shift) / G), t the token's
     index inside its document. Groups count tokens, not position ids: for plain or restarting ids the two agree;
     with PoSE's skips a group still holds G tokens (S2's cost) and attends across a skip that falls inside it.
+    indexed: the position ids are t itself, and a row may begin inside a document (a context-parallel chunk).
     """
     start = document_starts(positions)
-    bucket = torch.div(token_index(start) + shift, group, rounding_mode="floor")
+    index = positions if indexed else token_index(start)
+    bucket = torch.div(index + shift, group, rounding_mode="floor")
     change = start.clone()
     change[:, 1:] |= bucket[:, 1:] != bucket[:, :-1]
     return change.long().cumsum(dim=1)
@@ -73,6 +75,7 @@ class RowLayout:
     positions: torch.Tensor | None
     valid: torch.Tensor | None
     grouped: bool
+    indexed: bool = False  # positions are each token's index in its document (build's `indexed`)
     _segments: dict = field(default_factory=dict, repr=False)
     _varlen: dict = field(default_factory=dict, repr=False)
     _documents: dict = field(default_factory=dict, repr=False)
@@ -92,7 +95,7 @@ class RowLayout:
         key = (group, shift)
         if key not in self._segments:
             pos = self.plain() if self.positions is None else self.positions
-            self._segments[key] = segment_ids(pos, group, shift)
+            self._segments[key] = segment_ids(pos, group, shift, self.indexed)
         return self._segments[key]
 
     def documents(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +127,19 @@ def _is_right_padded(valid: torch.Tensor) -> bool:
     return bool((as_int.cummin(dim=1).values == as_int).all())
 
 
-def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, b: int, n: int, device) -> RowLayout:
+def build(
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    b: int,
+    n: int,
+    device,
+    *,
+    indexed: bool = False,
+) -> RowLayout:
     """The layout of (B, N) rows from their position ids ((B, N) or (1, N), or None) and padding mask ((B, N),
-    1 = real token, or None), reused from the position-ids (else mask) tensor when it was built for it before."""
+    1 = real token, or None), reused from the position-ids (else mask) tensor when it was built for it before.
+    indexed: the ids are each token's index in its document and the rows may begin inside one (context parallel:
+    a chunk with the previous rank's tokens before it), so segments are counted from the ids, not the row start."""
     holder = position_ids if position_ids is not None else attention_mask
     key = (
         b,
@@ -135,6 +148,7 @@ def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
         id(attention_mask),
         None if attention_mask is None else attention_mask._version,
         None if position_ids is None else position_ids._version,
+        indexed,
     )
     if holder is not None:
         cached = holder.__dict__.get(_ATTR)
@@ -146,10 +160,12 @@ def build(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
     positions = None
     if position_ids is not None:
         pos = position_ids.to(device=device).expand(b, n)
-        if not bool((pos == torch.arange(n, device=device)).all()):
+        if indexed or not bool((pos == torch.arange(n, device=device)).all()):
             positions = pos.long()
     grouped = positions is None and (valid is None or _is_right_padded(valid))
-    layout = RowLayout(b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped)
+    layout = RowLayout(
+        b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped, indexed=indexed
+    )
     if holder is not None:
         holder.__dict__[_ATTR] = (key, layout)
     return layout

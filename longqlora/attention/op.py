@@ -43,6 +43,7 @@ def s2_attention(
     shift: str = "leakfree",
     sink_tokens: int = 0,
     full_heads: float = 0.0,
+    indexed_positions: bool = False,
 ) -> torch.Tensor:
     """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
 
@@ -51,6 +52,8 @@ def s2_attention(
     return zeros. backend: "sdpa", "flash_attn", "xformers", or None/"auto" for the fastest that runs here.
     shift, sink_tokens, full_heads: the variants in the module docstring. Sinks and the rolled shift run on SDPA
     whatever the backend; the rolled shift needs plain positions, no padding and N divisible by G.
+    indexed_positions: position_ids are each token's index in its document and a row may begin inside one
+    (context_parallel.py); sinks and the rolled shift do not take it.
     """
     b, h, n, d = query.shape
     if key.shape != value.shape or key.shape[0] != b or key.shape[2] != n or key.shape[3] != d:
@@ -65,7 +68,10 @@ def s2_attention(
     scale = d**-0.5 if scale is None else scale
     check_variant(shift, sink_tokens, full_heads)
 
-    rows = s2_layout.build(position_ids, attention_mask, b, n, query.device)  # once per forward, not per layer
+    # once per forward, not per layer
+    rows = s2_layout.build(position_ids, attention_mask, b, n, query.device, indexed=indexed_positions)
+    if indexed_positions and (sink_tokens or shift == "rolled"):
+        raise ValueError("s2_attention: indexed_positions takes neither attention sinks nor the rolled shift")
     if shift == "rolled" and not (rows.positions is None and rows.valid is None):
         raise ValueError("--s2_shift rolled: LongLoRA's roll knows no documents or padding; use --s2_shift leakfree")
     # (B, N, H, D): the layout transformers' o_proj reads; zeros where padded rows are never written

@@ -77,8 +77,15 @@ def checkpoint_problem(path: Path, *, with_optimizer: bool = True) -> str:
                 pass
         except Exception:  # safetensors raises its own error types for a cut or damaged header
             return f"{file.name} is damaged"
-    needed = ["optimizer.pt", "scheduler.pt"] if with_optimizer else []
-    missing = [name for name in needed if not (path / name).is_file()]
+    # One process writes optimizer.pt; FSDP writes optimizer.bin (or a folder of shards), DeepSpeed a
+    # global_step* folder that holds the optimizer and scheduler.
+    deepspeed = any(path.glob("global_step*"))
+    optimizer = deepspeed or any((path / name).exists() for name in ("optimizer.pt", "optimizer.bin", "optimizer_0"))
+    missing = []
+    if with_optimizer and not optimizer:
+        missing.append("optimizer.pt")
+    if with_optimizer and not (deepspeed or (path / "scheduler.pt").is_file()):
+        missing.append("scheduler.pt")
     if with_optimizer and not any(path.glob("rng_state*.pth")):
         missing.append("rng_state.pth")
     return f"no {', '.join(missing)}" if missing else ""
@@ -124,9 +131,13 @@ def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> 
 
 
 @contextmanager
-def locked_run(output_dir, requested, *, with_optimizer: bool = True):
+def locked_run(output_dir, requested, *, with_optimizer: bool = True, lock: bool = True):
     """Hold the output lock for a training run and yield the checkpoint to resume from (`resume_checkpoint`): a
-    named checkpoint is checked before anything is written; auto looks, and moves aside, under the lock only."""
+    named checkpoint is checked before anything is written; auto looks, and moves aside, under the lock only.
+    lock=False (the other processes of a multi-process run, whose main process holds the lock): yield None."""
+    if not lock:
+        yield None
+        return
     auto = str(requested).lower() in AUTO
     resume = None if auto else resume_checkpoint(output_dir, requested, with_optimizer=with_optimizer)
     with output_lock(output_dir):

@@ -126,12 +126,13 @@ class _Recomputed(torch.autograd.Function):
     with only x saved. The backward recomputes each tile with gradients and back-propagates it at once, so what
     `run` would have saved (the MLP's tokens x intermediate tensors, a norm's fp32 copies, a dropout mask and the
     dropped copy) exists for one tile at a time, in the backward only (the trick of DeepSpeed ALST's TiledMLP,
-    arXiv 2506.13996 §3.2). Parameter gradients accumulate in `.grad` inside the backward; RNG and autocast state
+    arXiv 2506.13996 §3.2). Parameter gradients are summed over the tiles and returned to the outer backward (not
+    accumulated into `.grad` from inside it: DDP and FSDP count one gradient per parameter); RNG and autocast state
     are replayed so dropout masks and precision match the forward."""
 
     @staticmethod
     def forward(ctx, x, run, tile, *params):
-        ctx.run, ctx.tile = run, tile
+        ctx.run, ctx.tile, ctx.params = run, tile, params
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = _rng_state(x.device)
         ctx.save_for_backward(x)
@@ -154,14 +155,20 @@ class _Recomputed(torch.autograd.Function):
             no_offload,
         ):
             _set_rng_state(device, ctx.rng)
+            wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+            grad_params = [None] * len(wanted)
             start = 0
             for piece, grad in zip(x.split(ctx.tile, dim=-2), grad_out.split(ctx.tile, dim=-2)):
                 piece = piece.detach().requires_grad_(want_x)
-                torch.autograd.backward(ctx.run(piece), grad)  # parameter gradients land in .grad here
+                got = torch.autograd.grad(ctx.run(piece), ([piece] if want_x else []) + wanted, grad, allow_unused=True)
                 if want_x:
-                    grad_x.narrow(-2, start, piece.shape[-2]).copy_(piece.grad)
+                    grad_x.narrow(-2, start, piece.shape[-2]).copy_(got[0])
+                    got = got[1:]
+                grad_params = [g if acc is None else acc if g is None else acc + g for acc, g in zip(grad_params, got)]
                 start += piece.shape[-2]
-        return (grad_x, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+        returned = iter(grad_params)
+        by_param = [next(returned) if need else None for need in ctx.needs_input_grad[3:]]
+        return (grad_x, None, None, *by_param)
 
 
 def _autocast_state(device_type: str) -> dict:

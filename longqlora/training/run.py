@@ -27,7 +27,7 @@ from longqlora.data import text as data_lib
 from longqlora.model import ModelConfig, ModelInfo, check_model, load_model
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
-from longqlora.training import checkpoints, memory
+from longqlora.training import checkpoints, distributed, memory
 from longqlora.training.callbacks import ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
 
@@ -37,16 +37,26 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ configuration
 def tiny_overrides(model_cfg, data_cfg, training):
     """The same recipe scaled down to a CPU: a tiny random Llama (context 64 -> 256) and bundled text."""
+    from filelock import FileLock
+
     from longqlora.data import corpora
     from longqlora.training.tiny import save_tiny_model, tiny_instruction_file
 
     out = Path(training.output_dir)
     base = out / "tiny-base"
-    if not (base / "config.json").exists():  # written whole, then renamed: a killed run leaves no half a base
-        with atomic_directory(base) as partial:
-            save_tiny_model(
-                partial, shape="gqa", texts=[corpora.book("austen_persuasion")[:200_000]], max_position_embeddings=64
-            )
+    if distributed.launch().main:
+        out.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out / ".tiny-base.lock")):  # written whole, then renamed: never half a base
+            if not (base / "config.json").exists():
+                with atomic_directory(base) as partial:
+                    save_tiny_model(
+                        partial,
+                        shape="gqa",
+                        texts=[corpora.book("austen_persuasion")[:200_000]],
+                        max_position_embeddings=64,
+                    )
+    else:  # transformers writes weights from rank 0 only once torch.distributed runs: wait for the main process
+        distributed.wait_for_file(base / "config.json")
     model_cfg = dataclasses.replace(
         model_cfg,
         model_name_or_path=str(base),
@@ -96,6 +106,8 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
+    if distributed.launch().world_size > 1 and not torch.cuda.is_available():
+        changes["use_cpu"] = True  # else transformers takes the processes for one (accelerate's state on a CPU)
     if "paged" in str(training.optim) and not torch.cuda.is_available():
         logger.info("--optim %s needs CUDA; using adamw_torch on this machine", training.optim)
         changes["optim"] = "adamw_torch"
@@ -202,11 +214,12 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord) -> Path:
+def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord, state_dict=None) -> Path:
     """Write the adapter, tokenizer and extension record into `output_dir` (beside its checkpoints), weights first
-    and adapter_config.json last: a killed run never leaves a half-written adapter."""
+    and adapter_config.json last: a killed run never leaves a half-written adapter. `state_dict`: the whole model's,
+    gathered, when FSDP or DeepSpeed hold it in pieces."""
     with atomic_directory(output_dir, into=True, last=("adapter_config.json",)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         record.write(tmp)
     return Path(output_dir)
@@ -268,6 +281,7 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     check_output_path(training.output_dir, "--output_dir")
+    distributed.check_launch(model_cfg, training)
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
@@ -300,15 +314,28 @@ def train(run: ResolvedRun) -> Path:
             plan["device_gib"],
         )
     loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
+    launched = distributed.launch()
+    if launched.world_size > 1:
+        _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
     with checkpoints.locked_run(
-        training.output_dir, training.resume_from_checkpoint, with_optimizer=not training.save_only_model
+        training.output_dir,
+        training.resume_from_checkpoint,
+        with_optimizer=not training.save_only_model,
+        lock=launched.main,
     ) as resume:
+        resume = distributed.from_main(resume)  # the main process looked (and moved incomplete ones aside)
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
+        cp_group = None
+        if model_cfg.context_parallel > 1:
+            from longqlora.attention.context_parallel import new_group
+
+            cp_group = new_group(model_cfg.context_parallel)
         model, tokenizer, info = load_model(
             model_cfg,
             checked=(run.hf_config, run.info),
             gradient_checkpointing=training.gradient_checkpointing,
             trust_remote_code=training.trust_remote_code,
+            context_parallel=cp_group,
         )
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
@@ -323,6 +350,10 @@ def train(run: ResolvedRun) -> Path:
         )
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
+        if cp_group is not None:
+            distributed.enable_context_parallel(
+                trainer, cp_group, model_cfg.train_length, tokenizer.pad_token_id, training.seed
+            )
         trainable_to_fp32(trainer.model)
         memory.apply_memory_switches(trainer, training, info.dtype)
         trained = checkpoints.run_training(trainer, resume, guard)
@@ -331,12 +362,21 @@ def train(run: ResolvedRun) -> Path:
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
             )
-        out = save_adapter_atomic(
-            trainer.model,
-            tokenizer,
-            training.output_dir,
-            extension_record(run, info, stats, trained, trainer.state.max_steps),
-        )
-        checkpoints.remove_aside(out)
+        if launched.world_size > 1:
+            trained.update(
+                processes=launched.world_size, engine=launched.engine, context_parallel=cp_group.size if cp_group else 1
+            )
+        state_dict = distributed.gathered_state_dict(trainer)  # every process takes part
+        out = Path(training.output_dir)
+        if launched.main:
+            save_adapter_atomic(
+                trainer.model,
+                tokenizer,
+                training.output_dir,
+                extension_record(run, info, stats, trained, trainer.state.max_steps),
+                state_dict=state_dict,
+            )
+            checkpoints.remove_aside(out)
+        trainer.accelerator.wait_for_everyone()
     logger.info("adapter written to %s", out)
     return out

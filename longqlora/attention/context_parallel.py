@@ -1,0 +1,179 @@
+"""S2-Attn context parallelism: one sequence split over ranks, each holding a contiguous chunk of it.
+
+A query of S2-Attn (LongLoRA arXiv 2309.12307 §3.2) sees only keys of its own segment, at most G tokens, so a rank
+whose chunk starts on a group boundary needs from other ranks only what lies in the segment that crosses its first
+token: for plain rows the last G/2 keys and values of the previous rank, and only for the shifted heads (the
+unshifted heads' segments end where the chunk ends). Packed documents put segment starts anywhere, so there the
+previous rank's last G tokens of every head come over. Ring attention moves every chunk's keys and values to every
+rank, and Ulysses all-to-alls the whole sequence per layer; this moves one half group to one neighbour
+(docs/distributed.md has the arithmetic).
+
+How: `halo` (an autograd function) sends a rank's last tokens of K/V to the next rank and, in the backward, their
+gradient back; `cp_attention` puts the received tokens before the local ones, zero queries in front of the local
+queries, and runs the ordinary `s2_attention` on that with the position ids counted as document indices; the outputs
+of the borrowed tokens are dropped (their gradients are zero, so nothing flows back through them twice). Every rank
+of a group runs the same layers in the same order (recomputed layers too), so the point-to-point pairs always match.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from longqlora.attention.op import head_split, s2_attention
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_longqlora_cp_halo"
+
+
+@dataclass(frozen=True)
+class CPGroup:
+    """The ranks that share one sequence: `size` consecutive global ranks, this one the `index`-th of them."""
+
+    group: object  # torch.distributed ProcessGroup of these ranks
+    index: int
+    size: int
+    first_rank: int  # global rank of index 0
+
+    @property
+    def prev(self) -> int | None:
+        return self.first_rank + self.index - 1 if self.index > 0 else None
+
+    @property
+    def next(self) -> int | None:
+        return self.first_rank + self.index + 1 if self.index < self.size - 1 else None
+
+
+def new_group(size: int) -> CPGroup:
+    """Split the launched processes into context-parallel groups of `size` consecutive ranks (the data-parallel
+    replicas are the groups). Every process must call this, in the same order: torch.distributed.new_group is
+    collective."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"--context_parallel {size}: does not divide the {world} launched processes")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = CPGroup(group=group, index=rank - start, size=size, first_rank=start)
+    return mine
+
+
+def _exchange(cp: CPGroup, send: torch.Tensor | None, to: int | None, recv: torch.Tensor, frm: int | None) -> None:
+    """Send `send` to global rank `to` and receive `recv` from `frm` (either may be None), as one batch so that
+    neighbours never wait on each other in the wrong order."""
+    import torch.distributed as dist
+
+    ops = []
+    if to is not None:
+        ops.append(dist.P2POp(dist.isend, send, to, group=cp.group))
+    if frm is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, frm, group=cp.group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+class _Halo(torch.autograd.Function):
+    """tail (this rank's last T tokens, any shape) -> the previous rank's tail (zeros on the first rank); the
+    backward returns to each rank the gradient that the next rank computed for its tail."""
+
+    @staticmethod
+    def forward(ctx, tail, cp):
+        ctx.cp = cp
+        tail = tail.contiguous()
+        received = torch.zeros_like(tail)
+        _exchange(cp, tail, cp.next, received, cp.prev)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp = ctx.cp
+        back = torch.zeros_like(grad)
+        _exchange(cp, grad.contiguous(), cp.prev, back, cp.next)
+        return back, None
+
+
+def halo(tail: torch.Tensor, cp: CPGroup) -> torch.Tensor:
+    """The previous rank's `tail` (differentiable; zeros on the first rank of the group)."""
+    return _Halo.apply(tail, cp)
+
+
+def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, group: int, cp: CPGroup):
+    """(halo tokens, whether only the shifted heads need them, extended positions, extended mask) for the chunk
+    whose (B, C) position ids are `position_ids`: computed once per forward and kept on that tensor (every layer,
+    and every layer recomputed in the backward, reuses it; the exchange is collective, so all ranks do it alike)."""
+    import torch.distributed as dist
+
+    key = (group, None if attention_mask is None else (id(attention_mask), attention_mask._version))
+    cached = position_ids.__dict__.get(_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pos = position_ids.long()
+    b, c = pos.shape
+    if group > c:
+        raise ValueError(
+            f"--context_parallel {cp.size}: S2 group of {group} tokens is longer than one rank's chunk of {c}; "
+            "use fewer ranks or smaller groups (--group_ratio, --s2_group_schedule)"
+        )
+    mask = torch.ones_like(pos) if attention_mask is None else attention_mask.long()
+    prev = torch.zeros(2, b, group, dtype=torch.long, device=pos.device)
+    _exchange(cp, torch.stack([pos[:, -group:], mask[:, -group:]]).contiguous(), cp.next, prev, cp.prev)
+    # Plain rows whose chunk starts on a group boundary: the unshifted segments never cross into this chunk.
+    plain = bool((pos[:, 1:] == pos[:, :-1] + 1).all()) and bool((pos[:, 0] % group == 0).all())
+    if cp.prev is not None:
+        plain = plain and bool((pos[:, 0] == prev[0, :, -1] + 1).all())
+    flag = torch.tensor([int(plain)], device=pos.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cp.group)
+    tokens = group // 2 if flag.item() else group
+    if cp.prev is None:
+        result = (tokens, bool(flag.item()), position_ids, attention_mask)
+    else:
+        ext_pos = torch.cat([prev[0, :, group - tokens :], pos], dim=1)
+        ext_mask = None
+        if attention_mask is not None:
+            ext_mask = torch.cat([prev[1, :, group - tokens :], mask], dim=1).to(attention_mask.dtype)
+        result = (tokens, bool(flag.item()), ext_pos, ext_mask)
+    position_ids.__dict__[_ATTR] = (key, result)
+    return result
+
+
+def cp_attention(
+    query, key, value, group_size: int, cp: CPGroup, *, position_ids, attention_mask=None, **options
+) -> torch.Tensor:
+    """S2-Attn over a sequence split across the ranks of `cp`: query (B, H, C, D), key/value (B, H_kv, C, D) this
+    rank's chunk; position_ids (B, C) each token's index in its document (the chunk's slice of the whole row's
+    ids); attention_mask (B, C) or None. Returns (B, H, C, D), equal to the rows of `s2_attention` over the whole
+    sequence that fall in this chunk. `options` go to `s2_attention` (scale, backend, dropout)."""
+    if position_ids is None:
+        raise ValueError("context parallel S2-Attn needs the chunk's position ids (the data collator adds them)")
+    b, h, c, d = query.shape
+    h_kv = key.shape[1]
+    tokens, shifted_only, ext_pos, ext_mask = _halo_rows(position_ids.expand(b, c), attention_mask, int(group_size), cp)
+    # Plain rows: only the key/value heads that the shifted query heads read come over.
+    kv0 = head_split(h, 0.0)[2][0] // (h // h_kv) if shifted_only else 0
+    tail = torch.stack([key[:, kv0:, c - tokens :], value[:, kv0:, c - tokens :]])  # (2, B, H_kv - kv0, T, D)
+    received = halo(tail, cp)  # the previous rank's last T tokens
+    if cp.prev is None:
+        out = s2_attention(
+            query, key, value, group_size, position_ids=position_ids, attention_mask=attention_mask,
+            indexed_positions=True, **options,
+        )  # fmt: skip
+        # The first rank uses nothing it received, but its backward must still take the next rank's gradient
+        # for its tail: tie the halo into the graph with weight zero.
+        return out + 0.0 * received.sum()
+    if kv0:
+        received = torch.cat([received.new_zeros(2, b, kv0, tokens, d), received], dim=2)
+    k_ext = torch.cat([received[0], key], dim=2)  # (B, H_kv, T + C, D)
+    v_ext = torch.cat([received[1], value], dim=2)
+    q_ext = torch.cat([query.new_zeros(b, h, tokens, d), query], dim=2)  # (B, H, T + C, D); borrowed rows dropped
+    out = s2_attention(
+        q_ext, k_ext, v_ext, group_size, position_ids=ext_pos, attention_mask=ext_mask, indexed_positions=True,
+        **options,
+    )  # fmt: skip
+    return out[:, :, tokens:]

@@ -1,0 +1,190 @@
+"""More than one process: what `accelerate launch` or `torchrun` started, which combinations this toolkit trains
+(the others are refused in one line before any weights load), the rows a context-parallel group shares, and the
+adapter gathered and written once.
+
+Sharding and data parallelism are accelerate's (FSDP2, DeepSpeed ZeRO-3, DDP; configs/accelerate/), reached through
+the Trainer; what is this toolkit's own is S2-Attn context parallelism (attention/context_parallel.py): every rank
+of a group gets the same rows (`share_rows`), keeps its contiguous chunk of each (`ContextParallelCollator`), and
+borrows half a group of keys/values from its neighbour in every attention layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from longqlora.hardware import Launch, launch
+
+logger = logging.getLogger(__name__)
+
+
+def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
+    """Refuse, in one line and before any weights load, a launch this toolkit does not train. Returns it."""
+    run = run or launch()
+    cp = model_cfg.context_parallel
+    if run.engine == "fsdp1":
+        raise ValueError(
+            "accelerate launch with fsdp_version 1: QLoRA with trained embeddings and norms runs on FSDP2; use "
+            "configs/accelerate/fsdp2_qlora.yaml (fsdp_version: 2)"
+        )
+    if run.engine == "deepspeed" and run.zero_stage != 3:
+        raise ValueError(
+            f"accelerate launch with DeepSpeed ZeRO stage {run.zero_stage}: this toolkit supports stage 3 "
+            "(configs/accelerate/deepspeed_zero3.yaml), or FSDP2, or DDP"
+        )
+    if run.engine == "deepspeed" and model_cfg.load_in_4bit:
+        raise ValueError(
+            "--load_in_4bit with DeepSpeed ZeRO-3: not supported here (not tested); use "
+            "configs/accelerate/fsdp2_qlora.yaml for QLoRA, or --load_in_4bit false with ZeRO-3"
+        )
+    if "paged" in str(training.optim) and run.engine in ("fsdp2", "deepspeed"):
+        raise ValueError(
+            f"--optim {training.optim}: bitsandbytes' paged optimizer does not take sharded parameters; "
+            "use --optim adamw_torch under FSDP2 or DeepSpeed"
+        )
+    if cp > 1:
+        if run.world_size % cp:
+            raise ValueError(
+                f"--context_parallel {cp}: needs {cp} processes (or a multiple), launched with `torchrun "
+                f"--nproc_per_node {cp} <recipe>`; this launch has {run.world_size}"
+            )
+        if run.engine == "deepspeed":
+            raise ValueError(f"--context_parallel {cp}: runs with DDP or FSDP2, not DeepSpeed")
+        if not training.chunked_loss:
+            raise ValueError(
+                f"--chunked_loss false: the loss of a chunk needs the next rank's first label; keep TRL's chunked "
+                f"loss with --context_parallel {cp}"
+            )
+    if run.world_size > 1 and run.main:
+        logger.info(
+            "%d processes (%s%s)", run.world_size, run.engine, f", rows split over groups of {cp}" if cp > 1 else ""
+        )
+    return run
+
+
+# ------------------------------------------------------------------------------------------- context parallel
+def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None):
+    """`dataset` reordered so that the ranks of one context-parallel group read the same rows.
+
+    accelerate hands batch j*W + r of a sequentially read dataset to rank r of W; here that batch holds the rows of
+    the group of r (r // cp) for its j-th step (the Trainer must then read sequentially:
+    `train_sampling_strategy="sequential"`), in a shuffle drawn once from `seed` (every epoch reads the same
+    order), or in the dataset's order with seed None.
+    """
+    import numpy as np
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else cp
+    replicas = world // cp
+    order = np.arange(len(dataset)) if seed is None else np.random.default_rng(seed).permutation(len(dataset))
+    steps = len(order) // (replicas * per_device_batch)
+    if steps == 0:
+        raise ValueError(
+            f"--context_parallel {cp}: {len(dataset)} packed rows are fewer than one step of {replicas} "
+            f"replica(s) x --per_device_train_batch_size {per_device_batch}; give more data"
+        )
+    indices = []
+    for step in range(steps):
+        for rank in range(world):
+            first = (step * replicas + rank // cp) * per_device_batch
+            indices.extend(order[first : first + per_device_batch].tolist())
+    return dataset.select(indices)
+
+
+class ContextParallelCollator:
+    """Wraps the Trainer's collator: the whole batch is built as usual, checked to be the same on every rank of
+    the group, padded to a multiple of the training length, and this rank's contiguous chunk of every row kept.
+    The labels are shifted before cutting (`shift_labels`: a chunk's last token predicts the next rank's first),
+    and position ids (0..N-1 where the collator gives none) travel with each chunk for RoPE and S2's segments."""
+
+    def __init__(self, collate, group, train_length: int, pad_token_id: int):
+        self.collate, self.group = collate, group
+        self.train_length, self.pad_token_id = train_length, pad_token_id
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        ids = batch["input_ids"]
+        b, n = ids.shape
+        self._check_same_rows(ids)
+        if "position_ids" not in batch:
+            batch["position_ids"] = torch.arange(n).expand(b, n).clone()
+        labels = batch.get("labels", ids)
+        batch["shift_labels"] = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
+        batch["labels"] = batch["shift_labels"]
+        pad = -n % self.train_length
+        if pad:  # the padding is a document of its own, never attended by real tokens and never scored
+            fill = {"input_ids": self.pad_token_id, "labels": -100, "shift_labels": -100, "attention_mask": 0}
+            tail = torch.arange(pad).expand(b, pad)
+            for key, value in batch.items():
+                if torch.is_tensor(value) and value.shape[:2] == (b, n):
+                    extra = tail if key == "position_ids" else value.new_full((b, pad), fill.get(key, 0))
+                    batch[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
+            n += pad
+        chunk = n // self.group.size
+        part = slice(self.group.index * chunk, (self.group.index + 1) * chunk)
+        return {
+            key: value[:, part].contiguous() if torch.is_tensor(value) and value.shape[:2] == (b, n) else value
+            for key, value in batch.items()
+        }
+
+    def _check_same_rows(self, ids: torch.Tensor) -> None:
+        """Every rank of the group must cut the same rows; a cheap fingerprint says so, or the run stops."""
+        import torch.distributed as dist
+
+        weights = torch.arange(1, ids.numel() + 1, dtype=torch.float64)
+        mine = torch.stack(
+            [torch.tensor(float(ids.numel()), dtype=torch.float64), (ids.double().flatten() * weights).sum()]
+        )
+        seen = [torch.zeros_like(mine) for _ in range(self.group.size)]
+        dist.all_gather(seen, mine, group=self.group.group)
+        if any(not torch.equal(s, mine) for s in seen):
+            raise RuntimeError(
+                "context parallel: the ranks of one group received different rows; the training data must be "
+                "read sequentially (distributed.share_rows)"
+            )
+
+
+def enable_context_parallel(trainer, group, train_length: int, pad_token_id: int, seed: int) -> None:
+    """Give `trainer` the shared rows and the chunking collator of context-parallel `group` (after TRL has
+    tokenized and packed the data: the packed rows are what the group shares). The rows are shuffled with `seed`
+    unless --train_sampling_strategy is sequential."""
+    shuffle = trainer.args.train_sampling_strategy != "sequential"
+    trainer.args.train_sampling_strategy = "sequential"
+    trainer.train_dataset = share_rows(
+        trainer.train_dataset, trainer.args.per_device_train_batch_size, group.size, seed if shuffle else None
+    )
+    trainer.data_collator = ContextParallelCollator(trainer.data_collator, group, train_length, pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def gathered_state_dict(trainer):
+    """The whole model's state dict on the main process when FSDP or DeepSpeed hold it in pieces (a collective:
+    every process calls it, as transformers' Trainer.save_model does), else None (the model saves its own)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
+
+
+def wait_for_file(path, timeout: float = 600.0) -> None:
+    """Wait until the main process has written `path` (before torch.distributed can be used for a barrier)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout:.0f} s for the main process to write {path}")
+        time.sleep(0.1)
+
+
+def from_main(value):
+    """`value` as the main process has it, on every process (one broadcast; as it is with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

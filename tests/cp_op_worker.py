@@ -1,0 +1,95 @@
+"""Run under `torchrun --nproc_per_node P tests/cp_op_worker.py OUT` (gloo, CPU): every rank computes S2-Attn on the
+whole sequence as the reference and context-parallel S2-Attn on its chunk, and writes the largest differences of
+the output and of the query/key/value gradients, per case, to OUT/rank<R>.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longqlora.attention.context_parallel import _halo_rows, cp_attention, new_group
+from longqlora.attention.op import s2_attention
+
+
+def packed_positions(n: int, starts: list[int]) -> torch.Tensor:
+    pos, begin = torch.empty(n, dtype=torch.long), 0
+    for end in [*starts[1:], n]:
+        pos[begin:end] = torch.arange(end - begin)
+        begin = end
+    return pos
+
+
+def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    pos = torch.arange(n).expand(b, n) if positions is None else positions.expand(b, n)
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = s2_attention(*ref_in, group, position_ids=pos, attention_mask=mask, backend="sdpa")
+    (ref * w).sum().backward()
+
+    c = n // cp.size
+    part = slice(cp.index * c, (cp.index + 1) * c)
+    mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
+    out = cp_attention(
+        *mine,
+        group,
+        cp,
+        position_ids=pos[:, part],
+        attention_mask=None if mask is None else mask[:, part],
+        backend="sdpa",
+    )
+    (out * w[:, :, part]).sum().backward()
+    diffs = {"out": (out - ref[:, :, part]).abs().max().item()}
+    for label, mine_t, ref_t in zip("qkv", mine, ref_in, strict=True):
+        diffs[f"grad_{label}"] = (mine_t.grad - ref_t.grad[:, :, part]).abs().max().item()
+    diffs["reference_grad_k"] = ref_in[1].grad[:, :, part].abs().max().item()  # not all zero: the case tests
+    # Without the borrowed tokens the chunk is wrong (on every rank but the first): the exchange matters.
+    alone = s2_attention(
+        q[:, :, part], k[:, :, part], v[:, :, part], group, position_ids=pos[:, part],
+        attention_mask=None if mask is None else mask[:, part], backend="sdpa", indexed_positions=True,
+    )  # fmt: skip
+    diffs["without_halo"] = (alone - ref[:, :, part]).abs().max().item()
+    tokens, shifted_only = _halo_rows(pos[:, part].clone(), None if mask is None else mask[:, part], group, cp)[:2]
+    diffs["halo_tokens"], diffs["shifted_heads_only"] = tokens, shifted_only
+    return name, diffs
+
+
+def main(out_dir: str):
+    dist.init_process_group("gloo")
+    cp = new_group(dist.get_world_size())
+    p = cp.size
+    n = 48 * p
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, n - 40 :] = 0  # right padding reaching into the previous rank's chunk
+    results = dict(
+        [
+            case("plain, GQA 6/2, G = chunk", cp, b=2, h=6, h_kv=2, n=n, d=8, group=48),
+            case("plain, odd heads 5/5, G < chunk", cp, b=1, h=5, h_kv=5, n=n, d=8, group=16, seed=1),
+            case("plain, odd G 15 (chunk not on a group boundary)", cp, b=1, h=4, h_kv=1, n=n, d=8, group=15),
+            case(
+                "packed documents, one starting on a chunk boundary",
+                cp,
+                b=1,
+                h=6,
+                h_kv=3,
+                n=n,
+                d=8,
+                group=32,
+                positions=packed_positions(n, [0, 20, 48, 61, 100]),
+                seed=2,
+            ),
+            case("right padding, 2 rows", cp, b=2, h=4, h_kv=2, n=n, d=8, group=24, mask=mask, seed=3),
+        ]
+    )
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
