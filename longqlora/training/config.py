@@ -84,6 +84,11 @@ class TrainingConfig(SFTConfig):
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
 
     @property
+    def optim_name(self) -> str:
+        """--optim as typed (TrainingArguments turns it into an enum whose str() is the enum's name)."""
+        return str(getattr(self.optim, "value", self.optim))
+
+    @property
     def tiled_mlp_min_tokens(self) -> int:
         """Smallest batch (tokens) whose MLPs run tiled: any with --tiled_mlp on, 4 tiles or more with auto."""
         return 0 if self.tiled_mlp == "on" else 4 * self.tiled_mlp_tokens

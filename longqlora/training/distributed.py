@@ -38,11 +38,6 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
             "--load_in_4bit with DeepSpeed ZeRO-3: not supported here (not tested); use "
             "configs/accelerate/fsdp2_qlora.yaml for QLoRA, or --load_in_4bit false with ZeRO-3"
         )
-    if "paged" in str(training.optim) and run.engine in ("fsdp2", "deepspeed"):
-        raise ValueError(
-            f"--optim {training.optim}: bitsandbytes' paged optimizer does not take sharded parameters; "
-            "use --optim adamw_torch under FSDP2 or DeepSpeed"
-        )
     if cp > 1:
         if run.world_size % cp:
             raise ValueError(

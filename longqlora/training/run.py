@@ -106,10 +106,13 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
-    if distributed.launch().world_size > 1 and not torch.cuda.is_available():
+    launched = distributed.launch()
+    if launched.world_size > 1 and not torch.cuda.is_available():
         changes["use_cpu"] = True  # else transformers takes the processes for one (accelerate's state on a CPU)
-    if "paged" in str(training.optim) and not torch.cuda.is_available():
-        logger.info("--optim %s needs CUDA; using adamw_torch on this machine", training.optim)
+    if "paged" in training.optim_name and (not torch.cuda.is_available() or launched.shards_weights):
+        # bitsandbytes' paged optimizers run on CUDA only and are untested on FSDP's and ZeRO-3's sharded parameters
+        why = "needs CUDA" if not torch.cuda.is_available() else f"is not used with {launched.engine}'s shards"
+        logger.info("--optim %s %s; using adamw_torch", training.optim_name, why)
         changes["optim"] = "adamw_torch"
     return dataclasses.replace(training, **changes)
 

@@ -1,0 +1,280 @@
+"""More than one process, on this CPU with gloo (docs/distributed.md): S2-Attn context parallelism equals the
+single-process op and the single-process run; FSDP2 trains, saves and resumes the same adapter as DDP; the
+accelerate configs parse and validate; unsupported launches are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from longqlora.hardware import Launch, launch
+from longqlora.model import ModelConfig
+from longqlora.training import distributed
+
+RECIPE = "recipes/extend_7b_8k.py"
+TINY = ["--tiny", "--max_steps", "3", "--save_steps", "2", "--lora_dropout", "0"]
+TINY += ["--train_sampling_strategy", "sequential"]  # every launch reads the same rows in the same order
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LONGQLORA_TRACEBACK": "1"}
+for _name in [k for k in ENV if k.startswith(("ACCELERATE_", "FSDP_"))]:
+    del ENV[_name]
+
+
+def _run(argv: list[str], out: Path) -> dict:
+    """Run `argv` (a launcher and the recipe) into `out`; returns the adapter's tensors and the logged steps."""
+    done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    steps = [(e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
+    return {"tensors": load_file(out / "adapter_model.safetensors"), "steps": steps, "log": done.stderr}
+
+
+def _torchrun(n: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)]
+
+
+def _accelerate(config: str, n: int, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
+        "--num_processes", str(n), "--mixed_precision", "no", "--main_process_port", str(port),
+    ]  # fmt: skip
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ------------------------------------------------------------------------------------------ the op, 3 processes
+def test_context_parallel_op_equals_single_process(tmp_path):
+    """Each of 3 ranks holds a third of the sequence; output and q/k/v gradients equal the single-process op (float64)
+    for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents
+    and right padding; without the borrowed tokens they would not."""
+    done = subprocess.run(
+        [*_torchrun(3, 29631), "tests/cp_op_worker.py", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(3):
+        cases = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(cases) == 5
+        for name, d in cases.items():
+            for key in ("out", "grad_q", "grad_k", "grad_v"):
+                assert d[key] < 1e-12, (rank, name, key, d[key])
+            assert d["reference_grad_k"] > 0.1, (rank, name)
+            if rank == 2 or (rank == 1 and not name.startswith("packed")):
+                assert d["without_halo"] > 0.1, (rank, name)  # the exchange carries what the chunk needs
+        # Plain rows on group boundaries borrow half a group of the shifted heads only; packed rows a whole group.
+        plain = cases["plain, GQA 6/2, G = chunk"]
+        assert (plain["halo_tokens"], plain["shifted_heads_only"]) == (24, True)
+        packed = cases["packed documents, one starting on a chunk boundary"]
+        assert (packed["halo_tokens"], packed["shifted_heads_only"]) == (32, False)
+
+
+# ------------------------------------------------------------------------------------ recipes, 1 and 2 processes
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process, with --context_parallel 2,
+    under DDP and under FSDP2 (2 processes each), and FSDP2 resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("distributed")
+    out = {name: root / name for name in ("single", "cp", "ddp", "fsdp", "fsdp_resumed")}
+    results = {
+        "single": _run([sys.executable, RECIPE, *TINY, "--output_dir", str(out["single"])], out["single"]),
+        "cp": _run(
+            [*_torchrun(2, 29632), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp"])], out["cp"]
+        ),
+        "ddp": _run([*_torchrun(2, 29633), RECIPE, *TINY, "--output_dir", str(out["ddp"])], out["ddp"]),
+        "fsdp": _run(
+            [
+                *_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29634),
+                "tests/fsdp_worker.py",
+                RECIPE,
+                *TINY,
+                "--output_dir",
+                str(out["fsdp"]),
+            ],
+            out["fsdp"],
+        ),  # fmt: skip
+    }
+    shutil.copytree(out["fsdp"], out["fsdp_resumed"])
+    for name in ("checkpoint-3", "adapter_model.safetensors", "adapter_config.json"):
+        path = out["fsdp_resumed"] / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    results["fsdp_resumed"] = _run(
+        [*_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29635), "tests/fsdp_worker.py", RECIPE, *TINY,
+         "--output_dir", str(out["fsdp_resumed"]), "--resume_from_checkpoint", "auto"],
+        out["fsdp_resumed"],
+    )  # fmt: skip
+    results["records"] = {n: json.loads((p / "longqlora_extension.json").read_text()) for n, p in out.items()}
+    return results
+
+
+def test_context_parallel_run_equals_single_process(runs):
+    """2 ranks each holding half of every 256-token row train the same adapter as one process: same losses and
+    gradient norms at every step (through the group schedule), adapter tensors within 1e-5."""
+    single, cp = runs["single"], runs["cp"]
+    assert len(cp["steps"]) == 3
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(single["steps"], cp["steps"], strict=True):
+        assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
+    assert _largest_difference(single["tensors"], cp["tensors"]) < 1e-5
+    train = runs["records"]["cp"]["train"]
+    assert (train["processes"], train["context_parallel"], train["engine"]) == (2, 2, "ddp")
+
+
+def test_fsdp2_trains_saves_and_resumes_like_ddp(runs):
+    """QLoRA with trained embeddings and norms under FSDP2 (NF4 stored as the compute dtype, sharded): the adapter
+    has the single-process adapter's keys and shapes, equals DDP's on the same rows, and a run resumed from the
+    step-2 checkpoint (FSDP's optimizer.bin) ends at the same adapter."""
+    ddp, fsdp, resumed = runs["ddp"], runs["fsdp"], runs["fsdp_resumed"]
+    _largest_difference(runs["single"]["tensors"], fsdp["tensors"])  # keys and shapes
+    assert _largest_difference(ddp["tensors"], fsdp["tensors"]) < 1e-6
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(ddp["steps"], fsdp["steps"], strict=True):
+        assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
+    assert "resuming from" in resumed["log"] and "checkpoint-2" in resumed["log"]
+    assert _largest_difference(fsdp["tensors"], resumed["tensors"]) < 1e-6
+    assert runs["records"]["fsdp"]["train"]["engine"] == "fsdp2"
+    # The embeddings trained (LongLoRA's trainable embedding), so the comparison is of weights that moved.
+    embed = [k for k in fsdp["tensors"] if "embed_tokens" in k]
+    assert embed
+
+
+# ----------------------------------------------------------------------------------------------- the configs
+@pytest.mark.parametrize("name", ["fsdp2_qlora", "deepspeed_zero3"])
+def test_accelerate_configs_parse_and_validate(name, monkeypatch):
+    """Every key of the shipped configs is one accelerate launch knows (its YAML loader checks only the top level),
+    the launch validates, and the environment it sets is what this toolkit reads as FSDP2 / ZeRO-3."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = ROOT / "configs/accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    parser = launch_command_parser()
+    known = {action.dest for action in parser._actions}
+    nested = {**(config.fsdp_config or {}), **(config.deepspeed_config or {})}
+    assert nested and set(nested) <= known, set(nested) - known
+    args = parser.parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    if name == "fsdp2_qlora":
+        env = prepare_multi_gpu_env(args)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and "FULL_STATE_DICT" in str(plugin.state_dict_type)
+        assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+        assert (launch().engine, launch().shards_weights) == ("fsdp2", True)
+    else:
+        assert args.use_deepspeed
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+        cmd, env = prepare_deepspeed_cmd_env(args)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert (launch().engine, launch().zero_stage, launch().shards_weights) == ("deepspeed", 3, True)
+        assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"].lower() == "true"
+
+
+# ------------------------------------------------------------------------------------------ checks, one process
+def _training(**changes):
+    from longqlora.training.config import TrainingConfig
+
+    return TrainingConfig(output_dir="/tmp/unused", **changes)
+
+
+@pytest.mark.parametrize(
+    "run, model, training, flag",
+    [
+        (Launch(8, 0, 0, "fsdp1"), {}, {}, "fsdp_version 1"),
+        (Launch(8, 0, 0, "deepspeed", 2), {"load_in_4bit": False}, {}, "stage 2"),
+        (Launch(8, 0, 0, "deepspeed", 3), {}, {}, "--load_in_4bit"),
+        (Launch(3, 0, 0, "ddp"), {"context_parallel": 2}, {}, "--context_parallel 2"),
+        (Launch(2, 0, 0, "deepspeed", 3), {"context_parallel": 2, "load_in_4bit": False}, {}, "--context_parallel 2"),
+        (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"chunked_loss": False}, "--chunked_loss false"),
+    ],
+)
+def test_unsupported_launches_are_refused_in_one_line(run, model, training, flag):
+    cfg = ModelConfig(model_name_or_path="x", target_context=8192, **model)
+    with pytest.raises(ValueError) as err:
+        distributed.check_launch(cfg, _training(**training), run)
+    message = str(err.value)
+    assert flag in message and "\n" not in message and len(message) < 300
+
+
+def test_supported_launches_pass():
+    for run, model in [
+        (Launch(1, 0, 0, "none"), {}),
+        (Launch(8, 0, 0, "fsdp2"), {}),
+        (Launch(8, 0, 0, "deepspeed", 3), {"load_in_4bit": False}),
+        (Launch(4, 0, 0, "ddp"), {"context_parallel": 2}),
+        (Launch(4, 0, 0, "fsdp2"), {"context_parallel": 4, "s2_group_schedule": "none"}),
+    ]:
+        cfg = ModelConfig(model_name_or_path="x", target_context=8192, **model)
+        assert distributed.check_launch(cfg, _training(), run) is run
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"context_parallel": 8}, "--context_parallel 8"),  # 1024-token chunks < the last group (4096)
+        ({"context_parallel": 3}, "--context_parallel 3"),  # 8192 / 3 is not whole
+        ({"context_parallel": 2, "s2_attention": False}, "--context_parallel 2"),
+        ({"context_parallel": 2, "pose_window": 2048}, "--pose_window 2048"),
+        ({"context_parallel": 2, "s2_full_every": 4}, "--s2_full_every 4"),
+        ({"context_parallel": 0}, "--context_parallel 0"),
+    ],
+)
+def test_context_parallel_config_is_checked(changes, flag):
+    with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
+        ModelConfig(model_name_or_path="x", target_context=8192, **changes)
+    ok = ModelConfig(model_name_or_path="x", target_context=8192, context_parallel=4, s2_group_schedule="none")
+    assert ok.group_sizes == [2048]  # 2048-token chunks hold the one 2048-token group
+
+
+def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monkeypatch):
+    """accelerate's own batch sharding (BatchSamplerShard over a sequential sampler) applied to `share_rows`: with
+    4 processes in 2 groups of 2, both ranks of a group read the same rows, the groups different ones, and every
+    row is read once per epoch (up to the last incomplete step)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from datasets import Dataset
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    data = Dataset.from_dict({"row": list(range(23))})
+    shared = distributed.share_rows(data, per_device_batch=2, cp=2, seed=0)
+    read = {}
+    for rank in range(4):
+        sampler = BatchSamplerShard(BatchSampler(SequentialSampler(shared), 2, False), 4, rank)
+        read[rank] = [[shared[i]["row"] for i in batch] for batch in sampler]
+    assert read[0] == read[1] and read[2] == read[3] and read[0] != read[2]
+    rows = [r for rank in (0, 2) for batch in read[rank] for r in batch]
+    assert len(rows) == len(set(rows)) == 20  # 5 steps x 2 groups x 2 rows; 3 rows left over
+    in_order = distributed.share_rows(data, per_device_batch=2, cp=2, seed=None)
+    assert [in_order[i]["row"] for i in range(8)] == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def test_collator_cuts_shifted_labels_and_positions(monkeypatch):
+    """The second of 2 ranks keeps the second half of each row: its labels are the row's shifted labels (the
+    last one -100), positions and padding follow the chunk, and rows are padded to the training length first."""
+    from longqlora.attention.context_parallel import CPGroup
+
+    group = CPGroup(group=None, index=1, size=2, first_rank=0)
+    monkeypatch.setattr(distributed.ContextParallelCollator, "_check_same_rows", lambda self, ids: None)
+    ids = torch.arange(10, 16).unsqueeze(0)  # 6 tokens, padded to 8
+    collate = distributed.ContextParallelCollator(lambda ex: {"input_ids": ids, "labels": ids.clone()}, group, 8, 0)
+    batch = collate([{}])
+    assert batch["input_ids"].tolist() == [[14, 15, 0, 0]]
+    assert batch["shift_labels"].tolist() == [[15, -100, -100, -100]] == batch["labels"].tolist()
+    assert batch["position_ids"].tolist() == [[4, 5, 0, 1]]  # the padding is a document of its own
