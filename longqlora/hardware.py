@@ -211,9 +211,12 @@ def launch() -> Launch:
     return Launch(world, rank, local, "ddp" if world > 1 else "none")
 
 
-def device_map(device: str, run: Launch | None = None) -> dict:
-    """Where this process loads the model: its own GPU (LOCAL_RANK) or the CPU."""
+def device_map(device: str, run: Launch | None = None) -> dict | None:
+    """Where this process loads the model: its own GPU (LOCAL_RANK) or the CPU; None under DeepSpeed, which places
+    (and with ZeRO-3 partitions) the weights itself."""
     run = run or launch()
+    if run.engine == "deepspeed":
+        return None
     if device != "cuda":
         return {"": "cpu"}
     return {"": run.local_rank if run.world_size > 1 else torch.cuda.current_device()}

@@ -1,6 +1,6 @@
 """More than one process, on this CPU with gloo (docs/distributed.md): S2-Attn context parallelism equals the
-single-process op and the single-process run; FSDP2 trains, saves and resumes the same adapter as DDP; the
-accelerate configs parse and validate; unsupported launches are refused in one line."""
+single-process op and the single-process run; FSDP2 and DeepSpeed ZeRO-3 train, save and resume the same adapter
+as DDP; the accelerate configs parse and validate; unsupported launches are refused in one line."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ RECIPE = "recipes/extend_7b_8k.py"
 TINY = ["--tiny", "--max_steps", "3", "--save_steps", "2", "--lora_dropout", "0"]
 TINY += ["--train_sampling_strategy", "sequential"]  # every launch reads the same rows in the same order
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LONGQLORA_TRACEBACK": "1"}
+ENV["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator on this machine
 for _name in [k for k in ENV if k.startswith(("ACCELERATE_", "FSDP_"))]:
     del ENV[_name]
 
@@ -86,7 +87,8 @@ def runs(tmp_path_factory):
     """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process, with --context_parallel 2,
     under DDP and under FSDP2 (2 processes each), and FSDP2 resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("distributed")
-    out = {name: root / name for name in ("single", "cp", "ddp", "fsdp", "fsdp_resumed")}
+    names = ("single", "cp", "ddp", "fsdp", "fsdp_resumed", "zero3", "zero3_resumed")
+    out = {name: root / name for name in names}
     results = {
         "single": _run([sys.executable, RECIPE, *TINY, "--output_dir", str(out["single"])], out["single"]),
         "cp": _run(
@@ -105,16 +107,21 @@ def runs(tmp_path_factory):
             out["fsdp"],
         ),  # fmt: skip
     }
-    shutil.copytree(out["fsdp"], out["fsdp_resumed"])
-    for name in ("checkpoint-3", "adapter_model.safetensors", "adapter_config.json"):
-        path = out["fsdp_resumed"] / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    results["fsdp_resumed"] = _run(
-        [*_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29635), "tests/fsdp_worker.py", RECIPE, *TINY,
-         "--output_dir", str(out["fsdp_resumed"]), "--resume_from_checkpoint", "auto"],
-        out["fsdp_resumed"],
-    )  # fmt: skip
+    zero3 = [*_accelerate("configs/accelerate/deepspeed_zero3.yaml", 2, 29636), RECIPE, *TINY]
+    results["zero3"] = _run([*zero3, "--output_dir", str(out["zero3"])], out["zero3"])
+    for engine, launcher in (
+        ("fsdp", [*_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29635), "tests/fsdp_worker.py", RECIPE]),
+        ("zero3", [*_accelerate("configs/accelerate/deepspeed_zero3.yaml", 2, 29637), RECIPE]),
+    ):  # each resumed from its step-2 checkpoint, in that engine's format
+        resumed = out[f"{engine}_resumed"]
+        shutil.copytree(out[engine], resumed)
+        for name in ("checkpoint-3", "adapter_model.safetensors", "adapter_config.json"):
+            shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+        results[f"{engine}_resumed"] = _run(
+            [*launcher, *TINY, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto"], resumed
+        )
     results["records"] = {n: json.loads((p / "longqlora_extension.json").read_text()) for n, p in out.items()}
+    results["dirs"] = out
     return results
 
 
@@ -130,21 +137,23 @@ def test_context_parallel_run_equals_single_process(runs):
     assert (train["processes"], train["context_parallel"], train["engine"]) == (2, 2, "ddp")
 
 
-def test_fsdp2_trains_saves_and_resumes_like_ddp(runs):
-    """QLoRA with trained embeddings and norms under FSDP2 (NF4 stored as the compute dtype, sharded): the adapter
-    has the single-process adapter's keys and shapes, equals DDP's on the same rows, and a run resumed from the
-    step-2 checkpoint (FSDP's optimizer.bin) ends at the same adapter."""
-    ddp, fsdp, resumed = runs["ddp"], runs["fsdp"], runs["fsdp_resumed"]
+@pytest.mark.parametrize("engine, name", [("fsdp", "fsdp2"), ("zero3", "deepspeed")])
+def test_sharded_engines_train_save_and_resume_like_ddp(runs, engine, name):
+    """QLoRA with trained embeddings and norms under FSDP2 and DeepSpeed ZeRO-3 (NF4 stored as the compute dtype,
+    sharded): the adapter has the single-process adapter's keys and shapes, equals DDP's on the same rows, and a run
+    resumed from the step-2 checkpoint (FSDP's optimizer.bin, DeepSpeed's global_step2) ends at the same adapter."""
+    ddp, fsdp, resumed = runs["ddp"], runs[engine], runs[f"{engine}_resumed"]
     _largest_difference(runs["single"]["tensors"], fsdp["tensors"])  # keys and shapes
     assert _largest_difference(ddp["tensors"], fsdp["tensors"]) < 1e-6
     for (loss_a, norm_a), (loss_b, norm_b) in zip(ddp["steps"], fsdp["steps"], strict=True):
         assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
     assert "resuming from" in resumed["log"] and "checkpoint-2" in resumed["log"]
     assert _largest_difference(fsdp["tensors"], resumed["tensors"]) < 1e-6
-    assert runs["records"]["fsdp"]["train"]["engine"] == "fsdp2"
-    # The embeddings trained (LongLoRA's trainable embedding), so the comparison is of weights that moved.
-    embed = [k for k in fsdp["tensors"] if "embed_tokens" in k]
-    assert embed
+    assert runs["records"][engine]["train"]["engine"] == name
+    # The embeddings trained (LongLoRA's trainable embedding), sharded like any weight: they moved from the base.
+    (embed,) = [v for k, v in fsdp["tensors"].items() if "embed_tokens" in k]
+    base = load_file(runs["dirs"][engine] / "tiny-base" / "model.safetensors")["model.embed_tokens.weight"]
+    assert (embed.float() - base.float()).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- the configs
@@ -198,7 +207,6 @@ def _training(**changes):
     [
         (Launch(8, 0, 0, "fsdp1"), {}, {}, "fsdp_version 1"),
         (Launch(8, 0, 0, "deepspeed", 2), {"load_in_4bit": False}, {}, "stage 2"),
-        (Launch(8, 0, 0, "deepspeed", 3), {}, {}, "--load_in_4bit"),
         (Launch(3, 0, 0, "ddp"), {"context_parallel": 2}, {}, "--context_parallel 2"),
         (Launch(2, 0, 0, "deepspeed", 3), {"context_parallel": 2, "load_in_4bit": False}, {}, "--context_parallel 2"),
         (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"chunked_loss": False}, "--chunked_loss false"),
@@ -216,7 +224,7 @@ def test_supported_launches_pass():
     for run, model in [
         (Launch(1, 0, 0, "none"), {}),
         (Launch(8, 0, 0, "fsdp2"), {}),
-        (Launch(8, 0, 0, "deepspeed", 3), {"load_in_4bit": False}),
+        (Launch(8, 0, 0, "deepspeed", 3), {}),
         (Launch(4, 0, 0, "ddp"), {"context_parallel": 2}),
         (Launch(4, 0, 0, "fsdp2"), {"context_parallel": 4, "s2_group_schedule": "none"}),
     ]:

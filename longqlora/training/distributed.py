@@ -33,11 +33,6 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
             f"accelerate launch with DeepSpeed ZeRO stage {run.zero_stage}: this toolkit supports stage 3 "
             "(configs/accelerate/deepspeed_zero3.yaml), or FSDP2, or DDP"
         )
-    if run.engine == "deepspeed" and model_cfg.load_in_4bit:
-        raise ValueError(
-            "--load_in_4bit with DeepSpeed ZeRO-3: not supported here (not tested); use "
-            "configs/accelerate/fsdp2_qlora.yaml for QLoRA, or --load_in_4bit false with ZeRO-3"
-        )
     if cp > 1:
         if run.world_size % cp:
             raise ValueError(
