@@ -5,54 +5,18 @@ as DDP; the accelerate configs parse and validate; unsupported launches are refu
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 from safetensors.torch import load_file
 
 from longqlora.hardware import Launch, launch
 from longqlora.model import ModelConfig
 from longqlora.training import distributed
 
-RECIPE = "recipes/extend_7b_8k.py"
-TINY = ["--tiny", "--max_steps", "3", "--save_steps", "2", "--lora_dropout", "0"]
-TINY += ["--train_sampling_strategy", "sequential"]  # every launch reads the same rows in the same order
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LONGQLORA_TRACEBACK": "1"}
-ENV["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator on this machine
-for _name in [k for k in ENV if k.startswith(("ACCELERATE_", "FSDP_"))]:
-    del ENV[_name]
-
-
-def _run(argv: list[str], out: Path) -> dict:
-    """Run `argv` (a launcher and the recipe) into `out`; returns the adapter's tensors and the logged steps."""
-    done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
-    steps = [(e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
-    return {"tensors": load_file(out / "adapter_model.safetensors"), "steps": steps, "log": done.stderr}
-
-
-def _torchrun(n: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)]
-
-
-def _accelerate(config: str, n: int, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
-        "--num_processes", str(n), "--mixed_precision", "no", "--main_process_port", str(port),
-    ]  # fmt: skip
-
-
-def _largest_difference(a: dict, b: dict) -> float:
-    assert sorted(a) == sorted(b)
-    assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+BENCH = load_script("bench/distributed.py")  # the launches and their comparison, shared with the benchmark
 
 
 # ------------------------------------------------------------------------------------------ the op, 3 processes
@@ -61,8 +25,8 @@ def test_context_parallel_op_equals_single_process(tmp_path):
     for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents
     and right padding; without the borrowed tokens they would not."""
     done = subprocess.run(
-        [*_torchrun(3, 29631), "tests/cp_op_worker.py", str(tmp_path)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        [*BENCH.torchrun(3), "tests/cp_op_worker.py", str(tmp_path)],
+        cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     for rank in range(3):
@@ -84,57 +48,25 @@ def test_context_parallel_op_equals_single_process(tmp_path):
 # ------------------------------------------------------------------------------------ recipes, 1 and 2 processes
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process, with --context_parallel 2,
-    under DDP and under FSDP2 (2 processes each), and FSDP2 resumed from its step-2 checkpoint."""
-    root = tmp_path_factory.mktemp("distributed")
-    names = ("single", "cp", "ddp", "fsdp", "fsdp_resumed", "zero3", "zero3_resumed")
-    out = {name: root / name for name in names}
-    results = {
-        "single": _run([sys.executable, RECIPE, *TINY, "--output_dir", str(out["single"])], out["single"]),
-        "cp": _run(
-            [*_torchrun(2, 29632), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp"])], out["cp"]
-        ),
-        "ddp": _run([*_torchrun(2, 29633), RECIPE, *TINY, "--output_dir", str(out["ddp"])], out["ddp"]),
-        "fsdp": _run(
-            [
-                *_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29634),
-                "tests/fsdp_worker.py",
-                RECIPE,
-                *TINY,
-                "--output_dir",
-                str(out["fsdp"]),
-            ],
-            out["fsdp"],
-        ),  # fmt: skip
-    }
-    zero3 = [*_accelerate("configs/accelerate/deepspeed_zero3.yaml", 2, 29636), RECIPE, *TINY]
-    results["zero3"] = _run([*zero3, "--output_dir", str(out["zero3"])], out["zero3"])
-    for engine, launcher in (
-        ("fsdp", [*_accelerate("configs/accelerate/fsdp2_qlora.yaml", 2, 29635), "tests/fsdp_worker.py", RECIPE]),
-        ("zero3", [*_accelerate("configs/accelerate/deepspeed_zero3.yaml", 2, 29637), RECIPE]),
-    ):  # each resumed from its step-2 checkpoint, in that engine's format
-        resumed = out[f"{engine}_resumed"]
-        shutil.copytree(out[engine], resumed)
-        for name in ("checkpoint-3", "adapter_model.safetensors", "adapter_config.json"):
-            shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
-        results[f"{engine}_resumed"] = _run(
-            [*launcher, *TINY, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto"], resumed
-        )
-    results["records"] = {n: json.loads((p / "longqlora_extension.json").read_text()) for n, p in out.items()}
-    results["dirs"] = out
-    return results
+    """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process; with --context_parallel 2 on 2
+    processes (DDP, FSDP2) and on 4 (2 replicas); under DDP, FSDP2 and ZeRO-3 (2 processes each); FSDP2 and ZeRO-3
+    resumed from their step-2 checkpoints."""
+    return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
-def test_context_parallel_run_equals_single_process(runs):
-    """2 ranks each holding half of every 256-token row train the same adapter as one process: same losses and
-    gradient norms at every step (through the group schedule), adapter tensors within 1e-5."""
-    single, cp = runs["single"], runs["cp"]
+@pytest.mark.parametrize("name, reference", [("cp", "single"), ("cp_fsdp", "single"), ("cp_dp", "ddp")])
+def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
+    """Ranks each holding half of every 256-token row train the same adapter as one rank per row: 2 ranks (DDP or
+    FSDP2) as one process, 4 ranks (2 replicas of 2) as 2 DDP processes. Same losses and gradient norms at every
+    step (through the group schedule), adapter tensors within 1e-5."""
+    one, cp = runs[reference], runs[name]
     assert len(cp["steps"]) == 3
-    for (loss_a, norm_a), (loss_b, norm_b) in zip(single["steps"], cp["steps"], strict=True):
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(one["steps"], cp["steps"], strict=True):
         assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
-    assert _largest_difference(single["tensors"], cp["tensors"]) < 1e-5
-    train = runs["records"]["cp"]["train"]
-    assert (train["processes"], train["context_parallel"], train["engine"]) == (2, 2, "ddp")
+    assert BENCH.largest_difference(one["tensors"], cp["tensors"]) < 1e-5
+    train = cp["record"]["train"]
+    assert train["context_parallel"] == 2 and train["processes"] == (4 if name == "cp_dp" else 2)
+    assert train["engine"] == ("fsdp2" if name == "cp_fsdp" else "ddp")
 
 
 @pytest.mark.parametrize("engine, name", [("fsdp", "fsdp2"), ("zero3", "deepspeed")])
@@ -143,16 +75,16 @@ def test_sharded_engines_train_save_and_resume_like_ddp(runs, engine, name):
     sharded): the adapter has the single-process adapter's keys and shapes, equals DDP's on the same rows, and a run
     resumed from the step-2 checkpoint (FSDP's optimizer.bin, DeepSpeed's global_step2) ends at the same adapter."""
     ddp, fsdp, resumed = runs["ddp"], runs[engine], runs[f"{engine}_resumed"]
-    _largest_difference(runs["single"]["tensors"], fsdp["tensors"])  # keys and shapes
-    assert _largest_difference(ddp["tensors"], fsdp["tensors"]) < 1e-6
+    BENCH.largest_difference(runs["single"]["tensors"], fsdp["tensors"])  # keys and shapes
+    assert BENCH.largest_difference(ddp["tensors"], fsdp["tensors"]) < 1e-6
     for (loss_a, norm_a), (loss_b, norm_b) in zip(ddp["steps"], fsdp["steps"], strict=True):
         assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
     assert "resuming from" in resumed["log"] and "checkpoint-2" in resumed["log"]
-    assert _largest_difference(fsdp["tensors"], resumed["tensors"]) < 1e-6
-    assert runs["records"][engine]["train"]["engine"] == name
+    assert BENCH.largest_difference(fsdp["tensors"], resumed["tensors"]) < 1e-6
+    assert fsdp["record"]["train"]["engine"] == name
     # The embeddings trained (LongLoRA's trainable embedding), sharded like any weight: they moved from the base.
     (embed,) = [v for k, v in fsdp["tensors"].items() if "embed_tokens" in k]
-    base = load_file(runs["dirs"][engine] / "tiny-base" / "model.safetensors")["model.embed_tokens.weight"]
+    base = load_file(fsdp["dir"] / "tiny-base" / "model.safetensors")["model.embed_tokens.weight"]
     assert (embed.float() - base.float()).abs().max() > 1e-4
 
 
