@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RECIPE = "recipes/extend_7b_8k.py"
+SFT = "recipes/sft_vicuna_13b_8k.py"  # conversations: padded rows, assistant-only loss
 # 3 steps through the S2 group schedule (16 -> 48 -> 128 of 256 tokens), every launch reading the same rows in the
 # same order, no dropout: the runs differ only in how the work is split.
 TINY = ["--tiny", "--max_steps", "3", "--save_steps", "2", "--lora_dropout", "0"]
@@ -101,7 +102,8 @@ def _resume(launcher: list[str], source: Path, out: Path) -> dict:
 
 def run_all(root: Path) -> dict:
     """Every launch of the check into `root`/<name>."""
-    names = ("single", "cp", "cp_dp", "cp_fsdp", "ddp", "fsdp", "fsdp_resumed", "zero3", "zero3_resumed")
+    names = ("single", "cp", "cp_dp", "cp_fsdp", "sft", "sft_cp", "ddp", "fsdp", "fsdp_resumed", "zero3")
+    names += ("zero3_resumed",)
     out = {n: root / n for n in names}
     fsdp = [*accelerate("configs/accelerate/fsdp2_qlora.yaml", 2), "tests/fsdp_worker.py", RECIPE]
     zero3 = [*accelerate("configs/accelerate/deepspeed_zero3.yaml", 2), RECIPE]
@@ -112,6 +114,10 @@ def run_all(root: Path) -> dict:
             [*torchrun(4), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_dp"])], out["cp_dp"]
         ),
         "cp_fsdp": run([*fsdp, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_fsdp"])], out["cp_fsdp"]),
+        "sft": run([sys.executable, SFT, *TINY, "--output_dir", str(out["sft"])], out["sft"]),
+        "sft_cp": run(
+            [*torchrun(2), SFT, *TINY, "--context_parallel", "2", "--output_dir", str(out["sft_cp"])], out["sft_cp"]
+        ),
         "ddp": run([*torchrun(2), RECIPE, *TINY, "--output_dir", str(out["ddp"])], out["ddp"]),
         "fsdp": run([*fsdp, *TINY, "--output_dir", str(out["fsdp"])], out["fsdp"]),
         "zero3": run([*zero3, *TINY, "--output_dir", str(out["zero3"])], out["zero3"]),
@@ -128,6 +134,8 @@ def summary(results: dict) -> list[dict]:
         ("single", None, "1 process"),
         ("cp", "single", "2 processes, --context_parallel 2 (each half of every row)"),
         ("cp_fsdp", "single", "2 processes, FSDP2 and --context_parallel 2"),
+        ("sft", None, "conversations (Vicuna SFT recipe), 1 process"),
+        ("sft_cp", "sft", "conversations, 2 processes, --context_parallel 2"),
         ("ddp", None, "2 processes, DDP (torchrun)"),
         ("cp_dp", "ddp", "4 processes: 2 replicas x --context_parallel 2"),
         ("fsdp", "ddp", "2 processes, FSDP2 (fsdp2_qlora.yaml)"),

@@ -54,10 +54,13 @@ def runs(tmp_path_factory):
     return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
-@pytest.mark.parametrize("name, reference", [("cp", "single"), ("cp_fsdp", "single"), ("cp_dp", "ddp")])
+@pytest.mark.parametrize(
+    "name, reference", [("cp", "single"), ("cp_fsdp", "single"), ("cp_dp", "ddp"), ("sft_cp", "sft")]
+)
 def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
     """Ranks each holding half of every 256-token row train the same adapter as one rank per row: 2 ranks (DDP or
-    FSDP2) as one process, 4 ranks (2 replicas of 2) as 2 DDP processes. Same losses and gradient norms at every
+    FSDP2) as one process, on packed text and on padded conversations with assistant-only loss, 4 ranks (2
+    replicas of 2) as 2 DDP processes. Same losses and gradient norms at every
     step (through the group schedule), adapter tensors within 1e-5."""
     one, cp = runs[reference], runs[name]
     assert len(cp["steps"]) == 3

@@ -33,10 +33,11 @@ _ATTR = "_longqlora_cp_halo"
 class CPGroup:
     """The ranks that share one sequence: `size` consecutive global ranks, this one the `index`-th of them."""
 
-    group: object  # torch.distributed ProcessGroup of these ranks
+    group: object  # torch.distributed ProcessGroup of these ranks (the launch's backend: NCCL on GPUs)
     index: int
     size: int
     first_rank: int  # global rank of index 0
+    cpu_group: object = None  # the same ranks on gloo, for checks on host tensors (the data collator's)
 
     @property
     def prev(self) -> int | None:
@@ -58,9 +59,10 @@ def new_group(size: int) -> CPGroup:
         raise ValueError(f"--context_parallel {size}: does not divide the {world} launched processes")
     mine = None
     for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))
+        ranks = list(range(start, start + size))
+        group, cpu_group = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
         if start <= rank < start + size:
-            mine = CPGroup(group=group, index=rank - start, size=size, first_rank=start)
+            mine = CPGroup(group=group, index=rank - start, size=size, first_rank=start, cpu_group=cpu_group)
     return mine
 
 

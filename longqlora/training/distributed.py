@@ -126,7 +126,7 @@ class ContextParallelCollator:
             [torch.tensor(float(ids.numel()), dtype=torch.float64), (ids.double().flatten() * weights).sum()]
         )
         seen = [torch.zeros_like(mine) for _ in range(self.group.size)]
-        dist.all_gather(seen, mine, group=self.group.group)
+        dist.all_gather(seen, mine, group=self.group.cpu_group)
         if any(not torch.equal(s, mine) for s in seen):
             raise RuntimeError(
                 "context parallel: the ranks of one group received different rows; the training data must be "

@@ -380,6 +380,6 @@ def train(run: ResolvedRun) -> Path:
                 state_dict=state_dict,
             )
             checkpoints.remove_aside(out)
+            logger.info("adapter written to %s", out)
         trainer.accelerator.wait_for_everyone()
-    logger.info("adapter written to %s", out)
     return out
