@@ -68,6 +68,23 @@ def table(cfg: AblationConfig, results: dict) -> str:
     return markdown_table(header, rows)
 
 
+def context_table(cfg: AblationConfig, results: dict) -> str:
+    """With --context_mix: passkey accuracy at every length and the perplexity of a passage's second occurrence
+    by its distance from the first (mean over seeds; "first": the first occurrence, nothing to copy from)."""
+    runs0 = next(iter(results.values()))
+    lengths = list(runs0[0]["passkey_by_length"])
+    distances = [d for d in runs0[0]["repeat"] if d != "first"]
+    header = ["variant", "id"] + [f"passkey @{n}" for n in lengths] + ["repeat: first"]
+    header += [f"repeat @{d} back" for d in distances]
+    rows = []
+    for vid, runs in results.items():
+        trials = sum(r["passkey_trials"] for r in runs)
+        keys = [f"{statistics.fmean(r['passkey_by_length'][n] for r in runs):.0%}" for n in lengths]
+        repeat = [f"{statistics.fmean(r['repeat'][d] for r in runs):.1f}" for d in ["first", *distances]]
+        rows.append([VARIANTS[vid]["label"], f"`{vid}`", *keys, *repeat])
+    return markdown_table(header, rows) + f"\n\n(passkey: {trials} trials per length and variant over its seeds)"
+
+
 def _paired_values(runs: list[dict], ref: list[dict], length: int) -> list[float]:
     by_seed = {r["seed"]: r["perplexity"][str(length)] for r in ref}
     return [100 * (r["perplexity"][str(length)] / by_seed[r["seed"]] - 1) for r in runs if r["seed"] in by_seed]
@@ -146,6 +163,16 @@ def report(cfg: AblationConfig, out: dict, png_name: str) -> str:
             f"time on a CPU shared with other work (not a cost measurement).",
             "",
             table(cfg, out["results"]),
+            *(
+                [
+                    "",
+                    "Retrieval and long-range copying (experiments/context_tasks.py):",
+                    "",
+                    context_table(cfg, out["results"]),
+                ]
+                if "repeat" in first
+                else []
+            ),
             f"![perplexity by evaluation length]({png_name})",
             "",
         ]

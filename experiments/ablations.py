@@ -150,8 +150,10 @@ def train_texts(chars: int | None = None, kjv: bool = True) -> dict[str, str]:
     return {name: text[:chars] for name, text in texts.items()}
 
 
-def write_data(cfg: AblationConfig) -> tuple[Path, Path]:
-    """The extension's training text and the held-out evaluation folder; written once.
+def write_data(cfg: AblationConfig, base: Path) -> tuple[Path, Path]:
+    """The extension's training text and the held-out evaluation folder; written once. With --context_mix the
+    training text is the pre-training mix at the target length (natural text, passkey documents and repeated
+    passages of L to 4L tokens, tokenized by `base`'s tokenizer).
 
     The extension reads the first `extend_chars` characters of each training book (about 3x the tokens its steps
     consume), so that every run does not re-tokenize 8 MB of text; it is text the base was pre-trained on.
@@ -160,7 +162,19 @@ def write_data(cfg: AblationConfig) -> tuple[Path, Path]:
     kjv = cfg.pretrain_books == "austen+kjv"
     tag = f"{cfg.pretrain_books.replace('+', '-')}-"
     train_dir, eval_dir = out / f"extend-{tag}{cfg.extend_chars}", out / f"held-out-{tag}{cfg.eval_tokens}"
-    if not train_dir.exists():
+    if cfg.context_mix:  # the pre-training mix at the target length: one JSONL of documents
+        train_dir = out / f"extend-mix-{tag}{cfg.extend_chars}-{cfg.long_context}-{cfg.extend_steps}.jsonl"
+    if cfg.context_mix and not train_dir.exists():
+        from transformers import AutoTokenizer
+
+        from experiments.context_tasks import context_mix
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        rows = 2 * cfg.extend_steps * 8  # twice what the steps read
+        docs = context_mix(tokenizer, list(train_texts(cfg.extend_chars, kjv).values()), rows, cfg.long_context, 1,
+                           shortest=cfg.short_context)  # fmt: skip
+        write_text_atomic(train_dir, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif not train_dir.exists():
         for name, text in train_texts(cfg.extend_chars, kjv).items():
             write_text_atomic(train_dir / f"{name.replace('[:90%]', '_head')}.txt", text)
     if not eval_dir.exists():
@@ -248,7 +262,8 @@ def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, 
     from longqlora.training.run import resolve, train
 
     # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
-    data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
+    # The mix's documents stay whole, one or more per row ("documents").
+    data_cfg = TextDataConfig(dataset=str(data_dir), pack="documents" if cfg.context_mix else "concat")
     run = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(), _training(cfg, out, seed, s))
     return _extend_full(run) if s["full_ft"] else train(run)
 
@@ -297,16 +312,49 @@ def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: 
             **where,
         )
     )
+    lengths = [cfg.long_context]
+    if cfg.context_mix:  # every length the prompt fits in (a tiny run's L does not hold it)
+        from transformers import AutoTokenizer
+
+        from experiments.context_tasks import shortest_passkey
+
+        least = shortest_passkey(AutoTokenizer.from_pretrained(base))
+        lengths = [n for n in cfg.lengths if n >= least] or lengths
     key = run_passkey(
-        PasskeyConfig(context_lengths=[cfg.long_context], trials=cfg.passkey_trials, compute_dtype="float32", **where)
+        PasskeyConfig(context_lengths=lengths, trials=cfg.passkey_trials, compute_dtype="float32", **where)
     )
-    return {
+    at_long = next(b for b in key["by_length"] if b["context_length"] == cfg.long_context)
+    result = {
         "perplexity": {str(r["context_length"]): r["perplexity"] for r in ppl["results"]},
         "protocol": ppl["results"][0]["protocol"],
         "tokens_scored": ppl["results"][-1]["tokens_scored"],
-        "passkey": key["accuracy"],
-        "passkey_trials": len(key["keys"]),
+        "passkey": at_long["accuracy"],
+        "passkey_trials": at_long["trials"],
     }
+    if cfg.context_mix:
+        result["passkey_by_length"] = {str(b["context_length"]): b["accuracy"] for b in key["by_length"]}
+        result["passkey_cells"] = key["cells"]
+        result["repeat"] = repeat_perplexity(cfg, eval_dir, where)
+    return result
+
+
+def repeat_distances(cfg: AblationConfig) -> list[int]:
+    """Distances between a passage's two occurrences: within L, at 2L and nearly 4L."""
+    span = cfg.short_context // 8
+    return [cfg.short_context // 2, cfg.short_context - span, 2 * cfg.short_context, cfg.long_context - span]
+
+
+def repeat_perplexity(cfg: AblationConfig, eval_dir: Path, where: dict) -> dict:
+    """experiments.context_tasks.repeat_scores on the held-out text, with the model the evaluation loaded."""
+    from experiments.context_tasks import repeat_scores
+    from longqlora.evaluation.loading import load_for_inference
+
+    options = {k: v for k, v in where.items() if k != "model"}
+    model, tokenizer, _ = load_for_inference(where["model"], compute_dtype="float32", **options)
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in sorted(eval_dir.glob("*.txt")))
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.eval_tokens])
+    samples = 4 if cfg.tiny else 32
+    return repeat_scores(model.eval(), ids, repeat_distances(cfg), cfg.short_context // 8, samples)
 
 
 def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
@@ -331,6 +379,8 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
         "extend_chars",
         "tiny",
     )
+    if cfg.context_mix:
+        fields += ("context_mix",)  # earlier results keep their keys
     used = {f: getattr(cfg, f) for f in fields}
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
@@ -374,7 +424,7 @@ def run(cfg: AblationConfig) -> dict:
     if cfg.pretrain_books == "austen+kjv" or cfg.tiny:
         books = train_texts(200_000 if cfg.tiny else None, cfg.pretrain_books == "austen+kjv")
     base = pretrain_base(dataclasses.replace(cfg, output_dir=cfg.base_cache), books)
-    train_dir, eval_dir = write_data(cfg)
+    train_dir, eval_dir = write_data(cfg, base)
     results = {vid: [] for vid in cfg.variant_ids}
     for seed in cfg.seeds:  # seed-major: an interrupted run has every variant at the first seeds
         for vid in cfg.variant_ids:

@@ -45,6 +45,13 @@ class SmallLlamaConfig:
     pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
     pretrain_lr: float = 3e-3
     seed: int = 0
+    context_mix: bool = field(
+        default=False,
+        metadata={
+            "help": "Pre-train (and extend) on a mix that rewards the whole context: half natural text, a quarter "
+            "passkey documents, a quarter passages repeated later in the row (experiments/context_tasks.py)."
+        },
+    )
 
     def __post_init__(self):
         if self.short_context < 16 or self.short_context % 16:
@@ -91,6 +98,7 @@ def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
         "seed",
     )
     key = [getattr(cfg, f) for f in fields] + ([books] if books is not None else [])
+    key += ["context_mix"] if cfg.context_mix else []  # earlier bases keep their keys
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -110,7 +118,14 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         logger.info("reusing the pre-trained base in %s", out)
         return out
     texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
-    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    if cfg.context_mix:
+        from experiments.context_tasks import context_mix, tokenizer_sample
+
+        tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
+        rows = cfg.pretrain_steps * 32
+        texts = context_mix(tokenizer, texts, rows, cfg.short_context, cfg.seed)
+    else:
+        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     config = tiny_llama_config(
         "gqa",
         vocab_size=cfg.vocab_size,
@@ -135,7 +150,8 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
             weight_decay=0.1,
             max_length=cfg.short_context,
             packing=True,
-            packing_strategy="wrapped",
+            # The mix's documents are one row each (bfd keeps them whole); the books alone are one stream.
+            packing_strategy="bfd_split" if cfg.context_mix else "wrapped",
             logging_steps=25,
             save_strategy="no",
             report_to="none",

@@ -1,0 +1,119 @@
+"""Material that rewards using the whole context, for the small bases of the quickstart and the ablations, and the
+test that shows whether a model does.
+
+A base pre-trained on novels alone barely uses its window (the ablations' first base got 8.6% worse from 128 to
+512 tokens without interpolation and found no passkey at any length), so extension methods cannot be told apart
+where it matters. The pre-training mix adds two kinds of documents:
+- passkey documents: the toolkit's own passkey prompt (longqlora.evaluation.passkey: task line, filler, key line at a
+  random depth, question) followed by the answer, with keys never used by the evaluation's seed;
+- repeated passages: a passage of the training text, other text, then the same passage again, so that the second
+  occurrence is predictable only by attending back to the first (an induction-copy signal).
+`repeat_scores` is the matching test on held-out text: perplexity of a passage's second occurrence at a given
+distance after its first, against the first occurrence's own.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from longqlora.evaluation import passkey
+
+EVAL_SEED = 42  # PasskeyConfig's default seed: the keys the evaluation draws are never trained on
+
+
+def _eval_keys() -> set[str]:
+    return set(passkey.make_keys(EVAL_SEED, 5000))
+
+
+def tokenizer_sample(n: int = 200, seed: int = 1) -> list[str]:
+    """Passkey documents sized by words (no tokenizer yet): text for training the tokenizer, so that digits, the
+    task line and the filler have tokens of their own."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        key = str(rng.randint(10000, 99999))
+        docs.append(passkey.compose(key, rng.randint(5, 60), rng.random()) + f" {key}.")
+    return docs
+
+
+def shortest_passkey(tokenizer) -> int:
+    """Tokens of the shortest passkey document (no filler) with its answer: below it the task does not fit."""
+    return passkey.count_tokens(tokenizer, passkey.compose("12345", 0, 0.0) + " 12345.") + 8  # keys differ
+
+
+def passkey_documents(tokenizer, n: int, shortest: int, longest: int, seed: int) -> list[str]:
+    """`n` passkey prompts of `shortest`..`longest` tokens (answer included), each followed by its key; none when
+    even the shortest prompt is longer than `longest`."""
+    rng, banned = random.Random(seed), _eval_keys()
+    answer = len(tokenizer(" 12345.", add_special_tokens=False)["input_ids"]) + 1
+    shortest = max(shortest, shortest_passkey(tokenizer))
+    if shortest > longest:
+        return []
+    docs, words_at = [], {}
+    while len(docs) < n:
+        key = str(rng.randint(10000, 99999))
+        if key in banned:
+            continue
+        depth = round(rng.random(), 2)
+        target = rng.randint(shortest, longest) - answer
+        guess = words_at.get((target, depth))
+        built = passkey.build_prompt(tokenizer, key, depth, target, words=guess)
+        words_at[(target, depth)] = built["filler_words"]
+        docs.append(built["prompt"] + f" {key}.")
+    return docs
+
+
+def repeat_documents(tokenizer, ids: list[int], n: int, shortest: int, longest: int, seed: int) -> list[str]:
+    """`n` documents of `shortest`..`longest` tokens: passage P (1/16 to 1/4 of the document), other text, P again,
+    cut from the token stream `ids` (decoded back to text)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        length = rng.randint(shortest, longest)
+        span = rng.randint(max(4, length // 16), max(5, length // 4))
+        p = rng.randrange(len(ids) - span)
+        f = rng.randrange(len(ids) - length)
+        tokens = ids[p : p + span] + ids[f : f + length - 2 * span] + ids[p : p + span]
+        docs.append(tokenizer.decode(tokens))
+    return docs
+
+
+def context_mix(tokenizer, books: list[str], rows: int, length: int, seed: int, shortest: int | None = None):
+    """Documents for `rows` training rows of `length` tokens: half of them natural text (the books, cut to that
+    many tokens), a quarter passkey documents and a quarter repeated passages, each `shortest`..`length` tokens."""
+    shortest = shortest or length // 2
+    ids = tokenizer("\n\n".join(books), add_special_tokens=False)["input_ids"]
+    quarter = max(1, rows // 4)
+    stride = max(length, (len(ids) - length) // (2 * quarter))  # spread over every book, not the first ones
+    natural = [tokenizer.decode(ids[i : i + length]) for i in range(0, len(ids) - length, stride)][: 2 * quarter]
+    return (
+        natural
+        + passkey_documents(tokenizer, quarter, shortest, length, seed)
+        + repeat_documents(tokenizer, ids, quarter, shortest, length, seed + 1)
+    )
+
+
+@torch.no_grad()
+def repeat_scores(model, ids: torch.Tensor, distances: list[int], span: int, samples: int, seed: int = 0) -> dict:
+    """Perplexity of a `span`-token passage of held-out `ids` where it occurs again `d` tokens after its first
+    start (other held-out text in between), for each d in `distances`, and of its first occurrence ("first").
+
+    Each of `samples` rows per distance is [P][filler][P] with fresh passages; the second P is predictable from
+    the first only if the model attends d tokens back. Returns {"first": ppl, str(d): ppl}."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    first, second = {}, {}
+    for d in distances:
+        starts = torch.randint(0, len(ids) - d - span, (samples, 2), generator=gen)
+        rows = torch.stack(
+            [torch.cat([ids[p : p + span], ids[f : f + d - span], ids[p : p + span]]) for p, f in starts.tolist()]
+        ).to(device)
+        logits = model(input_ids=rows).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), rows[:, 1:], reduction="none")
+        first[d] = nll[:, : span - 1].mean().item()  # tokens 1..span-1 of the first P
+        second[d] = nll[:, d - 1 : d + span - 1].mean().item()  # all span tokens of the second P
+    out = {"first": float(torch.tensor(list(first.values())).mean().exp())}
+    out.update({str(d): float(torch.tensor(v).exp()) for d, v in second.items()})
+    return out

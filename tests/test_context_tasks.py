@@ -1,0 +1,89 @@
+"""The long-context training material and test of the small bases (experiments/context_tasks.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from experiments.context_tasks import (
+    context_mix,
+    passkey_documents,
+    repeat_documents,
+    repeat_scores,
+    shortest_passkey,
+    tokenizer_sample,
+)
+from longqlora.data import corpora
+from longqlora.evaluation import passkey
+from longqlora.training.tiny import train_tokenizer
+
+BOOK = corpora.book("austen_emma")[:200_000]
+
+
+def _tokenizer():
+    return train_tokenizer([BOOK, *tokenizer_sample()], vocab_size=512)
+
+
+def test_passkey_documents_fit_and_end_with_their_key():
+    tok = _tokenizer()
+    least = shortest_passkey(tok)
+    docs = passkey_documents(tok, 20, 10, 3 * least, seed=0)
+    eval_keys = set(passkey.make_keys(42, 5000))
+    for doc in docs:
+        n = len(tok(doc)["input_ids"])
+        assert least - 8 <= n <= 3 * least
+        key = doc.rsplit(" ", 1)[1].rstrip(".")
+        assert passkey.KEY_LINE.format(key=key) in doc and doc.endswith(f"{passkey.QUESTION} {key}.")
+        assert key not in eval_keys  # the evaluation's keys are never trained on
+    assert passkey_documents(tok, 5, 10, least - 9, seed=0) == []  # too short for the prompt: none
+
+
+def test_repeat_documents_repeat_their_opening_passage():
+    tok = _tokenizer()
+    ids = tok(BOOK, add_special_tokens=False)["input_ids"]
+    for doc in repeat_documents(tok, ids, 10, 64, 128, seed=0):
+        tokens = tok(doc, add_special_tokens=False)["input_ids"]
+        assert 56 <= len(tokens) <= 136
+        head = tok.decode(tokens[:4])
+        assert doc.count(head) >= 2  # the passage comes back
+
+
+def test_context_mix_is_half_natural_text():
+    tok = _tokenizer()
+    docs = context_mix(tok, [BOOK], rows=40, length=128, seed=0)
+    keys = sum(passkey.QUESTION in d for d in docs)
+    assert len(docs) == 40 and keys == 10
+
+
+class _Copier(torch.nn.Module):
+    """Predicts, for each token, the token that followed its previous occurrence in the row (an ideal induction
+    head), else a uniform guess: a repeated passage is then near-certain, a first occurrence is not."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, self.vocab)
+        for row in range(b):  # a plain loop: a test oracle, not a model
+            seen = {}
+            for t in range(n):
+                tok = int(input_ids[row, t])
+                if tok in seen and seen[tok] + 1 < n:
+                    logits[row, t, int(input_ids[row, seen[tok] + 1])] = 30.0
+                seen[tok] = t
+        return type("Out", (), {"logits": logits})()
+
+
+def test_repeat_scores_see_copying_only_where_the_passage_comes_back():
+    vocab = 4000
+    ids = torch.randperm(vocab)  # every token once: only the repeated passage can be copied
+    scores = repeat_scores(_Copier(vocab), ids, distances=[40, 100], span=8, samples=3)
+    assert scores["first"] > 0.5 * vocab  # about uniform
+    for d in ("40", "100"):
+        # 7 of the 8 tokens copied; the first is a guess (its predecessor is filler): vocab ** (1/8) = 2.8
+        assert abs(scores[d] - vocab ** (1 / 8)) < 0.1
+    assert math.isfinite(scores["first"])
