@@ -49,11 +49,12 @@ def test_repeat_documents_repeat_their_opening_passage():
         assert doc.count(head) >= 2  # the passage comes back
 
 
-def test_context_mix_is_half_natural_text():
+def test_context_mix_proportions():
     tok = _tokenizer()
-    docs = context_mix(tok, [BOOK], rows=40, length=128, seed=0)
+    docs = context_mix(tok, [BOOK], rows=80, length=128, seed=0)
     keys = sum(passkey.QUESTION in d for d in docs)
-    assert len(docs) == 40 and keys == 10
+    doubled = sum(len(d) % 2 == 0 and d[: len(d) // 2] == d[len(d) // 2 :] for d in docs)
+    assert len(docs) == 80 and keys == 20 and doubled >= 20
 
 
 class _Copier(torch.nn.Module):

@@ -149,8 +149,9 @@ def enable_context_parallel(trainer, group, train_length: int, pad_token_id: int
 # ---------------------------------------------------------------------------------------------------- output
 def gathered_state_dict(trainer):
     """The whole model's state dict on the main process when FSDP or DeepSpeed hold it in pieces (a collective:
-    every process calls it, as transformers' Trainer.save_model does), else None (the model saves its own)."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
+    every process calls it, as transformers' Trainer.save_model does), else None (the model saves its own: also when
+    the run resumed at its last step and the engine never took the model)."""
+    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is not None:
         return trainer.accelerator.get_state_dict(trainer.deepspeed)
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
