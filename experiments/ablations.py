@@ -261,9 +261,9 @@ def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, 
     from longqlora.training.config import RunConfig
     from longqlora.training.run import resolve, train
 
-    # Six long documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask.
-    # The mix's documents stay whole, one or more per row ("documents").
-    data_cfg = TextDataConfig(dataset=str(data_dir), pack="documents" if cfg.context_mix else "concat")
+    # The documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask and
+    # LongLoRA's rolled shift (which knows no documents) runs too; some of the mix's documents straddle two rows.
+    data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
     run = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(), _training(cfg, out, seed, s))
     return _extend_full(run) if s["full_ft"] else train(run)
 
