@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longqlora.attention.context_parallel import _halo_rows, cp_attention, new_group
+from longqlora.attention.context_parallel import _ATTR, _halo_rows, cp_attention, new_group
 from longqlora.attention.op import s2_attention
 
 
@@ -36,16 +36,14 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
     c = n // cp.size
     part = slice(cp.index * c, (cp.index + 1) * c)
     mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
+    chunk_pos = pos[:, part]
     out = cp_attention(
-        *mine,
-        group,
-        cp,
-        position_ids=pos[:, part],
-        attention_mask=None if mask is None else mask[:, part],
-        backend="sdpa",
+        *mine, group, cp, position_ids=chunk_pos, attention_mask=None if mask is None else mask[:, part], backend="sdpa"
     )
     (out * w[:, :, part]).sum().backward()
     diffs = {"out": (out - ref[:, :, part]).abs().max().item()}
+    # The exchange of positions is kept on the ids tensor: the next layer of the same forward reuses it.
+    diffs["halo_cached"] = _ATTR in chunk_pos.__dict__
     for label, mine_t, ref_t in zip("qkv", mine, ref_in, strict=True):
         diffs[f"grad_{label}"] = (mine_t.grad - ref_t.grad[:, :, part]).abs().max().item()
     diffs["reference_grad_k"] = ref_in[1].grad[:, :, part].abs().max().item()  # not all zero: the case tests
@@ -55,7 +53,7 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
         attention_mask=None if mask is None else mask[:, part], backend="sdpa", indexed_positions=True,
     )  # fmt: skip
     diffs["without_halo"] = (alone - ref[:, :, part]).abs().max().item()
-    tokens, shifted_only = _halo_rows(pos[:, part].clone(), None if mask is None else mask[:, part], group, cp)[:2]
+    tokens, shifted_only = _halo_rows(pos[:, part].clone(), None if mask is None else mask[:, part], group, cp, b)[:2]
     diffs["halo_tokens"], diffs["shifted_heads_only"] = tokens, shifted_only
     return name, diffs
 

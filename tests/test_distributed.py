@@ -36,6 +36,7 @@ def test_context_parallel_op_equals_single_process(tmp_path):
             for key in ("out", "grad_q", "grad_k", "grad_v"):
                 assert d[key] < 1e-12, (rank, name, key, d[key])
             assert d["reference_grad_k"] > 0.1, (rank, name)
+            assert d["halo_cached"], (rank, name)
             if rank == 2 or (rank == 1 and not name.startswith("packed")):
                 assert d["without_halo"] > 0.1, (rank, name)  # the exchange carries what the chunk needs
         # Plain rows on group boundaries borrow half a group of the shifted heads only; packed rows a whole group.

@@ -106,18 +106,20 @@ def halo(tail: torch.Tensor, cp: CPGroup) -> torch.Tensor:
     return _Halo.apply(tail, cp)
 
 
-def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, group: int, cp: CPGroup):
+def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, group: int, cp: CPGroup, b: int):
     """(halo tokens, whether only the shifted heads need them, extended positions, extended mask) for the chunk
-    whose (B, C) position ids are `position_ids`: computed once per forward and kept on that tensor (every layer,
-    and every layer recomputed in the backward, reuses it; the exchange is collective, so all ranks do it alike)."""
+    whose (B, C) or (1, C) position ids are `position_ids`: computed once per forward and kept on that tensor (the
+    model hands the same one to every layer, and to every layer recomputed in the backward; the exchange is
+    collective, and every rank caches alike, so all ranks exchange alike)."""
     import torch.distributed as dist
 
-    key = (group, None if attention_mask is None else (id(attention_mask), attention_mask._version))
+    key = (group, b, position_ids._version)
+    key += (None,) if attention_mask is None else (id(attention_mask), attention_mask._version)
     cached = position_ids.__dict__.get(_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    pos = position_ids.long()
-    b, c = pos.shape
+    pos = position_ids.expand(b, -1).long()
+    c = pos.shape[1]
     if group > c:
         raise ValueError(
             f"--context_parallel {cp.size}: S2 group of {group} tokens is longer than one rank's chunk of {c}; "
@@ -134,7 +136,7 @@ def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cp.group)
     tokens = group // 2 if flag.item() else group
     if cp.prev is None:
-        result = (tokens, bool(flag.item()), position_ids, attention_mask)
+        result = (tokens, bool(flag.item()), pos, attention_mask)
     else:
         ext_pos = torch.cat([prev[0, :, group - tokens :], pos], dim=1)
         ext_mask = None
@@ -156,7 +158,7 @@ def cp_attention(
         raise ValueError("context parallel S2-Attn needs the chunk's position ids (the data collator adds them)")
     b, h, c, d = query.shape
     h_kv = key.shape[1]
-    tokens, shifted_only, ext_pos, ext_mask = _halo_rows(position_ids.expand(b, c), attention_mask, int(group_size), cp)
+    tokens, shifted_only, ext_pos, ext_mask = _halo_rows(position_ids, attention_mask, int(group_size), cp, b)
     # Plain rows: only the key/value heads that the shifted query heads read come over.
     kv0 = head_split(h, 0.0)[2][0] // (h // h_kv) if shifted_only else 0
     tail = torch.stack([key[:, kv0:, c - tokens :], value[:, kv0:, c - tokens :]])  # (2, B, H_kv - kv0, T, D)
