@@ -184,6 +184,8 @@ class Launch:
     local_rank: int
     engine: str
     zero_stage: int | None = None
+    whole_state_dict: bool = True  # the engine can gather the whole model for saving (FULL_STATE_DICT, 16-bit save)
+    mixed_precision: str = "no"  # what accelerate launch set: no, bf16 or fp16
 
     @property
     def main(self) -> bool:
@@ -203,12 +205,27 @@ def launch() -> Launch:
     """This process's launch, read from the environment that torchrun and `accelerate launch` set."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        return Launch(world, rank, local, "deepspeed", int(stage) if stage and stage.isdigit() else None)
+        stage, whole = (
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"),
+            _flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
+        )
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and os.path.isfile(config_file):  # a DeepSpeed JSON instead of the accelerate keys
+            import json
+
+            with open(config_file) as f:
+                zero = json.load(f).get("zero_optimization", {})
+            stage = str(zero.get("stage", stage))
+            whole = bool(zero.get("stage3_gather_16bit_weights_on_model_save", whole))
+        stage = int(stage) if stage and str(stage).isdigit() else None
+        return Launch(world, rank, local, "deepspeed", stage, whole or stage != 3, precision)
     if _flag("ACCELERATE_USE_FSDP"):
-        return Launch(world, rank, local, "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1")
-    return Launch(world, rank, local, "ddp" if world > 1 else "none")
+        engine = "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
+        whole = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT").upper() == "FULL_STATE_DICT"
+        return Launch(world, rank, local, engine, None, whole, precision)
+    return Launch(world, rank, local, "ddp" if world > 1 else "none", mixed_precision=precision)
 
 
 def device_map(device: str, run: Launch | None = None) -> dict | None:

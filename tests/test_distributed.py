@@ -133,9 +133,15 @@ def test_accelerate_configs_parse_and_validate(name, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ checks, one process
 def _training(**changes):
+    """The training flags with `changes`; the engine flags (TrainingArguments validates them against files and a
+    GPU, and a DeepSpeed config would switch transformers' global ZeRO-3 state) only as the attributes read."""
+    import types
+
     from longqlora.training.config import TrainingConfig
 
-    return TrainingConfig(output_dir="/tmp/unused", **changes)
+    engine = {k: changes.pop(k) for k in ("deepspeed", "fsdp") if k in changes}
+    training = TrainingConfig(output_dir="/tmp/unused", **changes)
+    return types.SimpleNamespace(**{**vars(training), **engine}) if engine else training
 
 
 @pytest.mark.parametrize(
@@ -146,6 +152,12 @@ def _training(**changes):
         (Launch(3, 0, 0, "ddp"), {"context_parallel": 2}, {}, "--context_parallel 2"),
         (Launch(2, 0, 0, "deepspeed", 3), {"context_parallel": 2, "load_in_4bit": False}, {}, "--context_parallel 2"),
         (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"chunked_loss": False}, "--chunked_loss false"),
+        (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"average_tokens_across_devices": False}, "--average_tokens"),
+        (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"dataloader_num_workers": 2}, "--dataloader_num_workers 2"),
+        (Launch(2, 0, 0, "fsdp2", None, False), {}, {}, "fsdp_state_dict_type: FULL_STATE_DICT"),
+        (Launch(2, 0, 0, "deepspeed", 3, False), {}, {}, "zero3_save_16bit_model: true"),
+        (Launch(2, 0, 0, "none"), {}, {"deepspeed": "ds.json"}, "--deepspeed"),
+        (Launch(2, 0, 0, "none"), {}, {"fsdp": "full_shard"}, "--fsdp"),
     ],
 )
 def test_unsupported_launches_are_refused_in_one_line(run, model, training, flag):
@@ -154,6 +166,25 @@ def test_unsupported_launches_are_refused_in_one_line(run, model, training, flag
         distributed.check_launch(cfg, _training(**training), run)
     message = str(err.value)
     assert flag in message and "\n" not in message and len(message) < 300
+
+
+def test_nf4_weights_are_never_cast_by_the_engine():
+    """NF4 bytes stored as the compute dtype under FSDP2/ZeRO-3: a launch whose mixed precision differs is refused."""
+    distributed.check_precision(Launch(8, 0, 0, "fsdp2", mixed_precision="bf16"), "bfloat16", True)
+    distributed.check_precision(Launch(8, 0, 0, "ddp", mixed_precision="fp16"), "bfloat16", True)  # not sharded
+    distributed.check_precision(Launch(8, 0, 0, "fsdp2", mixed_precision="fp16"), "bfloat16", False)  # no NF4
+    with pytest.raises(ValueError, match="--mixed_precision bf16"):
+        distributed.check_precision(Launch(8, 0, 0, "deepspeed", 3, mixed_precision="fp16"), "bfloat16", True)
+
+
+def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": false}}')
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    run = launch()
+    assert (run.engine, run.zero_stage, run.whole_state_dict) == ("deepspeed", 3, False)
 
 
 def test_supported_launches_pass():

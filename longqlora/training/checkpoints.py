@@ -158,10 +158,18 @@ class CheckpointGuard(TrainerCallback):
         self.stop_signal: str | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # a signal may reach the processes on either side of a step: all stop at the same one
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(self.stop_signal is not None)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.stop_signal is None:
+                self.stop_signal = "a signal to another process"
         if self.stop_signal is not None and not control.should_training_stop:
             logger.warning("%s: saving checkpoint-%d and stopping", self.stop_signal, state.global_step)
             control.should_save = control.should_training_stop = True
-        if control.should_save:  # set by the Trainer's DefaultFlowCallback, which runs before this one
+        if control.should_save and state.is_world_process_zero:  # set by DefaultFlowCallback, which runs first
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE).unlink(missing_ok=True)
         return control
 

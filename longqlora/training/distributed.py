@@ -33,7 +33,31 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
             f"accelerate launch with DeepSpeed ZeRO stage {run.zero_stage}: this toolkit supports stage 3 "
             "(configs/accelerate/deepspeed_zero3.yaml), or FSDP2, or DDP"
         )
+    for flag in ("deepspeed", "fsdp"):
+        if getattr(training, flag, None):
+            raise ValueError(
+                f"--{flag}: set the engine with accelerate launch instead (configs/accelerate/fsdp2_qlora.yaml or "
+                "deepspeed_zero3.yaml), which this toolkit reads before it loads the model"
+            )
+    if run.shards_weights and not run.whole_state_dict:
+        setting = (
+            "fsdp_state_dict_type: FULL_STATE_DICT" if run.engine != "deepspeed" else "zero3_save_16bit_model: true"
+        )
+        raise ValueError(
+            f"accelerate launch with {run.engine}: the adapter is gathered whole to be written; set {setting} in "
+            "the launch config (as configs/accelerate/ has it)"
+        )
     if cp > 1:
+        if not training.average_tokens_across_devices:
+            raise ValueError(
+                f"--average_tokens_across_devices false: --context_parallel {cp} divides the loss by the label "
+                "tokens of every rank; keep it true"
+            )
+        if training.dataloader_num_workers:
+            raise ValueError(
+                f"--dataloader_num_workers {training.dataloader_num_workers}: --context_parallel {cp} checks that "
+                "the ranks cut the same rows in the collator, in the main process; use 0"
+            )
         if run.world_size % cp:
             raise ValueError(
                 f"--context_parallel {cp}: needs {cp} processes (or a multiple), launched with `torchrun "
@@ -51,6 +75,17 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
             "%d processes (%s%s)", run.world_size, run.engine, f", rows split over groups of {cp}" if cp > 1 else ""
         )
     return run
+
+
+def check_precision(run: Launch, compute_dtype: str, load_in_4bit: bool) -> None:
+    """NF4 bytes stored in the compute dtype (to be sharded) must not be cast by the engine's mixed precision."""
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(compute_dtype, "no")
+    if load_in_4bit and run.shards_weights and run.mixed_precision not in ("no", wanted):
+        raise ValueError(
+            f"accelerate launch --mixed_precision {run.mixed_precision} with --compute_dtype {compute_dtype}: "
+            f"{run.engine} would cast the NF4 weights stored as {compute_dtype}; launch with --mixed_precision "
+            f"{wanted}"
+        )
 
 
 # ------------------------------------------------------------------------------------------- context parallel
@@ -98,6 +133,8 @@ class ContextParallelCollator:
         self._check_same_rows(ids)
         if "position_ids" not in batch:
             batch["position_ids"] = torch.arange(n).expand(b, n).clone()
+        for key in [k for k in batch if k.startswith(("cu_seq_lens", "max_length", "seq_idx"))]:
+            del batch[key]  # whole-row packing metadata: wrong for a chunk (S2 reads the position ids)
         labels = batch.get("labels", ids)
         batch["shift_labels"] = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
         batch["labels"] = batch["shift_labels"]
@@ -151,8 +188,11 @@ def gathered_state_dict(trainer):
     """The whole model's state dict on the main process when FSDP or DeepSpeed hold it in pieces (a collective:
     every process calls it, as transformers' Trainer.save_model does), else None (the model saves its own: also when
     the run resumed at its last step and the engine never took the model)."""
-    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is not None:
-        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    engine = getattr(trainer, "deepspeed", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and engine is not None:
+        if engine.zero_optimization_stage() == 3:  # the trained weights only, not the whole frozen base, on rank 0
+            return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        return trainer.accelerator.get_state_dict(engine)
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
     return None

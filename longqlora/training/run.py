@@ -295,6 +295,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(
         model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
     )
+    distributed.check_precision(distributed.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     training = finalize_training(model_cfg, data_cfg, training, info)
     plan = memory.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
