@@ -17,14 +17,11 @@ of a group runs the same layers in the same order (recomputed layers too), so th
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from longqlora.attention.op import head_split, s2_attention
-
-logger = logging.getLogger(__name__)
 
 _ATTR = "_longqlora_cp_halo"
 

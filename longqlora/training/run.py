@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from longqlora import hardware
 from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
 from longqlora.data import instructions, pose
@@ -44,7 +45,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
 
     out = Path(training.output_dir)
     base = out / "tiny-base"
-    if distributed.launch().main:
+    if hardware.launch().main:
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out / ".tiny-base.lock")):  # written whole, then renamed: never half a base
             if not (base / "config.json").exists():
@@ -106,7 +107,7 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
-    launched = distributed.launch()
+    launched = hardware.launch()
     if launched.world_size > 1 and not torch.cuda.is_available():
         changes["use_cpu"] = True  # else transformers takes the processes for one (accelerate's state on a CPU)
     if "paged" in training.optim_name and (not torch.cuda.is_available() or launched.shards_weights):
@@ -295,7 +296,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(
         model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
     )
-    distributed.check_precision(distributed.launch(), info.compute_dtype, model_cfg.load_in_4bit)
+    distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     training = finalize_training(model_cfg, data_cfg, training, info)
     plan = memory.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
@@ -318,7 +319,7 @@ def train(run: ResolvedRun) -> Path:
             plan["device_gib"],
         )
     loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
-    launched = distributed.launch()
+    launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
     with checkpoints.locked_run(
