@@ -1,6 +1,6 @@
 """The ablations of LongLoRA (arXiv 2309.12307 Tables 1-2, §3.2-3.3) at small scale, measured by the toolkit itself.
 
-1. A small Llama is pre-trained from scratch at a short context L (quickstart.pretrain_base; cached) on five Austen
+1. A small Llama is pre-trained from scratch at a short context L (small_base.pretrain_base; cached) on five Austen
    novels and the first 90% of the KJV (--pretrain_books austen: the novels only). Persuasion and the last 10% of
    the KJV are never trained on.
 2. Every variant in `VARIANTS` extends it to 4L (position interpolation), seeded, through the toolkit's own
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.quickstart import TRAIN_BOOKS, SmallLlamaConfig
+from experiments.small_base import TRAIN_BOOKS, SmallLlamaConfig
 from longqlora.data import corpora
 from longqlora.output import write_json_atomic, write_text_atomic
 
@@ -167,13 +167,11 @@ def write_data(cfg: AblationConfig, base: Path) -> tuple[Path, Path]:
     if cfg.context_mix and not train_dir.exists():
         from transformers import AutoTokenizer
 
-        from experiments.context_tasks import context_mix
+        from experiments.context_tasks import write_mix
 
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        books = list(train_texts(cfg.extend_chars, kjv).values())
         rows = 2 * cfg.extend_steps * 8  # twice what the steps read
-        docs = context_mix(tokenizer, list(train_texts(cfg.extend_chars, kjv).values()), rows, cfg.long_context, 1,
-                           shortest=cfg.short_context)  # fmt: skip
-        write_text_atomic(train_dir, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        write_mix(train_dir, AutoTokenizer.from_pretrained(base), books, rows, cfg.long_context, cfg.short_context)
     elif not train_dir.exists():
         for name, text in train_texts(cfg.extend_chars, kjv).items():
             write_text_atomic(train_dir / f"{name.replace('[:90%]', '_head')}.txt", text)
@@ -338,15 +336,9 @@ def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: 
     return result
 
 
-def repeat_distances(cfg: AblationConfig) -> list[int]:
-    """Distances between a passage's two occurrences: within L, at 2L and nearly 4L."""
-    span = cfg.short_context // 8
-    return [cfg.short_context // 2, cfg.short_context - span, 2 * cfg.short_context, cfg.long_context - span]
-
-
 def repeat_perplexity(cfg: AblationConfig, eval_dir: Path, where: dict) -> dict:
     """experiments.context_tasks.repeat_scores on the held-out text, with the model the evaluation loaded."""
-    from experiments.context_tasks import repeat_scores
+    from experiments.context_tasks import repeat_distances, repeat_scores
     from longqlora.evaluation.loading import load_for_inference
 
     options = {k: v for k, v in where.items() if k != "model"}
@@ -354,7 +346,8 @@ def repeat_perplexity(cfg: AblationConfig, eval_dir: Path, where: dict) -> dict:
     text = "\n\n".join(f.read_text(encoding="utf-8") for f in sorted(eval_dir.glob("*.txt")))
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.eval_tokens])
     samples = 4 if cfg.tiny else 32
-    return repeat_scores(model.eval(), ids, repeat_distances(cfg), cfg.short_context // 8, samples)
+    distances = repeat_distances(cfg.short_context, cfg.long_context)
+    return repeat_scores(model.eval(), ids, distances, cfg.short_context // 8, samples)
 
 
 def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
@@ -382,6 +375,10 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
     if cfg.context_mix:
         fields += ("context_mix",)  # earlier results keep their keys
     used = {f: getattr(cfg, f) for f in fields}
+    if cfg.context_mix:
+        from experiments.context_tasks import MIX_VERSION
+
+        used.update({"mix_version": MIX_VERSION} if MIX_VERSION > 1 else {})
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}
@@ -417,7 +414,7 @@ def run(cfg: AblationConfig) -> dict:
     started = time.perf_counter()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.base_cache).mkdir(parents=True, exist_ok=True)
-    from experiments.quickstart import pretrain_base
+    from experiments.small_base import pretrain_base
 
     torch.manual_seed(cfg.seed)
     books = None

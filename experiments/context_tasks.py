@@ -14,13 +14,16 @@ distance after its first, against the first occurrence's own.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 
 from longqlora.evaluation import passkey
 
 EVAL_SEED = 42  # PasskeyConfig's default seed: the keys the evaluation draws are never trained on
+MIX_VERSION = 2  # raised when the material changes: the cached bases and results built on it are keyed by it
 
 
 def _eval_keys() -> set[str]:
@@ -94,21 +97,56 @@ def random_repeat_documents(tokenizer, n: int, shortest: int, longest: int, seed
     return docs
 
 
-def context_mix(tokenizer, books: list[str], rows: int, length: int, seed: int, shortest: int | None = None):
+def random_repeat_ids(tokenizer, n: int, shortest: int, longest: int, seed: int) -> list[list[int]]:
+    """`n` rows of `shortest`..`longest` token ids: a run of random non-special ids, twice. Token ids, not text:
+    decoded and tokenized again (`random_repeat_documents`), a run's tokens also repeat within the run (byte-level
+    merges), which blurs what an earlier occurrence predicts (docs/ablations.md, "A base that uses its context")."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    rows = []
+    for _ in range(n):
+        run = rng.choices(vocab, k=rng.randint(shortest, longest) // 2)
+        rows.append(run + run)
+    return rows
+
+
+def context_mix(
+    tokenizer, books: list[str], rows: int, length: int, seed: int, shortest: int | None = None, as_ids: bool = False
+) -> list:
     """Documents for `rows` training rows of `length` tokens, each `shortest`..`length` tokens: 3/8 natural text
     (the books, cut to that many tokens), 1/4 passkey documents, 1/8 repeated passages of the books and 1/4 runs
-    of random tokens repeated."""
+    of random tokens repeated. `as_ids`: token ids (the runs drawn as ids, `random_repeat_ids`), else text."""
     shortest = shortest or length // 2
     ids = tokenizer("\n\n".join(books), add_special_tokens=False)["input_ids"]
     eighth = max(1, rows // 8)
     stride = max(length, (len(ids) - length) // (3 * eighth))  # spread over every book, not the first ones
     natural = [tokenizer.decode(ids[i : i + length]) for i in range(0, len(ids) - length, stride)][: 3 * eighth]
-    return (
+    texts = (
         natural
         + passkey_documents(tokenizer, 2 * eighth, shortest, length, seed)
         + repeat_documents(tokenizer, ids, eighth, shortest, length, seed + 1)
-        + random_repeat_documents(tokenizer, 2 * eighth, shortest, length, seed + 2)
     )
+    if as_ids:
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return encoded + random_repeat_ids(tokenizer, 2 * eighth, shortest, length, seed + 2)
+    return texts + random_repeat_documents(tokenizer, 2 * eighth, shortest, length, seed + 2)
+
+
+def write_mix(path: Path, tokenizer, books: list[str], rows: int, length: int, shortest: int) -> Path:
+    """The mix as one JSONL of {"text": document} for an extension at `length` tokens (documents of `shortest`
+    tokens and more), written atomically; a fixed seed, so every variant and the quickstart read the same file."""
+    from longqlora.output import write_text_atomic
+
+    docs = context_mix(tokenizer, books, rows, length, 1, shortest=shortest)
+    return write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def repeat_distances(short: int, long: int) -> list[int]:
+    """Distances between a passage's two occurrences for `repeat_scores`: half of the pre-trained context L, just
+    under L, 2L and just under the target (spans of L/8 tokens)."""
+    span = short // 8
+    return [short // 2, short - span, 2 * short, long - span]
 
 
 @torch.no_grad()

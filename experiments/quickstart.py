@@ -6,65 +6,29 @@
 3. Score held-out text (Persuasion, never trained on) at L and 4L, over whole windows and over the positions beyond
    L alone, for: the base without interpolation, the base with interpolation and no training, and both extensions.
 4. Write results.json, report.md and a plot of perplexity against position into the output directory.
+
+With --context_mix the base is pre-trained, and extended, on the mix of experiments/context_tasks.py, and every
+model is also asked for passkeys at L, 2L and 4L and for passages repeated at four distances; the plot then shows
+retrieval accuracy by length and repeated-passage perplexity by distance (context.png). Not yet the default: the
+mix's base does not yet use its context (docs/ablations.md, "A base that uses its context").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from experiments.small_base import HELD_OUT, TRAIN_BOOKS, SmallLlamaConfig, pretrain_base
 from longqlora.data import corpora
 from longqlora.output import atomic_directory, markdown_table, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
-
-TRAIN_BOOKS = [f"austen_{n}" for n in corpora.AUSTEN if n != "persuasion"]
-HELD_OUT = "austen_persuasion"
-
-
-@dataclass
-class SmallLlamaConfig:
-    """The small Llama pre-trained from scratch by the quickstart and the ablations: `pretrain_base` builds it from
-    these fields and caches it by them (and `output_dir`, which each config adds)."""
-
-    short_context: int = field(default=128, metadata={"help": "Context L the base is pre-trained at."})
-    factor: int = field(default=4, metadata={"help": "Extend to factor x L."})
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    num_layers: int = 4
-    intermediate_size: int = 768
-    num_heads: int = 4
-    pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
-    pretrain_lr: float = 3e-3
-    seed: int = 0
-    context_mix: bool = field(
-        default=False,
-        metadata={
-            "help": "Pre-train (and extend) on a mix that rewards the whole context: half natural text, a quarter "
-            "passkey documents, a quarter passages repeated later in the row (experiments/context_tasks.py)."
-        },
-    )
-
-    def __post_init__(self):
-        if self.short_context < 16 or self.short_context % 16:
-            raise ValueError(f"--short_context must be a multiple of 16, at least 16; got {self.short_context}")
-        if self.factor < 2:
-            raise ValueError(f"--factor must be at least 2, got {self.factor}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size"):
-            if getattr(self, name) % 64:
-                raise ValueError(f"--{name} must be a multiple of 64 (bitsandbytes' CPU 4-bit path needs it)")
-
-    @property
-    def long_context(self) -> int:
-        return self.short_context * self.factor
 
 
 @dataclass
@@ -75,112 +39,15 @@ class QuickstartConfig(SmallLlamaConfig):
     group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / target context."})
     lora_r: int = 16
     eval_tokens: int = field(default=32768, metadata={"help": "Held-out tokens scored per context length."})
+    passkey_trials: int = field(default=4, metadata={"help": "With --context_mix: passkey keys per depth and length."})
     tiny: bool = field(default=False, metadata={"help": "A seconds-long smoke run of the same pipeline (tests)."})
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and exit."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.tiny:
-            self.pretrain_steps, self.extend_steps, self.eval_tokens = 3, 2, 4 * self.short_context * self.factor
-
-
-# -------------------------------------------------------------------------------------------------- pre-training
-def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
-    fields = (
-        "short_context",
-        "vocab_size",
-        "hidden_size",
-        "num_layers",
-        "intermediate_size",
-        "num_heads",
-        "pretrain_steps",
-        "pretrain_lr",
-        "seed",
-    )
-    key = [getattr(cfg, f) for f in fields] + ([books] if books is not None else [])
-    key += ["context_mix"] if cfg.context_mix else []  # earlier bases keep their keys
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-
-
-def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) -> Path:
-    """A small Llama trained from scratch at the short context into `cfg.output_dir`; reused when its settings match.
-
-    `texts` (name -> text) replaces the five training novels (the ablations add most of the KJV).
-    """
-    from transformers import LlamaForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
-    from longqlora.training.tiny import tiny_llama_config, train_tokenizer
-
-    names = list(texts) if texts is not None else TRAIN_BOOKS
-    out = Path(cfg.output_dir) / f"base-{_base_key(cfg, None if texts is None else names)}"
-    if (out / "pretrain.json").exists():
-        logger.info("reusing the pre-trained base in %s", out)
-        return out
-    texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
-    if cfg.context_mix:
-        from experiments.context_tasks import context_mix, tokenizer_sample
-
-        tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
-        rows = cfg.pretrain_steps * 32
-        texts = context_mix(tokenizer, texts, rows, cfg.short_context, cfg.seed)
-    else:
-        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-    config = tiny_llama_config(
-        "gqa",
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.short_context,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        intermediate_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
-    with atomic_directory(out) as tmp:  # a killed pre-training leaves no half a base
-        args = SFTConfig(
-            output_dir=str(tmp / "trainer"),
-            max_steps=cfg.pretrain_steps,
-            per_device_train_batch_size=32,
-            learning_rate=cfg.pretrain_lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=min(20, cfg.pretrain_steps),
-            weight_decay=0.1,
-            max_length=cfg.short_context,
-            packing=True,
-            # The mix's documents are one row each (bfd keeps them whole); the books alone are one stream.
-            packing_strategy="bfd_split" if cfg.context_mix else "wrapped",
-            logging_steps=25,
-            save_strategy="no",
-            report_to="none",
-            seed=cfg.seed,
-            use_cpu=True,
-            dataset_text_field="text",
-            bf16=False,
-        )
-        from datasets import Dataset
-
-        trainer = SFTTrainer(
-            model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts})
-        )
-        started = time.perf_counter()
-        result = trainer.train()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(
-            tmp / "pretrain.json",
-            {
-                "steps": cfg.pretrain_steps,
-                "final_loss": result.training_loss,
-                "seconds": time.perf_counter() - started,
-                "parameters": model.num_parameters(),
-                "books": names,
-            },
-        )
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    return out
+            self.pretrain_steps, self.extend_steps, self.passkey_trials = 3, 2, 1
+            self.eval_tokens = 4 * self.short_context * self.factor
 
 
 # ------------------------------------------------------------------------------------------------------ extension
@@ -230,15 +97,19 @@ def _held_out_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 
 
 def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
-    """Perplexity of every model at L and 4L (stride = window: whole, non-overlapping windows)."""
+    """Perplexity of every model at L and 4L (stride = window: whole, non-overlapping windows); with the context
+    mix also passkey retrieval at L, 2L, 4L and the perplexity of a repeated passage by its distance back."""
     from transformers import AutoTokenizer
 
+    from experiments.context_tasks import repeat_distances, repeat_scores, shortest_passkey
     from longqlora.evaluation.loading import load_for_inference
+    from longqlora.evaluation.passkey import evaluate_passkey
     from longqlora.evaluation.perplexity import window_scores
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = _held_out_ids(tokenizer, cfg.eval_tokens)
     short, long = cfg.short_context, cfg.long_context
+    lengths = [n for n in (short, 2 * short, long) if n >= shortest_passkey(tokenizer)] or [long]
 
     def loader(adapter=None, **kwargs):
         return lambda: load_for_inference(str(base), adapter=adapter, compute_dtype="float32", **kwargs)[0]
@@ -257,7 +128,7 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
         at_short = window_scores(model, ids, short, progress=False)
         at_long = window_scores(model, ids, long, progress=False)
         buckets = [(start, start + short // 2) for start in range(0, long, short // 2)]
-        results[label] = {
+        row = results[label] = {
             f"ppl@{short}": at_short.perplexity(),
             f"ppl@{long}": at_long.perplexity(),
             f"ppl@{long} positions>={short}": at_long.perplexity(short),
@@ -266,55 +137,100 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
             "protocol": at_long.protocol(),
             "tokens_scored": {str(short): at_short.tokens(), str(long): at_long.tokens()},
         }
-        logger.info("%s: %s", label, {k: round(v, 2) for k, v in results[label].items() if k.startswith("ppl")})
+        if cfg.context_mix:
+            keys = evaluate_passkey(model, tokenizer, lengths, DEPTHS, cfg.passkey_trials, progress=False)
+            row["passkey"] = {str(b["context_length"]): b["accuracy"] for b in keys["by_length"]}
+            samples = 4 if cfg.tiny else 32
+            row["repeat"] = repeat_scores(model, ids, repeat_distances(short, long), short // 8, samples)
+        logger.info("%s: %s", label, {k: round(v, 2) for k, v in row.items() if k.startswith("ppl")})
         del model
     return results
 
 
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PLOT = {True: "context.png", False: "perplexity.png"}  # by --context_mix
+PLOTTED = [  # the NF4 base is in the table only
+    "base, no interpolation",
+    "base + interpolation, untrained",
+    "extended, S2-Attn (ours)",
+    "extended, full attention",
+]
+
+
 def plot(results: dict, path: Path, short: int, long: int) -> None:
+    """With the context mix: retrieval accuracy by context length and repeated-passage perplexity by distance;
+    without: perplexity by position."""
     from longqlora.output import new_figure, save_figure
 
-    fig, ax = new_figure(figsize=(7, 4.2))
-    for label, r in results.items():
-        xs = [(a + b) / 2 for a, b, _ in r["by_position"]]
-        ax.plot(xs, [p for _, _, p in r["by_position"]], marker="o", label=label)
-    ax.axvline(short, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("position in the window (tokens of context)")
-    ax.set_ylabel("perplexity (held-out Persuasion)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title(f"Extending a small Llama from {short} to {long} tokens")
+    if "repeat" not in next(iter(results.values())):
+        fig, ax = new_figure(figsize=(7, 4.2))
+        for label, r in results.items():
+            xs = [(a + b) / 2 for a, b, _ in r["by_position"]]
+            ax.plot(xs, [p for _, _, p in r["by_position"]], marker="o", label=label)
+        ax.axvline(short, color="grey", linestyle="--", linewidth=1)
+        ax.set(xlabel="position in the window (tokens of context)", ylabel="perplexity (held-out Persuasion)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Extending a small Llama from {short} to {long} tokens")
+        return save_figure(fig, path)
+    fig, _ = new_figure(figsize=(12, 4.6))
+    fig.clf()
+    keys, repeat = fig.subplots(1, 2)
+    for label in [label for label in results if label in PLOTTED]:
+        r = results[label]
+        lengths = [int(n) for n in r["passkey"]]
+        keys.plot(lengths, [100 * r["passkey"][str(n)] for n in lengths], marker="o", label=label)
+        distances = [int(d) for d in r["repeat"] if d != "first"]
+        line = repeat.plot(distances, [r["repeat"][str(d)] for d in distances], marker="o", label=label)[0]
+        repeat.axhline(r["repeat"]["first"], color=line.get_color(), linestyle=":", linewidth=1)
+    for ax in (keys, repeat):
+        ax.axvline(short, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+    keys.set(xlabel="context length (tokens)", ylabel="passkey retrieved (%)", ylim=(-5, 105))
+    keys.set_title(f"Find a key hidden in the context (pre-trained at {short})")
+    repeat.set(xlabel="distance back to the passage's first occurrence (tokens)", ylabel="perplexity")
+    repeat.set_yscale("log")
+    repeat.set_title("A passage seen before: perplexity of its repeat\n(dotted: its first occurrence)")
+    keys.legend(fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
 def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
     short, long = cfg.short_context, cfg.long_context
     cols = [f"ppl@{short}", f"ppl@{long}", f"ppl@{long} positions<{short}", f"ppl@{long} positions>={short}"]
-    table = markdown_table(
-        [
-            "model",
-            f"{short} (whole windows)",
-            f"{long} (whole windows)",
-            f"{long}, positions < {short}",
-            f"{long}, positions >= {short}",
-        ],
-        [[label] + [round(r[c], 2) for c in cols] for label, r in results.items()],
-    )
+    header = ["model", f"{short} (whole windows)", f"{long} (whole windows)"]
+    header += [f"{long}, positions < {short}", f"{long}, positions >= {short}"]
+    first = next(iter(results.values()))
+    lengths = list(first.get("passkey", {}))
+    distances = [d for d in first.get("repeat", {}) if d != "first"]
+    header += [f"passkey @{n}" for n in lengths] + (["repeat: first"] if distances else [])
+    header += [f"repeat @{d} back" for d in distances]
+    rows = []
+    for label, r in results.items():
+        row = [label] + [round(r[c], 2) for c in cols] + [f"{r['passkey'][n]:.0%}" for n in lengths]
+        rows.append(row + [round(r["repeat"][d], 1) for d in (["first", *distances] if distances else [])])
+    books = ", ".join(TRAIN_BOOKS)
+    data = f"the context mix of {books} (experiments/context_tasks.py)" if cfg.context_mix else books
+    lines = [
+        f"# Quickstart: {short} -> {long} tokens",
+        "",
+        f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
+        f"{cfg.pretrain_steps} steps on {data}; extended x{cfg.factor} for {cfg.extend_steps} steps (NF4 base, "
+        f"position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn group "
+        f"{s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens of held-out "
+        f"{HELD_OUT}; {first['protocol']}.",
+    ]
+    if cfg.context_mix:
+        lines[-1] += (
+            f" Passkey: {len(DEPTHS)} depths x {cfg.passkey_trials} keys per length (keys never trained on). Repeat:"
+            f" perplexity of a {short // 8}-token held-out passage where it recurs d tokens after its first start "
+            "(other held-out text between), and of its first occurrence."
+        )
     return "\n".join(
-        [
-            f"# Quickstart: {short} -> {long} tokens",
-            "",
-            f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
-            f"{cfg.pretrain_steps} steps on {', '.join(TRAIN_BOOKS)}; extended x{cfg.factor} for {cfg.extend_steps} "
-            f"steps (NF4 base, position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn "
-            f"group {s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens "
-            f"of held-out {HELD_OUT}; {results[next(iter(results))]['protocol']}.",
-            "",
-            table,
-            f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; `python recipes/quickstart.py` reproduces it.",
-            "",
-        ]
-    )
+        lines + ["", markdown_table(header, rows), f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; "
+                 "`python recipes/quickstart.py` reproduces it.", ""]
+    )  # fmt: skip
 
 
 def s2_groups(cfg: QuickstartConfig) -> str:
@@ -330,13 +246,23 @@ def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    base = pretrain_base(cfg)
     data_dir = out / "train-books"
-    if not data_dir.exists():
+    if cfg.context_mix:  # the pre-training mix at 4L: passkeys and repeats the extension must reach across
+        from transformers import AutoTokenizer
+
+        from experiments.context_tasks import write_mix
+
+        data_dir = out / f"train-mix-{base.name}-{cfg.long_context}-{cfg.extend_steps}.jsonl"
+        if not data_dir.exists():
+            books = [corpora.book(name) for name in TRAIN_BOOKS]
+            rows = 2 * cfg.extend_steps * 8  # twice what the steps read
+            write_mix(data_dir, AutoTokenizer.from_pretrained(base), books, rows, cfg.long_context, cfg.short_context)
+    elif not data_dir.exists():
         with atomic_directory(data_dir) as tmp:
             for name in TRAIN_BOOKS:
                 (tmp / f"{name}.txt").write_text(corpora.book(name), encoding="utf-8")
-    torch.manual_seed(cfg.seed)
-    base = pretrain_base(cfg)
     adapters = {
         "extended, S2-Attn (ours)": extend(cfg, base, data_dir, s2=True),
         "extended, full attention": extend(cfg, base, data_dir, s2=False),
@@ -351,7 +277,7 @@ def run(cfg: QuickstartConfig) -> dict:
     write_json_atomic(out / "results.json", {"results": results, **meta})
     text = report(cfg, results, meta)
     write_text_atomic(out / "report.md", text)
-    plot(results, out / "perplexity.png", cfg.short_context, cfg.long_context)
+    plot(results, out / PLOT[cfg.context_mix], cfg.short_context, cfg.long_context)
     return {"results": results, "report": text, **meta}
 
 

@@ -9,6 +9,7 @@ import torch
 from experiments.context_tasks import (
     context_mix,
     passkey_documents,
+    random_repeat_ids,
     repeat_documents,
     repeat_scores,
     shortest_passkey,
@@ -57,6 +58,16 @@ def test_context_mix_proportions():
     assert len(docs) == 80 and keys == 20 and doubled >= 20
 
 
+def test_random_repeat_ids_are_one_run_twice_of_ordinary_tokens():
+    tok = _tokenizer()
+    rows = random_repeat_ids(tok, 50, 128, 128, seed=3)
+    special = set(tok.all_special_ids)
+    assert len(rows) == 50 and all(len(r) == 128 and r[:64] == r[64:] for r in rows)
+    assert not special & {i for r in rows for i in r} and max(max(r) for r in rows) < len(tok)
+    assert len({tuple(r) for r in rows}) == 50  # fresh runs
+    assert random_repeat_ids(tok, 50, 128, 128, seed=3) == rows and random_repeat_ids(tok, 50, 128, 128, seed=4) != rows
+
+
 class _Copier(torch.nn.Module):
     """Predicts, for each token, the token that followed its previous occurrence in the row (an ideal induction
     head), else a uniform guess: a repeated passage is then near-certain, a first occurrence is not."""
@@ -88,3 +99,20 @@ def test_repeat_scores_see_copying_only_where_the_passage_comes_back():
         # 7 of the 8 tokens copied; the first is a guess (its predecessor is filler): vocab ** (1/8) = 2.8
         assert abs(scores[d] - vocab ** (1 / 8)) < 0.1
     assert math.isfinite(scores["first"])
+
+
+def test_copy_probe_marks_exactly_the_tokens_an_earlier_occurrence_predicts(script):
+    """bench/copy_probe.py's rows: a marked target repeats the token one offset back (L/2 in fixed rows, varying
+    from row to row in varied rows), and the token before each marked run does too."""
+    import random as stdlib_random
+
+    probe = script("bench/copy_probe.py")
+    for kind in ("fixed", "varied"):
+        ids, mask = probe.batch(kind, stdlib_random.Random(0))
+        offsets = set()
+        for row, marks in zip(ids.tolist(), mask.tolist()):
+            marked = [j + 1 for j, m in enumerate(marks) if m]  # positions of the predictable tokens
+            assert marked == list(range(marked[0], marked[-1] + 1)) and len(marked) >= 7
+            run = [marked[0] - 1, *marked]
+            offsets.add(next(d for d in range(1, marked[0]) if all(row[t] == row[t - d] for t in run)))  # else none
+        assert offsets == {probe.L // 2} if kind == "fixed" else len(offsets) > 10

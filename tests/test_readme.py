@@ -30,9 +30,9 @@ def test_ci_runs_the_readme_test_command():
     assert "python -m pytest -q tests -m slow" in ci  # the default run leaves the slow tests out; CI runs them too
 
 
-def quickstart(out):
+def quickstart(out, *flags):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--tiny", "--output_dir", str(out)],
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--tiny", "--output_dir", str(out), *flags],
         capture_output=True,
         text=True,
         timeout=600,
@@ -64,3 +64,17 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
     assert json.loads((tmp_path / "again" / "results.json").read_text())["results"] == results
     rerun = quickstart(out)
     assert "reusing the pre-trained base" in rerun.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_with_the_context_mix_measures_retrieval_and_repeats(tmp_path):
+    """--context_mix: a base pre-trained on the mix, extended on it at 4L, and asked for passkeys at L, 2L, 4L and
+    repeated passages at four distances; the plot shows both."""
+    quickstart(tmp_path, "--context_mix", "true")
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results) == 5
+    for row in results.values():
+        assert set(row["passkey"]) == {"128", "256", "512"} and all(0 <= v <= 1 for v in row["passkey"].values())
+        assert list(row["repeat"]) == ["first", "64", "112", "256", "496"] and min(row["repeat"].values()) > 1
+    assert (tmp_path / "context.png").stat().st_size > 1000
+    assert "passkey @512" in (tmp_path / "report.md").read_text()
