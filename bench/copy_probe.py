@@ -9,7 +9,9 @@ kinds of rows:
 A model trained on fixed rows is also scored on varied rows: if its copying is positional it does not transfer.
 A plain torch loop on purpose: this probes the model's mechanism, not the toolkit's training path.
 
-    python bench/copy_probe.py --steps 300 --output out/copy_probe.json     # ~4 min on 2 CPU cores
+    python bench/copy_probe.py --steps 400 --output out/copy_probe.json     # ~7 min on 2 CPU cores
+    python bench/copy_probe.py --kinds varied --layers 2 --run_vocab 256 --steps 1500 --output out/copy_probe_v256.json
+    python bench/copy_probe.py --kinds varied --layers 2 --runs 40,64 --steps 1500 --output out/copy_probe_dense.json
 """
 
 import argparse
@@ -26,22 +28,24 @@ from longqlora.output import write_json_atomic  # noqa: E402
 from longqlora.training.tiny import tiny_llama_config  # noqa: E402
 
 L, VOCAB, ROWS = 128, 2048, 32
+KINDS = ("fixed", "varied")
 
 
-def batch(kind: str, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ROWS, L) ids and a (ROWS, L - 1) mask of the targets that an earlier occurrence predicts."""
+def batch(kind: str, rng: random.Random, vocab: int = VOCAB - 3, runs=(8, 40)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ROWS, L) ids drawn from the first `vocab` ordinary ids and a (ROWS, L - 1) mask of the targets that an
+    earlier occurrence predicts."""
     ids, masks = [], []
     for _ in range(ROWS):
         if kind == "fixed":
             run, before, gap = L // 2, 0, 0
         else:
-            run = rng.randint(8, 40)
+            run = rng.randint(*runs)
             before = rng.randint(0, L - 2 * run)
             gap = rng.randint(0, L - 2 * run - before)
-        tokens = [rng.randrange(3, VOCAB) for _ in range(run)]
-        row = [rng.randrange(3, VOCAB) for _ in range(before)] + tokens
-        row += [rng.randrange(3, VOCAB) for _ in range(gap)] + tokens
-        row += [rng.randrange(3, VOCAB) for _ in range(L - len(row))]
+        tokens = [rng.randrange(3, 3 + vocab) for _ in range(run)]
+        row = [rng.randrange(3, 3 + vocab) for _ in range(before)] + tokens
+        row += [rng.randrange(3, 3 + vocab) for _ in range(gap)] + tokens
+        row += [rng.randrange(3, 3 + vocab) for _ in range(L - len(row))]
         second = before + run + gap  # position of the run's second start; its first token is not predictable
         ids.append(row)
         masks.append([second < j + 1 < second + run for j in range(L - 1)])
@@ -54,7 +58,7 @@ def losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return nll.mean(), {"copyable": nll[mask].mean().item(), "other": nll[~mask].mean().item()}
 
 
-def train(kind: str, steps: int, layers: int, seed: int) -> dict:
+def train(kind: str, steps: int, layers: int, seed: int, vocab: int, runs) -> dict:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -66,7 +70,7 @@ def train(kind: str, steps: int, layers: int, seed: int) -> dict:
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     curve, started = [], time.perf_counter()
     for step in range(1, steps + 1):
-        loss, parts = losses(model, *batch(kind, rng))
+        loss, parts = losses(model, *batch(kind, rng, vocab, runs))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), warmup.step(), opt.zero_grad()
@@ -74,7 +78,7 @@ def train(kind: str, steps: int, layers: int, seed: int) -> dict:
             curve.append({"step": step, **{k: round(v, 3) for k, v in parts.items()}})
             print(kind, curve[-1], flush=True)
     with torch.no_grad():
-        held = {k: round(losses(model, *batch(k, random.Random(99)))[1]["copyable"], 3) for k in ("fixed", "varied")}
+        held = {k: round(losses(model, *batch(k, random.Random(99), vocab, runs))[1]["copyable"], 3) for k in KINDS}
     return {"curve": curve, "held_out_copyable": held, "seconds": round(time.perf_counter() - started)}
 
 
@@ -83,9 +87,18 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="fixed,varied", help="Which rows to train on, comma-separated.")
+    parser.add_argument("--run_vocab", type=int, default=VOCAB - 3, help="Draw tokens from this many ids only.")
+    parser.add_argument("--runs", default="8,40", help="Shortest,longest run of varied rows (at most L/2).")
     parser.add_argument("--output", default="out/copy_probe.json")
     args = parser.parse_args()
-    result = {k: train(k, args.steps, args.layers, args.seed) for k in ("fixed", "varied")}
-    result["uniform_loss"] = round(float(torch.tensor(VOCAB - 3.0).log()), 3)
+    kinds = [k for k in args.kinds.split(",") if k]
+    runs = tuple(int(n) for n in args.runs.split(","))
+    if len(runs) != 2 or not 1 <= runs[0] <= runs[1] <= L // 2:
+        parser.error(f"--runs {args.runs}: two lengths, shortest first, at most {L // 2}")
+    if not kinds or set(kinds) - set(KINDS) or not 2 <= args.run_vocab <= VOCAB - 3:
+        parser.error(f"--kinds takes {','.join(KINDS)}; --run_vocab 2..{VOCAB - 3}")
+    result = {k: train(k, args.steps, args.layers, args.seed, args.run_vocab, runs) for k in kinds}
+    result["uniform_loss"] = round(float(torch.tensor(float(args.run_vocab)).log()), 3)
     write_json_atomic(Path(args.output), {"args": vars(args), **result})
     print(json.dumps({k: v["held_out_copyable"] if isinstance(v, dict) else v for k, v in result.items()}))
