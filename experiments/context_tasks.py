@@ -111,6 +111,25 @@ def random_repeat_ids(tokenizer, n: int, shortest: int, longest: int, seed: int)
     return rows
 
 
+def varied_repeat_ids(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` rows of `length` random ordinary ids in which a run of 5/16 to 1/2 of the row recurs, with random filler
+    before, between and after, so that the offset varies from row to row: only attending to the token after an
+    earlier occurrence of the current one (an induction head) predicts the second run. Half-and-half rows teach a
+    positional shortcut instead, and shorter runs too weak a signal to learn in budget (bench/copy_probe.py)."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    rows = []
+    for _ in range(n):
+        run = rng.randint(5 * length // 16, length // 2)
+        before = rng.randint(0, length - 2 * run)
+        gap = rng.randint(0, length - 2 * run - before)
+        tokens = rng.choices(vocab, k=run)
+        row = rng.choices(vocab, k=before) + tokens + rng.choices(vocab, k=gap) + tokens
+        rows.append(row + rng.choices(vocab, k=length - len(row)))
+    return rows
+
+
 def context_mix(
     tokenizer, books: list[str], rows: int, length: int, seed: int, shortest: int | None = None, as_ids: bool = False
 ) -> list:

@@ -39,6 +39,13 @@ class SmallLlamaConfig:
     num_heads: int = 4
     pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
     pretrain_lr: float = 3e-3
+    copy_steps: int = field(
+        default=0,
+        metadata={
+            "help": "With --context_mix: steps on random ids whose runs recur at varying offsets before the mix, "
+            "to form an induction head first (experiments/context_tasks.py varied_repeat_ids)."
+        },
+    )
     seed: int = 0
     context_mix: bool = field(
         default=False,
@@ -53,6 +60,8 @@ class SmallLlamaConfig:
             raise ValueError(f"--short_context must be a multiple of 16, at least 16; got {self.short_context}")
         if self.factor < 2:
             raise ValueError(f"--factor must be at least 2, got {self.factor}")
+        if self.copy_steps < 0:
+            raise ValueError(f"--copy_steps must be 0 or more, got {self.copy_steps}")
         for name in ("vocab_size", "hidden_size", "intermediate_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"--{name} must be a multiple of 64 (bitsandbytes' CPU 4-bit path needs it)")
@@ -80,6 +89,7 @@ def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
         from experiments.context_tasks import MIX_VERSION
 
         key += ["context_mix"] + ([MIX_VERSION] if MIX_VERSION > 1 else [])
+        key += [{"copy_steps": cfg.copy_steps}] if cfg.copy_steps else []
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -99,11 +109,13 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         logger.info("reusing the pre-trained base in %s", out)
         return out
     texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
+    copies = []
     if cfg.context_mix:
-        from experiments.context_tasks import context_mix, tokenizer_sample
+        from experiments.context_tasks import context_mix, tokenizer_sample, varied_repeat_ids
 
         tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
         texts = context_mix(tokenizer, texts, cfg.pretrain_steps * 32, cfg.short_context, cfg.seed, as_ids=True)
+        copies = varied_repeat_ids(tokenizer, cfg.copy_steps * 32, cfg.short_context, cfg.seed)
     else:
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     config = tiny_llama_config(
@@ -121,13 +133,16 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
     model = LlamaForCausalLM(config)
     with atomic_directory(out) as tmp:  # a killed pre-training leaves no half a base
         started = time.perf_counter()
-        loss = _sft_pretrain(cfg, model, tokenizer, texts, tmp / "trainer")
+        if copies:  # an induction head first: the mix alone does not form one in budget (docs/ablations.md)
+            _sft_pretrain(cfg, model, tokenizer, copies, tmp / "trainer", cfg.copy_steps, "constant_with_warmup")
+        loss = _sft_pretrain(cfg, model, tokenizer, texts, tmp / "trainer", cfg.pretrain_steps, "cosine")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(
             tmp / "pretrain.json",
             {
                 "steps": cfg.pretrain_steps,
+                "copy_steps": len(copies) // 32,
                 "final_loss": loss,
                 "seconds": time.perf_counter() - started,
                 "parameters": model.num_parameters(),
@@ -138,19 +153,19 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
     return out
 
 
-def _sft_pretrain(cfg: SmallLlamaConfig, model, tokenizer, texts: list, out: Path) -> float:
-    """`cfg.pretrain_steps` steps of 32 rows of L tokens on `texts` (strings, or lists of token ids) through TRL's
-    SFTTrainer; returns the mean training loss."""
+def _sft_pretrain(cfg: SmallLlamaConfig, model, tokenizer, texts: list, out: Path, steps: int, schedule: str) -> float:
+    """`steps` steps of 32 rows of L tokens on `texts` (strings, or lists of token ids) through TRL's SFTTrainer;
+    returns the mean training loss."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=str(out),
-        max_steps=cfg.pretrain_steps,
+        max_steps=steps,
         per_device_train_batch_size=32,
         learning_rate=cfg.pretrain_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(20, cfg.pretrain_steps),
+        lr_scheduler_type=schedule,
+        warmup_steps=min(20, steps),
         weight_decay=0.1,
         max_length=cfg.short_context,
         # The books alone are one stream, cut into full rows. The mix's documents (L/2 to L tokens) are one row

@@ -14,6 +14,7 @@ from experiments.context_tasks import (
     repeat_scores,
     shortest_passkey,
     tokenizer_sample,
+    varied_repeat_ids,
 )
 from longqlora.data import corpora
 from longqlora.evaluation import passkey
@@ -116,3 +117,25 @@ def test_copy_probe_marks_exactly_the_tokens_an_earlier_occurrence_predicts(scri
             run = [marked[0] - 1, *marked]
             offsets.add(next(d for d in range(1, marked[0]) if all(row[t] == row[t - d] for t in run)))  # else none
         assert offsets == {probe.L // 2} if kind == "fixed" else len(offsets) > 10
+
+
+def test_varied_repeat_ids_recur_at_offsets_that_vary():
+    """varied_repeat_ids: rows of L ordinary ids in which a run of 5L/16..L/2 recurs once, at many offsets."""
+    tok = _tokenizer()
+    rows = varied_repeat_ids(tok, 40, 128, seed=0)
+    assert varied_repeat_ids(tok, 40, 128, seed=0) == rows and all(len(r) == 128 for r in rows)
+    assert not set(tok.all_special_ids) & {i for r in rows for i in r}
+    offsets = set()
+    for row in rows:  # the longest stretch that equals the one `offset` tokens earlier
+        best = max((_run_at(row, d), d) for d in range(40, 128))
+        assert best[0] >= 40
+        offsets.add(best[1])
+    assert len(offsets) > 10
+
+
+def _run_at(row: list[int], offset: int) -> int:
+    longest = current = 0
+    for t in range(offset, len(row)):
+        current = current + 1 if row[t] == row[t - offset] else 0
+        longest = max(longest, current)
+    return longest

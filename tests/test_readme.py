@@ -68,9 +68,9 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_with_the_context_mix_measures_retrieval_and_repeats(tmp_path):
-    """--context_mix: a base pre-trained on the mix, extended on it at 4L, and asked for passkeys at L, 2L, 4L and
-    repeated passages at four distances; the plot shows both."""
-    quickstart(tmp_path, "--context_mix", "true")
+    """--context_mix: a base pre-trained on copy rows then the mix, extended on the mix at 4L, and asked for
+    passkeys at L, 2L, 4L and repeated passages at four distances; the plot shows both."""
+    quickstart(tmp_path, "--context_mix", "true", "--copy_steps", "2")
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(results) == 5
     for row in results.values():
