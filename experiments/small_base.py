@@ -60,8 +60,8 @@ class SmallLlamaConfig:
             raise ValueError(f"--short_context must be a multiple of 16, at least 16; got {self.short_context}")
         if self.factor < 2:
             raise ValueError(f"--factor must be at least 2, got {self.factor}")
-        if self.copy_steps < 0:
-            raise ValueError(f"--copy_steps must be 0 or more, got {self.copy_steps}")
+        if self.copy_steps < 0 or (self.copy_steps and not self.context_mix):
+            raise ValueError(f"--copy_steps {self.copy_steps}: 0 or more, and only with --context_mix true")
         for name in ("vocab_size", "hidden_size", "intermediate_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"--{name} must be a multiple of 64 (bitsandbytes' CPU 4-bit path needs it)")

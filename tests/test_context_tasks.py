@@ -139,3 +139,14 @@ def _run_at(row: list[int], offset: int) -> int:
         current = current + 1 if row[t] == row[t - offset] else 0
         longest = max(longest, current)
     return longest
+
+
+def test_copy_steps_need_the_context_mix():
+    import pytest
+
+    from experiments.small_base import SmallLlamaConfig
+
+    for bad in (dict(copy_steps=5), dict(copy_steps=-1, context_mix=True)):
+        with pytest.raises(ValueError, match="--copy_steps"):
+            SmallLlamaConfig(**bad)
+    assert SmallLlamaConfig(copy_steps=5, context_mix=True).copy_steps == 5
