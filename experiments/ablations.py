@@ -314,10 +314,9 @@ def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: 
     if cfg.context_mix:  # every length the prompt fits in (a tiny run's L does not hold it)
         from transformers import AutoTokenizer
 
-        from experiments.context_tasks import shortest_passkey
+        from experiments.context_tasks import passkey_lengths
 
-        least = shortest_passkey(AutoTokenizer.from_pretrained(base))
-        lengths = [n for n in cfg.lengths if n >= least] or lengths
+        lengths = passkey_lengths(AutoTokenizer.from_pretrained(base), cfg.lengths)
     key = run_passkey(
         PasskeyConfig(context_lengths=lengths, trials=cfg.passkey_trials, compute_dtype="float32", **where)
     )
@@ -378,7 +377,7 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
     if cfg.context_mix:
         from experiments.context_tasks import MIX_VERSION
 
-        used.update({"mix_version": MIX_VERSION} if MIX_VERSION > 1 else {})
+        used["mix_version"] = MIX_VERSION
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}

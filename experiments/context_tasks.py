@@ -41,6 +41,18 @@ def tokenizer_sample(n: int = 200, seed: int = 1) -> list[str]:
     return docs
 
 
+def _ordinary_ids(tokenizer) -> list[int]:
+    """Every token id but the special ones: what random runs are drawn from."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def passkey_lengths(tokenizer, lengths: list[int]) -> list[int]:
+    """The context lengths that hold the shortest passkey prompt (a tiny base's L may not), else the longest."""
+    least = shortest_passkey(tokenizer)
+    return [n for n in lengths if n >= least] or [max(lengths)]
+
+
 def shortest_passkey(tokenizer) -> int:
     """Tokens of the shortest passkey document (no filler) with its answer: below it the task does not fit."""
     return passkey.count_tokens(tokenizer, passkey.compose("12345", 0, 0.0) + " 12345.") + 8  # keys differ
@@ -87,8 +99,7 @@ def random_repeat_documents(tokenizer, n: int, shortest: int, longest: int, seed
     """`n` documents of random tokens, the same run of them twice: the cleanest signal that teaches a small model
     to copy (an induction head) quickly; nothing but the first run predicts the second."""
     rng = random.Random(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = _ordinary_ids(tokenizer)
     docs = []
     for _ in range(n):
         half = rng.randint(shortest, longest) // 2
@@ -102,8 +113,7 @@ def random_repeat_ids(tokenizer, n: int, shortest: int, longest: int, seed: int)
     decoded and tokenized again (`random_repeat_documents`), a run's tokens also repeat within the run (byte-level
     merges), which blurs what an earlier occurrence predicts (docs/ablations.md, "A base that uses its context")."""
     rng = random.Random(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = _ordinary_ids(tokenizer)
     rows = []
     for _ in range(n):
         run = rng.choices(vocab, k=rng.randint(shortest, longest) // 2)
@@ -117,8 +127,7 @@ def varied_repeat_ids(tokenizer, n: int, length: int, seed: int) -> list[list[in
     earlier occurrence of the current one (an induction head) predicts the second run. Half-and-half rows teach a
     positional shortcut instead, and shorter runs too weak a signal to learn in budget (bench/copy_probe.py)."""
     rng = random.Random(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = _ordinary_ids(tokenizer)
     rows = []
     for _ in range(n):
         run = rng.randint(5 * length // 16, length // 2)

@@ -101,7 +101,7 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
     mix also passkey retrieval at L, 2L, 4L and the perplexity of a repeated passage by its distance back."""
     from transformers import AutoTokenizer
 
-    from experiments.context_tasks import repeat_distances, repeat_scores, shortest_passkey
+    from experiments.context_tasks import passkey_lengths, repeat_distances, repeat_scores
     from longqlora.evaluation.loading import load_for_inference
     from longqlora.evaluation.passkey import evaluate_passkey
     from longqlora.evaluation.perplexity import window_scores
@@ -109,7 +109,7 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = _held_out_ids(tokenizer, cfg.eval_tokens)
     short, long = cfg.short_context, cfg.long_context
-    lengths = [n for n in (short, 2 * short, long) if n >= shortest_passkey(tokenizer)] or [long]
+    lengths = passkey_lengths(tokenizer, [short, 2 * short, long])
 
     def loader(adapter=None, **kwargs):
         return lambda: load_for_inference(str(base), adapter=adapter, compute_dtype="float32", **kwargs)[0]

@@ -88,7 +88,7 @@ def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
     if cfg.context_mix:  # earlier bases keep their keys
         from experiments.context_tasks import MIX_VERSION
 
-        key += ["context_mix"] + ([MIX_VERSION] if MIX_VERSION > 1 else [])
+        key += ["context_mix", MIX_VERSION]
         key += [{"copy_steps": cfg.copy_steps}] if cfg.copy_steps else []
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
