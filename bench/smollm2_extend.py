@@ -126,6 +126,8 @@ def recipe_argv(args: Args, model: Path, load_in_4bit: bool) -> list[str]:
         str(model),
         "--target_context",
         str(args.target_context),
+        "--rope_scaling",  # the run docs/ measured: position interpolation (the default became yarn later)
+        "linear",
         "--load_in_4bit",
         str(load_in_4bit).lower(),
         "--compute_dtype",
@@ -243,6 +245,7 @@ def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, 
             data=args.eval_data,
             context_lengths=args.ppl_lengths,
             target_context=target,
+            rope_scaling="linear" if target else None,
             max_tokens=args.eval_tokens,
             compute_dtype=args.eval_dtype,
         )
@@ -258,6 +261,7 @@ def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, 
             seed=args.seed,
             compute_dtype=args.eval_dtype,
             target_context=target,
+            rope_scaling="linear" if target else None,
         )
     )
     return {

@@ -63,6 +63,7 @@ def main():
                 data=args.data,
                 context_lengths=lengths,
                 target_context=target,
+                rope_scaling="linear",  # position interpolation, as measured in the README
                 max_tokens=args.max_tokens,
                 compute_dtype="float32",
             )

@@ -99,8 +99,10 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     fig, _ = new_figure(figsize=(12, 4.8))
     fig.clf()
     left, right = fig.subplots(1, 2)
-    ref = reference(results)
-    for vid, runs in results.items():
+    import matplotlib
+
+    ref, colors = reference(results), matplotlib.colormaps["tab20"]  # up to 20 variants, each its own colour
+    for i, (vid, runs) in enumerate(results.items()):
         trained = variant_settings(cfg, vid)["train"]
         means = [summary(runs, n) for n in cfg.lengths]
         line = left.errorbar(
@@ -111,6 +113,7 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
             capsize=3,
             label=vid,
             linestyle="-" if trained else "--",
+            color=colors(i % 20),
         )
         if ref and trained and vid != ref:
             diffs = [_paired_values(runs, results[ref], n) for n in cfg.lengths]
@@ -141,7 +144,53 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def report(cfg: AblationConfig, out: dict, png_name: str) -> str:
+def plot_context(cfg: AblationConfig, results: dict, path: Path) -> Path:
+    """With the context mix. Left: perplexity of a repeated passage by its distance back (mean over seeds; dotted:
+    the first occurrence); right: passkey accuracy by length and depth (the heat map), one row per variant."""
+    import matplotlib
+
+    from longqlora.output import new_figure, save_figure
+
+    fig, _ = new_figure(figsize=(13, 5.2))
+    fig.clf()
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+    cells = sorted({(c["context_length"], c["depth"]) for rs in results.values() for c in rs[0]["passkey_cells"]})
+    grid, colors = [], matplotlib.colormaps["tab20"]  # up to 20 variants, each its own colour
+    for i, (vid, runs) in enumerate(results.items()):
+        distances = [d for d in runs[0]["repeat"] if d != "first"]
+        mean = {d: statistics.fmean(r["repeat"][d] for r in runs) for d in ["first", *distances]}
+        trained = variant_settings(cfg, vid)["train"]
+        style = "-" if trained else "--"
+        xs, ys = [int(d) for d in distances], [mean[d] for d in distances]
+        line = left.plot(xs, ys, marker="o", linestyle=style, color=colors(i % 20))[0]
+        line.set_label(vid)
+        left.axhline(mean["first"], color=line.get_color(), linestyle=":", linewidth=0.8)
+        hits = {}
+        for r in runs:
+            for c in r["passkey_cells"]:
+                key = (c["context_length"], c["depth"])
+                correct, trials = hits.get(key, (0, 0))
+                hits[key] = (correct + c["correct"], trials + c["trials"])
+        grid.append([100 * hits[k][0] / hits[k][1] if k in hits else float("nan") for k in cells])
+    left.set_xscale("log", base=2)
+    ticks = [int(d) for d in distances]
+    left.set_xticks(ticks, [str(t) for t in ticks])
+    left.axvline(cfg.short_context, color="grey", linestyle="--", linewidth=1)
+    left.set(xlabel="distance back to the passage's first occurrence (tokens)", ylabel="perplexity (mean over seeds)")
+    left.set_yscale("log")
+    left.set_title("A passage seen before: perplexity of its repeat (dotted: first occurrence)", fontsize=10)
+    left.legend(fontsize=7, ncol=2)
+    image = right.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    right.set_yticks(range(len(results)), list(results), fontsize=7)
+    right.set_xticks(range(len(cells)), [f"{n}\n{d:g}" if d == 0 else f"{d:g}" for n, d in cells], fontsize=7)
+    right.set_xlabel("context length (first column of each) and depth of the key")
+    right.set_title("Passkey retrieved (%), all seeds", fontsize=10)
+    fig.colorbar(image, ax=right, fraction=0.04)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def report(cfg: AblationConfig, out: dict, png_name: str, context_png: str = "") -> str:
     p = out["pretrain"]
     held_kjv = " then the last 10% of the KJV" if cfg.pretrain_books == "austen+kjv" else ""
     first = next(iter(out["results"].values()))[0]
@@ -152,8 +201,9 @@ def report(cfg: AblationConfig, out: dict, png_name: str) -> str:
             f"every (variant, seed) run, training and evaluation, as recorded in the cached results (this invocation's "
             f"wall time: {out['seconds'] / 60:.1f} min).",
             "",
-            f"Base: {p['parameters']:,}-parameter Llama, pre-trained {p['steps']} steps x 32 x {cfg.short_context} "
-            f"tokens on {', '.join(p['books'])}. Extension to {cfg.long_context}: {cfg.extend_steps} steps x 8 x "
+            f"Base: {p['parameters']:,}-parameter Llama, pre-trained {_copy_text(p)}{p['steps']} steps x 32 x "
+            f"{cfg.short_context} tokens on {'the context mix of ' * cfg.context_mix}{', '.join(p['books'])}."
+            f" Extension to {cfg.long_context}: {cfg.extend_steps} steps x 8 x "
             f"{cfg.long_context} tokens, lr {cfg.extend_lr:g}, LoRA r={cfg.lora_r}, S2 group {cfg.group_ratio:g} x "
             f"{cfg.long_context} unless the variant says otherwise; fp32 base unless NF4. Seeds {cfg.seeds} (extension "
             f"data order and LoRA init; one base). Evaluation: `longqlora perplexity` on the first {cfg.eval_tokens} "
@@ -174,9 +224,15 @@ def report(cfg: AblationConfig, out: dict, png_name: str) -> str:
                 else []
             ),
             f"![perplexity by evaluation length]({png_name})",
+            *([f"![repeats by distance and the passkey heat map]({context_png})"] if context_png else []),
             "",
         ]
     )
+
+
+def _copy_text(pretrain: dict) -> str:
+    steps = pretrain.get("copy_steps")
+    return f"{steps} steps on random-token rows whose runs recur (experiments/small_base.py), then " if steps else ""
 
 
 def _compute_minutes(out: dict) -> float:

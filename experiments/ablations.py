@@ -43,7 +43,9 @@ VARIANTS = {
     "loraplus-s2": dict(label="LoRA+, S2-Attn"),
     "loraplus-s2-nf4": dict(label="LoRA+, S2-Attn, NF4 base", nf4=True),
     "default": dict(
-        label="toolkit default: LoRA+, S2-Attn with group schedule, NF4", nf4=True, group_schedule="0.0625,0.1875,0.5"
+        label="LoRA+, S2-Attn with group schedule, NF4 (toolkit default until YaRN)",
+        nf4=True,
+        group_schedule="0.0625,0.1875,0.5",
     ),
     "fullft-full": dict(label="full fine-tuning, full attention", full_ft=True, s2=False),
     "loraplus-s2-rolled": dict(label="LoRA+, S2-Attn, LongLoRA's rolled shift", shift="rolled"),
@@ -66,6 +68,17 @@ VARIANTS = {
         label="LoRA+, S2-Attn group 1/2, PoSE: rows of L spanning 4L, 4x batch", pose=0.25, group_ratio=0.5
     ),
     "loraplus-pose": dict(label="LoRA+, full attention, PoSE: rows of L spanning 4L, 4x batch", s2=False, pose=0.25),
+    # YaRN (arXiv 2309.00071) instead of linear interpolation: the fast RoPE dimensions, which tell neighbouring
+    # tokens apart, keep their frequency (rope.py); the rest as their PI counterparts
+    "yarn": dict(label="YaRN only, no fine-tuning", train=False, rope="yarn"),
+    "loraplus-full-yarn": dict(label="LoRA+, full attention, YaRN", s2=False, rope="yarn"),
+    "loraplus-s2-yarn": dict(label="LoRA+, S2-Attn, YaRN", rope="yarn"),
+    "default-yarn": dict(
+        label="toolkit default: LoRA+, S2-Attn with group schedule, NF4, YaRN",
+        nf4=True,
+        group_schedule="0.0625,0.1875,0.5",
+        rope="yarn",
+    ),
 }
 TARGETED = (
     "loraplus-s2-g50",
@@ -200,6 +213,7 @@ def variant_settings(cfg: AblationConfig, vid: str) -> dict:
         "group_schedule": v.get("group_schedule", ""),
         "group_ratio": v.get("group_ratio", cfg.group_ratio),
         **({"pose": v["pose"]} if v.get("pose") else {}),
+        **({"rope": v["rope"]} if v.get("rope") else {}),
     }  # only when set: the other variants' cache keys stay
 
 
@@ -212,6 +226,7 @@ def _model_config(cfg: AblationConfig, base: Path, s: dict):
     return ModelConfig(
         model_name_or_path=str(base),
         target_context=cfg.long_context,
+        rope_scaling=s.get("rope", "linear"),
         group_ratio=s["group_ratio"],
         s2_attention=s["s2"],
         attn_backend="sdpa",
@@ -297,6 +312,8 @@ def evaluate(cfg: AblationConfig, base: Path, eval_dir: Path, s: dict, trained: 
 
     if trained is None:
         where = dict(model=str(base), target_context=cfg.long_context if s["pi"] else None)
+        if s["pi"]:  # explicit: the toolkit's default scaling is not what "pi" measures
+            where["rope_scaling"] = s.get("rope", "linear")
     elif s["full_ft"]:
         where = dict(model=str(trained))
     else:
@@ -378,6 +395,10 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
         from experiments.context_tasks import MIX_VERSION
 
         used["mix_version"] = MIX_VERSION
+        if cfg.copy_steps:  # a different base; results of bases without a copy phase keep their keys
+            from experiments.small_base import COPY_LOOP
+
+            used["copy_steps"] = [cfg.copy_steps, COPY_LOOP]
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}
@@ -431,15 +452,17 @@ def run(cfg: AblationConfig) -> dict:
 
 
 def main(cfg: AblationConfig) -> dict:
-    from experiments.ablation_report import plot, report, write_section
+    from experiments.ablation_report import plot, plot_context, report, write_section
 
     out = run(cfg)
     write_json_atomic(Path(cfg.output_dir) / f"summary-{cfg.section}.json", {"config": dataclasses.asdict(cfg), **out})
     if cfg.doc:
         doc = Path(cfg.doc)
-        png = doc.with_name(f"{doc.stem}_{cfg.section}.png")
+        png, context_png = doc.with_name(f"{doc.stem}_{cfg.section}.png"), None
         plot(cfg, out["results"], png)
-        out["report"] = report(cfg, out, png.name)
+        if cfg.context_mix:
+            context_png = plot_context(cfg, out["results"], doc.with_name(f"{doc.stem}_{cfg.section}_context.png"))
+        out["report"] = report(cfg, out, png.name, context_png.name if context_png else "")
         write_section(doc, cfg.section, out["report"])
     else:
         out["report"] = report(cfg, out, "")

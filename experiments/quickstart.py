@@ -1,16 +1,16 @@
 """The quickstart: a real context extension at small scale, on a CPU, in minutes.
 
-1. Pre-train a small Llama from scratch at a short context L on five bundled Austen novels (cached for reruns).
-2. Extend it to 4L with the toolkit's own path (NF4 + position interpolation + S2-Attn + LoRA with trainable
-   embeddings and norms), and once more with full attention instead of S2-Attn, for comparison.
-3. Score held-out text (Persuasion, never trained on) at L and 4L, over whole windows and over the positions beyond
-   L alone, for: the base without interpolation, the base with interpolation and no training, and both extensions.
-4. Write results.json, report.md and a plot of perplexity against position into the output directory.
-
-With --context_mix the base is pre-trained, and extended, on the mix of experiments/context_tasks.py, and every
-model is also asked for passkeys at L, 2L and 4L and for passages repeated at four distances; the plot then shows
-retrieval accuracy by length and repeated-passage perplexity by distance (context.png). Not yet the default: the
-mix's base does not yet use its context (docs/ablations.md, "A base that uses its context").
+1. Pre-train a small Llama from scratch at a short context L (cached for reruns): with --context_mix (the recipe's
+   default) first on random tokens whose runs recur, until it copies from its context (--copy_steps), then on the
+   mix of experiments/context_tasks.py (Austen, passkey documents, repeated passages); else on five Austen novels.
+2. Extend it to 4L with the toolkit's own path (NF4 + S2-Attn + LoRA with trainable embeddings and norms), and once
+   more with full attention instead of S2-Attn, for comparison; each with every RoPE scaling of --rope_scalings
+   (position interpolation, YaRN).
+3. Score every model, and the base without and with each scaling untrained: held-out text (Persuasion, never
+   trained on) at L and 4L, over whole windows and over the positions beyond L alone; with the mix also passkeys
+   at L, 2L and 4L and the perplexity of a passage repeated at four distances back.
+4. Write results.json, report.md and a plot into the output directory: retrieval by length and repeats by distance
+   (context.png), or without the mix perplexity by position (perplexity.png).
 """
 
 from __future__ import annotations
@@ -40,28 +40,58 @@ class QuickstartConfig(SmallLlamaConfig):
     lora_r: int = 16
     eval_tokens: int = field(default=32768, metadata={"help": "Held-out tokens scored per context length."})
     passkey_trials: int = field(default=4, metadata={"help": "With --context_mix: passkey keys per depth and length."})
+    rope_scalings: str = field(
+        default="linear",
+        metadata={
+            "help": "How RoPE is stretched to 4L, comma list: linear (position interpolation) and/or yarn; each is "
+            "scored untrained and extended with S2-Attn and with full attention."
+        },
+    )
     tiny: bool = field(default=False, metadata={"help": "A seconds-long smoke run of the same pipeline (tests)."})
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and exit."})
 
     def __post_init__(self):
         super().__post_init__()
+        from longqlora.rope import UNSCALED_TO
+
+        if not self.scalings or set(self.scalings) - set(UNSCALED_TO):
+            raise ValueError(f"--rope_scalings {self.rope_scalings!r}: a comma list of {', '.join(UNSCALED_TO)}")
         if self.tiny:
             self.pretrain_steps, self.extend_steps, self.passkey_trials = 3, 2, 1
+            self.copy_steps = min(self.copy_steps, 2)
             self.eval_tokens = 4 * self.short_context * self.factor
+
+    @property
+    def scalings(self) -> list[str]:
+        return [s.strip() for s in self.rope_scalings.split(",") if s.strip()]
+
+
+# What each model is called in the table and plot, by RoPE scaling (linear PI keeps the names of earlier reports).
+def untrained_label(rope: str) -> str:
+    return "base + interpolation, untrained" if rope == "linear" else f"base + {ROPE_NAMES[rope]}, untrained"
+
+
+def extended_label(rope: str, s2: bool) -> str:
+    kind = "S2-Attn (ours)" if s2 else "full attention"
+    return f"extended, {kind}" if rope == "linear" else f"extended with {ROPE_NAMES[rope]}, {kind}"
+
+
+ROPE_NAMES = {"linear": "interpolation", "yarn": "YaRN"}
 
 
 # ------------------------------------------------------------------------------------------------------ extension
-def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool) -> Path:
+def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool, rope: str = "linear") -> Path:
     """The toolkit's own extension path, S2-Attn or full attention; returns the adapter directory."""
     from longqlora.data.text import TextDataConfig
     from longqlora.model import ModelConfig
     from longqlora.training.config import RunConfig, TrainingConfig
     from longqlora.training.run import resolve, train
 
-    name = "extended-s2" if s2 else "extended-full"
+    name = ("extended-s2" if s2 else "extended-full") + ("" if rope == "linear" else f"-{rope}")
     model_cfg = ModelConfig(
         model_name_or_path=str(base),
         target_context=cfg.long_context,
+        rope_scaling=rope,
         group_ratio=cfg.group_ratio,
         s2_attention=s2,
         compute_dtype="float32",
@@ -114,12 +144,10 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
     def loader(adapter=None, **kwargs):
         return lambda: load_for_inference(str(base), adapter=adapter, compute_dtype="float32", **kwargs)[0]
 
-    models = {
-        "base, no interpolation": loader(),
-        "base + interpolation, untrained": loader(target_context=long),
-        # The extensions run on the NF4-quantized base: this row separates the cost of quantization.
-        "base in NF4, no interpolation": loader(load_in_4bit=True),
-    }
+    models = {"base, no interpolation": loader()}
+    models.update({untrained_label(r): loader(target_context=long, rope_scaling=r) for r in cfg.scalings})
+    # The extensions run on the NF4-quantized base: this row separates the cost of quantization.
+    models["base in NF4, no interpolation"] = loader(load_in_4bit=True)
     for label, adapter in adapters.items():
         models[label] = loader(adapter, load_in_4bit=True)
     results = {}
@@ -149,12 +177,7 @@ def evaluate(cfg: QuickstartConfig, base: Path, adapters: dict) -> dict:
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PLOT = {True: "context.png", False: "perplexity.png"}  # by --context_mix
-PLOTTED = [  # the NF4 base is in the table only
-    "base, no interpolation",
-    "base + interpolation, untrained",
-    "extended, S2-Attn (ours)",
-    "extended, full attention",
-]
+NOT_PLOTTED = ["base in NF4, no interpolation"]  # in the table only
 
 
 def plot(results: dict, path: Path, short: int, long: int) -> None:
@@ -176,16 +199,17 @@ def plot(results: dict, path: Path, short: int, long: int) -> None:
     fig, _ = new_figure(figsize=(12, 4.6))
     fig.clf()
     keys, repeat = fig.subplots(1, 2)
-    for label in [label for label in results if label in PLOTTED]:
+    for label in [label for label in results if label not in NOT_PLOTTED]:
         r = results[label]
         lengths = [int(n) for n in r["passkey"]]
         keys.plot(lengths, [100 * r["passkey"][str(n)] for n in lengths], marker="o", label=label)
         distances = [int(d) for d in r["repeat"] if d != "first"]
         line = repeat.plot(distances, [r["repeat"][str(d)] for d in distances], marker="o", label=label)[0]
         repeat.axhline(r["repeat"]["first"], color=line.get_color(), linestyle=":", linewidth=1)
-    for ax in (keys, repeat):
+    for ax, ticks in ((keys, lengths), (repeat, distances)):
         ax.axvline(short, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])  # token counts, not powers of two
     keys.set(xlabel="context length (tokens)", ylabel="passkey retrieved (%)", ylim=(-5, 105))
     keys.set_title(f"Find a key hidden in the context (pre-trained at {short})")
     repeat.set(xlabel="distance back to the passage's first occurrence (tokens)", ylabel="perplexity")
@@ -212,12 +236,16 @@ def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
         rows.append(row + [round(r["repeat"][d], 1) for d in (["first", *distances] if distances else [])])
     books = ", ".join(TRAIN_BOOKS)
     data = f"the context mix of {books} (experiments/context_tasks.py)" if cfg.context_mix else books
+    copies = ""
+    if cfg.context_mix and cfg.copy_steps:
+        copies = f"{cfg.copy_steps} steps on random tokens whose runs recur (an induction head forms), then "
+    ropes = " or ".join("YaRN" if r == "yarn" else "position interpolation" for r in cfg.scalings)
     lines = [
         f"# Quickstart: {short} -> {long} tokens",
         "",
         f"Base: {meta['base_parameters']:,}-parameter Llama pre-trained from scratch at {short} tokens for "
-        f"{cfg.pretrain_steps} steps on {data}; extended x{cfg.factor} for {cfg.extend_steps} steps (NF4 base, "
-        f"position interpolation, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn group "
+        f"{copies}{cfg.pretrain_steps} steps on {data}; extended x{cfg.factor} for {cfg.extend_steps} steps (NF4 base, "
+        f"{ropes}, LoRA r={cfg.lora_r} + trainable embeddings and norms; S2-Attn group "
         f"{s2_groups(cfg)} or full attention). Perplexity on the first {cfg.eval_tokens} tokens of held-out "
         f"{HELD_OUT}; {first['protocol']}.",
     ]
@@ -264,8 +292,9 @@ def run(cfg: QuickstartConfig) -> dict:
             for name in TRAIN_BOOKS:
                 (tmp / f"{name}.txt").write_text(corpora.book(name), encoding="utf-8")
     adapters = {
-        "extended, S2-Attn (ours)": extend(cfg, base, data_dir, s2=True),
-        "extended, full attention": extend(cfg, base, data_dir, s2=False),
+        extended_label(rope, s2): extend(cfg, base, data_dir, s2=s2, rope=rope)
+        for rope in cfg.scalings
+        for s2 in (True, False)
     }
     results = evaluate(cfg, base, adapters)
     meta = {

@@ -173,7 +173,7 @@ def check_model(
             f"--target_context {cfg.target_context} is below the model's pre-trained context "
             f"{original}; pass --target_context {original} or more"
         )
-    pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context)
+    pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
     info = ModelInfo(
         model=cfg.model_name_or_path,
         original_context=original,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from longqlora import hardware
 from longqlora.attention.experimental import check_variant
 from longqlora.hardware import DTYPES
+from longqlora.rope import UNSCALED_TO
 
 TRAINABLE_TOKENS = ("embed", "norm")
 
@@ -28,8 +29,18 @@ class ModelConfig:
     target_context: int = field(
         metadata={
             "help": "Context length to extend to, e.g. 8192; RoPE is "
-            "position-interpolated by target / pre-trained context."
+            "stretched (--rope_scaling) by target / pre-trained context."
         }
+    )
+    # YaRN by default: on a base that copies from its context, linear PI broke the copy and YaRN kept it, at the
+    # same cost, on every seed (docs/ablations.md, "A base that uses its context").
+    rope_scaling: str = field(
+        default="yarn",
+        metadata={
+            "help": "How an unscaled RoPE is stretched to --target_context: yarn (YaRN, arXiv 2309.00071: the "
+            "fast-rotating dimensions kept) or linear (position interpolation, LongLoRA's and LongQLoRA's choice). "
+            "A model whose RoPE is already scaled (linear, llama3, yarn, longrope) keeps its own type."
+        },
     )
     group_ratio: float = field(
         default=0.25,
@@ -143,6 +154,8 @@ class ModelConfig:
 
         if self.target_context < 1:
             bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
+        if self.rope_scaling not in UNSCALED_TO:
+            bad("rope_scaling", self.rope_scaling, f"must be one of {', '.join(UNSCALED_TO)}")
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
         check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)

@@ -4,6 +4,10 @@ Position Interpolation (Chen et al. 2023, arXiv:2306.15595) extends a RoPE model
 from a pre-trained context ``L`` to ``L' = f * L`` by dividing every rotary
 frequency by ``f``; position ``f * p`` then sees exactly the rotation position
 ``p`` saw in pre-training, so fine-tuning only has to adapt to a denser grid.
+YaRN (Peng et al. 2023, arXiv:2309.00071, section 3.2 "NTK-by-parts") instead leaves
+the fast-rotating dimensions alone and interpolates only the slow ones: a head that
+tells the previous token from the current one keeps its resolution, which PI divides
+by ``f`` (docs/ablations.md measures what that costs a small base).
 LongLoRA (Chen et al. 2023, arXiv:2309.12307, section 3) fine-tunes with PI on
 top of S2-Attn and LoRA.
 
@@ -25,6 +29,8 @@ logger = logging.getLogger(__name__)
 _OMP = "original_max_position_embeddings"
 # Scaling types whose factor can be multiplied to stretch the context further.
 _EXTENDABLE = ("default", "linear", "llama3", "yarn", "longrope")
+# What an unscaled (``default``) RoPE can become: position interpolation or YaRN.
+UNSCALED_TO = ("linear", "yarn")
 
 
 class _RopeState(NamedTuple):
@@ -170,11 +176,12 @@ def _format(factor: float) -> str:
     return f"{factor:g}"
 
 
-def apply_position_interpolation(config, target_context: int) -> float:
+def apply_position_interpolation(config, target_context: int, unscaled_to: str = "linear") -> float:
     """Set ``config`` up for ``target_context`` tokens and return the total scaling factor.
 
-    - unscaled (``default``) model: becomes ``linear`` with factor ``target / original``
-      (PI, arXiv:2306.15595; fractional factors kept exactly, never rounded up);
+    - unscaled (``default``) model: becomes ``unscaled_to`` (``linear``: PI, arXiv:2306.15595,
+      or ``yarn``) with factor ``target / original`` (fractional factors kept exactly, never
+      rounded up);
     - ``linear``/``llama3``/``yarn``/``longrope``: the type and its other fields are kept and
       the factor is multiplied by ``target / covered context`` (longrope: its per-dimension
       ``long_factor`` too), so a LongLoRA release (linear 4, max 16384) extended to 32768
@@ -192,6 +199,8 @@ def apply_position_interpolation(config, target_context: int) -> float:
     config is touched.
     """
     target = _check_target(target_context)
+    if unscaled_to not in UNSCALED_TO:
+        raise ValueError(f"--rope_scaling {unscaled_to!r}: must be one of {', '.join(UNSCALED_TO)}")
     s = _state(config)
 
     if target <= s.capacity:
@@ -256,7 +265,7 @@ def apply_position_interpolation(config, target_context: int) -> float:
         )
 
     params = dict(s.params)
-    new_type = "linear" if s.rope_type == "default" else s.rope_type
+    new_type = unscaled_to if s.rope_type == "default" else s.rope_type
     params["rope_type"] = new_type
     if "type" in params:  # legacy alias kept by transformers' standardisation
         params["type"] = new_type

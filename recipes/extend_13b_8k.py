@@ -1,6 +1,6 @@
 """Llama-2 13B: 4k -> 8k context by continued pre-training on long text (LongQLoRA's setting, one 32 GB V100).
 
-NF4 4-bit base, position interpolation x2, S2-Attn (mean group 2048), LoRA r=8 on q/k/v/o plus trainable embeddings and
+NF4 4-bit base, YaRN x2, S2-Attn (mean group 2048), LoRA r=8 on q/k/v/o plus trainable embeddings and
 norms; 1000 steps of batch 1 x accumulation 16, constant LR after 20 warm-up steps, max grad norm 0.3, paged
 AdamW (one 32 GB V100).
 

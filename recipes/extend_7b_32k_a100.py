@@ -1,6 +1,6 @@
 """Llama-2 7B: 4k -> 32k context on one A100/H100 (bf16, flash-attn varlen S2-Attn when installed).
 
-NF4 4-bit base, position interpolation x8, S2-Attn (mean group 8192), LoRA r=8 on q/k/v/o, trainable embeddings and
+NF4 4-bit base, YaRN x8, S2-Attn (mean group 8192), LoRA r=8 on q/k/v/o, trainable embeddings and
 norms; 1000 steps of batch 1 x accumulation 16, constant LR after 20 warm-up steps, max grad norm 0.3, paged
 AdamW (one 80 GB A100 or H100).
 

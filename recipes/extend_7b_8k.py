@@ -1,6 +1,6 @@
 """Llama-2 7B: 4k -> 8k context by continued pre-training on long text (LongQLoRA's setting, one 32 GB V100).
 
-NF4 4-bit base, position interpolation x2, S2-Attn (mean group 2048), LoRA r=8 on q/k/v/o plus trainable embeddings and
+NF4 4-bit base, YaRN x2, S2-Attn (mean group 2048), LoRA r=8 on q/k/v/o plus trainable embeddings and
 norms; 1000 steps of batch 1 x accumulation 16, constant LR with 20 warm-up steps, max grad norm 0.3, paged AdamW.
 
     python data_prep/prepare_text.py --dataset pg19/train --tokenizer meta-llama/Llama-2-7b-hf \

@@ -1,12 +1,16 @@
-"""Quickstart: extend a small Llama 4x on a CPU with the toolkit's own path, and measure it honestly.
+"""Quickstart: extend a small Llama 4x on a CPU with the toolkit's own path, and see what the extension buys.
 
-Pre-trains a ~4.5M-parameter Llama at 128 tokens on five bundled Austen novels (cached), extends it to 512 tokens
-with NF4 + position interpolation + S2-Attn + LoRA with trainable embeddings and norms (and, to compare, the same
-with full attention), then scores held-out Persuasion at 128 and 512 tokens. Writes results.json, report.md and
-perplexity.png into --output_dir and prints the table. About 9 minutes on 2 CPU cores; seeded.
+Pre-trains a ~1M-parameter Llama at 128 tokens (cached): first on random tokens whose runs recur, until it learns to
+copy from its context, then on a mix of five bundled Austen novels, passkey documents and repeated passages. Extends
+it to 512 tokens with NF4 + S2-Attn + LoRA with trainable embeddings and norms (and, to compare, full attention),
+stretching RoPE by position interpolation (LongLoRA's choice) and by YaRN. Then asks every model for passkeys at
+128, 256 and 512 tokens and scores held-out Persuasion, plain and with passages repeated up to 496 tokens back.
+Writes results.json, report.md and context.png into --output_dir and prints the table. About 7 minutes on 2 CPU
+cores; seeded.
 
     python recipes/quickstart.py                         # the README's first command
     python recipes/quickstart.py --output_dir /tmp/qs --extend_steps 100
+    python recipes/quickstart.py --context_mix false --copy_steps 0 --rope_scalings linear   # books only
     python recipes/quickstart.py --tiny --output_dir /tmp/qs-tiny     # seconds: the same pipeline, tiny
     python recipes/quickstart.py --dry_run
 """
@@ -24,8 +28,16 @@ class Quickstart(QuickstartConfig):
     output_dir: str = "out/quickstart"
     short_context: int = 128
     factor: int = 4
-    pretrain_steps: int = 240
+    hidden_size: int = 128
+    num_layers: int = 2
+    intermediate_size: int = 384
+    num_heads: int = 2
+    context_mix: bool = True
+    copy_steps: int = 1200
+    pretrain_steps: int = 400
+    pretrain_lr: float = 1e-3
     extend_steps: int = 40
+    rope_scalings: str = "linear,yarn"
     group_ratio: float = 0.25
     lora_r: int = 16
     seed: int = 0

@@ -37,7 +37,7 @@ def script():
 
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory) -> Path:
-    """The 7B 8k recipe's tiny run, default flags (a random tiny Llama with context 64, x4 to 256 with linear PI,
+    """The 7B 8k recipe's tiny run, default flags (a random tiny Llama with context 64, x4 to 256 with YaRN,
     NF4, S2-Attn, LoRA+): one trained adapter shared by every test that only reads it."""
     from longqlora.cli import run_recipe
 

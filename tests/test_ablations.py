@@ -47,6 +47,9 @@ def test_every_variant_and_seed_has_finite_results(tiny_run):
     pi = out["results"]["pi"][0]["perplexity"]["256"]
     lp = [r["perplexity"]["256"] for r in out["results"]["loraplus-full"]]
     assert all(abs(p - pi) > 1e-3 for p in lp) and abs(lp[0] - lp[1]) > 1e-6
+    # YaRN is another RoPE than PI, untrained and trained
+    assert abs(out["results"]["yarn"][0]["perplexity"]["256"] - pi) > 1e-3
+    assert out["results"]["loraplus-s2-yarn"][0]["settings"]["rope"] == "yarn"
     # variants that differ only in attention at training time still give different models
     s2 = out["results"]["loraplus-s2"][0]["perplexity"]["256"]
     assert s2 != out["results"]["loraplus-s2-rolled"][0]["perplexity"]["256"]
@@ -93,3 +96,28 @@ def test_bad_flags_are_one_line():
         AblationConfig(variants="nope")
     with pytest.raises(ValueError, match="--seeds"):
         AblationConfig(seeds=[])
+
+
+def test_context_mix_suite_reports_retrieval_repeats_and_the_heat_map(tmp_path):
+    """--context_mix with a copy phase: every variant gets passkey by length and depth and repeat perplexities, and
+    the section gains the retrieval table and the repeats / heat-map plot."""
+    doc = tmp_path / "doc.md"
+    cfg = AblationConfig(
+        output_dir=str(tmp_path),
+        tiny=True,
+        seeds=[0],
+        doc=str(doc),
+        section="context",
+        context_mix=True,
+        copy_steps=2,
+        variants="base,pi,yarn,loraplus-s2-yarn",
+    )
+    out = ablations.main(cfg)
+    for runs in out["results"].values():
+        r = runs[0]
+        assert r["passkey_cells"] and all(0 <= c["accuracy"] <= 1 for c in r["passkey_cells"])
+        assert set(r["repeat"]) >= {"first"} and all(math.isfinite(v) and v > 1 for v in r["repeat"].values())
+    text = doc.read_text()
+    assert "Retrieval and long-range copying" in text and "2 steps on random-token rows" in text
+    assert (tmp_path / "doc_context_context.png").stat().st_size > 5000
+    assert "(doc_context_context.png)" in text

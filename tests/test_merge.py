@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def adapter(tiny_adapter):
-    """A tiny trained adapter: base context 64, extended x4 to 256 with linear PI, trained on NF4."""
+    """A tiny trained adapter: base context 64, extended x4 to 256 with YaRN (the default), trained on NF4."""
     return tiny_adapter
 
 
@@ -66,7 +66,8 @@ def test_float32_merge_round_trip(adapter, merged):
 def test_saved_config_is_plain_and_extended(merged):
     _, out = merged
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 4.0
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 64  # YaRN needs it to load plainly
     assert config["max_position_embeddings"] == 256
     assert "quantization_config" not in config and "longqlora" not in json.dumps(config)
     assert config["use_cache"] is True

@@ -44,22 +44,36 @@ def quickstart(out, *flags):
 
 @pytest.mark.slow
 def test_quickstart_command_runs_and_repeats(tmp_path):
-    """The README's quickstart script, end to end, with --tiny so that it takes seconds; seeded, so a second run
-    in a fresh directory measures the same numbers, and a rerun in the same directory reuses the base."""
+    """The README's quickstart script, end to end, with --tiny so that it takes seconds: a base pre-trained on copy
+    rows then the context mix, extended with PI and with YaRN, each by S2-Attn and by full attention, asked for
+    passkeys at L, 2L, 4L and repeated passages at four distances. Seeded, so a second run in a fresh directory
+    measures the same numbers, and a rerun in the same directory reuses the base."""
     out = tmp_path / "qs"
     done = quickstart(out)
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results) == {
         "base, no interpolation",
         "base + interpolation, untrained",
+        "base + YaRN, untrained",
         "base in NF4, no interpolation",
         "extended, S2-Attn (ours)",
         "extended, full attention",
+        "extended with YaRN, S2-Attn (ours)",
+        "extended with YaRN, full attention",
     }
     for row in results.values():
         assert all(v > 1 for k, v in row.items() if k.startswith("ppl@"))
-    assert (out / "perplexity.png").stat().st_size > 1000
-    assert "| model |" in (out / "report.md").read_text() and "| model |" in done.stdout
+        assert set(row["passkey"]) == {"128", "256", "512"} and all(0 <= v <= 1 for v in row["passkey"].values())
+        assert list(row["repeat"]) == ["first", "64", "112", "256", "496"] and min(row["repeat"].values()) > 1
+    assert (out / "context.png").stat().st_size > 1000
+    assert "passkey @512" in (out / "report.md").read_text() and "| model |" in done.stdout
+    adapters = {p.name: json.loads((p / "longqlora_extension.json").read_text()) for p in out.glob("extended-*")}
+    assert {name: record["rope_type"] for name, record in adapters.items()} == {
+        "extended-s2": "linear",
+        "extended-full": "linear",
+        "extended-s2-yarn": "yarn",
+        "extended-full-yarn": "yarn",
+    }
     quickstart(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "results.json").read_text())["results"] == results
     rerun = quickstart(out)
@@ -67,14 +81,10 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_with_the_context_mix_measures_retrieval_and_repeats(tmp_path):
-    """--context_mix: a base pre-trained on copy rows then the mix, extended on the mix at 4L, and asked for
-    passkeys at L, 2L, 4L and repeated passages at four distances; the plot shows both."""
-    quickstart(tmp_path, "--context_mix", "true", "--copy_steps", "2")
+def test_quickstart_on_the_books_alone_plots_perplexity_by_position(tmp_path):
+    """--context_mix false: the base pre-trained on the five novels only, PI only, perplexity by position."""
+    quickstart(tmp_path, "--context_mix", "false", "--copy_steps", "0", "--rope_scalings", "linear")
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert len(results) == 5
-    for row in results.values():
-        assert set(row["passkey"]) == {"128", "256", "512"} and all(0 <= v <= 1 for v in row["passkey"].values())
-        assert list(row["repeat"]) == ["first", "64", "112", "256", "496"] and min(row["repeat"].values()) > 1
-    assert (tmp_path / "context.png").stat().st_size > 1000
-    assert "passkey @512" in (tmp_path / "report.md").read_text()
+    assert len(results) == 5 and "base + YaRN, untrained" not in results
+    assert all("passkey" not in row and len(row["by_position"]) == 8 for row in results.values())
+    assert (tmp_path / "perplexity.png").stat().st_size > 1000

@@ -57,7 +57,7 @@ def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypa
     assert run(name, "--dry_run") is None
     text = capsys.readouterr().out
     target = recipe.Model.target_context
-    assert f"4096 -> {target} tokens (position interpolation x{target / 4096:g}" in text
+    assert f"4096 -> {target} tokens (YaRN x{target / 4096:g}, rope yarn)" in text
     sizes = [round(m * recipe.Model.group_ratio * target) for m in recipe.Model().group_schedule]
     assert f"S2-Attn, group {' -> '.join(map(str, sizes))}" in text
     assert "trainable" in text and "parameters" in text and "backend" in text
@@ -151,6 +151,25 @@ def test_bad_input_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --model_name_or_path")
     assert "Traceback" not in out.stderr
+
+
+def test_rope_scaling_linear_trains_records_and_reloads_as_linear(tmp_path):
+    """--rope_scaling linear (position interpolation, the papers' choice; the default is yarn) is recorded in the
+    adapter, and inference follows the record, not the default."""
+    from longqlora.evaluation.loading import load_for_inference
+
+    argv = ["--tiny", "--output_dir", str(tmp_path / "pi"), "--rope_scaling", "linear", "--max_steps", "2"]
+    out = run("extend_7b_8k", *argv)
+    assert json.loads((out / EXTENSION_FILE).read_text())["rope_type"] == "linear"
+    model, tokenizer, info = load_for_inference(None, adapter=str(out))
+    assert info.rope_type == "linear" and model.config.rope_parameters["rope_type"] == "linear"
+    ids = torch.arange(5, 5 + 200)[None] % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        yarn = load_for_inference(None, adapter=str(out), rope_scaling="yarn")[0]
+        assert yarn.config.rope_parameters["rope_type"] == "yarn"
+        # the recorded type matters: the same adapter under YaRN gives other logits
+        assert (logits - yarn(input_ids=ids).logits).abs().max() > 1e-3
 
 
 def test_tensorboard_when_asked(tmp_path):

@@ -165,6 +165,46 @@ def test_interpolated_position_fp_matches_original_position_p(factor):
     torch.testing.assert_close(rot1.inv_freq.double() * factor, rot0.inv_freq.double(), rtol=2e-7, atol=0)
 
 
+# ---------------------------------------------------------------- default -> yarn (--rope_scaling yarn)
+
+
+def test_default_becomes_yarn_keeping_fast_dimensions_and_interpolating_slow_ones():
+    """YaRN §3.2: dimensions that turn many times within the pre-trained context keep their frequency, those that
+    turn less than once are divided by the factor (as PI divides all), with a ramp between."""
+    cfg = llama(max_position_embeddings=4096)
+    assert apply_position_interpolation(cfg, 16384, "yarn") == 4.0
+    rp = cfg.rope_parameters
+    assert (rp["rope_type"], rp["factor"], rp["original_max_position_embeddings"]) == ("yarn", 4.0, 4096)
+    assert cfg.max_position_embeddings == 16384
+    after = LlamaRotaryEmbedding(cfg).inv_freq.double()
+    base = default_inv_freq(10000.0)
+    turns = 4096 * base / (2 * math.pi)  # rotations within the pre-trained context
+    fast, slow = turns > 32, turns < 1  # YaRN's beta_fast 32 and beta_slow 1
+    assert fast.sum() > 0 and slow.sum() > 0 and (~fast & ~slow).sum() > 0
+    torch.testing.assert_close(after[fast], base[fast], rtol=1e-6, atol=0)
+    torch.testing.assert_close(after[slow], base[slow] / 4, rtol=1e-6, atol=0)
+    middle = after[~fast & ~slow] / base[~fast & ~slow]
+    assert ((middle >= 0.25 - 1e-9) & (middle <= 1 + 1e-9)).all()
+    # Linear PI divides the fastest dimension too: the previous token's rotation shrinks 4x.
+    linear = llama(max_position_embeddings=4096)
+    apply_position_interpolation(linear, 16384)
+    assert LlamaRotaryEmbedding(linear).inv_freq.double()[0] == pytest.approx(base[0] / 4)
+
+
+def test_rope_scaling_yarn_leaves_an_already_scaled_model_its_type():
+    cfg = longlora_release()
+    assert apply_position_interpolation(cfg, 32768, "yarn") == 8.0
+    assert cfg.rope_parameters["rope_type"] == "linear"
+
+
+def test_unknown_rope_scaling_is_refused_naming_the_flag_before_the_config_changes():
+    cfg = llama(max_position_embeddings=4096)
+    before = cfg.to_dict()
+    with pytest.raises(ValueError, match="--rope_scaling 'ntk': must be one of linear, yarn"):
+        apply_position_interpolation(cfg, 16384, "ntk")
+    assert cfg.to_dict() == before
+
+
 # ---------------------------------------------------------------- existing scaling types keep their type
 
 
@@ -349,3 +389,15 @@ def test_error_messages_are_one_line():
         with pytest.raises(ValueError) as info:
             apply_position_interpolation(cfg, target)
         assert "\n" not in str(info.value)
+
+
+def test_rope_scaling_flag_is_checked_in_the_model_and_loader_flags():
+    from longqlora.evaluation.loading import LoaderArgs
+    from longqlora.model import ModelConfig
+
+    with pytest.raises(ValueError, match="--rope_scaling 'ntk'"):
+        ModelConfig(model_name_or_path="m", target_context=8192, rope_scaling="ntk")
+    with pytest.raises(ValueError, match="--rope_scaling 'ntk'"):
+        LoaderArgs(model="m", rope_scaling="ntk")
+    assert ModelConfig(model_name_or_path="m", target_context=8192).rope_scaling == "yarn"  # the default
+    assert LoaderArgs(model="m").rope_scaling is None  # the adapter's recorded type

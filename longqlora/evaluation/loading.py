@@ -15,6 +15,7 @@ from pathlib import Path
 
 from longqlora.hardware import DTYPES
 from longqlora.record import ExtensionRecord
+from longqlora.rope import UNSCALED_TO
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,14 @@ class LoaderArgs:
     target_context: int | None = field(
         default=None,
         metadata={
-            "help": "Apply position interpolation to this context (default: the adapter's, else the model's own)."
+            "help": "Stretch RoPE to this context (--rope_scaling; default: the adapter's, else the model's own)."
+        },
+    )
+    rope_scaling: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --target_context on an unscaled RoPE: yarn or linear (position interpolation); default: "
+            "the adapter's recorded type, else the training default (yarn)."
         },
     )
     trust_remote_code: bool = field(
@@ -62,6 +70,8 @@ class LoaderArgs:
             raise ValueError(f"--compute_dtype {self.compute_dtype!r}: must be one of auto, {', '.join(DTYPES)}")
         if self.target_context is not None and self.target_context < 1:
             raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
+        if self.rope_scaling is not None and self.rope_scaling not in UNSCALED_TO:
+            raise ValueError(f"--rope_scaling {self.rope_scaling!r}: must be one of {', '.join(UNSCALED_TO)}")
 
     def load(self):
         """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
@@ -71,6 +81,7 @@ class LoaderArgs:
             load_in_4bit=self.load_in_4bit,
             compute_dtype=self.compute_dtype,
             target_context=self.target_context,
+            rope_scaling=self.rope_scaling,
             trust_remote_code=self.trust_remote_code,
         )
 
@@ -203,12 +214,14 @@ def load_for_inference(
     load_in_4bit: bool = False,
     compute_dtype: str = "auto",
     target_context: int | None = None,
+    rope_scaling: str | None = None,
     trust_remote_code: bool = False,
 ):
     """Returns (model in eval mode, tokenizer, ModelInfo).
 
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
-    (e.g. PI without training), else the adapter's trained context, else the model's config as saved.
+    (e.g. PI without training), else the adapter's trained context, else the model's config as saved; an
+    unscaled RoPE becomes `rope_scaling` (yarn or linear), by default what the adapter was trained with.
     """
     from longqlora.model import ModelConfig, load_base, load_config
 
@@ -228,9 +241,13 @@ def load_for_inference(
         target_context = (extension.target_context if extension else None) or load_config(
             expanded, "--model", trust_remote_code=trust_remote_code
         ).max_position_embeddings
+    if rope_scaling is None:  # what the adapter trained with (records before --rope_scaling: PI); else the default
+        recorded = extension.rope_type if extension else None
+        rope_scaling = recorded if recorded in UNSCALED_TO else "linear" if extension else ModelConfig.rope_scaling
     cfg = ModelConfig(
         model_name_or_path=expanded,
         target_context=int(target_context),
+        rope_scaling=rope_scaling,
         load_in_4bit=load_in_4bit,
         compute_dtype=compute_dtype,
         s2_attention=False,

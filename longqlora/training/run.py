@@ -184,7 +184,8 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
     lines = [
         f"model              {info.model}",
         f"context            {info.original_context} -> {info.target_context} tokens "
-        f"(position interpolation x{info.pi_factor:.4g}, rope {info.rope_type})",
+        f"({'YaRN' if info.rope_type == 'yarn' else 'position interpolation'} x{info.pi_factor:.4g}, "
+        f"rope {info.rope_type})",
         *pose.describe(cfg),
         f"attention          {_attention_text(cfg)} (training), full at inference; backend "
         f"{info.attn_backend_requested} ({info.attn_backend} here)",
