@@ -80,9 +80,14 @@ def context_table(cfg: AblationConfig, results: dict) -> str:
     for vid, runs in results.items():
         trials = sum(r["passkey_trials"] for r in runs)
         keys = [f"{statistics.fmean(r['passkey_by_length'][n] for r in runs):.0%}" for n in lengths]
-        repeat = [f"{statistics.fmean(r['repeat'][d] for r in runs):.1f}" for d in ["first", *distances]]
+        repeat = [f"{mean:.1f}" for mean in _mean_repeats(runs).values()]
         rows.append([VARIANTS[vid]["label"], f"`{vid}`", *keys, *repeat])
     return markdown_table(header, rows) + f"\n\n(passkey: {trials} trials per length and variant over its seeds)"
+
+
+def _mean_repeats(runs: list[dict]) -> dict[str, float]:
+    """Repeat perplexity by distance ("first" first, as recorded), mean over seeds."""
+    return {d: statistics.fmean(r["repeat"][d] for r in runs) for d in runs[0]["repeat"]}
 
 
 def _paired_values(runs: list[dict], ref: list[dict], length: int) -> list[float]:
@@ -92,6 +97,7 @@ def _paired_values(runs: list[dict], ref: list[dict], length: int) -> list[float
 
 def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     """Left: perplexity by evaluation length (mean ± sd); right: the same paired by seed against the reference."""
+    import matplotlib
     from matplotlib.ticker import ScalarFormatter
 
     from longqlora.output import new_figure, save_figure
@@ -99,8 +105,6 @@ def plot(cfg: AblationConfig, results: dict, path: Path) -> Path:
     fig, _ = new_figure(figsize=(12, 4.8))
     fig.clf()
     left, right = fig.subplots(1, 2)
-    import matplotlib
-
     ref, colors = reference(results), matplotlib.colormaps["tab20"]  # up to 20 variants, each its own colour
     for i, (vid, runs) in enumerate(results.items()):
         trained = variant_settings(cfg, vid)["train"]
@@ -157,21 +161,16 @@ def plot_context(cfg: AblationConfig, results: dict, path: Path) -> Path:
     cells = sorted({(c["context_length"], c["depth"]) for rs in results.values() for c in rs[0]["passkey_cells"]})
     grid, colors = [], matplotlib.colormaps["tab20"]  # up to 20 variants, each its own colour
     for i, (vid, runs) in enumerate(results.items()):
-        distances = [d for d in runs[0]["repeat"] if d != "first"]
-        mean = {d: statistics.fmean(r["repeat"][d] for r in runs) for d in ["first", *distances]}
+        mean = _mean_repeats(runs)
+        distances = [d for d in mean if d != "first"]
         trained = variant_settings(cfg, vid)["train"]
         style = "-" if trained else "--"
         xs, ys = [int(d) for d in distances], [mean[d] for d in distances]
         line = left.plot(xs, ys, marker="o", linestyle=style, color=colors(i % 20))[0]
         line.set_label(vid)
         left.axhline(mean["first"], color=line.get_color(), linestyle=":", linewidth=0.8)
-        hits = {}
-        for r in runs:
-            for c in r["passkey_cells"]:
-                key = (c["context_length"], c["depth"])
-                correct, trials = hits.get(key, (0, 0))
-                hits[key] = (correct + c["correct"], trials + c["trials"])
-        grid.append([100 * hits[k][0] / hits[k][1] if k in hits else float("nan") for k in cells])
+        seen = [c for r in runs for c in r["passkey_cells"]]
+        grid.append([_percent_correct([c for c in seen if (c["context_length"], c["depth"]) == k]) for k in cells])
     left.set_xscale("log", base=2)
     ticks = [int(d) for d in distances]
     left.set_xticks(ticks, [str(t) for t in ticks])
@@ -188,6 +187,12 @@ def plot_context(cfg: AblationConfig, results: dict, path: Path) -> Path:
     fig.colorbar(image, ax=right, fraction=0.04)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _percent_correct(cells: list[dict]) -> float:
+    """Keys retrieved over these passkey cells (all seeds), in percent; NaN where a variant has none."""
+    trials = sum(c["trials"] for c in cells)
+    return 100 * sum(c["correct"] for c in cells) / trials if trials else float("nan")
 
 
 def report(cfg: AblationConfig, out: dict, png_name: str, context_png: str = "") -> str:

@@ -27,6 +27,7 @@ import torch
 from experiments.small_base import HELD_OUT, TRAIN_BOOKS, SmallLlamaConfig, pretrain_base
 from longqlora.data import corpora
 from longqlora.output import atomic_directory, markdown_table, write_json_atomic, write_text_atomic
+from longqlora.rope import UNSCALED_TO
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ class QuickstartConfig(SmallLlamaConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from longqlora.rope import UNSCALED_TO
-
         if not self.scalings or set(self.scalings) - set(UNSCALED_TO):
             raise ValueError(f"--rope_scalings {self.rope_scalings!r}: a comma list of {', '.join(UNSCALED_TO)}")
         if self.tiny:
@@ -68,15 +67,12 @@ class QuickstartConfig(SmallLlamaConfig):
 
 # What each model is called in the table and plot, by RoPE scaling (linear PI keeps the names of earlier reports).
 def untrained_label(rope: str) -> str:
-    return "base + interpolation, untrained" if rope == "linear" else f"base + {ROPE_NAMES[rope]}, untrained"
+    return "base + interpolation, untrained" if rope == "linear" else f"base + {UNSCALED_TO[rope]}, untrained"
 
 
 def extended_label(rope: str, s2: bool) -> str:
     kind = "S2-Attn (ours)" if s2 else "full attention"
-    return f"extended, {kind}" if rope == "linear" else f"extended with {ROPE_NAMES[rope]}, {kind}"
-
-
-ROPE_NAMES = {"linear": "interpolation", "yarn": "YaRN"}
+    return f"extended, {kind}" if rope == "linear" else f"extended with {UNSCALED_TO[rope]}, {kind}"
 
 
 # ------------------------------------------------------------------------------------------------------ extension
@@ -239,7 +235,7 @@ def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
     copies = ""
     if cfg.context_mix and cfg.copy_steps:
         copies = f"{cfg.copy_steps} steps on random tokens whose runs recur (an induction head forms), then "
-    ropes = " or ".join("YaRN" if r == "yarn" else "position interpolation" for r in cfg.scalings)
+    ropes = " or ".join(UNSCALED_TO[r] for r in cfg.scalings)
     lines = [
         f"# Quickstart: {short} -> {long} tokens",
         "",

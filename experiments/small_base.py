@@ -136,7 +136,7 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         started = time.perf_counter()
         if copies:  # an induction head first: the mix alone does not form one in budget (docs/ablations.md)
             _copy_pretrain(cfg, model, copies)
-        loss = _sft_pretrain(cfg, model, tokenizer, texts, tmp / "trainer", cfg.pretrain_steps, "cosine")
+        loss = _sft_pretrain(cfg, model, tokenizer, texts, tmp / "trainer")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(
@@ -176,19 +176,19 @@ def _copy_pretrain(cfg: SmallLlamaConfig, model, rows: list[list[int]]) -> float
     return total / max(1, cfg.copy_steps)
 
 
-def _sft_pretrain(cfg: SmallLlamaConfig, model, tokenizer, texts: list, out: Path, steps: int, schedule: str) -> float:
-    """`steps` steps of 32 rows of L tokens on `texts` (strings, or lists of token ids) through TRL's SFTTrainer;
-    returns the mean training loss."""
+def _sft_pretrain(cfg: SmallLlamaConfig, model, tokenizer, texts: list, out: Path) -> float:
+    """`cfg.pretrain_steps` steps of 32 rows of L tokens on `texts` (strings, or lists of token ids) through TRL's
+    SFTTrainer, cosine schedule; returns the mean training loss."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=str(out),
-        max_steps=steps,
+        max_steps=cfg.pretrain_steps,
         per_device_train_batch_size=32,
         learning_rate=cfg.pretrain_lr,
-        lr_scheduler_type=schedule,
-        warmup_steps=min(20, steps),
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, cfg.pretrain_steps),
         weight_decay=0.1,
         max_length=cfg.short_context,
         # The books alone are one stream, cut into full rows. The mix's documents (L/2 to L tokens) are one row

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 _OMP = "original_max_position_embeddings"
 # Scaling types whose factor can be multiplied to stretch the context further.
 _EXTENDABLE = ("default", "linear", "llama3", "yarn", "longrope")
-# What an unscaled (``default``) RoPE can become: position interpolation or YaRN.
-UNSCALED_TO = ("linear", "yarn")
+# What an unscaled (``default``) RoPE can become (``--rope_scaling``), and what reports call it.
+UNSCALED_TO = {"linear": "position interpolation", "yarn": "YaRN"}
 
 
 class _RopeState(NamedTuple):
