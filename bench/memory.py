@@ -24,16 +24,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import platform
 import sys
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_report  # noqa: E402  (bench/memory_report.py)
+from memory_step import build_nf4, model_config, prepare, profile_peak, train_steps  # noqa: E402
+
 from longqlora.cli import setup_logging
-from longqlora.output import markdown_table, write_json_atomic, write_text_atomic
-from longqlora.training import memory
+from longqlora.output import write_json_atomic, write_text_atomic
 from longqlora.training import plan as planner
 
 logger = logging.getLogger("bench.memory")
@@ -132,214 +134,6 @@ class BenchConfig:
                 self.contexts = [256, 512]
 
 
-# ------------------------------------------------------------------------------------------------- the model
-def model_config(name: str, layers: int | None = None):
-    if name == "tiny":
-        from longqlora.training.tiny import tiny_llama_config
-
-        config = tiny_llama_config("gqa", vocab_size=512, max_position_embeddings=8192)
-    else:
-        config = planner.load_config(name)
-    if layers:
-        config.num_hidden_layers = layers
-    return config
-
-
-def build_nf4(config, device: torch.device, dtype: torch.dtype):
-    """The model with random weights, every decoder Linear quantised to NF4 (double quant) one at a time, marked as
-    loaded in 4 bit so that PEFT gives it its 4-bit LoRA layers, as `from_pretrained` would."""
-    import bitsandbytes as bnb
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    gen = torch.Generator(device=device).manual_seed(0)
-    for parent in list(model.model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear):
-                continue
-            weight = torch.randn(child.out_features, child.in_features, generator=gen, device=device, dtype=dtype)
-            new = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=False,
-                compute_dtype=dtype,
-                compress_statistics=True,
-                quant_type="nf4",
-                device="meta",
-            )
-            new.weight = bnb.nn.Params4bit(
-                weight.mul_(0.02), requires_grad=False, compress_statistics=True, quant_type="nf4"
-            ).to(device)
-            setattr(parent, name, new)
-            del weight
-    for module in model.modules():  # embeddings, norms, lm_head: still on the meta device
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device=device, recurse=False)
-            for p in module.parameters(recurse=False):
-                torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
-    model.requires_grad_(False)
-    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT dispatches its bnb 4-bit LoRA layers on it
-    model.config.use_cache = False
-    return model
-
-
-def prepare(model, variant: Variant, context: int, cfg: BenchConfig, dtype: torch.dtype):
-    """Ours through the toolkit's adaptation and switches; the baseline as QLoRA users set it up."""
-    from longqlora.adapters import adapt_for_training, add_adapters
-    from longqlora.model import ModelConfig
-
-    mcfg = ModelConfig(
-        model_name_or_path="bench",
-        target_context=context,
-        lora_r=cfg.rank,
-        lora_alpha=2 * cfg.rank,
-        lora_dropout=cfg.lora_dropout,
-        trainable_params="embed,norm" if variant.lora_plus else "",
-        s2_attention=variant.ours and variant.s2,
-        s2_group_schedule="none",
-    )
-    if variant.ours:
-        model, _ = adapt_for_training(model, mcfg, dtype)
-        if variant.recompute_norms:
-            memory.recompute_norms(model)
-        if variant.recompute_dropout:
-            memory.recompute_lora_dropout(model)
-        if variant.tiled_mlp != "off":
-            memory.enable_tiled_mlp(
-                model, cfg.tiled_mlp_tokens, 0 if variant.tiled_mlp == "on" else 4 * cfg.tiled_mlp_tokens
-            )
-    else:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model, _ = add_adapters(model, mcfg)
-    return model
-
-
-def optimizer_for(params, name: str):
-    if name == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=1e-5)
-    return torch.optim.AdamW(params, lr=1e-5)
-
-
-# -------------------------------------------------------------------------------------------------- the steps
-def batch(vocab: int, context: int, rows: str, device):
-    ids = torch.randint(3, vocab, (1, context), device=device)
-    if rows == "plain":
-        return {"input_ids": ids, "labels": ids}
-    cut = [context // 4] * 3 + [context - 3 * (context // 4)]
-    pos = torch.cat([torch.arange(n, device=device) for n in cut]).unsqueeze(0)
-    return {"input_ids": ids, "labels": ids, "position_ids": pos}
-
-
-def train_steps(model, variant: Variant, context: int, cfg: BenchConfig, device, dtype, measure_cpu=None) -> dict:
-    """Optimizer state first (one zero-gradient step), then `cfg.steps` measured steps on random tokens."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    if variant.ours:
-        add_fused_lm_head(model.get_base_model())
-    hidden = model.config.get_text_config().hidden_size
-    threshold = memory.offload_threshold_bytes(variant.offload if variant.ours else "off", 8192, hidden, dtype.itemsize)
-    offload = memory.offload_context(model, threshold)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_for(params, variant.optim)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    inputs = batch(model.config.vocab_size, context, cfg.rows, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.train()
-    times, losses = [], []
-
-    def one_step():
-        start = time.perf_counter()
-        with offload, autocast:
-            out = model(**inputs, **({"fused_lm_head": True} if variant.ours else {}))
-            loss = out.loss
-            del out  # the baseline's logits must not outlive the step
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-
-    if device.type == "cpu" and dtype != torch.float32:
-        # PEFT's LoRA layers ask torch.is_autocast_enabled(), which means CUDA's autocast: under the CPU's they cast
-        # every LoRA input to fp32 (a 4-byte copy per adapted projection that a GPU step never makes). Raising that
-        # flag for the whole step, backward and recomputation included, makes the CPU step take the GPU's branch.
-        torch.set_autocast_enabled("cuda", True)
-    try:
-        cpu_peak = _measured_steps(
-            one_step, cfg.steps, measure_cpu and (lambda run: _resident_bytes(model, optimizer) + measure_cpu(run))
-        )
-    finally:
-        torch.set_autocast_enabled("cuda", False)
-    timed = times[1:] or times  # the first step warms up (and on a CPU runs under the profiler)
-    return {
-        "tokens_per_s": context / (sum(timed) / len(timed)),
-        "loss": losses[-1],
-        "cpu_peak": cpu_peak,
-        "timed_steps": len(times) - 1 if measure_cpu or len(times) > 1 else 1,
-    }
-
-
-def _measured_steps(one_step, steps: int, measure_cpu) -> int | None:
-    """The first step under `measure_cpu` (its peak) when given, the others plain; returns that peak."""
-    cpu_peak = None
-    if measure_cpu is not None:  # the first step under the profiler (its memory), the others timed without it
-        cpu_peak = measure_cpu(one_step)
-    else:
-        one_step()
-    for _ in range(steps - 1):
-        one_step()
-    return cpu_peak
-
-
-def _resident_bytes(model, optimizer) -> int:
-    """Bytes of every tensor alive before the step: parameters, buffers, NF4 scales, optimizer state."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():  # bitsandbytes keeps the NF4 scales outside the parameter
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            tensors += [
-                t
-                for t in (
-                    state.absmax,
-                    state.code,
-                    getattr(state.state2, "absmax", None),
-                    getattr(state.state2, "code", None),
-                )
-                if t is not None
-            ]
-    for state in optimizer.state.values():
-        tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _profile_peak(run) -> int:
-    """The highest total of live CPU tensor bytes above the start while `run()` runs (allocation events in order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted(
-        (e for e in prof.profiler.function_events if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
-    )
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with."""
     offload = (
@@ -382,7 +176,7 @@ def measure(name: str, layers: int | None, variant_name: str, context: int, cfg:
     model = prepare(build_nf4(config, device, dtype), variant, context, cfg, dtype)
     try:
         result = train_steps(
-            model, variant, context, cfg, device, dtype, measure_cpu=_profile_peak if device.type == "cpu" else None
+            model, variant, context, cfg, device, dtype, measure_cpu=profile_peak if device.type == "cpu" else None
         )
     finally:
         del model
@@ -437,185 +231,6 @@ def longest_context(name: str, cfg: BenchConfig, device, dtype, start: int = 327
     return lo
 
 
-# ------------------------------------------------------------------------------------------------- the report
-def fit_depth(points: list[dict], full_layers: int) -> dict | None:
-    """peak = fixed + layers x per_layer from the points of one (model, variant, context) at two or more depths
-    (least squares), and the peak extrapolated to `full_layers`."""
-    if len({p["layers"] for p in points}) < 2:
-        return None
-    xs, ys = [p["layers"] for p in points], [p["peak_bytes"] for p in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    per_layer = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    fixed = my - per_layer * mx
-    return {
-        "fixed_bytes": fixed,
-        "per_layer_bytes": per_layer,
-        "full_layers": full_layers,
-        "extrapolated_bytes": fixed + per_layer * full_layers,
-    }
-
-
-def report(points: list[dict], cfg: BenchConfig, argv: list[str], device, longest: list) -> tuple[str, list]:
-    gib = planner.GIB
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    lines = [
-        f"# Training memory: {where}, torch {torch.__version__}",
-        "",
-        f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"),
-        "",
-    ]
-    rows = []
-    for p in points:
-        if "error" in p:
-            rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
-            continue
-        p = {
-            **p,
-            "planned_bytes": plan_for(
-                model_config(p["model"], p["layers"]),
-                p["model"],
-                VARIANTS[p["variant"]],
-                p["context"],
-                cfg,
-                torch.device(p["device"]),
-                getattr(torch, p["dtype"]),
-            )["peak_allocated_gib"]
-            * gib,
-        }  # the current planner, also for points measured before it changed
-        err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
-        reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
-        rows.append(
-            [
-                p["model"],
-                p["layers"],
-                p["context"],
-                p["variant"],
-                f"{p['peak_bytes'] / gib:.3f}",
-                reserved,
-                f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
-                f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)",
-            ]
-        )
-    lines.append(
-        markdown_table(
-            [
-                "model",
-                "layers",
-                "context",
-                "variant",
-                "peak allocated GiB",
-                "peak reserved GiB",
-                "tokens/s",
-                "planned GiB (error)",
-            ],
-            rows,
-        )
-    )
-    fits = []
-    groups = {}
-    for p in points:
-        if "error" not in p:
-            groups.setdefault((p["model"], p["variant"], p["context"]), []).append(p)
-    for (name, variant, context), group in groups.items():
-        full = model_config(name).num_hidden_layers
-        fit = fit_depth(group, full)
-        if fit is None:
-            continue
-        dtype = getattr(torch, group[0]["dtype"])
-        planned = (
-            plan_for(
-                model_config(name), name, VARIANTS[variant], context, cfg, torch.device(group[0]["device"]), dtype
-            )["peak_allocated_gib"]
-            * gib
-        )
-        on_gpu = plan_for(model_config(name), name, VARIANTS[variant], context, cfg, torch.device("cuda"), dtype)
-        err = 100 * (planned - fit["extrapolated_bytes"]) / fit["extrapolated_bytes"]
-        fits.append(
-            {
-                "model": name,
-                "variant": variant,
-                "context": context,
-                **fit,
-                "planned_bytes": planned,
-                "planned_gpu_need_gib": on_gpu["device_need_gib"],
-            }
-        )
-        fits[-1]["row"] = [
-            name,
-            context,
-            variant,
-            f"{fit['fixed_bytes'] / gib:.3f}",
-            f"{fit['per_layer_bytes'] / gib:.4f}",
-            full,
-            f"{fit['extrapolated_bytes'] / gib:.2f}",
-            f"{planned / gib:.2f} ({err:+.1f}%)",
-            f"{on_gpu['device_need_gib']:.2f}",
-        ]
-    if fits:
-        lines += [
-            "",
-            "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
-            "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
-            "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):",
-            "",
-            markdown_table(
-                [
-                    "model",
-                    "context",
-                    "variant",
-                    "fixed GiB",
-                    "per layer GiB",
-                    "full depth",
-                    "extrapolated GiB",
-                    "planned GiB (error)",
-                    "planned GPU need GiB",
-                ],
-                [f.pop("row") for f in fits],
-            ),
-        ]
-    speed = speed_rows(points)
-    if speed:
-        lines += [
-            "",
-            "Speed where steps ran without the profiler (ratios within one command's run; the same "
-            "machine, one after the other):",
-            "",
-            markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"], speed),
-        ]
-    if longest:
-        lines += [
-            "",
-            "Longest context ours trains (LoRA+, S2-Attn, every switch):",
-            "",
-            markdown_table(["model", "tokens"], longest),
-        ]
-    return "\n".join(lines) + "\n", fits
-
-
-def speed_rows(points: list[dict]) -> list[list]:
-    """Tokens/s of every timed point, and its step time relative to ours at the same model, depth and context."""
-    timed = [p for p in points if p.get("timed_steps") and "error" not in p]
-    ours = {(p["model"], p["layers"], p["context"]): p["tokens_per_s"] for p in timed if p["variant"] == "ours"}
-    rows = []
-    for p in timed:
-        ref = ours.get((p["model"], p["layers"], p["context"]))
-        rows.append(
-            [
-                p["model"],
-                p["layers"],
-                p["context"],
-                p["variant"],
-                f"{p['tokens_per_s']:.1f}",
-                f"{ref / p['tokens_per_s']:.2f}" if ref else "",
-            ]
-        )
-    return rows
-
-
 def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
     """Measure every (model, depth, context, variant) point; returns the Markdown report and the JSON record."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -648,11 +263,14 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                     points.append(point)
                     if cfg.json:  # every point kept as it comes: a long CPU run cut short loses nothing measured
                         write_json_atomic(
-                            cfg.json, merge_record(cfg.json, {"command": _command(argv), "points": points, "fits": []})
+                            cfg.json,
+                            memory_report.merge_record(
+                                cfg.json, {"command": _command(argv), "points": points, "fits": []}
+                            ),
                         )
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:
             longest.append([name, f"{longest_context(name, cfg, device, dtype):,}"])
-    text, fits = report(points, cfg, argv, device, longest)
+    text, fits = memory_report.report(points, argv, device, longest, _planned(cfg), _full_depth)
     return text, {
         "command": _command(argv),
         "device": device.type,
@@ -660,6 +278,20 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
         "points": points,
         "fits": fits,
     }
+
+
+def _planned(cfg: BenchConfig):
+    """The planner's prediction for a point of the report, named by strings as the JSON records it."""
+
+    def planned(name: str, layers: int | None, variant: str, context: int, device: str, dtype: str) -> dict:
+        config = model_config(name, layers)
+        return plan_for(config, name, VARIANTS[variant], context, cfg, torch.device(device), getattr(torch, dtype))
+
+    return planned
+
+
+def _full_depth(name: str) -> int:
+    return model_config(name).num_hidden_layers
 
 
 def _command(argv: list[str]) -> str:
@@ -678,7 +310,8 @@ def main(argv=None) -> None:
         with open(cfg.report_from, encoding="utf-8") as f:
             record = json.load(f)
         points = record["points"]
-        text, _ = report(points, cfg, argv, torch.device(points[0]["device"] if points else "cpu"), [])
+        device = torch.device(points[0]["device"] if points else "cpu")
+        text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth)
         text = text.replace(
             "\n\n",
             "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n",
@@ -690,29 +323,8 @@ def main(argv=None) -> None:
     text, record = run(cfg, argv)
     write_text_atomic(cfg.output, text)
     if cfg.json:
-        write_json_atomic(cfg.json, merge_record(cfg.json, record))
+        write_json_atomic(cfg.json, memory_report.merge_record(cfg.json, record))
     print(text)
-
-
-def merge_record(path: str, record: dict) -> dict:
-    """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
-    say) build one calibration file; a point measured again replaces the old one."""
-    import json
-    import os
-
-    if not os.path.exists(path):
-        return {"commands": [record["command"]], "points": record["points"], "fits": record["fits"]}
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
-    key = lambda p: (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"))  # noqa: E731
-    fresh = {key(p) for p in record["points"]}
-    fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
-    new_fits = {fit_key(f) for f in record["fits"]}
-    return {
-        "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
-        "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
-        "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
-    }
 
 
 if __name__ == "__main__":

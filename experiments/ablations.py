@@ -345,6 +345,8 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}
+    else:  # trained on full rows only (data.text.full_rows); results from before keep their keys
+        used["concat_rows"] = "full"
     return hashlib.sha256(json.dumps([used, s, seed if s["train"] else 0]).encode()).hexdigest()[:12]
 
 

@@ -588,3 +588,44 @@ def test_scripts_end_to_end(tok, tmp_path):
     stats = json.loads((tmp_path / "chat_out" / "stats.json").read_text())
     assert (stats["format"], stats["count_out"], stats["over_max_length"]) == ("longalpaca", 2, 0)
     assert list(datasets.load_from_disk(str(tmp_path / "chat_out"))["messages"]) == [CHAT[:2], CHAT[2:]]
+
+
+def test_concat_rows_are_all_full_where_trl_wraps_each_batch_alone(tok):
+    """TRL's "wrapped" packs each map batch of 1000 documents alone, leaving a short row per batch; `full_rows`
+    joins all of them: every row exactly max_length, the stream in order, only the final remainder dropped, and
+    TRL's own packing of the result (what SFTTrainer does next) changes nothing."""
+    from trl.data_utils import pack_dataset
+
+    max_length = 48
+    texts = [DOCS[i % len(DOCS)][: 10 + 7 * (i % 9)] for i in range(2500)]
+    tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": texts}), tok, TextDataConfig("x"))
+    short = [n for n in map(len, pack_dataset(tokenized, max_length, "wrapped")["input_ids"]) if n < max_length]
+    assert len(short) >= 2  # batches of 1000 documents end in short rows, not only the last: padded mid-stream
+
+    rows, out = D.full_rows(tokenized, stats, max_length)
+    stream = [t for ids in tokenized["input_ids"] for t in ids]
+    assert {len(ids) for ids in rows["input_ids"]} == {max_length}
+    assert out["rows"] == len(rows) == len(stream) // max_length
+    assert out["tokens_dropped_remainder"] == len(stream) % max_length > 0
+    assert [t for ids in rows["input_ids"] for t in ids] == stream[: len(rows) * max_length]
+    assert pack_dataset(rows, max_length, "wrapped")["input_ids"] == rows["input_ids"]
+
+    exact = tokenized.select(range(1))  # a stream of exactly one row: nothing to drop
+    one, out = D.full_rows(exact, {}, len(exact[0]["input_ids"]))
+    assert (len(one), out["tokens_dropped_remainder"]) == (1, 0)
+
+
+def test_rolled_shift_refuses_rows_it_cannot_train_before_loading(tmp_path):
+    """LongLoRA's roll knows no documents or padding: --pack documents and conversations are refused by resolve in
+    one line (before, a packed batch failed inside the first forward)."""
+    from longqlora.model import ModelConfig
+    from longqlora.training.config import RunConfig, TrainingConfig
+    from longqlora.training.run import resolve
+
+    model_cfg = ModelConfig(
+        model_name_or_path="unused", target_context=4096, s2_shift="rolled", s2_group_schedule="none"
+    )
+    for data_cfg in (TextDataConfig(dataset="unused"), InstructionDataConfig(dataset="unused")):
+        with pytest.raises(ValueError, match=r"^--s2_shift rolled: .*--pack concat"):
+            resolve(model_cfg, data_cfg, RunConfig(tiny=True), TrainingConfig(output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o" / "tiny-base").exists()

@@ -243,25 +243,41 @@ def test_offload_is_a_null_context_without_an_accelerator(tiny_dir):
     assert isinstance(memory.offload_context(model, None), contextlib.nullcontext)
 
 
-def test_chunked_loss_equals_the_plain_loss(tiny_dir):
-    """TRL's fused head (the default) against the loss from full logits: same loss and gradients."""
-    from trl.trainer.utils import add_fused_lm_head
+def test_chunked_loss_equals_the_plain_loss_in_one_forward(tiny_dir, tmp_path):
+    """TRL's fused head (the default) against `--chunked_loss false`'s trainer (the model's own loss from full
+    logits): same loss and gradients, and the plain path runs one forward per step (TRL's deprecated
+    `compute_loss_func` ran a second one)."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from longqlora.adapters import trainable_to_fp32
 
     model = adapted(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     ids = torch.randint(3, 320, (2, 256))
     labels = ids.clone()
     labels[:, :40] = -100
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids)
-    plain_loss = memory.plain_causal_lm_loss(out, labels)
-    plain_loss.backward()
-    plain = (plain_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    add_fused_lm_head(model.get_base_model())
-    model.zero_grad(set_to_none=True)
-    fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
-    fused.loss.backward()
-    chunked = (fused.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert_same(plain, chunked, 1e-4)
+    calls = []
+    model.get_base_model().register_forward_pre_hook(lambda *_: calls.append(1))
+    results = {}
+    for chunked in (False, True):
+        args = SFTConfig(
+            output_dir=str(tmp_path / str(chunked)), report_to=[], use_cpu=True, bf16=False, max_length=256
+        )
+        data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+        trainer = memory.trainer_class(chunked)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        assert (type(trainer).__name__ == "SFTTrainer") == chunked
+        trainable_to_fp32(trainer.model)  # as train() does: TRL casts PEFT's trained copies to bf16
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels.clone()}
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        assert len(calls) == 1, chunked
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[chunked] = (loss.detach(), grads)
+    assert_same(results[False], results[True], 1e-4)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ tokenization then). Conversations live in instructions.py, file reading in sourc
   No token attends across documents, and positions are true distances inside one text. A document longer than the
   row is split into row-sized pieces, each its own sequence.
 * "concat" -> `packing_strategy="wrapped"` (LongLoRA's way): everything joined and cut into full rows, so tokens
-  attend across unrelated documents.
+  attend across unrelated documents. `full_rows` joins the whole dataset first and drops the remainder shorter
+  than a row (as LongLoRA and transformers' run_clm do): TRL wraps each map batch of 1000 documents on its own,
+  which would leave one short padded row per batch.
 
 Every error is one line naming the flag and the fix.
 """
@@ -187,6 +189,31 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
         stats["length_max"],
     )
     return ds.remove_columns("length"), stats
+
+
+def full_rows(ds: datasets.Dataset, stats: dict, max_length: int) -> tuple[datasets.Dataset, dict]:
+    """`--pack concat`: the tokenized documents joined into one stream and cut into rows of exactly `max_length`
+    tokens; the remainder (under one row) is dropped. TRL's "wrapped" packing, applied to the whole dataset as one
+    map batch: per batch of 1000 documents (its default) every batch would end in a short row, which the collator
+    pads, costing compute and refused by LongLoRA's rolled shift mid-training. TRL's own packing of these rows
+    then leaves them as they are. Holds the token ids in memory once (4 bytes per token)."""
+    from trl.data_utils import pack_dataset
+
+    rows = pack_dataset(ds, max_length, strategy="wrapped", map_kwargs={"batch_size": None})
+    n = len(rows)
+    last = len(rows[n - 1]["input_ids"]) if n else 0
+    if last < max_length:
+        rows = rows.select(range(n - 1))
+    dropped = last if last < max_length else 0
+    stats = {**stats, "rows": len(rows), "tokens_dropped_remainder": dropped}
+    if dropped:
+        logger.info(
+            "--pack concat: %d rows of %d tokens; the last %d tokens (less than a row) are not trained on",
+            len(rows),
+            max_length,
+            dropped,
+        )
+    return rows, stats
 
 
 def check_packable(stats: dict, max_length: int, dataset: str = "") -> None:

@@ -104,13 +104,24 @@ def offloaded_bytes(manager) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- the loss
-def plain_causal_lm_loss(outputs, labels, num_items_in_batch=None):
-    """The loss from the full logits, as a model without TRL's fused head computes it: (tokens x vocab) logits,
-    upcast to fp32. Only for `--chunked_loss false` (comparison and debugging); TRL's fused head is the default."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
+def trainer_class(chunked_loss: bool):
+    """TRL's SFTTrainer (its fused, chunked LM head: the default), or for `--chunked_loss false` (comparison and
+    debugging) one whose loss is the model's own, from the full (tokens x vocab) logits upcast to fp32.
 
-    logits = outputs.logits
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+    A subclass overriding `compute_loss`, TRL's documented way: its `compute_loss_func` argument (deprecated in TRL
+    1.16) runs a second, no-grad forward every step for its metrics. This path logs no entropy or token accuracy."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if chunked_loss:
+        return SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
 
 
 # ------------------------------------------------------------------------------------------------- tiled MLP

@@ -280,6 +280,8 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
         return instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
     tokenized, stats = data_lib.tokenize_documents(loaded, tokenizer, data_cfg)
     data_lib.check_packable(stats, max_length)
+    if data_cfg.pack == "concat":
+        tokenized, stats = data_lib.full_rows(tokenized, stats, max_length)
     return tokenized, stats
 
 
@@ -287,6 +289,11 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     check_output_path(training.output_dir, "--output_dir")
     distributed.check_launch(model_cfg, training)
+    if model_cfg.s2_attention and model_cfg.s2_shift == "rolled" and getattr(data_cfg, "pack", None) != "concat":
+        raise ValueError(
+            "--s2_shift rolled: LongLoRA's roll knows no document boundaries or padding, so it trains on full "
+            "joined rows only; pass a text --dataset with --pack concat, or --s2_shift leakfree"
+        )
     if run_cfg.tiny:
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
@@ -305,7 +312,6 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
 
 def train(run: ResolvedRun) -> Path:
     """Load, train and save one resolved run; returns the adapter directory."""
-    from trl import SFTTrainer
 
     model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
     if plan.get("fits") is False:
@@ -346,13 +352,12 @@ def train(run: ResolvedRun) -> Path:
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
         guard = checkpoints.CheckpointGuard()
-        trainer = SFTTrainer(
+        trainer = memory.trainer_class(training.chunked_loss)(
             model=model,
             args=training,
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
-            compute_loss_func=None if training.chunked_loss else memory.plain_causal_lm_loss,
         )
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)

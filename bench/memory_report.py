@@ -1,0 +1,203 @@
+"""bench/memory.py's report: the measured points beside the planner, the depth fit (fixed + layers x per-layer,
+extrapolated to full depth), the speed table, and the JSON record that several commands build together (the
+planner's calibration test reads it). Kept apart from the measurement so that a report can be rendered again from
+a JSON with the current planner (`--report_from`) without building any model."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+from longqlora.output import markdown_table
+from longqlora.training import plan as planner
+
+
+def fit_depth(points: list[dict], full_layers: int) -> dict | None:
+    """peak = fixed + layers x per_layer from the points of one (model, variant, context) at two or more depths
+    (least squares), and the peak extrapolated to `full_layers`."""
+    if len({p["layers"] for p in points}) < 2:
+        return None
+    xs, ys = [p["layers"] for p in points], [p["peak_bytes"] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    per_layer = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - per_layer * mx
+    return {
+        "fixed_bytes": fixed,
+        "per_layer_bytes": per_layer,
+        "full_layers": full_layers,
+        "extrapolated_bytes": fixed + per_layer * full_layers,
+    }
+
+
+def report(points: list[dict], argv: list[str], device, longest: list, planned, full_depth) -> tuple[str, list]:
+    """The Markdown report of measured `points` and the depth fits (returned too). `planned(name, layers, variant,
+    context, device, dtype)` is the current planner's prediction for a point (also for points measured before the
+    planner changed); `full_depth(name)` the model's layer count."""
+    gib = planner.GIB
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"# Training memory: {where}, torch {torch.__version__}",
+        "",
+        f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"),
+        "",
+    ]
+    rows = []
+    for p in points:
+        if "error" in p:
+            rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
+            continue
+        p = {
+            **p,
+            "planned_bytes": planned(p["model"], p["layers"], p["variant"], p["context"], p["device"], p["dtype"])[
+                "peak_allocated_gib"
+            ]
+            * gib,
+        }
+        err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
+        reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
+        rows.append(
+            [
+                p["model"],
+                p["layers"],
+                p["context"],
+                p["variant"],
+                f"{p['peak_bytes'] / gib:.3f}",
+                reserved,
+                f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
+                f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "model",
+                "layers",
+                "context",
+                "variant",
+                "peak allocated GiB",
+                "peak reserved GiB",
+                "tokens/s",
+                "planned GiB (error)",
+            ],
+            rows,
+        )
+    )
+    fits = []
+    groups = {}
+    for p in points:
+        if "error" not in p:
+            groups.setdefault((p["model"], p["variant"], p["context"]), []).append(p)
+    for (name, variant, context), group in groups.items():
+        full = full_depth(name)
+        fit = fit_depth(group, full)
+        if fit is None:
+            continue
+        dtype = group[0]["dtype"]
+        plan = planned(name, None, variant, context, group[0]["device"], dtype)["peak_allocated_gib"] * gib
+        on_gpu = planned(name, None, variant, context, "cuda", dtype)
+        err = 100 * (plan - fit["extrapolated_bytes"]) / fit["extrapolated_bytes"]
+        fits.append(
+            {
+                "model": name,
+                "variant": variant,
+                "context": context,
+                **fit,
+                "planned_bytes": plan,
+                "planned_gpu_need_gib": on_gpu["device_need_gib"],
+            }
+        )
+        fits[-1]["row"] = [
+            name,
+            context,
+            variant,
+            f"{fit['fixed_bytes'] / gib:.3f}",
+            f"{fit['per_layer_bytes'] / gib:.4f}",
+            full,
+            f"{fit['extrapolated_bytes'] / gib:.2f}",
+            f"{plan / gib:.2f} ({err:+.1f}%)",
+            f"{on_gpu['device_need_gib']:.2f}",
+        ]
+    if fits:
+        lines += [
+            "",
+            "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
+            "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
+            "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):",
+            "",
+            markdown_table(
+                [
+                    "model",
+                    "context",
+                    "variant",
+                    "fixed GiB",
+                    "per layer GiB",
+                    "full depth",
+                    "extrapolated GiB",
+                    "planned GiB (error)",
+                    "planned GPU need GiB",
+                ],
+                [f.pop("row") for f in fits],
+            ),
+        ]
+    speed = speed_rows(points)
+    if speed:
+        lines += [
+            "",
+            "Speed where steps ran without the profiler (ratios within one command's run; the same "
+            "machine, one after the other):",
+            "",
+            markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"], speed),
+        ]
+    if longest:
+        lines += [
+            "",
+            "Longest context ours trains (LoRA+, S2-Attn, every switch):",
+            "",
+            markdown_table(["model", "tokens"], longest),
+        ]
+    return "\n".join(lines) + "\n", fits
+
+
+def speed_rows(points: list[dict]) -> list[list]:
+    """Tokens/s of every timed point, and its step time relative to ours at the same model, depth and context."""
+    timed = [p for p in points if p.get("timed_steps") and "error" not in p]
+    ours = {(p["model"], p["layers"], p["context"]): p["tokens_per_s"] for p in timed if p["variant"] == "ours"}
+    rows = []
+    for p in timed:
+        ref = ours.get((p["model"], p["layers"], p["context"]))
+        rows.append(
+            [
+                p["model"],
+                p["layers"],
+                p["context"],
+                p["variant"],
+                f"{p['tokens_per_s']:.1f}",
+                f"{ref / p['tokens_per_s']:.2f}" if ref else "",
+            ]
+        )
+    return rows
+
+
+def merge_record(path: str, record: dict) -> dict:
+    """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
+    say) build one calibration file; a point measured again replaces the old one."""
+    if not os.path.exists(path):
+        return {"commands": [record["command"]], "points": record["points"], "fits": record["fits"]}
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    key = lambda p: (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"))  # noqa: E731
+    fresh = {key(p) for p in record["points"]}
+    fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
+    new_fits = {fit_key(f) for f in record["fits"]}
+    return {
+        "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
+        "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
+        "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
+    }
