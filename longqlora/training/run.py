@@ -312,7 +312,6 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
 
 def train(run: ResolvedRun) -> Path:
     """Load, train and save one resolved run; returns the adapter directory."""
-
     model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
     if plan.get("fits") is False:
         logger.warning(
