@@ -9,9 +9,10 @@ occurs. The text stays contiguous (the paper's content offset v_i is 0 here): on
 
 Documents are TRL's: in padding-free rows (`--pack documents`) a document starts wherever TRL's collator restarts
 the position ids at 0, and each gets its own chunks and skips; a row of `--pack concat` (full, joined rows) or a
-padded row is one document, any padding left at position 0. Documents begin at 0 as before, so the collator's `cu_seq_lens`
-and its label masking stay right. S2-Attn (attention/layout.py) begins a document only where ids do not increase, so a
-skip never splits one, and counts its groups in tokens, not ids (G tokens per group whatever the skips).
+padded row is one document, any padding left at position 0. Documents begin at 0 as before, so the collator's
+`cu_seq_lens` and its label masking stay right. S2-Attn (attention/layout.py) begins a document only where ids do
+not increase, so a skip never splits one, and counts its groups in tokens, not ids (G tokens per group whatever the
+skips).
 
 The skips are drawn from a generator seeded by `--seed` and the batch's token ids: reproducible, independent of
 dataloader workers, and the same batches get the same skips after `--resume_from_checkpoint`.
