@@ -47,8 +47,10 @@ VARIANTS = {
     "loraplus-s2-gsched-eq-yarn": dict(
         label="LoRA+, S2-Attn, group 1/16, 3/16, 1/2 by thirds, YaRN", group_schedule="0.0625,0.1875,0.5", rope="yarn"
     ),
-    # does training the embedding and norms cost the copy that longer extensions lose?
+    # does training the embedding and norms cost the copy that longer extensions lose? does full attention every
+    # 4th step keep it?
     "lora-s2-yarn": dict(label="LoRA q/k/v/o, S2-Attn, YaRN", trainable="", rope="yarn"),
+    "loraplus-s2-fullstep4-yarn": dict(label="LoRA+, S2-Attn, every 4th step full, YaRN", full_every=4, rope="yarn"),
     "default-yarn": dict(
         label="toolkit default: LoRA+, S2-Attn with group schedule, NF4, YaRN",
         nf4=True,
@@ -66,5 +68,6 @@ TARGETED = (
     "loraplus-s2-nf4-yarn",
     "loraplus-s2-gsched-eq-yarn",
     "lora-s2-yarn",
+    "loraplus-s2-fullstep4-yarn",
 )
 DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)
