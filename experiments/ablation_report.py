@@ -172,8 +172,7 @@ def plot_context(cfg: AblationConfig, results: dict, path: Path) -> Path:
         seen = [c for r in runs for c in r["passkey_cells"]]
         grid.append([_percent_correct([c for c in seen if (c["context_length"], c["depth"]) == k]) for k in cells])
     left.set_xscale("log", base=2)
-    ticks = [int(d) for d in distances]
-    left.set_xticks(ticks, [str(t) for t in ticks])
+    left.set_xticks(xs, [str(x) for x in xs])  # the distances, every variant's the same
     left.axvline(cfg.short_context, color="grey", linestyle="--", linewidth=1)
     left.set(xlabel="distance back to the passage's first occurrence (tokens)", ylabel="perplexity (mean over seeds)")
     left.set_yscale("log")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from longqlora import hardware
 from longqlora.attention.experimental import check_variant
 from longqlora.hardware import DTYPES
-from longqlora.rope import UNSCALED_TO
+from longqlora.rope import check_scaling
 
 TRAINABLE_TOKENS = ("embed", "norm")
 
@@ -154,8 +154,7 @@ class ModelConfig:
 
         if self.target_context < 1:
             bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
-        if self.rope_scaling not in UNSCALED_TO:
-            bad("rope_scaling", self.rope_scaling, f"must be one of {', '.join(UNSCALED_TO)}")
+        check_scaling(self.rope_scaling)
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
         check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)

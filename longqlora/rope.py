@@ -33,6 +33,12 @@ _EXTENDABLE = ("default", "linear", "llama3", "yarn", "longrope")
 UNSCALED_TO = {"linear": "position interpolation", "yarn": "YaRN"}
 
 
+def check_scaling(unscaled_to: str) -> None:
+    """The one check of ``--rope_scaling`` (ModelConfig, LoaderArgs and the interpolation itself call it)."""
+    if unscaled_to not in UNSCALED_TO:
+        raise ValueError(f"--rope_scaling {unscaled_to!r}: must be one of {', '.join(UNSCALED_TO)}")
+
+
 class _RopeState(NamedTuple):
     params: dict  # shallow copy of config.rope_parameters, never the live dict
     rope_type: str
@@ -199,8 +205,7 @@ def apply_position_interpolation(config, target_context: int, unscaled_to: str =
     config is touched.
     """
     target = _check_target(target_context)
-    if unscaled_to not in UNSCALED_TO:
-        raise ValueError(f"--rope_scaling {unscaled_to!r}: must be one of {', '.join(UNSCALED_TO)}")
+    check_scaling(unscaled_to)
     s = _state(config)
 
     if target <= s.capacity:

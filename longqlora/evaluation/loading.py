@@ -15,7 +15,7 @@ from pathlib import Path
 
 from longqlora.hardware import DTYPES
 from longqlora.record import ExtensionRecord
-from longqlora.rope import UNSCALED_TO
+from longqlora.rope import UNSCALED_TO, check_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class LoaderArgs:
             raise ValueError(f"--compute_dtype {self.compute_dtype!r}: must be one of auto, {', '.join(DTYPES)}")
         if self.target_context is not None and self.target_context < 1:
             raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
-        if self.rope_scaling is not None and self.rope_scaling not in UNSCALED_TO:
-            raise ValueError(f"--rope_scaling {self.rope_scaling!r}: must be one of {', '.join(UNSCALED_TO)}")
+        if self.rope_scaling is not None:
+            check_scaling(self.rope_scaling)
 
     def load(self):
         """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
@@ -241,9 +241,10 @@ def load_for_inference(
         target_context = (extension.target_context if extension else None) or load_config(
             expanded, "--model", trust_remote_code=trust_remote_code
         ).max_position_embeddings
-    if rope_scaling is None:  # what the adapter trained with (records before --rope_scaling: PI); else the default
-        recorded = extension.rope_type if extension else None
-        rope_scaling = recorded if recorded in UNSCALED_TO else "linear" if extension else ModelConfig.rope_scaling
+    if rope_scaling is None and extension is None:
+        rope_scaling = ModelConfig.rope_scaling
+    elif rope_scaling is None:  # what the adapter trained with; records from before --rope_scaling trained with PI
+        rope_scaling = extension.rope_type if extension.rope_type in UNSCALED_TO else "linear"
     cfg = ModelConfig(
         model_name_or_path=expanded,
         target_context=int(target_context),
