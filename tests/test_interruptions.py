@@ -3,6 +3,7 @@ checkpoint and while the final adapter is moved into place; then `--resume_from_
 tensors of an uninterrupted run. A half-written checkpoint is skipped with a warning and never loaded; Ctrl-C saves
 a checkpoint and stops; a second run on the same --output_dir refuses in one line. docs/reliability.md lists them."""
 
+import json
 import logging
 import os
 import random
@@ -136,6 +137,8 @@ def test_kill_9_while_publishing_the_adapter_then_resume(reference, tmp_path, mo
     assert "checkpoint-4 holds the last step (4): the adapter is written from it" in log
     assert not (out / "checkpoint-5").exists()  # the Trainer, resumed at its last step, would train one more
     assert identical(final, tensors)
+    recorded = lambda d: json.loads((d / "longqlora_extension.json").read_text())  # noqa: E731
+    assert recorded(out)["s2_options"] == recorded(reference[2])["s2_options"]  # the schedule the run was set for
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, caplog):
@@ -200,3 +203,30 @@ def test_an_incomplete_checkpoint_named_explicitly_is_refused(tmp_path):
         checkpoints.resume_checkpoint(tmp_path, str(half))
     (half / "trainer_state.json").write_text('{"global_step": 6}')
     assert checkpoints.checkpoint_problem(half) == "adapter_model.safetensors is damaged"
+
+
+def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_path):
+    """Resumed later with auto, a new run in that folder would take the other run's newest checkpoint."""
+    (tmp_path / "checkpoint-1000").mkdir()
+    (tmp_path / "checkpoint-500").mkdir()
+    for requested in (None, "", "false"):
+        with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(checkpoint-1000, 2 in all\)"):
+            checkpoints.resume_checkpoint(tmp_path, requested)
+    assert checkpoints.resume_checkpoint(tmp_path / "elsewhere", None) is None
+    assert checkpoints.resume_checkpoint(tmp_path, "auto") is None  # neither is complete: both moved aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incomplete-checkpoint-1000", "incomplete-checkpoint-500"]
+    checkpoints.check_new_run(tmp_path, None)  # folders moved aside are no earlier run
+
+
+def test_a_weights_only_checkpoint_is_refused_not_discarded(tmp_path):
+    """A checkpoint saved with --save_only_model true, resumed without it: one line, and the folder stays."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "trainer_state.json").write_text('{"global_step": 4}')
+    with pytest.raises(ValueError, match=r"checkpoint-4 holds weights but optimizer.pt, scheduler.pt, rng_state.pth"):
+        checkpoints.resume_checkpoint(tmp_path, "auto")
+    assert folder.is_dir()
+    assert checkpoints.resume_checkpoint(tmp_path, "auto", with_optimizer=False) == str(folder)

@@ -45,6 +45,7 @@ def bad(tmp_path_factory) -> Path:
     save_tiny_model(d / "model", max_position_embeddings=64)
     (d / "no-config").mkdir()
     (d / "a-file").write_text("not a directory")
+    (d / "earlier-run" / "checkpoint-3").mkdir(parents=True)
     (d / "latin1.txt").write_bytes("caf\xe9 au lait. ".encode("latin-1") * 40)
     (d / "garbage.txt").write_bytes(bytes(range(256)) * 16)
     (d / "nul.txt").write_bytes(b"text with \x00 NUL bytes\n" * 10)
@@ -161,6 +162,12 @@ CASES = [
         "recipe",
         lambda b, o: recipe_args(b, b / "a-file"),
         lambda b, o: f"--output_dir {b / 'a-file'}",
+    ),
+    Case(
+        "--output_dir holding an earlier run's checkpoints",
+        "recipe",
+        lambda b, o: recipe_args(b, b / "earlier-run"),
+        lambda b, o: f"--output_dir {b / 'earlier-run'} holds an earlier run's checkpoints (checkpoint-3",
     ),
     Case(
         "--output_dir under a file",

@@ -101,23 +101,51 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
+def _checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder in `output_dir`, newest first."""
+    out = Path(output_dir)
+    children = out.iterdir() if out.is_dir() else ()
+    return sorted(
+        ((int(m.group(1)), p) for p in children if p.is_dir() and (m := CHECKPOINT.match(p.name))), reverse=True
+    )
+
+
+def _resuming(requested) -> bool:
+    return requested is not None and str(requested).lower() not in ("", "false", "none")
+
+
+def check_new_run(output_dir, requested) -> None:
+    """A new run (no resume asked) refuses an `output_dir` that holds an earlier run's checkpoints: resumed later
+    with auto, it would take the other run's newest checkpoint (its steps outnumber the new run's), and the
+    Trainer's rotation (`save_total_limit`) would delete the new run's own checkpoints first."""
+    found = [] if _resuming(requested) else _checkpoints(output_dir)
+    if found:
+        raise ValueError(
+            f"--output_dir {output_dir} holds an earlier run's checkpoints ({found[0][1].name}, {len(found)} in "
+            "all): pass --resume_from_checkpoint auto to continue that run, or choose another --output_dir"
+        )
+
+
 def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
     """The checkpoint `--resume_from_checkpoint requested` means: for auto/last/true the newest complete one in
-    `output_dir` (newer incomplete ones are moved aside with a warning) or None; a path must be complete."""
-    if requested is None or str(requested).lower() in ("", "false", "none"):
+    `output_dir` (newer incomplete ones are moved aside with a warning) or None; a path must be complete. A new run
+    is checked by `check_new_run`."""
+    check_new_run(output_dir, requested)
+    if not _resuming(requested):
         return None
     if str(requested).lower() in AUTO:
-        out = Path(output_dir)
-        found = [
-            (int(m.group(1)), p)
-            for p in (out.iterdir() if out.is_dir() else ())
-            if p.is_dir() and (m := CHECKPOINT.match(p.name))
-        ]
-        for _, path in sorted(found, reverse=True):
+        for _, path in _checkpoints(output_dir):
             problem = checkpoint_problem(path, with_optimizer=with_optimizer)
             if not problem:
                 logger.info("resuming from %s", path)
                 return str(path)
+            if with_optimizer and not checkpoint_problem(path, with_optimizer=False):
+                # Its trainer_state.json (written last) is there: a finished save of weights only, not a cut one.
+                raise ValueError(
+                    f"--resume_from_checkpoint {requested}: {path.name} holds weights but {problem[3:]} (saved with "
+                    "--save_only_model true); resume with --save_only_model true (a new optimizer state) or choose "
+                    "another --output_dir"
+                )
             logger.warning("skipping %s: %s; moved to %s, never loaded", path, problem, _move_aside(path).name)
         logger.info("no complete checkpoint in %s: starting from step 0", output_dir)
         return None
@@ -190,6 +218,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         logger.info("%s holds the last step (%d): the adapter is written from it", resume, max_steps)
         set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
+        trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         return {
             "steps": state.global_step,

@@ -288,6 +288,7 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     check_output_path(training.output_dir, "--output_dir")
+    checkpoints.check_new_run(training.output_dir, training.resume_from_checkpoint)
     distributed.check_launch(model_cfg, training)
     if model_cfg.s2_attention and model_cfg.s2_shift == "rolled" and getattr(data_cfg, "pack", None) != "concat":
         raise ValueError(
