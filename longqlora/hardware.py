@@ -223,7 +223,9 @@ def launch() -> Launch:
         return Launch(world, rank, local, "deepspeed", stage, whole or stage != 3, precision)
     if _flag("ACCELERATE_USE_FSDP"):
         engine = "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
-        whole = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT").upper() == "FULL_STATE_DICT"
+        # Unset, accelerate's FullyShardedDataParallelPlugin takes FULL for FSDP1 and SHARDED for FSDP2.
+        default = "SHARDED_STATE_DICT" if engine == "fsdp2" else "FULL_STATE_DICT"
+        whole = os.environ.get("FSDP_STATE_DICT_TYPE", default).upper() == "FULL_STATE_DICT"
         return Launch(world, rank, local, engine, None, whole, precision)
     return Launch(world, rank, local, "ddp" if world > 1 else "none", mixed_precision=precision)
 

@@ -4,6 +4,7 @@ the model's own config is checked by `model.check_model`. `longqlora.model` re-e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from longqlora import hardware
@@ -168,7 +169,7 @@ class ModelConfig:
             multiples = self.group_schedule
         except ValueError:
             multiples = [0.0]
-        if not multiples or not all(m > 0 for m in multiples):
+        if not multiples or not all(m > 0 and math.isfinite(m * self.target_context) for m in multiples):
             bad(
                 "s2_group_schedule",
                 self.s2_group_schedule,
@@ -201,6 +202,10 @@ class ModelConfig:
         self._check_context_parallel(bad)
         if self.lora_r < 1:
             bad("lora_r", self.lora_r, "must be at least 1, e.g. 8")
+        if self.lora_alpha <= 0:
+            bad(
+                "lora_alpha", self.lora_alpha, "must be positive (LoRA's scale is alpha / r; 0 trains nothing), e.g. 16"
+            )
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", self.lora_dropout, "must be in [0, 1), e.g. 0.05")
         if self.compute_dtype not in ("auto", *DTYPES):

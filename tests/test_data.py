@@ -629,3 +629,12 @@ def test_rolled_shift_refuses_rows_it_cannot_train_before_loading(tmp_path):
         with pytest.raises(ValueError, match=r"^--s2_shift rolled: .*--pack concat"):
             resolve(model_cfg, data_cfg, RunConfig(tiny=True), TrainingConfig(output_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o" / "tiny-base").exists()
+
+
+def test_a_bad_turn_is_numbered_as_in_the_record():
+    from longqlora.data.formats import conversation_problem
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    assert conversation_problem(turns) == "message 2 is user, expected assistant"
+    with_system = [{"role": "system", "content": "be brief"}, *turns]
+    assert conversation_problem(with_system) == "message 3 is user, expected assistant"

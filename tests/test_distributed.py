@@ -131,6 +131,26 @@ def test_accelerate_configs_parse_and_validate(name, monkeypatch):
         assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"].lower() == "true"
 
 
+@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize("state_dict_type", [None, "FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_the_state_dict_type_is_read_as_accelerate_reads_it(version, state_dict_type, monkeypatch):
+    """A launch config without fsdp_state_dict_type is SHARDED under FSDP2 (accelerate's default): refused, not
+    taken for a whole state dict."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    if state_dict_type is None:
+        monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", state_dict_type)
+    plugin = FullyShardedDataParallelPlugin()
+    assert launch().whole_state_dict == ("FULL_STATE_DICT" in str(plugin.state_dict_type))
+    assert launch().whole_state_dict == (
+        state_dict_type == "FULL_STATE_DICT" or (state_dict_type, version) == (None, "1")
+    )
+
+
 # ------------------------------------------------------------------------------------------ checks, one process
 def _training(**changes):
     """The training flags with `changes`; the engine flags (TrainingArguments validates them against files and a

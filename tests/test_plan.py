@@ -284,3 +284,22 @@ def test_layer_term_is_the_saved_tensor_inventory(variant, script):
     planned, _ = layer_saved_per_token(Shapes.of(config), PlanConfig(**cfg))
     # beyond the planned set: the bf16 casts of LoRA's weights that autocast keeps (not per token) and small stats
     assert planned <= measured <= planned * 1.01 + 16, (planned, measured)
+
+
+def test_the_tiled_mlp_is_planned_as_it_runs():
+    """memory.enable_tiled_mlp tiles each row along the sequence, and rows of one tile or less not at all."""
+    tiled = dict(model="m", tiled_mlp=True, tile_tokens=16384)
+    layer = lambda **kw: plan(LLAMA2_7B, PlanConfig(**kw))["parts_gib"]["layer_recompute"]  # noqa: E731
+    assert layer(context=65536, batch=2, **tiled) == pytest.approx(2 * layer(context=65536, batch=1, **tiled))
+    assert layer(context=65536, **tiled) < layer(context=65536, tiled_mlp=False, model="m")
+    short = plan(LLAMA2_7B, PlanConfig(context=8192, batch=8, **tiled))
+    assert short["parts_gib"]["layer_recompute"] == layer(context=8192, batch=8, tiled_mlp=False, model="m")
+    assert short["switches"]["tiled_mlp"] is False
+
+
+def test_the_baseline_plans_the_plain_loss():
+    baseline = plan(LLAMA2_7B, PlanConfig(model="m", context=8192, baseline=True))
+    plain = plan(LLAMA2_7B, PlanConfig(model="m", context=8192, baseline=True, chunked_loss=False))
+    assert baseline["parts_gib"] == plain["parts_gib"] and baseline["switches"]["chunked_loss"] is False
+    ours = plan(LLAMA2_7B, PlanConfig(model="m", context=8192))
+    assert baseline["parts_gib"]["loss"] > 2 * ours["parts_gib"]["loss"]

@@ -157,7 +157,8 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
 
 def conversation_problem(messages: list[dict]) -> str:
     """Why `messages` is not [system] user assistant ... user assistant (what Vicuna renders), or '' if it is."""
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    body = messages[first:]
     if not body:
         return "no user/assistant messages"
     for k, m in enumerate(messages):
@@ -166,7 +167,7 @@ def conversation_problem(messages: list[dict]) -> str:
     for k, m in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
         if m["role"] != expected:
-            return f"message {k + 1} is {m['role']}, expected {expected}"
+            return f"message {first + k + 1} is {m['role']}, expected {expected}"  # numbered as in the record
     if body[-1]["role"] != "assistant":
         return "ends with a user message"
     empty = [k for k, m in enumerate(messages, start=1) if m["role"] == "assistant" and not m["content"].strip()]

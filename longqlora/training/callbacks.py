@@ -28,6 +28,6 @@ class ThroughputCallback(TrainerCallback):
             logs["tokens_per_second"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
         self._last = (now, seen)
         if torch.cuda.is_available():
-            logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         else:  # peak resident memory of this process (Linux reports KiB)
-            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            logs["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

@@ -115,6 +115,8 @@ class PlanConfig:
             raise ValueError(f"--host_memory {self.host_memory}: must be a positive number of GiB, e.g. 128")
         if self.tile_tokens < 1:
             raise ValueError(f"--tile_tokens {self.tile_tokens}: must be a positive number of tokens")
+        if self.baseline:
+            self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
 
     @property
     def trainable(self) -> list[str]:
@@ -271,16 +273,17 @@ def layer_saved_per_token(s: Shapes, cfg: PlanConfig) -> tuple[int, int]:
 def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
     """One decoder layer recomputed with gradients at the start of its backward: what it saved plus the stream's
     gradient in and out (and MLP_BACKWARD_COPIES gradients of the MLP's width). With the tiled MLP, the MLP's part
-    exists for one tile and the MLP keeps only its input per token."""
+    exists for one tile (`tile_tokens` of every row) and the MLP keeps only its input per token; rows of one tile
+    or less run the plain MLP (memory.enable_tiled_mlp), whatever the switch says."""
     b = _Bytes.of(cfg)
     saved, mlp = layer_saved_per_token(s, cfg)
     mlp_peak = mlp + MLP_BACKWARD_COPIES * (b.st if cfg.baseline else b.c) * s.intermediate
     other = saved - mlp + 2 * b.st * s.hidden  # the stream's gradient in and out
     tokens = cfg.batch * cfg.context
-    if not cfg.tiled_mlp:
+    if not cfg.tiled_mlp or cfg.context <= cfg.tile_tokens:
         return tokens * (other + mlp_peak)
     mlp_input = (b.st if cfg.baseline else b.c) * s.hidden
-    return tokens * (other + mlp_input) + min(tokens, cfg.tile_tokens) * mlp_peak
+    return tokens * (other + mlp_input) + cfg.batch * cfg.tile_tokens * mlp_peak
 
 
 def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
@@ -337,7 +340,11 @@ def plan(config, cfg: PlanConfig) -> dict:
         "context": cfg.context,
         "batch": cfg.batch,
         "config": dataclasses.asdict(cfg),
-        "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.tiled_mlp},
+        "switches": {
+            "offload": cfg.offload,
+            "chunked_loss": cfg.chunked_loss,
+            "tiled_mlp": cfg.tiled_mlp and cfg.context > cfg.tile_tokens,  # shorter rows run the plain MLP
+        },
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "peak_allocated_gib": peak / GIB,
