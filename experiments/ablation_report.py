@@ -76,13 +76,17 @@ def context_table(cfg: AblationConfig, results: dict) -> str:
     distances = [d for d in runs0[0]["repeat"] if d != "first"]
     header = ["variant", "id"] + [f"passkey @{n}" for n in lengths] + ["repeat: first"]
     header += [f"repeat @{d} back" for d in distances]
-    rows = []
+    rows, trials = [], {}
     for vid, runs in results.items():
-        trials = sum(r["passkey_trials"] for r in runs)
+        trials.setdefault(sum(r["passkey_trials"] for r in runs), []).append(vid)
         keys = [f"{statistics.fmean(r['passkey_by_length'][n] for r in runs):.0%}" for n in lengths]
         repeat = [f"{mean:.1f}" for mean in _mean_repeats(runs).values()]
         rows.append([VARIANTS[vid]["label"], f"`{vid}`", *keys, *repeat])
-    return markdown_table(header, rows) + f"\n\n(passkey: {trials} trials per length and variant over its seeds)"
+    usual = max(trials, key=lambda n: len(trials[n]))
+    counts = f"{usual} per variant" + "".join(
+        f"; {n} for {', '.join(f'`{v}`' for v in vids)}" for n, vids in trials.items() if n != usual
+    )
+    return markdown_table(header, rows) + f"\n\n(passkey trials per length, over each variant's seeds: {counts})"
 
 
 def _mean_repeats(runs: list[dict]) -> dict[str, float]:
@@ -213,8 +217,9 @@ def report(cfg: AblationConfig, out: dict, png_name: str, context_png: str = "")
             f"data order and LoRA init; one base). Evaluation: `longqlora perplexity` on the first {cfg.eval_tokens} "
             f"tokens of held-out Persuasion{held_kjv}, {first['protocol']} (shown for "
             f"{cfg.lengths[0]}; the same at every length); `longqlora passkey` at {cfg.long_context}, 5 depths x "
-            f"{cfg.passkey_trials} keys per seed. Mean ± sample standard deviation over seeds; train seconds are wall "
-            f"time on a CPU shared with other work (not a cost measurement).",
+            f"{cfg.passkey_trials} keys (the same prompts for every seed: passkey's own seed). Mean ± sample "
+            "standard deviation over seeds; train seconds are wall time on a CPU shared with other work (not a cost "
+            "measurement).",
             "",
             table(cfg, out["results"]),
             *(

@@ -119,7 +119,8 @@ def write_data(cfg: AblationConfig, base: Path) -> tuple[Path, Path]:
     tag = f"{cfg.pretrain_books.replace('+', '-')}-"
     train_dir, eval_dir = out / f"extend-{tag}{cfg.extend_chars}", out / f"held-out-{tag}{cfg.eval_tokens}"
     if cfg.context_mix:  # the pre-training mix at the target length: one JSONL of documents
-        train_dir = out / f"extend-mix-{tag}{cfg.extend_chars}-{cfg.long_context}-{cfg.extend_steps}.jsonl"
+        # keyed by the base too (its folder name hashes its tokenizer's settings and the mix's version)
+        train_dir = out / f"extend-mix-{tag}{cfg.extend_chars}-{cfg.long_context}-{cfg.extend_steps}-{base.name}.jsonl"
     if cfg.context_mix and not train_dir.exists():
         from transformers import AutoTokenizer
 

@@ -183,7 +183,10 @@ def repeat_scores(model, ids: torch.Tensor, distances: list[int], span: int, sam
     start (other held-out text in between), for each d in `distances`, and of its first occurrence ("first").
 
     Each of `samples` rows per distance is [P][filler][P] with fresh passages; the second P is predictable from
-    the first only if the model attends d tokens back. Returns {"first": ppl, str(d): ppl}."""
+    the first only if the model attends d tokens back. Returns {"first": ppl, str(d): ppl}. The first P is scored
+    on its tokens 1..span-1 (its token 0 starts the row), the second on all `span` tokens, whose first follows the
+    filler and cannot be copied: a second occurrence's perplexity therefore includes one unpredictable token in
+    `span`, which makes copying look worse, never better (every published table scores it so)."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     first, second = {}, {}
