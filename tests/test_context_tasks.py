@@ -176,12 +176,11 @@ def test_copy_pretrain_steps_through_its_rows_and_lowers_the_loss():
 
 def test_the_passkey_footnote_counts_each_variants_trials():
     from experiments.ablation_report import context_table
+    from experiments.ablations import AblationConfig
 
     def run(trials):
         return {"passkey_by_length": {"128": 1.0}, "repeat": {"first": 300.0, "64": 20.0}, "passkey_trials": trials}
 
     results = {"base": [run(10)], "loraplus-s2": [run(10)] * 3, "loraplus-full": [run(10)] * 3}
-    from experiments.ablations import AblationConfig
-
     text = context_table(AblationConfig(tiny=True), results)
     assert text.endswith("(passkey trials per length, over each variant's seeds: 30 per variant; 10 for `base`)")

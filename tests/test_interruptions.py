@@ -211,8 +211,9 @@ def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_pa
     (tmp_path / "checkpoint-500").mkdir()
     for requested in (None, "", "false"):
         with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(checkpoint-1000, 2 in all\)"):
-            checkpoints.resume_checkpoint(tmp_path, requested)
-    assert checkpoints.resume_checkpoint(tmp_path / "elsewhere", None) is None
+            checkpoints.check_new_run(tmp_path, requested)
+    checkpoints.check_new_run(tmp_path, "auto")  # resuming is what the folder is for
+    checkpoints.check_new_run(tmp_path / "elsewhere", None)
     assert checkpoints.resume_checkpoint(tmp_path, "auto") is None  # neither is complete: both moved aside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["incomplete-checkpoint-1000", "incomplete-checkpoint-500"]
     checkpoints.check_new_run(tmp_path, None)  # folders moved aside are no earlier run

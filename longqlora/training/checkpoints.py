@@ -129,8 +129,7 @@ def check_new_run(output_dir, requested) -> None:
 def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
     """The checkpoint `--resume_from_checkpoint requested` means: for auto/last/true the newest complete one in
     `output_dir` (newer incomplete ones are moved aside with a warning) or None; a path must be complete. A new run
-    is checked by `check_new_run`."""
-    check_new_run(output_dir, requested)
+    is checked by `check_new_run`, which `training.run.resolve` calls before any input is read."""
     if not _resuming(requested):
         return None
     if str(requested).lower() in AUTO:

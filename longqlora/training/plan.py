@@ -119,6 +119,12 @@ class PlanConfig:
             self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
 
     @property
+    def mlp_tiled(self) -> bool:
+        """Whether the MLPs run in tiles: rows of one tile or less run the plain MLP (memory.enable_tiled_mlp),
+        whatever the switch says."""
+        return self.tiled_mlp and self.context > self.tile_tokens
+
+    @property
     def trainable(self) -> list[str]:
         return [t.strip() for t in self.trainable_params.split(",") if t.strip()]
 
@@ -273,14 +279,13 @@ def layer_saved_per_token(s: Shapes, cfg: PlanConfig) -> tuple[int, int]:
 def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
     """One decoder layer recomputed with gradients at the start of its backward: what it saved plus the stream's
     gradient in and out (and MLP_BACKWARD_COPIES gradients of the MLP's width). With the tiled MLP, the MLP's part
-    exists for one tile (`tile_tokens` of every row) and the MLP keeps only its input per token; rows of one tile
-    or less run the plain MLP (memory.enable_tiled_mlp), whatever the switch says."""
+    exists for one tile (`tile_tokens` of every row) and the MLP keeps only its input per token."""
     b = _Bytes.of(cfg)
     saved, mlp = layer_saved_per_token(s, cfg)
     mlp_peak = mlp + MLP_BACKWARD_COPIES * (b.st if cfg.baseline else b.c) * s.intermediate
     other = saved - mlp + 2 * b.st * s.hidden  # the stream's gradient in and out
     tokens = cfg.batch * cfg.context
-    if not cfg.tiled_mlp or cfg.context <= cfg.tile_tokens:
+    if not cfg.mlp_tiled:
         return tokens * (other + mlp_peak)
     mlp_input = (b.st if cfg.baseline else b.c) * s.hidden
     return tokens * (other + mlp_input) + cfg.batch * cfg.tile_tokens * mlp_peak
@@ -340,11 +345,7 @@ def plan(config, cfg: PlanConfig) -> dict:
         "context": cfg.context,
         "batch": cfg.batch,
         "config": dataclasses.asdict(cfg),
-        "switches": {
-            "offload": cfg.offload,
-            "chunked_loss": cfg.chunked_loss,
-            "tiled_mlp": cfg.tiled_mlp and cfg.context > cfg.tile_tokens,  # shorter rows run the plain MLP
-        },
+        "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.mlp_tiled},
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "peak_allocated_gib": peak / GIB,
