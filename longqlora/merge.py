@@ -50,7 +50,10 @@ class MergeConfig:
     output: str = field(metadata={"help": "Directory for the merged model (safetensors, tokenizer, config)."})
     base: str | None = field(
         default=None,
-        metadata={"help": "Base model directory; default: the base recorded in the adapter's adapter_config.json."},
+        metadata={
+            "help": "Base model directory or hub id (from the local Hugging Face cache); default: the "
+            "base recorded in the adapter's adapter_config.json."
+        },
     )
     dtype: str = field(
         default="float16",
@@ -95,7 +98,7 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
-    from longqlora.evaluation.loading import adapter_base, check_adapter_fits, read_extension
+    from longqlora.evaluation.loading import adapter_base, check_adapter_fits, local_model, read_extension
     from longqlora.output import check_output_path
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
@@ -104,12 +107,12 @@ def check_merge(cfg: MergeConfig) -> dict:
     if not cfg.base and not recorded:
         raise ValueError(f"--adapter {cfg.adapter}: records no base model; pass --base")
     base_name = cfg.base or recorded
-    base = _path(base_name)
     flag = "--base" if cfg.base else f"--adapter {cfg.adapter}: its recorded base"
+    base = _path(local_model(base_name, flag))  # a hub id (what the recipes record): its cached snapshot
     if not (base / "config.json").is_file():
         raise ValueError(
             f"{flag} {base_name}: no model directory (no config.json) there; pass --base DIR, the "
-            "local base model the adapter was trained on"
+            "local base model (or hub id) the adapter was trained on"
         )
     out = _path(cfg.output)
     for name, path in (("base", base), ("adapter", adapter)):

@@ -62,7 +62,7 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _looks_like_path(name: str) -> bool:
+def is_local_path(name: str) -> bool:
     """A local path rather than a hub id: starts with / . ~, has more than one slash, or its first part exists."""
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name.split("/")[0])
 
@@ -74,10 +74,10 @@ def _why(err: Exception) -> str:
     return _first_line(err)
 
 
-def check_safetensors(name: str, flag: str) -> None:
-    """Weights load from safetensors only: refuse a local model directory that holds none (pickle .bin files
-    could run code when loaded, so they are never read)."""
-    path = Path(os.path.expanduser(name))
+def check_safetensors(name: str, flag: str, local: str | None = None) -> None:
+    """Weights load from safetensors only: refuse a local model directory (`local`, else `name`) that holds none
+    (pickle .bin files could run code when loaded, so they are never read)."""
+    path = Path(os.path.expanduser(local or name))
     if path.is_dir() and not any(path.glob("*.safetensors")):
         raise ValueError(
             f"{flag} {name}: no .safetensors weights (pickle .bin files are never loaded); save the "
@@ -92,7 +92,7 @@ def load_tokenizer(
     path that does not exist is refused here rather than looked up on the hub."""
     name = str(name)  # Python callers pass Path objects
     path = os.path.expanduser(name)
-    if _looks_like_path(name) and not os.path.isdir(path):
+    if is_local_path(name) and not os.path.isdir(path):
         raise ValueError(f"{flag} {name}: no such directory; {fix}")
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
@@ -110,7 +110,7 @@ def load_config(
     name = str(name)
     flag = f"{flag} {name}"
     path = os.path.expanduser(name)
-    local = _looks_like_path(name)
+    local = is_local_path(name)
     preset = None if local or not prefer_preset else preset_config(name)
     if preset is not None:
         return preset

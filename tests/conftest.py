@@ -4,12 +4,16 @@ adapter for the whole session. The `slow` marker and the default that leaves it 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never reach the hub (a hub id that is not cached must fail at once, not after network timeouts); set
+# before huggingface_hub is imported, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def load_script(relative: str):

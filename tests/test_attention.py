@@ -146,6 +146,21 @@ def test_packed_documents_are_independent():
         start += n
 
 
+def test_layout_is_not_reused_for_a_new_mask_at_a_freed_ones_address():
+    """One position-ids tensor, a new padding mask each call (freed in between, so its id can recur): every call
+    is the reference for its own mask, never the layout cached for an earlier one."""
+    q, k, v = rand_qkv(2, 4, 4, 16)
+    pos = packed_positions([8, 8])
+    for cut in (16, 12, 9, 5, 14, 3, 11, 7):
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[1, cut:] = 0
+        out = s2_attention(q, k, v, 4, position_ids=pos, attention_mask=mask)
+        real = mask.bool()[:, None, :, None]
+        ref = reference_s2(q, k, v, 4, position_ids=pos, attention_mask=mask)
+        torch.testing.assert_close(out * real, ref * real)
+        del mask
+
+
 def test_grouped_and_banded_paths_agree():
     """Offsetting all positions by a multiple of G keeps the segments but forces the general (banded) path."""
     q, k, v = rand_qkv(2, 4, 2, 40, dtype=torch.float32, seed=4)

@@ -255,3 +255,55 @@ def test_refusals_are_one_line_before_weights_load(adapter, tmp_path, case, no_w
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "merged").exists()
+
+
+def hub_cached(adapter, tmp_path, monkeypatch, repo="acme/tiny-base"):
+    """A copy of `adapter` whose recorded base is the hub id `repo`, and a Hugging Face cache (offline) that holds
+    the tiny base as that repo's snapshot: what a recipe trained from a hub id leaves behind."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("c0ffee" * 7)[:40]
+    shutil.copytree(adapter / "tiny-base", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter, moved, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": repo}))
+    return moved, snapshot
+
+
+def test_a_recorded_hub_id_resolves_to_its_cached_snapshot(adapter, merged, tmp_path, monkeypatch):
+    """The recipes train from hub ids, so PEFT records one: merge and the inference loader read its cached
+    snapshot, and give what the same adapter gives on the local base."""
+    from longqlora.evaluation.loading import model_dir
+
+    moved, snapshot = hub_cached(adapter, tmp_path, monkeypatch)
+    assert model_dir(None, str(moved)) == str(snapshot)
+    ids, reference = adapter_logits(adapter)
+    assert torch.equal(adapter_logits(moved)[1], reference)
+    report = merge(MergeConfig(adapter=str(moved), output=str(tmp_path / "merged"), dtype="float32", sample_tokens=200))
+    assert report["base"] == str(snapshot.resolve())
+    hub_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    local_model = AutoModelForCausalLM.from_pretrained(merged[1], dtype=torch.float32)
+    assert torch.equal(logits_of(hub_model, ids), logits_of(local_model, ids))
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line(adapter, tmp_path, monkeypatch, no_weights):
+    from longqlora.evaluation.loading import load_for_inference
+
+    moved, _ = hub_cached(adapter, tmp_path, monkeypatch, repo="acme/tiny-base")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/absent"}))
+    start = f"--adapter {moved}: its recorded base acme/absent: not in the local Hugging Face cache"
+    for call in (
+        lambda: merge(MergeConfig(adapter=str(moved), output=str(tmp_path / "m"))),
+        lambda: load_for_inference(None, adapter=str(moved)),
+    ):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value).startswith(start) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "m").exists()

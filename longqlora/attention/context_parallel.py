@@ -110,10 +110,9 @@ def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     collective, and every rank caches alike, so all ranks exchange alike)."""
     import torch.distributed as dist
 
-    key = (group, b, position_ids._version)
-    key += (None,) if attention_mask is None else (id(attention_mask), attention_mask._version)
+    key = (group, b, position_ids._version, None if attention_mask is None else attention_mask._version)
     cached = position_ids.__dict__.get(_ATTR)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and cached[2] is attention_mask:  # that very mask (not its id)
         return cached[1]
     pos = position_ids.expand(b, -1).long()
     c = pos.shape[1]
@@ -140,7 +139,7 @@ def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         if attention_mask is not None:
             ext_mask = torch.cat([prev[1, :, group - tokens :], mask], dim=1).to(attention_mask.dtype)
         result = (tokens, bool(flag.item()), ext_pos, ext_mask)
-    position_ids.__dict__[_ATTR] = (key, result)
+    position_ids.__dict__[_ATTR] = (key, result, attention_mask)
     return result
 
 

@@ -145,14 +145,16 @@ def build(
         b,
         n,
         str(device),
-        id(attention_mask),
         None if attention_mask is None else attention_mask._version,
         None if position_ids is None else position_ids._version,
         indexed,
     )
+    # The entry holds the mask it was built with and is reused only for that very object: an id() alone can be
+    # a new mask's, once the old one is freed (the holder's own mask is not stored: no cycle through its __dict__).
+    mask = attention_mask if holder is not attention_mask else None
     if holder is not None:
         cached = holder.__dict__.get(_ATTR)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and cached[2] is mask:
             return cached[1]
     valid = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
     if valid is not None and bool(valid.all()):
@@ -167,5 +169,5 @@ def build(
         b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped, indexed=indexed
     )
     if holder is not None:
-        holder.__dict__[_ATTR] = (key, layout)
+        holder.__dict__[_ATTR] = (key, layout, mask)
     return layout

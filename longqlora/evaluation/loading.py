@@ -28,7 +28,8 @@ class LoaderArgs:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Model directory (plain, merged, or the base of --adapter; default: the adapter's recorded base)."
+            "help": "Model directory or hub id (plain, merged, or the base of --adapter; default: the "
+            "adapter's recorded base)."
         },
     )
     adapter: str | None = field(
@@ -100,24 +101,57 @@ def adapter_base(adapter) -> str:
     return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
 
 
+# What from_pretrained reads of a hub model: configs, safetensors weights, tokenizer files (never pickle .bin)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def local_model(name: str, flag: str) -> str:
+    """A local directory for model `name`: the path itself, or for a hub id (org/name) its snapshot in the Hugging
+    Face cache, fetched (HUB_FILES only) when it is not there yet. The recipes train from hub ids and PEFT records
+    the id as the adapter's base, so evaluation, chat and merge resolve it once and then read local files only."""
+    from longqlora.model import is_local_path
+
+    if is_local_path(name) or name.count("/") != 1:  # a bare name is a path: no hub lookup of a typo
+        return os.path.expanduser(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        logger.info("%s %s: not in the Hugging Face cache; downloading %s", flag, name, ", ".join(HUB_FILES))
+        return snapshot_download(name, allow_patterns=HUB_FILES)
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        why = "offline or unreachable" if isinstance(err, LocalEntryNotFoundError) else type(err).__name__
+        raise ValueError(
+            f"{flag} {name}: not in the local Hugging Face cache and not fetched from the hub ({why}); run "
+            f"`hf download {name}` where the hub is reachable, or pass a local model directory"
+        ) from err
+
+
 def model_dir(model: str | None, adapter: str | None = None) -> str:
-    """The local directory `--model` names (default: the adapter's recorded base), checked before anything loads:
-    one line naming the flag when it is missing or holds no config.json (never a hub lookup of a local path)."""
+    """The local directory `--model` names (default: the adapter's recorded base; a hub id resolves to its cached
+    snapshot), checked before anything loads: one line naming the flag when it is missing or holds no
+    config.json (never a hub lookup of a local path)."""
     path = model or (adapter_base(adapter) if adapter else "")
     flag = "--model" if model else f"--adapter {adapter}: its recorded base"
     if not path:
         raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
-    expanded = os.path.expanduser(path)
+    expanded = local_model(path, flag)
     if not os.path.isdir(expanded):
         what = "is a file, not a directory" if os.path.exists(expanded) else "no such directory"
-        raise ValueError(f"{flag} {path}: {what}; pass a local model directory" + ("" if model else " with --model"))
+        raise ValueError(
+            f"{flag} {path}: {what}; pass a local model directory or a hub id" + ("" if model else " with --model")
+        )
     if not os.path.isfile(os.path.join(expanded, "config.json")):
         raise ValueError(
             f"{flag} {path}: the directory has no config.json; pass a directory saved with save_pretrained"
         )
     from longqlora.model import check_safetensors
 
-    check_safetensors(path, flag)
+    check_safetensors(path, flag, expanded)
     return expanded
 
 
