@@ -174,6 +174,7 @@ def check_model(
             f"{original}; pass --target_context {original} or more"
         )
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
+    clear_short_window(hf_config, cfg.target_context)
     info = ModelInfo(
         model=cfg.model_name_or_path,
         original_context=original,
@@ -187,6 +188,24 @@ def check_model(
         device=device,
     )
     return hf_config, info
+
+
+def clear_short_window(hf_config, target: int) -> None:
+    """Attend the whole target context: a sliding window shorter than it (Mistral-7B-v0.1: 4096) is cleared.
+    S2-Attn attends whole groups and its full-attention steps whole rows, with no window, so training, evaluation
+    and the merged model all attend alike only without one; a window also defeats what the extension is for
+    (Mistral-7B-v0.2 dropped v0.1's window for its 32k context)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or window >= target:
+        return
+    hf_config.sliding_window = None
+    if getattr(hf_config, "use_sliding_window", None):  # Qwen2's switch
+        hf_config.use_sliding_window = False
+    if getattr(hf_config, "layer_types", None):  # per-layer kinds derived from the window at load
+        hf_config.layer_types = ["full_attention"] * len(hf_config.layer_types)
+    logger.warning(
+        "sliding_window %d is shorter than the target context %d: cleared (whole-context attention)", window, target
+    )
 
 
 def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_code: bool = False):

@@ -130,6 +130,33 @@ def test_check_model_applies_interpolation(tiny_dirs, no_weights):
     assert info.rope_type not in (None, "default")
 
 
+def test_a_window_shorter_than_the_target_is_cleared(tmp_path, no_weights):
+    """Mistral's sliding window would make the model's own attention (evaluation, the merged model) differ from
+    what training attends: check_model clears a window shorter than the target, so both attend the whole row."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from longqlora.attention import enable_s2_attention
+
+    shape = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    checked = []
+    for window in (64, 8):
+        base = MistralConfig(**shape, num_hidden_layers=2, vocab_size=128, max_position_embeddings=32)
+        base.sliding_window = window
+        base.save_pretrained(tmp_path / str(window))
+        checked.append(check_model(config(tmp_path / str(window), target_context=64))[0])
+    kept, cleared = checked
+    assert (kept.sliding_window, cleared.sliding_window) == (64, None)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cleared).eval()
+    ids = torch.randint(3, 128, (1, 40))
+    own = model(input_ids=ids).logits
+    enable_s2_attention(model, 40, full_heads=1.0)  # every head full: training attends as the model's own attention
+    torch.testing.assert_close(model.train()(input_ids=ids).logits, own)
+    windowed = MistralForCausalLM(MistralConfig(**{**cleared.to_dict(), "sliding_window": 8})).eval()
+    windowed.load_state_dict(model.state_dict())
+    assert (windowed(input_ids=ids).logits - own).abs().max() > 1e-2  # the window did change what is attended
+
+
 @pytest.mark.parametrize("name", ["/no/such/model/dir", "./missing-model", "~/no-such-model-here"])
 def test_missing_local_path(name, no_weights):
     with pytest.raises(ValueError, match="--model_name_or_path .*no such directory"):

@@ -87,6 +87,8 @@ def test_scoring_rule():
     assert is_correct("12345", " 12345")
     assert is_correct("12345", " 1 2 3 4 5.")
     assert not is_correct("12345", "123456")
+    assert not is_correct("12345", " 1 2 3 4 56")
+    assert is_correct("12345", " 12345 12345") and is_correct("12345", "\n12345\n\n1")  # said again: still right
     assert not is_correct("12345", "1234")
     assert not is_correct("12345", "The pass key is 12345")
     assert not is_correct("12345", "")

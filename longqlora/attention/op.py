@@ -3,8 +3,9 @@
 `s2_attention` is the pure op. With group size G, a query at position i sees a key at position j only if j <= i
 and both lie in the same segment: floor(p / G) for the first half of the heads, floor((p + G//2) / G) for the
 second half (the shifted heads; with an odd head count the second half is the larger one). Nothing wraps around:
-LongLoRA's rolled implementation lets the last tokens of the shifted heads attend the first ones; here the first
-and last shifted segments are half groups instead, as in LongLoRA's flash-attn varlen code. With `position_ids`
+LongLoRA's rolled implementation puts the row's last G/2 tokens in the shifted heads' first group, so its first
+tokens attend them (the future); here the first and last shifted segments are half groups instead, as in
+LongLoRA's flash-attn varlen code. With `position_ids`
 (packed documents) p is the token's index inside its document and no token attends across documents; a document
 begins where the ids do not increase, so PoSE's skipping ids (data/pose.py) keep one document and G-token groups.
 

@@ -8,8 +8,8 @@ Protocol (recorded in every result):
   the tokenizer, special tokens included), so prompt and answer fit in the context; the key line sits after
   `round(depth * W)` of the W filler words;
 - keys are 5-digit numbers drawn from `random.Random(seed)` in (length, depth, trial) order;
-- greedy decoding with the model's own full attention; a trial succeeds when the generated text, whitespace
-  removed, starts with exactly the key's digits (a longer number fails).
+- greedy decoding with the model's own full attention; a trial succeeds when the generated text starts with the
+  key's digits and no digit follows them directly (a longer number fails; the key said twice succeeds).
 """
 
 from __future__ import annotations
@@ -167,9 +167,9 @@ def plan_trials(tokenizer, context_lengths, depths, trials: int, seed: int) -> t
 
 # ---------------------------------------------------------------------------------------------------- scoring
 def is_correct(key: str, generated: str) -> bool:
-    """The generated text, whitespace removed, starts with exactly the key's digits (a longer number fails)."""
-    match = re.match(r"\d+", re.sub(r"\s+", "", generated))
-    return bool(match) and match.group() == key
+    """The generated text starts with the key's digits (whitespace between them allowed: some tokenizers decode
+    digits apart) and no digit follows directly: a longer number fails, the key said twice (`71432 71432`) does not."""
+    return re.match(r"\s*" + r"\s*".join(key) + r"(?!\d)", generated) is not None
 
 
 @torch.no_grad()
@@ -252,7 +252,7 @@ def evaluate_passkey(
         "prompt_tokens_target": f"context_length - {max_new}",
         "model_context": limit,
         "decoding": "greedy (do_sample=False), full attention, KV cache",
-        "success": "generated text, whitespace removed, starts with exactly the key's digits",
+        "success": "generated text starts with the key's digits (whitespace between them allowed), no digit after",
     }
     return {"protocol": protocol, **summary, "samples": samples, "keys": [r["key"] for r in records]}
 
