@@ -303,3 +303,42 @@ def test_the_baseline_plans_the_plain_loss():
     assert baseline["parts_gib"] == plain["parts_gib"] and baseline["switches"]["chunked_loss"] is False
     ours = plan(LLAMA2_7B, PlanConfig(model="m", context=8192))
     assert baseline["parts_gib"]["loss"] > 2 * ours["parts_gib"]["loss"]
+
+
+def test_a_padding_free_batch_is_planned_as_one_row():
+    """--pack documents collates a batch padding-free: one row of batch x context tokens, which the tiled MLP
+    splits into tiles of tile_tokens in all (tiled as soon as the whole row is longer than one tile)."""
+    kw = dict(model="m", tiled_mlp=True, tile_tokens=16384)
+    layer = lambda **k: plan(LLAMA2_7B, PlanConfig(**kw, **k))["parts_gib"]["layer_recompute"]  # noqa: E731
+    free = PlanConfig(context=8192, batch=4, padding_free=True, **kw)
+    assert free.rows == (1, 32768) and free.mlp_tiled and not PlanConfig(context=8192, batch=4, **kw).mlp_tiled
+    # one row of 32768 tokens is planned as a 32768-token row, and below the same batch in four untiled rows
+    assert layer(context=8192, batch=4, padding_free=True) == pytest.approx(layer(context=32768, batch=1))
+    assert layer(context=8192, batch=4, padding_free=True) < layer(context=8192, batch=4)
+    assert plan(LLAMA2_7B, free)["switches"]["tiled_mlp"] is True
+
+
+def test_the_run_plans_padding_free_when_trl_collates_so():
+    from types import SimpleNamespace
+
+    from longqlora.model import ModelConfig
+    from longqlora.training.memory import memory_plan
+
+    model_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
+    base = dict(
+        per_device_train_batch_size=4,
+        offload_activations="off",
+        offload_min_tokens=0,
+        chunked_loss=True,
+        tiled_mlp_tokens=16384,
+        tiled_mlp="on",
+        tiled_mlp_min_tokens=0,
+        recompute_norms=True,
+        recompute_lora_dropout=True,
+        optim="paged_adamw_32bit",
+        padding_free=False,
+    )
+    for packing, strategy, expected in ((True, "bfd_split", True), (True, "wrapped", False), (False, "bfd", False)):
+        training = SimpleNamespace(**base, packing=packing, packing_strategy=strategy)
+        got = memory_plan(LLAMA2_7B, model_cfg, training, "bfloat16")
+        assert got["config"]["padding_free"] is expected and got["switches"]["tiled_mlp"] is expected

@@ -317,6 +317,10 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         offload=offload,
         chunked_loss=training.chunked_loss,
         tile_tokens=training.tiled_mlp_tokens,
+        # TRL's rule (SFTTrainer.__init__): bfd packing (--pack documents) collates padding-free
+        padding_free=bool(
+            training.padding_free or (training.packing and training.packing_strategy in ("bfd", "bfd_split"))
+        ),
         tiled_mlp=tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
         compute_dtype=compute_dtype,
         load_in_4bit=model_cfg.load_in_4bit,

@@ -59,6 +59,13 @@ class PlanConfig:
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
     tile_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "The batch's rows run as one row of batch x context tokens (TRL's padding-free collation, which "
+            "--pack documents uses): the MLP tiles split that one row."
+        },
+    )
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
     load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
@@ -119,10 +126,15 @@ class PlanConfig:
             self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
 
     @property
+    def rows(self) -> tuple[int, int]:
+        """(rows, tokens per row) of the batch as the model sees it."""
+        return (1, self.batch * self.context) if self.padding_free else (self.batch, self.context)
+
+    @property
     def mlp_tiled(self) -> bool:
         """Whether the MLPs run in tiles: rows of one tile or less run the plain MLP (memory.enable_tiled_mlp),
         whatever the switch says."""
-        return self.tiled_mlp and self.context > self.tile_tokens
+        return self.tiled_mlp and self.rows[1] > self.tile_tokens
 
     @property
     def trainable(self) -> list[str]:
@@ -288,7 +300,7 @@ def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
     if not cfg.mlp_tiled:
         return tokens * (other + mlp_peak)
     mlp_input = (b.st if cfg.baseline else b.c) * s.hidden
-    return tokens * (other + mlp_input) + cfg.batch * cfg.tile_tokens * mlp_peak
+    return tokens * (other + mlp_input) + cfg.rows[0] * cfg.tile_tokens * mlp_peak  # a tile: tile_tokens per row
 
 
 def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
