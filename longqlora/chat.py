@@ -145,7 +145,16 @@ def prompt_ids(tokenizer, rendered: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def generation_kwargs(cfg: ChatConfig, tokenizer) -> dict:
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every stop token of the model's generation_config (Llama-3-Instruct ends a turn with
+    <|eot_id|>, not its EOS): passing the tokenizer's alone would replace that list."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(dict.fromkeys(first + own))
+
+
+def generation_kwargs(cfg: ChatConfig, tokenizer, model=None) -> dict:
     """generate() settings; greedy at temperature 0, with the sampling knobs at their neutral values so a model's
     own generation_config (e.g. Vicuna's do_sample=True) neither samples nor warns."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -153,7 +162,7 @@ def generation_kwargs(cfg: ChatConfig, tokenizer) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "repetition_penalty": cfg.repetition_penalty,
         "use_cache": True,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stop_ids(model, tokenizer),
         "pad_token_id": pad,
     }
     if cfg.temperature == 0:
@@ -207,7 +216,7 @@ def generate_reply(cfg: ChatConfig, model, tokenizer, ids: list[int], stream=Non
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         streamer=streamer,
-        **generation_kwargs(cfg, tokenizer),
+        **generation_kwargs(cfg, tokenizer, model),
     )
     new = out[0, len(ids) :]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())

@@ -13,10 +13,13 @@ from longqlora.chat import (
     build_messages,
     chat_loop,
     chat_turn,
+    generate_reply,
+    generation_kwargs,
     load_chat_model,
     one_shot,
     prompt_ids,
     render,
+    stop_ids,
 )
 from longqlora.data.formats import VICUNA_V1_1_TEMPLATE
 from longqlora.training.tiny import save_tiny_model
@@ -292,3 +295,24 @@ def test_command_line_one_shot(random_dir, tmp_path):
     )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith(f"error: --model {tmp_path / 'nope'}")
+
+
+def test_the_models_own_stop_tokens_end_a_reply(chat):
+    """A model whose generation_config lists a second stop token (Llama-3-Instruct's <|eot_id|>) stops there: the
+    tokenizer's EOS is added to that list, not put in its place."""
+    source, model, tokenizer = chat
+    cfg = _cfg(source, prompt="hello")
+    ids = prompt_ids(tokenizer, render(tokenizer, [{"role": "user", "content": "hello"}]))
+    kept = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        _, free = generate_reply(cfg, model, tokenizer, ids)
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), **generation_kwargs(cfg, tokenizer, model))
+        stop = int(out[0, len(ids) + 2])  # the reply's third token becomes a stop token
+        model.generation_config.eos_token_id = [stop]
+        assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id, stop]
+        _, stopped = generate_reply(cfg, model, tokenizer, ids)
+        assert free > 3 and stopped == out[0, len(ids) :].tolist().index(stop) + 1, (free, stopped)
+    finally:
+        model.generation_config.eos_token_id = kept
