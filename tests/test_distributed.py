@@ -237,7 +237,7 @@ def test_context_parallel_config_is_checked(changes, flag):
     assert ok.group_sizes == [2048]  # 2048-token chunks hold the one 2048-token group
 
 
-def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monkeypatch):
+def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monkeypatch, caplog):
     """accelerate's own batch sharding (BatchSamplerShard over a sequential sampler) applied to `share_rows`: with
     4 processes in 2 groups of 2, both ranks of a group read the same rows, the groups different ones, and every
     row is read once per epoch (up to the last incomplete step)."""
@@ -248,7 +248,9 @@ def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monk
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
     data = Dataset.from_dict({"row": list(range(23))})
-    shared = distributed.share_rows(data, per_device_batch=2, cp=2, seed=0)
+    with caplog.at_level("WARNING", logger="longqlora.training.distributed"):
+        shared = distributed.share_rows(data, per_device_batch=2, cp=2, seed=0)
+    assert "3 of 23 packed rows do not fill a step" in caplog.text  # said, not dropped silently
     read = {}
     for rank in range(4):
         sampler = BatchSamplerShard(BatchSampler(SequentialSampler(shared), 2, False), 4, rank)

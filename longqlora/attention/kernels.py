@@ -92,8 +92,8 @@ def sdpa_banded(
     """Exact S2 for arbitrary segments: query blocks of G against the 2G keys ending with the block.
 
     `seg`, `valid`: (B, N). A key is visible iff it is valid, not in the future and in the query's segment; segments
-    span at most G consecutive tokens, so the window holds every visible key. Padded queries see only themselves
-    (finite, and zeroed by the caller).
+    span at most G consecutive tokens, so the window holds every visible key. Every query sees at least itself, so
+    a padded query's row is finite (it sees the earlier valid keys of its segment too; the caller zeroes it).
 
     Attention sinks (SinkLoRA, arXiv 2406.05678): with `sinks` = k > 0, a key whose index inside its document
     (`in_doc`, (B, N)) is below k is visible to every later query of the same document (`doc`, (B, N)) whatever

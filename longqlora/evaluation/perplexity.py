@@ -4,9 +4,9 @@ Protocol (printed with every result, because LongLoRA's and LongQLoRA's numbers 
 - the text is one token stream; windows of `context_length` tokens start every `stride` tokens;
 - score="new" (default): every token is scored once, in the first window that holds it: the whole first window,
   then the last `stride` tokens of each later window, so scored tokens have between context-stride and
-  context-1 tokens of context (all of 0..context-1 in the first window); with stride == context_length the windows do not
-  overlap and each scores its positions 1..context-1: a window's first token has nothing before it to be
-  predicted from, so one token in context_length goes unscored (as in LongLoRA's evaluation);
+  context-1 tokens of context (all of 0..context-1 in the first window); with stride == context_length the
+  windows do not overlap and each scores its positions 1..context-1: a window's first token has nothing before it
+  to be predicted from, so one token in context_length goes unscored (as in LongLoRA's evaluation);
 - score="tail": only tokens with at least context-stride tokens of context, the first window included;
 - a last window that would run past the text is dropped (never padded), so every window is full length.
 The per-position sums let a caller read the perplexity of positions beyond the original context alone, where

@@ -108,6 +108,16 @@ def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None):
             f"--context_parallel {cp}: {len(dataset)} packed rows are fewer than one step of {replicas} "
             f"replica(s) x --per_device_train_batch_size {per_device_batch}; give more data"
         )
+    left = len(order) - steps * replicas * per_device_batch
+    if left:  # a part step would leave some ranks of a group without rows: the collective exchange would hang
+        logger.warning(
+            "--context_parallel %d: %d of %d packed rows do not fill a step of %d replica(s) x %d and are not used",
+            cp,
+            left,
+            len(order),
+            replicas,
+            per_device_batch,
+        )
     indices = []
     for step in range(steps):
         for rank in range(world):
