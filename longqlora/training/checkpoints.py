@@ -221,7 +221,8 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         return {
             "steps": state.global_step,
-            "final_loss": losses[-1] if losses else None,
+            # the run's mean, as trainer.train's training_loss (each logged loss is its interval's mean)
+            "final_loss": sum(losses) / len(losses) if losses else None,
             "tokens": state.num_input_tokens_seen,
             "seconds": 0.0,
         }
