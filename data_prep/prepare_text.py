@@ -5,7 +5,9 @@
         --min_length 1024 --pack documents --num_proc 8
 
 Writes to --output_dir a `save_to_disk` dataset with one `input_ids` column (each document followed by EOS, not
-truncated) and `stats.json` (documents, tokens, lengths, and the TRL packing strategy to train with), atomically.
+truncated) and `stats.json` (documents, tokens, lengths, the TRL packing strategy to train with, and the tokenizer:
+name, size and a vocabulary digest), atomically. A recipe trains on it as it is (`--dataset <output_dir>`), and
+refuses it for a model whose tokenizer differs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from longqlora.data.text import (
     load_documents,
     save_dataset_atomic,
     tokenize_documents,
+    tokenizer_record,
 )
 from longqlora.model import load_tokenizer
 
@@ -43,7 +46,8 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     if args.max_length is not None:
         check_packable(stats, args.max_length, cfg.dataset)
         stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
-    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, **stats}
+    # the tokenizer's identity, which training compares with the model's (text.check_tokenizer)
+    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, **tokenizer_record(tokenizer), **stats}
     save_dataset_atomic(tokenized, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
     return stats
 
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         run,
         lambda stats, cfg, args: (
             f"wrote {stats['documents_out']} documents ({stats['tokens_total']} tokens) to {args.output_dir}; train "
-            f"with SFTConfig(packing=True, packing_strategy={stats['packing_strategy']!r})"
+            f"with a recipe's --dataset {args.output_dir} --pack {cfg.pack} (SFTConfig(packing=True, "
+            f"packing_strategy={stats['packing_strategy']!r}))"
         ),
         __doc__,
         argv,

@@ -555,6 +555,8 @@ def test_scripts_end_to_end(tok, tmp_path):
     assert stats["tokens_total"] == sum(direct_lengths(tok, DOCS)) and "| tokens_total |" in result.stdout
     saved = datasets.load_from_disk(str(tmp_path / "text_out"))
     assert [len(ids) for ids in saved["input_ids"]] == direct_lengths(tok, DOCS)
+    assert stats["tokenizer_vocab_size"] == len(tok) and stats["tokenizer_name_or_path"] == str(tmp_path / "tok")
+    assert f"--dataset {tmp_path / 'text_out'}" in result.stdout  # how to train on it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".text_out")]  # no temporary left behind
 
     again = run_script(
@@ -638,3 +640,145 @@ def test_a_bad_turn_is_numbered_as_in_the_record():
     assert conversation_problem(turns) == "message 2 is user, expected assistant"
     with_system = [{"role": "system", "content": "be brief"}, *turns]
     assert conversation_problem(with_system) == "message 3 is user, expected assistant"
+
+
+# ------------------------------------------------------------------------------------------- prepared token rows
+
+
+def prepare(tok, tmp_path, name="prepared", **cfg):
+    """The README's first step, data_prep/prepare_text.py's run: DOCS as a folder of .txt files, tokenized by `tok`
+    (saved, then loaded by its path as the script does) into save_to_disk + stats.json."""
+    from conftest import load_script
+
+    books = tmp_path / "books"
+    if not books.exists():
+        books.mkdir()
+        for i, doc in enumerate(DOCS):
+            (books / f"{i}.txt").write_text(doc)
+    tok_dir = tmp_path / f"tok_{name}"
+    tok.save_pretrained(tok_dir)
+    script = load_script("data_prep/prepare_text.py")
+    out = tmp_path / name
+    script.run(TextDataConfig(str(books), **cfg), script.ScriptArguments(tokenizer=str(tok_dir), output_dir=str(out)))
+    return str(books), str(out)
+
+
+@pytest.mark.parametrize("pack", ["documents", "concat"])
+def test_prepared_rows_train_as_the_text_they_came_from(tok, tmp_path, pack):
+    """README: prepare_text.py --output_dir D, then a recipe's --dataset D. The training data path takes the saved
+    token rows as they are (no second tokenization, no second EOS) and yields exactly the ids the text path does:
+    --min_length, the packable check and --pack concat's full rows apply the same; TRL packs them unchanged."""
+    from transformers import LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from longqlora.training.run import load_data, prepare_dataset
+    from longqlora.training.tiny import tiny_llama_config
+
+    books, out = prepare(tok, tmp_path)
+    saved = [list(ids) for ids in datasets.load_from_disk(out)["input_ids"]]
+    assert saved == [tok(d)["input_ids"] + [tok.eos_token_id] for d in DOCS]
+    cut, max_length = min(map(len, saved)) + 1, 40  # --min_length drops the shortest documents
+    cfg = TextDataConfig(out, pack=pack, min_length=cut)
+    loaded = load_data(cfg, vocab_size=len(tok))
+    assert loaded.column_names == ["input_ids"] and [list(ids) for ids in loaded["input_ids"]] == saved
+    rows, stats = prepare_dataset(cfg, tok, max_length, loaded)
+    kept = [ids for ids in saved if len(ids) >= cut]
+    if pack == "documents":
+        assert [list(ids) for ids in rows["input_ids"]] == kept
+    else:
+        stream = [t for ids in kept for t in ids]
+        assert [list(ids) for ids in rows["input_ids"]] == [
+            stream[i : i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)
+        ]
+    from_text, text_stats = prepare_dataset(TextDataConfig(books, pack=pack, min_length=cut), tok, max_length)
+    assert rows["input_ids"] == from_text["input_ids"]
+    assert {k: v for k, v in stats.items() if k not in ("dataset", "prepared") and not k.startswith("tokenizer")} == (
+        {k: v for k, v in text_stats.items() if k != "dataset"}
+    )
+    assert (
+        stats["prepared"]
+        and stats["tokenizer_vocab_size"] == len(tok)
+        and stats["documents_out"] == len(kept) < len(DOCS)
+    )
+
+    trainer = SFTTrainer(
+        model=LlamaForCausalLM(tiny_llama_config()),
+        processing_class=tok,
+        train_dataset=rows,
+        args=SFTConfig(
+            output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False,
+            packing=True, packing_strategy=D.packing_strategy(pack), max_length=max_length,
+        ),
+    )  # fmt: skip
+    packed = trainer.train_dataset["input_ids"]
+    assert sorted(t for ids in packed for t in ids) == sorted(t for ids in rows["input_ids"] for t in ids)
+    if pack == "concat":
+        assert packed == rows["input_ids"]
+
+
+def test_prepared_rows_of_another_tokenizer_are_refused_in_one_line(tok, tmp_path):
+    books, out = prepare(tok, tmp_path)
+    cfg = TextDataConfig(out)
+    loaded = D.load_training_text(cfg)
+    from longqlora.data import corpora
+
+    other = train_tokenizer([corpora.book("austen_persuasion")[:20_000]], vocab_size=320)
+    assert len(other) == len(tok)  # the same size: only the vocabulary tells them apart
+    message = error_of(D.prepare_training_text, loaded, other, cfg, 40)
+    assert message.startswith(f"--dataset {out}: tokenized by {tmp_path / 'tok_prepared'} (320 tokens, vocabulary ")
+    assert message.endswith(f"re-run data_prep/prepare_text.py with --tokenizer {other.name_or_path}")
+    high = max(max(ids) for ids in loaded["input_ids"])
+    assert error_of(D.load_training_text, cfg, vocab_size=high) == (  # before any weights load
+        f"--dataset {out}: holds token id {high}, beyond the model's {high} embeddings: tokenized with another "
+        "tokenizer; re-run data_prep/prepare_text.py with the model's --tokenizer"
+    )
+    D.load_training_text(cfg, vocab_size=high + 1)
+
+    # token rows saved some other way (no stats.json): ids beyond the model's tokenizer are refused, others warn
+    saved = datasets.load_from_disk(out)
+    bare = str(tmp_path / "bare")
+    saved.save_to_disk(bare)
+    small = train_tokenizer(DOCS, vocab_size=high)  # one id short
+    bare_cfg = TextDataConfig(bare)
+    message = error_of(D.prepare_training_text, D.load_training_text(bare_cfg), small, bare_cfg, 40)
+    assert message.startswith(f"--dataset {bare}: holds token id {high}, beyond the model's tokenizer of {len(small)}")
+    rows, stats = D.prepare_training_text(D.load_training_text(bare_cfg), tok, bare_cfg, 40)
+    assert rows["input_ids"] == saved["input_ids"] and stats["eos_appended"] is None
+
+    assert (
+        error_of(D.load_documents, cfg)
+        == f"--dataset {out}: holds token ids (input_ids), not text; pass the text it came from"
+    )
+    datasets.Dataset.from_dict({"input_ids": [["a", "b"]]}).save_to_disk(tmp_path / "strings")
+    assert error_of(D.load_training_text, TextDataConfig(str(tmp_path / "strings"))).startswith(
+        f"--dataset {tmp_path / 'strings'}: its input_ids column holds List(Value('string')), not lists of token ids"
+    )
+    datasets.Dataset.from_dict({"input_ids": [[], [5, -1]]}).save_to_disk(tmp_path / "negative")
+    assert error_of(D.load_training_text, TextDataConfig(str(tmp_path / "negative"))) == (
+        f"--dataset {tmp_path / 'negative'}: holds the negative token id -1, not a token; "
+        "re-run data_prep/prepare_text.py"
+    )
+
+
+def test_recipe_trains_on_prepared_data(tmp_path):
+    """The README's two commands on a tiny random Llama: prepare_text.py, then the recipe with --dataset."""
+    from conftest import load_script
+    from safetensors.torch import load_file
+
+    from longqlora.cli import run_recipe
+    from longqlora.data import corpora
+    from longqlora.model import load_tokenizer
+    from longqlora.training.tiny import save_tiny_model
+
+    text = corpora.book("austen_persuasion")[:40_000]
+    base = save_tiny_model(tmp_path / "base", texts=[text], max_position_embeddings=64)
+    books, out = prepare(load_tokenizer(str(base)), tmp_path)
+    recipe = load_script("recipes/extend_7b_8k.py")
+    argv = f"""--model_name_or_path {base} --target_context 256 --compute_dtype float32 --attn_backend sdpa
+        --dataset {out} --output_dir {tmp_path / "run"} --max_steps 2 --save_steps 2 --logging_steps 1
+        --gradient_accumulation_steps 1 --warmup_steps 0 --optim adamw_torch --use_cpu true --learning_rate 1e-3"""
+    adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv=argv.split())
+    record = json.loads((adapter / "longqlora_extension.json").read_text())
+    assert record["data"]["prepared"] and record["data"]["tokenizer_vocab_size"] == 320
+    assert np.isfinite(record["train"]["final_loss"]) and record["train"]["steps"] == 2
+    assert any("lora_A" in name for name in load_file(adapter / "adapter_model.safetensors"))

@@ -13,17 +13,25 @@ tokenization then). Conversations live in instructions.py, file reading in sourc
   than a row (as LongLoRA and transformers' run_clm do): TRL wraps each map batch of 1000 documents on its own,
   which would leave one short padded row per batch.
 
+A `save_to_disk` folder written by data_prep/prepare_text.py (an `input_ids` column, no text) trains as it is:
+`load_training_text` and `prepare_training_text` take its token rows where they take documents, and TRL skips its
+own tokenization for an `input_ids` column. Its stats.json records the tokenizer (`tokenizer_record`), and a model
+whose tokenizer differs is refused.
+
 Every error is one line naming the flag and the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 from longqlora.output import atomic_directory, check_output_path, write_json_atomic
@@ -31,6 +39,8 @@ from longqlora.output import atomic_directory, check_output_path, write_json_ato
 logger = logging.getLogger(__name__)
 
 PACKING = {"documents": "bfd_split", "concat": "wrapped"}
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+PREPARE = "re-run data_prep/prepare_text.py"
 
 
 @dataclass
@@ -69,6 +79,8 @@ def _select_text(ds: datasets.Dataset, src: Source, text_field: str) -> datasets
     flag = f"--text_field {text_field}"
     if src.kind in ("txt", "txtdir"):
         return ds
+    if text_field not in ds.column_names and "input_ids" in ds.column_names:
+        raise ValueError(f"--dataset {src.name}: holds token ids (input_ids), not text; pass the text it came from")
     if text_field not in ds.column_names:
         raise ValueError(
             f"{flag}: {where(src, 0)} has no '{text_field}' field (fields: {fields(ds[0])}); pass --text_field"
@@ -90,7 +102,18 @@ def _select_text(ds: datasets.Dataset, src: Source, text_field: str) -> datasets
 def load_documents(cfg: TextDataConfig) -> datasets.Dataset:
     """Load `cfg.dataset` as a Dataset with one `text` column, one row per document; empty documents are dropped."""
     src = resolve(cfg.dataset)
-    ds = load_raw(src, cfg.split, cfg.num_proc)
+    return _documents(load_raw(src, cfg.split, cfg.num_proc), src, cfg)
+
+
+def _keep_first(ds: datasets.Dataset, cfg: TextDataConfig, what: str) -> datasets.Dataset:
+    if cfg.max_documents is not None and cfg.max_documents < len(ds):
+        logger.info("keeping the first %d of %d %s (--max_documents)", cfg.max_documents, len(ds), what)
+        ds = ds.select(range(cfg.max_documents))
+    logger.info("loaded %d %s from %s", len(ds), what, cfg.dataset)
+    return ds
+
+
+def _documents(ds: datasets.Dataset, src: Source, cfg: TextDataConfig) -> datasets.Dataset:
     if not len(ds):
         raise ValueError(f"--dataset {cfg.dataset} holds no documents")
     ds = _select_text(ds, src, cfg.text_field)
@@ -106,11 +129,104 @@ def load_documents(cfg: TextDataConfig) -> datasets.Dataset:
         logger.warning("dropped %d empty documents of %d in %s", n - len(ds), n, cfg.dataset)
     if not len(ds):
         raise ValueError(f"--dataset {cfg.dataset} holds no documents")
-    if cfg.max_documents is not None and cfg.max_documents < len(ds):
-        logger.info("keeping the first %d of %d documents (--max_documents)", cfg.max_documents, len(ds))
-        ds = ds.select(range(cfg.max_documents))
-    logger.info("loaded %d documents from %s", len(ds), cfg.dataset)
+    return _keep_first(ds, cfg, "documents")
+
+
+def load_training_text(cfg: TextDataConfig, vocab_size: int | None = None) -> datasets.Dataset:
+    """What a recipe trains on, read and checked before any weights load: `load_documents`'s `text` column or, for
+    a save_to_disk folder with an `input_ids` column and no `--text_field` column (prepare_text.py's), its token
+    rows, each below `vocab_size` (the model's embedding rows) when given."""
+    src = resolve(cfg.dataset)
+    ds = load_raw(src, cfg.split, cfg.num_proc)
+    if src.kind == "disk" and "input_ids" in ds.column_names and cfg.text_field not in ds.column_names:
+        return _token_rows(ds, cfg, vocab_size)
+    return _documents(ds, src, cfg)
+
+
+def _lengths(ds: datasets.Dataset) -> np.ndarray:
+    return pc.list_value_length(column(ds, "input_ids")).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _max_id(ds: datasets.Dataset, flag: str) -> int:
+    """The largest token id in `ds`; a negative one is refused. Arrow, not Python: billions of ids."""
+    low, high = pc.min_max(pc.list_flatten(column(ds, "input_ids"))).values()
+    if low.as_py() is not None and low.as_py() < 0:
+        raise ValueError(f"{flag}: holds the negative token id {low.as_py()}, not a token; {PREPARE}")
+    return -1 if high.as_py() is None else high.as_py()
+
+
+def _token_rows(ds: datasets.Dataset, cfg: TextDataConfig, vocab_size: int | None) -> datasets.Dataset:
+    """prepare_text.py's rows, kept as they are (each document and its EOS): lists of integer ids, empty rows
+    dropped and --max_documents applied as for documents, no id beyond the model's `vocab_size`."""
+    flag = f"--dataset {cfg.dataset}"
+    feature = ds.features["input_ids"]
+    if getattr(getattr(feature, "feature", None), "dtype", None) not in INT_DTYPES:
+        raise ValueError(f"{flag}: its input_ids column holds {feature}, not lists of token ids; {PREPARE}")
+    unused = [c for c in ds.column_names if c != "input_ids"]
+    if unused:  # the text path trains on every token of a document: no labels or masks of someone else's
+        logger.warning("%s: training on its input_ids only; not using %s", flag, ", ".join(unused))
+        ds = ds.select_columns(["input_ids"])
+    lengths = _lengths(ds)
+    if not lengths.any():
+        raise ValueError(f"{flag} holds no documents")
+    if not lengths.all():
+        logger.warning("dropped %d empty rows of %d in %s", int((lengths == 0).sum()), len(lengths), cfg.dataset)
+        ds = ds.select(np.flatnonzero(lengths))
+    ds = _keep_first(ds, cfg, "tokenized documents")
+    high = _max_id(ds, flag)
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(
+            f"{flag}: holds token id {high}, beyond the model's {vocab_size} embeddings: tokenized with another "
+            f"tokenizer; {PREPARE} with the model's --tokenizer"
+        )
     return ds
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What identifies a tokenizer, for a prepared dataset's stats.json: its name, its size and a digest of its
+    vocabulary (the size alone cannot tell Llama-2's 32000 tokens from Mistral's)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "tokenizer_name_or_path": tokenizer.name_or_path,
+        "tokenizer_vocab_size": len(tokenizer),
+        "tokenizer_vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+    }
+
+
+def check_tokenizer(cfg: TextDataConfig, tokenizer, ds: datasets.Dataset) -> dict:
+    """Refuse prepared token rows that `tokenizer` (the model's) did not make: the record in their stats.json
+    (`tokenizer_record`) must match. Without a record (a folder written otherwise, or by an older prepare_text),
+    every id must at least lie below the tokenizer's size. Returns the folder's stats.json, or {}."""
+    flag = f"--dataset {cfg.dataset}"
+    ours = tokenizer_record(tokenizer)
+    fix = f"{PREPARE} with --tokenizer {ours['tokenizer_name_or_path']}"
+    path = Path(resolve(cfg.dataset).path) / "stats.json"
+    try:
+        prepared = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{flag}: cannot read its stats.json ({err}); {PREPARE}") from None
+    if not isinstance(prepared, dict):
+        raise ValueError(f"{flag}: its stats.json holds a {type(prepared).__name__}, not prepare_text's; {PREPARE}")
+    keys = ("tokenizer_vocab_size", "tokenizer_vocab_sha256")
+    if all(k in prepared for k in keys):
+        theirs = [prepared[k] for k in keys]
+        if theirs != [ours[k] for k in keys]:
+            raise ValueError(
+                f"{flag}: tokenized by {prepared.get('tokenizer_name_or_path')} ({theirs[0]} tokens, vocabulary "
+                f"{theirs[1]}), not by the model's tokenizer ({ours[keys[0]]} tokens, vocabulary {ours[keys[1]]}); "
+                f"{fix}"
+            )
+        return prepared
+    high = _max_id(ds, flag)
+    if high >= len(tokenizer):
+        raise ValueError(
+            f"{flag}: holds token id {high}, beyond the model's tokenizer of {len(tokenizer)} tokens: tokenized "
+            f"with another tokenizer; {fix}"
+        )
+    logger.warning(
+        "%s: its stats.json records no tokenizer, so whether these are the model's tokens is unchecked", flag
+    )
+    return prepared
 
 
 def _tokenize_batch(batch, tokenizer, eos_id: int | None):
@@ -147,6 +263,12 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
         desc="Tokenizing documents",
     )
     lengths = column(ds, "length").to_numpy().astype(np.int64)
+    ds, stats = _keep_long_enough(ds, lengths, cfg, add_eos)
+    return ds.remove_columns("length"), stats
+
+
+def _keep_long_enough(ds: datasets.Dataset, lengths: np.ndarray, cfg: TextDataConfig, eos_appended) -> tuple:
+    """Drop the documents under `cfg.min_length` tokens (`lengths`: of each row of `ds`) and count the rest."""
     keep = lengths >= cfg.min_length
     if not keep.any():
         raise ValueError(
@@ -154,13 +276,7 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
             f"{cfg.dataset} (longest: {lengths.max()} tokens); lower --min_length"
         )
     if not keep.all():
-        ds = ds.filter(
-            lambda n: [x >= cfg.min_length for x in n],
-            input_columns="length",
-            batched=True,
-            num_proc=cfg.num_proc,
-            desc=f"Dropping documents under {cfg.min_length} tokens",
-        )
+        ds = ds.select(np.flatnonzero(keep))
         logger.warning(
             "dropped %d of %d documents shorter than --min_length %d tokens",
             int((~keep).sum()),
@@ -177,7 +293,7 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
         "tokens_total": int(kept.sum()),
         "tokens_dropped": int(lengths[~keep].sum()),
         **length_stats(kept),
-        "eos_appended": add_eos,
+        "eos_appended": eos_appended,
         "pack": cfg.pack,
         "packing_strategy": packing_strategy(cfg.pack),
     }
@@ -188,7 +304,24 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
         stats["length_median"],
         stats["length_max"],
     )
-    return ds.remove_columns("length"), stats
+    return ds, stats
+
+
+def prepare_training_text(loaded: datasets.Dataset, tokenizer, cfg: TextDataConfig, max_length: int) -> tuple:
+    """The rows SFTTrainer packs, and their statistics, from what `load_training_text` returned: documents are
+    tokenized; prepared token rows are checked against the model's `tokenizer` and kept as they are (TRL's packing
+    splits a row longer than `max_length`, as it does a long document). Then `--min_length`, at least one full row,
+    and `--pack concat`'s full rows, the same for both."""
+    if "input_ids" not in loaded.column_names:
+        tokenized, stats = tokenize_documents(loaded, tokenizer, cfg)
+    else:
+        prepared = check_tokenizer(cfg, tokenizer, loaded)
+        tokenized, stats = _keep_long_enough(loaded, _lengths(loaded), cfg, prepared.get("eos_appended"))
+        stats.update(prepared=True, **{k: v for k, v in prepared.items() if k.startswith("tokenizer")})
+    check_packable(stats, max_length)
+    if cfg.pack == "concat":
+        tokenized, stats = full_rows(tokenized, stats, max_length)
+    return tokenized, stats
 
 
 def full_rows(ds: datasets.Dataset, stats: dict, max_length: int) -> tuple[datasets.Dataset, dict]:

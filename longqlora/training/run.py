@@ -261,16 +261,17 @@ def extension_record(
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def load_data(data_cfg):
-    """The training data read and checked, before any weights load: documents (text) or conversations."""
+def load_data(data_cfg, vocab_size: int | None = None):
+    """The training data read and checked, before any weights load: documents or prepared token rows (text; no id
+    beyond `vocab_size`, the model's embeddings, when given), or conversations."""
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         return instructions.load_conversations(data_cfg)
-    return data_lib.load_documents(data_cfg)
+    return data_lib.load_training_text(data_cfg, vocab_size)
 
 
 def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
-    """Tokenized documents (text) or chat messages (instructions), with their statistics; `loaded` is what
-    `load_data` returned (read now when not given)."""
+    """Tokenized documents or checked prepared rows (text), or chat messages (instructions), with their statistics;
+    `loaded` is what `load_data` returned (read now when not given)."""
     loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         from longqlora.data.formats import apply_vicuna_template
@@ -278,11 +279,7 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
         if not tokenizer.chat_template:
             apply_vicuna_template(tokenizer)
         return instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
-    tokenized, stats = data_lib.tokenize_documents(loaded, tokenizer, data_cfg)
-    data_lib.check_packable(stats, max_length)
-    if data_cfg.pack == "concat":
-        tokenized, stats = data_lib.full_rows(tokenized, stats, max_length)
-    return tokenized, stats
+    return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length)
 
 
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
@@ -325,7 +322,8 @@ def train(run: ResolvedRun) -> Path:
             model_cfg.train_length,
             plan["device_gib"],
         )
-    loaded = load_data(data_cfg)  # every input file is checked before anything is written or loaded
+    # every input file is checked before anything is written or loaded
+    loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
