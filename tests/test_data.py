@@ -760,7 +760,7 @@ def test_prepared_rows_of_another_tokenizer_are_refused_in_one_line(tok, tmp_pat
     )
 
 
-def test_recipe_trains_on_prepared_data(tmp_path):
+def test_recipe_trains_on_prepared_data(tmp_path, monkeypatch, capsys):
     """The README's two commands on a tiny random Llama: prepare_text.py, then the recipe with --dataset."""
     from conftest import load_script
     from safetensors.torch import load_file
@@ -782,3 +782,18 @@ def test_recipe_trains_on_prepared_data(tmp_path):
     assert record["data"]["prepared"] and record["data"]["tokenizer_vocab_size"] == 320
     assert np.isfinite(record["train"]["final_loss"]) and record["train"]["steps"] == 2
     assert any("lora_A" in name for name in load_file(adapter / "adapter_model.safetensors"))
+
+    # a model whose tokenizer did not make the rows (same size, other vocabulary): refused before weights load
+    other = save_tiny_model(
+        tmp_path / "other", texts=[corpora.book("austen_emma")[:40_000]], max_position_embeddings=64
+    )
+    argv = argv.replace(str(base), str(other)).replace(str(tmp_path / "run"), str(tmp_path / "run2"))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the prepared rows' tokenizer was checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    with pytest.raises(SystemExit) as ended:
+        run_recipe(recipe.Model, recipe.Data, recipe.Training, argv=argv.split())
+    assert ended.value.code == 2 and f"--dataset {out}: tokenized by " in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()

@@ -324,6 +324,16 @@ def train(run: ResolvedRun) -> Path:
         )
     # every input file is checked before anything is written or loaded
     loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
+    if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
+        from longqlora.model import load_tokenizer
+
+        tokenizer = load_tokenizer(
+            model_cfg.model_name_or_path,
+            "--model_name_or_path",
+            revision=model_cfg.revision,
+            trust_remote_code=training.trust_remote_code,
+        )
+        data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
