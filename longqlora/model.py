@@ -175,6 +175,12 @@ def check_model(
         )
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
     clear_short_window(hf_config, cfg.target_context)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    if backend == "flash_attn" and head_dim > 256:  # else flash-attn's own error at the first step
+        raise ValueError(
+            f"--attn_backend flash_attn: this model's head_dim {head_dim} is over flash-attn's 256; use "
+            "--attn_backend auto or sdpa"
+        )
     info = ModelInfo(
         model=cfg.model_name_or_path,
         original_context=original,

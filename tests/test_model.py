@@ -157,6 +157,23 @@ def test_a_window_shorter_than_the_target_is_cleared(tmp_path, no_weights):
     assert (windowed(input_ids=ids).logits - own).abs().max() > 1e-2  # the window did change what is attended
 
 
+def test_forced_flash_attn_refuses_a_head_dim_over_256(tmp_path, monkeypatch, no_weights):
+    from transformers import LlamaConfig
+
+    monkeypatch.setattr(lm.hardware, "backend_problem", lambda backend: None)  # as on an Ampere GPU with flash-attn
+    monkeypatch.setattr(lm.hardware, "resolve_backend", lambda backend, device: backend)
+    for heads, fails in ((2, True), (4, False)):  # head_dim 320, then 160
+        LlamaConfig(hidden_size=640, num_attention_heads=heads, num_key_value_heads=heads).save_pretrained(
+            tmp_path / str(heads)
+        )
+        cfg = config(tmp_path / str(heads), target_context=4096, attn_backend="flash_attn")
+        if fails:
+            with pytest.raises(ValueError, match="^--attn_backend flash_attn: this model's head_dim 320 is over"):
+                check_model(cfg)
+        else:
+            assert check_model(cfg)[1].attn_backend == "flash_attn"
+
+
 @pytest.mark.parametrize("name", ["/no/such/model/dir", "./missing-model", "~/no-such-model-here"])
 def test_missing_local_path(name, no_weights):
     with pytest.raises(ValueError, match="--model_name_or_path .*no such directory"):
