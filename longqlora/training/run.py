@@ -25,7 +25,7 @@ from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
 from longqlora.data import instructions, pose
 from longqlora.data import text as data_lib
-from longqlora.model import ModelConfig, ModelInfo, check_model, load_model
+from longqlora.model import ModelConfig, ModelInfo, check_model, load_model, load_tokenizer
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory
@@ -325,14 +325,8 @@ def train(run: ResolvedRun) -> Path:
     # every input file is checked before anything is written or loaded
     loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
     if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
-        from longqlora.model import load_tokenizer
-
-        tokenizer = load_tokenizer(
-            model_cfg.model_name_or_path,
-            "--model_name_or_path",
-            revision=model_cfg.revision,
-            trust_remote_code=training.trust_remote_code,
-        )
+        name, remote = model_cfg.model_name_or_path, training.trust_remote_code
+        tokenizer = load_tokenizer(name, "--model_name_or_path", revision=model_cfg.revision, trust_remote_code=remote)
         data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
     launched = hardware.launch()
     if launched.world_size > 1:
