@@ -122,7 +122,10 @@ def part_recipe(cfg, ctx):
 
         argv += ["--model_name_or_path", str(base), "--dataset", corpora.book_path("austen_emma"), "--min_length", "0"]
     start = time.perf_counter()
-    adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv)
+    try:
+        adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv)
+    except SystemExit as err:  # a refusal ends a recipe in SystemExit(2): record it as this part's failure
+        raise RuntimeError(f"the recipe exited with status {err.code} (its last line is in the log above)") from None
     record = json.loads((Path(adapter) / "longqlora_extension.json").read_text())
     train = record["train"]
     plan = record.get("memory_plan", {})
@@ -159,6 +162,14 @@ def part_bench(cfg, ctx):
     return {"points": points}
 
 
+def pinned_gib(name: str, tokens: int) -> float:
+    """Host memory the offloaded checkpoints of `tokens` tokens pin: one (tokens x hidden) 16-bit block per layer,
+    each rounded up to a power of two by torch's caching host allocator (CachingHostAllocator.h)."""
+    config = memory_bench.model_config(name)
+    block = tokens * config.hidden_size * 2
+    return config.num_hidden_layers * (1 << (block - 1).bit_length()) / planner.GIB
+
+
 def part_longest(cfg, ctx):
     """A few trials around the planner's longest context for Llama-3.1-8B, plain LoRA, every switch."""
     if cfg.dry_run:
@@ -191,6 +202,11 @@ def part_longest(cfg, ctx):
     for _ in range(cfg.longest_trials):
         if ctx["left"]() < (5 if cfg.dry_run else 90) or n > limit or n < step:
             break
+        if device.type == "cuda" and pinned_gib(name, n) > host:  # a host limit, not the GPU's: never tried
+            trials.append({"model": name, "variant": "ours_lora", "context": n, "error": "skipped: host memory"})
+            hi = n if hi is None else min(hi, n)
+            n = (lo + hi) // 2 // step * step
+            continue
         point = _point(name, "ours_lora", n, bench, ctx)
         trials.append(point)
         ok = "error" not in point

@@ -208,6 +208,9 @@ def _free(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)  # cached pinned blocks: empty_cache keeps them
+        if host_empty is not None:
+            host_empty()
 
 
 def longest_context(name: str, cfg: BenchConfig, device, dtype, start: int = 32768, limit: int = 1 << 21) -> int:
