@@ -203,11 +203,9 @@ def part_longest(cfg, ctx):
         if ctx["left"]() < (5 if cfg.dry_run else 90) or n > limit or n < step:
             break
         if device.type == "cuda" and pinned_gib(name, n) > host:  # a host limit, not the GPU's: never tried
-            trials.append({"model": name, "variant": "ours_lora", "context": n, "error": "skipped: host memory"})
-            hi = n if hi is None else min(hi, n)
-            n = (lo + hi) // 2 // step * step
-            continue
-        point = _point(name, "ours_lora", n, bench, ctx)
+            point = {"model": name, "variant": "ours_lora", "context": n, "error": "skipped: host memory"}
+        else:
+            point = _point(name, "ours_lora", n, bench, ctx)
         trials.append(point)
         ok = "error" not in point
         lo, hi = (max(lo, n), hi) if ok else (lo, n if hi is None else min(hi, n))

@@ -307,15 +307,18 @@ def _keep_long_enough(ds: datasets.Dataset, lengths: np.ndarray, cfg: TextDataCo
     return ds, stats
 
 
-def prepare_training_text(loaded: datasets.Dataset, tokenizer, cfg: TextDataConfig, max_length: int) -> tuple:
+def prepare_training_text(
+    loaded: datasets.Dataset, tokenizer, cfg: TextDataConfig, max_length: int, prepared: dict | None = None
+) -> tuple:
     """The rows SFTTrainer packs, and their statistics, from what `load_training_text` returned: documents are
-    tokenized; prepared token rows are checked against the model's `tokenizer` and kept as they are (TRL's packing
+    tokenized; prepared token rows are checked against the model's `tokenizer` (unless `prepared`, what
+    `check_tokenizer` returned for them, says they were) and kept as they are (TRL's packing
     splits a row longer than `max_length`, as it does a long document). Then `--min_length`, at least one full row,
     and `--pack concat`'s full rows, the same for both."""
     if "input_ids" not in loaded.column_names:
         tokenized, stats = tokenize_documents(loaded, tokenizer, cfg)
     else:
-        prepared = check_tokenizer(cfg, tokenizer, loaded)
+        prepared = check_tokenizer(cfg, tokenizer, loaded) if prepared is None else prepared
         tokenized, stats = _keep_long_enough(loaded, _lengths(loaded), cfg, prepared.get("eos_appended"))
         stats.update(prepared=True, **{k: v for k, v in prepared.items() if k.startswith("tokenizer")})
     check_packable(stats, max_length)

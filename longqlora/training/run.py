@@ -269,9 +269,10 @@ def load_data(data_cfg, vocab_size: int | None = None):
     return data_lib.load_training_text(data_cfg, vocab_size)
 
 
-def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
+def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None, prepared: dict | None = None):
     """Tokenized documents or checked prepared rows (text), or chat messages (instructions), with their statistics;
-    `loaded` is what `load_data` returned (read now when not given)."""
+    `loaded` is what `load_data` returned (read now when not given), `prepared` what `check_tokenizer` returned
+    for its token rows (checked now when not given)."""
     loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         from longqlora.data.formats import apply_vicuna_template
@@ -279,7 +280,7 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None):
         if not tokenizer.chat_template:
             apply_vicuna_template(tokenizer)
         return instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
-    return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length)
+    return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
@@ -324,10 +325,11 @@ def train(run: ResolvedRun) -> Path:
         )
     # every input file is checked before anything is written or loaded
     loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
+    prepared = None
     if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
         name, remote = model_cfg.model_name_or_path, training.trust_remote_code
         tokenizer = load_tokenizer(name, "--model_name_or_path", revision=model_cfg.revision, trust_remote_code=remote)
-        data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
+        prepared = data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
@@ -352,7 +354,7 @@ def train(run: ResolvedRun) -> Path:
             context_parallel=cp_group,
         )
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
-        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded)
+        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, prepared)
         guard = checkpoints.CheckpointGuard()
         trainer = memory.trainer_class(training.chunked_loss)(
             model=model,
