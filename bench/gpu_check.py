@@ -20,7 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: a GPU machine reaches no hub
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +54,7 @@ class CheckConfig:
     output_dir: str = field(metadata={"help": "Where report.md, report.json and the logs go (at most 8 files)."})
     dry_run: bool = field(default=False, metadata={"help": "Tiny shapes on this CPU: the same parts, seconds."})
     budget_s: float = field(default=540, metadata={"help": "Wall-time budget; parts that would overrun are skipped."})
-    parts: list[str] = field(default_factory=lambda: ["tests", "speed", "recipe", "bench", "longest", "planner"])
+    parts: list[str] = field(default_factory=lambda: ["tests", "speed", "bench", "recipe", "longest", "planner"])
     longest_trials: int = field(default=4, metadata={"help": "Training steps tried by the longest-context search."})
     work_dir: str | None = field(
         default=None,
@@ -79,10 +82,19 @@ def part_tests(cfg, ctx):
         "tests/test_attention.py",
         "tests/test_attention_kernels.py",
     ]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx["left"]())
+    limit = max(5.0, min(ctx["left"](), TESTS_LIMIT_S))  # its own limit: a hung kernel must not take the budget
+    try:
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as err:  # keep what the tests printed before the limit
+        text = "".join(x.decode() if isinstance(x, bytes) else x for x in (err.stdout or "", err.stderr or ""))
+        log.write_text(text)
+        return {"command": " ".join(cmd[1:]), "returncode": None, "summary": f"timed out after {limit:.0f} s"}
     log.write_text(run.stdout + run.stderr)
     last = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
     return {"command": " ".join(cmd[1:]), "returncode": run.returncode, "summary": last}
+
+
+TESTS_LIMIT_S = 150
 
 
 def part_speed(cfg, ctx):
@@ -124,9 +136,12 @@ def part_recipe(cfg, ctx):
     start = time.perf_counter()
     try:
         adapter = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv)
+        record = json.loads((Path(adapter) / "longqlora_extension.json").read_text())
     except SystemExit as err:  # a refusal ends a recipe in SystemExit(2): record it as this part's failure
         raise RuntimeError(f"the recipe exited with status {err.code} (its last line is in the log above)") from None
-    record = json.loads((Path(adapter) / "longqlora_extension.json").read_text())
+    finally:
+        if not cfg.dry_run:  # the 13.5 GB random model: the temp dir may be host memory the next part pins
+            shutil.rmtree(work, ignore_errors=True)
     train = record["train"]
     plan = record.get("memory_plan", {})
     return {
@@ -199,20 +214,51 @@ def part_longest(cfg, ctx):
         guess = max(step, longest_context(memory_bench.model_config(name), pc, step=step))
     lo, hi, trials = 0, None, []
     n = guess
+    seconds = _seconds_per_token(ctx)  # (seconds per token at 8k, setup seconds) from the points measured so far
     for _ in range(cfg.longest_trials):
-        if ctx["left"]() < (5 if cfg.dry_run else 90) or n > limit or n < step:
+        margin = 5 if cfg.dry_run else 20
+        while n >= step and not trials and not cfg.dry_run and _trial_s(n, seconds) > ctx["left"]() - margin:
+            n = n // 2 // step * step  # the first trial shrinks to what the budget holds; later ones stop instead
+        if n < step or n > limit or _trial_s(n, seconds) > ctx["left"]() - margin:
             break
         if device.type == "cuda" and pinned_gib(name, n) > host:  # a host limit, not the GPU's: never tried
             point = {"model": name, "variant": "ours_lora", "context": n, "error": "skipped: host memory"}
         else:
             point = _point(name, "ours_lora", n, bench, ctx)
         trials.append(point)
+        if "traceback" in point:  # not a memory limit: the search cannot say more
+            break
+        if "seconds" in point and "error" not in point:
+            seconds = (max(point["seconds"] - seconds[1], 1.0) / n / _growth(n), seconds[1])
         ok = "error" not in point
         lo, hi = (max(lo, n), hi) if ok else (lo, n if hi is None else min(hi, n))
         n = max(n + step, n * 5 // 4) // step * step if hi is None else (lo + hi) // 2 // step * step
         if hi is not None and hi - lo <= step:
             break
     return {"model": name, "planned_longest": guess, "longest_trained": lo, "first_failure": hi, "trials": trials}
+
+
+def _growth(n: int) -> float:
+    """A training step's time per token against 8k: S2's attention (group n/4) grows with n; about 5% of a 7B
+    step's work at 8k (attention FLOPs per token against the projections' and MLP's)."""
+    return 0.95 + 0.05 * n / 8192
+
+
+def _seconds_per_token(ctx) -> tuple[float, float]:
+    """(seconds per token at 8k, a point's setup seconds) from the bench part's ours point; a guess without it."""
+    bench = (ctx["results"].get("bench", {}).get("result") or {}).get("points", [])
+    ours = [p for p in bench if p.get("variant") == "ours" and p.get("tokens_per_s")]
+    if not ours:
+        return 1 / 3000, 60.0
+    p = ours[0]
+    step = p["context"] / p["tokens_per_s"]
+    setup = max(10.0, p["seconds"] - (p["timed_steps"] + 1) * step)
+    return 1.3 / p["tokens_per_s"], setup  # 1.3: Llama-3.1-8B's step against Llama-2-7B's (MLP, vocabulary)
+
+
+def _trial_s(n: int, seconds: tuple[float, float]) -> float:
+    per_token, setup = seconds
+    return setup + n * per_token * _growth(n)
 
 
 def part_planner(cfg, ctx):
@@ -262,19 +308,24 @@ PARTS = {
 def _point(name, variant, context, bench, ctx) -> dict:
     """One bench/memory.py point; out of memory is a result, not a failure."""
     device, dtype = ctx["device"], ctx["dtype"]
-    failure = None
+    failure, trace = None, None
+    start = time.perf_counter()
     try:
         point = memory_bench.measure(name, None, variant, context, bench, device, dtype)
     except torch.cuda.OutOfMemoryError:
         failure = "out of memory"
-    except RuntimeError as err:  # TRL's offloading refuses to pin more host memory than is safe
-        if "memory" not in str(err).lower():
-            raise
-        failure = f"host memory: {str(err).splitlines()[0][:200]}"
-    memory_bench._free(device)
+    except Exception as err:  # a broken point is a finding; the part's other points still run
+        first = (str(err).splitlines() or [""])[0][:200]
+        if isinstance(err, RuntimeError) and "memory" in first.lower():  # TRL refuses to pin unsafe host memory
+            failure = f"host memory: {first}"
+        else:
+            failure, trace = f"failed: {type(err).__name__}: {first}", traceback.format_exc()[-3000:]
+    memory_bench._free(device)  # outside the except block: the traceback's frames no longer hold tensors
+    seconds = time.perf_counter() - start
     if failure:
-        return {"model": name, "variant": variant, "context": context, "error": failure}
-    return point
+        out = {"model": name, "variant": variant, "context": context, "error": failure, "seconds": seconds}
+        return out | ({"traceback": trace} if trace else {})
+    return point | {"seconds": seconds}
 
 
 def _load_recipe(name):
@@ -328,7 +379,19 @@ def environment(device) -> dict:
         "xformers": hardware.xformers_ops() is not None,
         "torch_varlen": hardware.torch_varlen() is not None,
     }
-    for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+    for name in (
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "huggingface_hub",
+        "tokenizers",
+        "pyarrow",
+        "fsspec",
+        "regex",
+    ):
         try:
             env[name] = __import__(name).__version__
         except Exception as err:  # a missing or broken package is a finding, not a crash
