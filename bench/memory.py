@@ -64,6 +64,7 @@ VARIANTS = {
     "ours_tiled": Variant(tiled_mlp="on"),
     "ours_8bit": Variant(optim="adamw_8bit"),
     "ours_no_offload": Variant(offload="off"),
+    "ours_lora_no_offload": Variant(lora_plus=False, offload="off"),  # the longest on a GPU when the host is short
     "ours_full_attention": Variant(s2=False),
     "baseline": Variant(lora_plus=False, ours=False, recompute_norms=False, recompute_dropout=False, offload="off"),
     "baseline_plus": Variant(ours=False, recompute_norms=False, recompute_dropout=False, offload="off"),
