@@ -279,6 +279,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
         "command": _command(argv),
         "device": device.type,
         "torch": torch.__version__,
+        "machine": memory_report.machine(device),
         "points": points,
         "fits": fits,
     }
@@ -315,7 +316,8 @@ def main(argv=None) -> None:
             record = json.load(f)
         points = record["points"]
         device = torch.device(points[0]["device"] if points else "cpu")
-        text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth)
+        where = record.get("machine")
+        text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth, where)
         text = text.replace(
             "\n\n",
             "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n",

@@ -32,22 +32,16 @@ def fit_depth(points: list[dict], full_layers: int) -> dict | None:
     }
 
 
-def report(points: list[dict], argv: list[str], device, longest: list, planned, full_depth) -> tuple[str, list]:
+def report(
+    points: list[dict], argv: list[str], device, longest: list, planned, full_depth, where: str | None = None
+) -> tuple[str, list]:
     """The Markdown report of measured `points` and the depth fits (returned too). `planned(name, layers, variant,
     context, device, dtype)` is the current planner's prediction for a point (also for points measured before the
-    planner changed); `full_depth(name)` the model's layer count."""
+    planner changed); `full_depth(name)` the model's layer count; `where` the machine the points were measured on
+    (default: this one)."""
     gib = planner.GIB
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    lines = [
-        f"# Training memory: {where}, torch {torch.__version__}",
-        "",
-        f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"),
-        "",
-    ]
+    where = where or machine(device)
+    lines = [f"# Training memory: {where}", "", f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"), ""]
     rows = []
     for p in points:
         if "error" in p:
@@ -185,11 +179,26 @@ def speed_rows(points: list[dict]) -> list[list]:
     return rows
 
 
+def machine(device) -> str:
+    """This machine's device and torch, as the report's title and the JSON record name them."""
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    return f"{name}, torch {torch.__version__}"
+
+
 def merge_record(path: str, record: dict) -> dict:
     """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
     say) build one calibration file; a point measured again replaces the old one."""
     if not os.path.exists(path):
-        return {"commands": [record["command"]], "points": record["points"], "fits": record["fits"]}
+        return {
+            "commands": [record["command"]],
+            "points": record["points"],
+            "fits": record["fits"],
+            "machine": record.get("machine"),
+        }
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
     key = lambda p: (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"))  # noqa: E731
@@ -200,4 +209,5 @@ def merge_record(path: str, record: dict) -> dict:
         "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
         "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
         "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
+        "machine": record.get("machine") or old.get("machine"),
     }

@@ -45,7 +45,14 @@ def advise(config, cfg: PlanConfig) -> dict:
                 advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
                 break
         else:
-            advice = ["none fits: lower --context or --batch, or use a larger GPU"]
+            offloaded = plan(config, everything)
+            if offloaded["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
+                advice = [
+                    f"none fits: offloading fits the GPU but pins {offloaded['host_offload_gib']:.0f} GiB of host "
+                    f"memory, more than --host_memory {cfg.host_memory:g}; lower --context or add host memory"
+                ]
+            else:
+                advice = ["none fits: lower --context or --batch, or use a larger GPU"]
     result["turn_on"] = advice
     return result
 
@@ -72,6 +79,8 @@ def render(result: dict) -> str:
         lines.append(f"  {'pinned host memory (offloaded checkpoints)':<46} {result['host_offload_gib']:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
+        if not result["fits"] and result["device_need_gib"] <= result["device_gib"]:
+            verdict += f" (the host: {result['host_offload_gib']:.0f} GiB pinned, over --host_memory)"
         lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
     if "longest_context" in result:
         lines.append(

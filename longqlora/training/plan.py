@@ -19,14 +19,18 @@ GIB = 2**30
 # Total device memory as CUDA reports it (GiB), for --gpu.
 GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS workspaces, outside PyTorch's allocator
-FRAGMENTATION = 0.05  # reserved-but-unallocated share of the caching allocator
-# Checkpoints on the GPU while offloading, during the backward: the one in use and the one whose copy back has
-# not been released yet (TRL frees a node's tensors when the next node unpacks). Not yet measured on a GPU.
-OFFLOAD_IN_FLIGHT = 2
+# Reserved-but-unallocated share of the caching allocator: the median of ours' points on an H200 (default allocator
+# settings; 7% to 31%, docs/gpu_check_h200.md). A ceiling on the need: the allocator frees its cache before an OOM.
+FRAGMENTATION = 0.2
+# Checkpoints on the GPU while offloading, during the backward: the one in use, the one whose copy back has not been
+# released yet, and the copies in flight on the side stream; fitted to the offloaded points measured on an H200.
+OFFLOAD_IN_FLIGHT = 4
 LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns per projection tile
 OPTIMIZER_STATE_BYTES = {"paged_adamw": 8, "adamw": 8, "adamw_8bit": 2 + 8 / 256}  # two moments per parameter
-# Calibrated against the CPU measurements (tests/test_plan.py, docs/memory.md):
-MLP_BACKWARD_COPIES = 0  # (tokens x intermediate) gradients alive at the peak beyond what the layer saved
+# (tokens x intermediate) gradients alive at the MLP's backward peak beyond what the layer saved: none on the CPU
+# (its fused SiLU backward; docs/memory_cpu.json), 2.5 on CUDA (fitted to docs/memory_gpu.json, an H200). Both
+# calibrations are tests (tests/test_plan.py).
+MLP_BACKWARD_COPIES = {"cpu": 0, "cuda": 2.5}
 PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak, beside the 16-bit logits
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
@@ -294,7 +298,7 @@ def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
     exists for one tile (`tile_tokens` of every row) and the MLP keeps only its input per token."""
     b = _Bytes.of(cfg)
     saved, mlp = layer_saved_per_token(s, cfg)
-    mlp_peak = mlp + MLP_BACKWARD_COPIES * (b.st if cfg.baseline else b.c) * s.intermediate
+    mlp_peak = mlp + MLP_BACKWARD_COPIES[cfg.device] * (b.st if cfg.baseline else b.c) * s.intermediate
     other = saved - mlp + 2 * b.st * s.hidden  # the stream's gradient in and out
     tokens = cfg.batch * cfg.context
     if not cfg.mlp_tiled:
@@ -329,8 +333,11 @@ def step_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> int:
 
 
 def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """Pinned host memory that offloading holds at the start of the backward: every layer's checkpoint."""
-    return s.layers * cfg.batch * cfg.context * s.hidden * _Bytes.of(cfg).st if cfg.offload else 0
+    """Pinned host memory that offloading holds at the start of the backward: every layer's checkpoint, each block
+    rounded up to a power of two by torch's caching host allocator (CachingHostAllocator.h; torch 2.13 can turn
+    the rounding off with PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N, not measured here)."""
+    block = cfg.batch * cfg.context * s.hidden * _Bytes.of(cfg).st
+    return s.layers * (1 << (block - 1).bit_length()) if cfg.offload else 0
 
 
 # --------------------------------------------------------------------------------------------------- the plan
