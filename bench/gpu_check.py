@@ -201,7 +201,7 @@ def part_longest(cfg, ctx):
         import psutil
 
         total = torch.cuda.get_device_properties(0).total_memory / planner.GIB
-        host = 0.5 * psutil.virtual_memory().total / planner.GIB  # TRL refuses to pin beyond 60% of the RAM
+        host = 0.5 * psutil.virtual_memory().total / planner.GIB  # TRL warns above 60% of the RAM in use
         config = memory_bench.model_config(name)
         guess = step
         for offload in (True, False):
@@ -318,7 +318,7 @@ def _point(name, variant, context, bench, ctx) -> dict:
         failure = "out of memory"
     except Exception as err:  # a broken point is a finding; the part's other points still run
         first = (str(err).splitlines() or [""])[0][:200]
-        if isinstance(err, RuntimeError) and "memory" in first.lower():  # TRL refuses to pin unsafe host memory
+        if isinstance(err, RuntimeError) and "memory" in first.lower():  # a pinned host allocation that failed
             failure = f"host memory: {first}"
         else:
             failure, trace = f"failed: {type(err).__name__}: {first}", traceback.format_exc()[-3000:]

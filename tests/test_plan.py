@@ -170,6 +170,20 @@ def test_longest_context_is_the_fitting_boundary():
     assert more > n
 
 
+def test_the_planned_reserve_is_the_measured_median():
+    """FRAGMENTATION is the median share the caching allocator reserved above the allocated peak at ours' GPU
+    points (docs/memory_gpu.json)."""
+    import statistics
+
+    from conftest import ROOT
+
+    from longqlora.training.plan import FRAGMENTATION
+
+    points = json.loads((ROOT / "docs" / "memory_gpu.json").read_text())["points"]
+    ours = [p["reserved_bytes"] / p["peak_bytes"] - 1 for p in points if p["variant"].startswith("ours")]
+    assert len(ours) >= 10 and FRAGMENTATION == pytest.approx(statistics.median(ours), abs=0.005)
+
+
 def test_a_host_bound_plan_says_the_host_is_short(capsys):
     """Llama-2-70B at 102,400 tokens fits an 80 GB GPU with offloading, but its 80 checkpoints pin 80 blocks of
     1.5625 GiB, each rounded up to 2 GiB by torch's host allocator: 160 GiB, over a 128 GiB host."""

@@ -20,8 +20,8 @@ GIB = 2**30
 GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS workspaces, outside PyTorch's allocator
 # Reserved-but-unallocated share of the caching allocator: the median of ours' points on an H200 (default allocator
-# settings; 7% to 31%, docs/gpu_check_h200.md). A ceiling on the need: the allocator frees its cache before an OOM.
-FRAGMENTATION = 0.2
+# settings; 7% to 33%, docs/memory_gpu.json). A ceiling on the need: the allocator frees its cache before an OOM.
+FRAGMENTATION = 0.23
 # Checkpoints on the GPU while offloading, during the backward: the one in use, the one whose copy back has not been
 # released yet, and the copies in flight on the side stream; fitted to the offloaded points measured on an H200.
 OFFLOAD_IN_FLIGHT = 4
