@@ -5,7 +5,8 @@
 
 Parts, each with a time estimate; a part that would overrun the budget is skipped and says so, and a part that fails
 is recorded (its error and traceback) without stopping the others:
-1. tests: the GPU tests (every S2 backend against the explicit-mask reference, bf16 and fp16; auto against sdpa);
+1. tests: the GPU tests (every S2 backend against the explicit-mask reference, bf16 and fp16; auto against sdpa;
+   every memory switch at once against the plain path);
 2. speed: the S2-Attn op against full causal SDPA at 8k, 16k and 32k, plain and packed rows (fwd, fwd+bwd);
 3. recipe: recipes/extend_7b_8k.py itself on a random-initialised Llama-2-7B shape at 8k, 3 steps (peak
    allocated and reserved, tokens/s);
@@ -81,6 +82,7 @@ def part_tests(cfg, ctx):
         "gpu",
         "tests/test_attention.py",
         "tests/test_attention_kernels.py",
+        "tests/test_memory.py",
     ]
     limit = max(5.0, min(ctx["left"](), TESTS_LIMIT_S))  # its own limit: a hung kernel must not take the budget
     try:

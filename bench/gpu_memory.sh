@@ -15,7 +15,7 @@ step() {  # one bench/memory.py command, cut at the deadline
     --output "$out/last.md" "$@" || echo "exit $?: $*"
 }
 python3 bench/s2_speed.py --device cuda --dtype bfloat16 --heads 32 --lengths 65536 131072 --output "$out/s2_speed_long.md" || echo "s2_speed failed"
-step --models llama-2-7b --contexts 16384 32768 --variants ours ours_full_attention baseline
+step --models llama-2-7b --contexts 16384 32768 --variants ours ours_full_attention baseline ours_no_offload
 step --models llama-2-7b --contexts 65536 --variants ours baseline
 step --models llama-2-13b --contexts 12288 --variants ours baseline
 step --models llama-3.1-8b --contexts 32768 65536 --variants ours_lora --steps 1

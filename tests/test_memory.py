@@ -22,7 +22,7 @@ def adapted(path, **kw):
     cfg = ModelConfig(
         model_name_or_path=str(path),
         target_context=512,
-        compute_dtype="float32",
+        compute_dtype=kw.pop("compute_dtype", "float32"),
         lora_dropout=kw.pop("lora_dropout", 0.0),
         **kw,
     )
@@ -144,6 +144,33 @@ def test_recomputed_lora_dropout_same_loss_and_gradients(tiny_dir):
     memory.disable_recompute(model)
     with torch.no_grad():
         assert torch.equal(a, model(input_ids=ids).logits)  # eval: no dropout either way
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_gpu_every_switch_gives_the_plain_loss_and_gradients(tiny_dir, dtype, tol):
+    """On CUDA, what the CPU tests drive through stand-ins runs for real: bitsandbytes' CUDA NF4, TRL's offloading
+    with pinned buffers on its side stream, the tiled MLP, the recomputed norms and the redrawn LoRA dropout
+    replaying CUDA's RNG under CUDA autocast. All at once they give the plain path's loss and gradients."""
+    model = adapted(tiny_dir, lora_dropout=0.3, compute_dtype=dtype)
+    ids = torch.randint(3, 320, (2, 384), device="cuda")
+
+    @contextlib.contextmanager
+    def under(manager=None):
+        torch.manual_seed(3)  # the same dropout masks on both paths
+        with torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+            with manager or contextlib.nullcontext():
+                yield
+
+    plain = step(model, ids, under())
+    assert memory.enable_tiled_mlp(model, tile_tokens=100) == 2
+    assert memory.recompute_norms(model, tile_tokens=100) > 0 and memory.recompute_lora_dropout(model) == 8
+    manager = memory.offload_context(model, memory.offload_threshold_bytes("on", 0, 0, 0))
+    moved = []
+    model.register_forward_hook(lambda *a: moved.append(memory.offloaded_bytes(manager)))
+    switched = step(model, ids, under(manager))
+    assert moved[-1] >= 2 * 2 * 384 * 128 * 2  # the checkpointed layer inputs went to pinned host buffers
+    assert_same(plain, switched, tol)
 
 
 def test_tiled_mlp_falls_back_below_its_threshold(tiny_dir, monkeypatch):
