@@ -34,6 +34,27 @@ def _plain_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
+def _sync(path: Path) -> None:
+    """fsync one file or folder: a rename is durable only once the renamed data and the folder entry are on disk
+    (writers such as safetensors and matplotlib do not sync). Folders that cannot be opened for it are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if not path.is_symlink():
+            _sync(path)
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temporary path beside `path` to write; when the block ends without an error it becomes `path` by one
@@ -45,17 +66,17 @@ def atomic_file(path):
     try:
         yield Path(tmp)
         os.chmod(tmp, _plain_mode(False))
+        _sync(Path(tmp))
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder, synced, and an atomic rename."""
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -107,6 +128,7 @@ def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
     try:
         yield tmp
         _readable_modes(tmp)
+        _sync_tree(tmp)
         if into:
             names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n in last, n))
             for name in last:
@@ -123,6 +145,7 @@ def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
             os.replace(tmp, out)
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
+        _sync(out if into else parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

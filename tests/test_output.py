@@ -1,9 +1,12 @@
 """The one atomic directory writer (longqlora.output.atomic_directory): a failure leaves the output as it was, a
 success replaces it whole (or moves files into it, the `last` ones last), and a killed writer's leftovers go."""
 
+import os
+from pathlib import Path
+
 import pytest
 
-from longqlora.output import atomic_directory
+from longqlora.output import atomic_directory, write_text_atomic
 
 
 def test_replace_whole_and_failure_leaves_the_old_output(tmp_path):
@@ -98,3 +101,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_renames_are_durable_the_data_and_the_folder_entry_are_synced(tmp_path, monkeypatch):
+    """A rename survives a power cut only if the renamed data and the folder holding the new entry reach the disk:
+    every file of a new output folder, the folder, and its parent are fsynced (writers such as safetensors do not)."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    out = tmp_path / "adapter"
+    with atomic_directory(out) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"x" * 10)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    names = {Path(p).name for p in synced}
+    assert {"weights.safetensors", "config.json", "sub"} <= names and str(tmp_path) in synced
+    synced.clear()
+    write_text_atomic(tmp_path / "report.md", "text")
+    assert any(Path(p).name.startswith(".report.md.") for p in synced) and synced[-1] == str(tmp_path)
