@@ -170,6 +170,15 @@ def test_longest_context_is_the_fitting_boundary():
     assert more > n
 
 
+def test_a_run_plans_its_lora_targets_and_optimizer():
+    from longqlora.training.memory import plan_lora_target, plan_optimizer
+
+    assert plan_lora_target("attention") == plan_lora_target("q_proj, v_proj") == "attention"
+    assert plan_lora_target("all-linear") == plan_lora_target("q_proj,down_proj") == "all-linear"
+    assert plan_optimizer("paged_adamw_32bit") == "paged_adamw" and plan_optimizer("paged_adamw_8bit") == "adamw_8bit"
+    assert plan_optimizer("adamw_torch_fused") == "adamw"
+
+
 def test_the_planned_reserve_is_the_measured_median():
     """FRAGMENTATION is the median share the caching allocator reserved above the allocated peak at ours' GPU
     points (docs/memory_gpu.json)."""

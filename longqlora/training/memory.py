@@ -312,7 +312,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         context=model_cfg.train_length,
         batch=training.per_device_train_batch_size,
         rank=model_cfg.lora_r,
-        lora_target="all-linear" if model_cfg.lora_target == "all-linear" else "attention",
+        lora_target=plan_lora_target(model_cfg.lora_target),
         trainable_params=model_cfg.trainable_params,
         offload=offload,
         chunked_loss=training.chunked_loss,
@@ -331,6 +331,13 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
     )
     return plan(hf_config, cfg)
+
+
+def plan_lora_target(spec: str) -> str:
+    """The planner's name for --lora_target: all-linear when any MLP projection is adapted, else attention (for a
+    comma list, each an upper bound on what the subset keeps)."""
+    names = {n.strip() for n in spec.split(",")}
+    return "all-linear" if spec == "all-linear" or names & {"gate_proj", "up_proj", "down_proj"} else "attention"
 
 
 def plan_optimizer(optim) -> str:
