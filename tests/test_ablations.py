@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ablations
+from experiments import ablation_data, ablations
 from experiments.ablations import VARIANTS, AblationConfig
 
 pytestmark = pytest.mark.slow  # pre-trains and extends a tiny base for every variant: minutes
@@ -84,9 +84,9 @@ def test_rerun_is_served_from_the_cache(tiny_run, monkeypatch):
 
 def test_held_out_text_is_never_trained_on(tiny_run):
     cfg, _, _ = tiny_run
-    head, tail = ablations._kjv_split()
-    assert len(tail) / (len(head) + len(tail)) == pytest.approx(ablations.HELD_OUT_KJV, abs=0.01)
-    texts = ablations.train_texts()
+    head, tail = ablation_data._kjv_split()
+    assert len(tail) / (len(head) + len(tail)) == pytest.approx(ablation_data.HELD_OUT_KJV, abs=0.01)
+    texts = ablation_data.train_texts()
     assert "austen_persuasion" not in texts and texts["kjv_bible[:90%]"] == head
     assert tail[:2000] not in head
 
