@@ -60,7 +60,8 @@ def render(record: dict) -> str:
             lines += ["", f"## {name}", ""]
             if name == "longest":
                 lines += [
-                    f"planned longest {result['planned_longest']:,}; trained {result['longest_trained']:,}; "
+                    f"planned longest {result['planned_longest']:,}; trained {result['longest_trained']:,}"
+                    f"{' (' + result['longest_variant'] + ')' if result.get('longest_variant') else ''}; "
                     f"first failure {result['first_failure']}",
                     "",
                 ]

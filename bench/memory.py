@@ -269,7 +269,13 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                         write_json_atomic(
                             cfg.json,
                             memory_report.merge_record(
-                                cfg.json, {"command": _command(argv), "points": points, "fits": []}
+                                cfg.json,
+                                {
+                                    "command": _command(argv),
+                                    "points": points,
+                                    "fits": [],
+                                    "machine": memory_report.machine(device),
+                                },
                             ),
                         )
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:

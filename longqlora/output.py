@@ -37,8 +37,8 @@ def _plain_mode(is_dir: bool) -> int:
 def _sync(path: Path) -> None:
     """fsync one file or folder: a rename is durable only once the renamed data and the folder entry are on disk
     (writers such as safetensors and matplotlib do not sync). Folders that cannot be opened for it are skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # a file opened for writing (Windows syncs nothing through a read-only handle); a folder read-only
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
     except OSError:
         return
     try:
@@ -143,9 +143,11 @@ def atomic_directory(out, *, into: bool = False, last: tuple[str, ...] = ()):
                 aside = Path(tempfile.mkdtemp(prefix=f"{aside_prefix}{os.getpid()}-", dir=parent))
                 os.replace(out, aside / out.name)
             os.replace(tmp, out)
+            _sync(parent)  # the new output's entry on disk before the old one is deleted
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
-        _sync(out if into else parent)
+        if into:
+            _sync(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -103,6 +103,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads which file a descriptor is from /proc")
 def test_renames_are_durable_the_data_and_the_folder_entry_are_synced(tmp_path, monkeypatch):
     """A rename survives a power cut only if the renamed data and the folder holding the new entry reach the disk:
     every file of a new output folder, the folder, and its parent are fsynced (writers such as safetensors do not)."""

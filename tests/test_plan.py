@@ -170,6 +170,20 @@ def test_longest_context_is_the_fitting_boundary():
     assert more > n
 
 
+def test_when_the_host_is_short_the_checkpoints_stay_on_the_gpu(capsys):
+    """The H200 point: Llama-3.1-8B at 262,144 tokens trained with its checkpoints on the GPU (89.4 GiB measured),
+    while offloading them would pin 64 GiB, more than a 62 GiB host allows: plan says to turn offloading off, and
+    its longest context with every switch keeps the checkpoints on the GPU."""
+    flags = ["--model", "llama-3.1-8b", "--context", "262144", "--gpu_memory", "139.8", "--trainable_params", ""]
+    assert cli.main(["plan", *flags, "--offload", "--tiled_mlp", "--host_memory", "62", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not result["fits"] and result["turn_on"][0].startswith("offload off")
+    assert result["longest_context_all_switches"] > 262144 > result["longest_context"]
+    assert not result["longest_offloads"] and result["host_offload_gib_at_longest"] == 0
+    assert cli.main(["plan", *flags, "--tiled_mlp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"]
+
+
 def test_a_run_plans_its_lora_targets_and_optimizer():
     from longqlora.training.memory import plan_lora_target, plan_optimizer
 

@@ -24,15 +24,22 @@ def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 <<
 
 
 def advise(config, cfg: PlanConfig) -> dict:
-    """The plan, the longest context that fits as asked and with every switch on, and the switches to turn on."""
+    """The plan, the longest context that fits as asked and with every switch on, and the switches to turn on. With
+    --host_memory, "every switch" keeps the checkpoints on the GPU where that goes further than offloading them (the
+    host, not the GPU, can be what is short: measured on an H200, docs/memory.md)."""
     result = plan(config, cfg)
     if cfg.device_gib is None:
         return result
     everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
+    on_gpu = replace(everything, offload=False)
     result["longest_context"] = longest_context(config, cfg)
-    result["longest_context_all_switches"] = longest_context(config, everything)
+    offloaded, kept = longest_context(config, everything), longest_context(config, on_gpu)
+    result["longest_context_all_switches"] = max(offloaded, kept)
+    result["longest_offloads"] = offloaded >= kept
     result["host_offload_gib_at_longest"] = (
-        host_offload_bytes(Shapes.of(config), replace(everything, context=result["longest_context_all_switches"])) / GIB
+        host_offload_bytes(Shapes.of(config), replace(everything, context=offloaded)) / GIB
+        if offloaded >= kept
+        else 0.0
     )
     advice = []
     if not result["fits"]:
@@ -40,15 +47,18 @@ def advise(config, cfg: PlanConfig) -> dict:
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
+            {"chunked_loss": True, "offload": False, "tiled_mlp": True},
         ):
             if plan(config, replace(cfg, **switches))["fits"]:
                 advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
+                if cfg.offload and not switches.get("offload", True):
+                    advice.append("offload off: the host cannot pin the checkpoints, the GPU can hold them")
                 break
         else:
-            offloaded = plan(config, everything)
-            if offloaded["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
+            short = plan(config, everything)
+            if short["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
                 advice = [
-                    f"none fits: offloading fits the GPU but pins {offloaded['host_offload_gib']:.0f} GiB of host "
+                    f"none fits: offloading fits the GPU but pins {short['host_offload_gib']:.0f} GiB of host "
                     f"memory, more than --host_memory {cfg.host_memory:g}; lower --context or add host memory"
                 ]
             else:
@@ -83,10 +93,15 @@ def render(result: dict) -> str:
             verdict += f" (the host: {result['host_offload_gib']:.0f} GiB pinned, over --host_memory)"
         lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
     if "longest_context" in result:
+        every = (
+            f"with offload + chunked loss + tiled MLP ({result['host_offload_gib_at_longest']:.0f} GiB of pinned host "
+            "memory)"
+            if result["longest_offloads"]
+            else "with chunked loss + tiled MLP, the checkpoints kept on the GPU (the host cannot pin them)"
+        )
         lines.append(
             f"longest context that fits: {result['longest_context']:,} tokens as asked, "
-            f"{result['longest_context_all_switches']:,} with offload + chunked loss + tiled MLP "
-            f"({result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory)"
+            f"{result['longest_context_all_switches']:,} {every}"
         )
     if result.get("turn_on"):
         lines.append("turn on: " + ", ".join(result["turn_on"]))
