@@ -122,3 +122,35 @@ def test_command_line_errors_are_one_line(tiny, tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --context_lengths 512: the text has only")
+
+
+def test_a_prepared_folder_is_scored_as_its_token_rows(tiny, tmp_path):
+    """data_prep/prepare_text.py's folder as --data: its rows joined as they are (the tokenizer's special tokens and
+    EOS per document, as training read them), and the command's perplexity is the protocol's on that stream; a folder
+    another tokenizer made is refused in one line."""
+    from conftest import load_script
+    from transformers import AutoTokenizer
+
+    from longqlora.data.text import TextDataConfig
+    from longqlora.evaluation.perplexity import text_token_ids
+    from longqlora.training.tiny import train_tokenizer
+
+    path, model, _ = tiny
+    tok = AutoTokenizer.from_pretrained(path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    halves = [TEXT[: len(TEXT) // 2], TEXT[len(TEXT) // 2 :]]
+    for i, half in enumerate(halves):
+        (docs / f"{i}.txt").write_text(half)
+    prepare = load_script("data_prep/prepare_text.py")
+    out = tmp_path / "prepared"
+    prepare.run(TextDataConfig(str(docs)), prepare.ScriptArguments(tokenizer=str(path), output_dir=str(out)))
+    expected = [t for half in halves for t in tok(half)["input_ids"] + [tok.eos_token_id]]
+    assert text_token_ids(str(out), tok).tolist() == expected
+    assert text_token_ids(str(out), tok, max_tokens=50).tolist() == expected[:50]
+    result = run_perplexity(PerplexityConfig(model=str(path), data=str(out), context_lengths=[32]))
+    direct = window_scores(model, expected, 32, progress=False)
+    assert result["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
+    other = train_tokenizer([TEXT * 4], vocab_size=300)
+    with pytest.raises(ValueError, match=f"^--data {out}: tokenized by"):
+        text_token_ids(str(out), other)

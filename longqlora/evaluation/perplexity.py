@@ -151,7 +151,8 @@ class PerplexityConfig(LoaderArgs):
         default="austen_persuasion",
         metadata={
             "help": "Text to score: a bundled book name (austen_persuasion, kjv_bible, ...), a .txt/.jsonl/.parquet "
-            "file, a folder of .txt files or a save_to_disk dataset; documents are joined with EOS."
+            "file, a folder of .txt files, a save_to_disk dataset or a folder data_prep/prepare_text.py wrote (its "
+            "token rows, checked against the model's tokenizer); documents are joined with EOS."
         },
     )
     context_lengths: list[int] = field(
@@ -186,13 +187,28 @@ class PerplexityConfig(LoaderArgs):
 
 
 def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
-    """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed)."""
+    """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed); a folder
+    that data_prep/prepare_text.py wrote is read as its token rows, joined as they are (each its document with the
+    tokenizer's special tokens and EOS, as training read them), once its tokenizer is checked to be the model's."""
     from longqlora.data import corpora
-    from longqlora.data.text import TextDataConfig, load_documents
+    from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
+    cfg = TextDataConfig(dataset=source, text_field=text_field)
     try:
-        documents = load_documents(TextDataConfig(dataset=source, text_field=text_field))
+        documents = load_training_text(cfg)
+        if "input_ids" in documents.column_names:  # prepared rows
+            check_tokenizer(cfg, tokenizer, documents)
+            rows = documents.with_format("numpy", columns=["input_ids"])
+            stream, total = [], 0
+            for start in range(0, len(rows), 1024):
+                for row in rows[start : start + 1024]["input_ids"]:
+                    stream.append(torch.as_tensor(row, dtype=torch.long))
+                    total += len(row)
+                if max_tokens is not None and total >= max_tokens:
+                    break
+            joined = torch.cat(stream) if stream else torch.empty(0, dtype=torch.long)
+            return joined[:max_tokens] if max_tokens else joined
     except ValueError as err:  # the data layer names its recipes' flag; this command's is --data
         raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     ids: list[int] = []
