@@ -46,15 +46,9 @@ def free_port() -> int:
 
 
 def torchrun(n: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(n),
-        "--master_port",
-        str(free_port()),
-    ]
+    """torchrun on this machine; --standalone binds its rendezvous store to a free port itself (a port picked here
+    and bound later could be taken in between by another launch on the same machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
 
 
 def accelerate(config: str, n: int) -> list[str]:
