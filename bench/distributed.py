@@ -48,7 +48,10 @@ def free_port() -> int:
 def torchrun(n: int) -> list[str]:
     """torchrun on this machine; --standalone binds its rendezvous store to a free port itself (a port picked here
     and bound later could be taken in between by another launch on the same machine)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    return [
+        *[sys.executable, "-m", "torch.distributed.run", "--standalone", "--local_addr", "127.0.0.1"],
+        *["--nproc_per_node", str(n)],
+    ]
 
 
 def accelerate(config: str, n: int) -> list[str]:

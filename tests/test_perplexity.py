@@ -151,6 +151,11 @@ def test_a_prepared_folder_is_scored_as_its_token_rows(tiny, tmp_path):
     result = run_perplexity(PerplexityConfig(model=str(path), data=str(out), context_lengths=[32]))
     direct = window_scores(model, expected, 32, progress=False)
     assert result["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
+    assert result["stream"] == "prepared token rows"
+    with pytest.raises(ValueError, match="^--data "):  # the data layer's errors name this command's flag
+        text_token_ids(" ", tok)
+    with pytest.raises(ValueError, match="--max_tokens must be a positive"):
+        PerplexityConfig(model=str(path), max_tokens=0)
     other = train_tokenizer([TEXT * 4], vocab_size=300)
     with pytest.raises(ValueError, match=f"^--data {out}: tokenized by"):
         text_token_ids(str(out), other)

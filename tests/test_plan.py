@@ -182,6 +182,11 @@ def test_when_the_host_is_short_the_checkpoints_stay_on_the_gpu(capsys):
     assert not result["longest_offloads"] and result["host_offload_gib_at_longest"] == 0
     assert cli.main(["plan", *flags, "--tiled_mlp", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"]
+    shorter = ["--context", "196608", "--host_memory", "40", "--offload", "--json"]  # untiled fits: only offload off
+    assert cli.main(["plan", *flags[:2], *flags[4:], *shorter]) == 0
+    assert json.loads(capsys.readouterr().out)["turn_on"] == [
+        "offload off: the host cannot pin the checkpoints, the GPU can hold them"
+    ]
 
 
 def test_a_run_plans_its_lora_targets_and_optimizer():

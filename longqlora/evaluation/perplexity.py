@@ -184,31 +184,29 @@ class PerplexityConfig(LoaderArgs):
             raise ValueError(f"--score must be 'new' or 'tail', got {self.score!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"--max_tokens must be a positive number of tokens, got {self.max_tokens}")
 
 
 def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
     """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed); a folder
     that data_prep/prepare_text.py wrote is read as its token rows, joined as they are (each its document with the
     tokenizer's special tokens and EOS, as training read them), once its tokenizer is checked to be the model's."""
+    import pyarrow.compute as pc
+
     from longqlora.data import corpora
+    from longqlora.data.sources import column
     from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
-    cfg = TextDataConfig(dataset=source, text_field=text_field)
     try:
+        cfg = TextDataConfig(dataset=source, text_field=text_field)
         documents = load_training_text(cfg)
-        if "input_ids" in documents.column_names:  # prepared rows
+        if "input_ids" in documents.column_names:  # prepared rows: one flat Arrow column, no Python list per token
             check_tokenizer(cfg, tokenizer, documents)
-            rows = documents.with_format("numpy", columns=["input_ids"])
-            stream, total = [], 0
-            for start in range(0, len(rows), 1024):
-                for row in rows[start : start + 1024]["input_ids"]:
-                    stream.append(torch.as_tensor(row, dtype=torch.long))
-                    total += len(row)
-                if max_tokens is not None and total >= max_tokens:
-                    break
-            joined = torch.cat(stream) if stream else torch.empty(0, dtype=torch.long)
-            return joined[:max_tokens] if max_tokens else joined
+            flat = pc.list_flatten(column(documents, "input_ids"))
+            flat = flat.slice(0, max_tokens) if max_tokens else flat
+            return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype("int64"))
     except ValueError as err:  # the data layer names its recipes' flag; this command's is --data
         raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     ids: list[int] = []
@@ -219,6 +217,11 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens] if max_tokens else ids)
+
+
+def _is_prepared(data: str) -> bool:
+    """Whether `data` is a prepare_text folder (its token rows are scored as they are)."""
+    return (Path(data) / "stats.json").is_file() and (Path(data) / "dataset_info.json").is_file()
 
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
@@ -267,6 +270,8 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         "adapter": cfg.adapter,
         "data": cfg.data,
         "text_tokens": ids.numel(),
+        # prepared rows keep the tokenizer's special tokens (a BOS per document) where text is joined without them
+        "stream": "prepared token rows" if _is_prepared(cfg.data) else "text joined with EOS",
         "original_context": original,
         "model_context": extended,
         "pi_factor": info.pi_factor,

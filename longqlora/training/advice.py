@@ -35,10 +35,10 @@ def advise(config, cfg: PlanConfig) -> dict:
     result["longest_context"] = longest_context(config, cfg)
     offloaded, kept = longest_context(config, everything), longest_context(config, on_gpu)
     result["longest_context_all_switches"] = max(offloaded, kept)
-    result["longest_offloads"] = offloaded >= kept
+    result["longest_offloads"] = offloaded > kept  # a tie keeps the checkpoints on the GPU: no copies, no pinning
     result["host_offload_gib_at_longest"] = (
         host_offload_bytes(Shapes.of(config), replace(everything, context=offloaded)) / GIB
-        if offloaded >= kept
+        if result["longest_offloads"]
         else 0.0
     )
     advice = []
@@ -47,6 +47,7 @@ def advise(config, cfg: PlanConfig) -> dict:
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
+            {"chunked_loss": True, "offload": False},  # the host cannot pin what the GPU can hold
             {"chunked_loss": True, "offload": False, "tiled_mlp": True},
         ):
             if plan(config, replace(cfg, **switches))["fits"]:
