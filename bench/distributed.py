@@ -89,12 +89,12 @@ def largest_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def _resume(launcher: list[str], source: Path, out: Path) -> dict:
+def _resume(launcher, source: Path, out: Path) -> dict:
     """Copy a finished run, drop its step-3 checkpoint and adapter, and resume it from step 2."""
     shutil.copytree(source, out)
     for name in ("checkpoint-3", "adapter_model.safetensors", "adapter_config.json"):
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    return run([*launcher, *TINY, "--output_dir", str(out), "--resume_from_checkpoint", "auto"], out)
+    return run([*launcher(), *TINY, "--output_dir", str(out), "--resume_from_checkpoint", "auto"], out)
 
 
 def run_all(root: Path) -> dict:
@@ -102,22 +102,30 @@ def run_all(root: Path) -> dict:
     names = ("single", "cp", "cp_dp", "cp_fsdp", "sft", "sft_cp", "ddp", "fsdp", "fsdp_resumed", "zero3")
     names += ("zero3_resumed",)
     out = {n: root / n for n in names}
-    fsdp = [*accelerate("configs/accelerate/fsdp2_qlora.yaml", 2), "tests/fsdp_worker.py", RECIPE]
-    zero3 = [*accelerate("configs/accelerate/deepspeed_zero3.yaml", 2), RECIPE]
+
+    # each launch picks its port when it starts (accelerate takes no port 0): never one picked minutes before
+    def fsdp():
+        return [*accelerate("configs/accelerate/fsdp2_qlora.yaml", 2), "tests/fsdp_worker.py", RECIPE]
+
+    def zero3():
+        return [*accelerate("configs/accelerate/deepspeed_zero3.yaml", 2), RECIPE]
+
     results = {
         "single": run([sys.executable, RECIPE, *TINY, "--output_dir", str(out["single"])], out["single"]),
         "cp": run([*torchrun(2), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp"])], out["cp"]),
         "cp_dp": run(
             [*torchrun(4), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_dp"])], out["cp_dp"]
         ),
-        "cp_fsdp": run([*fsdp, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_fsdp"])], out["cp_fsdp"]),
+        "cp_fsdp": run(
+            [*fsdp(), *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_fsdp"])], out["cp_fsdp"]
+        ),
         "sft": run([sys.executable, SFT, *TINY, "--output_dir", str(out["sft"])], out["sft"]),
         "sft_cp": run(
             [*torchrun(2), SFT, *TINY, "--context_parallel", "2", "--output_dir", str(out["sft_cp"])], out["sft_cp"]
         ),
         "ddp": run([*torchrun(2), RECIPE, *TINY, "--output_dir", str(out["ddp"])], out["ddp"]),
-        "fsdp": run([*fsdp, *TINY, "--output_dir", str(out["fsdp"])], out["fsdp"]),
-        "zero3": run([*zero3, *TINY, "--output_dir", str(out["zero3"])], out["zero3"]),
+        "fsdp": run([*fsdp(), *TINY, "--output_dir", str(out["fsdp"])], out["fsdp"]),
+        "zero3": run([*zero3(), *TINY, "--output_dir", str(out["zero3"])], out["zero3"]),
     }
     results["fsdp_resumed"] = _resume(fsdp, out["fsdp"], out["fsdp_resumed"])
     results["zero3_resumed"] = _resume(zero3, out["zero3"], out["zero3_resumed"])
