@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
     check = script("bench/gpu_check.py")
@@ -48,3 +50,42 @@ def test_pinned_host_memory_is_rounded_up_per_layer(script):
     32 blocks of 4 GiB (2.5 GiB each, rounded), not 80 GiB."""
     check = script("bench/gpu_check.py")
     assert check.pinned_gib("llama-3.1-8b", 262144) == 64.0 and check.pinned_gib("llama-3.1-8b", 327680) == 128.0
+
+
+@pytest.mark.parametrize("limit, variant", [(300_000, "ours_lora_no_offload"), (120_000, "ours_lora")])
+def test_the_longest_search_offloads_while_the_host_can_pin_and_fits_the_budget(
+    script, monkeypatch, tmp_path, limit, variant
+):
+    """The search as it runs on a GPU, with a fake one (139.8 GiB, 125 GiB of RAM) that trains up to `limit`
+    tokens: offloaded while half the RAM holds the pinned checkpoints (131,072 tokens at Llama-3.1-8B), the
+    checkpoints on the GPU beyond; it brackets the limit to one step, and a short budget shrinks its first trial."""
+    import types
+
+    import psutil
+    import torch
+
+    check = script("bench/gpu_check.py")
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=139.8 * gib))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=125 * gib))
+    tried = []
+
+    def point(name, variant, n, bench, ctx):
+        tried.append((variant, n))
+        if n > limit:
+            return {"model": name, "variant": variant, "context": n, "error": "out of memory", "seconds": 5.0}
+        return {"model": name, "variant": variant, "context": n, "peak_bytes": 1, "planned_bytes": 1, "seconds": 60.0}
+
+    monkeypatch.setattr(check, "_point", point)
+    cfg = check.CheckConfig(output_dir=str(tmp_path), longest_trials=8)
+    ctx = {"device": torch.device("cuda"), "dtype": torch.bfloat16, "left": lambda: 500.0, "results": {}}
+    result = check.part_longest(cfg, ctx)
+    assert all((v == "ours_lora") == (n <= 131072) for v, n in tried)
+    assert {v for v, _ in tried} == {"ours_lora", "ours_lora_no_offload"} or limit > 131072
+    assert result["longest_trained"] <= limit < result["first_failure"]
+    assert result["first_failure"] - result["longest_trained"] == 16384
+    assert result["longest_variant"] == variant
+    tried.clear()
+    short = check.part_longest(cfg, {**ctx, "left": lambda: 120.0})
+    assert tried and tried[0][1] < short["planned_longest"]  # the first trial shrank to what 100 s hold
+    assert check._trial_s(tried[0][1], check._seconds_per_token(ctx)) <= 100
