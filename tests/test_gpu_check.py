@@ -89,3 +89,27 @@ def test_the_longest_search_offloads_while_the_host_can_pin_and_fits_the_budget(
     short = check.part_longest(cfg, {**ctx, "left": lambda: 120.0})
     assert tried and tried[0][1] < short["planned_longest"]  # the first trial shrank to what 100 s hold
     assert check._trial_s(tried[0][1], check._seconds_per_token(ctx)) <= 100
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        (RuntimeError("CUDA error: out of memory (pinned host allocation)"), "host memory: "),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "failed: RuntimeError: "),
+        (ValueError("bad shape"), "failed: ValueError: "),
+    ],
+)
+def test_a_broken_point_is_recorded_and_told_from_a_memory_limit(script, monkeypatch, error, kind):
+    """One point's failure is a finding, kept with its traceback, and never taken for a memory limit (an illegal
+    memory access would leave a broken CUDA context behind a search that carries on)."""
+    import torch
+
+    check = script("bench/gpu_check.py")
+
+    def measure(*a):
+        raise error
+
+    monkeypatch.setattr(check.memory_bench, "measure", measure)
+    ctx = {"device": torch.device("cpu"), "dtype": torch.float32}
+    point = check._point("tiny", "ours", 256, None, ctx)
+    assert point["error"].startswith(kind) and ("traceback" in point) == kind.startswith("failed")
