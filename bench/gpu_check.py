@@ -45,7 +45,7 @@ from gpu_check_report import render  # noqa: E402  (bench/gpu_check_report.py)
 from longqlora.cli import setup_logging  # noqa: E402
 from longqlora.output import write_json_atomic, write_text_atomic  # noqa: E402
 from longqlora.training import plan as planner  # noqa: E402
-from longqlora.training.advice import longest_context  # noqa: E402
+from longqlora.training.advice import advise  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -205,20 +205,11 @@ def part_longest(cfg, ctx):
 
         total = torch.cuda.get_device_properties(0).total_memory / planner.GIB
         host = 0.5 * psutil.virtual_memory().total / planner.GIB  # TRL warns above 60% of the RAM in use
-        config = memory_bench.model_config(name)
-        guess = step
-        for offload in (True, False):
-            pc = planner.PlanConfig(
-                model=name,
-                context=step,
-                trainable_params="",
-                offload=offload,
-                tiled_mlp=True,
-                optim="adamw",
-                gpu_memory=total,
-                host_memory=host if offload else None,
-            )
-            guess = max(guess, longest_context(config, pc, step=step))
+        pc = planner.PlanConfig(
+            model=name, context=step, trainable_params="", optim="adamw", gpu_memory=total, host_memory=host
+        )  # advise: the longer of offloaded (within the host) and kept on the GPU, every other switch on
+        longest = advise(memory_bench.model_config(name), pc)["longest_context_all_switches"]
+        guess = max(step, longest // step * step)
     lo, hi, trials, variant = 0, None, [], None
     n = guess
     seconds = _seconds_per_token(ctx)  # (seconds per token at 8k, setup seconds) from the points measured so far

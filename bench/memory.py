@@ -244,7 +244,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
         dtype = torch.bfloat16 if supports_bf16() else torch.float16
     else:
         dtype = getattr(torch, cfg.dtype)
-    points, longest = [], []
+    points, longest, where = [], [], memory_report.machine(device)
     for name in cfg.models:
         for layers in cfg.layers or [None]:
             for context in cfg.contexts:
@@ -269,13 +269,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                         write_json_atomic(
                             cfg.json,
                             memory_report.merge_record(
-                                cfg.json,
-                                {
-                                    "command": _command(argv),
-                                    "points": points,
-                                    "fits": [],
-                                    "machine": memory_report.machine(device),
-                                },
+                                cfg.json, {"command": _command(argv), "points": points, "fits": [], "machine": where}
                             ),
                         )
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:
@@ -285,7 +279,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
         "command": _command(argv),
         "device": device.type,
         "torch": torch.__version__,
-        "machine": memory_report.machine(device),
+        "machine": where,
         "points": points,
         "fits": fits,
     }

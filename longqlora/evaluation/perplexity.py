@@ -189,9 +189,17 @@ class PerplexityConfig(LoaderArgs):
 
 
 def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
-    """The documents of `data` tokenized and joined with EOS into one stream (bundled book names allowed); a folder
-    that data_prep/prepare_text.py wrote is read as its token rows, joined as they are (each its document with the
-    tokenizer's special tokens and EOS, as training read them), once its tokenizer is checked to be the model's."""
+    """The token stream `token_stream` scores, without its description."""
+    return token_stream(data, tokenizer, text_field=text_field, max_tokens=max_tokens)[0]
+
+
+def token_stream(
+    data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None
+) -> tuple[torch.Tensor, str]:
+    """(ids, what they are): the documents of `data` tokenized and joined with EOS into one stream (bundled book
+    names allowed); a folder that data_prep/prepare_text.py wrote is read as its token rows, joined as they are
+    (each its document with the tokenizer's special tokens and EOS, as training read them), once its tokenizer is
+    checked to be the model's."""
     import pyarrow.compute as pc
 
     from longqlora.data import corpora
@@ -206,7 +214,8 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
             check_tokenizer(cfg, tokenizer, documents)
             flat = pc.list_flatten(column(documents, "input_ids"))
             flat = flat.slice(0, max_tokens) if max_tokens else flat
-            return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype("int64"))
+            # prepared rows keep the tokenizer's special tokens (a BOS per document); text is joined without them
+            return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype("int64")), "prepared token rows"
     except ValueError as err:  # the data layer names its recipes' flag; this command's is --data
         raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     ids: list[int] = []
@@ -216,12 +225,7 @@ def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens
             ids.append(tokenizer.eos_token_id)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
-    return torch.tensor(ids[:max_tokens] if max_tokens else ids)
-
-
-def _is_prepared(data: str) -> bool:
-    """Whether `data` is a prepare_text folder (its token rows are scored as they are)."""
-    return (Path(data) / "stats.json").is_file() and (Path(data) / "dataset_info.json").is_file()
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids), "text joined with EOS"
 
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
@@ -232,7 +236,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
     extension = read_extension(cfg.adapter) if cfg.adapter else None
     if cfg.output:
         check_output_path(cfg.output, "--output", directory=False)
-    ids = text_token_ids(
+    ids, stream = token_stream(
         cfg.data,
         inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code),
         text_field=cfg.text_field,
@@ -270,8 +274,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         "adapter": cfg.adapter,
         "data": cfg.data,
         "text_tokens": ids.numel(),
-        # prepared rows keep the tokenizer's special tokens (a BOS per document) where text is joined without them
-        "stream": "prepared token rows" if _is_prepared(cfg.data) else "text joined with EOS",
+        "stream": stream,
         "original_context": original,
         "model_context": extended,
         "pi_factor": info.pi_factor,
