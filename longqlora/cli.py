@@ -103,7 +103,7 @@ def _passkey(argv):
     result = run_passkey(cfg)
     print(
         f"passkey retrieval: {result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} "
-        f"(context {result['model_context']}, PI x{result['pi_factor']:g}), {cfg.trials} trials per cell, "
+        f"(context {result['model_context']}, {result['scaling']}), {cfg.trials} trials per cell, "
         f"seed {cfg.seed}: {result['accuracy']:.1%} overall"
     )
     print(

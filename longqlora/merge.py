@@ -253,6 +253,7 @@ def merge(cfg: MergeConfig) -> dict:
             "original_context": info.original_context,
             "target_context": info.target_context,
             "pi_factor": info.pi_factor,
+            "scaling": info.scaling,
             **saved_config,
             "modules_replaced": replaced,
             "lora_layers_merged": lora_layers,
@@ -294,7 +295,7 @@ def describe(report: dict) -> str:
     check, replaced = report["check"], report["modules_replaced"]
     return (
         f"merged {report['adapter']} into {report['base']} ({report['dtype']}, context "
-        f"{report['original_context']} -> {report['target_context']}, PI x{report['pi_factor']:.4g}): "
+        f"{report['original_context']} -> {report['target_context']}, {report['scaling']}): "
         f"{report['lora_layers_merged']} LoRA layers, {len(replaced)} trained modules ({', '.join(replaced[:3])}"
         f"{', ...' if len(replaced) > 3 else ''})\nwritten to {report['output']}\ncheck on "
         f"{check['sample_tokens']} tokens, saved model reloaded: max |logit diff| "

@@ -56,6 +56,11 @@ class ModelInfo:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
 
+    @property
+    def scaling(self) -> str:
+        """The context extension in words for logs and reports, e.g. "YaRN x2" or "position interpolation x4"."""
+        return f"{rope.UNSCALED_TO.get(self.rope_type, 'position interpolation')} x{self.pi_factor:.4g}"
+
 
 def _first_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()

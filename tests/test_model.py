@@ -125,6 +125,7 @@ def test_check_model_applies_interpolation(tiny_dirs, no_weights):
     assert hf_config.max_position_embeddings == 1024
     assert info.original_context == 128 and info.target_context == 1024
     assert info.pi_factor == pytest.approx(8.0)
+    assert info.scaling == "YaRN x8"  # the default --rope_scaling, named in every log and report
     assert cfg.group_sizes == [32, 96, 256]  # the default schedule, 0.25, 0.75 and 2 x (0.125 x 1024)
     assert (info.compute_dtype, info.load_in_4bit, info.attn_backend) == ("float32", True, "sdpa")
     assert info.rope_type not in (None, "default")

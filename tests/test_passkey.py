@@ -168,6 +168,7 @@ def test_run_with_a_trained_adapter_in_4bit(adapter, tmp_path):
     )
     result = run_passkey(cfg)
     assert result["model_context"] == 256 and result["pi_factor"] == pytest.approx(4.0)
+    assert result["scaling"] == "YaRN x4"  # the adapter's recorded scaling, followed at inference
     assert result["model"] == str(adapter / "tiny-base") or result["model"].endswith("tiny-base")
     assert result["by_length"][0]["trials"] == 1 and (tmp_path / "passkey.png").is_file()
 

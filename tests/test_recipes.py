@@ -163,6 +163,7 @@ def test_rope_scaling_linear_trains_records_and_reloads_as_linear(tmp_path):
     assert json.loads((out / EXTENSION_FILE).read_text())["rope_type"] == "linear"
     model, tokenizer, info = load_for_inference(None, adapter=str(out))
     assert info.rope_type == "linear" and model.config.rope_parameters["rope_type"] == "linear"
+    assert info.scaling == "position interpolation x4"
     ids = torch.arange(5, 5 + 200)[None] % model.config.vocab_size
     with torch.no_grad():
         logits = model(input_ids=ids).logits

@@ -294,11 +294,11 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
         tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
     logger.info(
-        "loaded %s%s for inference: context %d (PI x%.4g), %s",
+        "loaded %s%s for inference: context %d (%s), %s",
         model_path,
         f" + adapter {adapter}" if adapter else "",
         info.target_context,
-        info.pi_factor,
+        info.scaling,
         "NF4" if load_in_4bit else info.compute_dtype,
     )
     return model.eval(), tokenizer, info

@@ -276,6 +276,7 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
         "original_context": info.original_context,
         "model_context": info.target_context,
         "pi_factor": info.pi_factor,
+        "scaling": info.scaling,
         "load_in_4bit": cfg.load_in_4bit,
         "compute_dtype": info.compute_dtype,
         **evaluated,

@@ -278,6 +278,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         "original_context": original,
         "model_context": extended,
         "pi_factor": info.pi_factor,
+        "scaling": info.scaling,
         "load_in_4bit": cfg.load_in_4bit,
         "score": cfg.score,
         "extension": extension.to_dict() if extension else {},

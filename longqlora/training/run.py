@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from longqlora import hardware, rope
+from longqlora import hardware
 from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
 from longqlora.data import instructions, pose
@@ -184,8 +184,7 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
     lines = [
         f"model              {info.model}",
         f"context            {info.original_context} -> {info.target_context} tokens "
-        f"({rope.UNSCALED_TO.get(info.rope_type, 'position interpolation')} x{info.pi_factor:.4g}, "
-        f"rope {info.rope_type})",
+        f"({info.scaling}, rope {info.rope_type})",
         *pose.describe(cfg),
         f"attention          {_attention_text(cfg)} (training), full at inference; backend "
         f"{info.attn_backend_requested} ({info.attn_backend} here)",
