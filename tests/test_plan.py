@@ -190,12 +190,36 @@ def test_when_the_host_is_short_the_checkpoints_stay_on_the_gpu(capsys):
 
 
 def test_a_run_plans_its_lora_targets_and_optimizer():
-    from longqlora.training.memory import plan_lora_target, plan_optimizer
+    from transformers.training_args import OptimizerNames
+
+    from longqlora.training.memory import plan_lora_target
+    from longqlora.training.plan import optimizer_name, optimizer_state_bytes
 
     assert plan_lora_target("attention") == plan_lora_target("q_proj, v_proj") == "attention"
     assert plan_lora_target("all-linear") == plan_lora_target("q_proj,down_proj") == "all-linear"
-    assert plan_optimizer("paged_adamw_32bit") == "paged_adamw" and plan_optimizer("paged_adamw_8bit") == "adamw_8bit"
-    assert plan_optimizer("adamw_torch_fused") == "adamw"
+    state = {o.value: optimizer_state_bytes(o) for o in OptimizerNames}  # every optimizer TrainingArguments knows
+    assert state["adamw_torch"] == state["adamw_torch_fused"] == state["paged_adamw_32bit"] == 8  # two fp32 moments
+    assert state["adamw_bnb_8bit"] == state["paged_adamw_8bit"] == 2 + 8 / 256  # two 8-bit moments + absmax
+    assert state["ademamix"] == 12 and state["lion_32bit"] == state["rmsprop"] == state["adagrad"] == 4
+    assert state["lion_8bit"] == 1 + 4 / 256 and state["adamw_torch_4bit"] < 1.1
+    assert state["sgd"] == state["adafactor"] == state["lomo"] == 0
+    assert optimizer_name(OptimizerNames.ADAMW_TORCH) == "adamw_torch" == optimizer_name("adamw")
+
+
+def test_plan_follows_the_optimizer_state():
+    """A lighter optimizer lowers the plan by its state on every trained parameter, no more; an unknown one is
+    refused naming the flag."""
+    from longqlora.training.plan import optimizer_state_bytes
+
+    base = dict(model="llama-2-7b", context=8192, trainable_params="embed,norm")
+    adamw = plan(LLAMA2_7B, PlanConfig(**base))
+    lion = plan(LLAMA2_7B, PlanConfig(**base, optim="paged_lion_8bit"))
+    saved = adamw["parts_gib"]["trainable_state"] - lion["parts_gib"]["trainable_state"]
+    assert saved * GIB == pytest.approx(adamw["trainable_params"] * (8 - optimizer_state_bytes("paged_lion_8bit")))
+    assert saved > 0.9  # GiB: the 32000 x 4096 embedding's AdamW state alone is ~1 GiB
+    assert adamw["peak_allocated_gib"] - lion["peak_allocated_gib"] == pytest.approx(saved)
+    with pytest.raises(ValueError, match="--optim 'adam'"):
+        PlanConfig(**base, optim="adam")
 
 
 def test_the_planned_reserve_is_the_measured_median():

@@ -302,7 +302,7 @@ def disable_recompute(model) -> None:
 # ------------------------------------------------------------------------------------------ a run's switches
 def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
     """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
-    from longqlora.training.plan import PlanConfig, plan
+    from longqlora.training.plan import PlanConfig, optimizer_name, plan
 
     tokens = training.per_device_train_batch_size * model_cfg.train_length
     mode = training.offload_activations
@@ -327,7 +327,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         lora_dropout=model_cfg.lora_dropout,
         recompute_norms=training.recompute_norms,
         recompute_dropout=training.recompute_lora_dropout,
-        optim=plan_optimizer(training.optim),
+        optim=optimizer_name(training.optim),
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
     )
     return plan(hf_config, cfg)
@@ -338,12 +338,6 @@ def plan_lora_target(spec: str) -> str:
     comma list, each an upper bound on what the subset keeps)."""
     names = {n.strip() for n in spec.split(",")}
     return "all-linear" if spec == "all-linear" or names & {"gate_proj", "up_proj", "down_proj"} else "attention"
-
-
-def plan_optimizer(optim) -> str:
-    """The planner's name for a TrainingArguments --optim: its state size and temporaries."""
-    name = str(getattr(optim, "value", optim))
-    return "adamw_8bit" if "8bit" in name else "paged_adamw" if "paged" in name or "bnb" in name else "adamw"
 
 
 def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None:
