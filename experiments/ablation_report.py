@@ -209,8 +209,9 @@ def report(cfg: AblationConfig, out: dict, png_name: str, context_png: str = "")
             f"every (variant, seed) run, training and evaluation, as recorded in the cached results (this invocation's "
             f"wall time: {out['seconds'] / 60:.1f} min).",
             "",
-            f"Base: {p['parameters']:,}-parameter Llama, pre-trained {_copy_text(p)}{p['steps']} steps x 32 x "
-            f"{cfg.short_context} tokens on {'the context mix of ' * cfg.context_mix}{', '.join(p['books'])}."
+            f"Base: {p['parameters']:,}-parameter Llama, {_grown_text(p)}pre-trained {_copy_text(p)}{p['steps']} "
+            f"steps x 32 x {cfg.short_context} tokens on {'the context mix of ' * cfg.context_mix}"
+            f"{', '.join(p['books'])}."
             f" Extension to {cfg.long_context}: {cfg.extend_steps} steps x 8 x "
             f"{cfg.long_context} tokens, lr {cfg.extend_lr:g}, LoRA r={cfg.lora_r}, S2 group {cfg.group_ratio:g} x "
             f"{cfg.long_context} unless the variant says otherwise; fp32 base unless NF4. Seeds {cfg.seeds} (extension "
@@ -242,6 +243,15 @@ def report(cfg: AblationConfig, out: dict, png_name: str, context_png: str = "")
 def _copy_text(pretrain: dict) -> str:
     steps = pretrain.get("copy_steps")
     return f"{steps} steps on random-token rows whose runs recur (experiments/small_base.py), then " if steps else ""
+
+
+def _grown_text(pretrain: dict) -> str:
+    if not pretrain.get("grown_from"):
+        return ""
+    return (
+        f"grown from the {pretrain['grown_from_parameters']:,}-parameter base `{pretrain['grown_from']}` (the same "
+        "function, wider and deeper: experiments/grow.py), then "
+    )
 
 
 def _compute_minutes(out: dict) -> float:

@@ -293,6 +293,8 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
             from experiments.small_base import COPY_LOOP
 
             used["copy_steps"] = [cfg.copy_steps, COPY_LOOP]
+    if cfg.grow_from:  # a grown base (its source's folder name is the source's key)
+        used["grow_from"] = Path(cfg.grow_from).name
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}

@@ -47,6 +47,14 @@ class SmallLlamaConfig:
             "to form an induction head first (experiments/context_tasks.py varied_repeat_ids)."
         },
     )
+    grow_from: str = field(
+        default="",
+        metadata={
+            "help": "A pre-trained base folder (out/.../base-<key>) to grow into this shape, keeping what it computes "
+            "(experiments/grow.py), before the mix: a larger base that copies from its first step. Its tokenizer is "
+            "reused."
+        },
+    )
     seed: int = 0
     context_mix: bool = field(
         default=False,
@@ -63,6 +71,8 @@ class SmallLlamaConfig:
             raise ValueError(f"--factor must be at least 2, got {self.factor}")
         if self.copy_steps < 0 or (self.copy_steps and not self.context_mix):
             raise ValueError(f"--copy_steps {self.copy_steps}: 0 or more, and only with --context_mix true")
+        if self.grow_from and not (Path(self.grow_from) / "pretrain.json").is_file():
+            raise ValueError(f"--grow_from {self.grow_from}: not a pre-trained base (no pretrain.json in it)")
         for name in ("vocab_size", "hidden_size", "intermediate_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"--{name} must be a multiple of 64 (bitsandbytes' CPU 4-bit path needs it)")
@@ -91,6 +101,7 @@ def _base_key(cfg: SmallLlamaConfig, books: list[str] | None = None) -> str:
 
         key += ["context_mix", MIX_VERSION]
         key += [{"copy_steps": cfg.copy_steps, "copy_loop": COPY_LOOP}] if cfg.copy_steps else []
+    key += [{"grow_from": Path(cfg.grow_from).name}] if cfg.grow_from else []  # the folder name is its base's key
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -111,13 +122,20 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         return out
     texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
     copies = []
+    small = None
+    if cfg.grow_from:
+        from transformers import AutoTokenizer
+
+        small = LlamaForCausalLM.from_pretrained(cfg.grow_from, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.grow_from)
     if cfg.context_mix:
         from experiments.context_tasks import context_mix, tokenizer_sample, varied_repeat_ids
 
-        tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
+        if small is None:
+            tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
         texts = context_mix(tokenizer, texts, cfg.pretrain_steps * 32, cfg.short_context, cfg.seed, as_ids=True)
         copies = varied_repeat_ids(tokenizer, cfg.copy_steps * 32, cfg.short_context, cfg.seed)
-    else:
+    elif small is None:
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     config = tiny_llama_config(
         "gqa",
@@ -131,7 +149,12 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         head_dim=cfg.hidden_size // cfg.num_heads,
     )
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
+    if small is not None:
+        from experiments.grow import grow_llama
+
+        model = grow_llama(small, config, cfg.seed)
+    else:
+        model = LlamaForCausalLM(config)
     with atomic_directory(out) as tmp:  # a killed pre-training leaves no half a base
         started = time.perf_counter()
         if copies:  # an induction head first: the mix alone does not form one in budget (docs/ablations.md)
@@ -148,6 +171,11 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
                 "seconds": time.perf_counter() - started,
                 "parameters": model.num_parameters(),
                 "books": names,
+                **(
+                    {"grown_from": Path(cfg.grow_from).name, "grown_from_parameters": small.num_parameters()}
+                    if small is not None
+                    else {}
+                ),
             },
         )
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
