@@ -80,3 +80,10 @@ def test_report_states_goals_from_the_numbers():
     assert "**met** (45.0" in text  # 16k: well below 58-63
     assert "**missed** (31.4 -> 34.0" in text  # 2k: +8.3%, more than 5%
     assert "1/3" in text and "49152 tokens trained" in text
+    res["after"]["perplexity"]["2048"] = 29.0  # better than the base at short context: met, with the caveat
+    text = bench.render(bench.Args(), res)
+    assert "**met** (31.4 -> 29.0, -7.6%): below the base" in text and "Austen" in text
+    yarn = bench.Args(rope_scaling="yarn", compare_results="", nf4_results="")
+    res["untrained_yarn"] = res.pop("untrained_pi")
+    text = bench.render(yarn, res)
+    assert "| YaRN x2, untrained | 33 | 31 | 63.18 |" in text and "--nf4_results ''" in text
