@@ -100,3 +100,11 @@ def test_pretrain_base_grows_caches_and_records(tmp_path):
     assert grown.config.hidden_size == 128 and grown.config.num_hidden_layers == 3
     assert record["parameters"] == grown.num_parameters()
     assert pretrain_base(cfg, {"book": text}) == out  # cached by its settings, the source included
+
+
+def test_the_report_names_the_source_of_a_grown_base():
+    from experiments.ablation_report import _grown_text
+
+    text = _grown_text({"grown_from": "base-5eafb088", "grown_from_parameters": 2753792})
+    assert text.startswith("grown from the 2,753,792-parameter base `base-5eafb088`")
+    assert _grown_text({"copy_steps": 1600}) == ""  # a base trained from scratch says nothing of growth
