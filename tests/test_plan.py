@@ -193,7 +193,7 @@ def test_a_run_plans_its_lora_targets_and_optimizer():
     from transformers.training_args import OptimizerNames
 
     from longqlora.training.memory import plan_lora_target
-    from longqlora.training.plan import optimizer_name, optimizer_state_bytes
+    from longqlora.training.optimizer import optimizer_name, optimizer_state_bytes
 
     assert plan_lora_target("attention") == plan_lora_target("q_proj, v_proj") == "attention"
     assert plan_lora_target("all-linear") == plan_lora_target("q_proj,down_proj") == "all-linear"
@@ -209,7 +209,7 @@ def test_a_run_plans_its_lora_targets_and_optimizer():
 def test_plan_follows_the_optimizer_state():
     """A lighter optimizer lowers the plan by its state on every trained parameter, no more; an unknown one is
     refused naming the flag."""
-    from longqlora.training.plan import optimizer_state_bytes
+    from longqlora.training.optimizer import optimizer_state_bytes
 
     base = dict(model="llama-2-7b", context=8192, trainable_params="embed,norm")
     adamw = plan(LLAMA2_7B, PlanConfig(**base))

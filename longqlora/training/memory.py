@@ -302,7 +302,8 @@ def disable_recompute(model) -> None:
 # ------------------------------------------------------------------------------------------ a run's switches
 def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
     """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
-    from longqlora.training.plan import PlanConfig, optimizer_name, plan
+    from longqlora.training.optimizer import optimizer_name
+    from longqlora.training.plan import PlanConfig, plan
 
     tokens = training.per_device_train_batch_size * model_cfg.train_length
     mode = training.offload_activations

@@ -14,6 +14,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from longqlora.hardware import DTYPES
+from longqlora.training.optimizer import (
+    FOREACH_TEMPORARIES,
+    OPTIMIZER_ALIASES,
+    optimizer_name,
+    optimizer_names,
+    optimizer_state_bytes,
+)
 
 GIB = 2**30
 # Total device memory as CUDA reports it (GiB), for --gpu.
@@ -26,11 +33,6 @@ FRAGMENTATION = 0.23
 # released yet, and the copies in flight on the side stream; fitted to the offloaded points measured on an H200.
 OFFLOAD_IN_FLIGHT = 4
 LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns per projection tile
-# The planner's short optimizer names (bench/memory.py's, `longqlora plan`'s default); any TrainingArguments --optim
-# name is planned too (optimizer_state_bytes).
-OPTIMIZER_ALIASES = {"paged_adamw": "paged_adamw_32bit", "adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
-# torch's foreach optimizers, whose step allocates one fp32 copy of every trained tensor (seen on an H200, AdamW)
-FOREACH_TEMPORARIES = {"adamw_torch", "adamw_torch_fused", "rmsprop", "adagrad"}
 # (tokens x intermediate) gradients alive at the MLP's backward peak beyond what the layer saved: none on the CPU
 # (its fused SiLU backward; docs/memory_cpu.json), 2.5 on CUDA (fitted to docs/memory_gpu.json, an H200). Both
 # calibrations are tests (tests/test_plan.py).
@@ -39,36 +41,6 @@ PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's 
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
-
-
-def optimizer_name(optim) -> str:
-    """The TrainingArguments name of --optim (an OptimizerNames member, a name, or one of the short aliases)."""
-    name = str(getattr(optim, "value", optim))
-    return OPTIMIZER_ALIASES.get(name, name)
-
-
-def optimizer_names() -> set[str]:
-    from transformers.training_args import OptimizerNames  # imported late: `longqlora plan` needs no model code
-
-    return {o.value for o in OptimizerNames}
-
-
-def optimizer_state_bytes(optim) -> float:
-    """Optimizer state per trained parameter: the moments it keeps (AdamW 2, AdEMAMix 3, Lion, RMSprop, Adagrad and
-    schedule-free SGD 1; SGD without momentum, LOMO and Adafactor's factored moments about 0) times the bytes of
-    each (32-bit 4; blockwise 8-bit 1 + an fp32 absmax per 256 values; torchao's 4-bit 0.5 + one per 128). GaLore and
-    APOLLO keep less than AdamW's (projected states): planned as AdamW, an upper bound."""
-    name = optimizer_name(optim)
-    if name in ("sgd", "lomo", "adalomo") or "adafactor" in name:
-        moments = 0
-    elif "ademamix" in name:
-        moments = 3
-    elif any(k in name for k in ("lion", "rmsprop", "adagrad", "schedule_free_sgd")):
-        moments = 1
-    else:
-        moments = 2
-    per_moment = 0.5 + 4 / 128 if "4bit" in name else 1 + 4 / 256 if "8bit" in name else 4
-    return moments * per_moment
 
 
 @dataclass
