@@ -35,6 +35,7 @@ from smollm2_report import render, untrained_key_of  # noqa: E402
 from longqlora.cli import setup_logging  # noqa: E402
 from longqlora.data import corpora  # noqa: E402
 from longqlora.output import write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.rope import check_scaling  # noqa: E402
 
 logger = logging.getLogger("smollm2_extend")
 TRAIN_BOOKS = (
@@ -115,8 +116,7 @@ class Args:
             raise ValueError(f"--train_books: {self.eval_data} is the held-out --eval_data; train on other books")
         if self.max_steps < 1:
             raise ValueError(f"--max_steps {self.max_steps}: must be at least 1")
-        if self.rope_scaling not in ("linear", "yarn"):
-            raise ValueError(f"--rope_scaling {self.rope_scaling!r}: linear or yarn")
+        check_scaling(self.rope_scaling)
         if self.target_context <= 8192:
             raise ValueError(f"--target_context {self.target_context}: must exceed SmolLM2's 8192")
 

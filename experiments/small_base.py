@@ -122,21 +122,20 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         return out
     texts = list(texts.values()) if texts is not None else [corpora.book(name) for name in TRAIN_BOOKS]
     copies = []
+    from experiments.context_tasks import context_mix, tokenizer_sample, varied_repeat_ids
+
     small = None
-    if cfg.grow_from:
+    if cfg.grow_from:  # the grown base keeps its source's tokenizer: its embedding rows are that vocabulary
         from transformers import AutoTokenizer
 
         small = LlamaForCausalLM.from_pretrained(cfg.grow_from, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(cfg.grow_from)
+    else:
+        sample = tokenizer_sample() if cfg.context_mix else []
+        tokenizer = train_tokenizer(texts + sample, vocab_size=cfg.vocab_size)
     if cfg.context_mix:
-        from experiments.context_tasks import context_mix, tokenizer_sample, varied_repeat_ids
-
-        if small is None:
-            tokenizer = train_tokenizer(texts + tokenizer_sample(), vocab_size=cfg.vocab_size)
         texts = context_mix(tokenizer, texts, cfg.pretrain_steps * 32, cfg.short_context, cfg.seed, as_ids=True)
         copies = varied_repeat_ids(tokenizer, cfg.copy_steps * 32, cfg.short_context, cfg.seed)
-    elif small is None:
-        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     config = tiny_llama_config(
         "gqa",
         vocab_size=cfg.vocab_size,
