@@ -18,6 +18,7 @@ It writes report.md and report.json (and the tests' log) into --output_dir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -179,18 +180,19 @@ def part_bench(cfg, ctx):
     return {"points": points}
 
 
-def pinned_gib(name: str, tokens: int) -> float:
-    """Host memory the offloaded checkpoints of `tokens` tokens pin (the planner's rule: one block per layer, rounded
-    up to a power of two by torch's caching host allocator)."""
-    pc = planner.PlanConfig(model=name, context=tokens, offload=True)
-    return planner.host_offload_bytes(planner.Shapes.of(memory_bench.model_config(name)), pc) / planner.GIB
+def offload_split(name: str, tokens: int, host_gib: float | None) -> int:
+    """How many layers' checkpoints the host can pin at `tokens` tokens (the planner's rule: one block per layer,
+    rounded up to a power of two by torch's caching host allocator); the rest stay on the GPU."""
+    pc = planner.PlanConfig(model=name, context=tokens, offload=True, host_memory=host_gib)
+    return planner.offloaded_layers(planner.Shapes.of(memory_bench.model_config(name)), pc)
 
 
 def part_longest(cfg, ctx):
-    """A few trials around the planner's longest context for Llama-3.1-8B, plain LoRA, every switch: the checkpoints
-    offloaded while the host can pin them (half the RAM, each layer's block rounded up to a power of two), kept on
-    the GPU beyond. The first H200 run spent 3 of its 4 trials on lengths over that host cap and trained 114,688
-    tokens with 19 GiB of its GPU in use: the GPU was never the limit."""
+    """A few trials around the planner's longest context for Llama-3.1-8B, plain LoRA, every switch: the first
+    layers' checkpoints offloaded as far as the host can pin them (half the RAM, each layer's block rounded up to a
+    power of two), the rest kept on the GPU (--offload_layers). The first H200 run spent 3 of its 4 trials on
+    lengths over that host cap and trained 114,688 tokens with 19 GiB of its GPU in use: the GPU was never the
+    limit."""
     if cfg.dry_run:
         name, step, limit = "tiny", 256, 4096
     else:
@@ -219,8 +221,11 @@ def part_longest(cfg, ctx):
             n = n // 2 // step * step  # the first trial shrinks to what the budget holds; later ones stop instead
         if n < step or n > limit or _trial_s(n, seconds) > ctx["left"]() - margin:
             break
-        offload = host is None or pinned_gib(name, n) <= host
-        point = _point(name, "ours_lora" if offload else "ours_lora_no_offload", n, bench, ctx)
+        moved = offload_split(name, n, host)
+        layers = memory_bench.model_config(name).num_hidden_layers
+        at = dataclasses.replace(bench, offload_layers=moved if 0 < moved < layers else None)
+        point = _point(name, "ours_lora" if moved else "ours_lora_no_offload", n, at, ctx)
+        point["offload_layers"] = moved
         trials.append(point)
         if "traceback" in point:  # not a memory limit: the search cannot say more
             break
@@ -237,7 +242,7 @@ def part_longest(cfg, ctx):
         "model": name,
         "planned_longest": guess,
         "longest_trained": lo,
-        "longest_variant": variant,  # ours_lora (offloaded) or ours_lora_no_offload (checkpoints on the GPU)
+        "longest_variant": variant,  # ours_lora (the first offload_layers offloaded) or ours_lora_no_offload
         "first_failure": hi,
         "trials": trials,
     }

@@ -70,7 +70,7 @@ def render(record: dict) -> str:
                     ["variant", "context", "peak allocated GiB", "peak reserved GiB", "tokens/s", "planned GiB"],
                     [
                         [
-                            p["variant"],
+                            p["variant"] + (f", {p['offload_layers']} offloaded" if p.get("offload_layers") else ""),
                             p["context"],
                             p.get("error") or gib(p["peak_bytes"] / planner.GIB),
                             gib(p["reserved_bytes"] / planner.GIB) if p.get("reserved_bytes") else "",

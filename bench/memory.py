@@ -90,6 +90,10 @@ class BenchConfig:
             "under the profiler), the others tokens/s (the first if alone)."
         },
     )
+    offload_layers: int | None = field(
+        default=None,
+        metadata={"help": "Ours offloads only the first N layers' checkpoints (training's --offload_layers)."},
+    )
     rank: int = 8
     lora_dropout: float = 0.05
     tiled_mlp_tokens: int = 16384
@@ -121,6 +125,8 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"--variants {' '.join(bad)}: use {', '.join(VARIANTS)}")
+        if self.offload_layers is not None and self.offload_layers < 0:
+            raise ValueError(f"--offload_layers {self.offload_layers}: 0 or more decoder layers (unset: all)")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps}: at least 1")
         if any(n < 1 for n in self.layers):
@@ -155,6 +161,7 @@ def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,
+            offload_layers=cfg.offload_layers,
             chunked_loss=variant.ours,
             tiled_mlp=tiled,
             tile_tokens=cfg.tiled_mlp_tokens,
@@ -288,9 +295,10 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
 def _planned(cfg: BenchConfig):
     """The planner's prediction for a point of the report, named by strings as the JSON records it."""
 
-    def planned(name: str, layers: int | None, variant: str, context: int, device: str, dtype: str) -> dict:
+    def planned(name, layers, variant: str, context: int, device: str, dtype: str, offload_layers=None) -> dict:
+        at = dataclasses.replace(cfg, offload_layers=offload_layers)
         config = model_config(name, layers)
-        return plan_for(config, name, VARIANTS[variant], context, cfg, torch.device(device), getattr(torch, dtype))
+        return plan_for(config, name, VARIANTS[variant], context, at, torch.device(device), getattr(torch, dtype))
 
     return planned
 

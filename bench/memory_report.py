@@ -47,13 +47,11 @@ def report(
         if "error" in p:
             rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
             continue
-        p = {
-            **p,
-            "planned_bytes": planned(p["model"], p["layers"], p["variant"], p["context"], p["device"], p["dtype"])[
-                "peak_allocated_gib"
-            ]
-            * gib,
-        }
+        split = p.get("plan", {}).get("offload_layers")  # --offload_layers: the first N layers' checkpoints offloaded
+        planned_gib = planned(p["model"], p["layers"], p["variant"], p["context"], p["device"], p["dtype"], split)
+        p = {**p, "planned_bytes": planned_gib["peak_allocated_gib"] * gib}
+        if split is not None:
+            p["variant"] += f" (offload: first {split} layers)"
         err = 100 * (p["planned_bytes"] - p["peak_bytes"]) / p["peak_bytes"]
         reserved = "n/a" if p["reserved_bytes"] is None else f"{p['reserved_bytes'] / gib:.3f}"
         rows.append(

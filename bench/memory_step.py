@@ -126,7 +126,7 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
         add_fused_lm_head(model.get_base_model())
     hidden = model.config.get_text_config().hidden_size
     threshold = memory.offload_threshold_bytes(variant.offload if variant.ours else "off", 8192, hidden, dtype.itemsize)
-    offload = memory.offload_context(model, threshold)
+    offload = memory.offload_context(model, threshold, layers=cfg.offload_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_for(params, variant.optim)
     for p in params:

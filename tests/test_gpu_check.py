@@ -45,20 +45,21 @@ def test_a_refused_recipe_is_recorded_and_the_other_parts_still_run(tmp_path, sc
     assert parts["planner"]["status"] == "ok"
 
 
-def test_pinned_host_memory_is_rounded_up_per_layer(script):
-    """torch's host allocator rounds each pinned block up to a power of two: 327,680 tokens of Llama-3.1-8B pin
-    32 blocks of 4 GiB (2.5 GiB each, rounded), not 80 GiB."""
+def test_the_host_pins_whole_rounded_blocks(script):
+    """torch's host allocator rounds each pinned block up to a power of two: with 62.5 GiB for pinning, Llama-3.1-8B
+    offloads every layer's 1 GiB block at 131,072 tokens, 31 of its 2 GiB blocks at 262,144, and 15 of its 4 GiB
+    blocks at 327,680 (2.5 GiB each, rounded)."""
     check = script("bench/gpu_check.py")
-    assert check.pinned_gib("llama-3.1-8b", 262144) == 64.0 and check.pinned_gib("llama-3.1-8b", 327680) == 128.0
+    assert [check.offload_split("llama-3.1-8b", n, 62.5) for n in (131072, 262144, 327680)] == [32, 31, 15]
+    assert check.offload_split("llama-3.1-8b", 327680, None) == 32
 
 
-@pytest.mark.parametrize("limit, variant", [(300_000, "ours_lora_no_offload"), (120_000, "ours_lora")])
-def test_the_longest_search_offloads_while_the_host_can_pin_and_fits_the_budget(
-    script, monkeypatch, tmp_path, limit, variant
-):
+@pytest.mark.parametrize("limit", [300_000, 120_000])
+def test_the_longest_search_offloads_what_the_host_can_pin_and_fits_the_budget(script, monkeypatch, tmp_path, limit):
     """The search as it runs on a GPU, with a fake one (139.8 GiB, 125 GiB of RAM) that trains up to `limit`
-    tokens: offloaded while half the RAM holds the pinned checkpoints (131,072 tokens at Llama-3.1-8B), the
-    checkpoints on the GPU beyond; it brackets the limit to one step, and a short budget shrinks its first trial."""
+    tokens: every layer's checkpoint offloaded while half the RAM holds them (131,072 tokens at Llama-3.1-8B), beyond
+    only the first layers' (--offload_layers), the rest on the GPU; it brackets the limit to one step, and a short
+    budget shrinks its first trial."""
     import types
 
     import psutil
@@ -71,7 +72,7 @@ def test_the_longest_search_offloads_while_the_host_can_pin_and_fits_the_budget(
     tried = []
 
     def point(name, variant, n, bench, ctx):
-        tried.append((variant, n))
+        tried.append((variant, n, bench.offload_layers))
         if n > limit:
             return {"model": name, "variant": variant, "context": n, "error": "out of memory", "seconds": 5.0}
         return {"model": name, "variant": variant, "context": n, "peak_bytes": 1, "planned_bytes": 1, "seconds": 60.0}
@@ -80,11 +81,13 @@ def test_the_longest_search_offloads_while_the_host_can_pin_and_fits_the_budget(
     cfg = check.CheckConfig(output_dir=str(tmp_path), longest_trials=8)
     ctx = {"device": torch.device("cuda"), "dtype": torch.bfloat16, "left": lambda: 500.0, "results": {}}
     result = check.part_longest(cfg, ctx)
-    assert all((v == "ours_lora") == (n <= 131072) for v, n in tried)
-    assert {v for v, _ in tried} == {"ours_lora", "ours_lora_no_offload"} or limit > 131072
+    assert {v for v, _, _ in tried} == {"ours_lora"}
+    assert all((split is None) == (n <= 131072) for _, n, split in tried)
+    assert all(split == check.offload_split("llama-3.1-8b", n, 62.5) < 32 for _, n, split in tried if split)
+    assert any(split for *_, split in tried) or limit < 131072
     assert result["longest_trained"] <= limit < result["first_failure"]
     assert result["first_failure"] - result["longest_trained"] == 16384
-    assert result["longest_variant"] == variant
+    assert result["longest_variant"] == "ours_lora"
     tried.clear()
     short = check.part_longest(cfg, {**ctx, "left": lambda: 120.0})
     assert tried and tried[0][1] < short["planned_longest"]  # the first trial shrank to what 100 s hold

@@ -169,8 +169,13 @@ def test_gpu_every_switch_gives_the_plain_loss_and_gradients(tiny_dir, dtype, to
     moved = []
     model.register_forward_hook(lambda *a: moved.append(memory.offloaded_bytes(manager)))
     switched = step(model, ids, under(manager))
-    assert moved[-1] >= 2 * 2 * 384 * 128 * 2  # the checkpointed layer inputs went to pinned host buffers
+    one = 2 * 384 * 128 * (4 if dtype == "float32" else 2)  # one layer's checkpointed input
+    assert moved[-1] >= 2 * one  # the checkpointed layer inputs went to pinned host buffers
     assert_same(plain, switched, tol)
+    every = moved[-1]
+    manager = memory.offload_context(model, memory.offload_threshold_bytes("on", 0, 0, 0), layers=1)  # --offload_layers
+    assert_same(plain, step(model, ids, under(manager)), tol)
+    assert one <= moved[-1] <= every - one  # the second layer's input stayed on the GPU
 
 
 def test_tiled_mlp_falls_back_below_its_threshold(tiny_dir, monkeypatch):
@@ -243,6 +248,31 @@ def test_offload_keeps_the_fused_loss_on_the_device(tiny_dir, cpu_offload):
     assert shapes[-1] == []
 
 
+@pytest.mark.parametrize("layers, offloaded", [(None, 2), (1, 1), (0, 0)])
+def test_offload_layers_offloads_only_the_first_layers(tiny_dir, cpu_offload, layers, offloaded):
+    """--offload_layers N: the input ids and the first N layers' checkpointed inputs go to the host, nothing after
+    them; the loss and gradients are the plain path's, and the split holds on a second step (the threshold the
+    backward's recomputation left behind is reset by the next forward)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = adapted(tiny_dir)
+    add_fused_lm_head(model.get_base_model())
+    cpu_offload(model, None)  # the fixture's patches; the manager is built below with the split
+    manager = memory.offload_context(
+        model, memory.offload_threshold_bytes("on", 0, 0, 0), layers=layers, pin_memory=False, use_streams=False
+    )
+    shapes = []
+    model.register_forward_hook(
+        lambda *a: shapes.append(sorted(tuple(t.shape) for t, moved, *_ in manager.tracker.values() if moved))
+    )
+    ids = torch.randint(3, 320, (1, 512))
+    plain = step(model, ids, fused_lm_head=True)
+    expected = ([(1, 512)] if offloaded else []) + [(1, 512, 128)] * offloaded
+    for _ in range(2):
+        assert_same(plain, step(model, ids, manager, fused_lm_head=True), 1e-6)
+        assert shapes[-1] == expected
+
+
 def test_tiled_mlp_recomputation_is_not_offloaded(tiny_dir):
     """The tiles recomputed inside the tiled MLP's backward save tensors that are used at once; an outer
     saved-tensor hook (an offloading context) must see none of them."""
@@ -309,7 +339,13 @@ def test_chunked_loss_equals_the_plain_loss_in_one_forward(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("offload_activations", "always"), ("tiled_mlp", "yes"), ("offload_min_tokens", 0), ("tiled_mlp_tokens", 0)],
+    [
+        ("offload_activations", "always"),
+        ("tiled_mlp", "yes"),
+        ("offload_min_tokens", 0),
+        ("tiled_mlp_tokens", 0),
+        ("offload_layers", -1),
+    ],
 )
 def test_training_config_rejects_bad_switches(flag, value):
     from longqlora.training.config import TrainingConfig
@@ -345,10 +381,13 @@ def test_recipe_runs_with_every_switch(tmp_path, script):
             "96",
             "--chunked_loss",
             "false",
+            "--offload_layers",
+            "1",
         ],
     )
     record = json.loads((out / "longqlora_extension.json").read_text())
     assert record["memory_plan"]["switches"] == {"offload": True, "chunked_loss": False, "tiled_mlp": True}
+    assert record["memory_plan"]["offload_layers"] == 1 < record["memory_plan"]["layers"]
     assert record["train"]["steps"] == 2 and record["train"]["final_loss"] > 0
 
 

@@ -172,21 +172,51 @@ def test_longest_context_is_the_fitting_boundary():
 
 def test_when_the_host_is_short_the_checkpoints_stay_on_the_gpu(capsys):
     """The H200 point: Llama-3.1-8B at 262,144 tokens trained with its checkpoints on the GPU (89.4 GiB measured),
-    while offloading them would pin 64 GiB, more than a 62 GiB host allows: plan says to turn offloading off, and
-    its longest context with every switch keeps the checkpoints on the GPU."""
+    while offloading all of them would pin 64 GiB, more than a 62 GiB host allows: plan offloads the first 31 layers
+    (2 GiB blocks) and keeps the last on the GPU (--offload_layers 31); a host that can pin no block is told to turn
+    offloading off."""
     flags = ["--model", "llama-3.1-8b", "--context", "262144", "--gpu_memory", "139.8", "--trainable_params", ""]
     assert cli.main(["plan", *flags, "--offload", "--tiled_mlp", "--host_memory", "62", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert not result["fits"] and result["turn_on"][0].startswith("offload off")
-    assert result["longest_context_all_switches"] > 262144 > result["longest_context"]
-    assert not result["longest_offloads"] and result["host_offload_gib_at_longest"] == 0
-    assert cli.main(["plan", *flags, "--tiled_mlp", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["fits"]
-    shorter = ["--context", "196608", "--host_memory", "40", "--offload", "--json"]  # untiled fits: only offload off
-    assert cli.main(["plan", *flags[:2], *flags[4:], *shorter]) == 0
-    assert json.loads(capsys.readouterr().out)["turn_on"] == [
-        "offload off: the host cannot pin the checkpoints, the GPU can hold them"
+    assert result["fits"] and result["offload_layers"] == 31 and result["host_offload_gib"] == 62
+    assert result["turn_on"] == [
+        "offload_layers 31: the host can pin 31 of the 32 layers' checkpoints, the rest stay on the GPU"
     ]
+    assert result["longest_context_all_switches"] == result["longest_context"] > 262144  # the split is as asked
+    assert result["longest_offloads"] and 0 < result["offload_layers_at_longest"] < 32
+    assert result["host_offload_gib_at_longest"] <= 62
+    assert cli.main(["plan", *flags, "--offload", "--tiled_mlp", "--host_memory", "1", "--json"]) == 0
+    none_pinned = json.loads(capsys.readouterr().out)
+    assert none_pinned["offload_layers"] == 0 and none_pinned["host_offload_gib"] == 0
+    assert none_pinned["turn_on"] == ["offload off: the host cannot pin the checkpoints, the GPU can hold them"]
+    assert not none_pinned["longest_offloads"] and none_pinned["host_offload_gib_at_longest"] == 0
+
+
+def test_offload_layers_splits_the_checkpoints_between_host_and_gpu():
+    """--offload_layers N: N rounded blocks pinned on the host; on the GPU the other layers' checkpoints and the
+    offloaded ones in flight. All layers is the plain offload, none the plain on-GPU plan."""
+    from longqlora.training.plan import OFFLOAD_IN_FLIGHT
+
+    base = dict(model="llama-2-7b", context=24576, tiled_mlp=True)  # a 192 MiB checkpoint, pinned as 256 MiB
+    one = 24576 * 4096 * 2 / GIB
+
+    def at(**kw):
+        return plan(LLAMA2_7B, PlanConfig(**base, **kw))
+
+    on_gpu, everything = at(), at(offload=True)
+    assert at(offload=True, offload_layers=32)["parts_gib"] == everything["parts_gib"]
+    assert at(offload=True, offload_layers=99)["offload_layers"] == 32
+    assert at(offload=True, offload_layers=0)["parts_gib"] == on_gpu["parts_gib"]
+    split = at(offload=True, offload_layers=20)
+    assert split["host_offload_gib"] == 20 * 0.25 and everything["host_offload_gib"] == 32 * 0.25
+    kept = split["parts_gib"]["checkpoints"] - everything["parts_gib"]["checkpoints"]
+    assert kept == pytest.approx(12 * one)
+    assert on_gpu["parts_gib"]["checkpoints"] - split["parts_gib"]["checkpoints"] == pytest.approx(
+        (20 - OFFLOAD_IN_FLIGHT) * one
+    )
+    assert at(offload=True, host_memory=5.2)["offload_layers"] == 20  # 20 blocks of 256 MiB fit 5.2 GiB
+    with pytest.raises(ValueError, match="--offload_layers -1"):
+        PlanConfig(**base, offload_layers=-1)
 
 
 def test_a_run_plans_its_lora_targets_and_optimizer():
@@ -244,9 +274,13 @@ def test_a_host_bound_plan_says_the_host_is_short(capsys):
          "--offload", "--tiled_mlp", "--host_memory", "128", "--json"]
     ) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    assert result["host_offload_gib"] == 160 and result["device_need_gib"] < 79.1 and not result["fits"]
+    assert result["offload_layers"] == 64 and result["host_offload_gib"] == 128 and not result["fits"]
     assert "pins 160 GiB of host memory, more than --host_memory 128" in result["turn_on"][0]
-    assert result["longest_context_all_switches"] == 65536  # 80 x 1 GiB fit; one token more rounds to 2 GiB
+    all_offloaded = plan(preset_config("llama-2-70b"), PlanConfig(**{**result["config"], "host_memory": None}))
+    assert all_offloaded["host_offload_gib"] == 160 and all_offloaded["device_need_gib"] < 79.1
+    # 80 x 1 GiB fit up to 65,536 tokens; one token more rounds the blocks to 2 GiB: 64 offloaded, 16 layers' on
+    # the GPU, which the GPU cannot hold
+    assert result["longest_context_all_switches"] == 65536 and result["offload_layers_at_longest"] == 80
 
 
 def test_advise_names_the_switches_that_make_it_fit():
@@ -417,6 +451,7 @@ def test_the_run_plans_padding_free_when_trl_collates_so():
         per_device_train_batch_size=4,
         offload_activations="off",
         offload_min_tokens=0,
+        offload_layers=None,
         chunked_loss=True,
         tiled_mlp_tokens=16384,
         tiled_mlp="on",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from longqlora.training.plan import GIB, PlanConfig, Shapes, host_offload_bytes, plan
+from longqlora.training.plan import PlanConfig, plan
 
 
 def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 << 23) -> int:
@@ -25,45 +25,50 @@ def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 <<
 
 def advise(config, cfg: PlanConfig) -> dict:
     """The plan, the longest context that fits as asked and with every switch on, and the switches to turn on. With
-    --host_memory, "every switch" keeps the checkpoints on the GPU where that goes further than offloading them (the
-    host, not the GPU, can be what is short: measured on an H200, docs/memory.md)."""
+    --host_memory, offloading moves only the checkpoints the host can pin and keeps the rest on the GPU
+    (--offload_layers): the host, not the GPU, can be what is short (measured on an H200, docs/memory.md)."""
     result = plan(config, cfg)
     if cfg.device_gib is None:
         return result
     everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
-    on_gpu = replace(everything, offload=False)
     result["longest_context"] = longest_context(config, cfg)
-    offloaded, kept = longest_context(config, everything), longest_context(config, on_gpu)
+    offloaded, kept = longest_context(config, everything), longest_context(config, replace(everything, offload=False))
     result["longest_context_all_switches"] = max(offloaded, kept)
     result["longest_offloads"] = offloaded > kept  # a tie keeps the checkpoints on the GPU: no copies, no pinning
-    result["host_offload_gib_at_longest"] = (
-        host_offload_bytes(Shapes.of(config), replace(everything, context=offloaded)) / GIB
-        if result["longest_offloads"]
-        else 0.0
-    )
-    advice = []
+    at_longest = plan(config, replace(everything, context=max(offloaded, 1), offload=result["longest_offloads"]))
+    result["host_offload_gib_at_longest"] = at_longest["host_offload_gib"]
+    result["offload_layers_at_longest"] = at_longest["offload_layers"]
+    advice, chosen = [], result
     if not result["fits"]:
         for switches in (
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
-            {"chunked_loss": True, "offload": False},  # the host cannot pin what the GPU can hold
             {"chunked_loss": True, "offload": False, "tiled_mlp": True},
         ):
-            if plan(config, replace(cfg, **switches))["fits"]:
+            chosen = plan(config, replace(cfg, **switches))
+            if chosen["fits"]:
                 advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
-                if cfg.offload and not switches.get("offload", True):
-                    advice.append("offload off: the host cannot pin the checkpoints, the GPU can hold them")
                 break
         else:
-            short = plan(config, everything)
-            if short["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
+            chosen, every = None, plan(config, replace(everything, host_memory=None, offload_layers=None))
+            if every["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
                 advice = [
-                    f"none fits: offloading fits the GPU but pins {short['host_offload_gib']:.0f} GiB of host "
+                    f"none fits: offloading fits the GPU but pins {every['host_offload_gib']:.0f} GiB of host "
                     f"memory, more than --host_memory {cfg.host_memory:g}; lower --context or add host memory"
                 ]
             else:
                 advice = ["none fits: lower --context or --batch, or use a larger GPU"]
+    split = chosen is not None and chosen["switches"]["offload"] and cfg.offload_layers is None
+    if split and chosen["offload_layers"] == 0:
+        advice = [a for a in advice if a != "offload"]
+        if cfg.offload:
+            advice.append("offload off: the host cannot pin the checkpoints, the GPU can hold them")
+    elif split and chosen["offload_layers"] < chosen["layers"]:
+        advice.append(
+            f"offload_layers {chosen['offload_layers']}: the host can pin {chosen['offload_layers']} of the "
+            f"{chosen['layers']} layers' checkpoints, the rest stay on the GPU"
+        )
     result["turn_on"] = advice
     return result
 
@@ -87,16 +92,19 @@ def render(result: dict) -> str:
     lines.append(f"  {'peak allocated (backward start or end)':<46} {result['peak_allocated_gib']:8.2f} GiB")
     lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
     if result.get("host_offload_gib"):
-        lines.append(f"  {'pinned host memory (offloaded checkpoints)':<46} {result['host_offload_gib']:8.2f} GiB")
+        moved = "" if result["offload_layers"] == result["layers"] else f", first {result['offload_layers']} layers"
+        name = f"pinned host memory (offloaded checkpoints{moved})"
+        lines.append(f"  {name:<46} {result['host_offload_gib']:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         if not result["fits"] and result["device_need_gib"] <= result["device_gib"]:
             verdict += f" (the host: {result['host_offload_gib']:.0f} GiB pinned, over --host_memory)"
         lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
     if "longest_context" in result:
+        moved = result["offload_layers_at_longest"]
         every = (
-            f"with offload + chunked loss + tiled MLP ({result['host_offload_gib_at_longest']:.0f} GiB of pinned host "
-            "memory)"
+            f"with offload ({'all' if moved == result['layers'] else f'the first {moved} of'} {result['layers']} "
+            f"layers, {result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory) + chunked loss + tiled MLP"
             if result["longest_offloads"]
             else "with chunked loss + tiled MLP, the checkpoints kept on the GPU (the host cannot pin them)"
         )

@@ -41,6 +41,13 @@ class TrainingConfig(SFTConfig):
         default=8192,
         metadata={"help": "Smallest batch (tokens) whose checkpoints --offload_activations auto moves to the host."},
     )
+    offload_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Offload only the first N decoder layers' checkpoints; the rest stay on the GPU (for when the "
+            "host cannot pin them all: `python -m longqlora plan --host_memory GIB` says N). Default: all."
+        },
+    )
     chunked_loss: bool = field(
         default=True,
         metadata={
@@ -82,6 +89,8 @@ class TrainingConfig(SFTConfig):
         for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
+        if self.offload_layers is not None and self.offload_layers < 0:
+            raise ValueError(f"--offload_layers {self.offload_layers}: must be 0 or more decoder layers (unset: all)")
 
     @property
     def optim_name(self) -> str:

@@ -38,12 +38,15 @@ def offload_threshold_bytes(mode: str, min_tokens: int, hidden_size: int, elemen
     return int(min_tokens) * int(hidden_size) * int(element_bytes)
 
 
-def offload_context(model, threshold_bytes: int | None, *, pin_memory: bool = True, use_streams: bool = True):
+def offload_context(
+    model, threshold_bytes: int | None, *, layers: int | None = None, pin_memory: bool = True, use_streams: bool = True
+):
     """TRL's activation-offloading context for `model`, with our size threshold; a null context when
     `threshold_bytes` is None or there is no accelerator to offload from (on a CPU everything is in host memory).
 
     TRL's own `activation_offloading=True` offloads every tensor over 1 KiB whatever the sequence length; we build
-    the same manager with `min_offload_size` set, which is the only reason this function exists.
+    the same manager with `min_offload_size` set, and with `layers` (--offload_layers) only the first `layers`
+    decoder layers' checkpoints go to the host: where the host, not the GPU, is short, the rest stay on the GPU.
     """
     if threshold_bytes is None:
         return contextlib.nullcontext()
@@ -62,7 +65,33 @@ def offload_context(model, threshold_bytes: int | None, *, pin_memory: bool = Tr
         warn_if_no_head=False,
     )
     _keep_loss_on_device(model)
+    _offload_first_layers(model, manager, int(threshold_bytes), layers)
     return manager
+
+
+def _offload_first_layers(model, manager, threshold: int, layers: int | None) -> None:
+    """Offload only what is saved before decoder layer `layers` runs (the input ids and the first `layers` layers'
+    checkpointed inputs); from there on, nothing. A layer's checkpointed input is saved when its checkpoint starts,
+    before any hook of that layer fires, so the switch sits in the previous layer's forward hook (which also fires
+    in the backward's recomputation: harmless, the model's pre-hook resets the threshold at each forward)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for handle in hf.__dict__.pop("_longqlora_offload_split", ()):
+        handle.remove()
+    decoder = getattr(hf, "base_model", hf)
+    blocks = getattr(decoder, "layers", None)
+    if layers is None or blocks is None or layers >= len(blocks):
+        return
+
+    def offload(*args):
+        manager.min_tensor_size_bytes = threshold
+
+    def keep(*args):
+        manager.min_tensor_size_bytes = float("inf")  # TRL keeps every tensor under its minimum on the device
+
+    hooks = [decoder.register_forward_pre_hook(keep if layers == 0 else offload)]
+    if layers > 0:
+        hooks.append(blocks[layers - 1].register_forward_hook(keep))
+    hf._longqlora_offload_split = tuple(hooks)
 
 
 def _keep_loss_on_device(model) -> None:
@@ -316,6 +345,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         lora_target=plan_lora_target(model_cfg.lora_target),
         trainable_params=model_cfg.trainable_params,
         offload=offload,
+        offload_layers=training.offload_layers,
         chunked_loss=training.chunked_loss,
         tile_tokens=training.tiled_mlp_tokens,
         # TRL's rule (SFTTrainer.__init__): bfd packing (--pack documents) collates padding-free
@@ -350,17 +380,18 @@ def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None
         training.offload_activations, training.offload_min_tokens, hidden, compute_dtype.itemsize
     )
     # TRL builds its offloading context only from its own boolean flag; ours carries the size threshold.
-    trainer.maybe_activation_offload_context = offload_context(model, threshold)
+    trainer.maybe_activation_offload_context = offload_context(model, threshold, layers=training.offload_layers)
     tiled = 0
     if training.tiled_mlp != "off":
         tiled = enable_tiled_mlp(model, training.tiled_mlp_tokens, training.tiled_mlp_min_tokens)
     norms = recompute_norms(model, training.tiled_mlp_tokens) if training.recompute_norms else 0
     dropouts = recompute_lora_dropout(model) if training.recompute_lora_dropout else 0
     logger.info(
-        "memory switches: offload %s (tensors >= %s bytes), chunked loss %s, tiled MLP %s in %d layers, "
+        "memory switches: offload %s (tensors >= %s bytes, layers %s), chunked loss %s, tiled MLP %s in %d layers, "
         "%d norms and %d LoRA dropouts recomputed",
         training.offload_activations,
         threshold,
+        "all" if training.offload_layers is None else f"first {training.offload_layers}",
         training.chunked_loss,
         training.tiled_mlp,
         tiled,

@@ -66,6 +66,13 @@ class PlanConfig:
         default=None, metadata={"help": "Host memory (GiB) that offloaded checkpoints may pin; unlimited if unset."}
     )
     offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
+    offload_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --offload: the first N layers' checkpoints offloaded, the rest on the GPU. Unset: all, or "
+            "with --host_memory as many as the host can pin."
+        },
+    )
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
     tile_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
@@ -134,6 +141,8 @@ class PlanConfig:
             raise ValueError(f"--device {self.device!r}: cuda or cpu")
         if self.host_memory is not None and self.host_memory <= 0:
             raise ValueError(f"--host_memory {self.host_memory}: must be a positive number of GiB, e.g. 128")
+        if self.offload_layers is not None and self.offload_layers < 0:
+            raise ValueError(f"--offload_layers {self.offload_layers}: must be 0 or more decoder layers (unset: all)")
         if self.tile_tokens < 1:
             raise ValueError(f"--tile_tokens {self.tile_tokens}: must be a positive number of tokens")
         if self.baseline:
@@ -260,7 +269,8 @@ def checkpoint_bytes(s: Shapes, cfg: PlanConfig) -> int:
     and the rotary cos/sin that every layer shares."""
     b = _Bytes.of(cfg)
     tokens = cfg.batch * cfg.context
-    kept = min(s.layers, OFFLOAD_IN_FLIGHT) if cfg.offload else s.layers
+    moved = offloaded_layers(s, cfg)
+    kept = s.layers - moved + min(moved, OFFLOAD_IN_FLIGHT)
     return kept * tokens * s.hidden * b.st + tokens * 2 * s.head_dim * b.c
 
 
@@ -342,12 +352,29 @@ def step_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> int:
     return params["gradients"] + max(embedding, temp)
 
 
-def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """Pinned host memory that offloading holds at the start of the backward: every layer's checkpoint, each block
-    rounded up to a power of two by torch's caching host allocator (CachingHostAllocator.h; torch 2.13 can turn
-    the rounding off with PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N, not measured here)."""
+def pinned_block_bytes(s: Shapes, cfg: PlanConfig) -> int:
+    """One offloaded checkpoint in pinned host memory: rounded up to a power of two by torch's caching host
+    allocator (CachingHostAllocator.h; torch 2.13 can turn the rounding off with
+    PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N, not measured here)."""
     block = cfg.batch * cfg.context * s.hidden * _Bytes.of(cfg).st
-    return s.layers * (1 << (block - 1).bit_length()) if cfg.offload else 0
+    return 1 << (block - 1).bit_length()
+
+
+def offloaded_layers(s: Shapes, cfg: PlanConfig) -> int:
+    """How many layers' checkpoints go to the host: none without --offload, else --offload_layers, else all or, with
+    --host_memory, as many as it can pin (the first ones; the rest stay on the GPU: training's --offload_layers)."""
+    if not cfg.offload:
+        return 0
+    if cfg.offload_layers is not None:
+        return min(cfg.offload_layers, s.layers)
+    if cfg.host_memory is None:
+        return s.layers
+    return min(s.layers, int(cfg.host_memory * GIB // pinned_block_bytes(s, cfg)))
+
+
+def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
+    """Pinned host memory that offloading holds at the start of the backward: each offloaded layer's block."""
+    return offloaded_layers(s, cfg) * pinned_block_bytes(s, cfg)
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -382,6 +409,8 @@ def plan(config, cfg: PlanConfig) -> dict:
         "device_need_gib": (peak + overhead) / GIB,
         "device_gib": cfg.device_gib,
         "host_offload_gib": host_offload_bytes(s, cfg) / GIB,
+        "offload_layers": offloaded_layers(s, cfg),
+        "layers": s.layers,
     }
     if cfg.device_gib is not None:
         result["fits"] = result["device_need_gib"] <= cfg.device_gib and (
