@@ -45,6 +45,7 @@ from gpu_check_report import render  # noqa: E402  (bench/gpu_check_report.py)
 
 from longqlora.cli import setup_logging  # noqa: E402
 from longqlora.output import write_json_atomic, write_text_atomic  # noqa: E402
+from longqlora.presets import preset_or_local_config  # noqa: E402
 from longqlora.training import plan as planner  # noqa: E402
 from longqlora.training.advice import advise  # noqa: E402
 
@@ -360,7 +361,7 @@ def _random_model(preset: str, path: Path) -> Path:
 
     if (path / "config.json").exists():
         return path
-    config = planner.load_config(preset)
+    config = preset_or_local_config(preset)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cuda")

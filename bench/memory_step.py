@@ -8,8 +8,8 @@ import time
 
 import torch
 
+from longqlora.presets import preset_or_local_config
 from longqlora.training import memory
-from longqlora.training import plan as planner
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -19,7 +19,7 @@ def model_config(name: str, layers: int | None = None):
 
         config = tiny_llama_config("gqa", vocab_size=512, max_position_embeddings=8192)
     else:
-        config = planner.load_config(name)
+        config = preset_or_local_config(name)
     if layers:
         config.num_hidden_layers = layers
     return config

@@ -153,11 +153,12 @@ def _plan(argv):
 
     from transformers import HfArgumentParser
 
+    from longqlora.presets import preset_or_local_config
     from longqlora.training.advice import advise, render
-    from longqlora.training.plan import PlanConfig, load_config
+    from longqlora.training.plan import PlanConfig
 
     (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
-    result = advise(load_config(cfg.model), cfg)
+    result = advise(preset_or_local_config(cfg.model), cfg)
     print(json.dumps(result, indent=2) if cfg.json else render(result))
     return 0
 

@@ -103,3 +103,20 @@ def preset_config(name: str):
         return None
     values = dict(values)
     return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def preset_or_local_config(name: str):
+    """A preset's built-in config (no download) or a local model directory's config.json."""
+    import os
+
+    from transformers import AutoConfig
+
+    config = preset_config(name)
+    if config is not None:
+        return config
+    path = os.path.expanduser(name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a config.json"
+        )
+    return AutoConfig.from_pretrained(path)

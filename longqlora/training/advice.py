@@ -35,7 +35,8 @@ def advise(config, cfg: PlanConfig) -> dict:
     offloaded, kept = longest_context(config, everything), longest_context(config, replace(everything, offload=False))
     result["longest_context_all_switches"] = max(offloaded, kept)
     result["longest_offloads"] = offloaded > kept  # a tie keeps the checkpoints on the GPU: no copies, no pinning
-    at_longest = plan(config, replace(everything, context=max(offloaded, 1), offload=result["longest_offloads"]))
+    longest = max(result["longest_context_all_switches"], 1)
+    at_longest = plan(config, replace(everything, context=longest, offload=result["longest_offloads"]))
     result["host_offload_gib_at_longest"] = at_longest["host_offload_gib"]
     result["offload_layers_at_longest"] = at_longest["offload_layers"]
     advice, chosen = [], result
@@ -92,8 +93,9 @@ def render(result: dict) -> str:
     lines.append(f"  {'peak allocated (backward start or end)':<46} {result['peak_allocated_gib']:8.2f} GiB")
     lines.append(f"  {'+ CUDA context and fragmentation':<46} {result['overhead_gib']:8.2f} GiB")
     if result.get("host_offload_gib"):
-        moved = "" if result["offload_layers"] == result["layers"] else f", first {result['offload_layers']} layers"
-        name = f"pinned host memory (offloaded checkpoints{moved})"
+        moved = result["offload_layers"]
+        which = "offloaded checkpoints" if moved == result["layers"] else f"layers 0-{moved - 1}"
+        name = f"pinned host memory ({which})"
         lines.append(f"  {name:<46} {result['host_offload_gib']:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"

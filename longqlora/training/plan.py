@@ -203,25 +203,6 @@ class Shapes:
         return attention + ([(h, i), (h, i), (i, h)] if all_linear else [])
 
 
-def load_config(name: str):
-    """A preset's built-in config (no download) or a local model directory's config.json."""
-    import os
-
-    from transformers import AutoConfig
-
-    from longqlora.presets import ALIASES, preset_config
-
-    config = preset_config(name)
-    if config is not None:
-        return config
-    path = os.path.expanduser(name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(
-            f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a config.json"
-        )
-    return AutoConfig.from_pretrained(path)
-
-
 # ------------------------------------------------------------------------------------------------- the parts
 @dataclass(frozen=True)
 class _Bytes:
