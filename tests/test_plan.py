@@ -468,3 +468,20 @@ def test_the_run_plans_padding_free_when_trl_collates_so():
         training = SimpleNamespace(**base, packing=packing, packing_strategy=strategy)
         got = memory_plan(LLAMA2_7B, model_cfg, training, "bfloat16")
         assert got["config"]["padding_free"] is expected and got["switches"]["tiled_mlp"] is expected
+
+
+def test_a_run_is_warned_when_offloading_would_pin_most_of_the_host():
+    """Llama-3.1-8B at 458,752 tokens offloads 32 blocks of 4 GiB: on the H200's 125 GiB host that is over 60% of
+    the RAM, and the warning names the split that fits (18 blocks in 75 GiB); a 256 GiB host gets no warning."""
+    from longqlora.training.advice import host_memory_warning
+
+    config = preset_config("llama-3.1-8b")
+    planned = plan(config, PlanConfig(model="llama-3.1-8b", context=458752, offload=True, trainable_params=""))
+    assert planned["host_offload_gib"] == 128
+    warning = host_memory_warning(config, planned, 125.0)
+    assert warning.startswith("offloading 32 layers' checkpoints pins 128 GiB of host memory, more than 60%")
+    assert "--offload_layers 18 " in warning and "\n" not in warning
+    assert host_memory_warning(config, planned, 256.0) is None
+    assert "the host can pin none" in host_memory_warning(config, planned, 4.0)
+    on_gpu = plan(config, PlanConfig(model="llama-3.1-8b", context=458752, trainable_params=""))
+    assert host_memory_warning(config, on_gpu) is None  # this machine's RAM (psutil): nothing pinned

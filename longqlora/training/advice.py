@@ -74,6 +74,29 @@ def advise(config, cfg: PlanConfig) -> dict:
     return result
 
 
+HOST_SHARE = 0.6  # of the RAM that offloaded checkpoints may pin: TRL's offloading warns above 60% in use
+
+
+def host_memory_warning(config, planned: dict, ram_gib: float | None = None) -> str | None:
+    """One line when a run's offloaded checkpoints would pin more than 60% of this machine's RAM (a host that runs
+    out kills the run mid-step; the H200's first run found the host, not the GPU, to be the limit), naming the
+    --offload_layers that keeps the rest on the GPU; None when they fit."""
+    if ram_gib is None:
+        import psutil
+
+        ram_gib = psutil.virtual_memory().total / 2**30
+    pinned = planned.get("host_offload_gib") or 0.0
+    if pinned <= HOST_SHARE * ram_gib:
+        return None
+    cfg = replace(PlanConfig(**planned["config"]), offload_layers=None, host_memory=HOST_SHARE * ram_gib)
+    fits = plan(config, cfg)["offload_layers"]
+    return (
+        f"offloading {planned['offload_layers']} layers' checkpoints pins {pinned:.0f} GiB of host memory, more than "
+        f"{HOST_SHARE:.0%} of this machine's {ram_gib:.0f} GiB: pass --offload_layers {fits} to keep the other "
+        "layers' checkpoints on the GPU" + (" (--offload_activations off: the host can pin none)" if fits == 0 else "")
+    )
+
+
 def render(result: dict) -> str:
     """The plan as a short human-readable report."""
     names = {

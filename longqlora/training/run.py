@@ -29,6 +29,7 @@ from longqlora.model import ModelConfig, ModelInfo, check_model, load_model, loa
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory
+from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
 
@@ -322,6 +323,8 @@ def train(run: ResolvedRun) -> Path:
             model_cfg.train_length,
             plan["device_gib"],
         )
+    if torch.cuda.is_available() and (host := host_memory_warning(run.hf_config, plan)):  # nothing offloads on a CPU
+        logger.warning(host)
     # every input file is checked before anything is written or loaded
     loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
     prepared = None
