@@ -270,6 +270,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                             "context": context,
                             "error": "out of memory",
                         }
+                    point["command"] = _command(argv)  # speed ratios compare points of one command's run only
                     logger.info("%s", {k: v for k, v in point.items() if k != "plan"})
                     points.append(point)
                     if cfg.json:  # every point kept as it comes: a long CPU run cut short loses nothing measured

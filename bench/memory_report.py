@@ -158,12 +158,17 @@ def report(
 
 
 def speed_rows(points: list[dict]) -> list[list]:
-    """Tokens/s of every timed point, and its step time relative to ours at the same model, depth and context."""
+    """Tokens/s of every timed point, and its step time relative to ours at the same model, depth and context in the
+    same command's run (ratios are only meaningful within one run)."""
     timed = [p for p in points if p.get("timed_steps") and "error" not in p]
-    ours = {(p["model"], p["layers"], p["context"]): p["tokens_per_s"] for p in timed if p["variant"] == "ours"}
+
+    def key(p):
+        return p.get("command"), p["model"], p["layers"], p["context"]
+
+    ours = {key(p): p["tokens_per_s"] for p in timed if p["variant"] == "ours"}
     rows = []
     for p in timed:
-        ref = ours.get((p["model"], p["layers"], p["context"]))
+        ref = ours.get(key(p))
         rows.append(
             [
                 p["model"],
@@ -199,13 +204,23 @@ def merge_record(path: str, record: dict) -> dict:
         }
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    key = lambda p: (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"))  # noqa: E731
+
+    def key(p):  # a point measured again by the same command (or one recorded without its command) is replaced
+        split = p.get("plan", {}).get("offload_layers")
+        return (p["model"], p["layers"], p["variant"], p["context"], p.get("rows"), p.get("dtype"), split)
+
     fresh = {key(p) for p in record["points"]}
+    fresh_with_command = {(key(p), p.get("command")) for p in record["points"]}
     fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
     new_fits = {fit_key(f) for f in record["fits"]}
     return {
         "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
-        "points": [p for p in old["points"] if key(p) not in fresh] + record["points"],
+        "points": [
+            p
+            for p in old["points"]
+            if not (key(p) in fresh and (p.get("command") is None or (key(p), p["command"]) in fresh_with_command))
+        ]
+        + record["points"],
         "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
         "machine": record.get("machine") or old.get("machine"),
     }

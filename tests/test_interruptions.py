@@ -27,6 +27,10 @@ ARGS = ["--tiny", "--seed", "3"]  # 4 steps of a tiny random Llama, a checkpoint
 # Seeds of the random kill moments: one by default (the suite stays short); LONGQLORA_KILL_TRIALS=N runs seeds 1..N.
 TRIALS = int(os.environ.get("LONGQLORA_KILL_TRIALS", "0"))
 RANDOM_KILLS = list(range(1, TRIALS + 1)) if TRIALS else [5]
+# Every run here (the reference, the killed ones, the resumed ones) on one CPU thread: with two, an uninterrupted run
+# of the same seed ends in different last bits about one time in ten (a parallel reduction's order), which no
+# interruption causes; bit-identical resumption is what these tests check.
+THREADS = 1
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def start(out: Path, point: str = "none") -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)},
     )
 
 
@@ -68,8 +72,13 @@ def resume(out: Path, monkeypatch, caplog):
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    with caplog.at_level(logging.INFO, logger="longqlora.training.checkpoints"):
-        adapter = run(RECIPE, *ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        with caplog.at_level(logging.INFO, logger="longqlora.training.checkpoints"):
+            adapter = run(RECIPE, *ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.undo()
     assert loads == [(f, True) for f, _ in loads], "a torch.load without weights_only=True"
     return load_file(adapter / "adapter_model.safetensors"), loads, caplog.text

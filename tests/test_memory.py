@@ -248,29 +248,41 @@ def test_offload_keeps_the_fused_loss_on_the_device(tiny_dir, cpu_offload):
     assert shapes[-1] == []
 
 
-@pytest.mark.parametrize("layers, offloaded", [(None, 2), (1, 1), (0, 0)])
-def test_offload_layers_offloads_only_the_first_layers(tiny_dir, cpu_offload, layers, offloaded):
-    """--offload_layers N: the input ids and the first N layers' checkpointed inputs go to the host, nothing after
-    them; the loss and gradients are the plain path's, and the split holds on a second step (the threshold the
-    backward's recomputation left behind is reset by the next forward)."""
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("mem") / "deep", shape="gqa", num_hidden_layers=4)
+
+
+@pytest.mark.parametrize("layers", [None, 2, 0])
+def test_offload_layers_offloads_only_the_first_layers(deep_dir, cpu_offload, layers):
+    """--offload_layers N on a 4-layer model: what goes to the host is the input ids and exactly the inputs of
+    decoder layers 0..N-1 (matched by value), nothing after them; the loss and gradients are the plain path's, on
+    two steps in a row (the model's pre-hook resets the threshold the previous forward left behind)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    model = adapted(tiny_dir)
+    model = adapted(deep_dir)
     add_fused_lm_head(model.get_base_model())
     cpu_offload(model, None)  # the fixture's patches; the manager is built below with the split
     manager = memory.offload_context(
         model, memory.offload_threshold_bytes("on", 0, 0, 0), layers=layers, pin_memory=False, use_streams=False
     )
-    shapes = []
-    model.register_forward_hook(
-        lambda *a: shapes.append(sorted(tuple(t.shape) for t, moved, *_ in manager.tracker.values() if moved))
-    )
+    inputs, moved = [], []
+    for block in model.get_base_model().model.layers:
+        block.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone()),
+            with_kwargs=True,
+        )
+    model.register_forward_hook(lambda *a: moved.append([t for t, m, *_ in manager.tracker.values() if m]))
     ids = torch.randint(3, 320, (1, 512))
     plain = step(model, ids, fused_lm_head=True)
-    expected = ([(1, 512)] if offloaded else []) + [(1, 512, 128)] * offloaded
     for _ in range(2):
+        inputs.clear()
         assert_same(plain, step(model, ids, manager, fused_lm_head=True), 1e-6)
-        assert shapes[-1] == expected
+        first = inputs[:4]  # the forward's four layers (a recomputation, if it fires hooks, comes after)
+        hidden = [t for t in moved[-1] if t.dim() == 3]
+        which = sorted(i for i, x in enumerate(first) for t in hidden if torch.equal(t, x))
+        assert which == list(range(4 if layers is None else layers)) and len(hidden) == len(which)
+        assert sum(t.dim() == 2 for t in moved[-1]) == (0 if layers == 0 else 1)  # the input ids
 
 
 def test_tiled_mlp_recomputation_is_not_offloaded(tiny_dir):
@@ -434,3 +446,34 @@ def test_memory_bench_tiny(tmp_path, script):
         )
         assert fit["per_layer_bytes"] == pytest.approx(two - one)
         assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))
+
+
+def test_bench_ratios_stay_within_a_command_and_a_rerun_replaces_its_own_points(script, tmp_path):
+    """Speed ratios compare points of one command's run only (a later session's `ours` at the same length must not
+    become an earlier run's reference); merging a JSON replaces a point measured again by the same command (or one
+    recorded without its command), keeps another command's, and keeps a different --offload_layers split apart."""
+    import json
+
+    report = script("bench/memory.py").memory_report
+
+    def point(command, variant, tps, split=None):
+        return {
+            "model": "m", "layers": 2, "variant": variant, "context": 1024, "rows": "plain", "dtype": "bfloat16",
+            "tokens_per_s": tps, "timed_steps": 1, "command": command, "plan": {"offload_layers": split},
+        }  # fmt: skip
+
+    first = [point("a", "ours", 100.0), point("a", "baseline", 50.0)]
+    rows = report.speed_rows(first + [point("b", "ours", 400.0)])
+    assert [r[-1] for r in rows] == ["1.00", "2.00", "1.00"]
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"commands": ["a"], "points": first + [point(None, "ours_lora", 1.0)], "fits": []}))
+    merged = report.merge_record(
+        str(path), {"command": "b", "points": [point("b", "ours", 1.0), point("b", "ours_lora", 2.0)], "fits": []}
+    )
+    assert [(p["command"], p["variant"]) for p in merged["points"]] == [
+        ("a", "ours"), ("a", "baseline"), ("b", "ours"), ("b", "ours_lora"),
+    ]  # fmt: skip
+    again = report.merge_record(str(path), {"command": "a", "points": [point("a", "ours", 3.0, split=1)], "fits": []})
+    assert [(p["command"], p["variant"], p["plan"]["offload_layers"]) for p in again["points"]] == [
+        ("a", "ours", None), ("a", "baseline", None), (None, "ours_lora", None), ("a", "ours", 1),
+    ]  # fmt: skip

@@ -3,6 +3,7 @@ GPU, as asked and with every memory switch on, and the switches that make a run 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from longqlora.training.plan import PlanConfig, plan
@@ -45,6 +46,7 @@ def advise(config, cfg: PlanConfig) -> dict:
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
+            {"chunked_loss": True, "offload": True, "tiled_mlp": True, "offload_layers": None},  # the host's split
             {"chunked_loss": True, "offload": False, "tiled_mlp": True},
         ):
             chosen = plan(config, replace(cfg, **switches))
@@ -53,23 +55,28 @@ def advise(config, cfg: PlanConfig) -> dict:
                 break
         else:
             chosen, every = None, plan(config, replace(everything, host_memory=None, offload_layers=None))
-            if every["device_need_gib"] <= cfg.device_gib:  # the GPU would hold it: the host is what is short
+            # every offloaded fits the GPU only where --host_memory is short (else the host's split above fit)
+            if every["device_need_gib"] <= cfg.device_gib and cfg.host_memory is not None:
                 advice = [
                     f"none fits: offloading fits the GPU but pins {every['host_offload_gib']:.0f} GiB of host "
                     f"memory, more than --host_memory {cfg.host_memory:g}; lower --context or add host memory"
                 ]
             else:
                 advice = ["none fits: lower --context or --batch, or use a larger GPU"]
-    split = chosen is not None and chosen["switches"]["offload"] and cfg.offload_layers is None
+    split = chosen is not None and chosen["switches"]["offload"] and chosen["config"]["offload_layers"] is None
     if split and chosen["offload_layers"] == 0:
         advice = [a for a in advice if a != "offload"]
         if cfg.offload:
-            advice.append("offload off: the host cannot pin the checkpoints, the GPU can hold them")
+            advice.append(
+                "offload off: the host cannot pin enough checkpoints to save GPU memory, the GPU can hold them"
+            )
     elif split and chosen["offload_layers"] < chosen["layers"]:
         advice.append(
             f"offload_layers {chosen['offload_layers']}: the host can pin {chosen['offload_layers']} of the "
             f"{chosen['layers']} layers' checkpoints, the rest stay on the GPU"
         )
+    elif split and cfg.offload_layers is not None:  # the user's split kept too many on the GPU
+        advice.append(f"offload_layers unset: all {chosen['layers']} layers' checkpoints offloaded")
     result["turn_on"] = advice
     return result
 
@@ -77,23 +84,26 @@ def advise(config, cfg: PlanConfig) -> dict:
 HOST_SHARE = 0.6  # of the RAM that offloaded checkpoints may pin: TRL's offloading warns above 60% in use
 
 
-def host_memory_warning(config, planned: dict, ram_gib: float | None = None) -> str | None:
-    """One line when a run's offloaded checkpoints would pin more than 60% of this machine's RAM (a host that runs
-    out kills the run mid-step; the H200's first run found the host, not the GPU, to be the limit), naming the
-    --offload_layers that keeps the rest on the GPU; None when they fit."""
+def host_memory_warning(config, planned: dict, ram_gib: float | None = None, ranks: int | None = None) -> str | None:
+    """One line when a run's offloaded checkpoints, in each of the `ranks` processes on this machine, would pin more
+    than 60% of its RAM together (a host that runs out kills the run mid-step; the H200's first run found the host,
+    not the GPU, to be the limit), naming the --offload_layers that keeps the rest on the GPU; None when they fit."""
     if ram_gib is None:
         import psutil
 
         ram_gib = psutil.virtual_memory().total / 2**30
-    pinned = planned.get("host_offload_gib") or 0.0
+    ranks = ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    pinned = (planned.get("host_offload_gib") or 0.0) * ranks
     if pinned <= HOST_SHARE * ram_gib:
         return None
-    cfg = replace(PlanConfig(**planned["config"]), offload_layers=None, host_memory=HOST_SHARE * ram_gib)
+    cfg = replace(PlanConfig(**planned["config"]), offload_layers=None, host_memory=HOST_SHARE * ram_gib / ranks)
     fits = plan(config, cfg)["offload_layers"]
+    who = f"{ranks} processes offloading" if ranks > 1 else "offloading"
     return (
-        f"offloading {planned['offload_layers']} layers' checkpoints pins {pinned:.0f} GiB of host memory, more than "
+        f"{who} {planned['offload_layers']} layers' checkpoints pin {pinned:.0f} GiB of host memory, more than "
         f"{HOST_SHARE:.0%} of this machine's {ram_gib:.0f} GiB: pass --offload_layers {fits} to keep the other "
-        "layers' checkpoints on the GPU" + (" (--offload_activations off: the host can pin none)" if fits == 0 else "")
+        "layers' checkpoints on the GPU"
+        + (" (--offload_activations off: the host cannot pin enough to save GPU memory)" if fits == 0 else "")
     )
 
 

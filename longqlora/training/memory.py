@@ -39,7 +39,7 @@ def offload_threshold_bytes(mode: str, min_tokens: int, hidden_size: int, elemen
 
 
 def offload_context(
-    model, threshold_bytes: int | None, *, layers: int | None = None, pin_memory: bool = True, use_streams: bool = True
+    model, threshold_bytes: int | None, *, layers: int | None = None, pin_memory=True, use_streams=True
 ):
     """TRL's activation-offloading context for `model`, with our size threshold; a null context when
     `threshold_bytes` is None or there is no accelerator to offload from (on a CPU everything is in host memory).
@@ -71,24 +71,24 @@ def offload_context(
 
 def _offload_first_layers(model, manager, threshold: int, layers: int | None) -> None:
     """Offload only what is saved before decoder layer `layers` runs (the input ids and the first `layers` layers'
-    checkpointed inputs); from there on, nothing. A layer's checkpointed input is saved when its checkpoint starts,
-    before any hook of that layer fires, so the switch sits in the previous layer's forward hook (which also fires
-    in the backward's recomputation: harmless, the model's pre-hook resets the threshold at each forward)."""
+    checkpointed inputs); from there on, nothing. The switch sits in the previous layer's forward hook, which runs
+    before the next layer's input is saved whether the checkpoint wraps the layer's call (before its hooks) or, as
+    in transformers 5, its forward (after its pre-hook); the model's pre-hook resets the threshold each forward."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     for handle in hf.__dict__.pop("_longqlora_offload_split", ()):
         handle.remove()
     decoder = getattr(hf, "base_model", hf)
     blocks = getattr(decoder, "layers", None)
     if layers is None or blocks is None or layers >= len(blocks):
+        if layers is not None and blocks is None:
+            logger.warning("--offload_layers %d: %s has no .layers; every checkpoint is offloaded", layers, type(hf))
         return
 
-    def offload(*args):
-        manager.min_tensor_size_bytes = threshold
+    def set_minimum(value):  # TRL keeps every tensor under its minimum size on the device
+        return lambda *args: setattr(manager, "min_tensor_size_bytes", value)
 
-    def keep(*args):
-        manager.min_tensor_size_bytes = float("inf")  # TRL keeps every tensor under its minimum on the device
-
-    hooks = [decoder.register_forward_pre_hook(keep if layers == 0 else offload)]
+    keep = set_minimum(float("inf"))
+    hooks = [decoder.register_forward_pre_hook(keep if layers == 0 else set_minimum(threshold))]
     if layers > 0:
         hooks.append(blocks[layers - 1].register_forward_hook(keep))
     hf._longqlora_offload_split = tuple(hooks)

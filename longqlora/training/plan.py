@@ -67,11 +67,7 @@ class PlanConfig:
     )
     offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
     offload_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "With --offload: the first N layers' checkpoints offloaded, the rest on the GPU. Unset: all, or "
-            "with --host_memory as many as the host can pin."
-        },
+        default=None, metadata={"help": "With --offload: the first N layers' (unset: all, or what --host_memory pins)."}
     )
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
@@ -343,14 +339,16 @@ def pinned_block_bytes(s: Shapes, cfg: PlanConfig) -> int:
 
 def offloaded_layers(s: Shapes, cfg: PlanConfig) -> int:
     """How many layers' checkpoints go to the host: none without --offload, else --offload_layers, else all or, with
-    --host_memory, as many as it can pin (the first ones; the rest stay on the GPU: training's --offload_layers)."""
+    --host_memory, as many as it can pin (the first ones; the rest stay on the GPU: training's --offload_layers),
+    and none when that is no more than the OFFLOAD_IN_FLIGHT the GPU holds anyway (pinning would save nothing)."""
     if not cfg.offload:
         return 0
     if cfg.offload_layers is not None:
         return min(cfg.offload_layers, s.layers)
     if cfg.host_memory is None:
         return s.layers
-    return min(s.layers, int(cfg.host_memory * GIB // pinned_block_bytes(s, cfg)))
+    pinned = min(s.layers, int(cfg.host_memory * GIB // pinned_block_bytes(s, cfg)))
+    return pinned if pinned == s.layers or pinned > OFFLOAD_IN_FLIGHT else 0
 
 
 def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
