@@ -214,7 +214,7 @@ def part_longest(cfg, ctx):
         longest = advise(memory_bench.model_config(name), pc)["longest_context_all_switches"]
         guess = max(step, longest // step * step)
     lo, hi, trials, variant = 0, None, [], None
-    n = guess
+    n, layers = guess, memory_bench.model_config(name).num_hidden_layers
     seconds = _seconds_per_token(ctx)  # (seconds per token at 8k, setup seconds) from the points measured so far
     for _ in range(cfg.longest_trials):
         margin = 5 if cfg.dry_run else 20
@@ -223,7 +223,6 @@ def part_longest(cfg, ctx):
         if n < step or n > limit or _trial_s(n, seconds) > ctx["left"]() - margin:
             break
         moved = offload_split(name, n, host)
-        layers = memory_bench.model_config(name).num_hidden_layers
         at = dataclasses.replace(bench, offload_layers=moved if 0 < moved < layers else None)
         point = _point(name, "ours_lora" if moved else "ours_lora_no_offload", n, at, ctx)
         point["offload_layers"] = moved

@@ -42,13 +42,15 @@ def advise(config, cfg: PlanConfig) -> dict:
     result["offload_layers_at_longest"] = at_longest["offload_layers"]
     advice, chosen = [], result
     if not result["fits"]:
-        for switches in (
+        candidates = [
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
-            {"chunked_loss": True, "offload": True, "tiled_mlp": True, "offload_layers": None},  # the host's split
             {"chunked_loss": True, "offload": False, "tiled_mlp": True},
-        ):
+        ]
+        if cfg.offload_layers is not None:  # the user's split, then the one the host allows
+            candidates.insert(3, {**candidates[2], "offload_layers": None})
+        for switches in candidates:
             chosen = plan(config, replace(cfg, **switches))
             if chosen["fits"]:
                 advice = [name for name, on in switches.items() if on and not getattr(cfg, name)]
