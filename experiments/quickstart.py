@@ -26,7 +26,7 @@ import torch
 
 from experiments.small_base import HELD_OUT, TRAIN_BOOKS, SmallLlamaConfig, pretrain_base
 from longqlora.data import corpora
-from longqlora.output import atomic_directory, markdown_table, write_json_atomic, write_text_atomic
+from longqlora.output import atomic_directory, check_output_path, markdown_table, write_json_atomic, write_text_atomic
 from longqlora.rope import UNSCALED_TO
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def s2_groups(cfg: QuickstartConfig) -> str:
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    out = Path(cfg.output_dir)
+    out = check_output_path(cfg.output_dir, "--output_dir")  # the recipes' check and wording, before any work
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)

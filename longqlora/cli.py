@@ -176,12 +176,17 @@ def main(argv=None) -> int:
     """`python -m longqlora SUBCOMMAND [--flags]`; `--help` after a subcommand lists its flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
         lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
         print(
             "usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
-            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+            file=sys.stdout if asked else sys.stderr,
         )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        if asked:
+            return 0
+        what = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
+        print(f"error: {what}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     setup_logging()
     with one_line_errors():
         return COMMANDS[argv[0]][0](argv[1:])

@@ -100,6 +100,7 @@ def _within(inner: Path, outer: Path) -> bool:
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
     from longqlora.evaluation.loading import adapter_base, check_adapter_fits, local_model, read_extension
+    from longqlora.model import check_safetensors
     from longqlora.output import check_output_path
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
@@ -115,6 +116,7 @@ def check_merge(cfg: MergeConfig) -> dict:
             f"{flag} {base_name}: no model directory (no config.json) there; pass --base DIR, the "
             "local base model (or hub id) the adapter was trained on"
         )
+    check_safetensors(base_name, flag, str(base))  # no weights, or damaged ones: named by the flag the user gave
     out = _path(cfg.output)
     for name, path in (("base", base), ("adapter", adapter)):
         if _within(out, path) or _within(path, out):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -79,15 +80,74 @@ def _why(err: Exception) -> str:
     return _first_line(err)
 
 
-def check_safetensors(name: str, flag: str, local: str | None = None) -> None:
-    """Weights load from safetensors only: refuse a local model directory (`local`, else `name`) that holds none
-    (pickle .bin files could run code when loaded, so they are never read)."""
+HEADER_LIMIT = 100_000_000  # safetensors' own bound on the header's length
+
+
+def _data_end(path: Path) -> int | None:
+    """The byte where a safetensors file's data ends by its header (8 + header + data), or None when no header
+    parses."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8).ljust(8, b"\xff"), "little")  # a file under 8 bytes: past the limit
+        text = f.read(n) if n <= HEADER_LIMIT else b""
+    try:
+        ends = [t["data_offsets"][1] for k, t in json.loads(text).items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) if len(text) == n else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not JSON, or not a tensor table
+        return None
+
+
+def safetensors_problem(file) -> str:
+    """Why the safetensors `file` cannot load ('' when it can): its header must parse and the file must hold exactly
+    the bytes the header places (a copy or download cut short is shorter), and safetensors must open it. Reads the
+    header only, so a damaged file is refused in one line before any weights load (checkpoints use it too)."""
+    from safetensors import safe_open
+
+    path = Path(file)
+    expected, size = _data_end(path), path.stat().st_size
+    if expected is None:
+        return "its header does not parse: not a safetensors file, or cut short"
+    if size != expected:
+        return f"{size} bytes where its header places {expected}" + (": cut short" if size < expected else "")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        return _first_line(err)
+    return ""
+
+
+def check_safetensors(name: str, flag: str, local: str | None = None, *, required: bool = True) -> None:
+    """Weights load from safetensors only: refuse a local model or adapter directory (`local`, else `name`) that
+    holds none when `required` (pickle .bin files could run code when loaded, so they are never read), or one
+    whose .safetensors file is damaged (`safetensors_problem`)."""
     path = Path(os.path.expanduser(local or name))
-    if path.is_dir() and not any(path.glob("*.safetensors")):
+    if not path.is_dir():
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if required and not files:
         raise ValueError(
             f"{flag} {name}: no .safetensors weights (pickle .bin files are never loaded); save the "
             "model with safe_serialization=True"
         )
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{flag} {name}: {file.name} is damaged ({problem}); copy or download it again")
+
+
+def check_config_json(flag: str, path: str) -> None:
+    """One line when a local model directory's config.json is not JSON (transformers' own error names no flag)."""
+    file = os.path.join(path, "config.json")
+    try:
+        json.loads(Path(file).read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"{flag}: {file} is not valid JSON ({_first_line(err)}); fix it or save the model again"
+        ) from err
+
+
+def _not_a_directory(path: str) -> str:
+    return "is a file, not a model directory" if os.path.exists(path) else "no such directory"
 
 
 def load_tokenizer(
@@ -98,7 +158,7 @@ def load_tokenizer(
     name = str(name)  # Python callers pass Path objects
     path = os.path.expanduser(name)
     if is_local_path(name) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {name}: no such directory; {fix}")
+        raise ValueError(f"{flag} {name}: {_not_a_directory(path)}; {fix}")
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -120,9 +180,11 @@ def load_config(
     if preset is not None:
         return preset
     if local and not os.path.isdir(path):
-        raise ValueError(f"{flag}: no such directory; pass a local model directory or a hub id")
+        raise ValueError(f"{flag}: {_not_a_directory(path)}; pass a local model directory or a hub id")
     if local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
+    if local:
+        check_config_json(flag, path)
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -172,6 +234,7 @@ def check_model(
         trust_remote_code=trust_remote_code,
         prefer_preset=prefer_preset,
     )
+    check_safetensors(cfg.model_name_or_path, "--model_name_or_path", required=False)  # damaged: before any output
     original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE
     if cfg.target_context < original:
         raise ValueError(

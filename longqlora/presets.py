@@ -111,6 +111,9 @@ def preset_or_local_config(name: str):
 
     from transformers import AutoConfig
 
+    from longqlora.errors import one_line
+    from longqlora.model import check_config_json
+
     config = preset_config(name)
     if config is not None:
         return config
@@ -119,4 +122,8 @@ def preset_or_local_config(name: str):
         raise ValueError(
             f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a config.json"
         )
-    return AutoConfig.from_pretrained(path)
+    check_config_json(f"--model {name}", path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # e.g. an unknown model_type: transformers' message names no flag
+        raise ValueError(f"--model {name}: its config.json does not load ({one_line(err)})") from err

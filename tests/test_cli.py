@@ -20,7 +20,10 @@ def test_help_lists_every_subcommand():
 
 
 def test_unknown_subcommand_exits_2():
-    assert longqlora("nonsense").returncode == 2
+    done = longqlora("nonsense")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"error: unknown subcommand 'nonsense'; choose one of {', '.join(COMMANDS)}"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

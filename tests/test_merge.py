@@ -189,7 +189,7 @@ def refusal(adapter, tmp_path, case):
     """(config kwargs, expected message start) for one refusal case."""
     base = adapter / "tiny-base"
     if case == "no adapter dir":
-        return {"adapter": str(tmp_path / "nope")}, f"--adapter {tmp_path / 'nope'}: not a PEFT adapter directory"
+        return {"adapter": str(tmp_path / "nope")}, f"--adapter {tmp_path / 'nope'}: no such directory"
     if case == "no adapter_config.json":
         return {"adapter": str(base)}, f"--adapter {base}: not a PEFT adapter directory"
     if case == "base missing":

@@ -6,6 +6,8 @@ lists them."""
 import gzip
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,9 +16,13 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from conftest import load_script
+from safetensors.torch import save_file
 
 from longqlora import cli
+from longqlora.model import safetensors_problem
+from longqlora.training import checkpoints
 from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,17 +31,44 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 EXTEND, SFT = load_script("recipes/extend_7b_8k.py"), load_script("recipes/sft_vicuna_13b_8k.py")
 TEXT, CHATS = load_script("data_prep/prepare_text.py"), load_script("data_prep/prepare_instructions.py")
+QUICK = load_script("recipes/quickstart.py")
 ENTRIES = {
     "recipe": lambda argv: cli.run_recipe(EXTEND.Model, EXTEND.Data, EXTEND.Training, argv),
     "sft recipe": lambda argv: cli.run_recipe(SFT.Model, SFT.Data, SFT.Training, argv),
     "prepare_text": TEXT.main,
     "prepare_instructions": CHATS.main,
     "command": lambda argv: sys.exit(cli.main(argv)),
+    "quickstart": lambda argv: QUICK.main(QUICK.Quickstart, argv),
 }
 
 
 def jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cut(path: Path) -> None:
+    """Keep the first half of the file's bytes: a copy or download cut short."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def damaged_weights(d: Path) -> None:
+    """Model and adapter directories whose safetensors are cut short or random bytes, and an intact empty adapter
+    (to reach the base's weights)."""
+    shutil.copytree(d / "model", d / "cut-model")
+    cut(d / "cut-model" / "model.safetensors")
+    shutil.copytree(d / "model", d / "garbage-model")
+    (d / "garbage-model" / "model.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    for name, tensors in (
+        ("cut-adapter", {"base_model.model.lm_head.weight": torch.ones(64, 64)}),
+        ("empty-adapter", {}),
+    ):
+        (d / name).mkdir()
+        (d / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": ""}))
+        save_file(tensors, d / name / "adapter_model.safetensors")
+    cut(d / "cut-adapter" / "adapter_model.safetensors")
+    (d / "bad-config").mkdir()
+    (d / "bad-config" / "config.json").write_text('{"model_type": "llama",\n')
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +121,7 @@ def bad(tmp_path_factory) -> Path:
     }.items():
         (d / name).write_text(text)
     (d / "latin1.yaml").write_bytes("lora_r: 8 # caf\xe9\n".encode("latin-1"))
+    damaged_weights(d)
     return d
 
 
@@ -230,6 +264,93 @@ CASES = [
         "command",
         lambda b, o: ["merge", "--adapter", str(b / "model"), "--output", str(o)],
         lambda b, o: "--adapter",
+    ),
+    Case(
+        "adapter directory missing",
+        "command",
+        lambda b, o: ["merge", "--adapter", str(b / "nowhere"), "--output", str(o)],
+        lambda b, o: f"--adapter {b / 'nowhere'}: no such directory",
+    ),
+    *[
+        Case(
+            f"damaged safetensors ({how})",
+            entry,
+            argv,
+            lambda b, o, f=flag, m=model: f"{f} {b / m}: model.safetensors is damaged",
+        )
+        for how, model in (("cut short", "cut-model"), ("random bytes", "garbage-model"))
+        for entry, flag, argv in (
+            (
+                "recipe",
+                "--model_name_or_path",
+                lambda b, o, m=model: recipe_args(
+                    b, o, "--dataset", b / "books" / "good.txt", "--model_name_or_path", b / m
+                ),
+            ),
+            ("command", "--model", lambda b, o, m=model: ppl_args(b, o, b / "books" / "good.txt", model=b / m)),
+        )
+    ],
+    Case(
+        "damaged safetensors (random bytes)",
+        "command",
+        lambda b, o: ["chat", "--model", str(b / "garbage-model"), "--prompt", "hi"],
+        lambda b, o: f"--model {b / 'garbage-model'}: model.safetensors is damaged",
+    ),
+    Case(
+        "damaged safetensors (base of a merge)",
+        "command",
+        lambda b, o: [
+            "merge",
+            "--adapter",
+            str(b / "empty-adapter"),
+            "--base",
+            str(b / "cut-model"),
+            "--output",
+            str(o),
+        ],
+        lambda b, o: f"--base {b / 'cut-model'}: model.safetensors is damaged",
+    ),
+    Case(
+        "damaged adapter safetensors",
+        "command",
+        lambda b, o: ["merge", "--adapter", str(b / "cut-adapter"), "--output", str(o)],
+        lambda b, o: f"--adapter {b / 'cut-adapter'}: adapter_model.safetensors is damaged",
+    ),
+    Case(
+        "damaged adapter safetensors",
+        "command",
+        lambda b, o: [*ppl_args(b, o, b / "books" / "good.txt"), "--adapter", str(b / "cut-adapter")],
+        lambda b, o: f"--adapter {b / 'cut-adapter'}: adapter_model.safetensors is damaged",
+    ),
+    Case(
+        "model path is a file",
+        "recipe",
+        lambda b, o: [*recipe_args(b, o), "--model_name_or_path", str(b / "a-file")],
+        lambda b, o: f"--model_name_or_path {b / 'a-file'}: is a file, not a model directory",
+    ),
+    Case(
+        "config.json not JSON",
+        "command",
+        lambda b, o: ["plan", "--model", str(b / "bad-config"), "--context", "8192"],
+        lambda b, o: f"--model {b / 'bad-config'}: {b / 'bad-config' / 'config.json'} is not valid JSON",
+    ),
+    Case(
+        "config.json not JSON",
+        "recipe",
+        lambda b, o: [*recipe_args(b, o), "--model_name_or_path", str(b / "bad-config")],
+        lambda b, o: f"--model_name_or_path {b / 'bad-config'}: {b / 'bad-config' / 'config.json'} is not valid JSON",
+    ),
+    Case(
+        "unknown subcommand",
+        "command",
+        lambda b, o: ["bogus", "--model", str(b / "model")],
+        lambda b, o: f"unknown subcommand 'bogus'; choose one of {', '.join(cli.COMMANDS)}",
+    ),
+    Case(
+        "--output_dir is a file",
+        "quickstart",
+        lambda b, o: ["--tiny", "--output_dir", str(b / "a-file")],
+        lambda b, o: f"--output_dir {b / 'a-file'}: is a file, not a directory; choose a directory",
     ),
     Case(
         "tokenizer missing",
@@ -427,6 +548,29 @@ def test_a_real_process_ends_in_one_line(command, bad, tmp_path):
             argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**env, "LONGQLORA_TRACEBACK": "1"}
         )
         assert shown.returncode == 1 and "Traceback" in shown.stderr and "ValueError: --model" in shown.stderr
+
+
+def test_a_damaged_safetensors_file_is_found_from_its_header(tmp_path):
+    """One check (`model.safetensors_problem`) for models, adapters and checkpoints: the header must parse and the
+    file must hold exactly the bytes it places, so a copy cut anywhere, even in its last bytes, is refused."""
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": torch.zeros(32, 32), "b": torch.ones(8)}, whole)
+    data = whole.read_bytes()
+    variants = {"half": data[: len(data) // 2], "tail": data[:-4], "extra": data + b"xx", "random": os.urandom(999)}
+    variants.update({"short": data[:5], "empty": b""})
+    assert safetensors_problem(whole) == ""
+    for name, content in variants.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        assert safetensors_problem(tmp_path / f"{name}.safetensors"), name
+    assert "cut short" in safetensors_problem(tmp_path / "tail.safetensors")
+    assert "does not parse" in safetensors_problem(tmp_path / "random.safetensors")
+    checkpoint = tmp_path / "checkpoint-2"  # the resume check uses the same function
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    (checkpoint / "adapter_model.safetensors").write_bytes(variants["tail"])
+    assert checkpoints.checkpoint_problem(checkpoint, with_optimizer=False) == "adapter_model.safetensors is damaged"
+    (checkpoint / "adapter_model.safetensors").write_bytes(data)
+    assert checkpoints.checkpoint_problem(checkpoint, with_optimizer=False) == ""
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -88,10 +88,17 @@ class LoaderArgs:
 
 
 def read_extension(adapter) -> ExtensionRecord | None:
-    """The extension record of an adapter directory (None when it has none), after checking it is a PEFT adapter."""
+    """The extension record of an adapter directory (None when it has none), after checking it is a PEFT adapter
+    whose weights are intact (every command reads it first, so a damaged file is one line before any work)."""
+    from longqlora.model import check_safetensors
+
     path = Path(os.path.expanduser(str(adapter)))
+    if not path.is_dir():
+        what = "is a file, not an adapter directory" if path.exists() else "no such directory"
+        raise ValueError(f"--adapter {adapter}: {what}; pass the adapter directory a recipe wrote")
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    check_safetensors(str(adapter), "--adapter", str(path), required=False)
     return ExtensionRecord.read(path)
 
 
@@ -149,8 +156,9 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
         raise ValueError(
             f"{flag} {path}: the directory has no config.json; pass a directory saved with save_pretrained"
         )
-    from longqlora.model import check_safetensors
+    from longqlora.model import check_config_json, check_safetensors
 
+    check_config_json(f"{flag} {path}", expanded)
     check_safetensors(path, flag, expanded)
     return expanded
 

@@ -56,7 +56,7 @@ def output_lock(output_dir):
 
 def checkpoint_problem(path: Path, *, with_optimizer: bool = True) -> str:
     """Why the checkpoint folder `path` cannot be resumed from, or '' when it is complete."""
-    from safetensors import safe_open
+    from longqlora.model import safetensors_problem
 
     state = path / STATE_FILE
     if not state.is_file():
@@ -72,10 +72,7 @@ def checkpoint_problem(path: Path, *, with_optimizer: bool = True) -> str:
     if not weights:
         return "no .safetensors weights"
     for file in weights:
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except Exception:  # safetensors raises its own error types for a cut or damaged header
+        if safetensors_problem(file):  # the header must read and the file cover its data
             return f"{file.name} is damaged"
     # One process writes optimizer.pt; FSDP writes optimizer.bin (or a folder of shards), DeepSpeed a
     # global_step* folder that holds the optimizer and scheduler.
