@@ -119,6 +119,9 @@ def render(result: dict) -> str:
         "loss": "loss and its backward",
         "gradients_and_step": "gradients + optimizer step",
     }
+    paged = result.get("paged_optimizer_gib") or 0.0  # CUDA managed memory: outside the allocator and the need
+    if paged:
+        names["trainable_state"] = "trainable: fp32 params + state not paged"
     on = [k for k, v in result["switches"].items() if v]
     lines = [
         f"{result['model']} at {result['context']:,} tokens x batch {result['batch']} "
@@ -132,11 +135,16 @@ def render(result: dict) -> str:
         which = "offloaded checkpoints" if moved == result["layers"] else f"layers 0-{moved - 1}"
         name = f"pinned host memory ({which})"
         lines.append(f"  {name:<46} {result['host_offload_gib']:8.2f} GiB")
+    if paged:
+        lines.append(f"  {'paged optimizer state (managed, evictable)':<46} {paged:8.2f} GiB")
     if result.get("device_gib") is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
         if not result["fits"] and result["device_need_gib"] <= result["device_gib"]:
             verdict += f" (the host: {result['host_offload_gib']:.0f} GiB pinned, over --host_memory)"
-        lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB: {verdict}")
+        if result["fits"] and result["device_need_gib"] + paged > result["device_gib"]:
+            verdict += "; the paged optimizer state pages through host memory (slower steps)"
+        aside = f" ({result['device_need_gib'] + paged:.2f} with the paged optimizer state resident)" if paged else ""
+        lines.append(f"needs {result['device_need_gib']:.2f} of {result['device_gib']:.1f} GiB{aside}: {verdict}")
     if "longest_context" in result:
         moved = result["offload_layers_at_longest"]
         every = (

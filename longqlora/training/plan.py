@@ -6,6 +6,7 @@ embedding/norm parameters with their fp32 gradients and AdamW state, the checkpo
 or the few in flight when they are offloaded to host memory), the recomputation of one layer in the backward, and the
 loss. The peak is at the start of the backward: everything persistent, every checkpoint, plus the larger of the
 loss's and one layer's working set. CUDA's own context and the allocator's fragmentation come on top, as overhead.
+A paged optimizer's state (bitsandbytes, CUDA managed memory) is outside the allocator's peak: reported apart.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns pe
 MLP_BACKWARD_COPIES = {"cpu": 0, "cuda": 2.5}
 PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak, beside the 16-bit logits
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
+PAGED_MIN_VALUES = 100_000  # bitsandbytes' paged optimizers page the state of tensors this large, not smaller ones
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 
@@ -75,8 +77,8 @@ class PlanConfig:
     padding_free: bool = field(
         default=False,
         metadata={
-            "help": "The batch's rows run as one row of batch x context tokens (TRL's padding-free collation, which "
-            "--pack documents uses): the MLP tiles split that one row."
+            "help": "The batch as one row of batch x context tokens (TRL's padding-free collation, as --pack "
+            "documents collates): the MLP tiles split that one row."
         },
     )
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
@@ -98,20 +100,24 @@ class PlanConfig:
     baseline: bool = field(
         default=False,
         metadata={
-            "help": "Plan plain QLoRA instead (prepare_model_for_kbit_"
-            "training's fp32 weights, full attention, plain loss)."
+            "help": "Plan plain QLoRA (prepare_model_for_kbit_training's fp32 weights, full attention, plain loss)."
         },
     )
     device: str = field(default="cuda", metadata={"help": "cuda, or cpu for the CPU benchmark's step."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
-        if self.context < 1:
-            raise ValueError(f"--context {self.context}: must be a positive number of tokens, e.g. 8192")
-        if self.batch < 1:
-            raise ValueError(f"--batch {self.batch}: must be at least 1")
-        if self.rank < 1:
-            raise ValueError(f"--rank {self.rank}: must be at least 1, e.g. 8")
+        for name, floor, must in (  # the numeric flags, refused at or below `floor`
+            ("context", 0, "a positive number of tokens, e.g. 8192"),
+            ("batch", 0, "at least 1"),
+            ("rank", 0, "at least 1, e.g. 8"),
+            ("tile_tokens", 0, "a positive number of tokens"),
+            ("gpu_memory", 0, "a positive number of GiB, e.g. 24"),
+            ("host_memory", 0, "a positive number of GiB, e.g. 128"),
+            ("offload_layers", -1, "0 or more decoder layers (unset: all)"),
+        ):
+            if getattr(self, name) is not None and getattr(self, name) <= floor:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be {must}")
         if self.lora_target not in ("attention", "all-linear"):
             raise ValueError(f"--lora_target {self.lora_target!r}: use attention or all-linear")
         unknown = [t for t in self.trainable if t not in ("embed", "norm")]
@@ -124,8 +130,6 @@ class PlanConfig:
             raise ValueError(f"--gpu {self.gpu!r}: use one of {', '.join(GPUS)}, or --gpu_memory GIB")
         if self.gpu is not None and self.gpu_memory is not None:
             raise ValueError("--gpu and --gpu_memory: pass one of them")
-        if self.gpu_memory is not None and self.gpu_memory <= 0:
-            raise ValueError(f"--gpu_memory {self.gpu_memory}: must be a positive number of GiB, e.g. 24")
         if self.compute_dtype not in BYTES:
             raise ValueError(f"--compute_dtype {self.compute_dtype!r}: use one of {', '.join(BYTES)}")
         if optimizer_name(self.optim) not in optimizer_names():
@@ -135,12 +139,6 @@ class PlanConfig:
             )
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"--device {self.device!r}: cuda or cpu")
-        if self.host_memory is not None and self.host_memory <= 0:
-            raise ValueError(f"--host_memory {self.host_memory}: must be a positive number of GiB, e.g. 128")
-        if self.offload_layers is not None and self.offload_layers < 0:
-            raise ValueError(f"--offload_layers {self.offload_layers}: must be 0 or more decoder layers (unset: all)")
-        if self.tile_tokens < 1:
-            raise ValueError(f"--tile_tokens {self.tile_tokens}: must be a positive number of tokens")
         if self.baseline:
             self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
 
@@ -180,7 +178,6 @@ class Shapes:
     @classmethod
     def of(cls, config) -> Shapes:
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
             vocab=config.vocab_size,
             hidden=config.hidden_size,
@@ -188,7 +185,7 @@ class Shapes:
             intermediate=config.intermediate_size,
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
@@ -224,19 +221,25 @@ def _switched(cfg: PlanConfig) -> tuple[bool, bool]:
 
 
 def parameter_bytes(s: Shapes, cfg: PlanConfig) -> dict:
-    """Frozen weights, trainable parameters (fp32) with their optimizer state, and their fp32 gradients."""
+    """Frozen weights, trainable parameters (fp32) with their optimizer state (a paged optimizer's apart: in CUDA
+    managed memory, bitsandbytes' get_paged, for tensors of PAGED_MIN_VALUES or more), and their fp32 gradients."""
     b = _Bytes.of(cfg)
     linear = s.layers * sum(i * o for i, o in s.linear_shapes(all_linear=True))
     frozen = linear * (NF4_BYTES_PER_PARAM if cfg.load_in_4bit else b.c)
     frozen += s.vocab * s.hidden * b.kept * (1 if s.tied else 2) + (2 * s.layers + 1) * s.hidden * b.kept
-    lora = s.layers * cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
-    full = s.vocab * s.hidden if "embed" in cfg.trainable else 0
-    full += (2 * s.layers + 1) * s.hidden if "norm" in cfg.trainable else 0
-    trainable = lora + full  # PEFT keeps the frozen originals of modules_to_save, counted in `frozen`
+    # (how many, values) of each trained tensor: LoRA's A and B, the embedding, the norms (the originals: `frozen`)
+    tensors = [(s.layers, cfg.rank * n) for shape in s.linear_shapes(cfg.lora_target == "all-linear") for n in shape]
+    tensors += [(1, s.vocab * s.hidden)] if "embed" in cfg.trainable else []
+    tensors += [(2 * s.layers + 1, s.hidden)] if "norm" in cfg.trainable else []
+    trainable = sum(k * n for k, n in tensors)
+    pages = optimizer_name(cfg.optim).startswith("paged_") and cfg.device == "cuda"  # bnb pages nothing on a CPU
+    paged = sum(k * n for k, n in tensors if pages and n >= PAGED_MIN_VALUES)
+    state = optimizer_state_bytes(cfg.optim)  # an 8-bit state's absmax (4 bytes per 256, not paged) counted with it
     return {
         "weights": frozen,
         "trainable_params": trainable,
-        "trainable_state": trainable * (4 + optimizer_state_bytes(cfg.optim)),
+        "trainable_state": 4 * trainable + state * (trainable - paged),
+        "paged_state": state * paged,
         "gradients": 4 * trainable,
     }
 
@@ -351,11 +354,6 @@ def offloaded_layers(s: Shapes, cfg: PlanConfig) -> int:
     return pinned if pinned == s.layers or pinned > OFFLOAD_IN_FLIGHT else 0
 
 
-def host_offload_bytes(s: Shapes, cfg: PlanConfig) -> int:
-    """Pinned host memory that offloading holds at the start of the backward: each offloaded layer's block."""
-    return offloaded_layers(s, cfg) * pinned_block_bytes(s, cfg)
-
-
 # --------------------------------------------------------------------------------------------------- the plan
 def plan(config, cfg: PlanConfig) -> dict:
     """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device: the larger of the backward's
@@ -387,7 +385,9 @@ def plan(config, cfg: PlanConfig) -> dict:
         "overhead_gib": overhead / GIB,
         "device_need_gib": (peak + overhead) / GIB,
         "device_gib": cfg.device_gib,
-        "host_offload_gib": host_offload_bytes(s, cfg) / GIB,
+        "host_offload_gib": offloaded_layers(s, cfg) * pinned_block_bytes(s, cfg) / GIB,  # at the backward's start
+        # Not in the need: the driver evicts managed memory to the host when the device is short (slower, no OOM).
+        "paged_optimizer_gib": params["paged_state"] / GIB,
         "offload_layers": offloaded_layers(s, cfg),
         "layers": s.layers,
     }
