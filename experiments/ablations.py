@@ -158,7 +158,7 @@ def _training(cfg: AblationConfig, out: Path, seed: int, s: dict):
         logging_steps=10,
         seed=seed,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
 
 

@@ -282,9 +282,15 @@ def clear_short_window(hf_config, target: int) -> None:
     )
 
 
-def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_code: bool = False):
-    """Load the tokenizer and the (4-bit NF4) base model with PI applied; no adapters yet. `checked` is what
-    `check_model` returned for `cfg` (a resolved run passes it; checked here when not given).
+def base_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False):
+    """The base's tokenizer (training loads it before the weights, to check and tokenize the data first)."""
+    flag, fix = "--model_name_or_path", "save the tokenizer next to the weights"
+    return load_tokenizer(cfg.model_name_or_path, flag, fix, revision=cfg.revision, trust_remote_code=trust_remote_code)
+
+
+def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_code: bool = False, tokenizer=None):
+    """Load the tokenizer (unless given: `base_tokenizer`'s) and the (4-bit NF4) base model with PI applied; no
+    adapters yet. `checked` is what `check_model` returned for `cfg` (a resolved run passes it; else checked here).
 
     Returns (model, tokenizer, ModelInfo). Also what evaluation uses before `PeftModel.from_pretrained`.
     """
@@ -296,23 +302,13 @@ def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_co
             f"load_base: checked= was made for {info.model} at {info.target_context} tokens, not this config"
         )
     path = os.path.expanduser(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(
-        cfg.model_name_or_path,
-        "--model_name_or_path",
-        "save the tokenizer next to the weights",
-        revision=cfg.revision,
-        trust_remote_code=trust_remote_code,
-    )
+    tokenizer = base_tokenizer(cfg, trust_remote_code) if tokenizer is None else tokenizer
     if tokenizer.pad_token is None:
         # Reuse an existing token rather than adding one: a new row would change the vocabulary of the base.
         source = "unk" if tokenizer.unk_token is not None else "eos"
         tokenizer.pad_token = tokenizer.unk_token if source == "unk" else tokenizer.eos_token
-        logger.info(
-            "tokenizer has no pad token; padding with the %s token %r (id %d)",
-            source,
-            tokenizer.pad_token,
-            tokenizer.pad_token_id,
-        )
+        pad = (source, tokenizer.pad_token, tokenizer.pad_token_id)
+        logger.info("tokenizer has no pad token; padding with the %s token %r (id %d)", *pad)
     info = dataclasses.replace(info, pad_token=tokenizer.pad_token)
     check_safetensors(cfg.model_name_or_path, "--model_name_or_path")
 
@@ -370,13 +366,14 @@ def load_model(
     gradient_checkpointing: bool = True,
     trust_remote_code: bool = False,
     context_parallel=None,
+    tokenizer=None,
 ):
-    """Load the base (`load_base`) and adapt it for training (`adapt_for_training`); `context_parallel`: this
-    process's attention.context_parallel.CPGroup when rows are split over processes.
+    """Load the base (`load_base`, with `tokenizer` when given) and adapt it for training (`adapt_for_training`);
+    `context_parallel`: this process's attention.context_parallel.CPGroup when rows are split over processes.
 
     Returns (peft_model, tokenizer, ModelInfo) ready for training, the info with the parameter counts.
     """
-    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
+    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     model, lora = adapt_for_training(
         model, cfg, info.dtype, gradient_checkpointing=gradient_checkpointing, context_parallel=context_parallel
     )

@@ -307,3 +307,19 @@ def test_a_hub_id_not_in_the_cache_is_one_line(adapter, tmp_path, monkeypatch, n
             call()
         assert str(err.value).startswith(start) and "\n" not in str(err.value), str(err.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_checkpoint_loads_with_its_extension(adapter):
+    """Every checkpoint carries the run's extension record, so evaluating `checkpoint-N` applies the scaling it
+    trained with: the last checkpoint (step 4 of 4) gives the final adapter's logits (without the record it would
+    load on the base's own RoPE)."""
+    from longqlora.record import ExtensionRecord
+
+    last = adapter / "checkpoint-4"
+    final, saved = ExtensionRecord.read(adapter), ExtensionRecord.read(last)
+    assert saved is not None and saved.train == {"checkpoint_step": 4}
+    assert (saved.target_context, saved.rope_type, saved.pi_factor) == (256, "yarn", 4)
+    assert (saved.model, saved.s2_options, saved.lora) == (final.model, final.s2_options, final.lora)
+    ids, reference = adapter_logits(adapter)
+    _, from_checkpoint = adapter_logits(last)
+    assert torch.equal(from_checkpoint, reference)

@@ -109,6 +109,9 @@ def bad(tmp_path_factory) -> Path:
         ],
     )
     jsonl(d / "unknown.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    (d / "short.txt").write_text("A few words. " * 3)
+    long_turn = "A long question about the book. " * 60  # far past the 256 tokens of recipe_args
+    jsonl(d / "long-chats.jsonl", [{"messages": [{"role": "user", "content": long_turn}, GOOD["messages"][-1]]}])
     for name, text in {
         "missing-colon.yaml": "lora_r: [8, 16\nlora_alpha: : 2\n",
         "list.yaml": "- lora_r\n",
@@ -402,6 +405,25 @@ CASES = [
         "prepare_text",
         lambda b, o: text_args(b, o, b / "books"),
         lambda b, o: str(b / "books" / "bad.txt"),
+    ),
+    # found by tokenizing, which runs before the output lock and the weights
+    Case(
+        "too little text for one row",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--dataset", b / "short.txt"),
+        lambda b, o: f"--dataset {b / 'short.txt'}",
+    ),
+    Case(
+        "--min_length drops every document",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--dataset", b / "books" / "good.txt", "--min_length", 100_000),
+        lambda b, o: "--min_length 100000",
+    ),
+    Case(
+        "--overlong drop removes every conversation",
+        "sft recipe",
+        lambda b, o: recipe_args(b, o, "--dataset", b / "long-chats.jsonl", "--overlong", "drop"),
+        lambda b, o: "--overlong drop",
     ),
     Case(
         "directory without documents",

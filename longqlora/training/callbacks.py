@@ -1,13 +1,17 @@
-"""Trainer callbacks of every run: throughput and peak memory in each log line (the S2 schedule's callback lives
-with the schedule, attention/schedule.py; the checkpoint guard with the checkpoints)."""
+"""Trainer callbacks of every run: throughput and peak memory in each log line, the extension record in every
+checkpoint (the S2 schedule's callback lives with the schedule, attention/schedule.py; the checkpoint guard with the
+checkpoints)."""
 
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 class ThroughputCallback(TrainerCallback):
@@ -31,3 +35,17 @@ class ThroughputCallback(TrainerCallback):
             logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         else:  # peak resident memory of this process (Linux reports KiB)
             logs["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+class RecordCallback(TrainerCallback):
+    """Writes the extension record into every checkpoint the Trainer saves, so that evaluating, chatting with or
+    merging a `checkpoint-N` applies the context extension it trained with (without it, the base's own RoPE).
+    `record(step)` builds the record of the run at that step."""
+
+    def __init__(self, record: Callable):
+        self._record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and path.is_dir():
+            self._record(state.global_step).write(path)

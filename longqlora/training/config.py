@@ -20,8 +20,12 @@ class TrainingConfig(SFTConfig):
     # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
     packing: bool = True
-    gradient_checkpointing: bool | None = True
-    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
+    # On by default, non-reentrant, under transformers 5's names (set in __post_init__ unless a flag of either
+    # name says otherwise: a default on the new name would silently override a deprecated --gradient_checkpointing).
+    activation_checkpointing: bool | None = None
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = None
+    gradient_checkpointing: bool | None = None
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
     logging_steps: float = 1
     save_steps: float = 100
     save_total_limit: int | None = 3
@@ -83,7 +87,18 @@ class TrainingConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
+        kwargs = self.activation_checkpointing_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(
+                f"--activation_checkpointing_kwargs (--gradient_checkpointing_kwargs) {kwargs!r}: must be a JSON "
+                "object, e.g. '{\"use_reentrant\": false}'"
+            )
+        _check_reporting(self.report_to)
         memory.offload_threshold_bytes(self.offload_activations, 1, 1, 1)  # raises naming the flag
         memory.tiled_mlp_active(self.tiled_mlp, 0, 1)
         for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
@@ -117,3 +132,13 @@ class RunConfig:
     dry_run: bool = field(
         default=False, metadata={"help": "Print the resolved configuration and exit before loading weights."}
     )
+
+
+def _check_reporting(report_to) -> None:
+    """Every --report_to integration is installed: the Trainer would fail only after the weights load."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    for name in report_to or ():
+        if name in INTEGRATION_TO_CALLBACK and name not in available:
+            raise ValueError(f"--report_to {name}: its package is not installed; pip install it, or --report_to none")

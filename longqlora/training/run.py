@@ -25,77 +25,18 @@ from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
 from longqlora.data import instructions, pose
 from longqlora.data import text as data_lib
-from longqlora.model import ModelConfig, ModelInfo, check_model, load_model, load_tokenizer
+from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model, load_model
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory
 from longqlora.training.advice import host_memory_warning
-from longqlora.training.callbacks import ThroughputCallback
+from longqlora.training.callbacks import RecordCallback, ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-def tiny_overrides(model_cfg, data_cfg, training):
-    """The same recipe scaled down to a CPU: a tiny random Llama (context 64 -> 256) and bundled text."""
-    from filelock import FileLock
-
-    from longqlora.data import corpora
-    from longqlora.training.tiny import save_tiny_model, tiny_instruction_file
-
-    out = Path(training.output_dir)
-    base = out / "tiny-base"
-    if hardware.launch().main:
-        out.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(out / ".tiny-base.lock")):  # written whole, then renamed: never half a base
-            if not (base / "config.json").exists():
-                with atomic_directory(base) as partial:
-                    save_tiny_model(
-                        partial,
-                        shape="gqa",
-                        texts=[corpora.book("austen_persuasion")[:200_000]],
-                        max_position_embeddings=64,
-                    )
-    else:  # transformers writes weights from rank 0 only once torch.distributed runs: wait for the main process
-        distributed.wait_for_file(base / "config.json")
-    model_cfg = dataclasses.replace(
-        model_cfg,
-        model_name_or_path=str(base),
-        target_context=256,
-        compute_dtype="float32",
-        attn_backend="sdpa",
-        pose_window=pose.tiny_window(model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks),
-    )
-    if isinstance(data_cfg, instructions.InstructionDataConfig):
-        data_cfg = dataclasses.replace(
-            data_cfg,
-            dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
-            num_proc=None,
-            system_prompt=data_cfg.system_prompt or "A chat.",
-        )
-    else:
-        data_cfg = dataclasses.replace(
-            data_cfg, dataset=corpora.book_path("austen_persuasion"), min_length=0, num_proc=None, max_documents=None
-        )
-    training = dataclasses.replace(
-        training,
-        max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
-        save_steps=2,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=2,
-        warmup_steps=1,
-        logging_steps=1,
-        optim="adamw_torch",
-        dataset_num_proc=None,
-        use_cpu=True,
-        fp16=False,
-        bf16=False,
-        learning_rate=max(training.learning_rate, 1e-3),
-    )
-    return model_cfg, data_cfg, training
-
-
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
     dtype = info.compute_dtype
@@ -211,9 +152,12 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
             if plan.get("fits") is None
             else (" - fits this GPU" if plan["fits"] else f" - does NOT fit this GPU ({plan['device_gib']:.1f} GiB)")
         )
+        paged = plan.get("paged_optimizer_gib") or 0
         lines.append(
             f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated + "
-            f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'}){fit}"
+            f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'})"
+            + (f" + {paged:.2f} paged optimizer state (managed, evictable)" if paged else "")
+            + fit
         )
     return "\n".join(lines)
 
@@ -294,6 +238,8 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             "joined rows only; pass a text --dataset with --pack concat, or --s2_shift leakfree"
         )
     if run_cfg.tiny:
+        from longqlora.training.tiny import tiny_overrides
+
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
         raise ValueError(
@@ -325,13 +271,13 @@ def train(run: ResolvedRun) -> Path:
         )
     if torch.cuda.is_available() and (host := host_memory_warning(run.hf_config, plan)):  # nothing offloads on a CPU
         logger.warning(host)
-    # every input file is checked before anything is written or loaded
+    # every input file is read, checked and tokenized before anything is written or any weights load
     loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
+    tokenizer = base_tokenizer(model_cfg, training.trust_remote_code)
     prepared = None
     if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
-        name, remote = model_cfg.model_name_or_path, training.trust_remote_code
-        tokenizer = load_tokenizer(name, "--model_name_or_path", revision=model_cfg.revision, trust_remote_code=remote)
         prepared = data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
+    dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, prepared)
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
@@ -351,19 +297,22 @@ def train(run: ResolvedRun) -> Path:
         model, tokenizer, info = load_model(
             model_cfg,
             checked=(run.hf_config, run.info),
+            tokenizer=tokenizer,
             gradient_checkpointing=training.gradient_checkpointing,
             trust_remote_code=training.trust_remote_code,
             context_parallel=cp_group,
         )
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
-        dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, prepared)
         guard = checkpoints.CheckpointGuard()
+        record = RecordCallback(
+            lambda step: extension_record(run, info, stats, {"checkpoint_step": step}, trainer.state.max_steps)
+        )
         trainer = memory.trainer_class(training.chunked_loss)(
             model=model,
             args=training,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[ThroughputCallback(), guard, *s2_schedule_callbacks(model_cfg)],
+            callbacks=[ThroughputCallback(), guard, record, *s2_schedule_callbacks(model_cfg)],
         )
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)

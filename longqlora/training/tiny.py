@@ -115,3 +115,66 @@ def tiny_instruction_file(path, n: int = 24) -> Path:
         if i % 2:  # vary the wording
             rows[-1]["instruction"] = "Quote the opening sentence of the passage below."
     return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tiny_overrides(model_cfg, data_cfg, training):
+    """The same recipe scaled down to a CPU: a tiny random Llama (context 64 -> 256) and bundled text."""
+    import dataclasses
+
+    from filelock import FileLock
+
+    from longqlora import hardware
+    from longqlora.data import corpora, instructions, pose
+    from longqlora.output import atomic_directory
+    from longqlora.training import distributed
+
+    out = Path(training.output_dir)
+    base = out / "tiny-base"
+    if hardware.launch().main:
+        out.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out / ".tiny-base.lock")):  # written whole, then renamed: never half a base
+            if not (base / "config.json").exists():
+                with atomic_directory(base) as partial:
+                    save_tiny_model(
+                        partial,
+                        shape="gqa",
+                        texts=[corpora.book("austen_persuasion")[:200_000]],
+                        max_position_embeddings=64,
+                    )
+    else:  # transformers writes weights from rank 0 only once torch.distributed runs: wait for the main process
+        distributed.wait_for_file(base / "config.json")
+    model_cfg = dataclasses.replace(
+        model_cfg,
+        model_name_or_path=str(base),
+        target_context=256,
+        compute_dtype="float32",
+        attn_backend="sdpa",
+        pose_window=pose.tiny_window(model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks),
+    )
+    if isinstance(data_cfg, instructions.InstructionDataConfig):
+        data_cfg = dataclasses.replace(
+            data_cfg,
+            dataset=str(tiny_instruction_file(out / "tiny-data.jsonl")),
+            num_proc=None,
+            system_prompt=data_cfg.system_prompt or "A chat.",
+        )
+    else:
+        data_cfg = dataclasses.replace(
+            data_cfg, dataset=corpora.book_path("austen_persuasion"), min_length=0, num_proc=None, max_documents=None
+        )
+    training = dataclasses.replace(
+        training,
+        max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
+        save_steps=2,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        warmup_steps=1,
+        logging_steps=1,
+        optim="adamw_torch",
+        dataset_num_proc=None,
+        use_cpu=True,
+        fp16=False,
+        bf16=False,
+        learning_rate=max(training.learning_rate, 1e-3),
+    )
+    return model_cfg, data_cfg, training
