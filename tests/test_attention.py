@@ -196,6 +196,7 @@ def test_bad_arguments():
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers", "auto"])
 @pytest.mark.parametrize("packed", [False, True])
@@ -219,6 +220,7 @@ def test_gpu_backends_agree_with_reference(backend, packed, dtype, h, h_kv):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in qkv)
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("h,h_kv", [(32, 32), (32, 8)])
 def test_gpu_grouped_path_runs_on_the_flash_kernel(h, h_kv):
@@ -237,6 +239,7 @@ def test_gpu_grouped_path_runs_on_the_flash_kernel(h, h_kv):
         s2_attention(q, k, v, 1024, backend="sdpa").sum().backward()
 
 
+@pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("packed", [False, True])
 def test_gpu_auto_backend_agrees_with_forced_sdpa(packed):

@@ -4,7 +4,11 @@ as DDP; the accelerate configs parse and validate; unsupported launches are refu
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import shlex
 import subprocess
 
 import pytest
@@ -12,6 +16,7 @@ import torch
 from conftest import ROOT, load_script
 from safetensors.torch import load_file
 
+from longqlora import hardware
 from longqlora.hardware import Launch, launch
 from longqlora.model import ModelConfig
 from longqlora.training import distributed
@@ -129,6 +134,113 @@ def test_accelerate_configs_parse_and_validate(name, monkeypatch):
             monkeypatch.setenv(key, value)
         assert (launch().engine, launch().zero_stage, launch().shards_weights) == ("deepspeed", 3, True)
         assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"].lower() == "true"
+
+
+# ------------------------------------------------------------------------- the documented accelerate commands
+CONFIGS = sorted((ROOT / "configs/accelerate").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "quickstart")  # quickstart: 1 CPU
+
+
+def documented_commands() -> list[str]:
+    """Every `accelerate launch` command of docs/ and of the configs' comments, as written."""
+    texts = [p.read_text() for p in [*sorted((ROOT / "docs").glob("*.md")), *CONFIGS]]
+    lines = [line.lstrip("# ").strip() for text in texts for line in text.splitlines()]
+    return [line for line in lines if line.startswith("accelerate launch ")]
+
+
+def precision_table() -> dict[str, list[tuple[list[str], list[str]]]]:
+    """docs/distributed.md's table of precision flags: recipe -> each documented launch, as (accelerate flags,
+    recipe flags)."""
+    table = {}
+    for line in (ROOT / "docs/distributed.md").read_text().splitlines():
+        cells = line.split("|")
+        if line.startswith("| `") and len(cells) == 5:
+            flags = [shlex.split(f) for f in re.findall(r"`([^`]+)`", cells[3])] or [[]]
+            launches = [(f, []) if f[:1] == ["--mixed_precision"] else ([], f) for f in flags]
+            table.update(dict.fromkeys(re.findall(r"`(\w+)`", cells[1]), launches))
+    return table
+
+
+@pytest.fixture
+def accelerate_launch(monkeypatch, tmp_path):
+    """`accelerate_launch(argv)`: the recipe of `accelerate launch <argv>` resolved (--dry_run's checks, no weights)
+    in the environment that launch gives its processes, set here as in the config test above; the process count in
+    `hardware.launch` (WORLD_SIZE > 1 would make TrainingArguments join a process group)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.state import AcceleratorState
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from trl import TrlParser
+
+    from longqlora.config_file import parse_with_config
+    from longqlora.training.config import RunConfig
+    from longqlora.training.run import resolve
+
+    def forget():  # transformers' ZeRO-3 switch (set by TrainingArguments under DeepSpeed) and accelerate's state
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    def resolved(argv: list[str]):
+        forget()
+        args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+        if args.use_deepspeed:
+            args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+            env = prepare_deepspeed_cmd_env(args)[1]
+        else:
+            env = prepare_multi_gpu_env(args)
+        for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))] + [
+            "WORLD_SIZE",
+            "RANK",
+            "LOCAL_RANK",
+        ]:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        read = launch
+        monkeypatch.setattr(hardware, "launch", lambda: dataclasses.replace(read(), world_size=args.num_processes))
+        monkeypatch.setattr(distributed, "launch", hardware.launch)
+        recipe = load_script(args.training_script)
+        parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+        argv = [*args.training_script_args, "--output_dir", str(tmp_path / "out"), "--dry_run"]
+        return resolve(*parse_with_config(parser, argv))
+
+    yield resolved
+    monkeypatch.undo()
+    forget()
+
+
+@pytest.mark.parametrize("command", documented_commands())
+def test_every_documented_accelerate_command_resolves(command, accelerate_launch):
+    argv = shlex.split(command, comments=True)[2:]
+    run = accelerate_launch(argv)
+    assert hardware.launch().engine in ("fsdp2", "deepspeed") and hardware.launch().world_size == 8
+    assert hardware.launch().mixed_precision == {"float16": "fp16", "bfloat16": "bf16"}[run.info.compute_dtype]
+
+
+def test_the_precision_table_names_every_recipe():
+    table = precision_table()
+    assert sorted(table) == RECIPES
+    assert len(documented_commands()) >= 2 * len(CONFIGS) + 1
+
+
+@pytest.mark.parametrize("config", [p.name for p in CONFIGS])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_launches_under_every_config_as_documented(config, recipe, accelerate_launch):
+    """Each launch the table documents resolves: a V100 recipe (float16) with --mixed_precision fp16 or with
+    --compute_dtype bfloat16, an A100 recipe as it is; without either, a V100 recipe under the configs' bf16 is
+    refused in one line that names both."""
+    for launcher, flags in precision_table()[recipe]:
+        argv = ["--config_file", f"configs/accelerate/{config}", *launcher, f"recipes/{recipe}.py", *flags]
+        run = accelerate_launch(argv)
+        assert hardware.launch().shards_weights and run.model.load_in_4bit
+        assert hardware.launch().mixed_precision == {"float16": "fp16", "bfloat16": "bf16"}[run.info.compute_dtype]
+    if load_script(f"recipes/{recipe}.py").Model.compute_dtype == "float16":
+        with pytest.raises(ValueError) as err:
+            accelerate_launch(["--config_file", f"configs/accelerate/{config}", f"recipes/{recipe}.py"])
+        message = str(err.value)
+        assert "\n" not in message and len(message) < 300, message
+        assert "--mixed_precision bf16 with --compute_dtype float16" in message
+        assert "add --mixed_precision fp16" in message and "--compute_dtype bfloat16" in message
 
 
 @pytest.mark.parametrize("version", ["1", "2"])

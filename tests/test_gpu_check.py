@@ -1,8 +1,11 @@
 """bench/gpu_check.py --dry_run: the GPU script's every part runs on the CPU with tiny shapes and reports."""
 
+import ast
 import json
 
 import pytest
+import torch
+from conftest import ROOT
 
 
 def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
@@ -24,6 +27,8 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
     assert parts["longest"]["result"]["longest_trained"] > 0
     errors = parts["planner"]["result"]["points"]
     assert len(errors) >= 4 and all(abs(e["error_pct"]) < 100 for e in errors)
+    if not torch.cuda.is_available():  # every test marked gpu ran and skipped, and nothing else ran
+        assert "skipped" in parts["tests"]["result"]["summary"] and "passed" not in parts["tests"]["result"]["summary"]
     text = (out / "report.md").read_text()
     assert "bench/gpu_check.py --dry_run" in text and "## Planner error" in text and "packed rows" in text
 
@@ -116,3 +121,43 @@ def test_a_broken_point_is_recorded_and_told_from_a_memory_limit(script, monkeyp
     ctx = {"device": torch.device("cpu"), "dtype": torch.float32}
     point = check._point("tiny", "ours", 256, None, ctx)
     assert point["error"].startswith(kind) and ("traceback" in point) == kind.startswith("failed")
+
+
+def _skips_without_cuda(node) -> bool:
+    """`pytest.mark.skipif(not torch.cuda.is_available(), ...)`, or an `if not torch.cuda.is_available():` around
+    a `pytest.skip`."""
+    if isinstance(node, ast.If):
+        skips = any("pytest.skip(" in ast.unparse(n) for n in node.body)
+        return skips and ast.unparse(node.test).replace(" ", "") == "nottorch.cuda.is_available()"
+    return (
+        isinstance(node, ast.Call)
+        and ast.unparse(node.func) == "pytest.mark.skipif"
+        and ast.unparse(node.args[0]).replace(" ", "") == "nottorch.cuda.is_available()"
+    )
+
+
+def test_the_check_runs_every_cuda_only_test(script):
+    """Every test that skips without CUDA is marked `gpu`, which the check selects (`-m gpu` over the modules that
+    have one), and every test marked `gpu` skips without CUDA (the CPU suite runs it otherwise)."""
+    command = script("bench/gpu_check.py").gpu_tests_command()
+    assert command[3:7] == ["-q", "-rs", "-m", "gpu"]
+    marked, unmarked, unskipped = [], [], []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {  # module-level skip marks (test_attention.py's CUDA)
+            t.id for n in tree.body if isinstance(n, ast.Assign) and _skips_without_cuda(n.value) for t in n.targets
+        }
+        for test in ast.walk(tree):
+            if not (isinstance(test, ast.FunctionDef) and test.name.startswith("test_")):
+                continue
+            where = f"{path.name}::{test.name}"
+            skips = any(_skips_without_cuda(n) for n in ast.walk(test)) or any(
+                ast.unparse(d) in names for d in test.decorator_list
+            )
+            gpu = "pytest.mark.gpu" in map(ast.unparse, test.decorator_list)
+            (marked if gpu else unmarked if skips else []).append(where)
+            if gpu and not skips:
+                unskipped.append(where)
+    assert not unmarked and not unskipped, (unmarked, unskipped)
+    assert sorted(command[7:]) == sorted({f"tests/{m.split('::')[0]}" for m in marked})
+    assert "test_pose.py::test_gpu_kernels_on_pose_rows_match_the_cpu_path" in marked and len(marked) >= 5, marked

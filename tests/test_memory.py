@@ -146,6 +146,7 @@ def test_recomputed_lora_dropout_same_loss_and_gradients(tiny_dir):
         assert torch.equal(a, model(input_ids=ids).logits)  # eval: no dropout either way
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
 def test_gpu_every_switch_gives_the_plain_loss_and_gradients(tiny_dir, dtype, tol):

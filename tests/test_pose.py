@@ -200,6 +200,7 @@ def test_s2_on_padded_pose_rows_equals_the_explicit_mask():
     torch.testing.assert_close(got, reference(q, k, v, [40], 8, shifted_from=2, valid=valid), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels run on CUDA only")
 def test_gpu_kernels_on_pose_rows_match_the_cpu_path():
     lengths = [300, 1, 700, 23]

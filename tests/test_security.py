@@ -16,9 +16,8 @@ from longqlora import cli
 from longqlora.training.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [
-    p for folder in ("longqlora", "recipes", "data_prep", "bench", "tests") for p in (ROOT / folder).rglob("*.py")
-]
+FOLDERS = ("longqlora", "recipes", "data_prep", "bench", "experiments", "tests")  # every folder of Python code
+SOURCES = [p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py")]
 # What loads a pickle, spelled so that this file does not match itself.
 PICKLE = re.compile(
     r"\b(pickle|cPickle|dill|joblib)\.(load|loads|Unpickler)\b|read_" + r"pickle\(|allow_" + r"pickle\s*=\s*True"
@@ -58,7 +57,13 @@ def test_the_scan_finds_what_it_looks_for():
 
 
 def test_no_pickle_load_remote_code_or_unsandboxed_jinja_in_the_code():
-    assert len(SOURCES) > 40
+    assert len(SOURCES) > 40 and {p.relative_to(ROOT).parts[0] for p in SOURCES} == set(FOLDERS)
+    code = {  # a new folder of code is scanned too (out/: what runs wrote; hidden folders: tools, the venv)
+        d.name
+        for d in ROOT.iterdir()
+        if d.is_dir() and d.name[0] not in "._" and d.name != "out" and next(d.rglob("*.py"), None)
+    }
+    assert code == set(FOLDERS), code ^ set(FOLDERS)
     found = {str(p.relative_to(ROOT)): unsafe_lines(p.read_text()) for p in SOURCES if p.name != "test_security.py"}
     assert {k: v for k, v in found.items() if v} == {}
 

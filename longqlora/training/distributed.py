@@ -81,10 +81,13 @@ def check_precision(run: Launch, compute_dtype: str, load_in_4bit: bool) -> None
     """NF4 bytes stored in the compute dtype (to be sharded) must not be cast by the engine's mixed precision."""
     wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(compute_dtype, "no")
     if load_in_4bit and run.shards_weights and run.mixed_precision not in ("no", wanted):
+        # the V100 recipes (float16) under the shipped configs (bf16): either side can change
+        other = {"bf16": "bfloat16", "fp16": "float16"}.get(run.mixed_precision)
         raise ValueError(
             f"accelerate launch --mixed_precision {run.mixed_precision} with --compute_dtype {compute_dtype}: "
-            f"{run.engine} would cast the NF4 weights stored as {compute_dtype}; launch with --mixed_precision "
-            f"{wanted}"
+            f"{run.engine} would cast the NF4 weights stored as {compute_dtype}; add --mixed_precision {wanted} to "
+            "`accelerate launch`, before the recipe"
+            + (f", or pass --compute_dtype {other} to the recipe" if other else "")
         )
 
 
