@@ -253,8 +253,20 @@ def report(cfg: QuickstartConfig, results: dict, meta: dict) -> str:
         )
     return "\n".join(
         lines + ["", markdown_table(header, rows), f"Seed {cfg.seed}; wall time {meta['seconds']:.0f} s; "
-                 "`python recipes/quickstart.py` reproduces it.", ""]
+                 f"`{reproduce_command(cfg)}` reproduces it.", ""]
     )  # fmt: skip
+
+
+def reproduce_command(cfg: QuickstartConfig) -> str:
+    """The quickstart recipe's command with --tiny when set and every flag this run set away from the recipe's
+    defaults (those of --tiny when set)."""
+    defaults = type(cfg)(tiny=cfg.tiny)
+    flags = ["--tiny"] if cfg.tiny else []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(defaults, f.name):
+            flags.append(f"--{f.name} {' '.join(map(str, value)) if isinstance(value, list | tuple) else value}")
+    return " ".join(["python recipes/quickstart.py", *flags])
 
 
 def s2_groups(cfg: QuickstartConfig) -> str:

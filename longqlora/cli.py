@@ -56,14 +56,26 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         run = resolve(model_cfg, data_cfg, run_cfg, training)
         if run_cfg.dry_run:
-            from longqlora.model import count_trainable_without_weights
-
-            counts = count_trainable_without_weights(
-                run.model, run.hf_config, trust_remote_code=run.training.trust_remote_code
-            )
-            print(describe(run, **counts))
+            print(describe(run, **dry_run_counts(run)))
             return None
         return train(run)
+
+
+def dry_run_counts(run) -> dict:
+    """The parameter counts --dry_run prints, from a meta-device model. Under a ZeRO-3 launch, transformers would
+    build it inside deepspeed.zero.Init (which starts torch.distributed): its switch is off while counting."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    from longqlora.model import count_trainable_without_weights
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # the switch is this module global (a weakref), no getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return count_trainable_without_weights(
+            run.model, run.hf_config, trust_remote_code=run.training.trust_remote_code
+        )
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _perplexity(argv):

@@ -142,8 +142,8 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "q
 
 
 def documented_commands() -> list[str]:
-    """Every `accelerate launch` command of docs/ and of the configs' comments, as written."""
-    texts = [p.read_text() for p in [*sorted((ROOT / "docs").glob("*.md")), *CONFIGS]]
+    """Every `accelerate launch` command of the README, docs/ and the configs' comments, as written."""
+    texts = [p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *CONFIGS]]
     lines = [line.lstrip("# ").strip() for text in texts for line in text.splitlines()]
     return [line for line in lines if line.startswith("accelerate launch ")]
 
@@ -211,10 +211,20 @@ def accelerate_launch(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("command", documented_commands())
 def test_every_documented_accelerate_command_resolves(command, accelerate_launch):
+    """... and counts its parameters as --dry_run does (under ZeRO-3 without starting torch.distributed)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from longqlora.cli import dry_run_counts
+
     argv = shlex.split(command, comments=True)[2:]
     run = accelerate_launch(argv)
     assert hardware.launch().engine in ("fsdp2", "deepspeed") and hardware.launch().world_size == 8
     assert hardware.launch().mixed_precision == {"float16": "fp16", "bfloat16": "bf16"}[run.info.compute_dtype]
+    zero3 = is_deepspeed_zero3_enabled()
+    assert zero3 == (hardware.launch().engine == "deepspeed")
+    counts = dry_run_counts(run)
+    assert counts["trainable_params"] > 0 and counts["total_params"] > 6e9
+    assert is_deepspeed_zero3_enabled() == zero3  # the switch is back for training
 
 
 def test_the_precision_table_names_every_recipe():

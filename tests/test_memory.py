@@ -478,3 +478,37 @@ def test_bench_ratios_stay_within_a_command_and_a_rerun_replaces_its_own_points(
     assert [(p["command"], p["variant"], p["plan"]["offload_layers"]) for p in again["points"]] == [
         ("a", "ours", None), ("a", "baseline", None), (None, "ours_lora", None), ("a", "ours", 1),
     ]  # fmt: skip
+
+
+def test_float16_trains_fp32_masters_under_a_grad_scaler(tiny_dir, tmp_path):
+    """The V100 path: fp16 compute with fp32 trainable parameters. After the Trainer is built (TRL casts PEFT's
+    trained copies to 16 bits) and `trainable_to_fp32`, every trained parameter and its gradient is fp32, so
+    fp16 mixed precision's GradScaler can unscale them (it refuses fp16 gradients), and they are finite."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from longqlora.adapters import trainable_to_fp32
+
+    model = adapted(tiny_dir, compute_dtype="float16")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_length=256)
+    data = datasets.Dataset.from_dict({"input_ids": [[1] * 8]})
+    trainer = memory.trainer_class(True)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainable_to_fp32(trainer.model)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[-3] for n, _ in trained} >= {"lora_A", "lora_B"}
+    assert [n for n, p in trained if p.dtype != torch.float32] == []
+    ids = torch.randint(3, 320, (1, 256))
+    optimizer = torch.optim.AdamW([p for _, p in trained], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=ids, labels=ids).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients" for a 16-bit trained parameter
+    grads = [p.grad for _, p in trained if p.grad is not None]
+    assert len(grads) == len(trained)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    before = [p.detach().clone() for _, p in trained]
+    scaler.step(optimizer)
+    assert any(not torch.equal(b, p) for b, (_, p) in zip(before, trained))

@@ -67,6 +67,7 @@ def test_quickstart_command_runs_and_repeats(tmp_path):
         assert list(row["repeat"]) == ["first", "64", "112", "256", "496"] and min(row["repeat"].values()) > 1
     assert (out / "context.png").stat().st_size > 1000
     assert "passkey @512" in (out / "report.md").read_text() and "| model |" in done.stdout
+    assert f"`python recipes/quickstart.py --tiny --output_dir {out}` reproduces it." in done.stdout
     adapters = {p.name: json.loads((p / "longqlora_extension.json").read_text()) for p in out.glob("extended-*")}
     assert {name: record["rope_type"] for name, record in adapters.items()} == {
         "extended-s2": "linear",
