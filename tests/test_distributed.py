@@ -60,6 +60,7 @@ def runs(tmp_path_factory):
     return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
+@pytest.mark.slow  # the recipe runs in 1, 2 and 4 processes: about 3 minutes on 2 cores
 @pytest.mark.parametrize(
     "name, reference", [("cp", "single"), ("cp_fsdp", "single"), ("cp_dp", "ddp"), ("sft_cp", "sft")]
 )
@@ -78,6 +79,7 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
     assert train["engine"] == ("fsdp2" if name == "cp_fsdp" else "ddp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine, name", [("fsdp", "fsdp2"), ("zero3", "deepspeed")])
 def test_sharded_engines_train_save_and_resume_like_ddp(runs, engine, name):
     """QLoRA with trained embeddings and norms under FSDP2 and DeepSpeed ZeRO-3 (NF4 stored as the compute dtype,
