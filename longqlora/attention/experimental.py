@@ -1,4 +1,5 @@
-"""S2-Attn variants kept for the ablations and for comparison with LongLoRA, off by default; all validated here.
+"""S2-Attn variants kept for the ablations and for comparison with LongLoRA, off by default; all validated here,
+and the rolled shift's kernel (sinks and full heads are options of the banded kernel and of the op's head split).
 
 - `shift="rolled"`: LongLoRA's original implementation (§3.2: roll the shifted half by -G/2, attend in groups,
   roll back), whose last group mixes the last G/2 tokens with the first G/2: those first tokens attend the future.
@@ -15,6 +16,8 @@ schedules (schedule.py) are what pays.
 
 from __future__ import annotations
 
+from longqlora.attention.kernels import sdpa_groups
+
 SHIFTS = ("leakfree", "rolled")
 
 
@@ -29,3 +32,28 @@ def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: flo
         raise ValueError(f"--s2_full_heads {full_heads}: must be a share of the heads in [0, 1]")
     if shift == "rolled" and sink_tokens:
         raise ValueError(f"--s2_sink_tokens {sink_tokens}: sinks combine with --s2_shift leakfree only")
+
+
+def sdpa_rolled(out, q, k, v, *, gqa: bool, group: int, scale, dropout: float) -> None:
+    """LongLoRA's rolled shift: roll by -G/2 along N, causal attention in groups of G, roll back by +G/2.
+
+    Needs N % G == 0 (as LongLoRA does). The tokens rolled to the end (the first G/2) share the last group with the
+    last G/2 tokens, come after them in rolled order and therefore attend them: the future leaks into the start.
+    """
+    n = q.shape[2]
+    if n % group:
+        raise ValueError(f"--s2_shift rolled needs a sequence length divisible by the group size {group}, got {n}")
+    shift = group // 2
+    rolled = q.new_empty(q.shape)
+    sdpa_groups(
+        rolled,
+        q.roll(-shift, 2),
+        k.roll(-shift, 2),
+        v.roll(-shift, 2),
+        gqa=gqa,
+        group=group,
+        shift=0,
+        scale=scale,
+        dropout=dropout,
+    )
+    out.copy_(rolled.roll(shift, 2))

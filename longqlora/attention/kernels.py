@@ -7,9 +7,6 @@ Every function here computes one *head half* (heads that share one shift) and wr
   sequences for one causal SDPA call. No mask is built: nothing here is quadratic in N.
 - `sdpa_banded`: any positions (packed documents) and any padding. Queries go in blocks of G; each block sees a
   window of the 2G keys before its end, with a (blocks, G, 2G) boolean mask: O(N*G) memory, never N x N.
-- `sdpa_rolled`: LongLoRA's original shift (§3.2, "shift short attention"): the head half is rolled by -G/2 along
-  the sequence, attends causally in groups of G and is rolled back, so its last group joins the last G/2 tokens with
-  the first G/2 (the wrap-around; kept for comparison only).
 - `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with packed or padded rows.
 - `varlen`: flash-attn's or PyTorch's varlen kernel, or xformers' block-diagonal causal bias, over the unpadded token
   stream, each segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens);
@@ -152,31 +149,6 @@ def sdpa_banded(
         mask=mask.expand(b, -1, -1, -1).reshape(b * n_blocks, 1, group, mask.shape[-1]),
     )
     out.copy_(o.unflatten(0, (b, n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, :n])
-
-
-def sdpa_rolled(out, q, k, v, *, gqa: bool, group: int, scale, dropout: float) -> None:
-    """LongLoRA's rolled shift: roll by -G/2 along N, causal attention in groups of G, roll back by +G/2.
-
-    Needs N % G == 0 (as LongLoRA does). The tokens rolled to the end (the first G/2) share the last group with the
-    last G/2 tokens, come after them in rolled order and therefore attend them: the future leaks into the start.
-    """
-    n = q.shape[2]
-    if n % group:
-        raise ValueError(f"--s2_shift rolled needs a sequence length divisible by the group size {group}, got {n}")
-    shift = group // 2
-    rolled = q.new_empty(q.shape)
-    sdpa_groups(
-        rolled,
-        q.roll(-shift, 2),
-        k.roll(-shift, 2),
-        v.roll(-shift, 2),
-        gqa=gqa,
-        group=group,
-        shift=0,
-        scale=scale,
-        dropout=dropout,
-    )
-    out.copy_(rolled.roll(shift, 2))
 
 
 def sdpa_dense(out, q, k, v, allowed: torch.Tensor, *, gqa: bool, scale, dropout: float) -> None:

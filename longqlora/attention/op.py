@@ -9,7 +9,8 @@ LongLoRA's flash-attn varlen code. With `position_ids`
 (packed documents) p is the token's index inside its document and no token attends across documents; a document
 begins where the ids do not increase, so PoSE's skipping ids (data/pose.py) keep one document and G-token groups.
 
-The variants (sinks, full heads, LongLoRA's rolled shift) are validated and explained in experimental.py.
+The variants (sinks, full heads, LongLoRA's rolled shift) are validated and explained in experimental.py, which
+also holds the rolled shift's kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from longqlora import hardware
 from longqlora.attention import kernels as s2_kernels
 from longqlora.attention import layout as s2_layout
-from longqlora.attention.experimental import check_variant
+from longqlora.attention.experimental import check_variant, sdpa_rolled
 
 
 def head_split(h: int, full_heads: float) -> list[tuple[int, int, str]]:
@@ -93,7 +94,7 @@ def s2_attention(
         sinks = int(sink_tokens) if kind != "full" else 0
         if kind == "shifted" and shift == "rolled":
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
-            s2_kernels.sdpa_rolled(out[:, h0:h1], q, k, v, gqa=gqa, group=group, scale=scale, dropout=dropout)
+            sdpa_rolled(out[:, h0:h1], q, k, v, gqa=gqa, group=group, scale=scale, dropout=dropout)
         elif varlen is not None and not sinks and (backend in ("flash_attn", "xformers") or not rows.grouped):
             # Packed or padded rows (or a forced GPU kernel): every segment one sequence of a varlen kernel, linear
             # in N with no mask and no wasted blocks.
