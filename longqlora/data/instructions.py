@@ -125,8 +125,8 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
     problems = column(ds, "_problem").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(problems != "")
     empty = int(np.char.endswith(problems.astype(str), EMPTY_REPLY).sum())
+    first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}" if len(bad) else ""
     if len(bad):
-        first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}"
         if cfg.invalid_conversations == "error":
             raise ValueError(f"--dataset {first}; fix it or pass --invalid_conversations skip")
         logger.warning(
@@ -143,7 +143,7 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
     if not len(ds):
         raise ValueError(
             f"--dataset {cfg.dataset} holds no valid conversations ({len(bad)} skipped, {empty} of "
-            f"them for {EMPTY_REPLY}; first: {where(src, int(bad[0]))})"
+            f"them for {EMPTY_REPLY}; first: {first[:160]})"
         )
     if stats is not None:
         stats.update(
