@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,8 +266,8 @@ def reproduce_command(cfg: QuickstartConfig) -> str:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value != getattr(defaults, f.name):
-            flags.append(f"--{f.name} {' '.join(map(str, value)) if isinstance(value, list | tuple) else value}")
-    return " ".join(["python recipes/quickstart.py", *flags])
+            flags += [f"--{f.name}", *map(str, value if isinstance(value, list | tuple) else [value])]
+    return shlex.join(["python", "recipes/quickstart.py", *flags])
 
 
 def s2_groups(cfg: QuickstartConfig) -> str:

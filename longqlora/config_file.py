@@ -68,8 +68,10 @@ def read_config(path: str) -> dict:
     env = config.get("env", {})
     if not isinstance(env, dict):
         raise ValueError(f"{flag}: env must be a mapping of NAME: value")
-    for name, value in env.items():  # os.environ takes strings: a list or mapping would be set as its repr
-        if value is None or isinstance(value, dict | list):
+    for name, value in env.items():  # os.environ takes strings: a list or a date would be set as its repr
+        if not isinstance(name, str) or not name or "=" in name:
+            raise ValueError(f"{flag}: env: {name!r} is not a variable name; e.g. OMP_NUM_THREADS: 4")
+        if not isinstance(value, str | int | float | bool):
             raise ValueError(f'{flag}: env: {name}: {value!r} is not a string or a number; e.g. {name}: "1"')
     return config
 

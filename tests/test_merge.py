@@ -318,6 +318,9 @@ def test_a_checkpoint_loads_with_its_extension(adapter):
     last = adapter / "checkpoint-4"
     final, saved = ExtensionRecord.read(adapter), ExtensionRecord.read(last)
     assert saved is not None and saved.train == {"checkpoint_step": 4}
+    for checkpoint in adapter.glob("checkpoint-*"):  # written before trainer_state.json, which marks it complete
+        state = (checkpoint / "trainer_state.json").stat().st_mtime_ns
+        assert (checkpoint / "longqlora_extension.json").stat().st_mtime_ns <= state
     assert (saved.target_context, saved.rope_type, saved.pi_factor) == (256, "yarn", 4)
     assert (saved.model, saved.s2_options, saved.lora) == (final.model, final.s2_options, final.lora)
     ids, reference = adapter_logits(adapter)

@@ -206,3 +206,31 @@ def test_quickstart_dry_run_shows_the_groups_it_trains():
     )
     sizes = ModelConfig(model_name_or_path="-", target_context=512).group_sizes  # the quickstart: 128 -> 512
     assert out.returncode == 0 and f"S2-Attn group {' -> '.join(map(str, sizes))} over" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, on",
+    [
+        ([], True),
+        (["--activation_checkpointing"], True),
+        (["--no_activation_checkpointing"], False),
+        (["--activation_checkpointing", "false"], False),
+        (["--gradient_checkpointing"], True),  # transformers 5's deprecated name, still every form of it
+        (["--no_gradient_checkpointing"], False),
+        (["--gradient_checkpointing", "false"], False),
+    ],
+)
+def test_checkpointing_flags_under_either_name(argv, on, recwarn):
+    """Activation checkpointing is on by default, non-reentrant, and every form of either name's flag turns it on or
+    off; the default run gives no deprecation warning."""
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+
+    recipe = load_recipe("extend_7b_8k")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    training = parser.parse_args_and_config([*argv, "--output_dir", "out/x"])[3]
+    assert training.activation_checkpointing is on and training.gradient_checkpointing is on
+    assert training.activation_checkpointing_kwargs == {"use_reentrant": False}
+    if not argv:
+        assert not [w for w in recwarn if "checkpointing" in str(w.message)]

@@ -122,6 +122,7 @@ def bad(tmp_path_factory) -> Path:
         "unknown.yaml": "lora_rank: 8\n",
         "choice.yaml": "pack: sideways\n",
         "env-list.yaml": "env:\n  OMP_NUM_THREADS: [1, 2]\n",
+        "env-key.yaml": "env:\n  1: x\n",
     }.items():
         (d / name).write_text(text)
     (d / "latin1.yaml").write_bytes("lora_r: 8 # caf\xe9\n".encode("latin-1"))
@@ -384,6 +385,7 @@ CASES = [
     config_case("--config value refused by its dataclass", "choice.yaml", "--pack 'sideways'"),
     config_case("--config unknown key", "unknown.yaml", "lora_rank"),
     config_case("--config env value not a string", "env-list.yaml", "env: OMP_NUM_THREADS"),
+    config_case("--config env value not a string", "env-key.yaml", "env: 1 is not a variable name"),
     Case(
         "flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"), lambda b, o: "--lora_r"
     ),

@@ -38,14 +38,16 @@ class ThroughputCallback(TrainerCallback):
 
 
 class RecordCallback(TrainerCallback):
-    """Writes the extension record into every checkpoint the Trainer saves, so that evaluating, chatting with or
-    merging a `checkpoint-N` applies the context extension it trained with (without it, the base's own RoPE).
-    `record(step)` builds the record of the run at that step."""
+    """Writes the extension record into every checkpoint the Trainer is about to save, so that evaluating, chatting
+    with or merging a `checkpoint-N` applies the context extension it trained with (without it, the base's own
+    RoPE). Before the save, not after: the Trainer writes trainer_state.json, which marks a checkpoint complete,
+    last. `record(step)` builds the record of the run at that step."""
 
     def __init__(self, record: Callable):
         self._record = record
 
-    def on_save(self, args, state, control, **kwargs):
-        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and path.is_dir():
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and args.should_save:  # after DefaultFlowCallback and the guard decided
+            path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            path.mkdir(parents=True, exist_ok=True)
             self._record(state.global_step).write(path)

@@ -20,11 +20,13 @@ class TrainingConfig(SFTConfig):
     # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
     packing: bool = True
-    # On by default, non-reentrant, under transformers 5's names (set in __post_init__ unless a flag of either
-    # name says otherwise: a default on the new name would silently override a deprecated --gradient_checkpointing).
-    activation_checkpointing: bool | None = None
-    activation_checkpointing_kwargs: dict[str, Any] | str | None = None
-    gradient_checkpointing: bool | None = None
+    # On by default and non-reentrant, under transformers 5's names; the deprecated names still turn it off or set
+    # its kwargs (__post_init__), without the warning transformers gives whenever only an old name is set.
+    activation_checkpointing: bool | None = True
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default_factory=lambda: {"use_reentrant": False}
+    )
+    gradient_checkpointing: bool | None = True
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
     logging_steps: float = 1
     save_steps: float = 100
@@ -87,10 +89,10 @@ class TrainingConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
-        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if self.gradient_checkpointing is False:  # --no_gradient_checkpointing (deprecated name)
+            self.activation_checkpointing = False
+        if self.gradient_checkpointing_kwargs is not None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         super().__post_init__()
         kwargs = self.activation_checkpointing_kwargs
         if kwargs is not None and not isinstance(kwargs, dict):
