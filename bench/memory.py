@@ -37,6 +37,7 @@ from memory_step import build_nf4, model_config, prepare, profile_peak, train_st
 from longqlora.cli import setup_logging
 from longqlora.output import write_json_atomic, write_text_atomic
 from longqlora.training import plan as planner
+from longqlora.training.config import check_offload_layers
 
 logger = logging.getLogger("bench.memory")
 
@@ -125,8 +126,7 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"--variants {' '.join(bad)}: use {', '.join(VARIANTS)}")
-        if self.offload_layers is not None and self.offload_layers < 0:
-            raise ValueError(f"--offload_layers {self.offload_layers}: 0 or more decoder layers (unset: all)")
+        check_offload_layers(self.offload_layers)
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps}: at least 1")
         if any(n < 1 for n in self.layers):

@@ -211,16 +211,15 @@ def merge_record(path: str, record: dict) -> dict:
 
     fresh = {key(p) for p in record["points"]}
     fresh_with_command = {(key(p), p.get("command")) for p in record["points"]}
+
+    def replaced(p):
+        return (key(p), p.get("command")) in fresh_with_command or (p.get("command") is None and key(p) in fresh)
+
     fit_key = lambda f: (f["model"], f["variant"], f["context"])  # noqa: E731
     new_fits = {fit_key(f) for f in record["fits"]}
     return {
         "commands": [c for c in old.get("commands", []) if c != record["command"]] + [record["command"]],
-        "points": [
-            p
-            for p in old["points"]
-            if not (key(p) in fresh and (p.get("command") is None or (key(p), p["command"]) in fresh_with_command))
-        ]
-        + record["points"],
+        "points": [p for p in old["points"] if not replaced(p)] + record["points"],
         "fits": [f for f in old.get("fits", []) if fit_key(f) not in new_fits] + record["fits"],
         "machine": record.get("machine") or old.get("machine"),
     }

@@ -146,8 +146,9 @@ def check_config_json(flag: str, path: str) -> None:
         ) from err
 
 
-def _not_a_directory(path: str) -> str:
-    return "is a file, not a model directory" if os.path.exists(path) else "no such directory"
+def not_a_directory(path, what: str = "a model directory") -> str:
+    """Why `path`, which is not a directory, cannot be one: it is a file, or nothing."""
+    return f"is a file, not {what}" if os.path.exists(path) else "no such directory"
 
 
 def load_tokenizer(
@@ -158,7 +159,7 @@ def load_tokenizer(
     name = str(name)  # Python callers pass Path objects
     path = os.path.expanduser(name)
     if is_local_path(name) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {name}: {_not_a_directory(path)}; {fix}")
+        raise ValueError(f"{flag} {name}: {not_a_directory(path)}; {fix}")
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -180,7 +181,7 @@ def load_config(
     if preset is not None:
         return preset
     if local and not os.path.isdir(path):
-        raise ValueError(f"{flag}: {_not_a_directory(path)}; pass a local model directory or a hub id")
+        raise ValueError(f"{flag}: {not_a_directory(path)}; pass a local model directory or a hub id")
     if local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
     if local:

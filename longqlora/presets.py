@@ -106,24 +106,17 @@ def preset_config(name: str):
 
 
 def preset_or_local_config(name: str):
-    """A preset's built-in config (no download) or a local model directory's config.json."""
+    """A preset's built-in config (no download) or a local model directory's (`model.load_config`, whose one-line
+    errors name --model); anything else is refused, never looked up on the hub."""
     import os
 
-    from transformers import AutoConfig
-
-    from longqlora.errors import one_line
-    from longqlora.model import check_config_json
+    from longqlora.model import load_config
 
     config = preset_config(name)
     if config is not None:
         return config
-    path = os.path.expanduser(name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(
             f"--model {name}: neither a preset ({', '.join(ALIASES)}) nor a local directory with a config.json"
         )
-    check_config_json(f"--model {name}", path)
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:  # e.g. an unknown model_type: transformers' message names no flag
-        raise ValueError(f"--model {name}: its config.json does not load ({one_line(err)})") from err
+    return load_config(name, "--model")

@@ -90,12 +90,12 @@ class LoaderArgs:
 def read_extension(adapter) -> ExtensionRecord | None:
     """The extension record of an adapter directory (None when it has none), after checking it is a PEFT adapter
     whose weights are intact (every command reads it first, so a damaged file is one line before any work)."""
-    from longqlora.model import check_safetensors
+    from longqlora.model import check_safetensors, not_a_directory
 
     path = Path(os.path.expanduser(str(adapter)))
     if not path.is_dir():
-        what = "is a file, not an adapter directory" if path.exists() else "no such directory"
-        raise ValueError(f"--adapter {adapter}: {what}; pass the adapter directory a recipe wrote")
+        why = not_a_directory(path, "an adapter directory")
+        raise ValueError(f"--adapter {adapter}: {why}; pass the adapter directory a recipe wrote")
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
     check_safetensors(str(adapter), "--adapter", str(path), required=False)

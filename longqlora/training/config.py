@@ -106,8 +106,7 @@ class TrainingConfig(SFTConfig):
         for flag in ("offload_min_tokens", "tiled_mlp_tokens"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
-        if self.offload_layers is not None and self.offload_layers < 0:
-            raise ValueError(f"--offload_layers {self.offload_layers}: must be 0 or more decoder layers (unset: all)")
+        check_offload_layers(self.offload_layers)
 
     @property
     def optim_name(self) -> str:
@@ -134,6 +133,12 @@ class RunConfig:
     dry_run: bool = field(
         default=False, metadata={"help": "Print the resolved configuration and exit before loading weights."}
     )
+
+
+def check_offload_layers(value: int | None) -> None:
+    """--offload_layers: unset (every layer) or a number of decoder layers (training and the memory bench)."""
+    if value is not None and value < 0:
+        raise ValueError(f"--offload_layers {value}: must be 0 or more decoder layers (unset: all)")
 
 
 def _check_reporting(report_to) -> None:
