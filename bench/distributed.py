@@ -99,7 +99,7 @@ def _resume(launcher, source: Path, out: Path) -> dict:
 
 def run_all(root: Path) -> dict:
     """Every launch of the check into `root`/<name>."""
-    names = ("single", "cp", "cp_dp", "cp_fsdp", "sft", "sft_cp", "ddp", "fsdp", "fsdp_resumed", "zero3")
+    names = ("single", "single_x4", "cp", "cp_dp", "cp_fsdp", "sft", "sft_cp", "ddp", "fsdp", "fsdp_resumed", "zero3")
     names += ("zero3_resumed",)
     out = {n: root / n for n in names}
 
@@ -112,6 +112,11 @@ def run_all(root: Path) -> dict:
 
     results = {
         "single": run([sys.executable, RECIPE, *TINY, "--output_dir", str(out["single"])], out["single"]),
+        # the rows of 2 processes x accumulation 2 in one process: what DDP, FSDP2 and ZeRO-3 must equal
+        "single_x4": run(
+            [sys.executable, RECIPE, *TINY, "--gradient_accumulation_steps", "4", "--output_dir", out["single_x4"]],
+            out["single_x4"],
+        ),
         "cp": run([*torchrun(2), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp"])], out["cp"]),
         "cp_dp": run(
             [*torchrun(4), RECIPE, *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_dp"])], out["cp_dp"]
@@ -141,11 +146,12 @@ def summary(results: dict) -> list[dict]:
         ("cp_fsdp", "single", "2 processes, FSDP2 and --context_parallel 2"),
         ("sft", None, "conversations (Vicuna SFT recipe), 1 process"),
         ("sft_cp", "sft", "conversations, 2 processes, --context_parallel 2"),
-        ("ddp", None, "2 processes, DDP (torchrun)"),
+        ("single_x4", None, "1 process, accumulation 4 (the rows of 2 processes x accumulation 2)"),
+        ("ddp", "single_x4", "2 processes, DDP (torchrun)"),
         ("cp_dp", "ddp", "4 processes: 2 replicas x --context_parallel 2"),
-        ("fsdp", "ddp", "2 processes, FSDP2 (fsdp2_qlora.yaml)"),
+        ("fsdp", "single_x4", "2 processes, FSDP2 (fsdp2_qlora.yaml)"),
         ("fsdp_resumed", "fsdp", "FSDP2 resumed from checkpoint-2"),
-        ("zero3", "ddp", "2 processes, DeepSpeed ZeRO-3 (deepspeed_zero3.yaml)"),
+        ("zero3", "single_x4", "2 processes, DeepSpeed ZeRO-3 (deepspeed_zero3.yaml)"),
         ("zero3_resumed", "zero3", "ZeRO-3 resumed from checkpoint-2"),
     ]:
         r = results[name]

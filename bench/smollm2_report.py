@@ -135,7 +135,9 @@ def render(args, res: dict) -> str:
             "reported here therefore trains the 16-bit (bf16) base. The two NF4 figures: `python -m "
             "longqlora perplexity --model out/smollm2-135m [--adapter out/smollm2-16k-nf4/adapter | "
             "--target_context 16384 --rope_scaling linear] --load_in_4bit true --compute_dtype bfloat16 "
-            "--context_lengths 2048 --max_tokens 8192`.",
+            "--context_lengths 2048 --max_tokens 8192` (the untrained one, rerun on 2026-12-04: 84.03). That run's "
+            "results.json and adapter (out/smollm2-16k-nf4) are not committed: its row and the 52.1 cannot be "
+            "rerun without its 33 minutes of training.",
             "",
         ]
     if before and after and untrained:

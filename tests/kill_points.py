@@ -3,8 +3,10 @@
     python tests/kill_points.py POINT recipes/extend_7b_8k.py --tiny --output_dir out ...
 
 POINT is `none`, `save:<file>:<step>` (SIGKILL halfway through writing <file> of checkpoint-<step>: half its
-bytes are on disk) or `publish` (SIGKILL right after the final adapter's weights are moved into place, before its
-adapter_config.json). The hooks wrap torch.save and os.replace in this process only; the recipe runs as a script.
+bytes are on disk), `publish` (SIGKILL right after the final adapter's weights are moved into place, before its
+adapter_config.json) or `sigterm:<rank>:<step>` (the process of that rank sends itself SIGTERM in the first
+micro-step of optimizer step <step>, counted from 1: under torchrun, one process of several). The hooks wrap
+torch.save, os.replace and Trainer.training_step in this process only; the recipe runs as a script.
 """
 
 import io
@@ -47,6 +49,20 @@ def kill_while_publishing():
     os.replace = replace
 
 
+def sigterm_during_step(rank: int, step: int):
+    from transformers import Trainer
+
+    real_step, sent = Trainer.training_step, []
+
+    def training_step(self, *args, **kwargs):
+        if not sent and self.state.global_step + 1 == step and int(os.environ.get("RANK", "0")) == rank:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this thread: the step goes on
+        return real_step(self, *args, **kwargs)
+
+    Trainer.training_step = training_step
+
+
 if __name__ == "__main__":
     point, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     if point.startswith("save:"):
@@ -54,5 +70,8 @@ if __name__ == "__main__":
         kill_while_saving(file, int(step))
     elif point == "publish":
         kill_while_publishing()
+    elif point.startswith("sigterm:"):
+        _, rank, step = point.split(":")
+        sigterm_during_step(int(rank), int(step))
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")

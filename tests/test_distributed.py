@@ -1,6 +1,7 @@
 """More than one process, on this CPU with gloo (docs/distributed.md): S2-Attn context parallelism equals the
-single-process op and the single-process run; FSDP2 and DeepSpeed ZeRO-3 train, save and resume the same adapter
-as DDP; the accelerate configs parse and validate; unsupported launches are refused in one line."""
+single-process op and the single-process run; DDP, FSDP2 and DeepSpeed ZeRO-3 train, save and resume the same
+adapter as one process on the same rows; a signal to one process stops all; the accelerate configs parse and
+validate; unsupported launches are refused in one line."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from longqlora import hardware
 from longqlora.hardware import Launch, launch
 from longqlora.model import ModelConfig
-from longqlora.training import distributed
+from longqlora.training import checkpoints, distributed
 
 BENCH = load_script("bench/distributed.py")  # the launches and their comparison, shared with the benchmark
 
@@ -54,9 +55,9 @@ def test_context_parallel_op_equals_single_process(tmp_path):
 # ------------------------------------------------------------------------------------ recipes, 1 and 2 processes
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process; with --context_parallel 2 on 2
-    processes (DDP, FSDP2) and on 4 (2 replicas); under DDP, FSDP2 and ZeRO-3 (2 processes each); FSDP2 and ZeRO-3
-    resumed from their step-2 checkpoints."""
+    """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process (accumulation 2 and 4); with
+    --context_parallel 2 on 2 processes (DDP, FSDP2) and on 4 (2 replicas); under DDP, FSDP2 and ZeRO-3 (2
+    processes each); FSDP2 and ZeRO-3 resumed from their step-2 checkpoints."""
     return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
@@ -80,23 +81,53 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, name", [("fsdp", "fsdp2"), ("zero3", "deepspeed")])
-def test_sharded_engines_train_save_and_resume_like_ddp(runs, engine, name):
-    """QLoRA with trained embeddings and norms under FSDP2 and DeepSpeed ZeRO-3 (NF4 stored as the compute dtype,
-    sharded): the adapter has the single-process adapter's keys and shapes, equals DDP's on the same rows, and a run
-    resumed from the step-2 checkpoint (FSDP's optimizer.bin, DeepSpeed's global_step2) ends at the same adapter."""
-    ddp, fsdp, resumed = runs["ddp"], runs[engine], runs[f"{engine}_resumed"]
-    BENCH.largest_difference(runs["single"]["tensors"], fsdp["tensors"])  # keys and shapes
-    assert BENCH.largest_difference(ddp["tensors"], fsdp["tensors"]) < 1e-6
-    for (loss_a, norm_a), (loss_b, norm_b) in zip(ddp["steps"], fsdp["steps"], strict=True):
+@pytest.mark.parametrize("engine, name", [("ddp", "ddp"), ("fsdp", "fsdp2"), ("zero3", "deepspeed")])
+def test_engines_train_like_one_process(runs, engine, name):
+    """QLoRA with trained embeddings and norms under DDP, FSDP2 and DeepSpeed ZeRO-3 (NF4 stored as the compute
+    dtype, sharded), 2 processes x accumulation 2: the same losses and gradient norms at every step and the same
+    adapter as one process with accumulation 4 on the same rows."""
+    one, launched = runs["single_x4"], runs[engine]
+    assert BENCH.largest_difference(one["tensors"], launched["tensors"]) < 1e-6
+    assert len(launched["steps"]) == 3
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(one["steps"], launched["steps"], strict=True):
         assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
+    assert launched["record"]["train"]["engine"] == name and launched["record"]["train"]["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_engines_resume_and_train_the_embeddings(runs, engine):
+    """A sharded run resumed from its step-2 checkpoint (FSDP's optimizer.bin, DeepSpeed's global_step2) ends at the
+    same adapter; the trained embedding, sharded like any weight, moved from the base."""
+    fsdp, resumed = runs[engine], runs[f"{engine}_resumed"]
     assert "resuming from" in resumed["log"] and "checkpoint-2" in resumed["log"]
     assert BENCH.largest_difference(fsdp["tensors"], resumed["tensors"]) < 1e-6
-    assert fsdp["record"]["train"]["engine"] == name
-    # The embeddings trained (LongLoRA's trainable embedding), sharded like any weight: they moved from the base.
     (embed,) = [v for k, v in fsdp["tensors"].items() if "embed_tokens" in k]
     base = load_file(fsdp["dir"] / "tiny-base" / "model.safetensors")["model.embed_tokens.weight"]
     assert (embed.float() - base.float()).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, tmp_path):
+    """SIGTERM reaching rank 1 alone during step 1: both ranks save checkpoint-1 (not a scheduled save) and stop in
+    one line each; resumed on 2 processes, the run ends at the uninterrupted DDP run's adapter."""
+    out = tmp_path / "stopped"
+    done = subprocess.run(
+        [*BENCH.torchrun(2), "tests/kill_points.py", "sigterm:1:1", BENCH.RECIPE, *BENCH.TINY, "--output_dir", out],
+        cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and "exitcode  : 130" in text, text[-3000:]
+    for cause in ("SIGTERM", "a signal to another process"):  # rank 1, and rank 0 told by it
+        assert f"interrupted: {cause} at step 1 of 3: checkpoint-1 in {out} holds the run" in text, text[-3000:]
+    assert checkpoints.checkpoint_problem(out / "checkpoint-1") == ""
+    assert not (out / "checkpoint-2").exists() and not (out / "adapter_config.json").exists()
+    resumed = BENCH.run(
+        [*BENCH.torchrun(2), BENCH.RECIPE, *BENCH.TINY, "--output_dir", str(out), "--resume_from_checkpoint", "auto"],
+        out,
+    )
+    assert "checkpoint-1" in resumed["log"]
+    assert BENCH.largest_difference(runs["ddp"]["tensors"], resumed["tensors"]) < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- the configs

@@ -234,3 +234,19 @@ def test_checkpointing_flags_under_either_name(argv, on, recwarn):
     assert training.activation_checkpointing_kwargs == {"use_reentrant": False}
     if not argv:
         assert not [w for w in recwarn if "checkpointing" in str(w.message)]
+
+
+@pytest.mark.parametrize("argv, shape", [([], (1, 2)), (["--gradient_accumulation_steps", "4"], (1, 4))])
+def test_tiny_keeps_the_batch_shape_set_on_the_command_line(argv, shape, tmp_path):
+    """--tiny scales the recipe's batch 1 x accumulation 16 down to 1 x 2, but keeps a value the user set: one process
+    with accumulation 4 then reads the rows of 2 processes x 2 (what tests/test_distributed.py compares)."""
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+    from longqlora.training.tiny import tiny_overrides
+
+    recipe = load_recipe("extend_7b_8k")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    model, data, _, training = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+    training = tiny_overrides(model, data, training)[2]
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == shape

@@ -166,8 +166,10 @@ def tiny_overrides(model_cfg, data_cfg, training):
         training,
         max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
         save_steps=2,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=2,
+        # the recipe's batch shape scaled down, unless set on the command line or in --config: then kept, so that
+        # one process with accumulation 4 can be compared with 2 processes x accumulation 2 (docs/distributed.md)
+        per_device_train_batch_size=_set_or(training, "per_device_train_batch_size", 1),
+        gradient_accumulation_steps=_set_or(training, "gradient_accumulation_steps", 2),
         warmup_steps=1,
         logging_steps=1,
         optim="adamw_torch",
@@ -178,3 +180,12 @@ def tiny_overrides(model_cfg, data_cfg, training):
         learning_rate=max(training.learning_rate, 1e-3),
     )
     return model_cfg, data_cfg, training
+
+
+def _set_or(config, name: str, tiny):
+    """`config.name` where it differs from its recipe's default (so the user set it), else the tiny value."""
+    import dataclasses
+
+    (field,) = [f for f in dataclasses.fields(config) if f.name == name]
+    value = getattr(config, name)
+    return value if value != field.default else tiny
