@@ -1,6 +1,7 @@
 """More than one process, measured on this CPU, and the communication of S2-Attn context parallelism by arithmetic.
 
     python bench/distributed.py comm                  # per-layer traffic: S2 halo vs ring attention vs Ulysses
+    python bench/distributed.py plan                  # the planner's longest context by context-parallel ranks
     python bench/distributed.py check --out /tmp/d    # the tiny recipe on 1 process, --context_parallel 2, DDP,
                                                       # FSDP2 and ZeRO-3 (2 gloo processes each) and both resumed
 
@@ -11,6 +12,7 @@ asserted by tests/test_distributed.py, which imports `run_all` from here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -205,13 +207,38 @@ def comm_table() -> list[dict]:
     return rows
 
 
+def longest_table(gpu: str = "h100-80gb") -> list[dict]:
+    """The planner's longest context per rank count (S2-Attn context parallelism, DDP: weights and trained state
+    whole on every rank), as asked (no offload) and with every memory switch on, 128 GiB of pinned host memory."""
+    from longqlora.presets import preset_config
+    from longqlora.training.advice import longest_context
+    from longqlora.training.plan import PlanConfig
+
+    rows = []
+    for model, trainable in (("llama-2-7b", "embed,norm"), ("llama-3.1-8b", "")):
+        config = preset_config(model)
+        for ranks in (1, 2, 4, 8):
+            cfg = PlanConfig(model=model, context=8192, context_parallel=ranks, gpu=gpu, trainable_params=trainable)
+            every = dataclasses.replace(cfg, offload=True, tiled_mlp=True, host_memory=128)
+            rows.append(
+                {
+                    "model": model,
+                    "trainable_params": trainable or "LoRA only",
+                    "ranks": ranks,
+                    "longest": longest_context(config, cfg),
+                    "longest_all_switches": longest_context(config, every),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     from longqlora.cli import setup_logging
     from longqlora.output import markdown_table, write_json_atomic
 
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["comm", "check"])
+    parser.add_argument("what", choices=["comm", "check", "plan"])
     parser.add_argument("--out", default="out/distributed_check", help="Where `check` runs (emptied first).")
     parser.add_argument("--record", action="store_true", help="Write docs/distributed.json.")
     args = parser.parse_args()
@@ -235,6 +262,24 @@ def main() -> None:
                     for r in rows
                 ],
             )  # fmt: skip
+        )
+        return
+    if args.what == "plan":
+        rows = longest_table()
+        print(
+            markdown_table(
+                ["model", "trained", "ranks", "longest, as asked", "longest, every switch (128 GiB pinned a rank)"],
+                [
+                    [
+                        r["model"],
+                        r["trainable_params"],
+                        r["ranks"],
+                        f"{r['longest']:,}",
+                        f"{r['longest_all_switches']:,}",
+                    ]
+                    for r in rows
+                ],
+            )
         )
         return
     out = Path(args.out)

@@ -141,23 +141,25 @@ class BenchConfig:
                 self.contexts = [256, 512]
 
 
-def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype) -> dict:
-    """The planner's prediction for this point, with the switches the variant runs with."""
+def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype, cp: int = 1) -> dict:
+    """The planner's prediction for this point, with the switches the variant runs with (per rank of `cp` sharing
+    each row: bench/cp_memory.py)."""
     offload = (
         variant.ours
         and device.type == "cuda"
-        and (variant.offload == "on" or (variant.offload == "auto" and context >= 8192))
+        and (variant.offload == "on" or (variant.offload == "auto" and context // cp >= 8192))
     )
     tiled = (
         variant.ours
-        and context > cfg.tiled_mlp_tokens
-        and (variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and context >= 4 * cfg.tiled_mlp_tokens))
+        and context // cp > cfg.tiled_mlp_tokens
+        and (variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and context // cp >= 4 * cfg.tiled_mlp_tokens))
     )
     return planner.plan(
         config,
         planner.PlanConfig(
             model=name,
             context=context,
+            context_parallel=cp,
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,

@@ -66,8 +66,9 @@ def build_nf4(config, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def prepare(model, variant, context: int, cfg, dtype: torch.dtype):
-    """Ours through the toolkit's adaptation and switches; the baseline as QLoRA users set it up."""
+def prepare(model, variant, context: int, cfg, dtype: torch.dtype, context_parallel=None, group_ratio: float = 0.25):
+    """Ours through the toolkit's adaptation and switches (S2-Attn groups of `group_ratio` x `context`, context
+    parallel over `context_parallel`, a CPGroup, when given); the baseline as QLoRA users set it up."""
     from longqlora.adapters import adapt_for_training, add_adapters
     from longqlora.model import ModelConfig
 
@@ -80,9 +81,10 @@ def prepare(model, variant, context: int, cfg, dtype: torch.dtype):
         trainable_params="embed,norm" if variant.lora_plus else "",
         s2_attention=variant.ours and variant.s2,
         s2_group_schedule="none",
+        group_ratio=group_ratio,
     )
     if variant.ours:
-        model, _ = adapt_for_training(model, mcfg, dtype)
+        model, _ = adapt_for_training(model, mcfg, dtype, context_parallel=context_parallel)
         if variant.recompute_norms:
             memory.recompute_norms(model)
         if variant.recompute_dropout:
@@ -118,8 +120,9 @@ def batch(vocab: int, context: int, rows: str, device):
     return {"input_ids": ids, "labels": ids, "position_ids": pos}
 
 
-def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=None) -> dict:
-    """Optimizer state first (one zero-gradient step), then `cfg.steps` measured steps on random tokens."""
+def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=None, inputs=None) -> dict:
+    """Optimizer state first (one zero-gradient step), then `cfg.steps` measured steps on random tokens (or on
+    `inputs`: a context-parallel rank's chunk)."""
     from trl.trainer.utils import add_fused_lm_head
 
     if variant.ours:
@@ -133,7 +136,7 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    inputs = batch(model.config.vocab_size, context, cfg.rows, device)
+    inputs = inputs or batch(model.config.vocab_size, context, cfg.rows, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     times, losses = [], []

@@ -78,6 +78,7 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
     train = cp["record"]["train"]
     assert train["context_parallel"] == 2 and train["processes"] == (4 if name == "cp_dp" else 2)
     assert train["engine"] == ("fsdp2" if name == "cp_fsdp" else "ddp")
+    assert "GiB allocated per rank of 2 + " in cp["log"]  # the plan is one rank's: half of every row
 
 
 @pytest.mark.slow
@@ -128,6 +129,23 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, t
     )
     assert "checkpoint-1" in resumed["log"]
     assert BENCH.largest_difference(runs["ddp"]["tensors"], resumed["tensors"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_the_context_parallel_memory_bench_measures_every_rank(tmp_path):
+    """bench/cp_memory.py on 2 processes (tiny shapes): a peak per rank, the borrowing rank's higher (rank 0 borrows
+    nothing), and the per-rank plan below the plan of one process holding the whole row."""
+    out = tmp_path / "cp.json"
+    done = subprocess.run(
+        [*BENCH.torchrun(2), "bench/cp_memory.py", "--models", "tiny", "--layers", "2", "--contexts", "1024",
+         "--json", out],
+        cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (point,) = json.loads(out.read_text())["points"]
+    first, second = point["peak_bytes_by_rank"]
+    assert second > 1.05 * first > 0 and point["peak_bytes"] == second
+    assert point["planned_bytes"] < point["planned_one_process_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------- the configs

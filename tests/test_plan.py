@@ -251,8 +251,8 @@ def test_offload_layers_splits_the_checkpoints_between_host_and_gpu():
 def test_a_run_plans_its_lora_targets_and_optimizer():
     from transformers.training_args import OptimizerNames
 
-    from longqlora.training.memory import plan_lora_target
     from longqlora.training.optimizer import optimizer_name, optimizer_state_bytes
+    from longqlora.training.plan_config import plan_lora_target
 
     assert plan_lora_target("attention") == plan_lora_target("q_proj, v_proj") == "attention"
     assert plan_lora_target("all-linear") == plan_lora_target("q_proj,down_proj") == "all-linear"
@@ -346,6 +346,9 @@ def test_advise_names_the_switches_that_make_it_fit():
         (["--context", "8192", "--lora_target", "mlp"], "--lora_target"),
         (["--context", "8192", "--trainable_params", "embed,head"], "--trainable_params"),
         (["--context", "8192", "--gpu", "v100-32gb", "--gpu_memory", "30"], "--gpu"),
+        (["--context", "8192", "--context_parallel", "0"], "--context_parallel"),
+        (["--context", "8192", "--context_parallel", "3"], "--context_parallel"),
+        (["--context", "8192", "--context_parallel", "2", "--baseline"], "--context_parallel"),
     ],
 )
 def test_plan_command_rejects_bad_flags_in_one_line(flags, flag, capsys):
@@ -432,7 +435,7 @@ def test_the_recipe_run_on_the_h200_is_planned_within_10_percent(script, tmp_pat
     put the plan 16% over."""
     from conftest import ROOT
 
-    from longqlora.training.memory import memory_plan
+    from longqlora.training.plan_config import memory_plan
 
     run = json.loads((ROOT / "docs" / "gpu_check_h200.json").read_text())["parts"]["recipe"]["result"]
     steps_data_weights = (
@@ -513,7 +516,7 @@ def test_the_run_plans_padding_free_when_trl_collates_so():
     from types import SimpleNamespace
 
     from longqlora.model import ModelConfig
-    from longqlora.training.memory import memory_plan
+    from longqlora.training.plan_config import memory_plan
 
     model_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
     base = dict(
@@ -580,3 +583,99 @@ def test_a_run_on_a_gpu_logs_the_host_warning_before_reading_data(tmp_path, monk
         with pytest.raises(ValueError, match="--dataset"):
             run.train(resolved)
     assert asked == [resolved.plan] and "pin less" in caplog.text
+
+
+def test_context_parallel_plans_one_ranks_share_and_its_borrowed_keys():
+    """--context_parallel 4 at 64k plans one rank: every part of the one-process plan at 16k, and one layer's
+    recomputation larger by the keys/values it borrows (at most a chunk's: less than the attention's share of the
+    16k layer) with their zero queries, outputs and gradients (measured against a rank that borrows nothing in
+    the next test). Four ranks then train a row more than 3x as long."""
+    one = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=16384))
+    share = plan(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=65536, context_parallel=4))
+    for part, gib in one["parts_gib"].items():
+        if part != "layer_recompute":
+            assert share["parts_gib"][part] == pytest.approx(gib), part
+    extra = (share["parts_gib"]["layer_recompute"] - one["parts_gib"]["layer_recompute"]) * GIB
+    assert 0 < extra < one["parts_gib"]["layer_recompute"] * GIB / 2
+    assert share["context"] == 65536 and share["context_parallel"] == 4
+    single = longest_context(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=8192, gpu="a100-80gb"))
+    four = longest_context(LLAMA2_7B, PlanConfig(model="llama-2-7b", context=8192, gpu="a100-80gb", context_parallel=4))
+    assert four > 3 * single and four % 4 == 0
+    three = longest_context(
+        LLAMA2_7B, PlanConfig(model="llama-2-7b", context=8193 * 3, context_parallel=3, gpu="a100-80gb")
+    )
+    assert three % 3 == 0 and three > 2.5 * single  # the search steps in multiples of the ranks
+
+
+def test_a_context_parallel_run_plans_per_rank(capsys):
+    """A run's own plan takes --context_parallel: the rank's tokens decide offloading; the command says per rank."""
+    from types import SimpleNamespace
+
+    from longqlora.training.plan_config import memory_plan
+
+    training = SimpleNamespace(
+        per_device_train_batch_size=1, offload_activations="auto", offload_min_tokens=16384, offload_layers=None,
+        chunked_loss=True, tiled_mlp_tokens=16384, tiled_mlp="auto", tiled_mlp_min_tokens=65536, recompute_norms=True,
+        recompute_lora_dropout=True, optim="paged_adamw_32bit", padding_free=False, packing=False,
+        packing_strategy="wrapped",
+    )  # fmt: skip
+    plans = {
+        cp: memory_plan(
+            LLAMA2_7B, ModelConfig(
+                model_name_or_path="llama-2-7b", target_context=32768, context_parallel=cp, s2_group_schedule="none"
+            ),
+            training, "bfloat16",
+        )
+        for cp in (1, 4)
+    }  # fmt: skip
+    assert plans[1]["switches"]["offload"] and not plans[4]["switches"]["offload"]  # 32k vs 8k tokens a rank
+    assert plans[4]["context_parallel"] == 4 and plans[4]["peak_allocated_gib"] < plans[1]["peak_allocated_gib"]
+    assert cli.main(["plan", "--model", "llama-2-7b", "--context", "65536", "--context_parallel", "4"]) == 0
+    assert "per rank of 4 sharing each row (16,384 tokens each)" in capsys.readouterr().out
+    # nothing fits: the plan still says so (the longest-context search ends at a context the ranks can split)
+    assert (
+        cli.main(
+            ["plan", "--model", "llama-2-70b", "--context", "65536", "--context_parallel", "4", "--gpu_memory", "10"]
+        )
+        == 0
+    )
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_the_context_parallel_plan_against_every_measured_rank(script):
+    """docs/cp_memory_cpu.json (bench/cp_memory.py: 2 gloo processes on this CPU, real widths, 2 and 4 layers, each
+    rank holding half of every row), recomputed with today's planner. Rank 0 borrows nothing and runs the kernels a
+    GPU runs (S2's grouped SDPA): within 10% of the per-rank plan at every point. Rank 1 borrows its neighbour's
+    keys/values and, on a CPU, runs them through the banded fallback (2G-key windows and a (blocks, G, 2G) mask,
+    attention/kernels.py) where a GPU runs the varlen kernel: within 10% while the group is a quarter of the row,
+    above the plan (by the fallback's windows and mask) when the group is as long as the chunk."""
+    import torch
+    from conftest import ROOT
+
+    bench = script("bench/memory.py")
+    record = json.loads((ROOT / "docs" / "cp_memory_cpu.json").read_text())
+    points = record["points"]
+    assert {p["model"] for p in points} == {"llama-2-7b", "llama-3.1-8b"} and {p["layers"] for p in points} == {2, 4}
+    assert len(points) >= 14 and all(p["context_parallel"] == 2 for p in points)
+    for p in points:
+        assert p["peak_bytes"] == max(p["peak_bytes_by_rank"])
+        predicted = (
+            bench.plan_for(
+                bench.model_config(p["model"], p["layers"]),
+                p["model"],
+                bench.VARIANTS[p["variant"]],
+                p["context"],
+                bench.BenchConfig(models=[p["model"]]),
+                torch.device("cpu"),
+                torch.bfloat16,
+                cp=2,
+            )["peak_allocated_gib"]
+            * GIB
+        )
+        first, second = p["peak_bytes_by_rank"]
+        where = (p["model"], p["layers"], p["context"], p["group"], first, second, predicted)
+        assert abs(predicted / first - 1) < 0.10, where
+        if p["group"] <= p["context"] // 4:
+            assert abs(predicted / second - 1) < 0.10, where
+        else:  # the group as long as the chunk: the CPU's banded windows and mask over the borrowed rows
+            assert second > 1.10 * predicted and second - first > 0.4 * GIB, where

@@ -3,6 +3,7 @@ GPU, as asked and with every memory switch on, and the switches that make a run 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -10,9 +11,11 @@ from longqlora.training.plan import PlanConfig, plan
 
 
 def longest_context(config, cfg: PlanConfig, step: int = 1024, limit: int = 1 << 23) -> int:
-    """The longest context (a multiple of `step`) whose plan fits `cfg`'s device, 0 if none does."""
+    """The longest context (a multiple of `step`, and of --context_parallel) whose plan fits `cfg`'s device, 0 if
+    none does."""
     if cfg.device_gib is None:
         raise ValueError("--gpu or --gpu_memory: needed to find the longest context that fits")
+    step = math.lcm(step, cfg.context_parallel)
 
     def fits(n):
         return plan(config, replace(cfg, context=n))["fits"]
@@ -36,7 +39,7 @@ def advise(config, cfg: PlanConfig) -> dict:
     offloaded, kept = longest_context(config, everything), longest_context(config, replace(everything, offload=False))
     result["longest_context_all_switches"] = max(offloaded, kept)
     result["longest_offloads"] = offloaded > kept  # a tie keeps the checkpoints on the GPU: no copies, no pinning
-    longest = max(result["longest_context_all_switches"], 1)
+    longest = max(result["longest_context_all_switches"], cfg.context_parallel)  # a context the ranks can split
     at_longest = plan(config, replace(everything, context=longest, offload=result["longest_offloads"]))
     result["host_offload_gib_at_longest"] = at_longest["host_offload_gib"]
     result["offload_layers_at_longest"] = at_longest["offload_layers"]
@@ -123,8 +126,10 @@ def render(result: dict) -> str:
     if paged:
         names["trainable_state"] = "trainable: fp32 params + state not paged"
     on = [k for k, v in result["switches"].items() if v]
+    cp = result.get("context_parallel", 1)
+    share = f", per rank of {cp} sharing each row ({result['context'] // cp:,} tokens each)" if cp > 1 else ""
     lines = [
-        f"{result['model']} at {result['context']:,} tokens x batch {result['batch']} "
+        f"{result['model']} at {result['context']:,} tokens x batch {result['batch']}{share} "
         f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"
     ]
     lines += [f"  {names[k]:<46} {v:8.2f} GiB" for k, v in result["parts_gib"].items()]
@@ -133,7 +138,7 @@ def render(result: dict) -> str:
     if result.get("host_offload_gib"):
         moved = result["offload_layers"]
         which = "offloaded checkpoints" if moved == result["layers"] else f"layers 0-{moved - 1}"
-        name = f"pinned host memory ({which})"
+        name = f"pinned host memory ({which}{', per rank' if cp > 1 else ''})"
         lines.append(f"  {name:<46} {result['host_offload_gib']:8.2f} GiB")
     if paged:
         lines.append(f"  {'paged optimizer state (managed, evictable)':<46} {paged:8.2f} GiB")
@@ -149,7 +154,8 @@ def render(result: dict) -> str:
         moved = result["offload_layers_at_longest"]
         every = (
             f"with offload ({'all' if moved == result['layers'] else f'the first {moved} of'} {result['layers']} "
-            f"layers, {result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory) + chunked loss + tiled MLP"
+            f"layers, {result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory"
+            f"{' a rank' if cp > 1 else ''}) + chunked loss + tiled MLP"
             if result["longest_offloads"]
             else "with chunked loss + tiled MLP, the checkpoints kept on the GPU (the host cannot pin them)"
         )

@@ -329,48 +329,6 @@ def disable_recompute(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ a run's switches
-def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
-    """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
-    from longqlora.training.optimizer import optimizer_name
-    from longqlora.training.plan import PlanConfig, plan
-
-    tokens = training.per_device_train_batch_size * model_cfg.train_length
-    mode = training.offload_activations
-    offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
-    cfg = PlanConfig(
-        model=model_cfg.model_name_or_path,
-        context=model_cfg.train_length,
-        batch=training.per_device_train_batch_size,
-        rank=model_cfg.lora_r,
-        lora_target=plan_lora_target(model_cfg.lora_target),
-        trainable_params=model_cfg.trainable_params,
-        offload=offload,
-        offload_layers=training.offload_layers,
-        chunked_loss=training.chunked_loss,
-        tile_tokens=training.tiled_mlp_tokens,
-        # TRL's rule (SFTTrainer.__init__): bfd packing (--pack documents) collates padding-free
-        padding_free=bool(
-            training.padding_free or (training.packing and training.packing_strategy in ("bfd", "bfd_split"))
-        ),
-        tiled_mlp=tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
-        compute_dtype=compute_dtype,
-        load_in_4bit=model_cfg.load_in_4bit,
-        lora_dropout=model_cfg.lora_dropout,
-        recompute_norms=training.recompute_norms,
-        recompute_dropout=training.recompute_lora_dropout,
-        optim=optimizer_name(training.optim),
-        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
-    )
-    return plan(hf_config, cfg)
-
-
-def plan_lora_target(spec: str) -> str:
-    """The planner's name for --lora_target: all-linear when any MLP projection is adapted, else attention (for a
-    comma list, each an upper bound on what the subset keeps)."""
-    names = {n.strip() for n in spec.split(",")}
-    return "all-linear" if spec == "all-linear" or names & {"gate_proj", "up_proj", "down_proj"} else "attention"
-
-
 def apply_memory_switches(trainer, training, compute_dtype: torch.dtype) -> None:
     """Switch on, for this trainer's model, what --offload_activations, --tiled_mlp, --recompute_norms and
     --recompute_lora_dropout ask for."""

@@ -12,20 +12,13 @@ A paged optimizer's state (bitsandbytes, CUDA managed memory) is outside the all
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from longqlora.hardware import DTYPES
-from longqlora.training.optimizer import (
-    FOREACH_TEMPORARIES,
-    OPTIMIZER_ALIASES,
-    optimizer_name,
-    optimizer_names,
-    optimizer_state_bytes,
-)
+from longqlora.training.optimizer import FOREACH_TEMPORARIES, optimizer_name, optimizer_state_bytes
+from longqlora.training.plan_config import PlanConfig
 
 GIB = 2**30
-# Total device memory as CUDA reports it (GiB), for --gpu.
-GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS workspaces, outside PyTorch's allocator
 # Reserved-but-unallocated share of the caching allocator: the median of ours' points on an H200 (default allocator
 # settings; 7% to 33%, docs/memory_gpu.json). A ceiling on the need: the allocator frees its cache before an OOM.
@@ -43,123 +36,6 @@ LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
 PAGED_MIN_VALUES = 100_000  # bitsandbytes' paged optimizers page the state of tensors this large, not smaller ones
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
-
-
-@dataclass
-class PlanConfig:
-    """`python -m longqlora plan`: predicted peak GPU memory of a training step, and the longest context that fits."""
-
-    model: str = field(
-        metadata={
-            "help": "Preset (llama-2-7b, llama-2-13b, llama-2-70b, vicuna-13b, llama-3.1-8b, "
-            "mistral-7b, or their hub ids) or a local model directory."
-        }
-    )
-    context: int = field(metadata={"help": "Training sequence length in tokens, e.g. 8192."})
-    batch: int = field(default=1, metadata={"help": "Sequences per device step (per_device_train_batch_size)."})
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_target: str = field(default="attention", metadata={"help": "attention (q/k/v/o) or all-linear."})
-    trainable_params: str = field(
-        default="embed,norm", metadata={"help": "Trained in full: comma list of embed, norm; empty for plain LoRA."}
-    )
-    gpu: str | None = field(default=None, metadata={"help": f"One of {', '.join(GPUS)}."})
-    gpu_memory: float | None = field(default=None, metadata={"help": "Device memory in GiB, instead of --gpu."})
-    host_memory: float | None = field(
-        default=None, metadata={"help": "Host memory (GiB) that offloaded checkpoints may pin; unlimited if unset."}
-    )
-    offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
-    offload_layers: int | None = field(
-        default=None, metadata={"help": "With --offload: the first N layers' (unset: all, or what --host_memory pins)."}
-    )
-    chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
-    tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
-    tile_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "The batch as one row of batch x context tokens (TRL's padding-free collation, as --pack "
-            "documents collates): the MLP tiles split that one row."
-        },
-    )
-    compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
-    load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
-    recompute_norms: bool = field(
-        default=True, metadata={"help": "Norms recomputed in the backward (--recompute_norms)."}
-    )
-    recompute_dropout: bool = field(
-        default=True, metadata={"help": "LoRA dropout redrawn in the backward (--recompute_lora_dropout)."}
-    )
-    optim: str = field(
-        default="paged_adamw",
-        metadata={
-            "help": "paged_adamw (bitsandbytes, 32-bit states, the recipes' default), adamw (torch), adamw_8bit, or "
-            "any TrainingArguments --optim name (lion_8bit, adafactor, sgd, ...)."
-        },
-    )
-    baseline: bool = field(
-        default=False,
-        metadata={
-            "help": "Plan plain QLoRA (prepare_model_for_kbit_training's fp32 weights, full attention, plain loss)."
-        },
-    )
-    device: str = field(default="cuda", metadata={"help": "cuda, or cpu for the CPU benchmark's step."})
-    json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
-
-    def __post_init__(self):
-        for name, floor, must in (  # the numeric flags, refused at or below `floor`
-            ("context", 0, "a positive number of tokens, e.g. 8192"),
-            ("batch", 0, "at least 1"),
-            ("rank", 0, "at least 1, e.g. 8"),
-            ("tile_tokens", 0, "a positive number of tokens"),
-            ("gpu_memory", 0, "a positive number of GiB, e.g. 24"),
-            ("host_memory", 0, "a positive number of GiB, e.g. 128"),
-            ("offload_layers", -1, "0 or more decoder layers (unset: all)"),
-        ):
-            if getattr(self, name) is not None and getattr(self, name) <= floor:
-                raise ValueError(f"--{name} {getattr(self, name)}: must be {must}")
-        if self.lora_target not in ("attention", "all-linear"):
-            raise ValueError(f"--lora_target {self.lora_target!r}: use attention or all-linear")
-        unknown = [t for t in self.trainable if t not in ("embed", "norm")]
-        if unknown:
-            raise ValueError(
-                f"--trainable_params {self.trainable_params!r}: unknown {', '.join(unknown)}; "
-                "use a comma list of embed, norm"
-            )
-        if self.gpu is not None and self.gpu not in GPUS:
-            raise ValueError(f"--gpu {self.gpu!r}: use one of {', '.join(GPUS)}, or --gpu_memory GIB")
-        if self.gpu is not None and self.gpu_memory is not None:
-            raise ValueError("--gpu and --gpu_memory: pass one of them")
-        if self.compute_dtype not in BYTES:
-            raise ValueError(f"--compute_dtype {self.compute_dtype!r}: use one of {', '.join(BYTES)}")
-        if optimizer_name(self.optim) not in optimizer_names():
-            raise ValueError(
-                f"--optim {self.optim!r}: use {', '.join(OPTIMIZER_ALIASES)} or a TrainingArguments --optim name "
-                "(e.g. adamw_torch, paged_adamw_8bit, adafactor)"
-            )
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"--device {self.device!r}: cuda or cpu")
-        if self.baseline:
-            self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
-
-    @property
-    def rows(self) -> tuple[int, int]:
-        """(rows, tokens per row) of the batch as the model sees it."""
-        return (1, self.batch * self.context) if self.padding_free else (self.batch, self.context)
-
-    @property
-    def mlp_tiled(self) -> bool:
-        """Whether the MLPs run in tiles: rows of one tile or less run the plain MLP (memory.enable_tiled_mlp),
-        whatever the switch says."""
-        return self.tiled_mlp and self.rows[1] > self.tile_tokens
-
-    @property
-    def trainable(self) -> list[str]:
-        return [t.strip() for t in self.trainable_params.split(",") if t.strip()]
-
-    @property
-    def device_gib(self) -> float | None:
-        return GPUS[self.gpu] if self.gpu else self.gpu_memory
 
 
 @dataclass(frozen=True)
@@ -354,20 +230,35 @@ def offloaded_layers(s: Shapes, cfg: PlanConfig) -> int:
     return pinned if pinned == s.layers or pinned > OFFLOAD_IN_FLIGHT else 0
 
 
+def halo_bytes(s: Shapes, cfg: PlanConfig) -> int:
+    """S2-Attn context parallelism (attention/context_parallel.py): a rank's attention runs on its chunk behind the
+    keys/values it borrows from the previous rank (zero queries in front, their outputs dropped), at most one group,
+    and a group is never longer than the chunk (the run refuses it): planned as a
+    whole chunk of every head, with q, k, v and the output kept and their gradients built in the backward: the
+    varlen kernel a GPU runs. A CPU runs the borrowed rows through the banded fallback, which keeps more (2G-key
+    windows and a mask; measured in docs/distributed.md). 0 without context parallelism."""
+    if cfg.context_parallel == 1:
+        return 0
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    borrowed = cfg.batch * cfg.context // cfg.context_parallel
+    return borrowed * _Bytes.of(cfg).c * (2 * q + 2 * kv) * 2
+
+
 # --------------------------------------------------------------------------------------------------- the plan
 def plan(config, cfg: PlanConfig) -> dict:
     """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device: the larger of the backward's
     start (persistent + checkpoints + the larger of one layer's and the loss's working set) and its end (persistent
     + every gradient + the optimizer's temporaries)."""
     s = Shapes.of(config)
-    params = parameter_bytes(s, cfg)
+    local = cfg.rank_share  # the tokens one rank holds: all of them without --context_parallel
+    params = parameter_bytes(s, local)
     parts = {
         "weights": params["weights"],
         "trainable_state": params["trainable_state"],
-        "checkpoints": checkpoint_bytes(s, cfg),
-        "layer_recompute": layer_bytes(s, cfg),
-        "loss": loss_bytes(s, cfg),
-        "gradients_and_step": step_bytes(s, cfg, params),
+        "checkpoints": checkpoint_bytes(s, local),
+        "layer_recompute": layer_bytes(s, local) + halo_bytes(s, cfg),
+        "loss": loss_bytes(s, local),
+        "gradients_and_step": step_bytes(s, local, params),
     }
     persistent = parts["weights"] + parts["trainable_state"]
     backward = persistent + parts["checkpoints"] + max(parts["layer_recompute"], parts["loss"])
@@ -378,17 +269,18 @@ def plan(config, cfg: PlanConfig) -> dict:
         "context": cfg.context,
         "batch": cfg.batch,
         "config": dataclasses.asdict(cfg),
-        "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": cfg.mlp_tiled},
+        "context_parallel": cfg.context_parallel,
+        "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": local.mlp_tiled},
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "peak_allocated_gib": peak / GIB,
         "overhead_gib": overhead / GIB,
         "device_need_gib": (peak + overhead) / GIB,
         "device_gib": cfg.device_gib,
-        "host_offload_gib": offloaded_layers(s, cfg) * pinned_block_bytes(s, cfg) / GIB,  # at the backward's start
+        "host_offload_gib": offloaded_layers(s, local) * pinned_block_bytes(s, local) / GIB,  # at the backward's start
         # Not in the need: the driver evicts managed memory to the host when the device is short (slower, no OOM).
         "paged_optimizer_gib": params["paged_state"] / GIB,
-        "offload_layers": offloaded_layers(s, cfg),
+        "offload_layers": offloaded_layers(s, local),
         "layers": s.layers,
     }
     if cfg.device_gib is not None:

@@ -28,7 +28,7 @@ from longqlora.data import text as data_lib
 from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model, load_model
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
-from longqlora.training import checkpoints, distributed, memory
+from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
@@ -154,8 +154,9 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         )
         paged = plan.get("paged_optimizer_gib") or 0
         lines.append(
-            f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated + "
-            f"{plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'})"
+            f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated"
+            + (f" per rank of {plan['context_parallel']}" if plan.get("context_parallel", 1) > 1 else "")
+            + f" + {plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'})"
             + (f" + {paged:.2f} paged optimizer state (managed, evictable)" if paged else "")
             + fit
         )
@@ -251,7 +252,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     )
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     training = finalize_training(model_cfg, data_cfg, training, info)
-    plan = memory.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
+    plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
 
 

@@ -1,0 +1,222 @@
+"""One rank's memory under S2-Attn context parallelism, measured on this CPU at a real model width, beside the
+planner's per-rank prediction (`python -m longqlora plan --context_parallel N`).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
+        --models llama-2-7b --layers 2 4 --contexts 4096 8192 16384 --json docs/cp_memory_cpu.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
+        --models llama-3.1-8b --variant ours_lora --layers 2 4 --contexts 4096 8192 16384 \
+        --json docs/cp_memory_cpu.json   # GQA; its trained embedding would not fit twice in this CPU's 24 GB
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
+        --models llama-2-7b --group_ratio 0.5 --layers 2 4 --contexts 12288 --json docs/cp_memory_cpu.json
+        # a group as long as the chunk: the most a rank borrows
+    python bench/cp_memory.py --report_from docs/cp_memory_cpu.json        # the tables of docs/distributed.md
+
+Every rank builds the same random NF4 model (bench/memory_step.py, as bench/memory.py does), prepared as ours
+(bench/memory.py's variant `ours`, or `--variant ours_lora`) with the context-parallel attention
+(attention/context_parallel.py), takes its contiguous chunk of the same row as the training collator cuts it (global
+position ids, labels shifted before the cut) and trains `--steps` steps in bf16 autocast; the first step's peak is
+the profiler's allocation events plus what was resident before it, as in bench/memory.py. The peaks at two depths
+are fitted as fixed + layers x per-layer and extrapolated to the full depth (bench/memory_report.fit_depth). Rank 0
+writes every rank's peak and the plans, per rank and for one process holding the whole row. No DDP wrapper: its
+gradient buckets are neither measured nor planned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
+from memory_report import fit_depth, machine, merge_record  # noqa: E402
+from memory_step import build_nf4, model_config, prepare, profile_peak, train_steps  # noqa: E402
+
+from longqlora.attention.context_parallel import new_group
+from longqlora.cli import setup_logging
+from longqlora.output import write_json_atomic
+from longqlora.training import plan as planner
+
+logger = logging.getLogger("bench.cp_memory")
+
+
+@dataclass
+class CPBenchConfig:
+    models: list[str] = field(
+        default_factory=lambda: ["llama-2-7b"], metadata={"help": "Presets (their width, heads, vocabulary and MLP)."}
+    )
+    layers: list[int] = field(default_factory=lambda: [2, 4], metadata={"help": "Decoder layers to build."})
+    contexts: list[int] = field(default_factory=lambda: [4096, 8192], metadata={"help": "Whole-row lengths."})
+    variant: str = field(default="ours", metadata={"help": "ours, or ours_lora (no trained embedding and norms)."})
+    group_ratio: float = field(
+        default=0.25,
+        metadata={
+            "help": "S2 group / row length; 0.5 at 2 ranks makes a group as long as a chunk (the most borrowed)."
+        },
+    )
+    steps: int = field(default=1, metadata={"help": "Training steps; the first gives the peak."})
+    json: str | None = field(default=None, metadata={"help": "Write the points here (rank 0)."})
+    report_from: str | None = field(
+        default=None, metadata={"help": "Measure nothing (no torchrun): print the tables of this JSON."}
+    )
+
+
+def chunk_of_row(vocab: int, context: int, index: int, size: int) -> dict:
+    """This rank's part of one random row, as ContextParallelCollator cuts it (the same row on every rank)."""
+    ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(context))
+    shifted = torch.cat([ids[:, 1:], ids.new_full((1, 1), -100)], dim=1)
+    part = slice(index * context // size, (index + 1) * context // size)
+    positions = torch.arange(context).unsqueeze(0)
+    return {
+        "input_ids": ids[:, part],
+        "position_ids": positions[:, part],
+        "labels": shifted[:, part],
+        "shift_labels": shifted[:, part],
+    }
+
+
+def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> dict:
+    bench = BenchConfig(
+        models=[name], contexts=[context], variants=[cfg.variant], steps=cfg.steps, search_longest=False
+    )
+    variant, device, dtype = VARIANTS[cfg.variant], torch.device("cpu"), torch.bfloat16
+    config = model_config(name, layers)
+    torch.manual_seed(0)  # the same weights on every rank
+    model = prepare(
+        build_nf4(config, device, dtype),
+        variant,
+        context,
+        bench,
+        dtype,
+        context_parallel=group,
+        group_ratio=cfg.group_ratio,
+    )
+    inputs = chunk_of_row(config.vocab_size, context, group.index, group.size)
+    result = train_steps(
+        model, variant, context // group.size, bench, device, dtype, measure_cpu=profile_peak, inputs=inputs
+    )
+    del model
+    peaks = [None] * group.size
+    dist.all_gather_object(peaks, result["cpu_peak"])
+    planned = plan_for(config, name, variant, context, bench, device, dtype, cp=group.size)
+    single = plan_for(config, name, variant, context, bench, device, dtype)
+    return {
+        "model": name,
+        "layers": layers,
+        "variant": cfg.variant,
+        "context": context,
+        "rows": "plain",
+        "group": int(cfg.group_ratio * context),
+        "dtype": "bfloat16",
+        "context_parallel": group.size,
+        "peak_bytes_by_rank": peaks,
+        "peak_bytes": max(peaks),  # the rank that borrows
+        "planned_bytes": planned["peak_allocated_gib"] * planner.GIB,
+        "planned_one_process_bytes": single["peak_allocated_gib"] * planner.GIB,
+        "plan": planned["config"],
+        "loss": result["loss"],
+    }
+
+
+def full_depth(points: list[dict], ranks: int) -> dict:
+    """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth."""
+    name, context, variant = points[0]["model"], points[0]["context"], points[0]["variant"]
+    bench = BenchConfig(models=[name], variants=[variant], search_longest=False)
+    config = model_config(name)
+    args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
+    fit = fit_depth(points, config.num_hidden_layers) or {}
+    return {
+        "model": name,
+        "variant": variant,
+        "group": points[0]["group"],
+        "layers": config.num_hidden_layers,
+        "context": context,
+        "context_parallel": ranks,
+        "extrapolated_bytes": fit.get("extrapolated_bytes"),
+        "planned_bytes": plan_for(*args, cp=ranks)["peak_allocated_gib"] * planner.GIB,
+        "planned_one_process_bytes": plan_for(*args)["peak_allocated_gib"] * planner.GIB,
+    }
+
+
+def render(record: dict) -> str:
+    """The measured points and the full-depth extrapolation as Markdown tables (docs/distributed.md)."""
+    from longqlora.output import markdown_table
+
+    gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
+    points = markdown_table(
+        ["model", "trained", "layers", "row", "S2 group", "rank 0", "rank 1 (borrows)", "planned a rank", "error"],
+        [
+            [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
+             f"{p.get('group', p['context'] // 4):,}", *map(gib, p["peak_bytes_by_rank"]), gib(p["planned_bytes"]),
+             f"{p['planned_bytes'] / p['peak_bytes'] - 1:+.1%}"]
+            for p in record["points"]
+        ],
+    )  # fmt: skip
+    fits = markdown_table(
+        ["model", "layers", "row", "S2 group", "measured, extrapolated", "planned a rank", "planned, one process"],
+        [
+            [f["model"], f["layers"], f"{f['context']:,}", f"{f.get('group', f['context'] // 4):,}",
+             gib(f["extrapolated_bytes"]), gib(f["planned_bytes"]), gib(f["planned_one_process_bytes"])]
+            for f in record["fits"]
+            if f["extrapolated_bytes"] is not None
+        ],
+    )  # fmt: skip
+    return f"{points}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer points):\n\n{fits}"
+
+
+def main(argv=None) -> None:
+    from transformers import HfArgumentParser
+
+    setup_logging()
+    (cfg,) = HfArgumentParser(CPBenchConfig).parse_args_into_dataclasses(args=argv)
+    if cfg.variant not in ("ours", "ours_lora"):
+        raise SystemExit(f"--variant {cfg.variant!r}: ours or ours_lora")
+    if cfg.report_from:
+        print(render(json.loads(Path(cfg.report_from).read_text())))
+        return
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    group = new_group(dist.get_world_size())
+    points = []
+    for name in cfg.models:
+        for layers in cfg.layers:
+            for context in cfg.contexts:
+                points.append(measure(cfg, name, layers, context, group))
+                p = points[-1]
+                if dist.get_rank() == 0:
+                    logger.info(
+                        "%s, %d layers, %d tokens over %d ranks: measured %.2f GiB on the fuller rank, planned %.2f "
+                        "(%+.1f%%)",
+                        name,
+                        layers,
+                        context,
+                        group.size,
+                        p["peak_bytes"] / planner.GIB,
+                        p["planned_bytes"] / planner.GIB,
+                        100 * (p["planned_bytes"] / p["peak_bytes"] - 1),
+                    )
+    if dist.get_rank() == 0:
+        command = " ".join(["torchrun --nproc_per_node", str(group.size), *sys.argv])
+        record = {
+            "command": command,
+            "points": [{**p, "command": command} for p in points],
+            "fits": [
+                full_depth([p for p in points if (p["model"], p["context"]) == (name, n)], group.size)
+                for name in cfg.models
+                for n in cfg.contexts
+            ],
+            "machine": machine(torch.device("cpu")),
+        }
+        print(render(record))
+        if cfg.json:  # merged with the points other commands wrote there
+            write_json_atomic(Path(cfg.json), merge_record(cfg.json, record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The planner's configuration: `python -m longqlora plan`'s flags, checked in one place, and a training run's own
+plan from its settings (`memory_plan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from longqlora.hardware import DTYPES
+from longqlora.training.optimizer import OPTIMIZER_ALIASES, optimizer_name, optimizer_names
+
+# Total device memory as CUDA reports it (GiB), for --gpu.
+GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
+
+
+@dataclass
+class PlanConfig:
+    """`python -m longqlora plan`: predicted peak GPU memory of a training step, and the longest context that fits."""
+
+    model: str = field(
+        metadata={
+            "help": "Preset (llama-2-7b, llama-2-13b, llama-2-70b, vicuna-13b, llama-3.1-8b, "
+            "mistral-7b, or their hub ids) or a local model directory."
+        }
+    )
+    context: int = field(metadata={"help": "Training sequence length in tokens, e.g. 8192."})
+    batch: int = field(default=1, metadata={"help": "Sequences per device step (per_device_train_batch_size)."})
+    context_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "Ranks sharing each row (training's --context_parallel): the plan is one rank's, holding "
+            "context / N tokens of every row and borrowing at most that many keys/values from its neighbour."
+        },
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_target: str = field(default="attention", metadata={"help": "attention (q/k/v/o) or all-linear."})
+    trainable_params: str = field(
+        default="embed,norm", metadata={"help": "Trained in full: comma list of embed, norm; empty for plain LoRA."}
+    )
+    gpu: str | None = field(default=None, metadata={"help": f"One of {', '.join(GPUS)}."})
+    gpu_memory: float | None = field(default=None, metadata={"help": "Device memory in GiB, instead of --gpu."})
+    host_memory: float | None = field(
+        default=None,
+        metadata={
+            "help": "Host memory (GiB) that offloaded checkpoints may pin (per rank with --context_parallel); "
+            "unlimited if unset."
+        },
+    )
+    offload: bool = field(default=False, metadata={"help": "Checkpointed hidden states offloaded to host memory."})
+    offload_layers: int | None = field(
+        default=None, metadata={"help": "With --offload: the first N layers' (unset: all, or what --host_memory pins)."}
+    )
+    chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
+    tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
+    tile_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "The batch as one row of batch x context tokens (TRL's padding-free collation, as --pack "
+            "documents collates): the MLP tiles split that one row."
+        },
+    )
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
+    recompute_norms: bool = field(
+        default=True, metadata={"help": "Norms recomputed in the backward (--recompute_norms)."}
+    )
+    recompute_dropout: bool = field(
+        default=True, metadata={"help": "LoRA dropout redrawn in the backward (--recompute_lora_dropout)."}
+    )
+    optim: str = field(
+        default="paged_adamw",
+        metadata={
+            "help": "paged_adamw (bitsandbytes, 32-bit states, the recipes' default), adamw (torch), adamw_8bit, or "
+            "any TrainingArguments --optim name (lion_8bit, adafactor, sgd, ...)."
+        },
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Plan plain QLoRA (prepare_model_for_kbit_training's fp32 weights, full attention, plain loss)."
+        },
+    )
+    device: str = field(default="cuda", metadata={"help": "cuda, or cpu for the CPU benchmark's step."})
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
+
+    def __post_init__(self):
+        for name, floor, must in (  # the numeric flags, refused at or below `floor`
+            ("context", 0, "a positive number of tokens, e.g. 8192"),
+            ("batch", 0, "at least 1"),
+            ("rank", 0, "at least 1, e.g. 8"),
+            ("tile_tokens", 0, "a positive number of tokens"),
+            ("gpu_memory", 0, "a positive number of GiB, e.g. 24"),
+            ("host_memory", 0, "a positive number of GiB, e.g. 128"),
+            ("offload_layers", -1, "0 or more decoder layers (unset: all)"),
+            ("context_parallel", 0, "a number of ranks, 1 = off"),
+        ):
+            if getattr(self, name) is not None and getattr(self, name) <= floor:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be {must}")
+        if self.baseline and self.context_parallel > 1:
+            raise ValueError(
+                f"--context_parallel {self.context_parallel}: splits rows for S2-Attn, which the --baseline (full "
+                "attention) does not run; drop one of them"
+            )
+        if self.context % self.context_parallel:
+            raise ValueError(
+                f"--context_parallel {self.context_parallel}: each rank holds --context {self.context} / "
+                f"{self.context_parallel} tokens, which must be a whole number"
+            )
+        if self.lora_target not in ("attention", "all-linear"):
+            raise ValueError(f"--lora_target {self.lora_target!r}: use attention or all-linear")
+        unknown = [t for t in self.trainable if t not in ("embed", "norm")]
+        if unknown:
+            raise ValueError(
+                f"--trainable_params {self.trainable_params!r}: unknown {', '.join(unknown)}; "
+                "use a comma list of embed, norm"
+            )
+        if self.gpu is not None and self.gpu not in GPUS:
+            raise ValueError(f"--gpu {self.gpu!r}: use one of {', '.join(GPUS)}, or --gpu_memory GIB")
+        if self.gpu is not None and self.gpu_memory is not None:
+            raise ValueError("--gpu and --gpu_memory: pass one of them")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"--compute_dtype {self.compute_dtype!r}: use one of {', '.join(DTYPES)}")
+        if optimizer_name(self.optim) not in optimizer_names():
+            raise ValueError(
+                f"--optim {self.optim!r}: use {', '.join(OPTIMIZER_ALIASES)} or a TrainingArguments --optim name "
+                "(e.g. adamw_torch, paged_adamw_8bit, adafactor)"
+            )
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device {self.device!r}: cuda or cpu")
+        if self.baseline:
+            self.chunked_loss = False  # plain QLoRA computes the model's own loss from the full logits
+
+    @property
+    def rank_share(self) -> PlanConfig:
+        """The same plan for the tokens one rank holds: its chunk of every row under --context_parallel."""
+        if self.context_parallel == 1:
+            return self
+        return dataclasses.replace(self, context=self.context // self.context_parallel, context_parallel=1)
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(rows, tokens per row) of the batch as the model sees it."""
+        return (1, self.batch * self.context) if self.padding_free else (self.batch, self.context)
+
+    @property
+    def mlp_tiled(self) -> bool:
+        """Whether the MLPs run in tiles: rows of one tile or less run the plain MLP (memory.enable_tiled_mlp),
+        whatever the switch says."""
+        return self.tiled_mlp and self.rows[1] > self.tile_tokens
+
+    @property
+    def trainable(self) -> list[str]:
+        return [t.strip() for t in self.trainable_params.split(",") if t.strip()]
+
+    @property
+    def device_gib(self) -> float | None:
+        return GPUS[self.gpu] if self.gpu else self.gpu_memory
+
+
+# ------------------------------------------------------------------------------------------------- a run's plan
+def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
+    """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
+    import torch
+
+    from longqlora.training.memory import tiled_mlp_active
+    from longqlora.training.plan import plan
+
+    tokens = training.per_device_train_batch_size * model_cfg.train_length // model_cfg.context_parallel  # a rank's
+    mode = training.offload_activations
+    offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
+    cfg = PlanConfig(
+        model=model_cfg.model_name_or_path,
+        context=model_cfg.train_length,
+        context_parallel=model_cfg.context_parallel,
+        batch=training.per_device_train_batch_size,
+        rank=model_cfg.lora_r,
+        lora_target=plan_lora_target(model_cfg.lora_target),
+        trainable_params=model_cfg.trainable_params,
+        offload=offload,
+        offload_layers=training.offload_layers,
+        chunked_loss=training.chunked_loss,
+        tile_tokens=training.tiled_mlp_tokens,
+        # TRL's rule (SFTTrainer.__init__): bfd packing (--pack documents) collates padding-free
+        padding_free=bool(
+            training.padding_free or (training.packing and training.packing_strategy in ("bfd", "bfd_split"))
+        ),
+        tiled_mlp=tiled_mlp_active(training.tiled_mlp, tokens, training.tiled_mlp_min_tokens),
+        compute_dtype=compute_dtype,
+        load_in_4bit=model_cfg.load_in_4bit,
+        lora_dropout=model_cfg.lora_dropout,
+        recompute_norms=training.recompute_norms,
+        recompute_dropout=training.recompute_lora_dropout,
+        optim=optimizer_name(training.optim),
+        gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
+    )
+    return plan(hf_config, cfg)
+
+
+def plan_lora_target(spec: str) -> str:
+    """The planner's name for --lora_target: all-linear when any MLP projection is adapted, else attention (for a
+    comma list, each an upper bound on what the subset keeps)."""
+    names = {n.strip() for n in spec.split(",")}
+    return "all-linear" if spec == "all-linear" or names & {"gate_proj", "up_proj", "down_proj"} else "attention"
