@@ -233,10 +233,10 @@ def offloaded_layers(s: Shapes, cfg: PlanConfig) -> int:
 def halo_bytes(s: Shapes, cfg: PlanConfig) -> int:
     """S2-Attn context parallelism (attention/context_parallel.py): a rank's attention runs on its chunk behind the
     keys/values it borrows from the previous rank (zero queries in front, their outputs dropped), at most one group,
-    and a group is never longer than the chunk (the run refuses it): planned as a
-    whole chunk of every head, with q, k, v and the output kept and their gradients built in the backward: the
-    varlen kernel a GPU runs. A CPU runs the borrowed rows through the banded fallback, which keeps more (2G-key
-    windows and a mask; measured in docs/distributed.md). 0 without context parallelism."""
+    and a group is never longer than the chunk (the run refuses it). Planned as a whole chunk of every head, q, k, v
+    and the output kept and their gradients built in the backward, as a GPU's varlen kernel keeps them; a CPU runs
+    the borrowed rows through the banded fallback, which keeps more (2G-key windows and a mask; measured in
+    docs/distributed.md). 0 without context parallelism."""
     if cfg.context_parallel == 1:
         return 0
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
