@@ -115,7 +115,7 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
         "dtype": "bfloat16",
         "context_parallel": group.size,
         "peak_bytes_by_rank": peaks,
-        "peak_bytes": max(peaks),  # the rank that borrows
+        "peak_bytes": max(peaks),  # the fuller rank (the one that borrows, once the layers set the peak)
         "planned_bytes": planned["peak_allocated_gib"] * planner.GIB,
         "planned_one_process_bytes": single["peak_allocated_gib"] * planner.GIB,
         "plan": planned["config"],
