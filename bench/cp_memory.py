@@ -13,7 +13,7 @@ planner's per-rank prediction (`python -m longqlora plan --context_parallel N`).
 
 Every rank builds the same random NF4 model (bench/memory_step.py, as bench/memory.py does), prepared as ours
 (bench/memory.py's variant `ours`, or `--variant ours_lora`) with the context-parallel attention
-(attention/context_parallel.py), takes its contiguous chunk of the same row as the training collator cuts it (global
+(attention/context_parallel.py), takes its contiguous chunk of the same row, cut by the training collator (global
 position ids, labels shifted before the cut) and trains `--steps` steps in bf16 autocast; the first step's peak is
 the profiler's allocation events plus what was resident before it, as in bench/memory.py. The peaks at two depths
 are fitted as fixed + layers x per-layer and extrapolated to the full depth (bench/memory_report.fit_depth). Rank 0
@@ -66,18 +66,12 @@ class CPBenchConfig:
     )
 
 
-def chunk_of_row(vocab: int, context: int, index: int, size: int) -> dict:
-    """This rank's part of one random row, as ContextParallelCollator cuts it (the same row on every rank)."""
+def chunk_of_row(vocab: int, context: int, group) -> dict:
+    """This rank's part of one random row (the same on every rank), cut by the training collator itself."""
+    from longqlora.training.distributed import ContextParallelCollator
+
     ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(context))
-    shifted = torch.cat([ids[:, 1:], ids.new_full((1, 1), -100)], dim=1)
-    part = slice(index * context // size, (index + 1) * context // size)
-    positions = torch.arange(context).unsqueeze(0)
-    return {
-        "input_ids": ids[:, part],
-        "position_ids": positions[:, part],
-        "labels": shifted[:, part],
-        "shift_labels": shifted[:, part],
-    }
+    return ContextParallelCollator(lambda _: {"input_ids": ids, "labels": ids}, group, context, pad_token_id=0)([])
 
 
 def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> dict:
@@ -96,7 +90,7 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
         context_parallel=group,
         group_ratio=cfg.group_ratio,
     )
-    inputs = chunk_of_row(config.vocab_size, context, group.index, group.size)
+    inputs = chunk_of_row(config.vocab_size, context, group)
     result = train_steps(
         model, variant, context // group.size, bench, device, dtype, measure_cpu=profile_peak, inputs=inputs
     )
@@ -152,7 +146,7 @@ def render(record: dict) -> str:
         ["model", "trained", "layers", "row", "S2 group", "rank 0", "rank 1 (borrows)", "planned a rank", "error"],
         [
             [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
-             f"{p.get('group', p['context'] // 4):,}", *map(gib, p["peak_bytes_by_rank"]), gib(p["planned_bytes"]),
+             f"{p['group']:,}", *map(gib, p["peak_bytes_by_rank"]), gib(p["planned_bytes"]),
              f"{p['planned_bytes'] / p['peak_bytes'] - 1:+.1%}"]
             for p in record["points"]
         ],
@@ -160,7 +154,7 @@ def render(record: dict) -> str:
     fits = markdown_table(
         ["model", "layers", "row", "S2 group", "measured, extrapolated", "planned a rank", "planned, one process"],
         [
-            [f["model"], f["layers"], f"{f['context']:,}", f"{f.get('group', f['context'] // 4):,}",
+            [f["model"], f["layers"], f"{f['context']:,}", f"{f['group']:,}",
              gib(f["extrapolated_bytes"]), gib(f["planned_bytes"]), gib(f["planned_one_process_bytes"])]
             for f in record["fits"]
             if f["extrapolated_bytes"] is not None

@@ -512,14 +512,11 @@ def test_a_padding_free_batch_is_planned_as_one_row():
     assert plan(LLAMA2_7B, free)["switches"]["tiled_mlp"] is True
 
 
-def test_the_run_plans_padding_free_when_trl_collates_so():
+def run_training(**changes):
+    """The training settings a run's own plan reads (plan_config.memory_plan), with `changes`."""
     from types import SimpleNamespace
 
-    from longqlora.model import ModelConfig
-    from longqlora.training.plan_config import memory_plan
-
-    model_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
-    base = dict(
+    settings = dict(
         per_device_train_batch_size=4,
         offload_activations="off",
         offload_min_tokens=0,
@@ -532,9 +529,19 @@ def test_the_run_plans_padding_free_when_trl_collates_so():
         recompute_lora_dropout=True,
         optim="paged_adamw_32bit",
         padding_free=False,
+        packing=False,
+        packing_strategy="wrapped",
     )
+    return SimpleNamespace(**{**settings, **changes})
+
+
+def test_the_run_plans_padding_free_when_trl_collates_so():
+    from longqlora.model import ModelConfig
+    from longqlora.training.plan_config import memory_plan
+
+    model_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
     for packing, strategy, expected in ((True, "bfd_split", True), (True, "wrapped", False), (False, "bfd", False)):
-        training = SimpleNamespace(**base, packing=packing, packing_strategy=strategy)
+        training = run_training(packing=packing, packing_strategy=strategy)
         got = memory_plan(LLAMA2_7B, model_cfg, training, "bfloat16")
         assert got["config"]["padding_free"] is expected and got["switches"]["tiled_mlp"] is expected
 
@@ -609,15 +616,11 @@ def test_context_parallel_plans_one_ranks_share_and_its_borrowed_keys():
 
 def test_a_context_parallel_run_plans_per_rank(capsys):
     """A run's own plan takes --context_parallel: the rank's tokens decide offloading; the command says per rank."""
-    from types import SimpleNamespace
-
     from longqlora.training.plan_config import memory_plan
 
-    training = SimpleNamespace(
-        per_device_train_batch_size=1, offload_activations="auto", offload_min_tokens=16384, offload_layers=None,
-        chunked_loss=True, tiled_mlp_tokens=16384, tiled_mlp="auto", tiled_mlp_min_tokens=65536, recompute_norms=True,
-        recompute_lora_dropout=True, optim="paged_adamw_32bit", padding_free=False, packing=False,
-        packing_strategy="wrapped",
+    training = run_training(
+        per_device_train_batch_size=1, offload_activations="auto", offload_min_tokens=16384, tiled_mlp="auto",
+        tiled_mlp_min_tokens=65536,
     )  # fmt: skip
     plans = {
         cp: memory_plan(

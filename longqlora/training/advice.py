@@ -126,7 +126,7 @@ def render(result: dict) -> str:
     if paged:
         names["trainable_state"] = "trainable: fp32 params + state not paged"
     on = [k for k, v in result["switches"].items() if v]
-    cp = result.get("context_parallel", 1)
+    cp = result["context_parallel"]
     share = f", per rank of {cp} sharing each row ({result['context'] // cp:,} tokens each)" if cp > 1 else ""
     lines = [
         f"{result['model']} at {result['context']:,} tokens x batch {result['batch']}{share} "

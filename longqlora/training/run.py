@@ -155,7 +155,7 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         paged = plan.get("paged_optimizer_gib") or 0
         lines.append(
             f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated"
-            + (f" per rank of {plan['context_parallel']}" if plan.get("context_parallel", 1) > 1 else "")
+            + (f" per rank of {plan['context_parallel']}" if plan["context_parallel"] > 1 else "")
             + f" + {plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'})"
             + (f" + {paged:.2f} paged optimizer state (managed, evictable)" if paged else "")
             + fit
