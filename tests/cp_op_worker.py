@@ -21,7 +21,9 @@ def packed_positions(n: int, starts: list[int]) -> torch.Tensor:
     return pos
 
 
-def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0):
+def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0, none_when_full=False):
+    """One comparison; with `none_when_full` a chunk without padding gets no mask, as transformers' flash-style mask
+    function hands it (the previous rank's padding must still be masked)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
@@ -37,9 +39,10 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
     part = slice(cp.index * c, (cp.index + 1) * c)
     mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
     chunk_pos = pos[:, part]
-    out = cp_attention(
-        *mine, group, cp, position_ids=chunk_pos, attention_mask=None if mask is None else mask[:, part], backend="sdpa"
-    )
+    chunk_mask = None if mask is None else mask[:, part]
+    if none_when_full and chunk_mask is not None and bool(chunk_mask.all()):
+        chunk_mask = None
+    out = cp_attention(*mine, group, cp, position_ids=chunk_pos, attention_mask=chunk_mask, backend="sdpa")
     (out * w[:, :, part]).sum().backward()
     diffs = {"out": (out - ref[:, :, part]).abs().max().item()}
     # The exchange of positions is kept on the ids tensor: the next layer of the same forward reuses it.
@@ -50,10 +53,10 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
     # Without the borrowed tokens the chunk is wrong (on every rank but the first): the exchange matters.
     alone = s2_attention(
         q[:, :, part], k[:, :, part], v[:, :, part], group, position_ids=pos[:, part],
-        attention_mask=None if mask is None else mask[:, part], backend="sdpa", indexed_positions=True,
+        attention_mask=chunk_mask, backend="sdpa", indexed_positions=True,
     )  # fmt: skip
     diffs["without_halo"] = (alone - ref[:, :, part]).abs().max().item()
-    tokens, shifted_only = _halo_rows(pos[:, part].clone(), None if mask is None else mask[:, part], group, cp, b)[:2]
+    tokens, shifted_only = _halo_rows(pos[:, part].clone(), chunk_mask, group, cp, b)[:2]
     diffs["halo_tokens"], diffs["shifted_heads_only"] = tokens, shifted_only
     return name, diffs
 
@@ -65,6 +68,8 @@ def main(out_dir: str):
     n = 48 * p
     mask = torch.ones(2, n, dtype=torch.long)
     mask[1, n - 40 :] = 0  # right padding reaching into the previous rank's chunk
+    left = torch.ones(1, n, dtype=torch.long)
+    left[0, :40] = 0  # the first chunk's tail is padding, the second chunk has none
     results = dict(
         [
             case("plain, GQA 6/2, G = chunk", cp, b=2, h=6, h_kv=2, n=n, d=8, group=48),
@@ -83,6 +88,19 @@ def main(out_dir: str):
                 seed=2,
             ),
             case("right padding, 2 rows", cp, b=2, h=4, h_kv=2, n=n, d=8, group=24, mask=mask, seed=3),
+            case(
+                "left padding into the next chunk's halo, no mask where a chunk has none",
+                cp,
+                b=1,
+                h=4,
+                h_kv=2,
+                n=n,
+                d=8,
+                group=24,
+                mask=left,
+                seed=4,
+                none_when_full=True,
+            ),  # fmt: skip
         ]
     )
     Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))

@@ -28,8 +28,9 @@ BENCH = load_script("bench/distributed.py")  # the launches and their comparison
 # ------------------------------------------------------------------------------------------ the op, 3 processes
 def test_context_parallel_op_equals_single_process(tmp_path):
     """Each of 3 ranks holds a third of the sequence; output and q/k/v gradients equal the single-process op (float64)
-    for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents
-    and right padding; without the borrowed tokens they would not."""
+    for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents,
+    right padding, and left padding that ends in a chunk's borrowed tail while the next chunk, with no padding of
+    its own, gets no mask; without the borrowed tokens they would not."""
     done = subprocess.run(
         [*BENCH.torchrun(3), "tests/cp_op_worker.py", str(tmp_path)],
         cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=120,
@@ -37,7 +38,7 @@ def test_context_parallel_op_equals_single_process(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     for rank in range(3):
         cases = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(cases) == 5
+        assert len(cases) == 6
         for name, d in cases.items():
             for key in ("out", "grad_q", "grad_k", "grad_v"):
                 assert d[key] < 1e-12, (rank, name, key, d[key])

@@ -135,9 +135,12 @@ def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         result = (tokens, bool(flag.item()), pos, attention_mask)
     else:
         ext_pos = torch.cat([prev[0, :, group - tokens :], pos], dim=1)
+        borrowed = prev[1, :, group - tokens :]
         ext_mask = None
-        if attention_mask is not None:
-            ext_mask = torch.cat([prev[1, :, group - tokens :], mask], dim=1).to(attention_mask.dtype)
+        # A chunk without padding may come with no mask (transformers' flash-style mask function gives None) while
+        # the tail it borrows is padding: that padding is masked all the same.
+        if attention_mask is not None or not bool(borrowed.all()):
+            ext_mask = torch.cat([borrowed, mask], dim=1).to((mask if attention_mask is None else attention_mask).dtype)
         result = (tokens, bool(flag.item()), ext_pos, ext_mask)
     position_ids.__dict__[_ATTR] = (key, result, attention_mask)
     return result
