@@ -9,6 +9,8 @@ planner's per-rank prediction (`python -m longqlora plan --context_parallel N`).
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
         --models llama-2-7b --group_ratio 0.5 --layers 2 4 --contexts 12288 --json docs/cp_memory_cpu.json
         # a group as long as the chunk: the most a rank borrows
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
+        --models llama-2-7b --ddp --layers 2 --contexts 4096 8192 --json docs/cp_memory_cpu.json   # under DDP
     python bench/cp_memory.py --report_from docs/cp_memory_cpu.json        # the tables of docs/distributed.md
 
 Every rank builds the same random NF4 model (bench/memory_step.py, as bench/memory.py does), prepared as ours
@@ -17,8 +19,9 @@ Every rank builds the same random NF4 model (bench/memory_step.py, as bench/memo
 position ids, labels shifted before the cut) and trains `--steps` steps in bf16 autocast; the first step's peak is
 the profiler's allocation events plus what was resident before it, as in bench/memory.py. The peaks at two depths
 are fitted as fixed + layers x per-layer and extrapolated to the full depth (bench/memory_report.fit_depth). Rank 0
-writes every rank's peak and the plans, per rank and for one process holding the whole row. No DDP wrapper: its
-gradient buckets are neither measured nor planned.
+writes every rank's peak and the plans, per rank and for one process holding the whole row. With `--ddp` the model
+is wrapped in DDP as a training run's is, and what the wrap allocates (its gradient buckets) counts as resident;
+without it there are no buckets, and the plan is for `--processes 1`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
 from memory_report import fit_depth, machine, merge_record  # noqa: E402
-from memory_step import build_nf4, model_config, prepare, profile_peak, train_steps  # noqa: E402
+from memory_step import build_nf4, model_config, prepare, profile_live, profile_peak, train_steps  # noqa: E402
 
 from longqlora.attention.context_parallel import new_group
 from longqlora.cli import setup_logging
@@ -59,6 +62,10 @@ class CPBenchConfig:
             "help": "S2 group / row length; 0.5 at 2 ranks makes a group as long as a chunk (the most borrowed)."
         },
     )
+    ddp: bool = field(
+        default=False,
+        metadata={"help": "Wrap the model in DDP, as a training run does: its gradient buckets measured and planned."},
+    )
     steps: int = field(default=1, metadata={"help": "Training steps; the first gives the peak."})
     json: str | None = field(default=None, metadata={"help": "Write the points here (rank 0)."})
     report_from: str | None = field(
@@ -72,6 +79,14 @@ def chunk_of_row(vocab: int, context: int, group) -> dict:
 
     ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(context))
     return ContextParallelCollator(lambda _: {"input_ids": ids, "labels": ids}, group, context, pad_token_id=0)([])
+
+
+def ddp_wrap(model):
+    """The model in torch's DDP with the Trainer's settings (no unused parameters, gradients not bucket views), and
+    the bytes its construction left allocated (the buckets; the peak of the parameters' broadcast passes)."""
+    wrapped = []
+    _, left = profile_live(lambda: wrapped.append(torch.nn.parallel.DistributedDataParallel(model)))
+    return wrapped[0], left
 
 
 def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> dict:
@@ -92,12 +107,21 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
     )
     inputs = chunk_of_row(config.vocab_size, context, group)
     result = train_steps(
-        model, variant, context // group.size, bench, device, dtype, measure_cpu=profile_peak, inputs=inputs
+        model,
+        variant,
+        context // group.size,
+        bench,
+        device,
+        dtype,
+        measure_cpu=profile_peak,
+        inputs=inputs,
+        wrap=ddp_wrap if cfg.ddp else None,
     )
     del model
     peaks = [None] * group.size
     dist.all_gather_object(peaks, result["cpu_peak"])
-    planned = plan_for(config, name, variant, context, bench, device, dtype, cp=group.size)
+    processes = dist.get_world_size() if cfg.ddp else 1
+    planned = plan_for(config, name, variant, context, bench, device, dtype, cp=group.size, processes=processes)
     single = plan_for(config, name, variant, context, bench, device, dtype)
     return {
         "model": name,
@@ -108,6 +132,7 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
         "group": int(cfg.group_ratio * context),
         "dtype": "bfloat16",
         "context_parallel": group.size,
+        "processes": processes,
         "peak_bytes_by_rank": peaks,
         "peak_bytes": max(peaks),  # the fuller rank (the one that borrows, once the layers set the peak)
         "planned_bytes": planned["peak_allocated_gib"] * planner.GIB,
@@ -143,10 +168,12 @@ def render(record: dict) -> str:
 
     gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
     points = markdown_table(
-        ["model", "trained", "layers", "row", "S2 group", "rank 0", "rank 1 (borrows)", "planned a rank", "error"],
+        ["model", "trained", "layers", "row", "S2 group", "DDP", "rank 0", "rank 1 (borrows)", "planned a rank",
+         "error"],
         [
             [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
-             f"{p['group']:,}", *map(gib, p["peak_bytes_by_rank"]), gib(p["planned_bytes"]),
+             f"{p['group']:,}", "yes" if p.get("processes", 1) > 1 else "no", *map(gib, p["peak_bytes_by_rank"]),
+             gib(p["planned_bytes"]),
              f"{p['planned_bytes'] / p['peak_bytes'] - 1:+.1%}"]
             for p in record["points"]
         ],
@@ -199,10 +226,11 @@ def main(argv=None) -> None:
         record = {
             "command": command,
             "points": [{**p, "command": command} for p in points],
-            "fits": [
+            "fits": [  # the full-depth fits are those without DDP (a DDP fit would replace them in the JSON)
                 full_depth([p for p in points if (p["model"], p["context"]) == (name, n)], group.size)
                 for name in cfg.models
                 for n in cfg.contexts
+                if not cfg.ddp
             ],
             "machine": machine(torch.device("cpu")),
         }

@@ -141,9 +141,11 @@ class BenchConfig:
                 self.contexts = [256, 512]
 
 
-def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype, cp: int = 1) -> dict:
+def plan_for(
+    config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype, cp: int = 1, processes: int = 1
+) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with (per rank of `cp` sharing
-    each row: bench/cp_memory.py)."""
+    each row, under DDP over `processes` when more than one: bench/cp_memory.py)."""
     offload = (
         variant.ours
         and device.type == "cuda"
@@ -160,6 +162,7 @@ def plan_for(config, name: str, variant: Variant, context: int, cfg: BenchConfig
             model=name,
             context=context,
             context_parallel=cp,
+            processes=processes,
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,

@@ -120,9 +120,10 @@ def batch(vocab: int, context: int, rows: str, device):
     return {"input_ids": ids, "labels": ids, "position_ids": pos}
 
 
-def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=None, inputs=None) -> dict:
+def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=None, inputs=None, wrap=None) -> dict:
     """Optimizer state first (one zero-gradient step), then `cfg.steps` measured steps on random tokens (or on
-    `inputs`: a context-parallel rank's chunk)."""
+    `inputs`: a context-parallel rank's chunk). `wrap(model)` returns the model wrapped (bench/cp_memory.py's DDP)
+    and the bytes the wrap left allocated, which are resident during the step."""
     from trl.trainer.utils import add_fused_lm_head
 
     if variant.ours:
@@ -137,6 +138,9 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     inputs = inputs or batch(model.config.vocab_size, context, cfg.rows, device)
+    wrapped_bytes = 0
+    if wrap is not None:
+        model, wrapped_bytes = wrap(model)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     times, losses = [], []
@@ -162,7 +166,9 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
         torch.set_autocast_enabled("cuda", True)
     try:
         cpu_peak = measured_steps(
-            one_step, cfg.steps, measure_cpu and (lambda run: resident_bytes(model, optimizer) + measure_cpu(run))
+            one_step,
+            cfg.steps,
+            measure_cpu and (lambda run: resident_bytes(model, optimizer) + wrapped_bytes + measure_cpu(run)),
         )
     finally:
         torch.set_autocast_enabled("cuda", False)
@@ -209,8 +215,9 @@ def resident_bytes(model, optimizer) -> int:
     return sum(storages.values())
 
 
-def profile_peak(run) -> int:
-    """The highest total of live CPU tensor bytes above the start while `run()` runs (allocation events in order)."""
+def profile_live(run) -> tuple[int, int]:
+    """(the highest, the last) total of live CPU tensor bytes above the start while `run()` runs (allocation events
+    in order)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = sorted(
@@ -220,4 +227,9 @@ def profile_peak(run) -> int:
     for event in events:
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
-    return peak
+    return peak, live
+
+
+def profile_peak(run) -> int:
+    """The highest total of live CPU tensor bytes above the start while `run()` runs."""
+    return profile_live(run)[0]

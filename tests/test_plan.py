@@ -349,6 +349,8 @@ def test_advise_names_the_switches_that_make_it_fit():
         (["--context", "8192", "--context_parallel", "0"], "--context_parallel"),
         (["--context", "8192", "--context_parallel", "3"], "--context_parallel"),
         (["--context", "8192", "--context_parallel", "2", "--baseline"], "--context_parallel"),
+        (["--context", "8192", "--context_parallel", "2", "--processes", "3"], "--processes"),
+        (["--context", "8192", "--processes", "0"], "--processes"),
     ],
 )
 def test_plan_command_rejects_bad_flags_in_one_line(flags, flag, capsys):
@@ -651,7 +653,8 @@ def test_the_context_parallel_plan_against_every_measured_rank(script):
     GPU runs (S2's grouped SDPA): within 10% of the per-rank plan at every point. Rank 1 borrows its neighbour's
     keys/values and, on a CPU, runs them through the banded fallback (2G-key windows and a (blocks, G, 2G) mask,
     attention/kernels.py) where a GPU runs the varlen kernel: within 10% while the group is a quarter of the row,
-    above the plan (by the fallback's windows and mask) when the group is as long as the chunk."""
+    above the plan (by the fallback's windows and mask) when the group is as long as the chunk. The points measured
+    under DDP (`--ddp`) are planned with DDP's gradient buckets, and nearer to that plan than to one without them."""
     import torch
     from conftest import ROOT
 
@@ -659,26 +662,69 @@ def test_the_context_parallel_plan_against_every_measured_rank(script):
     record = json.loads((ROOT / "docs" / "cp_memory_cpu.json").read_text())
     points = record["points"]
     assert {p["model"] for p in points} == {"llama-2-7b", "llama-3.1-8b"} and {p["layers"] for p in points} == {2, 4}
-    assert len(points) >= 14 and all(p["context_parallel"] == 2 for p in points)
+    assert len(points) >= 16 and all(p["context_parallel"] == 2 for p in points)
+    assert {p.get("processes", 1) for p in points} == {1, 2}  # without and with DDP's buckets
+
+    def planned(p, processes):
+        args = (bench.model_config(p["model"], p["layers"]), p["model"], bench.VARIANTS[p["variant"]], p["context"])
+        config, where = bench.BenchConfig(models=[p["model"]]), (torch.device("cpu"), torch.bfloat16)
+        return bench.plan_for(*args, config, *where, cp=2, processes=processes)["peak_allocated_gib"] * GIB
+
     for p in points:
         assert p["peak_bytes"] == max(p["peak_bytes_by_rank"])
-        predicted = (
-            bench.plan_for(
-                bench.model_config(p["model"], p["layers"]),
-                p["model"],
-                bench.VARIANTS[p["variant"]],
-                p["context"],
-                bench.BenchConfig(models=[p["model"]]),
-                torch.device("cpu"),
-                torch.bfloat16,
-                cp=2,
-            )["peak_allocated_gib"]
-            * GIB
-        )
+        predicted = planned(p, p.get("processes", 1))  # 2: wrapped in DDP (bench/cp_memory.py --ddp)
         first, second = p["peak_bytes_by_rank"]
+        if p.get("processes", 1) > 1:  # without the buckets the plan would be further off
+            assert abs(predicted - second) < abs(planned(p, 1) - second) - 0.3 * GIB
         where = (p["model"], p["layers"], p["context"], p["group"], first, second, predicted)
         assert abs(predicted / first - 1) < 0.10, where
         if p["group"] <= p["context"] // 4:
             assert abs(predicted / second - 1) < 0.10, where
         else:  # the group as long as the chunk: the CPU's banded windows and mask over the borrowed rows
             assert second > 1.10 * predicted and second - first > 0.4 * GIB, where
+
+
+def test_ddp_buckets_are_planned_as_the_wrap_allocates_them(monkeypatch):
+    """A DDP launch keeps every trained fp32 gradient a second time, in the buckets DDP allocates when it wraps the
+    model: measured here (a one-process gloo group, the LoRA+ model of a tiny Llama) as the bytes the wrap leaves
+    allocated, equal to the planned part; a run under DDP plans it, one under FSDP2 does not (its sharding is not
+    planned), and a --processes that does not hold whole context-parallel groups is refused."""
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    from longqlora.adapters import adapt_for_training
+    from longqlora.training.plan_config import memory_plan
+    from longqlora.training.tiny import tiny_llama_config
+
+    config = tiny_llama_config("gqa", vocab_size=320, max_position_embeddings=256)
+    cfg = ModelConfig(model_name_or_path="m", target_context=256, lora_r=4, trainable_params="embed,norm")
+    model, _ = adapt_for_training(LlamaForCausalLM(config).float(), cfg, torch.float32, gradient_checkpointing=False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    store = torch.distributed.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        allocated = sum(e.self_cpu_memory_usage for e in prof.profiler.function_events)
+        del wrapped
+    finally:
+        dist.destroy_process_group()
+    kw = dict(model="m", context=256, rank=4, lora_target="attention", trainable_params="embed,norm")
+    ddp = plan(config, PlanConfig(**kw, processes=2))
+    assert ddp["trainable_params"] == trained
+    assert ddp["parts_gib"]["ddp_buckets"] * GIB == 4 * trained
+    assert allocated == pytest.approx(4 * trained, rel=1e-3)  # a few bytes of bookkeeping beside the buckets
+    alone = plan(config, PlanConfig(**kw))
+    assert "ddp_buckets" not in alone["parts_gib"]
+    assert ddp["peak_allocated_gib"] - alone["peak_allocated_gib"] == pytest.approx(4 * trained / GIB)
+    # a run's own plan: DDP launches plan the buckets, FSDP2 launches do not
+    training = run_training(per_device_train_batch_size=1, offload_activations="off", tiled_mlp="off")
+    run_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "ddp_buckets" in memory_plan(LLAMA2_7B, run_cfg, training, "bfloat16")["parts_gib"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert "ddp_buckets" not in memory_plan(LLAMA2_7B, run_cfg, training, "bfloat16")["parts_gib"]
+    with pytest.raises(ValueError, match="--processes 6: .* --context_parallel 4 .* multiple"):
+        PlanConfig(model="m", context=8192, context_parallel=4, processes=6)

@@ -121,6 +121,7 @@ def render(result: dict) -> str:
         "layer_recompute": "one layer's recomputation",
         "loss": "loss and its backward",
         "gradients_and_step": "gradients + optimizer step",
+        "ddp_buckets": "DDP's gradient buckets",
     }
     paged = result.get("paged_optimizer_gib") or 0.0  # CUDA managed memory: outside the allocator and the need
     if paged:

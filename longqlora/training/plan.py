@@ -244,6 +244,14 @@ def halo_bytes(s: Shapes, cfg: PlanConfig) -> int:
     return borrowed * _Bytes.of(cfg).c * (2 * q + 2 * kv) * 2
 
 
+def ddp_bucket_bytes(params: dict) -> int:
+    """DDP (torch's Reducer) allocates its communication buckets when it wraps the model: one fp32 slot per trained
+    value, kept for the whole run beside the parameters' own .grad (the Trainer's DDP does not make the gradients
+    views of the buckets, and with that view the gradients set to None each step are still allocated anew before
+    their copy into the bucket). tests/test_plan.py measures the wrap's allocation."""
+    return params["gradients"]
+
+
 # --------------------------------------------------------------------------------------------------- the plan
 def plan(config, cfg: PlanConfig) -> dict:
     """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device: the larger of the backward's
@@ -260,7 +268,9 @@ def plan(config, cfg: PlanConfig) -> dict:
         "loss": loss_bytes(s, local),
         "gradients_and_step": step_bytes(s, local, params),
     }
-    persistent = parts["weights"] + parts["trainable_state"]
+    if cfg.processes > 1:  # DDP's buckets: a second fp32 copy of every trained gradient, from the wrap on (measured)
+        parts["ddp_buckets"] = ddp_bucket_bytes(params)
+    persistent = parts["weights"] + parts["trainable_state"] + parts.get("ddp_buckets", 0)
     backward = persistent + parts["checkpoints"] + max(parts["layer_recompute"], parts["loss"])
     peak = max(backward, persistent + parts["gradients_and_step"])
     overhead = peak * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB if cfg.device == "cuda" else 0.0
@@ -270,6 +280,7 @@ def plan(config, cfg: PlanConfig) -> dict:
         "batch": cfg.batch,
         "config": dataclasses.asdict(cfg),
         "context_parallel": cfg.context_parallel,
+        "processes": cfg.processes,
         "switches": {"offload": cfg.offload, "chunked_loss": cfg.chunked_loss, "tiled_mlp": local.mlp_tiled},
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},

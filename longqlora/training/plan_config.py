@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from longqlora.hardware import DTYPES
 from longqlora.training.optimizer import OPTIMIZER_ALIASES, optimizer_name, optimizer_names
 
-# Total device memory as CUDA reports it (GiB), for --gpu.
-GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 24.0, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
+# Total device memory as CUDA reports it (GiB: torch's total_memory, e.g. a 4090's 23.64 in its out-of-memory
+# messages, not the marketed 24 GB), for --gpu.
+GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 23.6, "a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1}
 
 
 @dataclass
@@ -30,6 +31,14 @@ class PlanConfig:
         metadata={
             "help": "Ranks sharing each row (training's --context_parallel): the plan is one rank's, holding "
             "context / N tokens of every row and borrowing at most that many keys/values from its neighbour."
+        },
+    )
+    processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes of a DDP launch (torchrun, or accelerate launch without FSDP/DeepSpeed), the "
+            "context-parallel ranks included; default --context_parallel. DDP keeps every trained gradient in its "
+            "buckets beside .grad. 1: one process, or FSDP2/ZeRO-3 (their sharding is not planned)."
         },
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -95,6 +104,7 @@ class PlanConfig:
             ("host_memory", 0, "a positive number of GiB, e.g. 128"),
             ("offload_layers", -1, "0 or more decoder layers (unset: all)"),
             ("context_parallel", 0, "a number of ranks, 1 = off"),
+            ("processes", 0, "a number of processes, 1 = one"),
         ):
             if getattr(self, name) is not None and getattr(self, name) <= floor:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be {must}")
@@ -102,6 +112,13 @@ class PlanConfig:
             raise ValueError(
                 f"--context_parallel {self.context_parallel}: splits rows for S2-Attn, which the --baseline (full "
                 "attention) does not run; drop one of them"
+            )
+        if self.processes is None:
+            self.processes = self.context_parallel
+        if self.processes > 1 and self.processes % self.context_parallel:
+            raise ValueError(
+                f"--processes {self.processes}: a DDP launch with --context_parallel {self.context_parallel} "
+                "runs a whole number of replicas of that many ranks; use a multiple of it"
             )
         if self.context % self.context_parallel:
             raise ValueError(
@@ -164,16 +181,19 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
     """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
     import torch
 
+    from longqlora.hardware import launch
     from longqlora.training.memory import tiled_mlp_active
     from longqlora.training.plan import plan
 
     tokens = training.per_device_train_batch_size * model_cfg.train_length // model_cfg.context_parallel  # a rank's
+    launched = launch()
     mode = training.offload_activations
     offload = mode == "on" or (mode == "auto" and tokens >= training.offload_min_tokens)
     cfg = PlanConfig(
         model=model_cfg.model_name_or_path,
         context=model_cfg.train_length,
         context_parallel=model_cfg.context_parallel,
+        processes=launched.world_size if launched.engine == "ddp" else 1,  # FSDP2's and ZeRO-3's sharding: unplanned
         batch=training.per_device_train_batch_size,
         rank=model_cfg.lora_r,
         lora_target=plan_lora_target(model_cfg.lora_target),
