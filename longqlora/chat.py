@@ -338,6 +338,10 @@ def one_shot(cfg: ChatConfig, model, tokenizer, stdout) -> str:
     set_seed(cfg.seed)
     ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
     too_long = overflow(cfg, len(ids), context_limit(model))
+    if too_long and document is not None:  # the document is what a prompt of a few words overflows with
+        raise ValueError(
+            f"--context_file {cfg.context_file}: with --prompt {too_long}; shorten the file or lower --max_new_tokens"
+        )
     if too_long:
         raise ValueError(f"--prompt: {too_long}; shorten it or lower --max_new_tokens")
     reply, _ = generate_reply(cfg, model, tokenizer, ids, stdout)

@@ -201,7 +201,7 @@ def test_ctrl_c_and_eof_exit_zero(random_dir, monkeypatch):
     assert code == 0 and out.endswith("USER: \n")
 
 
-def test_turn_over_the_context_is_refused(random_dir, monkeypatch):
+def test_turn_over_the_context_is_refused(random_dir, tmp_path, monkeypatch):
     cfg = _cfg(random_dir, max_new_tokens=500)  # the prompt alone takes > 12 of the 512 positions
     model, tokenizer = load_chat_model(cfg)
     calls = record(model, monkeypatch)
@@ -210,6 +210,11 @@ def test_turn_over_the_context_is_refused(random_dir, monkeypatch):
     assert "turn refused" in out and "context of 512" in out
     with pytest.raises(ValueError, match="^--prompt: the prompt takes"):
         one_shot(_cfg(random_dir, max_new_tokens=500, prompt="hello"), model, tokenizer, io.StringIO())
+    document = tmp_path / "long.txt"  # a document that fills the context: the file is named, not --prompt
+    document.write_text("word " * 2000)
+    with pytest.raises(ValueError, match=f"^--context_file {document}: with --prompt the prompt takes"):
+        cfg = _cfg(random_dir, max_new_tokens=8, prompt="hello", context_file=str(document))
+        one_shot(cfg, model, tokenizer, io.StringIO())
 
 
 def _one_line(err):

@@ -326,3 +326,20 @@ def test_a_checkpoint_loads_with_its_extension(adapter):
     ids, reference = adapter_logits(adapter)
     _, from_checkpoint = adapter_logits(last)
     assert torch.equal(from_checkpoint, reference)
+
+
+def test_an_adapter_is_not_applied_again_to_the_model_it_was_merged_into(adapter, merged, tmp_path, no_weights):
+    """The merged model has the adapter's shapes, so every tensor check passes; its merge_report.json names the
+    adapter folded in, and loading that adapter on it again (merge, perplexity, passkey, chat) is one line, before
+    any weights load. Another adapter on the merged model (training on top of it) is not refused."""
+    _, out = merged
+    with pytest.raises(ValueError) as err:
+        merge(MergeConfig(adapter=str(adapter), base=str(out), output=str(tmp_path / "again")))
+    assert str(err.value).startswith(f"--base {out}: {adapter} is merged into it already (merge_report.json)")
+    assert "\n" not in str(err.value) and not (tmp_path / "again").exists()
+    with pytest.raises(ValueError, match=f"^--model {out}: .* is merged into it already"):
+        load_for_inference(str(out), adapter=str(adapter))
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
+    with pytest.raises(AssertionError, match="weights were loaded"):  # past the checks, to the weights
+        load_for_inference(str(out), adapter=str(other))

@@ -202,12 +202,23 @@ def adapter_shapes(adapter: Path) -> dict:
 def check_adapter_fits(
     adapter: Path, base: Path, *, flag: str, name: str, recorded: str, trust_remote_code: bool = False
 ) -> None:
-    """One line when the adapter's tensors cannot belong to this base (`flag name`): hidden or vocab size, then
-    every tensor against the base's structure built on the meta device (no weights read)."""
+    """One line when the adapter's tensors cannot belong to this base (`flag name`): the base is that adapter merged
+    already (its merge_report.json), hidden or vocab size, then every tensor against the base's structure built on
+    the meta device (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from longqlora.merge import REPORT_FILE
     from longqlora.model import load_config
+
+    report = base / REPORT_FILE
+    if report.is_file():  # the same shapes fit, and the adapter would be added a second time
+        merged = json.loads(report.read_text())
+        if Path(merged.get("adapter", "")).resolve() == adapter.resolve():
+            raise ValueError(
+                f"{flag} {name}: {adapter} is merged into it already ({REPORT_FILE}); drop --adapter, or pass the "
+                f"base it was merged into, {merged.get('base')}"
+            )
 
     shapes = adapter_shapes(adapter)
     hf_config = load_config(str(base), flag, trust_remote_code=trust_remote_code)
