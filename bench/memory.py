@@ -166,7 +166,7 @@ def plan_for(
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,
-            offload_layers=cfg.offload_layers,
+            offload_layers=cfg.offload_layers if offload else None,
             chunked_loss=variant.ours,
             tiled_mlp=tiled,
             tile_tokens=cfg.tiled_mlp_tokens,

@@ -390,6 +390,12 @@ CASES = [
         "flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"), lambda b, o: "--lora_r"
     ),
     Case(
+        "--offload_layers over the model's layers",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--offload_layers", "99"),
+        lambda b, o: "--offload_layers 99",
+    ),
+    Case(
         "--dataset missing",
         "recipe",
         lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),

@@ -248,7 +248,7 @@ def ddp_bucket_bytes(params: dict) -> int:
     """DDP (torch's Reducer) allocates its communication buckets when it wraps the model: one fp32 slot per trained
     value, kept for the whole run beside the parameters' own .grad (the Trainer's DDP does not make the gradients
     views of the buckets, and with that view the gradients set to None each step are still allocated anew before
-    their copy into the bucket). tests/test_plan.py measures the wrap's allocation."""
+    their copy into the bucket). tests/test_plan.py checks this against the bucket sizes DDP logs."""
     return params["gradients"]
 
 
@@ -258,6 +258,11 @@ def plan(config, cfg: PlanConfig) -> dict:
     start (persistent + checkpoints + the larger of one layer's and the loss's working set) and its end (persistent
     + every gradient + the optimizer's temporaries)."""
     s = Shapes.of(config)
+    if cfg.offload_layers is not None and cfg.offload_layers > s.layers:
+        raise ValueError(
+            f"--offload_layers {cfg.offload_layers}: {cfg.model} has {s.layers} decoder layers; pass at most "
+            f"{s.layers}, or leave it unset (all)"
+        )
     local = cfg.rank_share  # the tokens one rank holds: all of them without --context_parallel
     params = parameter_bytes(s, local)
     parts = {

@@ -250,6 +250,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(
         model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
     )
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if training.offload_layers is not None and layers is not None and training.offload_layers > layers:
+        raise ValueError(
+            f"--offload_layers {training.offload_layers}: {model_cfg.model_name_or_path} has {layers} decoder "
+            f"layers; pass at most {layers}, or leave it unset (all)"
+        )
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     training = finalize_training(model_cfg, data_cfg, training, info)
     plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
