@@ -60,7 +60,7 @@ class AblationConfig(SmallLlamaConfig):
     doc: str | None = field(default=None, metadata={"help": "Markdown file whose section --section is rewritten."})
     section: str = field(default="main", metadata={"help": "Name of the section of --doc (and of its PNG)."})
     command: str = field(default="", metadata={"help": "The command line, recorded in the report."})
-    tiny: bool = field(default=False, metadata={"help": "A seconds-long run of the same pipeline (tests)."})
+    tiny: bool = field(default=False, metadata={"help": "A scaled-down run of the same pipeline (the tests run it)."})
 
     def __post_init__(self):
         unknown = [v for v in self.variant_ids if v not in VARIANTS]

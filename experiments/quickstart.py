@@ -49,7 +49,9 @@ class QuickstartConfig(SmallLlamaConfig):
             "scored untrained and extended with S2-Attn and with full attention."
         },
     )
-    tiny: bool = field(default=False, metadata={"help": "A seconds-long smoke run of the same pipeline (tests)."})
+    tiny: bool = field(
+        default=False, metadata={"help": "A scaled-down run of the same pipeline (minutes on 2 cores; tests)."}
+    )
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and exit."})
 
     def __post_init__(self):

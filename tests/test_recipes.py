@@ -250,3 +250,27 @@ def test_tiny_keeps_the_batch_shape_set_on_the_command_line(argv, shape, tmp_pat
     model, data, _, training = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
     training = tiny_overrides(model, data, training)[2]
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == shape
+
+
+def test_tiny_says_which_of_the_users_values_it_replaces(tmp_path, caplog):
+    """--tiny replaces the context, steps and learning rate; values the user set among them are named in one warning,
+    the recipe's own defaults are not."""
+    import logging
+
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+    from longqlora.training.tiny import tiny_overrides
+
+    recipe = load_recipe("extend_7b_8k")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    for argv, said in (
+        ([], None),
+        (["--target_context", "250", "--max_steps", "6"], "--target_context 250 -> 256, --max_steps 6 -> 4"),
+    ):
+        caplog.clear()
+        model, data, _, training = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        with caplog.at_level(logging.WARNING, logger="longqlora.training.tiny"):
+            tiny_overrides(model, data, training)
+        warned = [r.getMessage() for r in caplog.records if "--tiny replaces" in r.getMessage()]
+        assert warned == ([] if said is None else [f"--tiny replaces what was set: {said}"])

@@ -128,6 +128,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
     from longqlora.output import atomic_directory
     from longqlora.training import distributed
 
+    given = (model_cfg, data_cfg, training)
     out = Path(training.output_dir)
     base = out / "tiny-base"
     if hardware.launch().main:
@@ -179,7 +180,32 @@ def tiny_overrides(model_cfg, data_cfg, training):
         bf16=False,
         learning_rate=max(training.learning_rate, 1e-3),
     )
+    replaced = [
+        change
+        for before, after, names in (
+            (given[0], model_cfg, ("model_name_or_path", "target_context", "compute_dtype", "attn_backend")),
+            (given[1], data_cfg, ("dataset",)),
+            (given[2], training, ("max_steps", "learning_rate", "save_steps", "warmup_steps", "optim")),
+        )
+        for change in _user_values_replaced(before, after, names)
+    ]
+    if replaced:
+        logger.warning("--tiny replaces what was set: %s", ", ".join(replaced))
     return model_cfg, data_cfg, training
+
+
+def _user_values_replaced(before, after, names) -> list[str]:
+    """'--name old -> new' for each of `names` that was set away from its recipe default and that --tiny changed."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(before)}
+    return [
+        f"--{name} {getattr(before, name)} -> {getattr(after, name)}"
+        for name in names
+        if name in defaults
+        and getattr(before, name) != defaults[name]
+        and getattr(before, name) != getattr(after, name)
+    ]
 
 
 def _set_or(config, name: str, tiny):
