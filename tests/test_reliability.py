@@ -396,6 +396,12 @@ CASES = [
         lambda b, o: "--offload_layers 99",
     ),
     Case(
+        "--max_length, which the run sets from --target_context",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--max_length", "128"),
+        lambda b, o: "--max_length 128",
+    ),
+    Case(
         "--dataset missing",
         "recipe",
         lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),

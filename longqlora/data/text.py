@@ -357,7 +357,7 @@ def check_packable(stats: dict, max_length: int, dataset: str = "") -> None:
     if stats["tokens_total"] < max_length:
         raise ValueError(
             f"--dataset {dataset or stats.get('dataset', '(text)')} holds {stats['tokens_total']} tokens, fewer "
-            f"than one row of --max_length {max_length}; add text or lower --target_context"
+            f"than one row of {max_length} (the training length, --target_context); add text or lower it"
         )
 
 

@@ -250,6 +250,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(
         model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
     )
+    set_length = next(f.default for f in dataclasses.fields(training) if f.name == "max_length")
+    if training.max_length not in (set_length, model_cfg.train_length):  # SFTConfig's flag; the run sets it
+        raise ValueError(
+            f"--max_length {training.max_length}: a run trains rows of --target_context tokens (--pose_window "
+            "with PoSE); drop --max_length and set those"
+        )
     layers = getattr(hf_config, "num_hidden_layers", None)
     if training.offload_layers is not None and layers is not None and training.offload_layers > layers:
         raise ValueError(
