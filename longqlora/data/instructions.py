@@ -209,7 +209,7 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
     if overlong == "drop" and over.all():
         raise ValueError(
             f"--overlong drop removes all {len(lengths)} conversations (shortest: {lengths.min()} "
-            f"tokens); raise --target_context (the training length) or pass --overlong truncate"
+            f"tokens); raise --target_context (data_prep's --max_length) or pass --overlong truncate"
         )
     if overlong == "drop" and over.any():
         ds = ds.filter(
