@@ -634,3 +634,23 @@ def test_empty_replies_are_counted_and_reported(bad, tmp_path, capsys):
         stats["conversations_out"],
     ) == (4, 2, 2, 2)
     assert "skipped 2 invalid (2 for an empty assistant reply)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tiny_adapter, tmp_path, capfd):
+    """--resume_from_checkpoint naming a checkpoint that a run with other settings wrote (its longqlora_extension
+    .json) ends in one line before anything is written: the Trainer would otherwise load that run's weights,
+    optimizer, scheduler and step into this one. A checkpoint that does not exist is found before --tiny writes."""
+    checkpoint = sorted(tiny_adapter.glob("checkpoint-*"))[-1]
+    base = ["--model_name_or_path", str(tiny_adapter / "tiny-base"), "--compute_dtype", "float32"]
+    out = tmp_path / "out"
+    for more, said in (
+        (["--target_context", "256", "--lora_r", "4"], "written by a run with --lora_r 8, this run has 4"),
+        (["--target_context", "512"], "written by a run with --target_context 256, this run has 512"),
+        (["--tiny", "--resume_from_checkpoint", str(tmp_path / "nowhere")], "nowhere: no such directory"),
+    ):
+        argv = [*base, "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint), *more]
+        with pytest.raises(SystemExit) as ended:
+            ENTRIES["recipe"](argv)
+        last = capfd.readouterr().err.strip().splitlines()[-1]
+        assert ended.value.code == 2 and said in last and "\n" not in last, last
+        assert not out.exists()

@@ -123,6 +123,42 @@ def check_new_run(output_dir, requested) -> None:
         )
 
 
+def check_named_resume(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
+    """A checkpoint named by path, checked before --tiny writes its base or any input is read (auto looks under the
+    output lock only, in `locked_run`); None for auto or no resume."""
+    if _resuming(requested) and str(requested).lower() not in AUTO:
+        return resume_checkpoint(output_dir, requested, with_optimizer=with_optimizer)
+    return None
+
+
+def check_same_run(checkpoint: str | None, run: dict) -> None:
+    """Refuse a checkpoint that another run wrote: the Trainer would load its weights, optimizer, scheduler (its
+    learning rate) and step into this run without a word. `run` maps flags to this run's values, compared with the
+    record the checkpoint holds (RecordCallback); a checkpoint without a record is not checked."""
+    from longqlora.record import ExtensionRecord
+
+    record = ExtensionRecord.read(checkpoint) if checkpoint else None
+    if record is None:
+        return
+    theirs = {
+        "--model_name_or_path": record.model,
+        "--target_context": record.target_context,
+        "--lora_r": record.lora.get("r"),
+        "--lora_target": record.lora.get("target"),
+        "--trainable_params": record.lora.get("trainable_modules"),
+    }
+    for flag, ours in run.items():
+        other = theirs.get(flag)
+        same = other is None or other == ours
+        if flag == "--model_name_or_path" and Path(str(other)).is_dir() and Path(str(ours)).is_dir():
+            same = Path(str(other)).resolve() == Path(str(ours)).resolve()
+        if not same:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint}: written by a run with {flag} {other}, this run has {ours}; "
+                "resume with that run's settings, or start anew in another --output_dir"
+            )
+
+
 def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
     """The checkpoint `--resume_from_checkpoint requested` means: for auto/last/true the newest complete one in
     `output_dir` (newer incomplete ones are moved aside with a warning) or None; a path must be complete. A new run

@@ -228,10 +228,24 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None, prepared:
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
+def same_run(model_cfg: ModelConfig, info: ModelInfo) -> dict:
+    """What a checkpoint to resume from must have been trained with (checkpoints.check_same_run)."""
+    return {
+        "--model_name_or_path": info.model,
+        "--target_context": info.target_context,
+        "--lora_r": model_cfg.lora_r,
+        "--lora_target": model_cfg.lora_target,
+        "--trainable_params": model_cfg.trainable_params,
+    }
+
+
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     check_output_path(training.output_dir, "--output_dir")
     checkpoints.check_new_run(training.output_dir, training.resume_from_checkpoint)
+    named = checkpoints.check_named_resume(
+        training.output_dir, training.resume_from_checkpoint, with_optimizer=not training.save_only_model
+    )
     distributed.check_launch(model_cfg, training)
     if model_cfg.s2_attention and model_cfg.s2_shift == "rolled" and getattr(data_cfg, "pack", None) != "concat":
         raise ValueError(
@@ -262,6 +276,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             f"--offload_layers {training.offload_layers}: {model_cfg.model_name_or_path} has {layers} decoder "
             f"layers; pass at most {layers}, or leave it unset (all)"
         )
+    checkpoints.check_same_run(named, same_run(model_cfg, info))
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     training = finalize_training(model_cfg, data_cfg, training, info)
     plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
@@ -301,6 +316,7 @@ def train(run: ResolvedRun) -> Path:
         lock=launched.main,
     ) as resume:
         resume = distributed.from_main(resume)  # the main process looked (and moved incomplete ones aside)
+        checkpoints.check_same_run(resume, same_run(model_cfg, run.info))  # auto: this output_dir's, resumed
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
         cp_group = None
         if model_cfg.context_parallel > 1:
