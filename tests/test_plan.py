@@ -732,3 +732,19 @@ def test_ddp_buckets_are_planned_as_the_wrap_allocates_them(monkeypatch):
     assert "ddp_buckets" not in memory_plan(LLAMA2_7B, run_cfg, training, "bfloat16")["parts_gib"]
     with pytest.raises(ValueError, match="--processes 6: .* --context_parallel 4 .* multiple"):
         PlanConfig(model="m", context=8192, context_parallel=4, processes=6)
+
+
+def test_a_dry_run_without_cuda_plans_the_gpu_runs_optimizer(script, tmp_path):
+    """Without CUDA a run trains with torch's AdamW in place of bitsandbytes' paged one, but its plan (what
+    --dry_run prints on a laptop before renting a GPU) is the GPU run's: the paged optimizer, its state apart."""
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+    from longqlora.training.run import resolve
+
+    recipe = script("recipes/extend_7b_8k.py")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    model, data, run_cfg, training = parser.parse_args_and_config(["--dry_run", "--output_dir", str(tmp_path / "o")])
+    run = resolve(model, data, run_cfg, training)
+    assert run.training.optim_name == "adamw_torch"  # this CPU's
+    assert run.plan["config"]["optim"] == "paged_adamw_32bit" and run.plan["paged_optimizer_gib"] > 0.9

@@ -181,8 +181,9 @@ class PlanConfig:
 
 
 # ------------------------------------------------------------------------------------------------- a run's plan
-def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
-    """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one."""
+def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) -> dict:
+    """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one;
+    `optim`: the optimizer a GPU would train with, when not the run's own (default)."""
     import torch
 
     from longqlora.hardware import launch
@@ -216,7 +217,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str) -> dict:
         lora_dropout=model_cfg.lora_dropout,
         recompute_norms=training.recompute_norms,
         recompute_dropout=training.recompute_lora_dropout,
-        optim=optimizer_name(training.optim),
+        optim=optimizer_name(optim or training.optim),
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
     )
     return plan(hf_config, cfg)

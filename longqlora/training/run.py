@@ -278,8 +278,11 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
         )
     checkpoints.check_same_run(named, same_run(model_cfg, info))
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
+    asked = training.optim
     training = finalize_training(model_cfg, data_cfg, training, info)
-    plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype)
+    # The plan is a GPU step's: a run without CUDA (a --dry_run on a laptop) plans the paged optimizer it replaced.
+    optim = training.optim if hardware.launch().shards_weights else asked
+    plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype, optim=optim)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
 
 
