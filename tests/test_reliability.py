@@ -402,6 +402,12 @@ CASES = [
         lambda b, o: "--max_length 128",
     ),
     Case(
+        "--data neither a bundled book, a path nor an org/name hub id",
+        "command",
+        lambda b, o: ppl_args(b, o, "nosuchbook"),
+        lambda b, o: "--data nosuchbook: not a bundled book (austen_emma",
+    ),
+    Case(
         "--dataset missing",
         "recipe",
         lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +208,11 @@ def token_stream(
     from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
+    if "/" not in data and not os.path.exists(os.path.expanduser(data)):  # neither a path nor an org/name hub id
+        raise ValueError(
+            f"--data {data}: not a bundled book ({', '.join(sorted(corpora.BOOKS))}), a local file or directory, or "
+            "a hub dataset id (org/name)"
+        )
     try:
         cfg = TextDataConfig(dataset=source, text_field=text_field)
         documents = load_training_text(cfg)
