@@ -23,7 +23,7 @@ def parse_with_config(parser, argv: list[str] | None):
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in args:
-        return parser.parse_args_into_dataclasses(args=args)
+        return _parse(parser, args)
     i = args.index("--config")
     if i + 1 >= len(args) or args[i + 1].startswith("--"):
         raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
@@ -34,11 +34,26 @@ def parse_with_config(parser, argv: list[str] | None):
         os.environ[key] = str(value)
     parser.set_defaults_with_config(**checked_values(parser, config, path))
     try:
-        return parser.parse_args_into_dataclasses(args=args)
+        return _parse(parser, args)
     except ValueError as err:  # a dataclass refusing a value: say so when the value came from the file
         if any(str(err).startswith((f"--{k} ", f"--{k}:")) and f"--{k}" not in args for k in config):
             raise ValueError(f"--config {path}: {err}") from None
         raise
+
+
+def _parse(parser, args: list[str]):
+    """The dataclasses from `args`, flags spelled out in full (argparse would take `--max_step` for --max_steps);
+    an unknown flag is one line with the nearest known one, not HfArgumentParser's list of leftovers."""
+    import difflib
+
+    parser.allow_abbrev = False
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            near = difflib.get_close_matches(flag, known, n=1)
+            raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
+    return parser.parse_args_into_dataclasses(args=args)
 
 
 def read_config(path: str) -> dict:

@@ -396,6 +396,18 @@ CASES = [
         lambda b, o: "--offload_layers 99",
     ),
     Case(
+        "unknown or abbreviated flag",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--lora_rr", "16"),
+        lambda b, o: "--lora_rr: not a flag of this command; did you mean --lora_r?",
+    ),
+    Case(
+        "unknown or abbreviated flag",
+        "recipe",
+        lambda b, o: recipe_args(b, o, "--max_step", "3"),
+        lambda b, o: "did you mean --max_steps?",
+    ),
+    Case(
         "--max_length, which the run sets from --target_context",
         "recipe",
         lambda b, o: recipe_args(b, o, "--max_length", "128"),
