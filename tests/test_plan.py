@@ -740,7 +740,7 @@ def test_a_dry_run_without_cuda_plans_the_gpu_runs_optimizer(script, tmp_path):
     from trl import TrlParser
 
     from longqlora.training.config import RunConfig
-    from longqlora.training.run import resolve
+    from longqlora.training.run import describe, resolve
 
     recipe = script("recipes/extend_7b_8k.py")
     parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
@@ -748,3 +748,4 @@ def test_a_dry_run_without_cuda_plans_the_gpu_runs_optimizer(script, tmp_path):
     run = resolve(model, data, run_cfg, training)
     assert run.training.optim_name == "adamw_torch"  # this CPU's
     assert run.plan["config"]["optim"] == "paged_adamw_32bit" and run.plan["paged_optimizer_gib"] > 0.9
+    assert "optim adamw_torch here, paged_adamw_32bit on a GPU" in describe(run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,7 +311,9 @@ def load_for_inference(
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
         tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
     logger.info(
         "loaded %s%s for inference: context %d (%s), %s",

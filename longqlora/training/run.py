@@ -49,6 +49,14 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
+    warmup = training.warmup_steps or 0
+    if training.max_steps > 0 and warmup >= 1 and warmup >= training.max_steps:  # below 1 it is a ratio
+        logger.warning(
+            "--warmup_steps %g is not shorter than --max_steps %d: the learning rate never reaches --learning_rate %g",
+            warmup,
+            training.max_steps,
+            training.learning_rate,
+        )
     launched = hardware.launch()
     if launched.world_size > 1 and not torch.cuda.is_available():
         changes["use_cpu"] = True  # else transformers takes the processes for one (accelerate's state on a CPU)
@@ -121,6 +129,7 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         return getattr(value, "value", value)
 
     info, cfg, training = run.info, run.model, run.training
+    gpu_optim = (run.plan.get("config") or {}).get("optim", plain(training.optim))  # what the plan is of
     trainable, total = trainable_params, total_params
     steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
     lines = [
@@ -138,7 +147,8 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         f"data               {run.data.dataset}",
         f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
         f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
-        f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}",
+        f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}"
+        + (f" here, {gpu_optim} on a GPU" if gpu_optim != plain(training.optim) else ""),
         f"precision          {info.compute_dtype} compute"
         + (" (mixed precision on the GPU)" if info.compute_dtype != "float32" else ""),
         f"output             {training.output_dir}",
