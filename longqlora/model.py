@@ -60,6 +60,8 @@ class ModelInfo:
     @property
     def scaling(self) -> str:
         """The context extension in words for logs and reports, e.g. "YaRN x2" or "position interpolation x4"."""
+        if self.pi_factor == 1:
+            return "no RoPE scaling"
         return f"{rope.UNSCALED_TO.get(self.rope_type, 'position interpolation')} x{self.pi_factor:.4g}"
 
 

@@ -354,6 +354,7 @@ def test_advise_names_the_switches_that_make_it_fit():
         (["--context", "8192", "--processes", "0"], "--processes"),
         (["--context", "8192", "--offload", "--offload_layers", "40"], "--offload_layers 40: llama-2-7b has 32"),
         (["--context", "8192", "--offload_layers", "5"], "--offload_layers 5: splits the offloaded"),
+        (["--context", "8192", "--gpu", "v100-32gb", "--compute_dtype", "bfloat16"], "--compute_dtype bfloat16"),
     ],
 )
 def test_plan_command_rejects_bad_flags_in_one_line(flags, flag, capsys):

@@ -164,7 +164,8 @@ def render(result: dict) -> str:
             f"layers, {result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory"
             f"{' a rank' if cp > 1 else ''}) + chunked loss + tiled MLP"
             if result["longest_offloads"]
-            else "with chunked loss + tiled MLP, the checkpoints kept on the GPU (the host cannot pin them)"
+            else "with chunked loss + tiled MLP, the checkpoints kept on the GPU ("
+            + ("the host cannot pin them)" if result["config"]["host_memory"] else "offloading them gains nothing)")
         )
         lines.append(
             f"longest context that fits: {result['longest_context']:,} tokens as asked, "

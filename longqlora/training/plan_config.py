@@ -69,7 +69,10 @@ class PlanConfig:
             "documents collates): the MLP tiles split that one row."
         },
     )
-    compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
+    compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "bfloat16, float16 or float32; unset: float16 on a V100 (no bf16), else bfloat16."},
+    )
     load_in_4bit: bool = field(default=True, metadata={"help": "NF4 base (false: 16-bit base)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (p > 0 keeps a mask and a copy)."})
     recompute_norms: bool = field(
@@ -141,6 +144,10 @@ class PlanConfig:
             raise ValueError(f"--gpu {self.gpu!r}: use one of {', '.join(GPUS)}, or --gpu_memory GIB")
         if self.gpu is not None and self.gpu_memory is not None:
             raise ValueError("--gpu and --gpu_memory: pass one of them")
+        if self.compute_dtype is None:
+            self.compute_dtype = "float16" if self.gpu == "v100-32gb" else "bfloat16"
+        if self.gpu == "v100-32gb" and self.compute_dtype == "bfloat16":
+            raise ValueError("--compute_dtype bfloat16: a V100 has no bfloat16; pass float16 (or leave it unset)")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"--compute_dtype {self.compute_dtype!r}: use one of {', '.join(DTYPES)}")
         if optimizer_name(self.optim) not in optimizer_names():
