@@ -208,7 +208,7 @@ def token_stream(
     from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
-    if "/" not in data and not os.path.exists(os.path.expanduser(data)):  # neither a path nor an org/name hub id
+    if data not in corpora.BOOKS and "/" not in data and not os.path.exists(os.path.expanduser(data)):
         raise ValueError(
             f"--data {data}: not a bundled book ({', '.join(sorted(corpora.BOOKS))}), a local file or directory, or "
             "a hub dataset id (org/name)"
