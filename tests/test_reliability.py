@@ -672,3 +672,28 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tiny_
         last = capfd.readouterr().err.strip().splitlines()[-1]
         assert ended.value.code == 2 and said in last and "\n" not in last, last
         assert not out.exists()
+
+
+def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
+    """The check that a checkpoint belongs to this run takes a copy of the run's folder (its --tiny base copied
+    along, at another path) for the same model, and still refuses another LoRA rank."""
+    from longqlora.training import checkpoints
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_adapter, copy)
+    checkpoint = str(sorted(copy.glob("checkpoint-*"))[-1])
+    record = json.loads((Path(checkpoint) / "longqlora_extension.json").read_text())
+    assert Path(record["model"]).parent == tiny_adapter  # the record names the original folder's base
+    ours = {
+        "--model_name_or_path": str(copy / "tiny-base"),
+        "--target_context": record["target_context"],
+        "--lora_r": record["lora"]["r"],
+    }
+    checkpoints.check_same_run(checkpoint, ours)
+    with pytest.raises(ValueError, match="written by a run with --lora_r 8, this run has 4"):
+        checkpoints.check_same_run(checkpoint, {**ours, "--lora_r": 4})
+    (copy / "tiny-base" / "config.json").write_text(
+        json.dumps({**json.loads((copy / "tiny-base" / "config.json").read_text()), "hidden_size": 1})
+    )
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        checkpoints.check_same_run(checkpoint, ours)

@@ -150,13 +150,31 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
     for flag, ours in run.items():
         other = theirs.get(flag)
         same = other is None or other == ours
-        if flag == "--model_name_or_path" and Path(str(other)).is_dir() and Path(str(ours)).is_dir():
-            same = Path(str(other)).resolve() == Path(str(ours)).resolve()
+        if flag == "--model_name_or_path" and not same:
+            same = _same_model(Path(str(other)), Path(str(ours)))
         if not same:
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint}: written by a run with {flag} {other}, this run has {ours}; "
                 "resume with that run's settings, or start anew in another --output_dir"
             )
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """Two model directories hold the same model: one folder, or copies (a run's output folder copied elsewhere takes
+    its --tiny base along): the same config.json and the same safetensors file sizes."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    if a.resolve() == b.resolve():
+        return True
+
+    def identity(folder: Path):
+        config = folder / "config.json"
+        saved = json.loads(config.read_text()) if config.is_file() else None
+        if isinstance(saved, dict):
+            saved.pop("_name_or_path", None)
+        return saved, sorted((f.name, f.stat().st_size) for f in folder.glob("*.safetensors"))
+
+    return identity(a) == identity(b)
 
 
 def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> str | None:
