@@ -22,6 +22,10 @@ def parse_with_config(parser, argv: list[str] | None):
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            args[i : i + 1] = ["--config", arg.removeprefix("--config=")]
+            break
     if "--config" not in args:
         return _parse(parser, args)
     i = args.index("--config")
@@ -47,13 +51,13 @@ def _parse(parser, args: list[str]):
     import difflib
 
     parser.allow_abbrev = False
-    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if flag.startswith("--") and flag not in known:
-            near = difflib.get_close_matches(flag, known, n=1)
-            raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
-    return parser.parse_args_into_dataclasses(args=args)
+    *parsed, left = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if left:  # what argparse did not take, as it decided: a value like "--a b" is no flag
+        flag = next((x.split("=", 1)[0] for x in left if x.startswith("--")), left[0])
+        known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        near = difflib.get_close_matches(flag, known, n=1)
+        raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
+    return tuple(parsed)
 
 
 def read_config(path: str) -> dict:

@@ -697,3 +697,28 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     )
     with pytest.raises(ValueError, match="--model_name_or_path"):
         checkpoints.check_same_run(checkpoint, ours)
+    # a base recorded relative to where that run started (not found from here) is not held against the run, and
+    # the trained modules compare as a set
+    record.update(model="elsewhere/tiny-base", lora={**record["lora"], "trainable_modules": "embed, norm"})
+    (Path(checkpoint) / "longqlora_extension.json").write_text(json.dumps(record))
+    checkpoints.check_same_run(checkpoint, {**ours, "--trainable_params": "norm,embed"})
+
+
+def test_flags_are_what_argparse_takes_for_flags(tmp_path):
+    """The unknown-flag check follows argparse: a value that starts with dashes but holds a space is a value,
+    `--flag=value` and `--config=FILE` are flags, and an unknown flag names the nearest known one."""
+    from trl import TrlParser
+
+    from longqlora.config_file import parse_with_config
+    from longqlora.training.config import RunConfig
+
+    parser = lambda: TrlParser((EXTEND.Model, EXTEND.Data, RunConfig, EXTEND.Training))  # noqa: E731
+    (tmp_path / "c.yaml").write_text("lora_r: 4\n")
+    out = ["--output_dir", str(tmp_path / "o")]
+    model, _, _, training = parse_with_config(
+        parser(), [*out, "--run_name", "--a b", f"--config={tmp_path / 'c.yaml'}"]
+    )
+    assert (training.run_name, model.lora_r) == ("--a b", 4)
+    assert parse_with_config(parser(), [*out, "--max_steps=7"])[3].max_steps == 7
+    with pytest.raises(ValueError, match="^--lora_rr: not a flag of this command; did you mean --lora_r\\?$"):
+        parse_with_config(parser(), [*out, "--lora_rr=3"])

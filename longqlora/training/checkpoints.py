@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -140,18 +141,21 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
     record = ExtensionRecord.read(checkpoint) if checkpoint else None
     if record is None:
         return
+    lora = record.lora or {}
     theirs = {
         "--model_name_or_path": record.model,
         "--target_context": record.target_context,
-        "--lora_r": record.lora.get("r"),
-        "--lora_target": record.lora.get("target"),
-        "--trainable_params": record.lora.get("trainable_modules"),
+        "--lora_r": lora.get("r"),
+        "--lora_target": lora.get("target"),
+        "--trainable_params": lora.get("trainable_modules"),
     }
     for flag, ours in run.items():
         other = theirs.get(flag)
         same = other is None or other == ours
+        if flag in ("--lora_target", "--trainable_params") and not same:  # comma lists: any order, any spaces
+            same = _items(other) == _items(ours)
         if flag == "--model_name_or_path" and not same:
-            same = _same_model(Path(str(other)), Path(str(ours)))
+            same = _same_model(Path(os.path.expanduser(str(other))), Path(os.path.expanduser(str(ours))))
         if not same:
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint}: written by a run with {flag} {other}, this run has {ours}; "
@@ -159,10 +163,18 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
             )
 
 
+def _items(spec) -> set[str]:
+    return {item.strip() for item in str(spec).split(",") if item.strip()}
+
+
 def _same_model(a: Path, b: Path) -> bool:
-    """Two model directories hold the same model: one folder, or copies (a run's output folder copied elsewhere takes
-    its --tiny base along): the same config.json and the same safetensors file sizes."""
-    if not (a.is_dir() and b.is_dir()):
+    """Whether two names can be the same model: one folder, or copies (a run's output folder copied elsewhere takes
+    its --tiny base along: the same config.json and safetensors file sizes). A recorded path that does not exist
+    from here (relative to where that run started) cannot be compared and is taken as the same; two names that
+    are no folders (hub ids) are the same only when equal."""
+    if a.is_dir() != b.is_dir():
+        return not a.exists() or not b.exists()
+    if not a.is_dir():
         return False
     if a.resolve() == b.resolve():
         return True

@@ -32,6 +32,7 @@ from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig
+from longqlora.training.optimizer import optimizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
         f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
         f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}"
-        + (f" here, {gpu_optim} on a GPU" if gpu_optim != plain(training.optim) else ""),
+        + (f" here, {gpu_optim} on a GPU" if gpu_optim != optimizer_name(plain(training.optim)) else ""),
         f"precision          {info.compute_dtype} compute"
         + (" (mixed precision on the GPU)" if info.compute_dtype != "float32" else ""),
         f"output             {training.output_dir}",

@@ -171,7 +171,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
         # one process with accumulation 4 can be compared with 2 processes x accumulation 2 (docs/distributed.md)
         per_device_train_batch_size=_set_or(training, "per_device_train_batch_size", 1),
         gradient_accumulation_steps=_set_or(training, "gradient_accumulation_steps", 2),
-        warmup_steps=1,
+        warmup_steps=1 if training.max_steps != 1 else 0,
         logging_steps=1,
         optim="adamw_torch",
         dataset_num_proc=None,
