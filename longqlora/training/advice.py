@@ -145,7 +145,7 @@ def render(result: dict) -> str:
     if result.get("host_offload_gib"):
         moved = result["offload_layers"]
         which = "offloaded checkpoints" if moved == result["layers"] else f"layers 0-{moved - 1}"
-        name = f"pinned host memory ({which}{', per rank' if cp > 1 else ''})"
+        name = f"pinned host memory ({which}{', per process' if result.get('processes', 1) > 1 else ''})"
         lines.append(f"  {name:<46} {result['host_offload_gib']:8.2f} GiB")
     if paged:
         lines.append(f"  {'paged optimizer state (managed, evictable)':<46} {paged:8.2f} GiB")
@@ -162,7 +162,7 @@ def render(result: dict) -> str:
         every = (
             f"with offload ({'all' if moved == result['layers'] else f'the first {moved} of'} {result['layers']} "
             f"layers, {result['host_offload_gib_at_longest']:.0f} GiB of pinned host memory"
-            f"{' a rank' if cp > 1 else ''}) + chunked loss + tiled MLP"
+            f"{' a process' if result.get('processes', 1) > 1 else ''}) + chunked loss + tiled MLP"
             if result["longest_offloads"]
             else "with chunked loss + tiled MLP, the checkpoints kept on the GPU ("
             + ("the host cannot pin them)" if result["config"]["host_memory"] else "offloading them gains nothing)")
