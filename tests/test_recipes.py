@@ -274,3 +274,21 @@ def test_tiny_says_which_of_the_users_values_it_replaces(tmp_path, caplog):
             tiny_overrides(model, data, training)
         warned = [r.getMessage() for r in caplog.records if "--tiny replaces" in r.getMessage()]
         assert warned == ([] if said is None else [f"--tiny replaces what was set: {said}"])
+
+
+def test_a_tiny_run_without_output_dir_keeps_out_of_the_real_runs_folder(tmp_path, monkeypatch):
+    """--tiny without --output_dir writes to the recipe's folder + '-tiny': a smoke run never leaves checkpoints
+    where the real run would then refuse to start."""
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+    from longqlora.training.run import resolve
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("extend_7b_8k")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    default = recipe.Training().output_dir
+    for argv, expected in ((["--tiny"], f"{default}-tiny"), (["--tiny", "--output_dir", "mine"], "mine")):
+        model, data, run_cfg, training = parser.parse_args_and_config(argv)
+        assert resolve(model, data, run_cfg, training).training.output_dir == expected
+    assert (tmp_path / f"{default}-tiny" / "tiny-base" / "config.json").is_file() and not (tmp_path / default).exists()

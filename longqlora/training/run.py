@@ -252,6 +252,10 @@ def same_run(model_cfg: ModelConfig, info: ModelInfo) -> dict:
 
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
+    recipe_dir = next(f.default for f in dataclasses.fields(training) if f.name == "output_dir")
+    if run_cfg.tiny and training.output_dir == recipe_dir:  # a smoke run never takes the real run's folder
+        training = dataclasses.replace(training, output_dir=f"{recipe_dir}-tiny")
+        logger.info("--tiny: writing to %s (pass --output_dir to choose)", training.output_dir)
     check_output_path(training.output_dir, "--output_dir")
     checkpoints.check_new_run(training.output_dir, training.resume_from_checkpoint)
     named = checkpoints.check_named_resume(
