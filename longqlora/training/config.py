@@ -3,6 +3,7 @@ switches (--tiny, --dry_run)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,13 @@ class RunConfig:
     dry_run: bool = field(
         default=False, metadata={"help": "Print the resolved configuration and exit before loading weights."}
     )
+
+
+def recipe_default(config, name: str):
+    """The default of `config`'s field `name`: the recipe's value (its dataclass defaults are the recipe), which a
+    value that differs from was set by the user."""
+    (found,) = [f for f in dataclasses.fields(config) if f.name == name]
+    return found.default
 
 
 def check_offload_layers(value: int | None) -> None:

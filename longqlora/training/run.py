@@ -31,7 +31,7 @@ from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback
-from longqlora.training.config import RunConfig, TrainingConfig
+from longqlora.training.config import RunConfig, TrainingConfig, recipe_default
 from longqlora.training.optimizer import optimizer_name
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def same_run(model_cfg: ModelConfig, info: ModelInfo) -> dict:
 
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
-    recipe_dir = next(f.default for f in dataclasses.fields(training) if f.name == "output_dir")
+    recipe_dir = recipe_default(training, "output_dir")
     if run_cfg.tiny and training.output_dir == recipe_dir:  # a smoke run never takes the real run's folder
         training = dataclasses.replace(training, output_dir=f"{recipe_dir}-tiny")
         logger.info("--tiny: writing to %s (pass --output_dir to choose)", training.output_dir)
@@ -279,8 +279,8 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     hf_config, info = check_model(
         model_cfg, trust_remote_code=training.trust_remote_code, prefer_preset=run_cfg.dry_run
     )
-    set_length = next(f.default for f in dataclasses.fields(training) if f.name == "max_length")
-    if training.max_length not in (set_length, model_cfg.train_length):  # SFTConfig's flag; the run sets it
+    # --max_length is SFTConfig's flag; a run sets it from --target_context
+    if training.max_length not in (recipe_default(training, "max_length"), model_cfg.train_length):
         raise ValueError(
             f"--max_length {training.max_length}: a run trains rows of --target_context tokens (--pose_window "
             "with PoSE); drop --max_length and set those"

@@ -196,22 +196,18 @@ def tiny_overrides(model_cfg, data_cfg, training):
 
 def _user_values_replaced(before, after, names) -> list[str]:
     """'--name old -> new' for each of `names` that was set away from its recipe default and that --tiny changed."""
-    import dataclasses
+    from longqlora.training.config import recipe_default
 
-    defaults = {f.name: f.default for f in dataclasses.fields(before)}
     return [
         f"--{name} {getattr(before, name)} -> {getattr(after, name)}"
         for name in names
-        if name in defaults
-        and getattr(before, name) != defaults[name]
-        and getattr(before, name) != getattr(after, name)
+        if getattr(before, name) != recipe_default(before, name) and getattr(before, name) != getattr(after, name)
     ]
 
 
 def _set_or(config, name: str, tiny):
     """`config.name` where it differs from its recipe's default (so the user set it), else the tiny value."""
-    import dataclasses
+    from longqlora.training.config import recipe_default
 
-    (field,) = [f for f in dataclasses.fields(config) if f.name == name]
     value = getattr(config, name)
-    return value if value != field.default else tiny
+    return value if value != recipe_default(config, name) else tiny
