@@ -146,15 +146,16 @@ def plan_for(
 ) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with (per rank of `cp` sharing
     each row, under DDP over `processes` when more than one: bench/cp_memory.py)."""
+    tokens = context // cp  # a rank's
     offload = (
         variant.ours
         and device.type == "cuda"
-        and (variant.offload == "on" or (variant.offload == "auto" and context // cp >= 8192))
+        and (variant.offload == "on" or (variant.offload == "auto" and tokens >= 8192))
     )
     tiled = (
         variant.ours
-        and context // cp > cfg.tiled_mlp_tokens
-        and (variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and context // cp >= 4 * cfg.tiled_mlp_tokens))
+        and tokens > cfg.tiled_mlp_tokens
+        and (variant.tiled_mlp == "on" or (variant.tiled_mlp == "auto" and tokens >= 4 * cfg.tiled_mlp_tokens))
     )
     return planner.plan(
         config,
@@ -166,7 +167,7 @@ def plan_for(
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,
-            offload_layers=cfg.offload_layers if offload else None,
+            offload_layers=cfg.offload_layers,
             chunked_loss=variant.ours,
             tiled_mlp=tiled,
             tile_tokens=cfg.tiled_mlp_tokens,

@@ -170,6 +170,9 @@ def _plan(argv):
     from longqlora.training.plan import PlanConfig
 
     (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
+    # Checked here, not in PlanConfig: the planner switches offloading off and on in its search, keeping the split.
+    if cfg.offload_layers is not None and not cfg.offload:
+        raise ValueError(f"--offload_layers {cfg.offload_layers}: splits the offloaded checkpoints; add --offload")
     result = advise(preset_or_local_config(cfg.model), cfg)
     print(json.dumps(result, indent=2) if cfg.json else render(result))
     return 0

@@ -36,17 +36,11 @@ def advise(config, cfg: PlanConfig) -> dict:
         return result
     everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
     result["longest_context"] = longest_context(config, cfg)
-    offloaded, kept = (
-        longest_context(config, everything),
-        longest_context(config, replace(everything, offload=False, offload_layers=None)),
-    )
+    offloaded, kept = longest_context(config, everything), longest_context(config, replace(everything, offload=False))
     result["longest_context_all_switches"] = max(offloaded, kept)
     result["longest_offloads"] = offloaded > kept  # a tie keeps the checkpoints on the GPU: no copies, no pinning
     longest = max(result["longest_context_all_switches"], cfg.context_parallel)  # a context the ranks can split
-    moved = everything.offload_layers if result["longest_offloads"] else None
-    at_longest = plan(
-        config, replace(everything, context=longest, offload=result["longest_offloads"], offload_layers=moved)
-    )
+    at_longest = plan(config, replace(everything, context=longest, offload=result["longest_offloads"]))
     result["host_offload_gib_at_longest"] = at_longest["host_offload_gib"]
     result["offload_layers_at_longest"] = at_longest["offload_layers"]
     advice, chosen = [], result
@@ -55,7 +49,7 @@ def advise(config, cfg: PlanConfig) -> dict:
             {"chunked_loss": True},
             {"chunked_loss": True, "offload": True},
             {"chunked_loss": True, "offload": True, "tiled_mlp": True},
-            {"chunked_loss": True, "offload": False, "tiled_mlp": True, "offload_layers": None},
+            {"chunked_loss": True, "offload": False, "tiled_mlp": True},
         ]
         if cfg.offload_layers is not None:  # the user's split, then the one the host allows
             candidates.insert(3, {**candidates[2], "offload_layers": None})

@@ -111,10 +111,6 @@ class PlanConfig:
         ):
             if getattr(self, name) is not None and getattr(self, name) <= floor:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be {must}")
-        if self.offload_layers is not None and not self.offload:
-            raise ValueError(
-                f"--offload_layers {self.offload_layers}: splits the offloaded checkpoints; add --offload, or drop it"
-            )
         if self.baseline and self.context_parallel > 1:
             raise ValueError(
                 f"--context_parallel {self.context_parallel}: splits rows for S2-Attn, which the --baseline (full "
@@ -211,7 +207,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         lora_target=plan_lora_target(model_cfg.lora_target),
         trainable_params=model_cfg.trainable_params,
         offload=offload,
-        offload_layers=training.offload_layers if offload else None,
+        offload_layers=training.offload_layers,
         chunked_loss=training.chunked_loss,
         tile_tokens=training.tiled_mlp_tokens,
         # TRL's rule (SFTTrainer.__init__): bfd packing (--pack documents) collates padding-free

@@ -334,7 +334,8 @@ def train(run: ResolvedRun) -> Path:
         lock=launched.main,
     ) as resume:
         resume = distributed.from_main(resume)  # the main process looked (and moved incomplete ones aside)
-        checkpoints.check_same_run(resume, same_run(model_cfg, run.info))  # auto: this output_dir's, resumed
+        if str(training.resume_from_checkpoint).lower() in checkpoints.AUTO:  # a named one was checked in resolve
+            checkpoints.check_same_run(resume, same_run(model_cfg, run.info))
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
         cp_group = None
         if model_cfg.context_parallel > 1:

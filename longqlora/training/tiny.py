@@ -128,7 +128,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
     from longqlora.output import atomic_directory
     from longqlora.training import distributed
 
-    given = (model_cfg, data_cfg, training)
+    asked = (model_cfg, data_cfg, training)
     out = Path(training.output_dir)
     base = out / "tiny-base"
     if hardware.launch().main:
@@ -180,14 +180,15 @@ def tiny_overrides(model_cfg, data_cfg, training):
         bf16=False,
         learning_rate=max(training.learning_rate, 1e-3),
     )
+    names = (
+        ("model_name_or_path", "target_context", "compute_dtype", "attn_backend"),
+        ("dataset",),
+        ("max_steps", "learning_rate", "save_steps", "warmup_steps", "optim"),
+    )
     replaced = [
         change
-        for before, after, names in (
-            (given[0], model_cfg, ("model_name_or_path", "target_context", "compute_dtype", "attn_backend")),
-            (given[1], data_cfg, ("dataset",)),
-            (given[2], training, ("max_steps", "learning_rate", "save_steps", "warmup_steps", "optim")),
-        )
-        for change in _user_values_replaced(before, after, names)
+        for before, after, fields in zip(asked, (model_cfg, data_cfg, training), names, strict=True)
+        for change in _user_values_replaced(before, after, fields)
     ]
     if replaced:
         logger.warning("--tiny replaces what was set: %s", ", ".join(replaced))
