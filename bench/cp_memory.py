@@ -1,25 +1,27 @@
 """One rank's memory under S2-Attn context parallelism, measured on this CPU at a real model width, beside the
 planner's per-rank prediction (`python -m longqlora plan --context_parallel N`).
 
+    export MALLOC_MMAP_THRESHOLD_=131072   # large blocks unmapped when freed: two ranks' peaks fit in 24 GB
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
-        --models llama-2-7b --layers 2 4 --contexts 4096 8192 16384 --json docs/cp_memory_cpu.json
-    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
-        --models llama-3.1-8b --variant ours_lora --layers 2 4 --contexts 4096 8192 16384 \
-        --json docs/cp_memory_cpu.json   # GQA; its trained embedding would not fit twice in this CPU's 24 GB
+        --models llama-2-7b --layers 2 4 --contexts 4096 8192 --json docs/cp_memory_cpu.json
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
         --models llama-2-7b --group_ratio 0.5 --layers 2 4 --contexts 12288 --json docs/cp_memory_cpu.json
         # a group as long as the chunk: the most a rank borrows
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
         --models llama-2-7b --ddp --layers 2 --contexts 4096 8192 --json docs/cp_memory_cpu.json   # under DDP
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/cp_memory.py \
+        --models llama-3.1-8b --variant ours_lora --layers 2 4 --contexts 4096 --json docs/cp_memory_cpu.json
+        # GQA, plain LoRA: its trained embedding, or 4 of its layers at 8k, would not fit twice in this CPU's 24 GB
     python bench/cp_memory.py --report_from docs/cp_memory_cpu.json        # the tables of docs/distributed.md
 
 Every rank builds the same random NF4 model (bench/memory_step.py, as bench/memory.py does), prepared as ours
 (bench/memory.py's variant `ours`, or `--variant ours_lora`) with the context-parallel attention
 (attention/context_parallel.py), takes its contiguous chunk of the same row, cut by the training collator (global
 position ids, labels shifted before the cut) and trains `--steps` steps in bf16 autocast; the first step's peak is
-the profiler's allocation events plus what was resident before it, as in bench/memory.py. The peaks at two depths
-are fitted as fixed + layers x per-layer and extrapolated to the full depth (bench/memory_report.fit_depth). Rank 0
-writes every rank's peak and the plans, per rank and for one process holding the whole row. With `--ddp` the model
+the tensors its ops made (tracked by storage) plus what was resident before it, as in bench/memory.py. The peaks at
+two depths are fitted as fixed + layers x per-layer and extrapolated to the full depth
+(bench/memory_report.fit_depth). Rank 0 writes every rank's peak and the plans, per rank and for one process holding
+the whole row. With `--ddp` the model
 is wrapped in DDP as a training run's is, and what the wrap allocates (its gradient buckets) counts as resident;
 without it there are no buckets, and the plan is for `--processes 1`.
 """
@@ -38,7 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
 from memory_report import fit_depth, machine, merge_record  # noqa: E402
-from memory_step import build_nf4, model_config, prepare, profile_live, profile_peak, train_steps  # noqa: E402
+from memory_step import build_nf4, model_config, prepare, profiled_left, tracked_peak, train_steps  # noqa: E402
 
 from longqlora.attention.context_parallel import new_group
 from longqlora.cli import setup_logging
@@ -85,7 +87,7 @@ def ddp_wrap(model):
     """The model in torch's DDP with the Trainer's settings (no unused parameters, gradients not bucket views), and
     the bytes its construction left allocated (the buckets; the peak of the parameters' broadcast passes)."""
     wrapped = []
-    _, left = profile_live(lambda: wrapped.append(torch.nn.parallel.DistributedDataParallel(model)))
+    left = profiled_left(lambda: wrapped.append(torch.nn.parallel.DistributedDataParallel(model)))
     return wrapped[0], left
 
 
@@ -113,7 +115,7 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
         bench,
         device,
         dtype,
-        measure_cpu=profile_peak,
+        measure_cpu=tracked_peak,
         inputs=inputs,
         wrap=ddp_wrap if cfg.ddp else None,
     )
@@ -162,28 +164,47 @@ def full_depth(points: list[dict], ranks: int) -> dict:
     }
 
 
+def planned_bytes(p: dict) -> float:
+    """Today's plan for a measured point's fuller rank (as tests/test_plan.py recomputes it)."""
+    args = (model_config(p["model"], p["layers"]), p["model"], VARIANTS[p["variant"]], p["context"])
+    bench = BenchConfig(models=[p["model"]])
+    where = (torch.device("cpu"), torch.bfloat16)
+    return (
+        plan_for(*args, bench, *where, cp=p["context_parallel"], processes=p.get("processes", 1))["peak_allocated_gib"]
+        * planner.GIB
+    )
+
+
 def render(record: dict) -> str:
-    """The measured points and the full-depth extrapolation as Markdown tables (docs/distributed.md)."""
+    """The measured points and the full-depth extrapolation as Markdown tables (docs/distributed.md), planned by
+    today's planner (also for points measured before it changed)."""
     from longqlora.output import markdown_table
 
     gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
+    rows = []
+    for p in record["points"]:
+        plan = planned_bytes(p)
+        rows.append(
+            [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
+             f"{p['group']:,}", "yes" if p.get("processes", 1) > 1 else "no", *map(gib, p["peak_bytes_by_rank"]),
+             gib(plan), f"{plan / p['peak_bytes'] - 1:+.1%}"]
+        )  # fmt: skip
     points = markdown_table(
         ["model", "trained", "layers", "row", "S2 group", "DDP", "rank 0", "rank 1 (borrows)", "planned a rank",
          "error"],
-        [
-            [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
-             f"{p['group']:,}", "yes" if p.get("processes", 1) > 1 else "no", *map(gib, p["peak_bytes_by_rank"]),
-             gib(p["planned_bytes"]),
-             f"{p['planned_bytes'] / p['peak_bytes'] - 1:+.1%}"]
-            for p in record["points"]
-        ],
+        rows,
     )  # fmt: skip
+    groups = {}
+    for p in record["points"]:  # the fits are those without DDP
+        if p.get("processes", 1) == 1:
+            groups.setdefault((p["model"], p["variant"], p["context"], p["group"]), []).append(p)
+    fitted = [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
     fits = markdown_table(
         ["model", "layers", "row", "S2 group", "measured, extrapolated", "planned a rank", "planned, one process"],
         [
             [f["model"], f["layers"], f"{f['context']:,}", f"{f['group']:,}",
              gib(f["extrapolated_bytes"]), gib(f["planned_bytes"]), gib(f["planned_one_process_bytes"])]
-            for f in record["fits"]
+            for f in fitted
             if f["extrapolated_bytes"] is not None
         ],
     )  # fmt: skip
@@ -209,6 +230,10 @@ def main(argv=None) -> None:
             for context in cfg.contexts:
                 points.append(measure(cfg, name, layers, context, group))
                 p = points[-1]
+                if dist.get_rank() == 0 and cfg.json:  # every point kept as it comes: a run killed later loses none
+                    command = " ".join(["torchrun --nproc_per_node", str(group.size), *sys.argv])
+                    partial = {"command": command, "points": [{**q, "command": command} for q in points], "fits": []}
+                    write_json_atomic(Path(cfg.json), merge_record(cfg.json, {**partial, "machine": None}))
                 if dist.get_rank() == 0:
                     logger.info(
                         "%s, %d layers, %d tokens over %d ranks: measured %.2f GiB on the fuller rank, planned %.2f "

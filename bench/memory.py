@@ -13,8 +13,9 @@ checkpointing, the model's own loss), with plain LoRA and with the same trained 
         --output docs/memory_cpu.md --json docs/memory_cpu.json        # this CPU: real width, few layers, bf16
     python bench/memory.py --tiny --output /tmp/memory.md              # tiny shapes, the same code, in seconds
 
-On a GPU the peak is CUDA's allocator's; on a CPU it is the highest total of live tensor bytes, from the profiler's
-allocation events plus what was resident before the step (weights, optimizer state). With `--layers`, every point is
+On a GPU the peak is CUDA's allocator's; on a CPU it is the highest total of live tensor bytes that the step's ops
+made (torch's MemTracker, bench/memory_step.tracked_live) plus what was resident before the step (weights, optimizer
+state). With `--layers`, every point is
 measured at each depth and the peak is fitted as fixed + layers x per-layer (exact at two depths) and extrapolated
 to the model's full depth. Optimizer state is created before the measured steps, so one step shows the peak.
 """
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_report  # noqa: E402  (bench/memory_report.py)
-from memory_step import build_nf4, model_config, prepare, profile_peak, train_steps  # noqa: E402
+from memory_step import build_nf4, model_config, prepare, tracked_peak, train_steps  # noqa: E402
 
 from longqlora.cli import setup_logging
 from longqlora.output import write_json_atomic, write_text_atomic
@@ -88,7 +89,7 @@ class BenchConfig:
         default=2,
         metadata={
             "help": "Training steps per point: the first gives the peak (on a CPU "
-            "under the profiler), the others tokens/s (the first if alone)."
+            "under the memory tracker), the others tokens/s (the first if alone)."
         },
     )
     offload_layers: int | None = field(
@@ -190,7 +191,7 @@ def measure(name: str, layers: int | None, variant_name: str, context: int, cfg:
     model = prepare(build_nf4(config, device, dtype), variant, context, cfg, dtype)
     try:
         result = train_steps(
-            model, variant, context, cfg, device, dtype, measure_cpu=profile_peak if device.type == "cpu" else None
+            model, variant, context, cfg, device, dtype, measure_cpu=tracked_peak if device.type == "cpu" else None
         )
     finally:
         del model

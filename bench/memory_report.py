@@ -47,6 +47,10 @@ def report(
         if "error" in p:
             rows.append([p["model"], p["layers"], p["context"], p["variant"], p["error"], "", "", ""])
             continue
+        if "peak_superseded" in p:  # kept for its tokens/s; its peak was read by a method found wrong
+            speed = f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else ""
+            rows.append([p["model"], p["layers"], p["context"], p["variant"], "superseded", "", speed, ""])
+            continue
         split = p.get("plan", {}).get("offload_layers")  # --offload_layers: the first N layers' checkpoints offloaded
         planned_gib = planned(p["model"], p["layers"], p["variant"], p["context"], p["device"], p["dtype"], split)
         p = {**p, "planned_bytes": planned_gib["peak_allocated_gib"] * gib}
@@ -62,7 +66,7 @@ def report(
                 p["variant"],
                 f"{p['peak_bytes'] / gib:.3f}",
                 reserved,
-                f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(profiled)",
+                f"{p['tokens_per_s']:.0f}" if p.get("timed_steps") else "(tracked)",
                 f"{p['planned_bytes'] / gib:.3f} ({err:+.1f}%)",
             ]
         )
@@ -84,7 +88,7 @@ def report(
     fits = []
     groups = {}
     for p in points:
-        if "error" not in p:
+        if "error" not in p and "peak_superseded" not in p:
             groups.setdefault((p["model"], p["variant"], p["context"]), []).append(p)
     for (name, variant, context), group in groups.items():
         full = full_depth(name)
@@ -142,8 +146,8 @@ def report(
     if speed:
         lines += [
             "",
-            "Speed where steps ran without the profiler (ratios within one command's run; the same "
-            "machine, one after the other):",
+            "Speed of the timed steps (the first, measured for memory, not timed where more ran; ratios within one "
+            "command's run, the same machine, one after the other):",
             "",
             markdown_table(["model", "layers", "context", "variant", "tokens/s", "time per step vs ours"], speed),
         ]

@@ -1,6 +1,6 @@
 """bench/memory.py's model and step: a preset's shape with random NF4 weights, prepared as ours (the toolkit's
-adaptation and memory switches) or as plain QLoRA, and the measured training steps (CPU peak from the profiler's
-allocation events plus what was resident before the step)."""
+adaptation and memory switches) or as plain QLoRA, and the measured training steps (CPU peak: the tensors the step's
+ops made, tracked by storage, plus what was resident before the step)."""
 
 from __future__ import annotations
 
@@ -168,11 +168,12 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
         cpu_peak = measured_steps(
             one_step,
             cfg.steps,
-            measure_cpu and (lambda run: resident_bytes(model, optimizer) + wrapped_bytes + measure_cpu(run)),
+            measure_cpu
+            and (lambda run: resident_bytes(model, optimizer) + wrapped_bytes + measure_cpu(run, model, optimizer)),
         )
     finally:
         torch.set_autocast_enabled("cuda", False)
-    timed = times[1:] or times  # the first step warms up (and on a CPU runs under the profiler)
+    timed = times[1:] or times  # the first step warms up (and on a CPU runs under the tracker)
     return {
         "tokens_per_s": context / (sum(timed) / len(timed)),
         "loss": losses[-1],
@@ -184,7 +185,7 @@ def train_steps(model, variant, context: int, cfg, device, dtype, measure_cpu=No
 def measured_steps(one_step, steps: int, measure_cpu) -> int | None:
     """The first step under `measure_cpu` (its peak) when given, the others plain; returns that peak."""
     cpu_peak = None
-    if measure_cpu is not None:  # the first step under the profiler (its memory), the others timed without it
+    if measure_cpu is not None:  # the first step tracked (its memory), the others timed without it
         cpu_peak = measure_cpu(one_step)
     else:
         one_step()
@@ -215,21 +216,52 @@ def resident_bytes(model, optimizer) -> int:
     return sum(storages.values())
 
 
-def profile_live(run) -> tuple[int, int]:
-    """(the highest, the last) total of live CPU tensor bytes above the start while `run()` runs (allocation events
-    in order)."""
+def profiled_left(run) -> int:
+    """The CPU tensor bytes that `run()` allocated and left alive, from the profiler's allocation events (right for
+    a run that frees nothing, as wrapping a model in DDP; for a training step see `tracked_live`)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted(
-        (e for e in prof.profiler.function_events if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
-    )
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak, live
+    return sum(e.self_cpu_memory_usage for e in prof.profiler.function_events)
 
 
-def profile_peak(run) -> int:
+def tracked_live(run, *known) -> tuple[int, int]:
+    """(the highest, the last) total of CPU tensor bytes alive above the start while `run()` runs, counted by torch's
+    MemTracker: a dispatch mode holding a weak reference to every storage an op returns, subtracted when the storage
+    dies; `known` (the model, the optimizer) registered first, and an op's output on one of its inputs' storages never
+    booked, so that updating a tensor made before the step is not counted as new memory. Not the profiler: it books
+    the frees made inside an autograd Function (TRL's fused loss, the optimizer's step) to the Function's event at its
+    start, before the allocations they free; read in order, its events hid up to 3.9 GiB of a 4k-token step."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils._pytree import tree_leaves
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # its gradient hooks only sort gradients into their own category, and fail on frozen parameters
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # an op's output on an input's storage (in place, out=, a view) is no new memory: without this, a
+            # tensor made before the step and not known here (DDP's buckets, say) would be booked when updated
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self._op_inputs = {st.data_ptr() for t in inputs for st in get_untyped_storages(t)}
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _track(self, reftype, t):
+            if not any(st.data_ptr() in self._op_inputs for st in get_untyped_storages(t)):
+                super()._track(reftype, t)
+
+    cpu = torch.device("cpu")
+    total = lambda snapshot: snapshot.get(cpu, {}).get("Total", 0)  # noqa: E731
+    tracker = Tracker()
+    tracker.track_external(*known)
+    start = total(tracker.get_tracker_snapshot())
+    with tracker:
+        run()
+        left = total(tracker.get_tracker_snapshot())
+    return total(tracker.get_tracker_snapshot("peak")) - start, left - start
+
+
+def tracked_peak(run, *known) -> int:
     """The highest total of live CPU tensor bytes above the start while `run()` runs."""
-    return profile_live(run)[0]
+    return tracked_live(run, *known)[0]

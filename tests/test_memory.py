@@ -440,13 +440,53 @@ def test_memory_bench_tiny(tmp_path, script):
     points = record["points"]
     assert {(p["layers"], p["variant"]) for p in points} == {(1, "ours"), (2, "ours"), (1, "baseline"), (2, "baseline")}
     assert all(p["peak_bytes"] > 0 and p["tokens_per_s"] > 0 and p["dtype"] == "bfloat16" for p in points)
-    assert all(p["timed_steps"] == 1 for p in points)  # 2 steps: the profiled one is not timed
+    assert all(p["timed_steps"] == 1 for p in points)  # 2 steps: the tracked one is not timed
     for fit in record["fits"]:
         one, two = (
             next(p["peak_bytes"] for p in points if p["variant"] == fit["variant"] and p["layers"] == n) for n in (1, 2)
         )
         assert fit["per_layer_bytes"] == pytest.approx(two - one)
         assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))
+
+
+def test_the_bench_counts_what_a_step_allocates_and_frees_inside_a_function(script):
+    """bench/memory_step.tracked_live, the CPU peak of every bench: tensors made and freed inside an autograd
+    Function's forward and backward (TRL's fused loss, the optimizer's step) counted at the moment they live (the
+    profiler's events, read in order, booked those frees before the allocations); a tensor made before the step
+    and updated in place (DDP's buckets) not counted, known ones (the model, the optimizer) not either."""
+    import torch
+
+    step = script("bench/memory_step.py")
+    mib = 2**18  # fp32 values in 1 MiB
+
+    class FourCopies(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            copies = [x.repeat(1, 1) * k for k in range(4)]  # 4 MiB alive at once (and a repeat), then freed
+            return sum(c.sum() for c in copies)
+
+        @staticmethod
+        def backward(ctx, grad):
+            wide = torch.ones(8 * mib).mul_(grad)  # 8 MiB in the backward
+            return wide[:mib].reshape(1, mib)
+
+    x = torch.zeros(1, mib, requires_grad=True)
+    made_before = torch.zeros(16 * mib)  # 16 MiB that the step only updates in place
+    weight = torch.nn.Linear(512, 512)  # known: its update is no new memory either
+
+    def run():
+        FourCopies.apply(x).backward()
+        made_before.add_(1)
+        made_before[:mib].copy_(x.grad.flatten())
+        with torch.no_grad():
+            weight.weight.mul_(0.5)
+        x.grad = None
+
+    peak, left = step.tracked_live(run, weight)
+    assert 8 * 2**20 <= peak < 10 * 2**20  # the backward's 8 MiB (and its 1 MiB gradient), not 16 MiB more
+    assert left == 0
+    forward_only = step.tracked_live(lambda: FourCopies.apply(x.detach()))[0]
+    assert forward_only == 5 * 2**20  # the 4th product beside its repeat and the 3 before it
 
 
 def test_bench_ratios_stay_within_a_command_and_a_rerun_replaces_its_own_points(script, tmp_path):

@@ -14,6 +14,7 @@ from longqlora.training.plan import (
     MLP_BACKWARD_COPIES,
     NF4_BYTES_PER_PARAM,
     OFFLOAD_IN_FLIGHT,
+    PLAIN_LOSS_16BIT_COPIES,
     PLAIN_LOSS_FP32_COPIES,
     PlanConfig,
     Shapes,
@@ -65,6 +66,27 @@ def test_llama2_7b_parts_by_hand():
     )
 
 
+def test_the_cpu_plans_trls_torch_fold_and_a_one_tensor_adamw_step():
+    """On a CPU (bench/memory.py's device) TRL folds each (4096 x 32768) logit tile with torch ops, 7 fp32 copies
+    and a bool mask at once where CUDA's Triton kernel folds it in place, and torch's AdamW steps one tensor at a
+    time (two fp32 temporaries of the largest trained tensor, the 32000 x 4096 embedding) where CUDA's foreach step
+    copies every one: what the tracked CPU measurements showed (docs/memory_cpu.json)."""
+    from longqlora.training.plan import CPU_STEP_COPIES, LOSS_FOLD_BYTES
+
+    assert LOSS_FOLD_BYTES == {"cpu": 7 * 4 + 1, "cuda": 0} and CPU_STEP_COPIES == 2
+    kw = dict(model="m", context=8192, optim="adamw", offload=False)
+    cpu = plan(LLAMA2_7B, PlanConfig(**kw, device="cpu"))["parts_gib"]
+    cuda = plan(LLAMA2_7B, PlanConfig(**kw))["parts_gib"]
+    scatter = 8192 * 4096 * 2  # CUDA compacts the scored tokens, then scatters them back
+    assert (cpu["loss"] - cuda["loss"]) * GIB == pytest.approx(4096 * 32000 * 29 - scatter)
+    lora = 32 * 4 * 8 * (4096 + 4096)  # r=8 A and B of q, k, v, o in 32 layers
+    trained = lora + 32000 * 4096 + 65 * 4096  # and the embedding and the norms
+    assert cuda["gradients_and_step"] * GIB == pytest.approx(4 * trained + 4 * trained)
+    assert cpu["gradients_and_step"] * GIB == pytest.approx(4 * trained + 2 * 4 * 32000 * 4096)
+    plain = plan(LLAMA2_7B, PlanConfig(**kw, device="cpu", trainable_params=""))["parts_gib"]
+    assert plain["gradients_and_step"] * GIB == pytest.approx(4 * lora + 2 * 4 * 8 * 4096)  # the largest: one A
+
+
 def test_the_baseline_and_each_cut_by_hand():
     """Plain QLoRA's fp32 stream and weights, and what each of ours' cuts takes off one layer, per token."""
     h, i, n = 4096, 11008, 8192
@@ -99,10 +121,10 @@ def test_the_baseline_and_each_cut_by_hand():
             + 2 * 4 * h
         )
     )
-    # the final norm's fp32 input, the head's bf16 input, the logits and their fp32 copies; autocast's bf16 copy of
-    # the fp32 head weight
+    # the final norm's fp32 input, the head's bf16 input, the logits, their fp32 copies and the gradient cast back;
+    # autocast's bf16 copy of the fp32 head weight
     assert base["loss"] * GIB == pytest.approx(
-        n * (4 * h + 2 * h + 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES)) + 32000 * h * 2
+        n * (4 * h + 2 * h + 32000 * (2 * PLAIN_LOSS_16BIT_COPIES + 4 * PLAIN_LOSS_FP32_COPIES)) + 32000 * h * 2
     )
     cpu = plan(LLAMA2_7B, PlanConfig(model="m", context=n, recompute_dropout=False, device="cpu"))["parts_gib"]
     # the CPU's dropout multiplies by a noise tensor of the input's dtype (2 bytes) instead of a 1-byte mask; its
@@ -140,7 +162,7 @@ def test_switches_move_the_right_parts():
     # the plain loss holds (tokens x vocab) logits in bf16 and fp32 tensors of that size
     assert full_logits["parts_gib"]["loss"] - plain["parts_gib"]["loss"] == pytest.approx(
         (
-            32768 * 32000 * (2 + 4 * PLAIN_LOSS_FP32_COPIES)
+            32768 * 32000 * (2 * PLAIN_LOSS_16BIT_COPIES + 4 * PLAIN_LOSS_FP32_COPIES)
             + 32768 * 4096 * 2
             - 32768 * 4096 * 10
             - LOSS_TILES * 4096 * 32000 * 2
@@ -399,7 +421,7 @@ def test_planner_within_10_percent_of_every_measurement(record_name, layers, cou
 
     bench = script("bench/memory.py")
     record = json.loads((ROOT / "docs" / record_name).read_text())
-    points = [p for p in record["points"] if "error" not in p]
+    points = [p for p in record["points"] if "error" not in p and "peak_superseded" not in p]  # speed-only points
     assert {p["model"] for p in points} >= {"llama-2-7b", "llama-2-13b", "llama-3.1-8b"}
     assert {p["layers"] for p in points} >= layers and len(points) >= count
     assert {"ours", "baseline", "baseline_plus"} <= {p["variant"] for p in points}
@@ -653,12 +675,10 @@ def test_a_context_parallel_run_plans_per_rank(capsys):
 
 def test_the_context_parallel_plan_against_every_measured_rank(script):
     """docs/cp_memory_cpu.json (bench/cp_memory.py: 2 gloo processes on this CPU, real widths, 2 and 4 layers, each
-    rank holding half of every row), recomputed with today's planner. Rank 0 borrows nothing and runs the kernels a
-    GPU runs (S2's grouped SDPA): within 10% of the per-rank plan at every point. Rank 1 borrows its neighbour's
-    keys/values and, on a CPU, runs them through the banded fallback (2G-key windows and a (blocks, G, 2G) mask,
-    attention/kernels.py) where a GPU runs the varlen kernel: within 10% while the group is a quarter of the row,
-    above the plan (by the fallback's windows and mask) when the group is as long as the chunk. The points measured
-    under DDP (`--ddp`) are planned with DDP's gradient buckets, and nearer to that plan than to one without them."""
+    rank holding half of every row), recomputed with today's planner: both ranks within 10% of the per-rank plan at
+    every point, the one that borrows its neighbour's keys/values included (on a CPU its banded fallback's windows
+    and mask are smaller than TRL's CPU fold of the logits, where every rank peaks). The points measured under DDP
+    (`--ddp`) are planned with DDP's gradient buckets, and nearer to that plan than to one without them."""
     import torch
     from conftest import ROOT
 
@@ -666,8 +686,9 @@ def test_the_context_parallel_plan_against_every_measured_rank(script):
     record = json.loads((ROOT / "docs" / "cp_memory_cpu.json").read_text())
     points = record["points"]
     assert {p["model"] for p in points} == {"llama-2-7b", "llama-3.1-8b"} and {p["layers"] for p in points} == {2, 4}
-    assert len(points) >= 16 and all(p["context_parallel"] == 2 for p in points)
+    assert len(points) >= 10 and all(p["context_parallel"] == 2 for p in points)
     assert {p.get("processes", 1) for p in points} == {1, 2}  # without and with DDP's buckets
+    assert any(p["group"] == p["context"] // 2 for p in points)  # a group as long as a rank's chunk
 
     def planned(p, processes):
         args = (bench.model_config(p["model"], p["layers"]), p["model"], bench.VARIANTS[p["variant"]], p["context"])
@@ -681,11 +702,7 @@ def test_the_context_parallel_plan_against_every_measured_rank(script):
         if p.get("processes", 1) > 1:  # without the buckets the plan would be further off
             assert abs(predicted - second) < abs(planned(p, 1) - second) - 0.3 * GIB
         where = (p["model"], p["layers"], p["context"], p["group"], first, second, predicted)
-        assert abs(predicted / first - 1) < 0.10, where
-        if p["group"] <= p["context"] // 4:
-            assert abs(predicted / second - 1) < 0.10, where
-        else:  # the group as long as the chunk: the CPU's banded windows and mask over the borrowed rows
-            assert second > 1.10 * predicted and second - first > 0.4 * GIB, where
+        assert abs(predicted / first - 1) < 0.10 and abs(predicted / second - 1) < 0.10, where
 
 
 def test_ddp_buckets_are_planned_as_the_wrap_allocates_them(monkeypatch):

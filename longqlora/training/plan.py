@@ -31,8 +31,16 @@ LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns pe
 # (its fused SiLU backward; docs/memory_cpu.json), 2.5 on CUDA (fitted to docs/memory_gpu.json, an H200). Both
 # calibrations are tests (tests/test_plan.py).
 MLP_BACKWARD_COPIES = {"cpu": 0, "cuda": 2.5}
-PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak, beside the 16-bit logits
+PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak
+PLAIN_LOSS_16BIT_COPIES = 2  # and 16-bit ones: the logits and their gradient cast back (12 bytes a logit in bf16,
+# measured by bench/memory_step.tracked_live on transformers' ForCausalLMLoss)
 LOSS_TILES = 1  # (4096 x 32768) logit tiles of the fused loss alive at once
+# Bytes per logit of one tile while TRL folds it: on CUDA its Triton kernel folds the tile in place; on the CPU its
+# torch fallback folds the whole tile at once, 7 fp32 copies and a bool mask at its backward's peak (memory_cpu.json)
+LOSS_FOLD_BYTES = {"cpu": 29, "cuda": 0}
+# fp32 copies of the largest trained tensor that torch's single-tensor AdamW (the CPU's default; CUDA's is foreach,
+# FOREACH_TEMPORARIES) makes in its step: the second moment's square root, then its quotient (docs/memory_cpu.json)
+CPU_STEP_COPIES = 2
 PAGED_MIN_VALUES = 100_000  # bitsandbytes' paged optimizers page the state of tensors this large, not smaller ones
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # the one dtype table
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
@@ -117,6 +125,7 @@ def parameter_bytes(s: Shapes, cfg: PlanConfig) -> dict:
         "trainable_state": 4 * trainable + state * (trainable - paged),
         "paged_state": state * paged,
         "gradients": 4 * trainable,
+        "largest_trained": max((n for _, n in tensors), default=0),
     }
 
 
@@ -185,27 +194,36 @@ def layer_bytes(s: Shapes, cfg: PlanConfig) -> int:
 
 def loss_bytes(s: Shapes, cfg: PlanConfig) -> int:
     """The final norm and the loss at the start of the backward. TRL's fused head keeps the final hidden states
-    and builds their fp32 gradient (then its 16-bit copy) with (4096 x 32768) logit tiles; the plain loss holds the
-    (tokens x vocab) logits in 16 bits and fp32 copies for the log-softmax and its gradients."""
+    and builds their fp32 gradient (then its 16-bit copy) with (4096 x 32768) logit tiles, each folded in place on
+    CUDA and with LOSS_FOLD_BYTES a logit on a CPU; the plain loss holds (tokens x vocab) tensors: the logits and
+    their gradient in 16 bits, the log-softmax's fp32 output and gradient."""
     b = _Bytes.of(cfg)
     tokens = cfg.batch * cfg.context
     norm = _norm_bytes(b, cfg, s, False)
     if cfg.chunked_loss:
-        tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1]) * b.c
+        tile = min(tokens, LOSS_TILE[0]) * min(s.vocab, LOSS_TILE[1])
         scatter = b.c if cfg.device == "cuda" else 0  # on CUDA the scored tokens are compacted, then scattered back
-        return tokens * (norm + s.hidden * (b.c + 4 + b.c + scatter)) + LOSS_TILES * tile
+        fold = tile * (LOSS_TILES * b.c + LOSS_FOLD_BYTES[cfg.device])
+        return tokens * (norm + s.hidden * (b.c + 4 + b.c + scatter)) + fold
     head_cast = s.vocab * s.hidden * b.c if b.kept != b.c else 0  # autocast's 16-bit copy of an fp32 head, kept
-    return tokens * (norm + s.hidden * b.c + s.vocab * (b.c + 4 * PLAIN_LOSS_FP32_COPIES)) + head_cast
+    logits = PLAIN_LOSS_16BIT_COPIES * b.c + 4 * PLAIN_LOSS_FP32_COPIES  # bytes of (tokens x vocab) tensors a logit
+    return tokens * (norm + s.hidden * b.c + s.vocab * logits) + head_cast
 
 
 def step_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> int:
     """The end of the backward and the optimizer step: every gradient allocated (the embedding's last, beside the
-    fp32 gradient of its output) and the optimizer's temporaries (torch's foreach optimizers on CUDA: one fp32 copy
-    of every trained tensor; none for bitsandbytes' paged and 8-bit ones)."""
+    fp32 gradient of its output) and the optimizer's temporaries (step_temporary_bytes)."""
     tokens = cfg.batch * cfg.context
     embedding = tokens * s.hidden * 4 if "embed" in cfg.trainable else 0
-    temp = params["gradients"] if optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda" else 0
-    return params["gradients"] + max(embedding, temp)
+    return params["gradients"] + max(embedding, step_temporary_bytes(cfg, params))
+
+
+def step_temporary_bytes(cfg: PlanConfig, params: dict) -> float:
+    """What the optimizer's step allocates beyond its state: torch's optimizers one fp32 copy of every trained
+    tensor on CUDA (foreach), CPU_STEP_COPIES of the largest on a CPU (one tensor at a time); bitsandbytes' none."""
+    if optimizer_name(cfg.optim) not in FOREACH_TEMPORARIES:
+        return 0
+    return params["gradients"] if cfg.device == "cuda" else CPU_STEP_COPIES * 4 * params["largest_trained"]
 
 
 def pinned_block_bytes(s: Shapes, cfg: PlanConfig) -> int:
