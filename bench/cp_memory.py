@@ -40,7 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
 from memory_report import fit_depth, machine, merge_record  # noqa: E402
-from memory_step import build_nf4, model_config, prepare, profiled_left, tracked_peak, train_steps  # noqa: E402
+from memory_step import build_nf4, model_config, prepare, tracked_live, tracked_peak, train_steps  # noqa: E402
 
 from longqlora.attention.context_parallel import new_group
 from longqlora.cli import setup_logging
@@ -87,7 +87,7 @@ def ddp_wrap(model):
     """The model in torch's DDP with the Trainer's settings (no unused parameters, gradients not bucket views), and
     the bytes its construction left allocated (the buckets; the peak of the parameters' broadcast passes)."""
     wrapped = []
-    left = profiled_left(lambda: wrapped.append(torch.nn.parallel.DistributedDataParallel(model)))
+    _, left = tracked_live(lambda: wrapped.append(torch.nn.parallel.DistributedDataParallel(model)), model)
     return wrapped[0], left
 
 
@@ -175,6 +175,15 @@ def planned_bytes(p: dict) -> float:
     )
 
 
+def depth_fits(points: list[dict]) -> list[dict]:
+    """The full-depth fit of every (model, variant, row, group) measured at two depths, without DDP."""
+    groups = {}
+    for p in points:
+        if p.get("processes", 1) == 1:
+            groups.setdefault((p["model"], p["variant"], p["context"], p["group"]), []).append(p)
+    return [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
+
+
 def render(record: dict) -> str:
     """The measured points and the full-depth extrapolation as Markdown tables (docs/distributed.md), planned by
     today's planner (also for points measured before it changed)."""
@@ -194,17 +203,12 @@ def render(record: dict) -> str:
          "error"],
         rows,
     )  # fmt: skip
-    groups = {}
-    for p in record["points"]:  # the fits are those without DDP
-        if p.get("processes", 1) == 1:
-            groups.setdefault((p["model"], p["variant"], p["context"], p["group"]), []).append(p)
-    fitted = [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
     fits = markdown_table(
         ["model", "layers", "row", "S2 group", "measured, extrapolated", "planned a rank", "planned, one process"],
         [
             [f["model"], f["layers"], f"{f['context']:,}", f"{f['group']:,}",
              gib(f["extrapolated_bytes"]), gib(f["planned_bytes"]), gib(f["planned_one_process_bytes"])]
-            for f in fitted
+            for f in depth_fits(record["points"])
             if f["extrapolated_bytes"] is not None
         ],
     )  # fmt: skip
@@ -224,6 +228,16 @@ def main(argv=None) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     group = new_group(dist.get_world_size())
+    command = " ".join(["torchrun --nproc_per_node", str(group.size), *sys.argv])
+
+    def record(fits: list, where) -> dict:
+        return {
+            "command": command,
+            "points": [{**p, "command": command} for p in points],
+            "fits": fits,
+            "machine": where,
+        }
+
     points = []
     for name in cfg.models:
         for layers in cfg.layers:
@@ -231,9 +245,7 @@ def main(argv=None) -> None:
                 points.append(measure(cfg, name, layers, context, group))
                 p = points[-1]
                 if dist.get_rank() == 0 and cfg.json:  # every point kept as it comes: a run killed later loses none
-                    command = " ".join(["torchrun --nproc_per_node", str(group.size), *sys.argv])
-                    partial = {"command": command, "points": [{**q, "command": command} for q in points], "fits": []}
-                    write_json_atomic(Path(cfg.json), merge_record(cfg.json, {**partial, "machine": None}))
+                    write_json_atomic(Path(cfg.json), merge_record(cfg.json, record([], None)))
                 if dist.get_rank() == 0:
                     logger.info(
                         "%s, %d layers, %d tokens over %d ranks: measured %.2f GiB on the fuller rank, planned %.2f "
@@ -247,21 +259,10 @@ def main(argv=None) -> None:
                         100 * (p["planned_bytes"] / p["peak_bytes"] - 1),
                     )
     if dist.get_rank() == 0:
-        command = " ".join(["torchrun --nproc_per_node", str(group.size), *sys.argv])
-        record = {
-            "command": command,
-            "points": [{**p, "command": command} for p in points],
-            "fits": [  # the full-depth fits are those without DDP (a DDP fit would replace them in the JSON)
-                full_depth([p for p in points if (p["model"], p["context"]) == (name, n)], group.size)
-                for name in cfg.models
-                for n in cfg.contexts
-                if not cfg.ddp
-            ],
-            "machine": machine(torch.device("cpu")),
-        }
-        print(render(record))
+        final = record(depth_fits(points), machine(torch.device("cpu")))
+        print(render(final))
         if cfg.json:  # merged with the points other commands wrote there
-            write_json_atomic(Path(cfg.json), merge_record(cfg.json, record))
+            write_json_atomic(Path(cfg.json), merge_record(cfg.json, final))
     dist.destroy_process_group()
 
 

@@ -216,14 +216,6 @@ def resident_bytes(model, optimizer) -> int:
     return sum(storages.values())
 
 
-def profiled_left(run) -> int:
-    """The CPU tensor bytes that `run()` allocated and left alive, from the profiler's allocation events (right for
-    a run that frees nothing, as wrapping a model in DDP; for a training step see `tracked_live`)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    return sum(e.self_cpu_memory_usage for e in prof.profiler.function_events)
-
-
 def tracked_live(run, *known) -> tuple[int, int]:
     """(the highest, the last) total of CPU tensor bytes alive above the start while `run()` runs, counted by torch's
     MemTracker: a dispatch mode holding a weak reference to every storage an op returns, subtracted when the storage

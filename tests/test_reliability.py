@@ -186,6 +186,11 @@ def data_cases(input_class: str, file: str, *entries: str) -> list:
     return [Case(input_class, entry, argv[entry], lambda b, o: str(b / file)) for entry in entries]
 
 
+def flag_case(input_class: str, flags: tuple, names: str) -> Case:
+    """A recipe run with `flags` added, whose last line names `names`."""
+    return Case(input_class, "recipe", lambda b, o: recipe_args(b, o, *flags), lambda b, o: names)
+
+
 def config_case(input_class: str, file: str, key: str = "") -> Case:
     return Case(
         input_class,
@@ -386,33 +391,15 @@ CASES = [
     config_case("--config unknown key", "unknown.yaml", "lora_rank"),
     config_case("--config env value not a string", "env-list.yaml", "env: OMP_NUM_THREADS"),
     config_case("--config env value not a string", "env-key.yaml", "env: 1 is not a variable name"),
-    Case(
-        "flag of the wrong type", "recipe", lambda b, o: recipe_args(b, o, "--lora_r", "eight"), lambda b, o: "--lora_r"
-    ),
-    Case(
-        "--offload_layers over the model's layers",
-        "recipe",
-        lambda b, o: recipe_args(b, o, "--offload_layers", "99"),
-        lambda b, o: "--offload_layers 99",
-    ),
-    Case(
+    flag_case("flag of the wrong type", ("--lora_r", "eight"), "--lora_r"),
+    flag_case("--offload_layers over the model's layers", ("--offload_layers", "99"), "--offload_layers 99"),
+    flag_case(
         "unknown or abbreviated flag",
-        "recipe",
-        lambda b, o: recipe_args(b, o, "--lora_rr", "16"),
-        lambda b, o: "--lora_rr: not a flag of this command; did you mean --lora_r?",
+        ("--lora_rr", "16"),
+        "--lora_rr: not a flag of this command; did you mean --lora_r?",
     ),
-    Case(
-        "unknown or abbreviated flag",
-        "recipe",
-        lambda b, o: recipe_args(b, o, "--max_step", "3"),
-        lambda b, o: "did you mean --max_steps?",
-    ),
-    Case(
-        "--max_length, which the run sets from --target_context",
-        "recipe",
-        lambda b, o: recipe_args(b, o, "--max_length", "128"),
-        lambda b, o: "--max_length 128",
-    ),
+    flag_case("unknown or abbreviated flag", ("--max_step", "3"), "did you mean --max_steps?"),
+    flag_case("--max_length, which the run sets from --target_context", ("--max_length", "128"), "--max_length 128"),
     Case(
         "--data neither a bundled book, a path nor an org/name hub id",
         "command",
