@@ -216,13 +216,15 @@ def resident_bytes(model, optimizer) -> int:
     return sum(storages.values())
 
 
-def tracked_live(run, *known) -> tuple[int, int]:
+def tracked_live(run, *known, observe=None) -> tuple[int, int]:
     """(the highest, the last) total of CPU tensor bytes alive above the start while `run()` runs, counted by torch's
     MemTracker: a dispatch mode holding a weak reference to every storage an op returns, subtracted when the storage
     dies; `known` (the model, the optimizer) registered first, and an op's output on one of its inputs' storages never
     booked, so that updating a tensor made before the step is not counted as new memory. Not the profiler: it books
     the frees made inside an autograd Function (TRL's fused loss, the optimizer's step) to the Function's event at its
-    start, before the allocations they free; read in order, its events hid up to 3.9 GiB of a 4k-token step."""
+    start, before the allocations they free; read in order, its events hid up to 3.9 GiB of a 4k-token step.
+    `observe(bytes, op, module, backward)`, when given, sees the live total above the start after every op, with the
+    innermost module running it and whether it runs in the backward (bench/memory_trace.py)."""
     from torch.distributed._tools.common_utils import get_untyped_storages
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils._pytree import tree_leaves
@@ -237,7 +239,11 @@ def tracked_live(run, *known) -> tuple[int, int]:
             # tensor made before the step and not known here (DDP's buckets, say) would be booked when updated
             inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             self._op_inputs = {st.data_ptr() for t in inputs for st in get_untyped_storages(t)}
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if observe is not None:
+                module = max(self._mod_tracker.parents, key=len, default="")
+                observe(total(self._curr_mem_snap) - start, str(func), module, self._mod_tracker.is_bw)
+            return out
 
         def _track(self, reftype, t):
             if not any(st.data_ptr() in self._op_inputs for st in get_untyped_storages(t)):

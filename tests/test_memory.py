@@ -552,3 +552,24 @@ def test_float16_trains_fp32_masters_under_a_grad_scaler(tiny_dir, tmp_path):
     before = [p.detach().clone() for _, p in trained]
     scaler.step(optimizer)
     assert any(not torch.equal(b, p) for b, (_, p) in zip(before, trained))
+
+
+def test_the_trace_puts_every_op_of_a_step_in_a_phase(script):
+    """bench/memory_trace.py: each phase's highest live total, seen after every op of the tracked step; the highest
+    of them is the step's tracked peak (bench/memory.py's figure above what was resident), and each decoder layer's
+    recomputation and backward is a phase of its own."""
+    import torch
+
+    trace, bench = script("bench/memory_trace.py"), script("bench/memory.py")
+    phases = trace.trace("tiny", 2, "baseline", 256)
+    names = [phase for phase, _, _ in phases]
+    assert {"backward model.layers.0", "backward model.layers.1", "forward model.layers.0"} <= set(names)
+    assert names.index("backward model.layers.1") < names.index("backward model.layers.0")  # backward runs in reverse
+    cfg = bench.BenchConfig(models=["tiny"], layers=[2], contexts=[256], variants=["baseline"], steps=1)
+    cpu, bf16, variant = torch.device("cpu"), torch.bfloat16, bench.VARIANTS["baseline"]
+    model = bench.prepare(bench.build_nf4(bench.model_config("tiny", 2), cpu, bf16), variant, 256, cfg, bf16)
+    peaks = []
+    bench.train_steps(
+        model, variant, 256, cfg, cpu, bf16, measure_cpu=lambda *a: peaks.append(bench.tracked_peak(*a)) or 0
+    )
+    assert max(live for _, live, _ in phases) == peaks[0] > 0

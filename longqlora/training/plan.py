@@ -27,10 +27,11 @@ FRAGMENTATION = 0.23
 # released yet, and the copies in flight on the side stream; fitted to the offloaded points measured on an H200.
 OFFLOAD_IN_FLIGHT = 4
 LOSS_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary columns per projection tile
-# (tokens x intermediate) gradients alive at the MLP's backward peak beyond what the layer saved: none on the CPU
-# (its fused SiLU backward; docs/memory_cpu.json), 2.5 on CUDA (fitted to docs/memory_gpu.json, an H200). Both
-# calibrations are tests (tests/test_plan.py).
-MLP_BACKWARD_COPIES = {"cpu": 0, "cuda": 2.5}
+# (tokens x intermediate) gradients alive at the MLP's backward peak beyond what the layer saved, in the stream's
+# dtype: 3 on the CPU (at the gated product's backward: the incoming gradient and the gradients of both factors;
+# traced by op on the 13B's 2-layer point, which the plain QLoRA's fp32 MLP makes its peak), 2.5 on CUDA (fitted to
+# docs/memory_gpu.json, an H200). Both calibrations are tests (tests/test_plan.py).
+MLP_BACKWARD_COPIES = {"cpu": 3, "cuda": 2.5}
 PLAIN_LOSS_FP32_COPIES = 2  # fp32 (tokens x vocab) tensors at the plain loss's peak
 PLAIN_LOSS_16BIT_COPIES = 2  # and 16-bit ones: the logits and their gradient cast back (12 bytes a logit in bf16,
 # measured by bench/memory_step.tracked_live on transformers' ForCausalLMLoss)
