@@ -145,8 +145,10 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
 
 
 def full_depth(points: list[dict], ranks: int) -> dict:
-    """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth."""
+    """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth (and sharded over
+    the points' processes when they were: bench/fsdp_memory.py)."""
     name, context, variant = points[0]["model"], points[0]["context"], points[0]["variant"]
+    sharded = {"processes": points[0]["processes"], "sharding": "fsdp2"} if _sharded(points[0]) else {}
     bench = BenchConfig(models=[name], variants=[variant], search_longest=False)
     config = model_config(name)
     args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
@@ -158,8 +160,9 @@ def full_depth(points: list[dict], ranks: int) -> dict:
         "layers": config.num_hidden_layers,
         "context": context,
         "context_parallel": ranks,
+        "processes": sharded.get("processes", 1),
         "extrapolated_bytes": fit.get("extrapolated_bytes"),
-        "planned_bytes": plan_for(*args, cp=ranks)["peak_allocated_gib"] * planner.GIB,
+        "planned_bytes": plan_for(*args, cp=ranks, **sharded)["peak_allocated_gib"] * planner.GIB,
         "planned_one_process_bytes": plan_for(*args)["peak_allocated_gib"] * planner.GIB,
     }
 
@@ -170,16 +173,28 @@ def planned_bytes(p: dict) -> float:
     bench = BenchConfig(models=[p["model"]])
     where = (torch.device("cpu"), torch.bfloat16)
     return (
-        plan_for(*args, bench, *where, cp=p["context_parallel"], processes=p.get("processes", 1))["peak_allocated_gib"]
+        plan_for(
+            *args,
+            bench,
+            *where,
+            cp=p["context_parallel"],
+            processes=p.get("processes", 1),
+            sharding="fsdp2" if _sharded(p) else "none",
+        )["peak_allocated_gib"]
         * planner.GIB
     )
 
 
+def _sharded(p: dict) -> bool:
+    return p.get("sharding") == "fsdp2"
+
+
 def depth_fits(points: list[dict]) -> list[dict]:
-    """The full-depth fit of every (model, variant, row, group) measured at two depths, without DDP."""
+    """The full-depth fit of every (model, variant, row, group) measured at two depths, without DDP (sharded by
+    FSDP2 or in one process)."""
     groups = {}
     for p in points:
-        if p.get("processes", 1) == 1:
+        if p.get("processes", 1) == 1 or _sharded(p):
             groups.setdefault((p["model"], p["variant"], p["context"], p["group"]), []).append(p)
     return [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
 

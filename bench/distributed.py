@@ -1,7 +1,7 @@
 """More than one process, measured on this CPU, and the communication of S2-Attn context parallelism by arithmetic.
 
     python bench/distributed.py comm                  # per-layer traffic: S2 halo vs ring attention vs Ulysses
-    python bench/distributed.py plan                  # the planner's longest context by context-parallel ranks
+    python bench/distributed.py plan                  # the planner's longest context by ranks (CP, then FSDP2)
     python bench/distributed.py check --out /tmp/d    # the tiny recipe on 1 process, --context_parallel 2, DDP,
                                                       # FSDP2 and ZeRO-3 (2 gloo processes each) and both resumed
 
@@ -232,6 +232,33 @@ def longest_table(gpu: str = "h100-80gb") -> list[dict]:
     return rows
 
 
+def fsdp2_table(gpu: str = "h100-80gb") -> list[dict]:
+    """The planner's longest context for one process of FSDP2 over 1 (no sharding) to 8 processes, plain LoRA, with
+    every memory switch on (128 GiB of pinned host memory a process): the model sharded alone, and sharded with
+    every process also holding 1/N of each row (--context_parallel N, S2-Attn)."""
+    from longqlora.presets import preset_config
+    from longqlora.training.advice import longest_context
+    from longqlora.training.plan import PlanConfig
+
+    rows = []
+    for model in ("llama-3.1-8b", "llama-2-70b"):
+        config = preset_config(model)
+        for n in (1, 2, 4, 8):
+            sharded = {"processes": n, "sharding": "fsdp2"} if n > 1 else {}
+            cfg = PlanConfig(model=model, context=8192, gpu=gpu, trainable_params="", **sharded)
+            every = dataclasses.replace(cfg, offload=True, tiled_mlp=True, host_memory=128)
+            rows.append(
+                {
+                    "model": model,
+                    "processes": n,
+                    "longest": longest_context(config, cfg),
+                    "longest_all_switches": longest_context(config, every),
+                    "longest_context_parallel": longest_context(config, dataclasses.replace(every, context_parallel=n)),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     from longqlora.cli import setup_logging
     from longqlora.output import markdown_table, write_json_atomic
@@ -280,6 +307,28 @@ def main() -> None:
                     for r in rows
                 ],
             )
+        )
+        print()
+        print(
+            markdown_table(
+                [
+                    "model",
+                    "FSDP2 processes",
+                    "longest, as asked",
+                    "every switch (128 GiB pinned a process)",
+                    "every switch and --context_parallel N",
+                ],
+                [
+                    [
+                        r["model"],
+                        r["processes"],
+                        f"{r['longest']:,}",
+                        f"{r['longest_all_switches']:,}",
+                        f"{r['longest_context_parallel']:,}",
+                    ]
+                    for r in fsdp2_table()
+                ],
+            )  # fmt: skip
         )
         return
     out = Path(args.out)

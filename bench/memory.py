@@ -143,10 +143,20 @@ class BenchConfig:
 
 
 def plan_for(
-    config, name: str, variant: Variant, context: int, cfg: BenchConfig, device, dtype, cp: int = 1, processes: int = 1
+    config,
+    name: str,
+    variant: Variant,
+    context: int,
+    cfg: BenchConfig,
+    device,
+    dtype,
+    cp: int = 1,
+    processes: int = 1,
+    sharding: str = "none",
 ) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with (per rank of `cp` sharing
-    each row, under DDP over `processes` when more than one: bench/cp_memory.py)."""
+    each row, over `processes` when more than one: under DDP, bench/cp_memory.py, or sharded by FSDP2 with
+    `sharding` fsdp2, bench/fsdp_memory.py)."""
     tokens = context // cp  # a rank's
     offload = (
         variant.ours
@@ -165,6 +175,7 @@ def plan_for(
             context=context,
             context_parallel=cp,
             processes=processes,
+            sharding=sharding,
             rank=cfg.rank,
             trainable_params="embed,norm" if variant.lora_plus else "",
             offload=offload,

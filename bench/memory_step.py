@@ -25,9 +25,10 @@ def model_config(name: str, layers: int | None = None):
     return config
 
 
-def build_nf4(config, device: torch.device, dtype: torch.dtype):
+def build_nf4(config, device: torch.device, dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
     """The model with random weights, every decoder Linear quantised to NF4 (double quant) one at a time, marked as
-    loaded in 4 bit so that PEFT gives it its 4-bit LoRA layers, as `from_pretrained` would."""
+    loaded in 4 bit so that PEFT gives it its 4-bit LoRA layers, as `from_pretrained` would (`quant_storage`: the
+    dtype the packed codes are stored in, the compute dtype under FSDP2 as the toolkit loads them there)."""
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -50,7 +51,12 @@ def build_nf4(config, device: torch.device, dtype: torch.dtype):
                 device="meta",
             )
             new.weight = bnb.nn.Params4bit(
-                weight.mul_(0.02), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                weight.mul_(0.02),
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=quant_storage,
+                module=new,  # the layer keeps the scales too: FSDP2 hands it an unsharded plain tensor
             ).to(device)
             setattr(parent, name, new)
             del weight

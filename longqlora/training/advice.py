@@ -129,6 +129,8 @@ def render(result: dict) -> str:
     on = [k for k, v in result["switches"].items() if v]
     cp = result["context_parallel"]
     share = f", per rank of {cp} sharing each row ({result['context'] // cp:,} tokens each)" if cp > 1 else ""
+    if result.get("sharding") == "fsdp2":
+        share += f", one of {result['processes']} processes sharding the model (FSDP2)"
     lines = [
         f"{result['model']} at {result['context']:,} tokens x batch {result['batch']}{share} "
         f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"

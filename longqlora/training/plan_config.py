@@ -36,9 +36,16 @@ class PlanConfig:
     processes: int | None = field(
         default=None,
         metadata={
-            "help": "Processes of a DDP launch (torchrun, or accelerate launch without FSDP/DeepSpeed), the "
-            "context-parallel ranks included; default --context_parallel. DDP keeps every trained gradient in its "
-            "buckets beside .grad. 1: one process, or FSDP2/ZeRO-3 (their sharding is not planned)."
+            "help": "Processes of the launch, the context-parallel ranks included; default --context_parallel. "
+            "Under DDP (--sharding none) each keeps every trained gradient in DDP's buckets beside .grad; with "
+            "--sharding fsdp2 they shard the model. 1: one process, or ZeRO-3 (its partitioning is not planned)."
+        },
+    )
+    sharding: str = field(
+        default="none",
+        metadata={
+            "help": "none (one process, DDP), or fsdp2: --processes processes shard the weights, trained state and "
+            "gradients (accelerate's FSDP2, configs/accelerate/fsdp2_qlora.yaml); the plan is one process's."
         },
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -120,9 +127,15 @@ class PlanConfig:
             self.processes = self.context_parallel
         if self.processes > 1 and self.processes % self.context_parallel:
             raise ValueError(
-                f"--processes {self.processes}: a DDP launch with --context_parallel {self.context_parallel} "
+                f"--processes {self.processes}: a launch with --context_parallel {self.context_parallel} "
                 "runs a whole number of replicas of that many ranks; use a multiple of it"
             )
+        if self.sharding not in ("none", "fsdp2"):
+            raise ValueError(f"--sharding {self.sharding!r}: none or fsdp2 (ZeRO-3's partitioning is not planned)")
+        if self.sharding == "fsdp2" and self.processes == 1:
+            raise ValueError("--sharding fsdp2: shards over --processes N; pass the launch's process count, 2 or more")
+        if self.sharding == "fsdp2" and optimizer_name(self.optim).startswith("paged_"):
+            self.optim = "adamw"  # what a run under FSDP2 trains with (training/run.py: no paged state on shards)
         if self.context % self.context_parallel:
             raise ValueError(
                 f"--context_parallel {self.context_parallel}: each rank holds --context {self.context} / "
@@ -201,7 +214,8 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         model=model_cfg.model_name_or_path,
         context=model_cfg.train_length,
         context_parallel=model_cfg.context_parallel,
-        processes=launched.world_size if launched.engine == "ddp" else 1,  # FSDP2's and ZeRO-3's sharding: unplanned
+        processes=1 if launched.engine in ("none", "deepspeed", "fsdp1") else launched.world_size,  # ZeRO-3: unplanned
+        sharding="fsdp2" if launched.engine == "fsdp2" and launched.world_size > 1 else "none",
         batch=training.per_device_train_batch_size,
         rank=model_cfg.lora_r,
         lora_target=plan_lora_target(model_cfg.lora_target),

@@ -1,0 +1,259 @@
+"""One process's memory under FSDP2 (accelerate's, as `configs/accelerate/fsdp2_qlora.yaml` launches it), measured
+on this CPU at a real model width, beside the planner's per-process prediction (`python -m longqlora plan
+--processes N --sharding fsdp2`).
+
+    python -m accelerate.commands.launch --config_file configs/accelerate/fsdp2_qlora.yaml --num_processes 2 \\
+        --mixed_precision bf16 bench/fsdp_memory.py --models llama-2-7b --layers 2 4 --contexts 4096 8192 \\
+        --json docs/fsdp_memory_cpu.json
+    python bench/fsdp_memory.py --report_from docs/fsdp_memory_cpu.json      # the table of docs/distributed.md
+
+Every process builds the same random NF4 model (bench/memory_step.py; the codes stored in the compute dtype, as
+the toolkit loads them under FSDP), prepared as ours (bench/memory.py's `ours` or `--variant ours_lora`), hands it
+with its AdamW to `Accelerator.prepare` (accelerate's FSDP2: every decoder layer, the embedding and the final norm
+with the LM head sharded apiece, bf16 mixed precision), and trains one step in bf16 autocast on its own row. A CPU
+run of accelerate keeps multi-process runs plain DDP, so the accelerator is switched to FSDP with the plugin the
+launch configured, as tests/fsdp_worker.py does. The peak is the highest total of live tensor bytes during the
+measured step, counted by torch's FSDPMemTracker (bench/memory_step.tracked_live's method, knowing FSDP2's sharded
+and gathered parameters and its communication buffers), plus the NF4 scales, which every process keeps whole as
+module attributes outside the tracker's view. Rank 0 writes every process's peak and the plans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cp_memory import depth_fits, planned_bytes  # noqa: E402  (bench/cp_memory.py)
+from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
+from memory_report import machine, merge_record  # noqa: E402
+from memory_step import batch, build_nf4, model_config, prepare  # noqa: E402
+
+from longqlora.cli import setup_logging
+from longqlora.output import write_json_atomic
+from longqlora.training import plan as planner
+
+logger = logging.getLogger("bench.fsdp_memory")
+
+
+@dataclass
+class FSDPBenchConfig:
+    models: list[str] = field(
+        default_factory=lambda: ["llama-2-7b"], metadata={"help": "Presets (their width, heads, vocabulary and MLP)."}
+    )
+    layers: list[int] = field(default_factory=lambda: [2, 4], metadata={"help": "Decoder layers to build."})
+    contexts: list[int] = field(default_factory=lambda: [4096, 8192], metadata={"help": "Tokens per row."})
+    variant: str = field(default="ours", metadata={"help": "ours, or ours_lora (no trained embedding and norms)."})
+    json: str | None = field(default=None, metadata={"help": "Write the points here (rank 0)."})
+    report_from: str | None = field(
+        default=None, metadata={"help": "Measure nothing (no launch): print the tables of this JSON."}
+    )
+
+
+def fsdp_accelerator():
+    """accelerate's Accelerator switched to FSDP with the launch's plugin and bf16 mixed precision (on a CPU
+    accelerate would run the processes as plain DDP)."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
+    plugin.set_mixed_precision("bf16")
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def scale_bytes(model) -> int:
+    """The NF4 codebooks and absmax scales every process keeps whole (module attributes, not parameters, so neither
+    FSDP2 nor the tracker sees them): on the layer once FSDP2 has swapped its weight for a shard, on the weight
+    before."""
+    total, seen = 0, set()
+    for module in model.modules():
+        for state in (
+            getattr(module, "quant_state", None),
+            getattr(getattr(module, "weight", None), "quant_state", None),
+        ):
+            for owner in (state, getattr(state, "state2", None)):
+                for name in ("absmax", "code", "offset"):
+                    t = getattr(owner, name, None)
+                    if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel() * t.element_size()
+    return total
+
+
+def memory_tracker(model, optimizer):
+    """torch's FSDPMemTracker (every tensor an op makes, freed when its storage dies in whatever thread, so the
+    gather buffers and reduce-scatter inputs are counted where the profiler under gloo misses frees), except for a
+    unit that never ran forward: the LM head, whose weight TRL's fused head gathers itself (`DTensor.full_tensor`)
+    without calling the head; the tracker's post-backward hook would fail on it (torch 2.13), so it keeps FSDP's."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class Tracker(FSDPMemTracker):
+        def _fsdp_param_group_post_backward(self, fsdp_mod, orig):
+            tracked = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
+            return lambda *a, **k: (tracked if fsdp_mod in self.memory_tracking else orig)(*a, **k)
+
+    return Tracker(model, optimizer)
+
+
+def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: int) -> dict:
+    from trl.trainer.utils import add_fused_lm_head
+
+    bench = BenchConfig(models=[name], contexts=[context], variants=[cfg.variant], steps=1, search_longest=False)
+    variant, device, dtype = VARIANTS[cfg.variant], torch.device("cpu"), torch.bfloat16
+    config = model_config(name, layers)
+    inputs = batch(config.vocab_size, context, "plain", device)
+    torch.set_autocast_enabled("cuda", True)  # PEFT's LoRA takes the GPU's branch (bench/memory_step.train_steps)
+    try:
+        torch.manual_seed(0)  # the same weights in every process
+        model = prepare(build_nf4(config, device, dtype, quant_storage=dtype), variant, context, bench, dtype)
+        add_fused_lm_head(model.get_base_model())
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scales = scale_bytes(model)
+        model.train()
+        tracker = memory_tracker(model, optimizer.optimizer)  # the torch optimizer accelerate wraps
+        with tracker:
+            for p in model.parameters():  # the optimizer state first, as a run has it from its second step on
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype):
+                loss = model(**inputs, fused_lm_head=True).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        snapshot = tracker.get_tracker_snapshot("peak")[device]
+        if dist.get_rank() == 0:
+            tracker.display_modulewise_snapshots(depth=6, units="MiB")
+        loss = loss.item()
+        del model, optimizer, tracker
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    accelerator.free_memory()
+    peaks = [None] * dist.get_world_size()
+    mine = {k: int(v) for k, v in snapshot.items()}
+    mine["NF4 scales"] = scales
+    dist.all_gather_object(peaks, mine)
+    plans = {
+        k: plan_for(config, name, variant, context, bench, device, dtype, processes=n, sharding=k)
+        for k, n in (("fsdp2", dist.get_world_size()), ("none", 1))
+    }
+    return {
+        "model": name,
+        "layers": layers,
+        "variant": cfg.variant,
+        "context": context,
+        "rows": "plain",
+        "dtype": "bfloat16",
+        "processes": dist.get_world_size(),
+        "sharding": "fsdp2",
+        "peak_bytes_by_rank": [p["Total"] + p["NF4 scales"] for p in peaks],
+        "peak_bytes": max(p["Total"] + p["NF4 scales"] for p in peaks),
+        "peak_parts_by_rank": peaks,
+        "planned_bytes": plans["fsdp2"]["peak_allocated_gib"] * planner.GIB,
+        "planned_one_process_bytes": plans["none"]["peak_allocated_gib"] * planner.GIB,
+        "plan": plans["fsdp2"]["config"],
+        "loss": loss,
+    }
+
+
+def as_cp_points(points: list[dict]) -> list[dict]:
+    """The points as bench/cp_memory.py's helpers read them: one rank per row, S2 groups of a quarter of the row
+    (bench/memory_step.prepare's default)."""
+    return [{"context_parallel": 1, "group": p["context"] // 4, **p} for p in points]
+
+
+def render(record: dict) -> str:
+    """The measured points and the full-depth extrapolation as Markdown tables (docs/distributed.md), planned by
+    today's planner (bench/cp_memory.py's helpers, also for points measured before it changed)."""
+    from longqlora.output import markdown_table
+
+    gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
+    points = as_cp_points(record["points"])
+    rows = []
+    for p in points:
+        plan, whole = planned_bytes(p), planned_bytes({**p, "processes": 1, "sharding": "none"})
+        rows.append(
+            [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
+             p["processes"], *map(gib, p["peak_bytes_by_rank"][:2]), gib(plan), f"{plan / p['peak_bytes'] - 1:+.1%}",
+             gib(whole)]
+        )  # fmt: skip
+    table = markdown_table(
+        ["model", "trained", "layers", "row", "processes", "rank 0", "rank 1", "planned a process", "error",
+         "planned, one process"],
+        rows,
+    )  # fmt: skip
+    fits = markdown_table(
+        ["model", "layers", "row", "processes", "measured, extrapolated", "planned a process", "planned, one process"],
+        [
+            [f["model"], f["layers"], f"{f['context']:,}", f["processes"], gib(f["extrapolated_bytes"]),
+             gib(f["planned_bytes"]), gib(f["planned_one_process_bytes"])]
+            for f in depth_fits(points)
+            if f["extrapolated_bytes"] is not None
+        ],
+    )  # fmt: skip
+    return f"{table}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer points):\n\n{fits}"
+
+
+def main(argv=None) -> None:
+    from transformers import HfArgumentParser
+
+    setup_logging()
+    (cfg,) = HfArgumentParser(FSDPBenchConfig).parse_args_into_dataclasses(args=argv)
+    if cfg.variant not in ("ours", "ours_lora"):
+        raise SystemExit(f"--variant {cfg.variant!r}: ours or ours_lora")
+    if cfg.report_from:
+        print(render(json.loads(Path(cfg.report_from).read_text())))
+        return
+    accelerator = fsdp_accelerator()
+    torch.set_num_threads(1)
+    points = []
+    for name in cfg.models:
+        for layers in cfg.layers:
+            for context in cfg.contexts:
+                points.append(measure(cfg, accelerator, name, layers, context))
+                p = points[-1]
+                if dist.get_rank() == 0:
+                    logger.info(
+                        "%s, %d layers, %d tokens, FSDP2 over %d: measured %.2f GiB on the fuller process, planned "
+                        "%.2f (%+.1f%%), one process planned %.2f",
+                        name,
+                        layers,
+                        context,
+                        p["processes"],
+                        p["peak_bytes"] / planner.GIB,
+                        p["planned_bytes"] / planner.GIB,
+                        100 * (p["planned_bytes"] / p["peak_bytes"] - 1),
+                        p["planned_one_process_bytes"] / planner.GIB,
+                    )
+    if dist.get_rank() == 0:
+        n = dist.get_world_size()
+        command = " ".join(
+            ["accelerate launch --config_file configs/accelerate/fsdp2_qlora.yaml --num_processes", str(n),
+             "--mixed_precision bf16", *sys.argv]
+        )  # fmt: skip
+        record = {
+            "command": command,
+            "points": [{**p, "command": command} for p in points],
+            "fits": depth_fits(as_cp_points(points)),
+            "machine": machine(torch.device("cpu")),
+        }
+        print(render(record))
+        if cfg.json:  # merged with the points other commands wrote there
+            write_json_atomic(Path(cfg.json), merge_record(cfg.json, record))
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
