@@ -246,6 +246,29 @@ def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_pa
     checkpoints.check_new_run(tmp_path, None)  # folders moved aside are no earlier run
 
 
+def test_a_new_run_refuses_an_output_dir_holding_what_it_did_not_write(tmp_path):
+    """A finished run's adapter (its checkpoints deleted) or the user's files would be written over or mixed with;
+    the lock, --tiny's base and checkpoints moved aside are a run's own."""
+    for folder in ("tiny-base", "incomplete-checkpoint-3"):
+        (tmp_path / folder).mkdir()
+    for lock in (".longqlora.lock", ".tiny-base.lock"):
+        (tmp_path / lock).touch()
+    checkpoints.check_new_run(tmp_path, None)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "notes.txt"):
+        (tmp_path / name).touch()
+    with pytest.raises(ValueError) as refused:
+        checkpoints.check_new_run(tmp_path, None)
+    assert str(refused.value) == (
+        f"--output_dir {tmp_path} holds a finished run's adapter (README.md, adapter_config.json, "
+        "adapter_model.safetensors and 1 more), which a new run would write over or among: choose a new or empty "
+        "--output_dir"
+    )
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match="holds files that are not a run's"):
+        checkpoints.check_new_run(tmp_path, None)
+    checkpoints.check_new_run(tmp_path, "auto")  # resuming looks for checkpoints there
+
+
 def test_a_weights_only_checkpoint_is_refused_not_discarded(tmp_path):
     """A checkpoint saved with --save_only_model true, resumed without it: one line, and the folder stays."""
     from safetensors.torch import save_file

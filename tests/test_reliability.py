@@ -214,6 +214,12 @@ CASES = [
         lambda b, o: f"--output_dir {b / 'earlier-run'} holds an earlier run's checkpoints (checkpoint-3",
     ),
     Case(
+        "--output_dir holding files that are not a run's",
+        "recipe",
+        lambda b, o: recipe_args(b, b / "notes"),
+        lambda b, o: f"--output_dir {b / 'notes'} holds files that are not a run's (readme.md)",
+    ),
+    Case(
         "--output_dir under a file",
         "prepare_text",
         lambda b, o: text_args(b, b / "a-file" / "out", b / "x.txt"),

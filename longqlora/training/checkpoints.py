@@ -31,6 +31,9 @@ STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils._re_checkpoint
 ASIDE_PREFIX = "incomplete-"  # not matched by the Trainer's `checkpoint-*` rotation nor by get_last_checkpoint
 AUTO = ("auto", "last", "true")
+# What a run leaves in its output directory before its first checkpoint: the lock, and --tiny's random base
+# (training/tiny.py), which a rerun of --tiny reuses
+OWN_BEFORE_TRAINING = (LOCK_FILE, "tiny-base", ".tiny-base.lock")
 
 
 @contextmanager
@@ -115,12 +118,26 @@ def _resuming(requested) -> bool:
 def check_new_run(output_dir, requested) -> None:
     """A new run (no resume asked) refuses an `output_dir` that holds an earlier run's checkpoints: resumed later
     with auto, it would take the other run's newest checkpoint (its steps outnumber the new run's), and the
-    Trainer's rotation (`save_total_limit`) would delete the new run's own checkpoints first."""
-    found = [] if _resuming(requested) else _checkpoints(output_dir)
+    Trainer's rotation (`save_total_limit`) would delete the new run's own checkpoints first. It refuses anything
+    else it did not write there too (a finished run's adapter, the user's files): it would write its adapter, README,
+    tokenizer and record over files of the same names and mix its folder with the others."""
+    if _resuming(requested):
+        return
+    found = _checkpoints(output_dir)
     if found:
         raise ValueError(
             f"--output_dir {output_dir} holds an earlier run's checkpoints ({found[0][1].name}, {len(found)} in "
             "all): pass --resume_from_checkpoint auto to continue that run, or choose another --output_dir"
+        )
+    out = Path(output_dir)
+    own = lambda name: name in OWN_BEFORE_TRAINING or name.startswith(ASIDE_PREFIX)  # noqa: E731  (never loaded)
+    others = sorted(p.name for p in out.iterdir() if not own(p.name)) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        what = "a finished run's adapter" if "adapter_config.json" in others else "files that are not a run's"
+        raise ValueError(
+            f"--output_dir {output_dir} holds {what} ({shown}), which a new run would write over or among: "
+            "choose a new or empty --output_dir"
         )
 
 
