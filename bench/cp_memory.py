@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
-from memory_report import fit_depth, machine, merge_record  # noqa: E402
+from memory_report import fit_depth, machine, merge_record, rank_point  # noqa: E402
 from memory_step import build_nf4, model_config, prepare, tracked_live, tracked_peak, train_steps  # noqa: E402
 
 from longqlora.attention.context_parallel import new_group
@@ -126,17 +126,10 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
     planned = plan_for(config, name, variant, context, bench, device, dtype, cp=group.size, processes=processes)
     single = plan_for(config, name, variant, context, bench, device, dtype)
     return {
-        "model": name,
-        "layers": layers,
-        "variant": cfg.variant,
-        "context": context,
-        "rows": "plain",
+        **rank_point(name, layers, cfg.variant, context, peaks),  # peak_bytes: the fuller rank (the one that borrows)
         "group": int(cfg.group_ratio * context),
-        "dtype": "bfloat16",
         "context_parallel": group.size,
         "processes": processes,
-        "peak_bytes_by_rank": peaks,
-        "peak_bytes": max(peaks),  # the fuller rank (the one that borrows, once the layers set the peak)
         "planned_bytes": planned["peak_allocated_gib"] * planner.GIB,
         "planned_one_process_bytes": single["peak_allocated_gib"] * planner.GIB,
         "plan": planned["config"],
@@ -146,9 +139,10 @@ def measure(cfg: CPBenchConfig, name: str, layers: int, context: int, group) -> 
 
 def full_depth(points: list[dict], ranks: int) -> dict:
     """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth (and sharded over
-    the points' processes when they were: bench/fsdp_memory.py)."""
+    the points' processes when they were: bench/fsdp_memory.py, bench/zero3_memory.py)."""
     name, context, variant = points[0]["model"], points[0]["context"], points[0]["variant"]
-    sharded = {"processes": points[0]["processes"], "sharding": "fsdp2"} if _sharded(points[0]) else {}
+    sharding = points[0].get("sharding", "none")
+    sharded = {"processes": points[0]["processes"], "sharding": sharding} if sharding != "none" else {}
     bench = BenchConfig(models=[name], variants=[variant], search_longest=False)
     config = model_config(name)
     args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
@@ -179,23 +173,20 @@ def planned_bytes(p: dict) -> float:
             *where,
             cp=p["context_parallel"],
             processes=p.get("processes", 1),
-            sharding="fsdp2" if _sharded(p) else "none",
+            sharding=p.get("sharding", "none"),
         )["peak_allocated_gib"]
         * planner.GIB
     )
 
 
-def _sharded(p: dict) -> bool:
-    return p.get("sharding") == "fsdp2"
-
-
 def depth_fits(points: list[dict]) -> list[dict]:
     """The full-depth fit of every (model, variant, row, group) measured at two depths, without DDP (sharded by
-    FSDP2 or in one process)."""
+    FSDP2 or ZeRO-3, or in one process)."""
     groups = {}
     for p in points:
-        if p.get("processes", 1) == 1 or _sharded(p):
-            groups.setdefault((p["model"], p["variant"], p["context"], p["group"]), []).append(p)
+        if p.get("processes", 1) == 1 or p.get("sharding", "none") != "none":
+            key = (p["model"], p["variant"], p["context"], p["group"], p.get("sharding"), p.get("buckets"))
+            groups.setdefault(key, []).append(p)
     return [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
 
 

@@ -235,7 +235,7 @@ def longest_table(gpu: str = "h100-80gb") -> list[dict]:
 def fsdp2_table(gpu: str = "h100-80gb") -> list[dict]:
     """The planner's longest context for one process of FSDP2 over 1 (no sharding) to 8 processes, plain LoRA, with
     every memory switch on (128 GiB of pinned host memory a process): the model sharded alone, and sharded with
-    every process also holding 1/N of each row (--context_parallel N, S2-Attn)."""
+    every process also holding 1/N of each row (--context_parallel N, S2-Attn); and ZeRO-3 instead of FSDP2."""
     from longqlora.presets import preset_config
     from longqlora.training.advice import longest_context
     from longqlora.training.plan import PlanConfig
@@ -254,6 +254,9 @@ def fsdp2_table(gpu: str = "h100-80gb") -> list[dict]:
                     "longest": longest_context(config, cfg),
                     "longest_all_switches": longest_context(config, every),
                     "longest_context_parallel": longest_context(config, dataclasses.replace(every, context_parallel=n)),
+                    "longest_zero3": longest_context(config, dataclasses.replace(every, sharding="zero3"))
+                    if n > 1
+                    else 0,
                 }
             )
     return rows
@@ -317,6 +320,7 @@ def main() -> None:
                     "longest, as asked",
                     "every switch (128 GiB pinned a process)",
                     "every switch and --context_parallel N",
+                    "ZeRO-3 instead, every switch",
                 ],
                 [
                     [
@@ -325,6 +329,7 @@ def main() -> None:
                         f"{r['longest']:,}",
                         f"{r['longest_all_switches']:,}",
                         f"{r['longest_context_parallel']:,}",
+                        f"{r['longest_zero3']:,}" if r["longest_zero3"] else "-",
                     ]
                     for r in fsdp2_table()
                 ],

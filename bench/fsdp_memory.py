@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cp_memory import depth_fits, planned_bytes  # noqa: E402  (bench/cp_memory.py)
-from memory import VARIANTS, BenchConfig, plan_for  # noqa: E402  (bench/memory.py)
-from memory_report import machine, merge_record  # noqa: E402
+from memory import VARIANTS, BenchConfig  # noqa: E402  (bench/memory.py)
+from memory_report import machine, merge_record, rank_point  # noqa: E402
 from memory_step import batch, build_nf4, model_config, prepare  # noqa: E402
 
 from longqlora.cli import setup_logging
@@ -105,19 +105,27 @@ def memory_tracker(model, optimizer):
     return Tracker(model, optimizer)
 
 
-def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: int) -> dict:
+def build(variant_name: str, name: str, layers: int, context: int) -> tuple:
+    """(model, its AdamW, one row, the config): the same random NF4 model in every process, its codes stored in the
+    compute dtype as the toolkit loads them for a sharding engine, prepared as `variant_name` with TRL's fused head."""
     from trl.trainer.utils import add_fused_lm_head
 
-    bench = BenchConfig(models=[name], contexts=[context], variants=[cfg.variant], steps=1, search_longest=False)
-    variant, device, dtype = VARIANTS[cfg.variant], torch.device("cpu"), torch.bfloat16
+    bench = BenchConfig(models=[name], contexts=[context], variants=[variant_name], steps=1, search_longest=False)
+    dtype = torch.bfloat16
     config = model_config(name, layers)
-    inputs = batch(config.vocab_size, context, "plain", device)
+    torch.manual_seed(0)
+    model = build_nf4(config, torch.device("cpu"), dtype, quant_storage=dtype)
+    model = prepare(model, VARIANTS[variant_name], context, bench, dtype)
+    add_fused_lm_head(model.get_base_model())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer, batch(config.vocab_size, context, "plain", torch.device("cpu")), config
+
+
+def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: int) -> dict:
+    device, dtype = torch.device("cpu"), torch.bfloat16
+    model, optimizer, inputs, config = build(cfg.variant, name, layers, context)
     torch.set_autocast_enabled("cuda", True)  # PEFT's LoRA takes the GPU's branch (bench/memory_step.train_steps)
     try:
-        torch.manual_seed(0)  # the same weights in every process
-        model = prepare(build_nf4(config, device, dtype, quant_storage=dtype), variant, context, bench, dtype)
-        add_fused_lm_head(model.get_base_model())
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         model, optimizer = accelerator.prepare(model, optimizer)
         scales = scale_bytes(model)
         model.train()
@@ -145,25 +153,11 @@ def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: 
     mine = {k: int(v) for k, v in snapshot.items()}
     mine["NF4 scales"] = scales
     dist.all_gather_object(peaks, mine)
-    plans = {
-        k: plan_for(config, name, variant, context, bench, device, dtype, processes=n, sharding=k)
-        for k, n in (("fsdp2", dist.get_world_size()), ("none", 1))
-    }
-    return {
-        "model": name,
-        "layers": layers,
-        "variant": cfg.variant,
-        "context": context,
-        "rows": "plain",
-        "dtype": "bfloat16",
+    return {  # planned when rendered or tested, by the planner of the day (planned_bytes)
+        **rank_point(name, layers, cfg.variant, context, [p["Total"] + p["NF4 scales"] for p in peaks]),
         "processes": dist.get_world_size(),
         "sharding": "fsdp2",
-        "peak_bytes_by_rank": [p["Total"] + p["NF4 scales"] for p in peaks],
-        "peak_bytes": max(p["Total"] + p["NF4 scales"] for p in peaks),
         "peak_parts_by_rank": peaks,
-        "planned_bytes": plans["fsdp2"]["peak_allocated_gib"] * planner.GIB,
-        "planned_one_process_bytes": plans["none"]["peak_allocated_gib"] * planner.GIB,
-        "plan": plans["fsdp2"]["config"],
         "loss": loss,
     }
 
@@ -180,7 +174,8 @@ def render(record: dict) -> str:
     from longqlora.output import markdown_table
 
     gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
-    points = as_cp_points(record["points"])
+    every = as_cp_points(record["points"])
+    points = [p for p in every if p.get("buckets", "config") == "config"]  # planned as the shipped configs run
     rows = []
     for p in points:
         plan, whole = planned_bytes(p), planned_bytes({**p, "processes": 1, "sharding": "none"})
@@ -203,7 +198,43 @@ def render(record: dict) -> str:
             if f["extrapolated_bytes"] is not None
         ],
     )  # fmt: skip
-    return f"{table}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer points):\n\n{fits}"
+    aside = "".join(
+        f"\n\nWith DeepSpeed's default bucket sizes ({p['layers']} layers, {p['context']:,} tokens): "
+        f"{gib(p['peak_bytes'])} GiB a process, {gib(p['peak_parts_by_rank'][0]['resident'])} of it resident before "
+        "the step."
+        for p in every
+        if p.get("buckets") == "defaults"
+    )
+    return (
+        f"{table}{aside}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer points):\n\n{fits}"
+    )
+
+
+def record_points(points: list[dict], json_path: str | None, launch_config: str) -> None:
+    """Rank 0: each point against today's plan in the log, the tables printed, the record merged into `json_path`
+    (bench/zero3_memory.py's points too). Every process waits for it."""
+    if dist.get_rank() == 0:
+        for p in as_cp_points(points):
+            planned = planned_bytes(p)
+            logger.info(
+                "%s, %d layers, %d tokens, %s over %d: measured %.2f GiB on the fuller process, planned %.2f (%+.1f%%)",
+                p["model"], p["layers"], p["context"], p["sharding"], p["processes"], p["peak_bytes"] / planner.GIB,
+                planned / planner.GIB, 100 * (planned / p["peak_bytes"] - 1),
+            )  # fmt: skip
+        command = " ".join(
+            [f"accelerate launch --config_file {launch_config} --num_processes", str(dist.get_world_size()),
+             "--mixed_precision bf16", *sys.argv]
+        )  # fmt: skip
+        record = {
+            "command": command,
+            "points": [{**p, "command": command} for p in points],
+            "fits": depth_fits(as_cp_points(points)),
+            "machine": machine(torch.device("cpu")),
+        }
+        print(render(record))
+        if json_path:  # merged with the points other commands wrote there
+            write_json_atomic(Path(json_path), merge_record(json_path, record))
+    dist.barrier()
 
 
 def main(argv=None) -> None:
@@ -218,41 +249,13 @@ def main(argv=None) -> None:
         return
     accelerator = fsdp_accelerator()
     torch.set_num_threads(1)
-    points = []
-    for name in cfg.models:
-        for layers in cfg.layers:
-            for context in cfg.contexts:
-                points.append(measure(cfg, accelerator, name, layers, context))
-                p = points[-1]
-                if dist.get_rank() == 0:
-                    logger.info(
-                        "%s, %d layers, %d tokens, FSDP2 over %d: measured %.2f GiB on the fuller process, planned "
-                        "%.2f (%+.1f%%), one process planned %.2f",
-                        name,
-                        layers,
-                        context,
-                        p["processes"],
-                        p["peak_bytes"] / planner.GIB,
-                        p["planned_bytes"] / planner.GIB,
-                        100 * (p["planned_bytes"] / p["peak_bytes"] - 1),
-                        p["planned_one_process_bytes"] / planner.GIB,
-                    )
-    if dist.get_rank() == 0:
-        n = dist.get_world_size()
-        command = " ".join(
-            ["accelerate launch --config_file configs/accelerate/fsdp2_qlora.yaml --num_processes", str(n),
-             "--mixed_precision bf16", *sys.argv]
-        )  # fmt: skip
-        record = {
-            "command": command,
-            "points": [{**p, "command": command} for p in points],
-            "fits": depth_fits(as_cp_points(points)),
-            "machine": machine(torch.device("cpu")),
-        }
-        print(render(record))
-        if cfg.json:  # merged with the points other commands wrote there
-            write_json_atomic(Path(cfg.json), merge_record(cfg.json, record))
-    accelerator.wait_for_everyone()
+    points = [
+        measure(cfg, accelerator, name, layers, context)
+        for name in cfg.models
+        for layers in cfg.layers
+        for context in cfg.contexts
+    ]
+    record_points(points, cfg.json, "configs/accelerate/fsdp2_qlora.yaml")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,21 @@ def machine(device) -> str:
     return f"{name}, torch {torch.__version__}"
 
 
+def rank_point(name: str, layers: int, variant: str, context: int, peaks: list[int]) -> dict:
+    """The fields every multi-process bench records of one point (one plain bf16 row; every rank's peak and the
+    fuller one's), before its own (bench/cp_memory.py, fsdp_memory.py, zero3_memory.py)."""
+    return {
+        "model": name,
+        "layers": layers,
+        "variant": variant,
+        "context": context,
+        "rows": "plain",
+        "dtype": "bfloat16",
+        "peak_bytes_by_rank": peaks,
+        "peak_bytes": max(peaks),
+    }
+
+
 def merge_record(path: str, record: dict) -> dict:
     """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
     say) build one calibration file; a point measured again replaces the old one."""

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,7 @@ def extend(cfg: AblationConfig, base: Path, data_dir: Path, s: dict, seed: int, 
     # The documents joined ("concat"): plain rows, so the full-attention runs need no packed-document mask and
     # LongLoRA's rolled shift (which knows no documents) runs too; some of the mix's documents straddle two rows.
     data_cfg = TextDataConfig(dataset=str(data_dir), pack="concat")
+    shutil.rmtree(out, ignore_errors=True)  # this experiment's own folder: an interrupted variant trains again
     run = resolve(_model_config(cfg, base, s), data_cfg, RunConfig(), _training(cfg, out, seed, s))
     return _extend_full(run) if s["full_ft"] else train(run)
 

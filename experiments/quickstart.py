@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,8 @@ def extend(cfg: QuickstartConfig, base: Path, data_dir: Path, s2: bool, rope: st
         seed=cfg.seed,
         use_cpu=True,
     )
+    # the variant's folder is this experiment's own: a rerun trains it again (a new run refuses a finished one's)
+    shutil.rmtree(training.output_dir, ignore_errors=True)
     return train(resolve(model_cfg, data_cfg, RunConfig(), training))
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +151,31 @@ def test_the_context_parallel_memory_bench_measures_every_rank(tmp_path):
     assert point["planned_bytes"] < point["planned_one_process_bytes"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, bench, sharding", [("fsdp2_qlora", "fsdp_memory", "fsdp2"), ("deepspeed_zero3", "zero3_memory", "zero3")]
+)
+def test_the_sharded_memory_benches_measure_every_process(config, bench, sharding, tmp_path):
+    """bench/fsdp_memory.py and bench/zero3_memory.py on 2 processes (tiny shapes, 1 and 2 layers): a point per
+    depth with each process's peak, as the sharded calibration (tests/test_plan.py) reads them, and the tables
+    rendered from the record."""
+    out = tmp_path / f"{bench}.json"
+    done = subprocess.run(
+        [*BENCH.accelerate(f"configs/accelerate/{config}.yaml", 2), "--mixed_precision", "bf16", f"bench/{bench}.py",
+         "--models", "tiny",
+         "--layers", "1", "2", "--contexts", "256", "--json", out],
+        cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = json.loads(out.read_text())["points"]
+    assert [(p["layers"], p["processes"], p["sharding"]) for p in points] == [(1, 2, sharding), (2, 2, sharding)]
+    assert all(p["peak_bytes"] == max(p["peak_bytes_by_rank"]) > 0 for p in points)
+    shown = subprocess.run(
+        [sys.executable, "bench/fsdp_memory.py", "--report_from", out], cwd=ROOT, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "| tiny | LoRA+ | 2 | 256 | 2 |" in shown.stdout, shown.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------- the configs
 @pytest.mark.parametrize("name", ["fsdp2_qlora", "deepspeed_zero3"])
 def test_accelerate_configs_parse_and_validate(name, monkeypatch):
@@ -186,7 +212,33 @@ def test_accelerate_configs_parse_and_validate(name, monkeypatch):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         assert (launch().engine, launch().zero_stage, launch().shards_weights) == ("deepspeed", 3, True)
-        assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"].lower() == "true"
+        assert launch().whole_state_dict  # stage3_gather_16bit_weights_on_model_save, from the DeepSpeed JSON
+        assert_buckets_sized_by_the_model(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+
+
+def assert_buckets_sized_by_the_model(config_file: str) -> None:
+    """The shipped DeepSpeed JSON, as the Trainer completes it for a 4096-wide model: the gradient bucket is
+    hidden x hidden values (DeepSpeed's default, 500M, is a 0.93 GiB bf16 buffer in every process), and the rest of
+    the run's settings come from the launch and the Trainer."""
+    import types
+
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    config = HfTrainerDeepSpeedConfig(json.loads((ROOT / config_file).read_text()))
+    args = TrainingArguments(
+        output_dir="unused", use_cpu=True, bf16=True, per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
+    config.trainer_config_process(args)
+    config.trainer_config_finalize(args, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=4096)), 10)
+    zero = config.config["zero_optimization"]
+    assert (zero["stage"], zero["reduce_bucket_size"], zero["stage3_param_persistence_threshold"]) == (
+        3,
+        4096 * 4096,
+        10 * 4096,
+    )
+    assert zero["stage3_gather_16bit_weights_on_model_save"] and config.config["bf16"] == {"enabled": True}
+    assert config.config["gradient_accumulation_steps"] == 2
 
 
 # ------------------------------------------------------------------------- the documented accelerate commands

@@ -253,6 +253,7 @@ def test_a_new_run_refuses_an_output_dir_holding_what_it_did_not_write(tmp_path)
         (tmp_path / folder).mkdir()
     for lock in (".longqlora.lock", ".tiny-base.lock"):
         (tmp_path / lock).touch()
+    (tmp_path / ".tiny-base.partial-123-abc").mkdir()  # the main process writing it while another process checks
     checkpoints.check_new_run(tmp_path, None)
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "notes.txt"):
         (tmp_path / name).touch()

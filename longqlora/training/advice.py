@@ -122,6 +122,7 @@ def render(result: dict) -> str:
         "loss": "loss and its backward",
         "gradients_and_step": "gradients + optimizer step",
         "ddp_buckets": "DDP's gradient buckets",
+        "zero3_bucket": "ZeRO-3's gradient bucket",
     }
     paged = result.get("paged_optimizer_gib") or 0.0  # CUDA managed memory: outside the allocator and the need
     if paged:
@@ -129,8 +130,9 @@ def render(result: dict) -> str:
     on = [k for k, v in result["switches"].items() if v]
     cp = result["context_parallel"]
     share = f", per rank of {cp} sharing each row ({result['context'] // cp:,} tokens each)" if cp > 1 else ""
-    if result.get("sharding") == "fsdp2":
-        share += f", one of {result['processes']} processes sharding the model (FSDP2)"
+    if result.get("sharding", "none") != "none":
+        engine = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}[result["sharding"]]
+        share += f", one of {result['processes']} processes sharding the model ({engine})"
     lines = [
         f"{result['model']} at {result['context']:,} tokens x batch {result['batch']}{share} "
         f"(switches on: {', '.join(on) or 'none'}); {result['trainable_params']:,} trainable parameters"

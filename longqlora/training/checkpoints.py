@@ -32,8 +32,10 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils._re
 ASIDE_PREFIX = "incomplete-"  # not matched by the Trainer's `checkpoint-*` rotation nor by get_last_checkpoint
 AUTO = ("auto", "last", "true")
 # What a run leaves in its output directory before its first checkpoint: the lock, and --tiny's random base
-# (training/tiny.py), which a rerun of --tiny reuses
-OWN_BEFORE_TRAINING = (LOCK_FILE, "tiny-base", ".tiny-base.lock")
+# (training/tiny.py), which a rerun of --tiny reuses, with its lock and, while the main process writes it (the other
+# processes of a launch check the folder meanwhile), its partial folder `.tiny-base.partial-*`
+OWN_BEFORE_TRAINING = (LOCK_FILE, "tiny-base")
+TINY_BASE_TEMPORARIES = ".tiny-base."
 
 
 @contextmanager
@@ -130,7 +132,7 @@ def check_new_run(output_dir, requested) -> None:
             "all): pass --resume_from_checkpoint auto to continue that run, or choose another --output_dir"
         )
     out = Path(output_dir)
-    own = lambda name: name in OWN_BEFORE_TRAINING or name.startswith(ASIDE_PREFIX)  # noqa: E731  (never loaded)
+    own = lambda name: name in OWN_BEFORE_TRAINING or name.startswith((ASIDE_PREFIX, TINY_BASE_TEMPORARIES))  # noqa: E731
     others = sorted(p.name for p in out.iterdir() if not own(p.name)) if out.is_dir() else []
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")

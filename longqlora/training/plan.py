@@ -127,6 +127,7 @@ def parameter_bytes(s: Shapes, cfg: PlanConfig) -> dict:
         "paged_state": state * paged,
         "gradients": 4 * trainable,
         "largest_trained": max((n for _, n in tensors), default=0),
+        "trained_tensors": tensors,
     }
 
 
@@ -271,34 +272,6 @@ def ddp_bucket_bytes(params: dict) -> int:
     return params["gradients"]
 
 
-def fsdp2_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
-    """One process of FSDP2 over `cfg.processes`, wrapped as accelerate wraps it (every decoder layer a unit, the
-    embedding one, the final norm with the LM head one that is not resharded after its forward; bf16 mixed
-    precision): parameters, optimizer state and gradients sharded, the NF4 scales whole (module attributes, not
-    parameters). Gathered while in use: a layer recomputed and the next one prefetched in the backward; at the loss
-    the LM head whole (by its unit for the plain loss; TRL's fused head, which never calls the head, gathers it
-    itself with `DTensor.full_tensor`) beside the last layer prefetched for the backward;
-    at the backward's end the embedding with its 16-bit gradient before the reduce-scatter (bench/fsdp_memory.py,
-    docs/fsdp_memory_cpu.json)."""
-    b, n = _Bytes.of(cfg), cfg.processes
-    linear = s.linear_shapes(all_linear=True)
-    scales = s.layers * sum(i * o for i, o in linear) * (NF4_BYTES_PER_PARAM - 0.5) if cfg.load_in_4bit else 0
-    head = s.vocab * s.hidden * b.kept  # a tied head is the embedding's table: gathered at the loss all the same
-    lora = cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
-    layer = sum(i * o for i, o in linear) * (0.5 if cfg.load_in_4bit else b.c) + (lora + 2 * s.hidden) * b.c
-    embedding = 0
-    if "embed" in cfg.trainable:  # the frozen original and the trained copy gathered, and the copy's 16-bit gradient
-        embedding = 3 * s.vocab * s.hidden * b.c + cfg.batch * cfg.context * s.hidden * 4
-    temp = params["gradients"] if optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda" else 0
-    return {
-        "weights": (params["weights"] - scales) / n + scales,
-        "trainable_state": params["trainable_state"] / n,
-        "gathered": 2 * layer,
-        "gathered_at_loss": head + layer,
-        "gradients_and_step": params["gradients"] / n + max(embedding, temp / n),
-    }
-
-
 # --------------------------------------------------------------------------------------------------- the plan
 def plan(config, cfg: PlanConfig) -> dict:
     """The predicted peak (GiB) with its parts, and whether it fits `cfg`'s device: the larger of the backward's
@@ -312,7 +285,11 @@ def plan(config, cfg: PlanConfig) -> dict:
         )
     local = cfg.rank_share  # the tokens one rank holds: all of them without --context_parallel
     params = parameter_bytes(s, local)
-    shards = fsdp2_bytes(s, local, params) if cfg.sharding == "fsdp2" else None
+    shards = None
+    if cfg.sharding != "none":
+        from longqlora.training.plan_sharding import sharded_parts  # its terms build on this module's
+
+        shards = sharded_parts(s, local, params)
     parts = {
         "weights": params["weights"] if shards is None else shards["weights"],
         "trainable_state": params["trainable_state"] if shards is None else shards["trainable_state"],
@@ -323,7 +300,11 @@ def plan(config, cfg: PlanConfig) -> dict:
     }
     if cfg.processes > 1 and shards is None:  # DDP's buckets: a second fp32 copy of every trained gradient (measured)
         parts["ddp_buckets"] = ddp_bucket_bytes(params)
-    persistent = parts["weights"] + parts["trainable_state"] + parts.get("ddp_buckets", 0)
+    if shards is not None and shards.get("bucket"):  # ZeRO-3's gradient bucket, allocated once
+        parts["zero3_bucket"] = shards["bucket"]
+    persistent = (
+        parts["weights"] + parts["trainable_state"] + parts.get("ddp_buckets", 0) + parts.get("zero3_bucket", 0)
+    )
     backward = persistent + parts["checkpoints"] + max(parts["layer_recompute"], parts["loss"])
     peak = max(backward, persistent + parts["gradients_and_step"])
     overhead = peak * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB if cfg.device == "cuda" else 0.0

@@ -38,14 +38,15 @@ class PlanConfig:
         metadata={
             "help": "Processes of the launch, the context-parallel ranks included; default --context_parallel. "
             "Under DDP (--sharding none) each keeps every trained gradient in DDP's buckets beside .grad; with "
-            "--sharding fsdp2 they shard the model. 1: one process, or ZeRO-3 (its partitioning is not planned)."
+            "--sharding fsdp2 or zero3 they shard the model. 1: one process."
         },
     )
     sharding: str = field(
         default="none",
         metadata={
-            "help": "none (one process, DDP), or fsdp2: --processes processes shard the weights, trained state and "
-            "gradients (accelerate's FSDP2, configs/accelerate/fsdp2_qlora.yaml); the plan is one process's."
+            "help": "none (one process, DDP), fsdp2 or zero3: --processes processes shard the weights, trained "
+            "state and gradients (accelerate's FSDP2 or DeepSpeed ZeRO-3 as configs/accelerate/ launch them); the "
+            "plan is one process's."
         },
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -130,11 +131,13 @@ class PlanConfig:
                 f"--processes {self.processes}: a launch with --context_parallel {self.context_parallel} "
                 "runs a whole number of replicas of that many ranks; use a multiple of it"
             )
-        if self.sharding not in ("none", "fsdp2"):
-            raise ValueError(f"--sharding {self.sharding!r}: none or fsdp2 (ZeRO-3's partitioning is not planned)")
-        if self.sharding == "fsdp2" and self.processes == 1:
-            raise ValueError("--sharding fsdp2: shards over --processes N; pass the launch's process count, 2 or more")
-        if self.sharding == "fsdp2" and optimizer_name(self.optim).startswith("paged_"):
+        if self.sharding not in ("none", "fsdp2", "zero3"):
+            raise ValueError(f"--sharding {self.sharding!r}: none, fsdp2 or zero3")
+        if self.sharding != "none" and self.processes == 1:
+            raise ValueError(
+                f"--sharding {self.sharding}: shards over --processes N; pass the launch's process count, 2 or more"
+            )
+        if self.sharding != "none" and optimizer_name(self.optim).startswith("paged_"):
             self.optim = "adamw"  # what a run under FSDP2 trains with (training/run.py: no paged state on shards)
         if self.context % self.context_parallel:
             raise ValueError(
@@ -197,6 +200,9 @@ class PlanConfig:
 
 
 # ------------------------------------------------------------------------------------------------- a run's plan
+SHARDING = {"fsdp2": "fsdp2", "deepspeed": "zero3"}  # a launch's engine -> --sharding (check_launch: ZeRO stage 3 only)
+
+
 def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) -> dict:
     """The planner's prediction (training/plan.py) for this run's switches, against this GPU when there is one;
     `optim`: the optimizer a GPU would train with, when not the run's own (default)."""
@@ -214,8 +220,8 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         model=model_cfg.model_name_or_path,
         context=model_cfg.train_length,
         context_parallel=model_cfg.context_parallel,
-        processes=1 if launched.engine in ("none", "deepspeed", "fsdp1") else launched.world_size,  # ZeRO-3: unplanned
-        sharding="fsdp2" if launched.engine == "fsdp2" and launched.world_size > 1 else "none",
+        processes=1 if launched.engine in ("none", "fsdp1") else launched.world_size,
+        sharding=SHARDING.get(launched.engine, "none") if launched.world_size > 1 else "none",
         batch=training.per_device_train_batch_size,
         rank=model_cfg.lora_r,
         lora_target=plan_lora_target(model_cfg.lora_target),

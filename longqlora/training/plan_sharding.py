@@ -1,0 +1,84 @@
+"""Memory planning for one process of a sharded launch: FSDP2 and DeepSpeed ZeRO-3 as accelerate launches them
+(configs/accelerate/), the parts that replace the one-process plan's (training/plan.py) where the engine shards,
+gathers or buckets. Measured on this CPU with 2 gloo processes at real widths: bench/fsdp_memory.py and
+bench/zero3_memory.py (docs/distributed.md)."""
+
+from __future__ import annotations
+
+from longqlora.training.optimizer import FOREACH_TEMPORARIES, optimizer_name
+from longqlora.training.plan import CPU_STEP_COPIES, NF4_BYTES_PER_PARAM, PlanConfig, Shapes, _Bytes
+
+# DeepSpeed's stage3_max_reuse_distance and stage3_max_live_parameters, which the shipped JSON leaves at DeepSpeed's
+# defaults: a gathered parameter whose next use comes within this many fetched values stays gathered, up to this many
+ZERO3_REUSE_VALUES = 1_000_000_000
+
+
+def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
+    """The parts of one process of `cfg.sharding` over `cfg.processes`."""
+    return fsdp2_bytes(s, cfg, params) if cfg.sharding == "fsdp2" else zero3_bytes(s, cfg, params)
+
+
+def _common(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
+    """What both engines share: the weights sharded but the NF4 scales (module attributes, not parameters, whole in
+    every process); one decoder layer and the LM head gathered in 16 bits; the optimizer step's temporaries."""
+    b, n = _Bytes.of(cfg), cfg.processes
+    linear = s.linear_shapes(all_linear=True)
+    scales = s.layers * sum(i * o for i, o in linear) * (NF4_BYTES_PER_PARAM - 0.5) if cfg.load_in_4bit else 0
+    lora = cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
+    temp = params["gradients"] if optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda" else 0
+    return {
+        "weights": (params["weights"] - scales) / n + scales,
+        "layer": sum(i * o for i, o in linear) * (0.5 if cfg.load_in_4bit else b.c) + (lora + 2 * s.hidden) * b.c,
+        "head": s.vocab * s.hidden * b.kept,  # a tied head is the embedding's table: gathered at the loss all the same
+        "foreach": temp / n,
+    }
+
+
+def fsdp2_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
+    """FSDP2, wrapped as accelerate wraps it (every decoder layer a unit, the embedding one, the final norm with the
+    LM head one that is not resharded after its forward; bf16 mixed precision): parameters, optimizer state and
+    gradients sharded. Gathered while in use: a layer recomputed and the next one prefetched in the backward; at the
+    loss the LM head whole (by its unit for the plain loss; TRL's fused head, which never calls the head, gathers it
+    itself with `DTensor.full_tensor`) beside the last layer prefetched for the backward; at the backward's end the
+    embedding with its 16-bit gradient before the reduce-scatter (docs/fsdp_memory_cpu.json)."""
+    b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
+    embedding = 0
+    if "embed" in cfg.trainable:  # the frozen original and the trained copy gathered, and the copy's 16-bit gradient
+        embedding = 3 * s.vocab * s.hidden * b.c + cfg.batch * cfg.context * s.hidden * 4
+    return {
+        "weights": common["weights"],
+        "trainable_state": params["trainable_state"] / n,
+        "gathered": 2 * common["layer"],
+        "gathered_at_loss": common["head"] + common["layer"],
+        "gradients_and_step": params["gradients"] / n + max(embedding, common["foreach"]),
+    }
+
+
+def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
+    """DeepSpeed ZeRO-3 with configs/accelerate/deepspeed_zero3.json as the Trainer completes it. Each process keeps
+    a partition of every parameter, and of the trained ones an fp32 master, a 16-bit copy, a 16-bit gradient and
+    the optimizer state; trained tensors of at most 10 x hidden values (the persistence threshold: LoRA's A and B at
+    small ranks) whole in 16 bits; a gradient bucket of hidden x hidden 16-bit values. Gathered: a layer recomputed
+    and the next one prefetched, and what DeepSpeed does not release because it is used again within
+    ZERO3_REUSE_VALUES fetched values (at most that many kept): at the loss the LM head, the embedding when the whole
+    model's layers are fewer values than that, and the last layers, whose recomputation comes back soon
+    (docs/zero3_memory_cpu.json, at 2 and 4 layers). The step's terms are not measured: the CPU peaks at the loss."""
+    b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
+    trained = params["trainable_params"]
+    persistent = sum(k * v for k, v in params["trained_tensors"] if v <= 10 * s.hidden)
+    layer, head = common["layer"] / b.c, s.vocab * s.hidden  # values as DeepSpeed counts them (16-bit elements)
+    kept_layers = min(s.layers, 1 + max(0, int((ZERO3_REUSE_VALUES - head) // (2 * layer))))
+    embedding = s.vocab * s.hidden if 2 * s.layers * layer + head <= ZERO3_REUSE_VALUES else 0
+    at_loss = min(ZERO3_REUSE_VALUES, head + embedding + kept_layers * layer)
+    # the step: an fp32 copy of the gradient partition, and the optimizer's temporaries over the flat fp32 partition
+    # (one tensor: CUDA's foreach copies it once, a CPU's single-tensor AdamW CPU_STEP_COPIES times)
+    foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES
+    step = 4 * trained / n * (1 + (CPU_STEP_COPIES if cfg.device == "cpu" else 1) * foreach)
+    return {
+        "weights": common["weights"],
+        "trainable_state": (params["trainable_state"] + 2 * b.c * trained) / n + persistent * b.c,
+        "bucket": s.hidden * s.hidden * b.c,
+        "gathered": (2 * layer + embedding) * b.c,
+        "gathered_at_loss": at_loss * b.c,
+        "gradients_and_step": step,
+    }
