@@ -141,8 +141,7 @@ def full_depth(points: list[dict], ranks: int) -> dict:
     """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth (and sharded over
     the points' processes when they were: bench/fsdp_memory.py, bench/zero3_memory.py)."""
     name, context, variant = points[0]["model"], points[0]["context"], points[0]["variant"]
-    sharding = points[0].get("sharding", "none")
-    sharded = {"processes": points[0]["processes"], "sharding": sharding} if sharding != "none" else {}
+    sharded = {"processes": points[0].get("processes", 1), "sharding": points[0].get("sharding", "none")}
     bench = BenchConfig(models=[name], variants=[variant], search_longest=False)
     config = model_config(name)
     args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
@@ -154,7 +153,7 @@ def full_depth(points: list[dict], ranks: int) -> dict:
         "layers": config.num_hidden_layers,
         "context": context,
         "context_parallel": ranks,
-        "processes": sharded.get("processes", 1),
+        "processes": sharded["processes"],
         "extrapolated_bytes": fit.get("extrapolated_bytes"),
         "planned_bytes": plan_for(*args, cp=ranks, **sharded)["peak_allocated_gib"] * planner.GIB,
         "planned_one_process_bytes": plan_for(*args)["peak_allocated_gib"] * planner.GIB,

@@ -285,23 +285,20 @@ def plan(config, cfg: PlanConfig) -> dict:
         )
     local = cfg.rank_share  # the tokens one rank holds: all of them without --context_parallel
     params = parameter_bytes(s, local)
-    shards = None
-    if cfg.sharding != "none":
+    parts = {
+        "weights": params["weights"],
+        "trainable_state": params["trainable_state"],
+        "checkpoints": checkpoint_bytes(s, local),
+        "layer_recompute": layer_bytes(s, local) + halo_bytes(s, cfg),
+        "loss": loss_bytes(s, local),
+        "gradients_and_step": step_bytes(s, local, params),
+    }
+    if cfg.sharding != "none":  # FSDP2 or ZeRO-3: the parts the engine shards, gathers or buckets, replaced
         from longqlora.training.plan_sharding import sharded_parts  # its terms build on this module's
 
-        shards = sharded_parts(s, local, params)
-    parts = {
-        "weights": params["weights"] if shards is None else shards["weights"],
-        "trainable_state": params["trainable_state"] if shards is None else shards["trainable_state"],
-        "checkpoints": checkpoint_bytes(s, local),
-        "layer_recompute": layer_bytes(s, local) + halo_bytes(s, cfg) + (0 if shards is None else shards["gathered"]),
-        "loss": loss_bytes(s, local) + (0 if shards is None else shards["gathered_at_loss"]),
-        "gradients_and_step": step_bytes(s, local, params) if shards is None else shards["gradients_and_step"],
-    }
-    if cfg.processes > 1 and shards is None:  # DDP's buckets: a second fp32 copy of every trained gradient (measured)
+        parts.update(sharded_parts(s, local, params, parts))
+    elif cfg.processes > 1:  # DDP's buckets: a second fp32 copy of every trained gradient (measured)
         parts["ddp_buckets"] = ddp_bucket_bytes(params)
-    if shards is not None and shards.get("bucket"):  # ZeRO-3's gradient bucket, allocated once
-        parts["zero3_bucket"] = shards["bucket"]
     persistent = (
         parts["weights"] + parts["trainable_state"] + parts.get("ddp_buckets", 0) + parts.get("zero3_bucket", 0)
     )

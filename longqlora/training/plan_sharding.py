@@ -13,9 +13,21 @@ from longqlora.training.plan import CPU_STEP_COPIES, NF4_BYTES_PER_PARAM, PlanCo
 ZERO3_REUSE_VALUES = 1_000_000_000
 
 
-def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
-    """The parts of one process of `cfg.sharding` over `cfg.processes`."""
-    return fsdp2_bytes(s, cfg, params) if cfg.sharding == "fsdp2" else zero3_bytes(s, cfg, params)
+def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict:
+    """The parts of one process of `cfg.sharding` over `cfg.processes` that replace those of one process (`alone`,
+    training/plan.py): resident parts sharded, the gathered parameters added to a layer's and the loss's working
+    set, and ZeRO-3's gradient bucket."""
+    engine = fsdp2_bytes(s, cfg, params) if cfg.sharding == "fsdp2" else zero3_bytes(s, cfg, params)
+    parts = {
+        "weights": engine["weights"],
+        "trainable_state": engine["trainable_state"],
+        "layer_recompute": alone["layer_recompute"] + engine["gathered"],
+        "loss": alone["loss"] + engine["gathered_at_loss"],
+        "gradients_and_step": engine["gradients_and_step"],
+    }
+    if engine.get("bucket"):
+        parts["zero3_bucket"] = engine["bucket"]
+    return parts
 
 
 def _common(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
