@@ -112,7 +112,10 @@ class BenchConfig:
     search_longest: bool = field(
         default=True, metadata={"help": "On a GPU, also find the longest context ours trains at (full depth)."}
     )
-    output: str = "docs/memory.md"
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Also write the Markdown report here (always printed; docs/memory.md is hand-written)."},
+    )
     json: str | None = field(
         default=None,
         metadata={"help": "Also write every measured point as JSON (the planner's calibration test reads it)."},
@@ -120,7 +123,7 @@ class BenchConfig:
     tiny: bool = field(default=False, metadata={"help": "Tiny shapes on the CPU (tests): the same code, seconds."})
     report_from: str | None = field(
         default=None,
-        metadata={"help": "Measure nothing: render --output from the points of this JSON, with the current planner."},
+        metadata={"help": "Measure nothing: report the points of this JSON (printed; --output too), planned today."},
     )
 
     def __post_init__(self):
@@ -350,11 +353,13 @@ def main(argv=None) -> None:
             "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n",
             1,
         )
-        write_text_atomic(cfg.output, text)
+        if cfg.output:
+            write_text_atomic(cfg.output, text)
         print(text)
         return
     text, record = run(cfg, argv)
-    write_text_atomic(cfg.output, text)
+    if cfg.output:
+        write_text_atomic(cfg.output, text)
     if cfg.json:
         write_json_atomic(cfg.json, memory_report.merge_record(cfg.json, record))
     print(text)
