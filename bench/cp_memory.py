@@ -28,6 +28,7 @@ without it there are no buckets, and the plan is for `--processes 1`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -146,6 +147,8 @@ def full_depth(points: list[dict], ranks: int) -> dict:
     config = model_config(name)
     args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
     fit = fit_depth(points, config.num_hidden_layers) or {}
+    with deepspeed_limits(points[0]):
+        planned = plan_for(*args, cp=ranks, **sharded)["peak_allocated_gib"] * planner.GIB
     return {
         "model": name,
         "variant": variant,
@@ -155,27 +158,41 @@ def full_depth(points: list[dict], ranks: int) -> dict:
         "context_parallel": ranks,
         "processes": sharded["processes"],
         "extrapolated_bytes": fit.get("extrapolated_bytes"),
-        "planned_bytes": plan_for(*args, cp=ranks, **sharded)["peak_allocated_gib"] * planner.GIB,
+        "planned_bytes": planned,
         "planned_one_process_bytes": plan_for(*args)["peak_allocated_gib"] * planner.GIB,
     }
 
 
-def planned_bytes(p: dict) -> float:
-    """Today's plan for a measured point's fuller rank (as tests/test_plan.py recomputes it)."""
+@contextlib.contextmanager
+def deepspeed_limits(p: dict):
+    """A ZeRO-3 point planned under the live-parameter limit it ran with (recorded by bench/zero3_memory.py:
+    DeepSpeed's 1e9, which the shipped JSON keeps, unless --live_values set another)."""
+    from longqlora.training import plan_sharding
+
+    shipped = plan_sharding.ZERO3_LIVE_VALUES
+    plan_sharding.ZERO3_LIVE_VALUES = p.get("deepspeed", {}).get("max_live_parameters", shipped)
+    try:
+        yield
+    finally:
+        plan_sharding.ZERO3_LIVE_VALUES = shipped
+
+
+def planned_bytes(p: dict, phase: str | None = None) -> float:
+    """Today's plan for a measured point's fuller rank (as tests/test_plan.py recomputes it): its peak, or with
+    `phase` (backward, step) that phase's."""
     args = (model_config(p["model"], p["layers"]), p["model"], VARIANTS[p["variant"]], p["context"])
     bench = BenchConfig(models=[p["model"]])
     where = (torch.device("cpu"), torch.bfloat16)
-    return (
-        plan_for(
+    with deepspeed_limits(p):
+        planned = plan_for(
             *args,
             bench,
             *where,
             cp=p["context_parallel"],
             processes=p.get("processes", 1),
             sharding=p.get("sharding", "none"),
-        )["peak_allocated_gib"]
-        * planner.GIB
-    )
+        )
+    return (planned["phase_peaks_gib"][phase] if phase else planned["peak_allocated_gib"]) * planner.GIB
 
 
 def depth_fits(points: list[dict]) -> list[dict]:
@@ -184,7 +201,8 @@ def depth_fits(points: list[dict]) -> list[dict]:
     groups = {}
     for p in points:
         if p.get("processes", 1) == 1 or p.get("sharding", "none") != "none":
-            key = (p["model"], p["variant"], p["context"], p["group"], p.get("sharding"), p.get("buckets"))
+            limit = p.get("deepspeed", {}).get("max_live_parameters")
+            key = (p["model"], p["variant"], p["context"], p["group"], p.get("sharding"), p.get("buckets"), limit)
             groups.setdefault(key, []).append(p)
     return [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]
 

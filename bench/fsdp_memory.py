@@ -15,7 +15,8 @@ run of accelerate keeps multi-process runs plain DDP, so the accelerator is swit
 launch configured, as tests/fsdp_worker.py does. The peak is the highest total of live tensor bytes during the
 measured step, counted by torch's FSDPMemTracker (bench/memory_step.tracked_live's method, knowing FSDP2's sharded
 and gathered parameters and its communication buffers), plus the NF4 scales, which every process keeps whole as
-module attributes outside the tracker's view. Rank 0 writes every process's peak and the plans.
+module attributes outside the tracker's view; the optimizer step's own peak (the planner's other candidate, below the
+loss on this CPU) is recorded apart. Rank 0 writes every process's peaks and the plans.
 """
 
 from __future__ import annotations
@@ -90,17 +91,24 @@ def scale_bytes(model) -> int:
     return total
 
 
-def memory_tracker(model, optimizer):
+def memory_tracker(model, optimizer, observe=None):
     """torch's FSDPMemTracker (every tensor an op makes, freed when its storage dies in whatever thread, so the
     gather buffers and reduce-scatter inputs are counted where the profiler under gloo misses frees), except for a
     unit that never ran forward: the LM head, whose weight TRL's fused head gathers itself (`DTensor.full_tensor`)
-    without calling the head; the tracker's post-backward hook would fail on it (torch 2.13), so it keeps FSDP's."""
+    without calling the head; the tracker's post-backward hook would fail on it (torch 2.13), so it keeps FSDP's.
+    `observe(total, in_optimizer_step)`, when given, sees the tracked CPU total after every op."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     class Tracker(FSDPMemTracker):
         def _fsdp_param_group_post_backward(self, fsdp_mod, orig):
             tracked = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
             return lambda *a, **k: (tracked if fsdp_mod in self.memory_tracking else orig)(*a, **k)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if observe is not None and out is not NotImplemented:
+                observe(self._curr_mem_snap.get(torch.device("cpu"), {}).get("Total", 0), self._in_opt)
+            return out
 
     return Tracker(model, optimizer)
 
@@ -129,16 +137,24 @@ def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: 
         model, optimizer = accelerator.prepare(model, optimizer)
         scales = scale_bytes(model)
         model.train()
-        tracker = memory_tracker(model, optimizer.optimizer)  # the torch optimizer accelerate wraps
+        measured, optimizer_step = [False], [0]
+
+        def observe(total, in_step):  # the measured optimizer step's peak: the planner's other candidate
+            if measured[0] and in_step:
+                optimizer_step[0] = max(optimizer_step[0], total)
+
+        tracker = memory_tracker(model, optimizer.optimizer, observe)  # the torch optimizer accelerate wraps
         with tracker:
             for p in model.parameters():  # the optimizer state first, as a run has it from its second step on
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            measured[0] = True
             with torch.autocast(device.type, dtype=dtype):
                 loss = model(**inputs, fused_lm_head=True).loss
             loss.backward()
+            loss = loss.detach()  # the graph dropped before the step, as the Trainer's training_step returns
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         snapshot = tracker.get_tracker_snapshot("peak")[device]
@@ -152,12 +168,14 @@ def measure(cfg: FSDPBenchConfig, accelerator, name: str, layers: int, context: 
     peaks = [None] * dist.get_world_size()
     mine = {k: int(v) for k, v in snapshot.items()}
     mine["NF4 scales"] = scales
+    mine["optimizer step"] = optimizer_step[0]
     dist.all_gather_object(peaks, mine)
     return {  # planned when rendered or tested, by the planner of the day (planned_bytes)
         **rank_point(name, layers, cfg.variant, context, [p["Total"] + p["NF4 scales"] for p in peaks]),
         "processes": dist.get_world_size(),
         "sharding": "fsdp2",
         "peak_parts_by_rank": peaks,
+        "step_peak_bytes_by_rank": [p["optimizer step"] + p["NF4 scales"] for p in peaks],
         "loss": loss,
     }
 
@@ -198,6 +216,16 @@ def render(record: dict) -> str:
             if f["extrapolated_bytes"] is not None
         ],
     )  # fmt: skip
+    stepped = [p for p in points if "step_peak_bytes_by_rank" in p]
+    steps = markdown_table(
+        ["model", "sharding", "layers", "row", "rank 0", "rank 1", "planned a process", "error"],
+        [
+            [p["model"], p["sharding"], p["layers"], f"{p['context']:,}", *map(gib, p["step_peak_bytes_by_rank"][:2]),
+             gib(planned_bytes(p, "step")), f"{planned_bytes(p, 'step') / max(p['step_peak_bytes_by_rank']) - 1:+.1%}"]
+            for p in stepped
+        ],
+    )  # fmt: skip
+    steps = f"\n\nThe optimizer step's own peak (GiB a process):\n\n{steps}" if stepped else ""
     aside = "".join(
         f"\n\nWith DeepSpeed's default bucket sizes ({p['layers']} layers, {p['context']:,} tokens): "
         f"{gib(p['peak_bytes'])} GiB a process, {gib(p['peak_parts_by_rank'][0]['resident'])} of it resident before "
@@ -206,7 +234,8 @@ def render(record: dict) -> str:
         if p.get("buckets") == "defaults"
     )
     return (
-        f"{table}{aside}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer points):\n\n{fits}"
+        f"{table}{steps}{aside}\n\nFull depth (fitted as fixed + layers x per-layer from the 2- and 4-layer "
+        f"points):\n\n{fits}"
     )
 
 
@@ -221,6 +250,12 @@ def record_points(points: list[dict], json_path: str | None, launch_config: str)
                 p["model"], p["layers"], p["context"], p["sharding"], p["processes"], p["peak_bytes"] / planner.GIB,
                 planned / planner.GIB, 100 * (planned / p["peak_bytes"] - 1),
             )  # fmt: skip
+            if "step_peak_bytes_by_rank" in p:
+                step, planned_step = max(p["step_peak_bytes_by_rank"]), planned_bytes(p, "step")
+                logger.info(
+                    "  its optimizer step: measured %.2f GiB, planned %.2f (%+.1f%%)",
+                    step / planner.GIB, planned_step / planner.GIB, 100 * (planned_step / step - 1),
+                )  # fmt: skip
         command = " ".join(
             [f"accelerate launch --config_file {launch_config} --num_processes", str(dist.get_world_size()),
              "--mixed_precision bf16", *sys.argv]

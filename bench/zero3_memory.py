@@ -2,9 +2,11 @@
 it), measured on this CPU at a real model width, beside the planner's per-process prediction (`python -m longqlora
 plan --processes N --sharding zero3`).
 
-    for point in "2 4096" "2 8192" "4 4096" "4 8192"; do set -- $point  # a launch each: a process's memory clean
+    for point in "2 4096" "2 8192" "4 4096" "4 8192" "12 4096" "12 4096 --live_values 1e8" \\
+            "4 4096 --live_values 1e8" "2 4096 --live_values 1e8" "4 4096 --live_values 1e9"; do
+        set -- $point  # a launch each: a process's memory clean (12 layers: 18 minutes)
         DS_ACCELERATOR=cpu python -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero3.yaml \\
-            --num_processes 2 --mixed_precision bf16 bench/zero3_memory.py --layers $1 --contexts $2 \\
+            --num_processes 2 --mixed_precision bf16 bench/zero3_memory.py --layers $1 --contexts $2 "${@:3}" \\
             --json docs/zero3_memory_cpu.json; done
     python bench/fsdp_memory.py --report_from docs/zero3_memory_cpu.json      # the tables of docs/distributed.md
 
@@ -13,8 +15,10 @@ As bench/fsdp_memory.py measures FSDP2 (the same model, variant, row and step), 
 them: DeepSpeed's own), the model built before the Accelerator (else transformers builds it under `zero.Init`).
 Each process's memory is what was resident before the measured step (every live CPU tensor's storage, counted once:
 DeepSpeed's partitions, flat buffers and optimizer state are no module's parameters) plus the highest total of the
-tensors the step's ops made (bench/memory_step.tracked_live). The first step, unmeasured, creates the optimizer
-state, as a run has it from its second step on.
+tensors the step's ops made (bench/memory_step.tracked_live); the optimizer step's own peak (`engine.step()`: the
+planner's other candidate, below the loss on this CPU) is recorded apart, the graph dropped before it as the
+Trainer's training_step drops it (points measured before that have no step peak). The first step, unmeasured,
+creates the optimizer state, as a run has it from its second step on.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class Zero3BenchConfig:
     buckets: str = field(
         default="config", metadata={"help": "config: the shipped JSON's 'auto' sizes; defaults: DeepSpeed's own."}
     )
+    live_values: float | None = field(
+        default=None,
+        metadata={"help": "stage3_max_live_parameters and stage3_max_reuse_distance (default: DeepSpeed's 1e9)."},
+    )
     json: str | None = field(default=None, metadata={"help": "Write the points here (rank 0)."})
 
     def __post_init__(self):
@@ -62,7 +70,11 @@ AUTO_SIZES = {  # what the Trainer writes for "auto" (transformers.integrations.
 }
 
 
-def deepspeed_accelerator(hidden: int, buckets: str):
+# left to DeepSpeed (1e9 each) by the shipped JSON, as the planner's ZERO3_LIVE_VALUES; --live_values sets both
+LIVE_KEYS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
+
+
+def deepspeed_accelerator(hidden: int, buckets: str, live_values: float | None = None):
     """accelerate's Accelerator with the launch's DeepSpeed plugin, its JSON completed as the Trainer completes it
     for one row a process (or DeepSpeed's own bucket sizes with `buckets` defaults)."""
     from accelerate import Accelerator
@@ -78,6 +90,8 @@ def deepspeed_accelerator(hidden: int, buckets: str):
             zero.pop(key, None)
         elif zero.get(key) == "auto":
             zero[key] = size(hidden)
+    if live_values is not None:
+        zero.update(dict.fromkeys(LIVE_KEYS, int(live_values)))
     return accelerator
 
 
@@ -102,26 +116,42 @@ def measure(cfg: Zero3BenchConfig, name: str, layers: int, context: int) -> dict
     model, optimizer, inputs, config = build(cfg.variant, name, layers, context)
     torch.set_autocast_enabled("cuda", True)  # PEFT's LoRA takes the GPU's branch (bench/memory_step.train_steps)
     try:
-        accelerator = deepspeed_accelerator(config.hidden_size, cfg.buckets)
+        accelerator = deepspeed_accelerator(config.hidden_size, cfg.buckets, cfg.live_values)
         engine, optimizer = accelerator.prepare(model, optimizer)
         scales = scale_bytes(engine.module)
 
+        phase, optimizer_step = {"now": "backward"}, [0]
+
         def step():
+            phase["now"] = "backward"
             with torch.autocast(device.type, dtype=dtype):
                 loss = engine(**inputs, fused_lm_head=True).loss
             engine.backward(loss)
+            # the graph dropped before the step, as the Trainer's training_step returns: bitsandbytes' MatMul4Bit
+            # keeps each layer's gathered NF4 codes on its node (ctx.tensors), alive as long as the graph
+            loss = loss.detach()
+            phase["now"] = "step"  # DeepSpeed's step: the fp32 gradient partition, AdamW, the 16-bit copy
             engine.step()
             return loss
 
+        def observe(live, op, module, backward):
+            if phase["now"] == "step":
+                optimizer_step[0] = max(optimizer_step[0], live)
+
         loss = step().item()  # the optimizer state, as from a run's second step on
         resident = live_cpu_bytes()
-        peak, _ = tracked_live(step)
+        peak, _ = tracked_live(step, observe=observe)
         zero = engine._config.zero_config
-        buckets = {"reduce_bucket_size": zero.reduce_bucket_size, "param_persistence": zero.param_persistence_threshold}
+        buckets = {
+            "reduce_bucket_size": zero.reduce_bucket_size,
+            "param_persistence": zero.param_persistence_threshold,
+            "max_live_parameters": zero.max_live_parameters,
+            "max_reuse_distance": zero.max_reuse_distance,
+        }
     finally:
         torch.set_autocast_enabled("cuda", False)
     accelerator.free_memory()
-    mine = {"resident": resident, "step": peak, "NF4 scales (in resident)": scales}
+    mine = {"resident": resident, "step": peak, "optimizer_step": optimizer_step[0], "NF4 scales (in resident)": scales}
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     return {
@@ -131,6 +161,7 @@ def measure(cfg: Zero3BenchConfig, name: str, layers: int, context: int) -> dict
         "buckets": cfg.buckets,
         "deepspeed": buckets,
         "peak_parts_by_rank": peaks,
+        "step_peak_bytes_by_rank": [p["resident"] + p["optimizer_step"] for p in peaks],
         "loss": loss,
     }
 

@@ -170,10 +170,35 @@ def test_the_sharded_memory_benches_measure_every_process(config, bench, shardin
     points = json.loads(out.read_text())["points"]
     assert [(p["layers"], p["processes"], p["sharding"]) for p in points] == [(1, 2, sharding), (2, 2, sharding)]
     assert all(p["peak_bytes"] == max(p["peak_bytes_by_rank"]) > 0 for p in points)
+    # the optimizer step's own peak: above what the step needs beyond the parameters, at most the whole step's
+    assert all(0 < s <= p for q in points for s, p in zip(q["step_peak_bytes_by_rank"], q["peak_bytes_by_rank"]))
     shown = subprocess.run(
         [sys.executable, "bench/fsdp_memory.py", "--report_from", out], cwd=ROOT, capture_output=True, text=True
     )
     assert shown.returncode == 0 and "| tiny | LoRA+ | 2 | 256 | 2 |" in shown.stdout, shown.stderr[-2000:]
+    assert f"| tiny | {sharding} | 2 | 256 |" in shown.stdout.split("optimizer step's own peak")[1]
+
+
+@pytest.mark.slow
+def test_zero3_keeps_the_most_recent_parameters_up_to_its_limit(tmp_path):
+    """bench/zero3_keep.py (tiny, 4 layers, 2 processes): the first step releases everything; from the second on,
+    with DeepSpeed's default limit every layer, the head and the used embedding stay gathered at the loss, and with a
+    limit below the head's size only the head (plan_sharding.zero3_bytes' rule at both ends)."""
+    out = tmp_path / "keep.json"
+    done = subprocess.run(
+        [*BENCH.accelerate("configs/accelerate/deepspeed_zero3.yaml", 2), "--mixed_precision", "bf16",
+         "bench/zero3_keep.py", "--models", "tiny", "--layers", "4", "--limits", "1e9", "6e4", "--context", "256",
+         "--json", out],
+        cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    default, small = json.loads(out.read_text())["points"]  # in the order measured
+    for p in (default, small):
+        assert p["kept_by_step"][0] == 0 and p["kept_by_step"][1] == p["kept_by_step"][2] > 0
+    values = default["values"]  # the embedding's two tables: the frozen original (never called) and the trained copy
+    assert default["kept_layers"] == [0, 1, 2, 3] and default["kept"]["head"] == values["head"]
+    assert default["kept_by_step"][-1] == values["layers"] + values["head"] + values["embedding"] // 2
+    assert small["kept"] == {"head": values["head"]} and values["head"] > 6e4
 
 
 # ----------------------------------------------------------------------------------------------- the configs
@@ -422,6 +447,18 @@ def test_nf4_weights_are_never_cast_by_the_engine():
     distributed.check_precision(Launch(8, 0, 0, "fsdp2", mixed_precision="fp16"), "bfloat16", False)  # no NF4
     with pytest.raises(ValueError, match="--mixed_precision bf16"):
         distributed.check_precision(Launch(8, 0, 0, "deepspeed", 3, mixed_precision="fp16"), "bfloat16", True)
+
+
+def test_zero3_with_nf4_warns_that_fsdp2_shards_the_layers(caplog):
+    """Under ZeRO-3 bitsandbytes keeps every NF4 layer's gathered codes for its backward (docs/distributed.md): the
+    main process says so once and points to FSDP2; 16-bit weights and FSDP2 get no warning."""
+    with caplog.at_level("WARNING", logger="longqlora.training.distributed"):
+        distributed.check_precision(Launch(2, 0, 0, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", True)
+        distributed.check_precision(Launch(2, 1, 1, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", True)
+        distributed.check_precision(Launch(2, 0, 0, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", False)
+        distributed.check_precision(Launch(2, 0, 0, "fsdp2", mixed_precision="bf16"), "bfloat16", True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "fsdp2_qlora.yaml" in warned[0] and "--sharding zero3" in warned[0]
 
 
 def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):

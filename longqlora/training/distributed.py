@@ -89,6 +89,13 @@ def check_precision(run: Launch, compute_dtype: str, load_in_4bit: bool) -> None
             "`accelerate launch`, before the recipe"
             + (f", or pass --compute_dtype {other} to the recipe" if other else "")
         )
+    if load_in_4bit and run.engine == "deepspeed" and run.main:
+        logger.warning(
+            "DeepSpeed ZeRO-3 with NF4 holds every decoder layer's 4-bit codes gathered from its forward to the end "
+            "of the backward (bitsandbytes keeps them for its backward, where DeepSpeed's release does not reach), "
+            "in every process; FSDP2 (configs/accelerate/fsdp2_qlora.yaml) shards them throughout: `python -m "
+            "longqlora plan --processes N --sharding fsdp2` and `--sharding zero3` compare the two"
+        )
 
 
 # ------------------------------------------------------------------------------------------- context parallel

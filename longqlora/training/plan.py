@@ -317,6 +317,8 @@ def plan(config, cfg: PlanConfig) -> dict:
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "peak_allocated_gib": peak / GIB,
+        # the peak's two candidates: the backward (its first layer recomputed, or the loss) and the optimizer step
+        "phase_peaks_gib": {"backward": backward / GIB, "step": (persistent + parts["gradients_and_step"]) / GIB},
         "overhead_gib": overhead / GIB,
         "device_need_gib": (peak + overhead) / GIB,
         "device_gib": cfg.device_gib,

@@ -8,9 +8,12 @@ from __future__ import annotations
 from longqlora.training.optimizer import FOREACH_TEMPORARIES, optimizer_name
 from longqlora.training.plan import CPU_STEP_COPIES, NF4_BYTES_PER_PARAM, PlanConfig, Shapes, _Bytes
 
-# DeepSpeed's stage3_max_reuse_distance and stage3_max_live_parameters, which the shipped JSON leaves at DeepSpeed's
-# defaults: a gathered parameter whose next use comes within this many fetched values stays gathered, up to this many
-ZERO3_REUSE_VALUES = 1_000_000_000
+# DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance, which the shipped JSON leaves at DeepSpeed's
+# 1e9 each. From a run's second step on, what its prefetcher finds already gathered within this many values ahead
+# in the recorded trace is not released: at the loss, the most recently used parameters up to this many stay
+# gathered (counted at Llama-2-7B's width: bench/zero3_keep.py, docs/distributed.md). Not lowered: NF4 layers stay
+# gathered whatever the limit (zero3_bytes), and a lower one makes the backward gather them a second time
+ZERO3_LIVE_VALUES = 1_000_000_000
 
 
 def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict:
@@ -70,18 +73,25 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     """DeepSpeed ZeRO-3 with configs/accelerate/deepspeed_zero3.json as the Trainer completes it. Each process keeps
     a partition of every parameter, and of the trained ones an fp32 master, a 16-bit copy, a 16-bit gradient and
     the optimizer state; trained tensors of at most 10 x hidden values (the persistence threshold: LoRA's A and B at
-    small ranks) whole in 16 bits; a gradient bucket of hidden x hidden 16-bit values. Gathered: a layer recomputed
-    and the next one prefetched, and what DeepSpeed does not release because it is used again within
-    ZERO3_REUSE_VALUES fetched values (at most that many kept): at the loss the LM head, the embedding when the whole
-    model's layers are fewer values than that, and the last layers, whose recomputation comes back soon
-    (docs/zero3_memory_cpu.json, at 2 and 4 layers). The step's terms are not measured: the CPU peaks at the loss."""
+    small ranks) whole in 16 bits; a gradient bucket of hidden x hidden 16-bit values.
+
+    Gathered from the loss through the backward: the LM head (TRL's fused loss gathers it and keeps it for its
+    backward), the embedding when the whole model fits ZERO3_LIVE_VALUES (DeepSpeed keeps it from the step before),
+    and the layers. Of 16-bit layers, those DeepSpeed keeps: the most recently used up to ZERO3_LIVE_VALUES (under
+    DeepSpeed's default of 1e9, layers 15-31 of Llama-2-7B's 32, counted by bench/zero3_keep.py). Of NF4 layers,
+    every one: bitsandbytes' MatMul4Bit keeps each layer's gathered codes on its autograd node (`ctx.tensors`, not
+    a saved tensor, so neither checkpointing nor DeepSpeed's release frees them) until the graph is dropped after
+    the backward, and the backward gathers each layer again beside them (bench/zero3_memory.py at 2, 4 and 12
+    layers; FSDP2 frees its buffers by resizing their storage and is not affected). Its optimizer step: an fp32 copy
+    of the gradient partition and the optimizer's temporaries."""
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
     trained = params["trainable_params"]
     persistent = sum(k * v for k, v in params["trained_tensors"] if v <= 10 * s.hidden)
     layer, head = common["layer"] / b.c, s.vocab * s.hidden  # values as DeepSpeed counts them (16-bit elements)
-    kept_layers = min(s.layers, 1 + max(0, int((ZERO3_REUSE_VALUES - head) // (2 * layer))))
-    embedding = s.vocab * s.hidden if 2 * s.layers * layer + head <= ZERO3_REUSE_VALUES else 0
-    at_loss = min(ZERO3_REUSE_VALUES, head + embedding + kept_layers * layer)
+    by_deepspeed = min(s.layers, max(0, int((ZERO3_LIVE_VALUES - head) // layer)))  # the last ones
+    embedding = s.vocab * s.hidden if head + s.layers * layer + s.vocab * s.hidden <= ZERO3_LIVE_VALUES else 0
+    kept = head + embedding + (s.layers if cfg.load_in_4bit else by_deepspeed) * layer
+    again = (2 - min(2, by_deepspeed)) * layer  # the layer recomputed and the next, gathered unless DeepSpeed kept them
     # the step: an fp32 copy of the gradient partition, and the optimizer's temporaries over the flat fp32 partition
     # (one tensor: CUDA's foreach copies it once, a CPU's single-tensor AdamW CPU_STEP_COPIES times)
     foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES
@@ -90,7 +100,7 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
         "weights": common["weights"],
         "trainable_state": (params["trainable_state"] + 2 * b.c * trained) / n + persistent * b.c,
         "bucket": s.hidden * s.hidden * b.c,
-        "gathered": (2 * layer + embedding) * b.c,
-        "gathered_at_loss": at_loss * b.c,
+        "gathered": (kept + again) * b.c,
+        "gathered_at_loss": kept * b.c,
         "gradients_and_step": step,
     }
