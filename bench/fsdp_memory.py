@@ -194,17 +194,19 @@ def render(record: dict) -> str:
     gib = lambda b: f"{b / planner.GIB:.2f}"  # noqa: E731
     every = as_cp_points(record["points"])
     points = [p for p in every if p.get("buckets", "config") == "config"]  # planned as the shipped configs run
+    zero3 = any(p.get("sharding") == "zero3" for p in points)
+    limit = lambda p: f"{p.get('deepspeed', {}).get('max_live_parameters', 1e9):.0e}".replace("+0", "")  # noqa: E731
     rows = []
     for p in points:
         plan, whole = planned_bytes(p), planned_bytes({**p, "processes": 1, "sharding": "none"})
         rows.append(
             [p["model"], "LoRA" if p["variant"] == "ours_lora" else "LoRA+", p["layers"], f"{p['context']:,}",
              p["processes"], *map(gib, p["peak_bytes_by_rank"][:2]), gib(plan), f"{plan / p['peak_bytes'] - 1:+.1%}",
-             gib(whole)]
+             gib(whole)] + ([limit(p)] if zero3 else [])
         )  # fmt: skip
     table = markdown_table(
         ["model", "trained", "layers", "row", "processes", "rank 0", "rank 1", "planned a process", "error",
-         "planned, one process"],
+         "planned, one process"] + (["DeepSpeed's live limit"] if zero3 else []),
         rows,
     )  # fmt: skip
     fits = markdown_table(
@@ -218,10 +220,11 @@ def render(record: dict) -> str:
     )  # fmt: skip
     stepped = [p for p in points if "step_peak_bytes_by_rank" in p]
     steps = markdown_table(
-        ["model", "sharding", "layers", "row", "rank 0", "rank 1", "planned a process", "error"],
+        ["model", "sharding", "layers", "row", "rank 0", "rank 1", "planned a process", "error", "limit"],
         [
             [p["model"], p["sharding"], p["layers"], f"{p['context']:,}", *map(gib, p["step_peak_bytes_by_rank"][:2]),
-             gib(planned_bytes(p, "step")), f"{planned_bytes(p, 'step') / max(p['step_peak_bytes_by_rank']) - 1:+.1%}"]
+             gib(planned_bytes(p, "step")), f"{planned_bytes(p, 'step') / max(p['step_peak_bytes_by_rank']) - 1:+.1%}",
+             limit(p) if p.get("sharding") == "zero3" else "-"]
             for p in stepped
         ],
     )  # fmt: skip

@@ -80,10 +80,10 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     and the layers. Of 16-bit layers, those DeepSpeed keeps: the most recently used up to ZERO3_LIVE_VALUES (under
     DeepSpeed's default of 1e9, layers 15-31 of Llama-2-7B's 32, counted by bench/zero3_keep.py). Of NF4 layers,
     every one: bitsandbytes' MatMul4Bit keeps each layer's gathered codes on its autograd node (`ctx.tensors`, not
-    a saved tensor, so neither checkpointing nor DeepSpeed's release frees them) until the graph is dropped after
-    the backward, and the backward gathers each layer again beside them (bench/zero3_memory.py at 2, 4 and 12
-    layers; FSDP2 frees its buffers by resizing their storage and is not affected). Its optimizer step: an fp32 copy
-    of the gradient partition and the optimizer's temporaries."""
+    a saved tensor, so neither checkpointing nor DeepSpeed's release frees them), and the backward gathers a layer
+    DeepSpeed released again beside them (bench/zero3_memory.py at 2, 4 and 12 layers; FSDP2 frees its buffers by
+    resizing their storage and is not affected). Its optimizer step: an fp32 copy of the gradient partition, the
+    optimizer's temporaries and, measured in the step as the Trainer orders it, the NF4 layers still held."""
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
     trained = params["trainable_params"]
     persistent = sum(k * v for k, v in params["trained_tensors"] if v <= 10 * s.hidden)
@@ -102,5 +102,5 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
         "bucket": s.hidden * s.hidden * b.c,
         "gathered": (kept + again) * b.c,
         "gathered_at_loss": kept * b.c,
-        "gradients_and_step": step,
+        "gradients_and_step": step + (s.layers * layer * b.c if cfg.load_in_4bit else 0),
     }
