@@ -7,11 +7,11 @@ stored in the compute dtype), so no memory tracker is needed and a full-depth mo
         --num_processes 2 --mixed_precision bf16 bench/zero3_keep.py --models llama-2-7b --layers 32 \\
         --limits 1e9 --steps 2 --json docs/zero3_keep_cpu.json
 
-(docs/zero3_keep_cpu.json: one launch per depth and limit, 4, 12 and 32 layers at 1e8, 32 at 1e9, each merged in.)
+(docs/zero3_keep_cpu.json: one launch per depth and limit, 4 and 12 layers at 1e8, 32 at 1e9, each merged in.)
 
 The same model, variant and row as bench/zero3_memory.py (its ZeRO-3 engine from `Accelerator.prepare`, the JSON's
 "auto" sizes filled as the Trainer fills them), with both limits set to each of `--limits` (DeepSpeed's default is
-1e9 each; configs/accelerate/deepspeed_zero3.json sets 1e8). The first step records DeepSpeed's trace and releases
+1e9 each, which configs/accelerate/deepspeed_zero3.json keeps). The first step records DeepSpeed's trace and releases
 everything; from the second on, what its prefetcher finds already gathered is kept (plan_sharding.zero3_bytes).
 """
 

@@ -170,7 +170,7 @@ def test_the_sharded_memory_benches_measure_every_process(config, bench, shardin
     points = json.loads(out.read_text())["points"]
     assert [(p["layers"], p["processes"], p["sharding"]) for p in points] == [(1, 2, sharding), (2, 2, sharding)]
     assert all(p["peak_bytes"] == max(p["peak_bytes_by_rank"]) > 0 for p in points)
-    # the optimizer step's own peak: above what the step needs beyond the parameters, at most the whole step's
+    # the optimizer step's own peak: recorded in every process, at most the whole step's
     assert all(0 < s <= p for q in points for s, p in zip(q["step_peak_bytes_by_rank"], q["peak_bytes_by_rank"]))
     shown = subprocess.run(
         [sys.executable, "bench/fsdp_memory.py", "--report_from", out], cwd=ROOT, capture_output=True, text=True
