@@ -28,7 +28,6 @@ without it there are no buckets, and the plan is for `--processes 1`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
@@ -142,13 +141,10 @@ def full_depth(points: list[dict], ranks: int) -> dict:
     """The fuller rank's peak extrapolated to the model's depth, beside the plans at that depth (and sharded over
     the points' processes when they were: bench/fsdp_memory.py, bench/zero3_memory.py)."""
     name, context, variant = points[0]["model"], points[0]["context"], points[0]["variant"]
-    sharded = {"processes": points[0].get("processes", 1), "sharding": points[0].get("sharding", "none")}
     bench = BenchConfig(models=[name], variants=[variant], search_longest=False)
     config = model_config(name)
     args = (config, name, VARIANTS[variant], context, bench, torch.device("cpu"), torch.bfloat16)
     fit = fit_depth(points, config.num_hidden_layers) or {}
-    with deepspeed_limits(points[0]):
-        planned = plan_for(*args, cp=ranks, **sharded)["peak_allocated_gib"] * planner.GIB
     return {
         "model": name,
         "variant": variant,
@@ -156,25 +152,20 @@ def full_depth(points: list[dict], ranks: int) -> dict:
         "layers": config.num_hidden_layers,
         "context": context,
         "context_parallel": ranks,
-        "processes": sharded["processes"],
+        "processes": points[0].get("processes", 1),
         "extrapolated_bytes": fit.get("extrapolated_bytes"),
-        "planned_bytes": planned,
+        "planned_bytes": plan_for(*args, cp=ranks, **sharded(points[0]))["peak_allocated_gib"] * planner.GIB,
         "planned_one_process_bytes": plan_for(*args)["peak_allocated_gib"] * planner.GIB,
     }
 
 
-@contextlib.contextmanager
-def deepspeed_limits(p: dict):
-    """A ZeRO-3 point planned under the live-parameter limit it ran with (recorded by bench/zero3_memory.py:
-    DeepSpeed's 1e9, which the shipped JSON keeps, unless --live_values set another)."""
-    from longqlora.training import plan_sharding
-
-    shipped = plan_sharding.ZERO3_LIVE_VALUES
-    plan_sharding.ZERO3_LIVE_VALUES = p.get("deepspeed", {}).get("max_live_parameters", shipped)
-    try:
-        yield
-    finally:
-        plan_sharding.ZERO3_LIVE_VALUES = shipped
+def sharded(p: dict) -> dict:
+    """How a point's processes shared the model: their count, the sharding, and for ZeRO-3 the live-parameter limit
+    it ran with (bench/zero3_memory.py records it: DeepSpeed's 1e9 unless --live_values set another)."""
+    limit = p.get("deepspeed", {}).get("max_live_parameters")
+    return {"processes": p.get("processes", 1), "sharding": p.get("sharding", "none")} | (
+        {"zero3_live_values": limit} if limit else {}
+    )
 
 
 def planned_bytes(p: dict, phase: str | None = None) -> float:
@@ -183,15 +174,7 @@ def planned_bytes(p: dict, phase: str | None = None) -> float:
     args = (model_config(p["model"], p["layers"]), p["model"], VARIANTS[p["variant"]], p["context"])
     bench = BenchConfig(models=[p["model"]])
     where = (torch.device("cpu"), torch.bfloat16)
-    with deepspeed_limits(p):
-        planned = plan_for(
-            *args,
-            bench,
-            *where,
-            cp=p["context_parallel"],
-            processes=p.get("processes", 1),
-            sharding=p.get("sharding", "none"),
-        )
+    planned = plan_for(*args, bench, *where, cp=p["context_parallel"], **sharded(p))
     return (planned["phase_peaks_gib"][phase] if phase else planned["peak_allocated_gib"]) * planner.GIB
 
 

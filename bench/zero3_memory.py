@@ -70,7 +70,7 @@ AUTO_SIZES = {  # what the Trainer writes for "auto" (transformers.integrations.
 }
 
 
-# left to DeepSpeed (1e9 each) by the shipped JSON, as the planner's ZERO3_LIVE_VALUES; --live_values sets both
+# left to DeepSpeed (1e9 each) by the shipped JSON, as the planner's --zero3_live_values; --live_values sets both
 LIVE_KEYS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
 
 

@@ -835,21 +835,19 @@ def test_the_sharded_plan_against_every_measured_process(record_name, sharding, 
     import torch
     from conftest import ROOT
 
-    from longqlora.training import plan_sharding
     from longqlora.training.plan_config import memory_plan
 
     bench = script("bench/memory.py")
     record = json.loads((ROOT / "docs" / record_name).read_text())
     points = [p for p in record["points"] if p.get("buckets", "config") == "config"]  # the shipped config's
     assert len(points) >= 4 and {2, 4} <= {p["layers"] for p in points}
-    shipped = plan_sharding.ZERO3_LIVE_VALUES
-    for p in points:  # a ZeRO-3 point planned under the limit it ran with (DeepSpeed's 1e9 before the JSON set one)
-        monkeypatch.setattr(plan_sharding, "ZERO3_LIVE_VALUES", p.get("deepspeed", {}).get("max_live_parameters", 0))
+    for p in points:  # a ZeRO-3 point planned under the limit it ran with
+        limit = p.get("deepspeed", {}).get("max_live_parameters", 1_000_000_000)
         if sharding == "zero3":  # the shipped JSON's (DeepSpeed's) or bench/zero3_memory.py --live_values 1e8
-            assert plan_sharding.ZERO3_LIVE_VALUES in (shipped, 100_000_000)
+            assert limit in (PlanConfig.zero3_live_values, 100_000_000)
         args = (bench.model_config(p["model"], p["layers"]), p["model"], bench.VARIANTS[p["variant"]], p["context"])
         where = (bench.BenchConfig(models=[p["model"]]), torch.device("cpu"), torch.bfloat16)
-        planned = bench.plan_for(*args, *where, processes=p["processes"], sharding=sharding)
+        planned = bench.plan_for(*args, *where, processes=p["processes"], sharding=sharding, zero3_live_values=limit)
         sharded, whole = planned["peak_allocated_gib"], bench.plan_for(*args, *where)["peak_allocated_gib"]
         for peak in p["peak_bytes_by_rank"]:
             assert abs(sharded * GIB / peak - 1) < 0.10, (p["model"], p["layers"], p["context"], peak, sharded)
@@ -858,7 +856,6 @@ def test_the_sharded_plan_against_every_measured_process(record_name, sharding, 
         for peak in p.get("step_peak_bytes_by_rank", []):  # the optimizer step's own peak, where it was recorded
             step = planned["phase_peaks_gib"]["step"]
             assert abs(step * GIB / peak - 1) < 0.10, ("step", p["model"], p["layers"], p["context"], peak, step)
-    monkeypatch.setattr(plan_sharding, "ZERO3_LIVE_VALUES", shipped)
     training = run_training(per_device_train_batch_size=1, offload_activations="off", tiled_mlp="off")
     run_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -886,7 +883,7 @@ def test_zero3_keeps_what_bench_zero3_keep_counted():
         assert p["kept_by_step"][0] == 0 and p["kept_by_step"][-1] == sum(p["kept"].values())
 
 
-def test_zero3_plans_one_process_of_the_partitions(monkeypatch):
+def test_zero3_plans_one_process_of_the_partitions():
     """--sharding zero3 over N processes: every parameter partitioned but the NF4 scales; of the trained ones an fp32
     master, a 16-bit copy and gradient and the AdamW state partitioned, LoRA's small A and B whole (at most 10 x
     hidden values: DeepSpeed's persistence threshold as the Trainer sets it); a hidden x hidden 16-bit gradient
@@ -897,12 +894,10 @@ def test_zero3_plans_one_process_of_the_partitions(monkeypatch):
     layer recomputed and the next gathered again unless DeepSpeed kept them."""
     from conftest import ROOT
 
-    from longqlora.training import plan_sharding
-
     h, v = 4096, 32000
     shipped = json.loads((ROOT / "configs/accelerate/deepspeed_zero3.json").read_text())["zero_optimization"]
     assert "stage3_max_live_parameters" not in shipped and "stage3_max_reuse_distance" not in shipped
-    assert plan_sharding.ZERO3_LIVE_VALUES == 1_000_000_000  # DeepSpeed's default for both
+    assert PlanConfig.zero3_live_values == 1_000_000_000  # DeepSpeed's default for both
 
     def parts(config, **kw):
         return plan(config, PlanConfig(model="m", context=8192, **kw))["parts_gib"]
@@ -924,11 +919,9 @@ def test_zero3_plans_one_process_of_the_partitions(monkeypatch):
     alone = parts(LLAMA2_7B, optim="adamw", load_in_4bit=False)
     layer16 = 4 * h * h + 3 * h * 11008 + lora
     assert (wide["loss"] - alone["loss"]) * GIB == pytest.approx(2 * (v * h + 4 * layer16))
-    monkeypatch.setattr(plan_sharding, "ZERO3_LIVE_VALUES", 100_000_000)  # bench/zero3_memory.py --live_values 1e8
-    lower = parts(LLAMA2_7B, processes=8, sharding="zero3")
+    lower = parts(LLAMA2_7B, processes=8, sharding="zero3", zero3_live_values=100_000_000)  # --live_values 1e8
     assert (lower["loss"] - one["loss"]) * GIB == pytest.approx(2 * held)  # NF4: held all the same
     assert (lower["layer_recompute"] - one["layer_recompute"]) * GIB == pytest.approx(2 * (held + 2 * layer))
-    monkeypatch.setattr(plan_sharding, "ZERO3_LIVE_VALUES", 1_000_000_000)
     for layers in (2, 12):  # the whole model within 1e9: the embedding kept too
         config = preset_config("llama-2-7b")
         config.num_hidden_layers = layers

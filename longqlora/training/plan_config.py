@@ -49,6 +49,13 @@ class PlanConfig:
             "plan is one process's."
         },
     )
+    zero3_live_values: int = field(
+        default=1_000_000_000,
+        metadata={
+            "help": "With --sharding zero3: DeepSpeed's stage3_max_live_parameters (= stage3_max_reuse_distance), "
+            "what it keeps gathered between steps; default DeepSpeed's, which configs/accelerate/ leaves."
+        },
+    )
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_target: str = field(default="attention", metadata={"help": "attention (q/k/v/o) or all-linear."})
     trainable_params: str = field(

@@ -8,13 +8,6 @@ from __future__ import annotations
 from longqlora.training.optimizer import FOREACH_TEMPORARIES, optimizer_name
 from longqlora.training.plan import CPU_STEP_COPIES, NF4_BYTES_PER_PARAM, PlanConfig, Shapes, _Bytes
 
-# DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance, which the shipped JSON leaves at DeepSpeed's
-# 1e9 each. From a run's second step on, what its prefetcher finds already gathered within this many values ahead
-# in the recorded trace is not released: at the loss, the most recently used parameters up to this many stay
-# gathered (counted at Llama-2-7B's width: bench/zero3_keep.py, docs/distributed.md). Not lowered: NF4 layers stay
-# gathered whatever the limit (zero3_bytes), and a lower one makes the backward gather them a second time
-ZERO3_LIVE_VALUES = 1_000_000_000
-
 
 def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict:
     """The parts of one process of `cfg.sharding` over `cfg.processes` that replace those of one process (`alone`,
@@ -35,17 +28,14 @@ def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict
 
 def _common(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     """What both engines share: the weights sharded but the NF4 scales (module attributes, not parameters, whole in
-    every process); one decoder layer and the LM head gathered in 16 bits; the optimizer step's temporaries."""
+    every process); one decoder layer gathered in 16 bits."""
     b, n = _Bytes.of(cfg), cfg.processes
     linear = s.linear_shapes(all_linear=True)
     scales = s.layers * sum(i * o for i, o in linear) * (NF4_BYTES_PER_PARAM - 0.5) if cfg.load_in_4bit else 0
     lora = cfg.rank * sum(i + o for i, o in s.linear_shapes(cfg.lora_target == "all-linear"))
-    temp = params["gradients"] if optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda" else 0
     return {
         "weights": (params["weights"] - scales) / n + scales,
         "layer": sum(i * o for i, o in linear) * (0.5 if cfg.load_in_4bit else b.c) + (lora + 2 * s.hidden) * b.c,
-        "head": s.vocab * s.hidden * b.kept,  # a tied head is the embedding's table: gathered at the loss all the same
-        "foreach": temp / n,
     }
 
 
@@ -57,15 +47,17 @@ def fsdp2_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     itself with `DTensor.full_tensor`) beside the last layer prefetched for the backward; at the backward's end the
     embedding with its 16-bit gradient before the reduce-scatter (docs/fsdp_memory_cpu.json)."""
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
+    head = s.vocab * s.hidden * b.kept  # a tied head is the embedding's table: gathered at the loss all the same
     embedding = 0
     if "embed" in cfg.trainable:  # the frozen original and the trained copy gathered, and the copy's 16-bit gradient
         embedding = 3 * s.vocab * s.hidden * b.c + cfg.batch * cfg.context * s.hidden * 4
+    foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda"  # one fp32 copy of them all
     return {
         "weights": common["weights"],
         "trainable_state": params["trainable_state"] / n,
         "gathered": 2 * common["layer"],
-        "gathered_at_loss": common["head"] + common["layer"],
-        "gradients_and_step": params["gradients"] / n + max(embedding, common["foreach"]),
+        "gathered_at_loss": head + common["layer"],
+        "gradients_and_step": params["gradients"] / n + max(embedding, params["gradients"] / n if foreach else 0),
     }
 
 
@@ -76,9 +68,11 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     small ranks) whole in 16 bits; a gradient bucket of hidden x hidden 16-bit values.
 
     Gathered from the loss through the backward: the LM head (TRL's fused loss gathers it and keeps it for its
-    backward), the embedding when the whole model fits ZERO3_LIVE_VALUES (DeepSpeed keeps it from the step before),
-    and the layers. Of 16-bit layers, those DeepSpeed keeps: the most recently used up to ZERO3_LIVE_VALUES (under
-    DeepSpeed's default of 1e9, layers 15-31 of Llama-2-7B's 32, counted by bench/zero3_keep.py). Of NF4 layers,
+    backward), the embedding when the whole model fits --zero3_live_values (DeepSpeed's stage3_max_live_parameters:
+    from a run's second step on, what its prefetcher finds already gathered within that many values ahead in its
+    recorded trace is not released), and the layers. Of 16-bit layers, those DeepSpeed keeps: the most recently used
+    up to that many (under DeepSpeed's default of 1e9, which the shipped JSON leaves, layers 15-31 of Llama-2-7B's
+    32, counted by bench/zero3_keep.py). Of NF4 layers,
     every one: bitsandbytes' MatMul4Bit keeps each layer's gathered codes on its autograd node (`ctx.tensors`, not
     a saved tensor, so neither checkpointing nor DeepSpeed's release frees them), and the backward gathers a layer
     DeepSpeed released again beside them (bench/zero3_memory.py at 2, 4 and 12 layers; FSDP2 frees its buffers by
@@ -87,10 +81,11 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
     trained = params["trainable_params"]
     persistent = sum(k * v for k, v in params["trained_tensors"] if v <= 10 * s.hidden)
-    layer, head = common["layer"] / b.c, s.vocab * s.hidden  # values as DeepSpeed counts them (16-bit elements)
-    by_deepspeed = min(s.layers, max(0, int((ZERO3_LIVE_VALUES - head) // layer)))  # the last ones
-    embedding = s.vocab * s.hidden if head + s.layers * layer + s.vocab * s.hidden <= ZERO3_LIVE_VALUES else 0
-    kept = head + embedding + (s.layers if cfg.load_in_4bit else by_deepspeed) * layer
+    layer, table = common["layer"] / b.c, s.vocab * s.hidden  # values as DeepSpeed counts them (16-bit elements)
+    live = cfg.zero3_live_values
+    by_deepspeed = min(s.layers, max(0, int((live - table) // layer)))  # the last ones, beside the head
+    embedding = table if 2 * table + s.layers * layer <= live else 0  # the head, every layer and the embedding fit
+    kept = table + embedding + (s.layers if cfg.load_in_4bit else by_deepspeed) * layer
     again = (2 - min(2, by_deepspeed)) * layer  # the layer recomputed and the next, gathered unless DeepSpeed kept them
     # the step: an fp32 copy of the gradient partition, and the optimizer's temporaries over the flat fp32 partition
     # (one tensor: CUDA's foreach copies it once, a CPU's single-tensor AdamW CPU_STEP_COPIES times)
