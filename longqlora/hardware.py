@@ -186,6 +186,7 @@ class Launch:
     zero_stage: int | None = None
     whole_state_dict: bool = True  # the engine can gather the whole model for saving (FULL_STATE_DICT, 16-bit save)
     mixed_precision: str = "no"  # what accelerate launch set: no, bf16 or fp16
+    zero3_live_values: int = 1_000_000_000  # stage3_max_live_parameters: DeepSpeed's default unless its JSON sets it
 
     @property
     def main(self) -> bool:
@@ -201,6 +202,31 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def _zero3_live_values(zero: dict, config_file: str) -> int:
+    """What DeepSpeed keeps gathered, as the memory plan counts it (plan_sharding.zero3_bytes): the JSON's
+    stage3_max_live_parameters, else DeepSpeed's default. The plan was measured with stage3_max_reuse_distance
+    equal to it (as DeepSpeed's defaults are); a JSON that sets them apart is planned with the live limit, said once."""
+    default = Launch.zero3_live_values
+    live, reuse = (zero.get(k, default) for k in ("stage3_max_live_parameters", "stage3_max_reuse_distance"))
+    if not all(isinstance(v, (int, float)) for v in (live, reuse)):
+        return default  # "auto" or a typo: DeepSpeed itself refuses what it cannot read
+    if int(live) != int(reuse):
+        _warn_apart(config_file, int(live), int(reuse))
+    return int(live)
+
+
+@functools.cache  # launch() is read many times in a run: say it once
+def _warn_apart(config_file: str, live: int, reuse: int) -> None:
+    logger.warning(
+        "%s: stage3_max_live_parameters %d and stage3_max_reuse_distance %d differ; the memory plan counts what "
+        "DeepSpeed keeps with both at %d (measured only with them equal)",
+        config_file,
+        live,
+        reuse,
+        live,
+    )
+
+
 def launch() -> Launch:
     """This process's launch, read from the environment that torchrun and `accelerate launch` set."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -211,7 +237,7 @@ def launch() -> Launch:
             os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"),
             _flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
         )
-        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        config_file, live = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), Launch.zero3_live_values
         if config_file and os.path.isfile(config_file):  # a DeepSpeed JSON instead of the accelerate keys
             import json
 
@@ -219,8 +245,9 @@ def launch() -> Launch:
                 zero = json.load(f).get("zero_optimization", {})
             stage = str(zero.get("stage", stage))
             whole = bool(zero.get("stage3_gather_16bit_weights_on_model_save", whole))
+            live = _zero3_live_values(zero, config_file)
         stage = int(stage) if stage and str(stage).isdigit() else None
-        return Launch(world, rank, local, "deepspeed", stage, whole or stage != 3, precision)
+        return Launch(world, rank, local, "deepspeed", stage, whole or stage != 3, precision, live)
     if _flag("ACCELERATE_USE_FSDP"):
         engine = "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
         # Unset, accelerate's FullyShardedDataParallelPlugin takes FULL for FSDP1 and SHARDED for FSDP2.

@@ -865,6 +865,37 @@ def test_the_sharded_plan_against_every_measured_process(record_name, sharding, 
     assert (planned["sharding"], planned["processes"]) == (sharding, 4)
 
 
+def test_a_zero3_run_plans_its_own_deepspeed_json_live_limit(tmp_path, monkeypatch, caplog):
+    """A run launched with a DeepSpeed JSON that lowers stage3_max_live_parameters plans with that limit, not
+    DeepSpeed's default: at 1e8 no layer of Llama-2-7B stays gathered, so the recomputed layer and the next are
+    gathered again in the backward (2 x 2 NF4-sized layers of 16-bit values more). A JSON whose reuse distance
+    differs from it (one left at DeepSpeed's default) is planned with the live limit and says so once."""
+    from longqlora import hardware
+    from longqlora.training.plan_config import memory_plan
+
+    training = run_training(per_device_train_batch_size=1, offload_activations="off", tiled_mlp="off")
+    run_cfg = ModelConfig(model_name_or_path="llama-2-7b", target_context=8192)
+    launched = {"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    for key, value in launched.items():
+        monkeypatch.setenv(key, value)
+    shipped = memory_plan(LLAMA2_7B, run_cfg, training, "bfloat16")
+    config = tmp_path / "zero3.json"
+    both = {"stage": 3, "stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8}
+    config.write_text(json.dumps({"zero_optimization": both}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert (hardware.launch().zero3_live_values, PlanConfig.zero3_live_values) == (100_000_000, 1_000_000_000)
+    lower = memory_plan(LLAMA2_7B, run_cfg, training, "bfloat16")
+    h, lora = 4096, 8 * 4 * 2 * 4096 + 2 * 4096
+    layer = (4 * h * h + 3 * h * 11008) / 4 + lora
+    recompute = (lower["parts_gib"]["layer_recompute"] - shipped["parts_gib"]["layer_recompute"]) * GIB
+    assert recompute == pytest.approx(2 * 2 * layer)
+    assert "differ" not in caplog.text
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e8}}))
+    with caplog.at_level("WARNING", logger="longqlora.hardware"):
+        assert hardware.launch().zero3_live_values == hardware.launch().zero3_live_values == 100_000_000
+    assert caplog.text.count("stage3_max_reuse_distance 1000000000 differ") == 1
+
+
 def test_zero3_keeps_what_bench_zero3_keep_counted():
     """docs/zero3_keep_cpu.json (bench/zero3_keep.py at Llama-2-7B's width): the parameters DeepSpeed still holds
     gathered at the loss are the head and the last layers that fit the live-parameter limit with it, the embedding

@@ -229,6 +229,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         context_parallel=model_cfg.context_parallel,
         processes=1 if launched.engine in ("none", "fsdp1") else launched.world_size,
         sharding=SHARDING.get(launched.engine, "none") if launched.world_size > 1 else "none",
+        zero3_live_values=launched.zero3_live_values,
         batch=training.per_device_train_batch_size,
         rank=model_cfg.lora_r,
         lora_target=plan_lora_target(model_cfg.lora_target),
