@@ -196,6 +196,21 @@ def test_longest_context_is_the_fitting_boundary():
     assert more > n
 
 
+@pytest.mark.parametrize("host", [None, 32, 128])
+@pytest.mark.parametrize("name, gpu", [("llama-3.1-8b", "4090-24gb"), ("llama-2-70b", "h100-80gb")])
+def test_the_bisection_finds_what_a_scan_of_every_context_finds(name, gpu, host):
+    """longest_context bisects, which is right only if `fits` falls once: a scan of every 1024-token context up to
+    2M finds the same longest, whether the pinned host memory bounds the offloaded layers (their blocks round to
+    powers of two, so the count drops at each doubling) or not."""
+    from dataclasses import replace
+
+    config = preset_config(name)
+    cfg = PlanConfig(model=name, context=8192, trainable_params="", gpu=gpu, host_memory=host, offload=True,
+                     tiled_mlp=True)  # fmt: skip
+    fitting = [n for n in range(1024, (1 << 21) + 1, 1024) if plan(config, replace(cfg, context=n))["fits"]]
+    assert longest_context(config, cfg, limit=1 << 21) == max(fitting, default=0) > 0
+
+
 def test_when_the_host_is_short_the_checkpoints_stay_on_the_gpu(capsys):
     """The H200 point: Llama-3.1-8B at 262,144 tokens trained with its checkpoints on the GPU (89.4 GiB measured),
     while offloading all of them would pin 64 GiB, more than a 62 GiB host allows: plan offloads the first 31 layers
