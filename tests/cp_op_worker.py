@@ -61,6 +61,33 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
     return name, diffs
 
 
+def order(cp) -> dict:
+    """What cp_attention does, in order, on plain rows and on packed ones: which heads it computes (`heads`) before
+    and after it waits for the borrowed keys and values."""
+    import longqlora.attention.context_parallel as module
+
+    events, compute, wait = [], module.s2_attention, module.finish
+
+    def recorded(*args, heads="all", **kwargs):
+        events.append(heads)
+        return compute(*args, heads=heads, **kwargs)
+
+    def waited(pending):
+        events.append("wait")
+        wait(pending)
+
+    module.s2_attention, module.finish = recorded, waited
+    try:
+        got = {}
+        for name, positions, group in (("plain", None, 24), ("packed", packed_positions(48 * cp.size, [0, 30]), 24)):
+            events.clear()
+            case(name, cp, b=1, h=6, h_kv=2, n=48 * cp.size, d=8, group=group, positions=positions)
+            got[name] = list(events)
+    finally:
+        module.s2_attention, module.finish = compute, wait
+    return got
+
+
 def main(out_dir: str):
     dist.init_process_group("gloo")
     cp = new_group(dist.get_world_size())
@@ -104,6 +131,7 @@ def main(out_dir: str):
         ]
     )
     Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    Path(out_dir, f"order{dist.get_rank()}.json").write_text(json.dumps(order(cp)))
     dist.destroy_process_group()
 
 

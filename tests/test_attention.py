@@ -180,6 +180,38 @@ def test_gradients_flow_and_match_reference():
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("h,h_kv", [(6, 2), (5, 5), (4, 1)])
+def test_one_half_of_the_heads_equals_its_rows_of_all(h, h_kv, monkeypatch):
+    """heads="plain" / "shifted" (context parallelism's overlap) compute only those heads, their rows equal to the
+    whole op's, packed rows included; anything else is refused."""
+    from longqlora.attention import kernels
+
+    computed = []
+
+    def counted(kernel):
+        def run(out, *args, **kwargs):
+            computed.append(out.shape[1])  # the heads it writes
+            return kernel(out, *args, **kwargs)
+
+        return run
+
+    for name in ("sdpa_groups", "sdpa_banded"):
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
+    q, k, v = rand_qkv(1, h, h_kv, 40, seed=7)
+    pos = torch.cat([torch.arange(17), torch.arange(23)]).unsqueeze(0)
+    split = head_split(h, 0.0)[2][0]
+    for positions in (None, pos):
+        whole = s2_attention(q, k, v, 8, position_ids=positions)
+        plain = s2_attention(q, k, v, 8, position_ids=positions, heads="plain")
+        shifted = s2_attention(q, k, v, 8, position_ids=positions, heads="shifted")
+        torch.testing.assert_close(plain[:, :split], whole[:, :split], atol=0, rtol=0)
+        torch.testing.assert_close(shifted[:, split:], whole[:, split:], atol=0, rtol=0)
+        assert computed == [split, h - split, split, h - split]  # the heads each call ran, and no more
+        computed.clear()
+    with pytest.raises(ValueError, match="heads 'full'"):
+        s2_attention(q, k, v, 8, heads="full")
+
+
 def test_bad_arguments():
     q, k, v = rand_qkv(1, 4, 3, 8)
     with pytest.raises(ValueError, match="multiple"):

@@ -31,7 +31,8 @@ def test_context_parallel_op_equals_single_process(tmp_path):
     """Each of 3 ranks holds a third of the sequence; output and q/k/v gradients equal the single-process op (float64)
     for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents,
     right padding, and left padding that ends in a chunk's borrowed tail while the next chunk, with no padding of
-    its own, gets no mask; without the borrowed tokens they would not."""
+    its own, gets no mask; without the borrowed tokens they would not. The forward computes what needs nothing
+    borrowed while the borrowed keys and values are in flight."""
     done = subprocess.run(
         [*BENCH.torchrun(3), "tests/cp_op_worker.py", str(tmp_path)],
         cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=120,
@@ -52,6 +53,13 @@ def test_context_parallel_op_equals_single_process(tmp_path):
         assert (plain["halo_tokens"], plain["shifted_heads_only"]) == (24, True)
         packed = cases["packed documents, one starting on a chunk boundary"]
         assert (packed["halo_tokens"], packed["shifted_heads_only"]) == (32, False)
+        # The transfer overlaps what needs nothing borrowed: the first rank's every head, on plain rows every
+        # rank's unshifted heads; packed rows wait first (every head may need the previous rank's keys).
+        order = json.loads((tmp_path / f"order{rank}.json").read_text())
+        if rank == 0:
+            assert order == {"plain": ["all", "wait"], "packed": ["all", "wait"]}
+        else:
+            assert order == {"plain": ["plain", "wait", "shifted"], "packed": ["wait", "all"]}
 
 
 # ------------------------------------------------------------------------------------ recipes, 1 and 2 processes

@@ -11,7 +11,10 @@ rank, and Ulysses all-to-alls the whole sequence per layer; this moves one half 
 How: `halo` (an autograd function) sends a rank's last tokens of K/V to the next rank and, in the backward, their
 gradient back; `cp_attention` puts the received tokens before the local ones, zero queries in front of the local
 queries, and runs the ordinary `s2_attention` on that with the position ids counted as document indices; the outputs
-of the borrowed tokens are dropped (their gradients are zero, so nothing flows back through them twice). Every rank
+of the borrowed tokens are dropped (their gradients are zero, so nothing flows back through them twice). The
+forward's transfer overlaps compute: it is posted, the heads that need nothing borrowed (on plain rows the
+unshifted half; on the first rank all) run on the chunk alone, and only then does the rank wait for it. The
+backward's transfer of the gradient is waited for where autograd reaches it. Every rank
 of a group runs the same layers in the same order (recomputed layers too), so the point-to-point pairs always match.
 """
 
@@ -63,9 +66,12 @@ def new_group(size: int) -> CPGroup:
     return mine
 
 
-def _exchange(cp: CPGroup, send: torch.Tensor | None, to: int | None, recv: torch.Tensor, frm: int | None) -> None:
+def _exchange(
+    cp: CPGroup, send: torch.Tensor | None, to: int | None, recv: torch.Tensor, frm: int | None, pending=None
+) -> None:
     """Send `send` to global rank `to` and receive `recv` from `frm` (either may be None), as one batch so that
-    neighbours never wait on each other in the wrong order."""
+    neighbours never wait on each other in the wrong order. With a `pending` list the transfers are only posted:
+    their works (and the tensors they read) go into it for `finish`."""
     import torch.distributed as dist
 
     ops = []
@@ -73,21 +79,33 @@ def _exchange(cp: CPGroup, send: torch.Tensor | None, to: int | None, recv: torc
         ops.append(dist.P2POp(dist.isend, send, to, group=cp.group))
     if frm is not None:
         ops.append(dist.P2POp(dist.irecv, recv, frm, group=cp.group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if pending is not None:
+        pending.extend([*works, send, recv])
+        return
+    for work in works:
+        work.wait()
+
+
+def finish(pending: list) -> None:
+    """Wait for the transfers that `_exchange` posted into `pending`."""
+    for work in pending:
+        if not isinstance(work, torch.Tensor):
             work.wait()
+    pending.clear()
 
 
 class _Halo(torch.autograd.Function):
-    """tail (this rank's last T tokens, any shape) -> the previous rank's tail (zeros on the first rank); the
-    backward returns to each rank the gradient that the next rank computed for its tail."""
+    """tail (this rank's last T tokens, any shape) -> the previous rank's tail (zeros on the first rank), posted
+    only: read it after `finish(pending)`. The backward returns to each rank the gradient that the next rank computed
+    for its tail (waited for there: autograd needs the gradient when the node returns)."""
 
     @staticmethod
-    def forward(ctx, tail, cp):
+    def forward(ctx, tail, cp, pending):
         ctx.cp = cp
         tail = tail.contiguous()
         received = torch.zeros_like(tail)
-        _exchange(cp, tail, cp.next, received, cp.prev)
+        _exchange(cp, tail, cp.next, received, cp.prev, pending)
         return received
 
     @staticmethod
@@ -95,12 +113,13 @@ class _Halo(torch.autograd.Function):
         cp = ctx.cp
         back = torch.zeros_like(grad)
         _exchange(cp, grad.contiguous(), cp.prev, back, cp.next)
-        return back, None
+        return back, None, None
 
 
-def halo(tail: torch.Tensor, cp: CPGroup) -> torch.Tensor:
-    """The previous rank's `tail` (differentiable; zeros on the first rank of the group)."""
-    return _Halo.apply(tail, cp)
+def halo(tail: torch.Tensor, cp: CPGroup, pending: list) -> torch.Tensor:
+    """The previous rank's `tail` (differentiable; zeros on the first rank of the group), in flight until
+    `finish(pending)`."""
+    return _Halo.apply(tail, cp, pending)
 
 
 def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, group: int, cp: CPGroup, b: int):
@@ -161,15 +180,20 @@ def cp_attention(
     # Plain rows: only the key/value heads that the shifted query heads read come over.
     kv0 = head_split(h, 0.0)[2][0] // (h // h_kv) if shifted_only else 0
     tail = torch.stack([key[:, kv0:, c - tokens :], value[:, kv0:, c - tokens :]])  # (2, B, H_kv - kv0, T, D)
-    received = halo(tail, cp)  # the previous rank's last T tokens
-    if cp.prev is None:
-        out = s2_attention(
+    pending = []
+    received = halo(tail, cp, pending)  # the previous rank's last T tokens, in flight
+    if cp.prev is None or shifted_only:
+        # What needs nothing borrowed runs while the halo is in flight: the first rank's every head; on plain rows
+        # every rank's unshifted heads, whose segments end inside the chunk.
+        local = s2_attention(
             query, key, value, group_size, position_ids=position_ids, attention_mask=attention_mask,
-            indexed_positions=True, **options,
+            indexed_positions=True, heads="all" if cp.prev is None else "plain", **options,
         )  # fmt: skip
+    finish(pending)
+    if cp.prev is None:
         # The first rank uses nothing it received, but its backward must still take the next rank's gradient
         # for its tail: tie the halo into the graph with weight zero.
-        return out + 0.0 * received.sum()
+        return local + 0.0 * received.sum()
     if kv0:
         received = torch.cat([received.new_zeros(2, b, kv0, tokens, d), received], dim=2)
     k_ext = torch.cat([received[0], key], dim=2)  # (B, H_kv, T + C, D)
@@ -177,6 +201,10 @@ def cp_attention(
     q_ext = torch.cat([query.new_zeros(b, h, tokens, d), query], dim=2)  # (B, H, T + C, D); borrowed rows dropped
     out = s2_attention(
         q_ext, k_ext, v_ext, group_size, position_ids=ext_pos, attention_mask=ext_mask, indexed_positions=True,
-        **options,
-    )  # fmt: skip
-    return out[:, :, tokens:]
+        heads="shifted" if shifted_only else "all", **options,
+    )[:, :, tokens:]  # fmt: skip
+    if not shifted_only:
+        return out
+    split = head_split(h, 0.0)[2][0]  # the first shifted head
+    # joined in (B, C, H, D), the layout o_proj reads, as s2_attention returns it
+    return torch.cat([local.transpose(1, 2)[:, :, :split], out.transpose(1, 2)[:, :, split:]], dim=2).transpose(1, 2)

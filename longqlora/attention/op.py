@@ -46,6 +46,7 @@ def s2_attention(
     sink_tokens: int = 0,
     full_heads: float = 0.0,
     indexed_positions: bool = False,
+    heads: str = "all",
 ) -> torch.Tensor:
     """Causal S2-Attn. query (B, H, N, D); key/value (B, H_kv, N, D) with H % H_kv == 0; returns (B, H, N, D).
 
@@ -56,6 +57,8 @@ def s2_attention(
     whatever the backend; the rolled shift needs plain positions, no padding and N divisible by G.
     indexed_positions: position_ids are each token's index in its document and a row may begin inside one
     (context_parallel.py); sinks and the rolled shift do not take it.
+    heads: "all", or only the "plain" or the "shifted" heads (context_parallel.py computes the first while the
+    second's borrowed keys are in flight); the other heads' rows of the output are left unwritten.
     """
     b, h, n, d = query.shape
     if key.shape != value.shape or key.shape[0] != b or key.shape[2] != n or key.shape[3] != d:
@@ -69,6 +72,8 @@ def s2_attention(
     backend = _check_backend(backend, query)
     scale = d**-0.5 if scale is None else scale
     check_variant(shift, sink_tokens, full_heads)
+    if heads not in ("all", "plain", "shifted"):
+        raise ValueError(f"s2_attention: heads {heads!r}: all, plain or shifted")
 
     # once per forward, not per layer
     rows = s2_layout.build(position_ids, attention_mask, b, n, query.device, indexed=indexed_positions)
@@ -86,7 +91,7 @@ def s2_attention(
     # the masked fallbacks do not end on the math kernel (on the CPU SDPA takes both).
     masked_gqa = sdpa_gqa and query.device.type != "cuda"
     for h0, h1, kind in head_split(h, full_heads):
-        if h0 == h1:
+        if h0 == h1 or heads not in ("all", kind):
             continue
         q = query[:, h0:h1]
         step = 0 if kind == "plain" else group // 2
