@@ -58,6 +58,8 @@ def test_llama2_7b_parts_by_hand():
     assert p["parts_gib"]["loss"] == pytest.approx((8192 * (2 * h + h * (2 + 4 + 2 + 2)) + LOSS_TILES * tile) / GIB)
     assert p["parts_gib"]["gradients_and_step"] == pytest.approx((4 * trainable + 8192 * h * 4) / GIB)
     persistent = p["parts_gib"]["weights"] + p["parts_gib"]["trainable_state"]
+    # the step alone: every gradient, and no temporaries from the paged optimizer (the backward's end is larger)
+    assert p["phase_peaks_gib"]["step"] == pytest.approx(persistent + 4 * trainable / GIB)
     assert p["peak_allocated_gib"] == pytest.approx(
         max(
             persistent + p["parts_gib"]["checkpoints"] + max(p["parts_gib"]["layer_recompute"], p["parts_gib"]["loss"]),

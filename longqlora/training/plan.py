@@ -293,10 +293,12 @@ def plan(config, cfg: PlanConfig) -> dict:
         "loss": loss_bytes(s, local),
         "gradients_and_step": step_bytes(s, local, params),
     }
+    step = params["gradients"] + step_temporary_bytes(local, params)  # the optimizer step alone
     if cfg.sharding != "none":  # FSDP2 or ZeRO-3: the parts the engine shards, gathers or buckets, replaced
         from longqlora.training.plan_sharding import sharded_parts  # its terms build on this module's
 
-        parts.update(sharded_parts(s, local, params, parts))
+        sharded, step = sharded_parts(s, local, params, parts)
+        parts.update(sharded)
     elif cfg.processes > 1:  # DDP's buckets: a second fp32 copy of every trained gradient (measured)
         parts["ddp_buckets"] = ddp_bucket_bytes(params)
     persistent = (
@@ -317,8 +319,9 @@ def plan(config, cfg: PlanConfig) -> dict:
         "trainable_params": params["trainable_params"],
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "peak_allocated_gib": peak / GIB,
-        # the peak's two candidates: the backward (its first layer recomputed, or the loss) and the optimizer step
-        "phase_peaks_gib": {"backward": backward / GIB, "step": (persistent + parts["gradients_and_step"]) / GIB},
+        # the backward's start (its first layer recomputed, or the loss) and the optimizer step alone; the peak's
+        # other candidate, the gradients with the larger of the backward's end and the step, is in parts_gib
+        "phase_peaks_gib": {"backward": backward / GIB, "step": (persistent + step) / GIB},
         "overhead_gib": overhead / GIB,
         "device_need_gib": (peak + overhead) / GIB,
         "device_gib": cfg.device_gib,

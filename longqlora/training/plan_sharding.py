@@ -6,13 +6,20 @@ bench/zero3_memory.py (docs/distributed.md)."""
 from __future__ import annotations
 
 from longqlora.training.optimizer import FOREACH_TEMPORARIES, optimizer_name
-from longqlora.training.plan import CPU_STEP_COPIES, NF4_BYTES_PER_PARAM, PlanConfig, Shapes, _Bytes
+from longqlora.training.plan import (
+    CPU_STEP_COPIES,
+    NF4_BYTES_PER_PARAM,
+    PlanConfig,
+    Shapes,
+    _Bytes,
+    step_temporary_bytes,
+)
 
 
-def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict:
+def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> tuple[dict, float]:
     """The parts of one process of `cfg.sharding` over `cfg.processes` that replace those of one process (`alone`,
     training/plan.py): resident parts sharded, the gathered parameters added to a layer's and the loss's working
-    set, and ZeRO-3's gradient bucket."""
+    set, and ZeRO-3's gradient bucket; and what the optimizer step holds beyond the resident parts."""
     engine = fsdp2_bytes(s, cfg, params) if cfg.sharding == "fsdp2" else zero3_bytes(s, cfg, params)
     parts = {
         "weights": engine["weights"],
@@ -23,7 +30,7 @@ def sharded_parts(s: Shapes, cfg: PlanConfig, params: dict, alone: dict) -> dict
     }
     if engine.get("bucket"):
         parts["zero3_bucket"] = engine["bucket"]
-    return parts
+    return parts, engine["step"]
 
 
 def _common(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
@@ -45,19 +52,21 @@ def fsdp2_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     gradients sharded. Gathered while in use: a layer recomputed and the next one prefetched in the backward; at the
     loss the LM head whole (by its unit for the plain loss; TRL's fused head, which never calls the head, gathers it
     itself with `DTensor.full_tensor`) beside the last layer prefetched for the backward; at the backward's end the
-    embedding with its 16-bit gradient before the reduce-scatter (docs/fsdp_memory_cpu.json)."""
+    embedding with its 16-bit gradient before the reduce-scatter (docs/fsdp_memory_cpu.json). The optimizer step
+    runs on the shards: the gradients' and its temporaries' share (training/plan.step_temporary_bytes)."""
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
     head = s.vocab * s.hidden * b.kept  # a tied head is the embedding's table: gathered at the loss all the same
     embedding = 0
     if "embed" in cfg.trainable:  # the frozen original and the trained copy gathered, and the copy's 16-bit gradient
         embedding = 3 * s.vocab * s.hidden * b.c + cfg.batch * cfg.context * s.hidden * 4
-    foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES and cfg.device == "cuda"  # one fp32 copy of them all
+    temporaries = step_temporary_bytes(cfg, params) / n  # FSDP2 shards every trained tensor's first dimension
     return {
         "weights": common["weights"],
         "trainable_state": params["trainable_state"] / n,
         "gathered": 2 * common["layer"],
         "gathered_at_loss": head + common["layer"],
-        "gradients_and_step": params["gradients"] / n + max(embedding, params["gradients"] / n if foreach else 0),
+        "gradients_and_step": params["gradients"] / n + max(embedding, temporaries),
+        "step": params["gradients"] / n + temporaries,
     }
 
 
@@ -91,11 +100,13 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     # (one tensor: CUDA's foreach copies it once, a CPU's single-tensor AdamW CPU_STEP_COPIES times)
     foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES
     step = 4 * trained / n * (1 + (CPU_STEP_COPIES if cfg.device == "cpu" else 1) * foreach)
+    step += s.layers * layer * b.c if cfg.load_in_4bit else 0
     return {
         "weights": common["weights"],
         "trainable_state": (params["trainable_state"] + 2 * b.c * trained) / n + persistent * b.c,
         "bucket": s.hidden * s.hidden * b.c,
         "gathered": (kept + again) * b.c,
         "gathered_at_loss": kept * b.c,
-        "gradients_and_step": step + (s.layers * layer * b.c if cfg.load_in_4bit else 0),
+        "gradients_and_step": step,
+        "step": step,
     }
