@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from longqlora import hardware
 from longqlora.config_file import parse_with_config
 from longqlora.errors import INTERRUPTED_EXIT, Interrupted, input_error_types, one_line
 
@@ -52,6 +53,7 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
 
     setup_logging()
     with one_line_errors():
+        hardware.launch()  # first: accelerate parses the launch's DeepSpeed JSON inside SFTConfig without naming it
         parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         run = resolve(model_cfg, data_cfg, run_cfg, training)

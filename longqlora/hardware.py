@@ -242,7 +242,18 @@ def launch() -> Launch:
             import json
 
             with open(config_file) as f:
-                zero = json.load(f).get("zero_optimization", {})
+                try:
+                    zero = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{config_file} (accelerate's deepspeed_config_file): not valid JSON: {e}; fix the file"
+                    ) from None
+            zero = zero.get("zero_optimization", {}) if isinstance(zero, dict) else None
+            if not isinstance(zero, dict):
+                raise ValueError(
+                    f"{config_file} (accelerate's deepspeed_config_file): needs a JSON object with a "
+                    '"zero_optimization" object, as configs/accelerate/deepspeed_zero3.json has'
+                )
             stage = str(zero.get("stage", stage))
             whole = bool(zero.get("stage3_gather_16bit_weights_on_model_save", whole))
             live = _zero3_live_values(zero, config_file)

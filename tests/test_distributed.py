@@ -479,6 +479,33 @@ def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):
     assert (run.engine, run.zero_stage, run.whole_state_dict) == ("deepspeed", 3, False)
 
 
+@pytest.mark.parametrize("text", ['{"zero_optimization": {"stage": 3,}', '["stage", 3]', '{"zero_optimization": 3}'])
+def test_a_malformed_deepspeed_json_is_named_in_one_line(text, tmp_path, monkeypatch):
+    """A DeepSpeed JSON that does not parse, or holds no zero_optimization object, is refused naming the file."""
+    config = tmp_path / "ds.json"
+    config.write_text(text)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    with pytest.raises(ValueError, match="deepspeed_config_file") as refused:
+        launch()
+    assert str(config) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_recipe_names_a_malformed_deepspeed_json_before_accelerate_reads_it(tmp_path):
+    """accelerate parses the launch's DeepSpeed JSON while the recipe's SFTConfig is built, and its error names no
+    file: the recipe reads the launch first and ends on one line naming it (exit 2, no traceback)."""
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 3,}')
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+    done = subprocess.run(
+        [sys.executable, "recipes/extend_7b_8k.py", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert str(config) in last and "not valid JSON" in last
+
+
 def test_supported_launches_pass():
     for run, model in [
         (Launch(1, 0, 0, "none"), {}),
