@@ -238,7 +238,12 @@ def launch() -> Launch:
             _flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
         )
         config_file, live = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), Launch.zero3_live_values
-        if config_file and os.path.isfile(config_file):  # a DeepSpeed JSON instead of the accelerate keys
+        if config_file and not os.path.isfile(config_file):
+            raise ValueError(
+                f"{config_file} (accelerate's deepspeed_config_file): no such file here; launch from the "
+                "repository's root (deepspeed_zero3.yaml names its JSON relative to it) or give the JSON's full path"
+            )
+        if config_file:  # a DeepSpeed JSON instead of the accelerate keys
             import json
 
             with open(config_file) as f:
