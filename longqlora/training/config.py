@@ -108,6 +108,7 @@ class TrainingConfig(SFTConfig):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
         check_offload_layers(self.offload_layers)
+        _check_numbers(self)
 
     @property
     def optim_name(self) -> str:
@@ -147,6 +148,24 @@ def check_offload_layers(value: int | None) -> None:
     """--offload_layers: unset (every layer) or a number of decoder layers (training and the memory bench)."""
     if value is not None and value < 0:
         raise ValueError(f"--offload_layers {value}: must be 0 or more decoder layers (unset: all)")
+
+
+def _check_numbers(training) -> None:
+    """TrainingArguments' numbers that transformers takes without a check, to fail later (a division by zero, a
+    seed refused after the data loaded) or to train wrong (a negative learning rate ascends the loss, a negative
+    weight decay grows the weights, --save_steps 0 saves no checkpoint to resume from)."""
+    rules = [
+        ("learning_rate", training.learning_rate > 0, "must be positive, e.g. 2e-4"),
+        ("per_device_train_batch_size", training.per_device_train_batch_size >= 1, "must be at least 1"),
+        ("gradient_accumulation_steps", training.gradient_accumulation_steps >= 1, "must be at least 1"),
+        ("weight_decay", training.weight_decay >= 0, "must be 0 or more"),
+        ("seed", 0 <= training.seed < 2**32, "must be in [0, 2**32)"),
+    ]
+    if str(getattr(training.save_strategy, "value", training.save_strategy)) == "steps":
+        rules.append(("save_steps", training.save_steps > 0, "must be positive (or --save_strategy no)"))
+    for flag, ok, fix in rules:
+        if not ok:
+            raise ValueError(f"--{flag} {getattr(training, flag)}: {fix}")
 
 
 def _check_reporting(report_to) -> None:
