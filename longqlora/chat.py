@@ -52,6 +52,8 @@ class ChatConfig(LoaderArgs):
             raise ValueError(f"--temperature must be >= 0 (0 decodes greedily), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], e.g. 0.9, got {self.top_p}")
+        if not 0 <= self.seed < 2**32:  # transformers' set_seed would refuse it naming no flag
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"--repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
         if self.prompt is not None and not self.prompt.strip():

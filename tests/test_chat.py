@@ -247,6 +247,7 @@ def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkey
         ({"model": "x", "temperature": -1}, "--temperature"),
         ({"model": "x", "top_p": 0}, "--top_p"),
         ({"model": "x", "max_new_tokens": 0}, "--max_new_tokens"),
+        ({"model": "x", "seed": -1}, "--seed"),
         ({"model": "x", "prompt": " "}, "--prompt"),
     ]:
         with pytest.raises(ValueError) as err:
