@@ -37,6 +37,10 @@ class ScriptArguments:
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"--max_length {self.max_length}: must be a positive number of tokens, e.g. 8192")
+
 
 def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
