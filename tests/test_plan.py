@@ -813,7 +813,12 @@ def test_fsdp2_plans_one_process_of_the_shards():
     kw = dict(model="llama-2-70b", context=32768, trainable_params="", offload=True, tiled_mlp=True)
     assert plan(seventy, PlanConfig(**kw, processes=8, sharding="fsdp2", gpu="4090-24gb"))["fits"]
     assert not plan(seventy, PlanConfig(**kw, gpu="4090-24gb"))["fits"]
-    for flags, flag in (({"sharding": "fsdp2"}, "--sharding fsdp2"), ({"sharding": "zero3"}, "--sharding")):
+    refused = (
+        ({"sharding": "fsdp2"}, "--sharding fsdp2"),
+        ({"sharding": "zero3"}, "--sharding"),
+        ({"sharding": "zero3", "processes": 2, "zero3_live_values": -1}, "--zero3_live_values -1"),
+    )
+    for flags, flag in refused:
         with pytest.raises(ValueError, match=flag):
             PlanConfig(model="m", context=8192, **flags)
 

@@ -144,6 +144,10 @@ class PlanConfig:
             raise ValueError(
                 f"--sharding {self.sharding}: shards over --processes N; pass the launch's process count, 2 or more"
             )
+        if self.zero3_live_values < 0:
+            raise ValueError(
+                f"--zero3_live_values {self.zero3_live_values}: a number of parameters, 0 or more (DeepSpeed's 1e9)"
+            )
         if self.sharding != "none" and optimizer_name(self.optim).startswith("paged_"):
             self.optim = "adamw"  # what a run under FSDP2 trains with (training/run.py: no paged state on shards)
         if self.context % self.context_parallel:
