@@ -202,17 +202,49 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def _deepspeed_zero(config_file: str) -> dict:
+    """The `zero_optimization` object of the DeepSpeed JSON that accelerate launch was given, read before accelerate
+    reads it inside SFTConfig, where a bad file ends in an error naming no file."""
+    import json
+
+    where = f"{config_file} (accelerate's deepspeed_config_file)"
+    if not os.path.isfile(config_file):
+        raise ValueError(
+            f"{where}: no such file here; launch from the repository's root (deepspeed_zero3.yaml names its JSON "
+            "relative to it) or give the JSON's full path"
+        )
+    with open(config_file) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}; fix the file") from None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    if not isinstance(zero, dict):
+        raise ValueError(
+            f'{where}: needs a JSON object with a "zero_optimization" object (stage 3), as '
+            "configs/accelerate/deepspeed_zero3.json has"
+        )
+    return zero
+
+
 def _zero3_live_values(zero: dict, config_file: str) -> int:
     """What DeepSpeed keeps gathered, as the memory plan counts it (plan_sharding.zero3_bytes): the JSON's
-    stage3_max_live_parameters, else DeepSpeed's default. The plan was measured with stage3_max_reuse_distance
-    equal to it (as DeepSpeed's defaults are); a JSON that sets them apart is planned with the live limit, said once."""
+    stage3_max_live_parameters (a number, or a string of one, as DeepSpeed reads it), else DeepSpeed's default. The
+    plan was measured with stage3_max_reuse_distance equal to it (as DeepSpeed's defaults are); a JSON that sets
+    them apart is planned with the live limit, said once."""
     default = Launch.zero3_live_values
-    live, reuse = (zero.get(k, default) for k in ("stage3_max_live_parameters", "stage3_max_reuse_distance"))
-    if not all(isinstance(v, (int, float)) for v in (live, reuse)):
-        return default  # "auto" or a typo: DeepSpeed itself refuses what it cannot read
-    if int(live) != int(reuse):
-        _warn_apart(config_file, int(live), int(reuse))
-    return int(live)
+    limits = []
+    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        try:
+            limits.append(int(float(zero.get(key, default))))
+        except (TypeError, ValueError):  # "auto" or a typo: DeepSpeed itself refuses it when it starts
+            limits.append(default)
+    live, reuse = limits
+    if live < 0:
+        raise ValueError(f"{config_file}: stage3_max_live_parameters {live}: must be 0 or more (DeepSpeed's 1e9)")
+    if live != reuse:
+        _warn_apart(config_file, live, reuse)
+    return live
 
 
 @functools.cache  # launch() is read many times in a run: say it once
@@ -238,27 +270,8 @@ def launch() -> Launch:
             _flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
         )
         config_file, live = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), Launch.zero3_live_values
-        if config_file and not os.path.isfile(config_file):
-            raise ValueError(
-                f"{config_file} (accelerate's deepspeed_config_file): no such file here; launch from the "
-                "repository's root (deepspeed_zero3.yaml names its JSON relative to it) or give the JSON's full path"
-            )
-        if config_file:  # a DeepSpeed JSON instead of the accelerate keys
-            import json
-
-            with open(config_file) as f:
-                try:
-                    zero = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"{config_file} (accelerate's deepspeed_config_file): not valid JSON: {e}; fix the file"
-                    ) from None
-            zero = zero.get("zero_optimization", {}) if isinstance(zero, dict) else None
-            if not isinstance(zero, dict):
-                raise ValueError(
-                    f"{config_file} (accelerate's deepspeed_config_file): needs a JSON object with a "
-                    '"zero_optimization" object, as configs/accelerate/deepspeed_zero3.json has'
-                )
+        if config_file and config_file != "none":  # a DeepSpeed JSON instead of the accelerate keys ("none": not)
+            zero = _deepspeed_zero(config_file)
             stage = str(zero.get("stage", stage))
             whole = bool(zero.get("stage3_gather_16bit_weights_on_model_save", whole))
             live = _zero3_live_values(zero, config_file)

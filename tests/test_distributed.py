@@ -54,7 +54,8 @@ def test_context_parallel_op_equals_single_process(tmp_path):
         packed = cases["packed documents, one starting on a chunk boundary"]
         assert (packed["halo_tokens"], packed["shifted_heads_only"]) == (32, False)
         # The transfer overlaps what needs nothing borrowed: the first rank's every head, on plain rows every
-        # rank's unshifted heads; packed rows wait first (every head may need the previous rank's keys).
+        # rank's unshifted heads; packed rows wait first (every head may need the previous rank's keys). A "wait"
+        # is a wait for transfers still pending (one done at once would leave nothing to wait for).
         order = json.loads((tmp_path / f"order{rank}.json").read_text())
         if rank == 0:
             assert order == {"plain": ["all", "wait"], "packed": ["all", "wait"]}
@@ -479,16 +480,32 @@ def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):
     assert (run.engine, run.zero_stage, run.whole_state_dict) == ("deepspeed", 3, False)
 
 
-@pytest.mark.parametrize("text", ['{"zero_optimization": {"stage": 3,}', '["stage", 3]', '{"zero_optimization": 3}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"zero_optimization": {"stage": 3,}',
+        '["stage", 3]',
+        '{"zero_optimization": 3}',
+        '{"bf16": {"enabled": true}}',
+        '{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": -5}}',
+    ],
+)
 def test_a_malformed_deepspeed_json_is_named_in_one_line(text, tmp_path, monkeypatch):
-    """A DeepSpeed JSON that does not parse, or holds no zero_optimization object, is refused naming the file."""
+    """A DeepSpeed JSON that does not parse, holds no zero_optimization object or a negative live limit, is refused
+    naming the file; accelerate's "none" (no JSON) is no file; a limit as a string is read as DeepSpeed reads it."""
     config = tmp_path / "ds.json"
     config.write_text(text)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
-    with pytest.raises(ValueError, match="deepspeed_config_file") as refused:
+    with pytest.raises(ValueError) as refused:
         launch()
-    assert str(config) in str(refused.value) and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(str(config)) and "\n" not in str(refused.value)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    assert launch().zero3_live_values == 1_000_000_000
+    config.write_text('{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "1e8", '
+                      '"stage3_max_reuse_distance": "100000000"}}')  # fmt: skip
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert launch().zero3_live_values == 100_000_000
 
 
 @pytest.mark.parametrize("written, says", [(True, "not valid JSON"), (False, "no such file")])

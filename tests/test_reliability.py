@@ -369,7 +369,7 @@ CASES = [
         lambda b, o: f"--output_dir {b / 'a-file'}: is a file, not a directory; choose a directory",
     ),
     Case(
-        "a training number transformers takes unchecked",
+        "prepare_text --max_length 0",
         "prepare_text",
         lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--max_length", "0"],
         lambda b, o: "--max_length 0",

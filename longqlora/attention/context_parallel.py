@@ -206,5 +206,5 @@ def cp_attention(
     if not shifted_only:
         return out
     split = head_split(h, 0.0)[2][0]  # the first shifted head
-    # joined in (B, C, H, D), the layout o_proj reads, as s2_attention returns it
-    return torch.cat([local.transpose(1, 2)[:, :, :split], out.transpose(1, 2)[:, :, split:]], dim=2).transpose(1, 2)
+    local[:, split:] = out[:, split:]  # into the rows the unshifted call left unwritten: no third (B, C, H, D) buffer
+    return local

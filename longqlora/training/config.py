@@ -155,7 +155,7 @@ def _check_numbers(training) -> None:
     seed refused after the data loaded) or to train wrong (a negative learning rate ascends the loss, a negative
     weight decay grows the weights, --save_steps 0 saves no checkpoint to resume from)."""
     rules = [
-        ("learning_rate", training.learning_rate > 0, "must be positive, e.g. 2e-4"),
+        ("learning_rate", training.learning_rate >= 0, "must be 0 or more (0 measures without training), e.g. 2e-4"),
         ("per_device_train_batch_size", training.per_device_train_batch_size >= 1, "must be at least 1"),
         ("gradient_accumulation_steps", training.gradient_accumulation_steps >= 1, "must be at least 1"),
         ("weight_decay", training.weight_decay >= 0, "must be 0 or more"),
