@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -559,7 +560,7 @@ def test_context_parallel_config_is_checked(changes, flag):
 def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monkeypatch, caplog):
     """accelerate's own batch sharding (BatchSamplerShard over a sequential sampler) applied to `share_rows`: with
     4 processes in 2 groups of 2, both ranks of a group read the same rows, the groups different ones, and every
-    row is read once per epoch (up to the last incomplete step)."""
+    row is read once per epoch (up to the last incomplete step), each epoch in a shuffle of its own."""
     from accelerate.data_loader import BatchSamplerShard
     from datasets import Dataset
     from torch.utils.data import BatchSampler, SequentialSampler
@@ -579,6 +580,22 @@ def test_share_rows_gives_a_group_the_same_rows_through_accelerate_sharding(monk
     assert len(rows) == len(set(rows)) == 20  # 5 steps x 2 groups x 2 rows; 3 rows left over
     in_order = distributed.share_rows(data, per_device_batch=2, cp=2, seed=None)
     assert [in_order[i]["row"] for i in range(8)] == [0, 1, 0, 1, 2, 3, 2, 3]
+    # Each epoch in its own shuffle, as a shuffling sampler would: laid out in advance for the epochs a run reads.
+    two = distributed.share_rows(data, per_device_batch=2, cp=2, seed=0, epochs=2)
+    assert len(two) == 2 * len(shared) and [two[i]["row"] for i in range(len(shared))] == shared["row"]
+    epochs = []
+    for rank in (0, 1, 2, 3):
+        batches = BatchSamplerShard(BatchSampler(SequentialSampler(two), 2, False), 4, rank)
+        epochs.append([[two[i]["row"] for i in batch] for batch in batches])
+    assert epochs[0] == epochs[1] and epochs[2] == epochs[3]
+    first, second = ([r for rank in (0, 2) for b in epochs[rank][e * 5 : e * 5 + 5] for r in b] for e in (0, 1))
+    assert len(set(first)) == len(set(second)) == 20 and first != second
+    args = types.SimpleNamespace(max_steps=7, gradient_accumulation_steps=2, num_train_epochs=3.0)
+    assert distributed.epochs_to_share(args, steps_per_epoch=5) == 3  # 14 batches of 5 an epoch
+    args.max_steps = -1
+    assert distributed.epochs_to_share(args, steps_per_epoch=5) == 3
+    args.num_train_epochs = 0.5
+    assert distributed.epochs_to_share(args, steps_per_epoch=5) == 1
 
 
 def test_collator_cuts_shifted_labels_and_positions(monkeypatch):

@@ -99,41 +99,54 @@ def check_precision(run: Launch, compute_dtype: str, load_in_4bit: bool) -> None
 
 
 # ------------------------------------------------------------------------------------------- context parallel
-def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None):
-    """`dataset` reordered so that the ranks of one context-parallel group read the same rows.
+def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None, epochs: int = 1):
+    """`dataset` reordered so that the ranks of one context-parallel group read the same rows, for `epochs` epochs.
 
     accelerate hands batch j*W + r of a sequentially read dataset to rank r of W; here that batch holds the rows of
     the group of r (r // cp) for its j-th step (the Trainer must then read sequentially:
-    `train_sampling_strategy="sequential"`), in a shuffle drawn once from `seed` (every epoch reads the same
-    order), or in the dataset's order with seed None.
+    `train_sampling_strategy="sequential"`). Epoch e reads the rows in a shuffle drawn from `seed` + e, as a
+    shuffling sampler would; with seed None every epoch reads them in the dataset's order.
     """
     import numpy as np
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else cp
     replicas = world // cp
-    order = np.arange(len(dataset)) if seed is None else np.random.default_rng(seed).permutation(len(dataset))
-    steps = len(order) // (replicas * per_device_batch)
+    steps = len(dataset) // (replicas * per_device_batch)
     if steps == 0:
         raise ValueError(
             f"--context_parallel {cp}: {len(dataset)} packed rows are fewer than one step of {replicas} "
             f"replica(s) x --per_device_train_batch_size {per_device_batch}; give more data"
         )
-    left = len(order) - steps * replicas * per_device_batch
+    left = len(dataset) - steps * replicas * per_device_batch
     if left:  # a part step would leave some ranks of a group without rows: the collective exchange would hang
         logger.warning(
-            "--context_parallel %d: %d of %d packed rows do not fill a step of %d replica(s) x %d and are not used",
+            "--context_parallel %d: %d of %d packed rows do not fill a step of %d replica(s) x %d and are not used "
+            "in an epoch",
             cp,
             left,
-            len(order),
+            len(dataset),
             replicas,
             per_device_batch,
         )
     indices = []
-    for step in range(steps):
-        for rank in range(world):
-            first = (step * replicas + rank // cp) * per_device_batch
-            indices.extend(order[first : first + per_device_batch].tolist())
+    for epoch in range(epochs):
+        n = len(dataset)
+        order = np.arange(n) if seed is None else np.random.default_rng(seed + epoch).permutation(n)
+        for step in range(steps):
+            for rank in range(world):
+                first = (step * replicas + rank // cp) * per_device_batch
+                indices.extend(order[first : first + per_device_batch].tolist())
     return dataset.select(indices)
+
+
+def epochs_to_share(args, steps_per_epoch: int) -> int:
+    """How many epochs of rows a run reads (`share_rows` lays them out in advance, each in its own shuffle):
+    --max_steps optimizer steps of --gradient_accumulation_steps batches, else --num_train_epochs rounded up."""
+    import math
+
+    if args.max_steps > 0:
+        return max(1, math.ceil(args.max_steps * args.gradient_accumulation_steps / steps_per_epoch))
+    return max(1, math.ceil(args.num_train_epochs))
 
 
 class ContextParallelCollator:
@@ -193,13 +206,21 @@ class ContextParallelCollator:
 
 def enable_context_parallel(trainer, group, train_length: int, pad_token_id: int, seed: int) -> None:
     """Give `trainer` the shared rows and the chunking collator of context-parallel `group` (after TRL has
-    tokenized and packed the data: the packed rows are what the group shares). The rows are shuffled with `seed`
-    unless --train_sampling_strategy is sequential."""
-    shuffle = trainer.args.train_sampling_strategy != "sequential"
-    trainer.args.train_sampling_strategy = "sequential"
+    tokenized and packed the data: the packed rows are what the group shares). The rows are shuffled with `seed`,
+    each epoch anew, unless --train_sampling_strategy is sequential. The Trainer reads them sequentially, so the
+    epochs a run reads are laid out in advance; with --num_train_epochs its epochs become fractions of that layout
+    (the steps are the same; its logged epoch counts the layout)."""
+    args = trainer.args
+    shuffle = args.train_sampling_strategy != "sequential"
+    args.train_sampling_strategy = "sequential"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else group.size
+    steps = len(trainer.train_dataset) // (world // group.size * args.per_device_train_batch_size)
+    epochs = epochs_to_share(args, steps) if shuffle and steps else 1
     trainer.train_dataset = share_rows(
-        trainer.train_dataset, trainer.args.per_device_train_batch_size, group.size, seed if shuffle else None
+        trainer.train_dataset, args.per_device_train_batch_size, group.size, seed if shuffle else None, epochs
     )
+    if args.max_steps <= 0:
+        args.num_train_epochs /= epochs
     trainer.data_collator = ContextParallelCollator(trainer.data_collator, group, train_length, pad_token_id)
 
 
