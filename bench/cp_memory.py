@@ -184,7 +184,7 @@ def depth_fits(points: list[dict]) -> list[dict]:
     groups = {}
     for p in points:
         if p.get("processes", 1) == 1 or p.get("sharding", "none") != "none":
-            limit = p.get("deepspeed", {}).get("max_live_parameters")
+            limit = sharded(p).get("zero3_live_values")
             key = (p["model"], p["variant"], p["context"], p["group"], p.get("sharding"), p.get("buckets"), limit)
             groups.setdefault(key, []).append(p)
     return [full_depth(g, g[0]["context_parallel"]) for g in groups.values()]

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cp_memory import depth_fits, planned_bytes  # noqa: E402  (bench/cp_memory.py)
+from cp_memory import depth_fits, planned_bytes, sharded  # noqa: E402  (bench/cp_memory.py)
 from memory import VARIANTS, BenchConfig  # noqa: E402  (bench/memory.py)
 from memory_report import machine, merge_record, rank_point  # noqa: E402
 from memory_step import batch, build_nf4, model_config, prepare  # noqa: E402
@@ -195,7 +195,7 @@ def render(record: dict) -> str:
     every = as_cp_points(record["points"])
     points = [p for p in every if p.get("buckets", "config") == "config"]  # planned as the shipped configs run
     zero3 = any(p.get("sharding") == "zero3" for p in points)
-    limit = lambda p: f"{p.get('deepspeed', {}).get('max_live_parameters', 1e9):.0e}".replace("+0", "")  # noqa: E731
+    limit = lambda p: f"{sharded(p).get('zero3_live_values', 1e9):.0e}".replace("+0", "")  # noqa: E731
     rows = []
     for p in points:
         plan, whole = planned_bytes(p), planned_bytes({**p, "processes": 1, "sharding": "none"})
@@ -218,14 +218,14 @@ def render(record: dict) -> str:
             if f["extrapolated_bytes"] is not None
         ],
     )  # fmt: skip
-    stepped = [p for p in points if "step_peak_bytes_by_rank" in p]
+    stepped = [(p, planned_bytes(p, "step")) for p in points if "step_peak_bytes_by_rank" in p]
     steps = markdown_table(
         ["model", "sharding", "layers", "row", "rank 0", "rank 1", "planned a process", "error", "limit"],
         [
             [p["model"], p["sharding"], p["layers"], f"{p['context']:,}", *map(gib, p["step_peak_bytes_by_rank"][:2]),
-             gib(planned_bytes(p, "step")), f"{planned_bytes(p, 'step') / max(p['step_peak_bytes_by_rank']) - 1:+.1%}",
+             gib(step), f"{step / max(p['step_peak_bytes_by_rank']) - 1:+.1%}",
              limit(p) if p.get("sharding") == "zero3" else "-"]
-            for p in stepped
+            for p, step in stepped
         ],
     )  # fmt: skip
     steps = f"\n\nThe optimizer step's own peak (GiB a process):\n\n{steps}" if stepped else ""

@@ -156,7 +156,7 @@ def plan_for(
     cp: int = 1,
     processes: int = 1,
     sharding: str = "none",
-    zero3_live_values: int = 1_000_000_000,
+    zero3_live_values: int = planner.PlanConfig.zero3_live_values,
 ) -> dict:
     """The planner's prediction for this point, with the switches the variant runs with (per rank of `cp` sharing
     each row, over `processes` when more than one: under DDP, bench/cp_memory.py, or sharded by FSDP2 with

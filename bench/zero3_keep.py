@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp_memory import build  # noqa: E402  (bench/fsdp_memory.py)
-from zero3_memory import LIVE_KEYS, deepspeed_accelerator  # noqa: E402
+from zero3_memory import deepspeed_accelerator  # noqa: E402
 
 from longqlora.cli import setup_logging
 from longqlora.output import write_json_atomic
@@ -62,9 +62,7 @@ def count(name: str, layers: int, limit: int, cfg: KeepConfig) -> dict:
     model, optimizer, inputs, config = build("ours", name, layers, cfg.context)
     torch.set_autocast_enabled("cuda", True)  # PEFT's LoRA takes the GPU's branch, as in bench/zero3_memory.py
     try:
-        accelerator = deepspeed_accelerator(config.hidden_size, "config")
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
-        zero.update(dict.fromkeys(LIVE_KEYS, limit))  # as bench/zero3_memory.py --live_values sets them
+        accelerator = deepspeed_accelerator(config.hidden_size, "config", limit)  # both limits, as --live_values
         engine, optimizer = accelerator.prepare(model, optimizer)
         params = [(n, p) for n, p in engine.module.named_parameters() if not p.ds_persist]
         kept_by_step, last = [], {}

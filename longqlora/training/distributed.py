@@ -109,9 +109,7 @@ def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None, epochs
     """
     import numpy as np
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else cp
-    replicas = world // cp
-    steps = len(dataset) // (replicas * per_device_batch)
+    world, replicas, steps = _shared_steps(len(dataset), per_device_batch, cp)
     if steps == 0:
         raise ValueError(
             f"--context_parallel {cp}: {len(dataset)} packed rows are fewer than one step of {replicas} "
@@ -137,6 +135,13 @@ def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None, epochs
                 first = (step * replicas + rank // cp) * per_device_batch
                 indices.extend(order[first : first + per_device_batch].tolist())
     return dataset.select(indices)
+
+
+def _shared_steps(rows: int, per_device_batch: int, cp: int) -> tuple[int, int, int]:
+    """(processes, replicas of a context-parallel group, steps of whole batches in an epoch of `rows`)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else cp
+    replicas = world // cp
+    return world, replicas, rows // (replicas * per_device_batch)
 
 
 def epochs_to_share(args, steps_per_epoch: int) -> int:
@@ -213,8 +218,7 @@ def enable_context_parallel(trainer, group, train_length: int, pad_token_id: int
     args = trainer.args
     shuffle = args.train_sampling_strategy != "sequential"
     args.train_sampling_strategy = "sequential"
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else group.size
-    steps = len(trainer.train_dataset) // (world // group.size * args.per_device_train_batch_size)
+    steps = _shared_steps(len(trainer.train_dataset), args.per_device_train_batch_size, group.size)[2]
     epochs = epochs_to_share(args, steps) if shuffle and steps else 1
     trainer.train_dataset = share_rows(
         trainer.train_dataset, args.per_device_train_batch_size, group.size, seed if shuffle else None, epochs
