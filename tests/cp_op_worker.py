@@ -61,22 +61,42 @@ def case(name, cp, *, b, h, h_kv, n, d, group, positions=None, mask=None, seed=0
     return name, diffs
 
 
+class _Mark(torch.autograd.Function):
+    """Identity that records `label` when its backward runs: on an op's input, just after that op's backward."""
+
+    @staticmethod
+    def forward(ctx, x, events, label):
+        ctx.events, ctx.label = events, label
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.events.append(ctx.label)
+        return grad, None, None
+
+
 def order(cp) -> dict:
-    """What cp_attention does, in order, on plain rows and on packed ones: which heads it computes (`heads`) before
-    and after it waits for the borrowed keys and values."""
+    """What cp_attention does, in order, on plain rows and on packed ones, forward then backward: which heads it
+    computes (`heads`) and their backward, when it posts transfers of the borrowed keys and values (or of their
+    gradient) and when it waits for them."""
     import longqlora.attention.context_parallel as module
 
-    events, compute, wait = [], module.s2_attention, module.finish
+    events, compute, wait, exchange = [], module.s2_attention, module.finish, module._exchange
 
-    def recorded(*args, heads="all", **kwargs):
+    def recorded(query, *args, heads="all", **kwargs):
         events.append(heads)
-        return compute(*args, heads=heads, **kwargs)
+        return compute(_Mark.apply(query, events, f"{heads} backward"), *args, heads=heads, **kwargs)
 
     def waited(pending):
         events.append("wait" if any(not isinstance(w, torch.Tensor) for w in pending) else "nothing pending")
         wait(pending)
 
-    module.s2_attention, module.finish = recorded, waited
+    def posted(*args, **kwargs):
+        if kwargs.get("pending", args[5] if len(args) > 5 else None) is not None:
+            events.append("post")
+        exchange(*args, **kwargs)
+
+    module.s2_attention, module.finish, module._exchange = recorded, waited, posted
     try:
         got = {}
         for name, positions, group in (("plain", None, 24), ("packed", packed_positions(48 * cp.size, [0, 30]), 24)):
@@ -84,7 +104,7 @@ def order(cp) -> dict:
             case(name, cp, b=1, h=6, h_kv=2, n=48 * cp.size, d=8, group=group, positions=positions)
             got[name] = list(events)
     finally:
-        module.s2_attention, module.finish = compute, wait
+        module.s2_attention, module.finish, module._exchange = compute, wait, exchange
     return got
 
 

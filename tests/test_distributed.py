@@ -33,7 +33,7 @@ def test_context_parallel_op_equals_single_process(tmp_path):
     for plain rows (GQA, an odd head count, an odd group that does not align with the chunks), packed documents,
     right padding, and left padding that ends in a chunk's borrowed tail while the next chunk, with no padding of
     its own, gets no mask; without the borrowed tokens they would not. The forward computes what needs nothing
-    borrowed while the borrowed keys and values are in flight."""
+    borrowed while the borrowed keys and values are in flight, and the backward its gradient while theirs are."""
     done = subprocess.run(
         [*BENCH.torchrun(3), "tests/cp_op_worker.py", str(tmp_path)],
         cwd=ROOT, env=BENCH.environment(), capture_output=True, text=True, timeout=120,
@@ -55,13 +55,18 @@ def test_context_parallel_op_equals_single_process(tmp_path):
         packed = cases["packed documents, one starting on a chunk boundary"]
         assert (packed["halo_tokens"], packed["shifted_heads_only"]) == (32, False)
         # The transfer overlaps what needs nothing borrowed: the first rank's every head, on plain rows every
-        # rank's unshifted heads; packed rows wait first (every head may need the previous rank's keys). A "wait"
-        # is a wait for transfers still pending (one done at once would leave nothing to wait for).
+        # rank's unshifted heads, in the forward and in the backward (the gradient of the borrowed tokens is posted
+        # before their backward and waited for after it); packed rows wait first (every head may need the previous
+        # rank's keys). A "wait" is a wait for transfers still pending (one done at once would leave nothing).
         order = json.loads((tmp_path / f"order{rank}.json").read_text())
         if rank == 0:
-            assert order == {"plain": ["all", "wait"], "packed": ["all", "wait"]}
+            overlapped = ["post", "all", "wait", "post", "all backward", "wait"]
+            assert order == {"plain": overlapped, "packed": overlapped}
         else:
-            assert order == {"plain": ["plain", "wait", "shifted"], "packed": ["wait", "all"]}
+            assert order == {
+                "plain": ["post", "plain", "wait", "shifted", "shifted backward", "post", "plain backward", "wait"],
+                "packed": ["post", "wait", "all", "all backward", "post", "wait"],
+            }
 
 
 # ------------------------------------------------------------------------------------ recipes, 1 and 2 processes

@@ -8,18 +8,20 @@ previous rank's last G tokens of every head come over. Ring attention moves ever
 rank, and Ulysses all-to-alls the whole sequence per layer; this moves one half group to one neighbour
 (docs/distributed.md has the arithmetic).
 
-How: `halo` (an autograd function) sends a rank's last tokens of K/V to the next rank and, in the backward, their
-gradient back; `cp_attention` puts the received tokens before the local ones, zero queries in front of the local
-queries, and runs the ordinary `s2_attention` on that with the position ids counted as document indices; the outputs
-of the borrowed tokens are dropped (their gradients are zero, so nothing flows back through them twice). The
-forward's transfer overlaps compute: it is posted, the heads that need nothing borrowed (on plain rows the
-unshifted half; on the first rank all) run on the chunk alone, and only then does the rank wait for it. The
-backward's transfer of the gradient is waited for where autograd reaches it. Every rank
-of a group runs the same layers in the same order (recomputed layers too), so the point-to-point pairs always match.
+How: `halo` (two autograd functions, post and wait) sends a rank's last tokens of K/V to the next rank and, in the
+backward, their gradient back; `cp_attention` puts the received tokens before the local ones, zero queries in front
+of the local queries, and runs the ordinary `s2_attention` on that with the position ids counted as document
+indices; the outputs of the borrowed tokens are dropped (their gradients are zero, so nothing flows back through
+them twice). Both transfers overlap compute: the forward's is posted, the heads that need nothing borrowed (on plain
+rows the unshifted half; on the first rank all) run on the chunk alone, and only then does the rank wait for it; in
+the backward the gradient of the borrowed tokens is posted as soon as it is known, and waited for only after the
+backward of those heads. Every rank of a group runs the same layers in the same order (recomputed layers too), so
+the point-to-point pairs always match.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,31 +97,53 @@ def finish(pending: list) -> None:
     pending.clear()
 
 
-class _Halo(torch.autograd.Function):
-    """tail (this rank's last T tokens, any shape) -> the previous rank's tail (zeros on the first rank), posted
-    only: read it after `finish(pending)`. The backward returns to each rank the gradient that the next rank computed
-    for its tail (waited for there: autograd needs the gradient when the node returns)."""
+class _HaloPost(torch.autograd.Function):
+    """tail (this rank's last T tokens, any shape) -> a buffer for the previous rank's tail, the transfers only
+    posted (`_HaloWait` waits). Backward: waits for the gradient of the tail that `_HaloWait`'s backward asked the
+    next rank for, and returns it."""
 
     @staticmethod
-    def forward(ctx, tail, cp, pending):
-        ctx.cp = cp
+    def forward(ctx, tail, cp, state):
+        ctx.state = state
         tail = tail.contiguous()
         received = torch.zeros_like(tail)
-        _exchange(cp, tail, cp.next, received, cp.prev, pending)
+        _exchange(cp, tail, cp.next, received, cp.prev, state["forward"])
         return received
 
     @staticmethod
+    def backward(ctx, _):
+        state = ctx.state
+        finish(state["backward"])
+        return state.pop("grad"), None, None
+
+
+class _HaloWait(torch.autograd.Function):
+    """Waits for what `_HaloPost` posted and passes the received tokens on. Backward: posts the gradient of the
+    received tokens to the previous rank and a receive of this rank's from the next, and returns at once: autograd
+    orders nodes by creation, newest first, so the compute made between the two nodes (the heads that needed
+    nothing borrowed) runs its backward before `_HaloPost`'s backward waits."""
+
+    @staticmethod
+    def forward(ctx, received, cp, state):
+        ctx.cp, ctx.state = cp, state
+        finish(state["forward"])
+        return received.view_as(received)
+
+    @staticmethod
     def backward(ctx, grad):
-        cp = ctx.cp
-        back = torch.zeros_like(grad)
-        _exchange(cp, grad.contiguous(), cp.prev, back, cp.next)
-        return back, None, None
+        cp, state = ctx.cp, ctx.state
+        state["grad"] = torch.zeros_like(grad)
+        _exchange(cp, grad.contiguous(), cp.prev, state["grad"], cp.next, state["backward"])
+        return grad, None, None
 
 
-def halo(tail: torch.Tensor, cp: CPGroup, pending: list) -> torch.Tensor:
-    """The previous rank's `tail` (differentiable; zeros on the first rank of the group), in flight until
-    `finish(pending)`."""
-    return _Halo.apply(tail, cp, pending)
+def halo(tail: torch.Tensor, cp: CPGroup) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The previous rank's `tail` (zeros on the first rank of the group), in flight, and the function that waits
+    for it and returns it differentiably. What runs between the two overlaps the transfer, in the forward and (in
+    reverse) in the backward, where the tail's gradient goes back the other way."""
+    state = {"forward": [], "backward": []}
+    in_flight = _HaloPost.apply(tail, cp, state)
+    return in_flight, lambda received: _HaloWait.apply(received, cp, state)
 
 
 def _halo_rows(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, group: int, cp: CPGroup, b: int):
@@ -180,8 +204,7 @@ def cp_attention(
     # Plain rows: only the key/value heads that the shifted query heads read come over.
     kv0 = head_split(h, 0.0)[2][0] // (h // h_kv) if shifted_only else 0
     tail = torch.stack([key[:, kv0:, c - tokens :], value[:, kv0:, c - tokens :]])  # (2, B, H_kv - kv0, T, D)
-    pending = []
-    received = halo(tail, cp, pending)  # the previous rank's last T tokens, in flight
+    received, wait = halo(tail, cp)  # the previous rank's last T tokens, in flight
     if cp.prev is None or shifted_only:
         # What needs nothing borrowed runs while the halo is in flight: the first rank's every head; on plain rows
         # every rank's unshifted heads, whose segments end inside the chunk.
@@ -189,7 +212,7 @@ def cp_attention(
             query, key, value, group_size, position_ids=position_ids, attention_mask=attention_mask,
             indexed_positions=True, heads="all" if cp.prev is None else "plain", **options,
         )  # fmt: skip
-    finish(pending)
+    received = wait(received)
     if cp.prev is None:
         # The first rank uses nothing it received, but its backward must still take the next rank's gradient
         # for its tail: tie the halo into the graph with weight zero.
