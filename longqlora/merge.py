@@ -224,7 +224,11 @@ def merge(cfg: MergeConfig) -> dict:
     paths = check_merge(cfg)
     out, tolerance = paths["output"], cfg.resolved_tolerance
     model, tokenizer, info = load_for_inference(
-        str(paths["base"]), adapter=str(paths["adapter"]), load_in_4bit=False, compute_dtype=cfg.dtype
+        str(paths["base"]),
+        adapter=str(paths["adapter"]),
+        load_in_4bit=False,
+        compute_dtype=cfg.dtype,
+        adapter_checked=True,  # by check_merge
     )
     device = next(model.parameters()).device
     ids = sample_ids(tokenizer, cfg.sample_tokens)

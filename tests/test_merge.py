@@ -113,8 +113,13 @@ def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):
         assert not torch.equal(m.get_tensor(q), b.get_tensor(q))  # the LoRA product was added
 
 
-def test_float16_merge(adapter, merged, tmp_path):
+def test_float16_merge(adapter, merged, tmp_path, monkeypatch):
+    import longqlora.evaluation.loading as loading
+
+    checks, check = [], loading.check_adapter_fits
+    monkeypatch.setattr(loading, "check_adapter_fits", lambda *a, **k: checks.append(k["flag"]) or check(*a, **k))
     report = merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "f16"), dtype="float16", sample_tokens=200))
+    assert checks == ["--base"]  # the adapter is checked against the base once, by the flag merge takes
     assert report["check"]["passed"] and report["check"]["tolerance"] == 2e-2
     assert report["check"]["relative_diff"] <= 2e-2
     with safe_open(str(tmp_path / "f16" / "model.safetensors"), "pt") as f:

@@ -270,19 +270,21 @@ def load_for_inference(
     target_context: int | None = None,
     rope_scaling: str | None = None,
     trust_remote_code: bool = False,
+    adapter_checked: bool = False,
 ):
     """Returns (model in eval mode, tokenizer, ModelInfo).
 
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
     (e.g. PI without training), else the adapter's trained context, else the model's config as saved; an
     unscaled RoPE becomes `rope_scaling` (yarn or linear), by default what the adapter was trained with.
+    `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
     from longqlora.model import ModelConfig, load_base, load_config
 
     extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)
     model_path = model_path or adapter_base(adapter)
-    if adapter:
+    if adapter and not adapter_checked:
         check_adapter_fits(
             Path(os.path.expanduser(adapter)),
             Path(expanded),
