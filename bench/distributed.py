@@ -2,8 +2,9 @@
 
     python bench/distributed.py comm                  # per-layer traffic: S2 halo vs ring attention vs Ulysses
     python bench/distributed.py plan                  # the planner's longest context by ranks (CP, then FSDP2)
-    python bench/distributed.py check --out /tmp/d    # the tiny recipe on 1 process, --context_parallel 2, DDP,
-                                                      # FSDP2 and ZeRO-3 (2 gloo processes each) and both resumed
+    python bench/distributed.py check --out /tmp/d    # the tiny recipe on 1 process, --context_parallel 2 (DDP,
+                                                      # FSDP2, ZeRO-3), DDP, FSDP2 and ZeRO-3 (2 gloo processes
+                                                      # each) and both resumed
 
 `check` writes docs/distributed.json (with --record) and prints the table in docs/distributed.md; the same runs are
 asserted by tests/test_distributed.py, which imports `run_all` from here.
@@ -101,8 +102,8 @@ def _resume(launcher, source: Path, out: Path) -> dict:
 
 def run_all(root: Path) -> dict:
     """Every launch of the check into `root`/<name>."""
-    names = ("single", "single_x4", "cp", "cp_dp", "cp_fsdp", "sft", "sft_cp", "ddp", "fsdp", "fsdp_resumed", "zero3")
-    names += ("zero3_resumed",)
+    names = ("single", "single_x4", "cp", "cp_dp", "cp_fsdp", "cp_zero3", "sft", "sft_cp", "ddp", "fsdp")
+    names += ("fsdp_resumed", "zero3", "zero3_resumed")
     out = {n: root / n for n in names}
 
     # each launch picks its port when it starts (accelerate takes no port 0): never one picked minutes before
@@ -126,6 +127,9 @@ def run_all(root: Path) -> dict:
         "cp_fsdp": run(
             [*fsdp(), *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_fsdp"])], out["cp_fsdp"]
         ),
+        "cp_zero3": run(
+            [*zero3(), *TINY, "--context_parallel", "2", "--output_dir", str(out["cp_zero3"])], out["cp_zero3"]
+        ),
         "sft": run([sys.executable, SFT, *TINY, "--output_dir", str(out["sft"])], out["sft"]),
         "sft_cp": run(
             [*torchrun(2), SFT, *TINY, "--context_parallel", "2", "--output_dir", str(out["sft_cp"])], out["sft_cp"]
@@ -146,6 +150,7 @@ def summary(results: dict) -> list[dict]:
         ("single", None, "1 process"),
         ("cp", "single", "2 processes, --context_parallel 2 (each half of every row)"),
         ("cp_fsdp", "single", "2 processes, FSDP2 and --context_parallel 2"),
+        ("cp_zero3", "single", "2 processes, DeepSpeed ZeRO-3 and --context_parallel 2"),
         ("sft", None, "conversations (Vicuna SFT recipe), 1 process"),
         ("sft_cp", "sft", "conversations, 2 processes, --context_parallel 2"),
         ("single_x4", None, "1 process, accumulation 4 (the rows of 2 processes x accumulation 2)"),

@@ -73,18 +73,19 @@ def test_context_parallel_op_equals_single_process(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The tiny 7B-8k recipe (3 steps, S2 groups 16 -> 48 -> 128) in one process (accumulation 2 and 4); with
-    --context_parallel 2 on 2 processes (DDP, FSDP2) and on 4 (2 replicas); under DDP, FSDP2 and ZeRO-3 (2
+    --context_parallel 2 on 2 processes (DDP, FSDP2, ZeRO-3) and on 4 (2 replicas); under DDP, FSDP2 and ZeRO-3 (2
     processes each); FSDP2 and ZeRO-3 resumed from their step-2 checkpoints."""
     return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.mark.slow  # the recipe runs in 1, 2 and 4 processes: about 3 minutes on 2 cores
 @pytest.mark.parametrize(
-    "name, reference", [("cp", "single"), ("cp_fsdp", "single"), ("cp_dp", "ddp"), ("sft_cp", "sft")]
+    "name, reference",
+    [("cp", "single"), ("cp_fsdp", "single"), ("cp_zero3", "single"), ("cp_dp", "ddp"), ("sft_cp", "sft")],
 )
 def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
-    """Ranks each holding half of every 256-token row train the same adapter as one rank per row: 2 ranks (DDP or
-    FSDP2) as one process, on packed text and on padded conversations with assistant-only loss, 4 ranks (2
+    """Ranks each holding half of every 256-token row train the same adapter as one rank per row: 2 ranks (DDP,
+    FSDP2 or ZeRO-3) as one process, on packed text and on padded conversations with assistant-only loss, 4 ranks (2
     replicas of 2) as 2 DDP processes. Same losses and gradient norms at every
     step (through the group schedule), adapter tensors within 1e-5."""
     one, cp = runs[reference], runs[name]
@@ -94,7 +95,7 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
     assert BENCH.largest_difference(one["tensors"], cp["tensors"]) < 1e-5
     train = cp["record"]["train"]
     assert train["context_parallel"] == 2 and train["processes"] == (4 if name == "cp_dp" else 2)
-    assert train["engine"] == ("fsdp2" if name == "cp_fsdp" else "ddp")
+    assert train["engine"] == {"cp_fsdp": "fsdp2", "cp_zero3": "deepspeed"}.get(name, "ddp")
     assert "GiB allocated per rank of 2 + " in cp["log"]  # the plan is one rank's: half of every row
 
 
@@ -437,7 +438,6 @@ def _training(**changes):
         (Launch(8, 0, 0, "fsdp1"), {}, {}, "fsdp_version 1"),
         (Launch(8, 0, 0, "deepspeed", 2), {"load_in_4bit": False}, {}, "stage 2"),
         (Launch(3, 0, 0, "ddp"), {"context_parallel": 2}, {}, "--context_parallel 2"),
-        (Launch(2, 0, 0, "deepspeed", 3), {"context_parallel": 2, "load_in_4bit": False}, {}, "--context_parallel 2"),
         (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"chunked_loss": False}, "--chunked_loss false"),
         (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"average_tokens_across_devices": False}, "--average_tokens"),
         (Launch(2, 0, 0, "ddp"), {"context_parallel": 2}, {"dataloader_num_workers": 2}, "--dataloader_num_workers 2"),
@@ -539,6 +539,7 @@ def test_supported_launches_pass():
         (Launch(8, 0, 0, "deepspeed", 3), {}),
         (Launch(4, 0, 0, "ddp"), {"context_parallel": 2}),
         (Launch(4, 0, 0, "fsdp2"), {"context_parallel": 4, "s2_group_schedule": "none"}),
+        (Launch(2, 0, 0, "deepspeed", 3), {"context_parallel": 2, "load_in_4bit": False}),
     ]:
         cfg = ModelConfig(model_name_or_path="x", target_context=8192, **model)
         assert distributed.check_launch(cfg, _training(), run) is run

@@ -63,8 +63,6 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
                 f"--context_parallel {cp}: needs {cp} processes (or a multiple), launched with `torchrun "
                 f"--nproc_per_node {cp} <recipe>`; this launch has {run.world_size}"
             )
-        if run.engine == "deepspeed":
-            raise ValueError(f"--context_parallel {cp}: runs with DDP or FSDP2, not DeepSpeed")
         if not training.chunked_loss:
             raise ValueError(
                 f"--chunked_loss false: the loss of a chunk needs the next rank's first label; keep TRL's chunked "
