@@ -212,6 +212,28 @@ def test_one_half_of_the_heads_equals_its_rows_of_all(h, h_kv, monkeypatch):
         s2_attention(q, k, v, 8, heads="full")
 
 
+@pytest.mark.parametrize("kernel", [None, ("flash_attn", True)])
+def test_rows_of_padding_only_give_zeros_and_zero_gradients(kernel, monkeypatch):
+    """A batch of padding only (a context-parallel rank's chunk of short conversations): zeros out, zero gradients
+    (not None: DDP reduces every trained parameter's on every rank), no kernel run, on the varlen path too."""
+    from longqlora.attention import kernels, layout, op
+
+    def never(*args, **kwargs):
+        raise AssertionError("a kernel ran on no tokens")
+
+    for name in ("sdpa_groups", "sdpa_banded", "varlen"):
+        monkeypatch.setattr(kernels, name, never)
+    monkeypatch.setattr(op, "_varlen_kernel", lambda *args: kernel)  # the CUDA choice in 16 bits
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 4, 2, 24))
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).unsqueeze(0)
+    out = s2_attention(q, k, v, 8, position_ids=pos, attention_mask=torch.zeros(2, 24, dtype=torch.long))
+    assert out.shape == q.shape and not out.any()
+    out.sum().backward()
+    assert all(t.grad is not None and not t.grad.any() for t in (q, k, v))
+    rows = layout.build(pos, torch.zeros(2, 24, dtype=torch.long), 2, 24, q.device)
+    assert rows.empty and rows.varlen(8, 4).max_len == 0 and rows.varlen(8, 4).lengths.numel() == 0
+
+
 def test_bad_arguments():
     q, k, v = rand_qkv(1, 4, 3, 8)
     with pytest.raises(ValueError, match="multiple"):

@@ -76,6 +76,7 @@ class RowLayout:
     valid: torch.Tensor | None
     grouped: bool
     indexed: bool = False  # positions are each token's index in its document (build's `indexed`)
+    empty: bool = False  # every token is padding (a context-parallel rank's chunk of short conversations)
     _segments: dict = field(default_factory=dict, repr=False)
     _varlen: dict = field(default_factory=dict, repr=False)
     _documents: dict = field(default_factory=dict, repr=False)
@@ -118,7 +119,8 @@ class RowLayout:
                 flat = flat[keep]
             _, lengths = torch.unique_consecutive(flat, return_counts=True)
             cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            self._varlen[key] = Varlen(keep=keep, cu_seqlens=cu, max_len=int(lengths.max()), lengths=lengths)
+            longest = int(lengths.max()) if lengths.numel() else 0  # no token at all: rows of padding only
+            self._varlen[key] = Varlen(keep=keep, cu_seqlens=cu, max_len=longest, lengths=lengths)
         return self._varlen[key]
 
 
@@ -165,9 +167,11 @@ def build(
         if indexed or not bool((pos == torch.arange(n, device=device)).all()):
             positions = pos.long()
     grouped = positions is None and (valid is None or _is_right_padded(valid))
+    empty = valid is not None and not bool(valid.any())
     layout = RowLayout(
-        b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped, indexed=indexed
-    )
+        b=b, n=n, device=torch.device(device), positions=positions, valid=valid, grouped=grouped, indexed=indexed,
+        empty=empty,
+    )  # fmt: skip
     if holder is not None:
         holder.__dict__[_ATTR] = (key, layout, mask)
     return layout

@@ -84,6 +84,10 @@ def s2_attention(
     # (B, N, H, D): the layout transformers' o_proj reads; zeros where padded rows are never written
     out_t = query.new_empty(b, n, h, d) if rows.valid is None else query.new_zeros(b, n, h, d)
     out = out_t.transpose(1, 2)  # (B, H, N, D) view
+    if rows.empty:
+        # Only padding (a context-parallel rank's chunk of short conversations): zeros, with zero gradients for
+        # q/k/v (DDP expects a gradient for every trained parameter on every rank), and no kernel for no tokens.
+        return out + 0.0 * (query.sum() + key.sum() + value.sum())
     n_rep = h // h_kv
     varlen = _varlen_kernel(backend, query, scale, dropout)
     sdpa_gqa = hardware.sdpa_gqa_ok(query.device)
