@@ -269,8 +269,8 @@ def test_check_packable_and_packing_strategy():
     D.check_packable({"tokens_total": 100}, 100)
     assert error_of(D.check_packable, {"dataset": "b.txt", "tokens_total": 9}, 10).startswith("--dataset b.txt holds 9")
     assert error_of(D.check_packable, {"tokens_total": 99}, 100, "d.jsonl") == (
-        "--dataset d.jsonl holds 99 tokens, fewer than one row of 100 (--target_context; data_prep's --max_length); "
-        "add text or lower it"
+        "--dataset d.jsonl holds 99 tokens, fewer than one row of 100 (--target_context, --pose_window with PoSE; "
+        "data_prep's --max_length); add text or lower it"
     )
     assert (D.packing_strategy("documents"), D.packing_strategy("concat")) == ("bfd_split", "wrapped")
     assert error_of(D.packing_strategy, "bfd").startswith("--pack 'bfd'")

@@ -78,6 +78,8 @@ def test_bad_protocol_arguments(tiny):
         window_scores(model, ids, 4096)
     with pytest.raises(ValueError, match="--context_lengths"):
         PerplexityConfig(model="x", context_lengths=[1])
+    with pytest.raises(ValueError, match="--stride must be between 1 and the shortest --context_lengths 16"):
+        PerplexityConfig(model="x", context_lengths=[32, 16], stride=20)  # refused before any weights load
 
 
 def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):

@@ -357,7 +357,8 @@ def check_packable(stats: dict, max_length: int, dataset: str = "") -> None:
     if stats["tokens_total"] < max_length:
         raise ValueError(
             f"--dataset {dataset or stats.get('dataset', '(text)')} holds {stats['tokens_total']} tokens, fewer "
-            f"than one row of {max_length} (--target_context; data_prep's --max_length); add text or lower it"
+            f"than one row of {max_length} (--target_context, --pose_window with PoSE; data_prep's --max_length); "
+            "add text or lower it"
         )
 
 

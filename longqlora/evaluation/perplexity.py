@@ -179,8 +179,11 @@ class PerplexityConfig(LoaderArgs):
         super().__post_init__()
         if not self.context_lengths or min(self.context_lengths) < 2:
             raise ValueError(f"--context_lengths must be window lengths >= 2, got {self.context_lengths}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"--stride must be a positive number of tokens, got {self.stride}")
+        if self.stride is not None and not 1 <= self.stride <= min(self.context_lengths):
+            raise ValueError(
+                f"--stride must be between 1 and the shortest --context_lengths {min(self.context_lengths)} "
+                f"(windows would skip text), got {self.stride}"
+            )
         if self.score not in ("new", "tail"):
             raise ValueError(f"--score must be 'new' or 'tail', got {self.score!r}")
         if self.batch_size < 1:

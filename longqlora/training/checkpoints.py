@@ -223,7 +223,7 @@ def resume_checkpoint(output_dir, requested, *, with_optimizer: bool = True) -> 
             if with_optimizer and not checkpoint_problem(path, with_optimizer=False):
                 # Its trainer_state.json (written last) is there: a finished save of weights only, not a cut one.
                 raise ValueError(
-                    f"--resume_from_checkpoint {requested}: {path.name} holds weights but {problem[3:]} (saved with "
+                    f"--resume_from_checkpoint {requested}: {path.name} holds weights but {problem} (saved with "
                     "--save_only_model true); resume with --save_only_model true (a new optimizer state) or choose "
                     "another --output_dir"
                 )
