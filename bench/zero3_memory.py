@@ -3,7 +3,7 @@ it), measured on this CPU at a real model width, beside the planner's per-proces
 plan --processes N --sharding zero3`).
 
     for point in "2 4096" "2 8192" "4 4096" "4 8192" "12 4096" "12 4096 --live_values 1e8" \\
-            "4 4096 --live_values 1e8" "2 4096 --live_values 1e8" "4 4096 --live_values 1e9"; do
+            "4 4096 --live_values 1e8" "2 4096 --live_values 1e8"; do
         set -- $point  # a launch each: a process's memory clean (12 layers: 18 minutes)
         DS_ACCELERATOR=cpu python -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero3.yaml \\
             --num_processes 2 --mixed_precision bf16 bench/zero3_memory.py --layers $1 --contexts $2 "${@:3}" \\
@@ -39,6 +39,7 @@ from memory_report import rank_point  # noqa: E402
 from memory_step import tracked_live  # noqa: E402
 
 from longqlora.cli import setup_logging
+from longqlora.training.distributed import release_nf4_codes  # noqa: E402
 
 
 @dataclass
@@ -114,6 +115,7 @@ def measure(cfg: Zero3BenchConfig, name: str, layers: int, context: int) -> dict
     device, dtype = torch.device("cpu"), torch.bfloat16
     unset_hf_deepspeed_config()  # a plain build: ZeRO-3 partitions the model when the engine takes it
     model, optimizer, inputs, config = build(cfg.variant, name, layers, context)
+    release_nf4_codes(model)  # as a run under ZeRO-3 does (training/run.py)
     torch.set_autocast_enabled("cuda", True)  # PEFT's LoRA takes the GPU's branch (bench/memory_step.train_steps)
     try:
         accelerator = deepspeed_accelerator(config.hidden_size, cfg.buckets, cfg.live_values)
@@ -127,9 +129,7 @@ def measure(cfg: Zero3BenchConfig, name: str, layers: int, context: int) -> dict
             with torch.autocast(device.type, dtype=dtype):
                 loss = engine(**inputs, fused_lm_head=True).loss
             engine.backward(loss)
-            # the graph dropped before the step, as the Trainer's training_step returns: bitsandbytes' MatMul4Bit
-            # keeps each layer's gathered NF4 codes on its node (ctx.tensors), alive as long as the graph
-            loss = loss.detach()
+            loss = loss.detach()  # the graph dropped before the step, as the Trainer's training_step returns
             phase["now"] = "step"  # DeepSpeed's step: the fp32 gradient partition, AdamW, the 16-bit copy
             engine.step()
             return loss

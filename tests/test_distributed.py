@@ -97,6 +97,8 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
     assert train["context_parallel"] == 2 and train["processes"] == (4 if name == "cp_dp" else 2)
     assert train["engine"] == {"cp_fsdp": "fsdp2", "cp_zero3": "deepspeed"}.get(name, "ddp")
     assert "GiB allocated per rank of 2 + " in cp["log"]  # the plan is one rank's: half of every row
+    if name == "cp_zero3":  # TRL turns PEFT's checkpointing reentrant under ZeRO-3: the exchange runs through it
+        assert "`use_reentrant` is forced to `True`" in cp["log"]
 
 
 @pytest.mark.slow
@@ -104,13 +106,16 @@ def test_context_parallel_run_equals_one_rank_per_row(runs, name, reference):
 def test_engines_train_like_one_process(runs, engine, name):
     """QLoRA with trained embeddings and norms under DDP, FSDP2 and DeepSpeed ZeRO-3 (NF4 stored as the compute
     dtype, sharded), 2 processes x accumulation 2: the same losses and gradient norms at every step and the same
-    adapter as one process with accumulation 4 on the same rows."""
+    adapter as one process with accumulation 4 on the same rows (under ZeRO-3 with each NF4 layer's codes released
+    with the layer: distributed.release_nf4_codes)."""
     one, launched = runs["single_x4"], runs[engine]
     assert BENCH.largest_difference(one["tensors"], launched["tensors"]) < 1e-6
     assert len(launched["steps"]) == 3
     for (loss_a, norm_a), (loss_b, norm_b) in zip(one["steps"], launched["steps"], strict=True):
         assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-4 * max(1.0, norm_a)
     assert launched["record"]["train"]["engine"] == name and launched["record"]["train"]["processes"] == 2
+    # under ZeRO-3 every NF4 layer (2 layers x 7 projections) lets its codes go with DeepSpeed's release
+    assert ("ZeRO-3: 14 NF4 layers release their codes" in launched["log"]) == (engine == "zero3")
 
 
 @pytest.mark.slow
@@ -464,16 +469,52 @@ def test_nf4_weights_are_never_cast_by_the_engine():
         distributed.check_precision(Launch(8, 0, 0, "deepspeed", 3, mixed_precision="fp16"), "bfloat16", True)
 
 
-def test_zero3_with_nf4_warns_that_fsdp2_shards_the_layers(caplog):
-    """Under ZeRO-3 bitsandbytes keeps every NF4 layer's gathered codes for its backward (docs/distributed.md): the
-    main process says so once and points to FSDP2; 16-bit weights and FSDP2 get no warning."""
-    with caplog.at_level("WARNING", logger="longqlora.training.distributed"):
-        distributed.check_precision(Launch(2, 0, 0, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", True)
-        distributed.check_precision(Launch(2, 1, 1, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", True)
-        distributed.check_precision(Launch(2, 0, 0, "deepspeed", 3, mixed_precision="bf16"), "bfloat16", False)
-        distributed.check_precision(Launch(2, 0, 0, "fsdp2", mixed_precision="bf16"), "bfloat16", True)
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and "fsdp2_qlora.yaml" in warned[0] and "--sharding zero3" in warned[0]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_nf4_layers_released_keep_nothing_of_their_codes_for_the_backward():
+    """Under ZeRO-3 each NF4 layer runs through `_Released4bit`: the same output and input gradient as bitsandbytes'
+    own, with nothing of the weight kept on the autograd node: a weight swapped after the forward (as DeepSpeed
+    releases and gathers a layer) is what the backward uses, where bitsandbytes' node keeps the codes it had."""
+    _released_against_bitsandbytes("cpu")
+
+
+@pytest.mark.gpu
+@CUDA
+def test_nf4_layers_released_on_cuda_equal_bitsandbytes():
+    """The same on CUDA, through bitsandbytes' CUDA kernels."""
+    _released_against_bitsandbytes("cuda")
+
+
+def _released_against_bitsandbytes(device):
+    import bitsandbytes as bnb
+
+    def layer(seed):
+        torch.manual_seed(seed)
+        linear = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        return linear.requires_grad_(False).to(device)
+
+    x = torch.randn(2, 5, 128, device=device)
+    ours, theirs, other = layer(0), layer(0), layer(1)
+    assert distributed.release_nf4_codes(torch.nn.Sequential(ours)) == 1
+    assert distributed.release_nf4_codes(torch.nn.Sequential(ours)) == 0  # once per layer
+    outputs, grads = [], []
+    for linear, swap in ((theirs, False), (ours, False), (theirs, True), (ours, True)):
+        xi = x.clone().requires_grad_()
+        out = linear(xi)
+        if swap:  # another layer's codes in place of these (quant_state with them), as a new param.data
+            kept = linear.weight.data, linear.weight.quant_state
+            linear.weight.data, linear.weight.quant_state = other.weight.data, other.weight.quant_state
+        out.float().square().sum().backward()
+        if swap:
+            linear.weight.data, linear.weight.quant_state = kept
+        outputs.append(out)
+        grads.append(xi.grad)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])  # bitsandbytes' results exactly
+    assert torch.equal(grads[2], grads[0])  # bitsandbytes' node kept its codes
+    assert (grads[3] - grads[1]).abs().max() > 0.1  # ours read the weight again: the swapped one
+    with torch.no_grad():  # inference: bitsandbytes' own path
+        assert torch.equal(ours(x), theirs(x))
 
 
 def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):

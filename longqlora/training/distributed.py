@@ -87,13 +87,53 @@ def check_precision(run: Launch, compute_dtype: str, load_in_4bit: bool) -> None
             "`accelerate launch`, before the recipe"
             + (f", or pass --compute_dtype {other} to the recipe" if other else "")
         )
-    if load_in_4bit and run.engine == "deepspeed" and run.main:
-        logger.warning(
-            "DeepSpeed ZeRO-3 with NF4 holds every decoder layer's 4-bit codes gathered from its forward to the end "
-            "of the backward (bitsandbytes keeps them for its backward, where DeepSpeed's release does not reach), "
-            "in every process; FSDP2 (configs/accelerate/fsdp2_qlora.yaml) shards them throughout: `python -m "
-            "longqlora plan --processes N --sharding fsdp2` and `--sharding zero3` compare the two"
-        )
+
+
+# ------------------------------------------------------------------------------------------ ZeRO-3 with NF4
+class _Released4bit(torch.autograd.Function):
+    """bitsandbytes' Linear4bit forward on x, keeping nothing of the weight for the backward, which reads the layer's
+    weight again (gathered anew by DeepSpeed's pre-backward hook) and returns x's gradient as bitsandbytes'
+    MatMul4Bit computes it: grad @ dequantize(codes). MatMul4Bit keeps the gathered codes on its node instead
+    (`ctx.tensors`), where DeepSpeed's release (a new `param.data`) does not reach them."""
+
+    @staticmethod
+    def forward(ctx, x, layer, plain):
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return plain(x)  # grad mode is off in here: bitsandbytes' no-grad path, nothing saved
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        layer = ctx.layer
+        fix_4bit_weight_quant_state_from_module(layer)
+        weight = layer.weight
+        compute = layer.compute_dtype or grad.dtype
+        codes = bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(compute)  # (out, in)
+        return torch.matmul(grad.to(compute), codes).to(ctx.dtype), None, None
+
+
+def _released_forward(layer, plain, x):
+    if torch.is_grad_enabled() and x.requires_grad and (layer.bias is None or not layer.bias.requires_grad):
+        return _Released4bit.apply(x, layer, plain)
+    return plain(x)  # no backward to feed (inference, or a frozen input), or a trained bias: bitsandbytes' own
+
+
+def release_nf4_codes(model) -> int:
+    """Under DeepSpeed ZeRO-3, let every NF4 layer's gathered codes go when DeepSpeed releases the layer: each
+    bitsandbytes Linear4bit of `model` runs its forward through `_Released4bit` (a per-instance forward; the class is
+    untouched). FSDP2 frees its gathered buffers by resizing their storage and needs none of it. Returns how many."""
+    import functools
+
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and "forward" not in module.__dict__:
+            module.forward = functools.partial(_released_forward, module, module.forward)
+            count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------- context parallel

@@ -79,14 +79,11 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     Gathered from the loss through the backward: the LM head (TRL's fused loss gathers it and keeps it for its
     backward), the embedding when the whole model fits --zero3_live_values (DeepSpeed's stage3_max_live_parameters:
     from a run's second step on, what its prefetcher finds already gathered within that many values ahead in its
-    recorded trace is not released), and the layers. Of 16-bit layers, those DeepSpeed keeps: the most recently used
-    up to that many (under DeepSpeed's default of 1e9, which the shipped JSON leaves, layers 15-31 of Llama-2-7B's
-    32, counted by bench/zero3_keep.py). Of NF4 layers,
-    every one: bitsandbytes' MatMul4Bit keeps each layer's gathered codes on its autograd node (`ctx.tensors`, not
-    a saved tensor, so neither checkpointing nor DeepSpeed's release frees them), and the backward gathers a layer
-    DeepSpeed released again beside them (bench/zero3_memory.py at 2, 4 and 12 layers; FSDP2 frees its buffers by
-    resizing their storage and is not affected). Its optimizer step: an fp32 copy of the gradient partition, the
-    optimizer's temporaries and, measured in the step as the Trainer orders it, the NF4 layers still held."""
+    recorded trace is not released), and the layers DeepSpeed keeps: the most recently used up to that many (under
+    DeepSpeed's default of 1e9, which the shipped JSON leaves, layers 15-31 of Llama-2-7B's 32 in 16 bits, counted
+    by bench/zero3_keep.py), NF4 layers as 16-bit ones (training/distributed.release_nf4_codes: bitsandbytes' own
+    MatMul4Bit would keep every layer's gathered codes on its autograd node to the end of the step). Its optimizer
+    step: an fp32 copy of the gradient partition and the optimizer's temporaries (bench/zero3_memory.py)."""
     b, n, common = _Bytes.of(cfg), cfg.processes, _common(s, cfg, params)
     trained = params["trainable_params"]
     persistent = sum(k * v for k, v in params["trained_tensors"] if v <= 10 * s.hidden)
@@ -94,13 +91,12 @@ def zero3_bytes(s: Shapes, cfg: PlanConfig, params: dict) -> dict:
     live = cfg.zero3_live_values
     by_deepspeed = min(s.layers, max(0, int((live - table) // layer)))  # the last ones, beside the head
     embedding = table if 2 * table + s.layers * layer <= live else 0  # the head, every layer and the embedding fit
-    kept = table + embedding + (s.layers if cfg.load_in_4bit else by_deepspeed) * layer
+    kept = table + embedding + by_deepspeed * layer
     again = (2 - min(2, by_deepspeed)) * layer  # the layer recomputed and the next, gathered unless DeepSpeed kept them
     # the step: an fp32 copy of the gradient partition, and the optimizer's temporaries over the flat fp32 partition
     # (one tensor: CUDA's foreach copies it once, a CPU's single-tensor AdamW CPU_STEP_COPIES times)
     foreach = optimizer_name(cfg.optim) in FOREACH_TEMPORARIES
     step = 4 * trained / n * (1 + (CPU_STEP_COPIES if cfg.device == "cpu" else 1) * foreach)
-    step += s.layers * layer * b.c if cfg.load_in_4bit else 0
     return {
         "weights": common["weights"],
         "trainable_state": (params["trainable_state"] + 2 * b.c * trained) / n + persistent * b.c,

@@ -350,6 +350,8 @@ def train(run: ResolvedRun) -> Path:
             trust_remote_code=training.trust_remote_code,
             context_parallel=cp_group,
         )
+        if launched.engine == "deepspeed" and model_cfg.load_in_4bit:
+            logger.info("ZeRO-3: %d NF4 layers release their codes", distributed.release_nf4_codes(model))
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         guard = checkpoints.CheckpointGuard()
         record = RecordCallback(
