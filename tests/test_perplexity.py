@@ -161,3 +161,37 @@ def test_a_prepared_folder_is_scored_as_its_token_rows(tiny, tmp_path):
     other = train_tokenizer([TEXT * 4], vocab_size=300)
     with pytest.raises(ValueError, match=f"^--data {out}: tokenized by"):
         text_token_ids(str(out), other)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ("gemma2", {"final_logit_softcapping": 2.0, "head_dim": 32}),  # tanh(logits / 2) x 2 after the head
+        ("granite", {"logits_scaling": 8.0}),  # the head's logits divided by 8
+        ("llama", {}),  # the head's output as is: scored in chunks of the head
+    ],
+)
+def test_a_model_that_transforms_its_logits_is_scored_by_its_own_forward(config):
+    """A model whose forward transforms the LM head's output is scored through that forward: the perplexity of one
+    whole window equals exp of the model's own loss; a Llama keeps the chunked head, whose figure is the same."""
+    from transformers import AutoConfig
+
+    from longqlora.evaluation import perplexity
+
+    model_type, extra = config
+    hf = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf).eval()
+    torch.nn.init.normal_(model.get_output_embeddings().weight, std=2.0)  # logits large enough for the cap to bite
+    ids = torch.randint(0, 128, (48,))
+    with torch.no_grad():
+        own = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    got = window_scores(model, ids, 48, progress=False, chunk=7).perplexity()
+    assert got == pytest.approx(math.exp(own), rel=1e-4)
+    assert perplexity._HEAD_IS_OUTPUT[model] == (model_type == "llama")
+    if model_type != "llama":  # the head read directly would be another figure: the probe is what makes it right
+        perplexity._HEAD_IS_OUTPUT[model] = True
+        assert abs(window_scores(model, ids, 48, progress=False).perplexity() / math.exp(own) - 1) > 0.05

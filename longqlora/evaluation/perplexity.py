@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,15 +79,39 @@ def scored_positions(window_index: int, context_length: int, stride: int, score:
     return slice(max(1, context_length - stride), context_length)
 
 
+_HEAD_IS_OUTPUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> probed once
+
+
+def _head_is_output(model, base, window: torch.Tensor) -> bool:
+    """Whether the model's own logits are its LM head's output unchanged, probed once per model on a few tokens:
+    Llama, Mistral and Qwen2 return them as is; Gemma-2/3 soft-cap them, Granite and Cohere scale them (the same
+    config name scales up in one model and down in another, so they are compared, not read from the config)."""
+    if model not in _HEAD_IS_OUTPUT:
+        probe = window[:1, : min(16, window.shape[1])]
+        hidden = base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+        direct = base.get_output_embeddings()(hidden).float()
+        own = model(input_ids=probe, use_cache=False).logits.float()
+        same = bool(((direct - own).abs().max() <= 1e-3 * own.abs().max().clamp(min=1.0)).item())
+        if not same:
+            logger.info("the model transforms its LM head's output: scored with its own forward, whole windows")
+        _HEAD_IS_OUTPUT[model] = same
+    return _HEAD_IS_OUTPUT[model]
+
+
 def _token_nll(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
     """(B, N) token ids -> (B, N) NLL of each token given the ones before it (position 0 gets 0).
 
-    The LM head runs over `chunk` positions at a time so that (N x vocab) logits never exist in fp32 at once.
+    The LM head runs over `chunk` positions at a time so that (N x vocab) logits never exist in fp32 at once; a
+    model whose forward transforms the head's output (`_head_is_output`) is scored through that forward instead.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    nll = torch.zeros(window.shape, dtype=torch.float64, device=window.device)
+    if not _head_is_output(model, base, window):
+        logits = model(input_ids=window, use_cache=False).logits[:, :-1]  # (B, N - 1, vocab)
+        nll[:, 1:] = F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="none").double()
+        return nll
     hidden = base.get_decoder()(input_ids=window, use_cache=False).last_hidden_state  # (B, N, hidden)
     head = base.get_output_embeddings()
-    nll = torch.zeros(window.shape, dtype=torch.float64, device=window.device)
     for start in range(0, window.shape[1] - 1, chunk):
         end = min(start + chunk, window.shape[1] - 1)
         logits = head(hidden[:, start:end]).float()  # predicts tokens start+1 .. end
