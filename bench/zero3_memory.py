@@ -3,8 +3,8 @@ it), measured on this CPU at a real model width, beside the planner's per-proces
 plan --processes N --sharding zero3`).
 
     for point in "2 4096" "2 8192" "4 4096" "4 8192" "12 4096" "12 4096 --live_values 1e8" \\
-            "4 4096 --live_values 1e8" "2 4096 --live_values 1e8"; do
-        set -- $point  # a launch each: a process's memory clean (12 layers: 18 minutes)
+            "4 4096 --live_values 1e8" "2 4096 --live_values 1e8" "32 4096 --live_values 1e8"; do
+        set -- $point  # a launch each: a process's memory clean (12 layers: 18 minutes, 32: 43)
         DS_ACCELERATOR=cpu python -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero3.yaml \\
             --num_processes 2 --mixed_precision bf16 bench/zero3_memory.py --layers $1 --contexts $2 "${@:3}" \\
             --json docs/zero3_memory_cpu.json; done
