@@ -404,20 +404,17 @@ CASES = [
     config_case("--config env value not a string", "env-list.yaml", "env: OMP_NUM_THREADS"),
     config_case("--config env value not a string", "env-key.yaml", "env: 1 is not a variable name"),
     flag_case("flag of the wrong type", ("--lora_r", "eight"), "--lora_r"),
-    flag_case("a training number transformers takes unchecked", ("--learning_rate", "-1"), "--learning_rate -1.0"),
-    flag_case(
-        "a training number transformers takes unchecked",
-        ("--gradient_accumulation_steps", "0"),
-        "--gradient_accumulation_steps 0",
-    ),  # fmt: skip
-    flag_case("a training number transformers takes unchecked", ("--save_steps", "0"), "--save_steps 0"),
-    flag_case("a training number transformers takes unchecked", ("--seed", "-1"), "--seed -1"),
-    flag_case("a training number transformers takes unchecked", ("--weight_decay", "-1"), "--weight_decay -1.0"),
-    flag_case(
-        "a training number transformers takes unchecked",
-        ("--per_device_train_batch_size", "0"),
-        "--per_device_train_batch_size 0",
-    ),  # fmt: skip
+    *[
+        flag_case("a training number transformers takes unchecked", (flag, value), says)
+        for flag, value, says in (
+            ("--learning_rate", "-1", "--learning_rate -1.0"),
+            ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps 0"),
+            ("--save_steps", "0", "--save_steps 0"),
+            ("--seed", "-1", "--seed -1"),
+            ("--weight_decay", "-1", "--weight_decay -1.0"),
+            ("--per_device_train_batch_size", "0", "--per_device_train_batch_size 0"),
+        )
+    ],
     flag_case("--offload_layers over the model's layers", ("--offload_layers", "99"), "--offload_layers 99"),
     flag_case(
         "unknown or abbreviated flag",

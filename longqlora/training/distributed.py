@@ -164,9 +164,8 @@ def share_rows(dataset, per_device_batch: int, cp: int, seed: int | None, epochs
             replicas,
             per_device_batch,
         )
-    indices = []
+    indices, n = [], len(dataset)
     for epoch in range(epochs):
-        n = len(dataset)
         order = np.arange(n) if seed is None else np.random.default_rng(seed + epoch).permutation(n)
         for step in range(steps):
             for rank in range(world):
