@@ -1,11 +1,12 @@
-"""Convert instruction data (LongAlpaca, LongQLoRA, ShareGPT or role/content messages) to Vicuna-ready conversations.
+"""Convert instruction data (LongAlpaca, LongQLoRA, ShareGPT or role/content messages) to chat conversations.
 
     python data_prep/prepare_instructions.py --dataset data/LongAlpaca-12k.json \
         --tokenizer meta-llama/Llama-2-7b-hf --output_dir data/longalpaca_msgs --max_length 8192 \
         --overlong truncate --num_proc 8
 
-Writes to --output_dir a `save_to_disk` dataset with one `messages` column (TRL renders it with the Vicuna v1.1
-template and, with assistant_only_loss=True, trains only the replies) and `stats.json`, atomically.
+Writes to --output_dir a `save_to_disk` dataset with one `messages` column and `stats.json`, atomically. Lengths
+are measured through the chat template training renders with (the tokenizer's own, or Vicuna v1.1 where it has
+none; stats.json names it); with assistant_only_loss=True TRL trains only the replies.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longqlora.cli import run_data_script
-from longqlora.data.formats import apply_vicuna_template
+from longqlora.data.formats import training_chat_template
 from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
 from longqlora.data.text import check_output_dir, save_dataset_atomic
 from longqlora.model import load_tokenizer
@@ -29,9 +30,10 @@ class ScriptArguments:
 
 def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "chat_template": "vicuna_v1.1"}
+    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer}
     conversations = load_conversations(cfg, stats=stats)  # every record checked before the tokenizer loads
-    tokenizer = apply_vicuna_template(load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    stats["chat_template"] = training_chat_template(tokenizer, "--tokenizer")  # the one training will use
     conversations, lengths = length_report(conversations, tokenizer, args.max_length, cfg.overlong, cfg.num_proc)
     stats.update(lengths)
     save_dataset_atomic(conversations, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)

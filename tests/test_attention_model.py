@@ -5,7 +5,14 @@ import statistics
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from longqlora.attention import disable_s2_attention, enable_s2_attention, s2_enabled
 from longqlora.attention.integration import IMPLEMENTATION
@@ -89,6 +96,10 @@ def test_kv_cache_uses_full_attention_even_in_training_mode():
     x = ids(1, 48)
     with torch.no_grad():
         assert torch.equal(model(x, use_cache=True).logits, ref(x, use_cache=True).logits)
+        # a cache object without use_cache=True: the op follows the model's choice of mask (it ran S2 here)
+        mine, theirs = DynamicCache(config=model.config), DynamicCache(config=ref.config)
+        assert torch.equal(model(x, past_key_values=mine).logits, ref(x, past_key_values=theirs).logits)
+        assert torch.equal(mine.layers[0].keys, theirs.layers[0].keys)
     model.eval()
     out = model.generate(x, max_new_tokens=5, do_sample=False)
     want = ref.generate(x, max_new_tokens=5, do_sample=False)

@@ -1,6 +1,7 @@
 """longqlora.data.text, longqlora.data.formats and the data_prep scripts: every input format, the error lines, the
 stats, the Vicuna template and its assistant mask, and TRL 1.16's packing on our output. CPU only, all in tmp_path."""
 
+import copy
 import gzip
 import json
 import os
@@ -483,6 +484,67 @@ def test_vicuna_assistant_mask_is_the_replies_and_stop_tokens(tok):
     unmasked = tok.decode([t for t, bit in zip(ids, mask) if not bit])
     assert unmasked == "<s>SYSTEM USER: Summarize\n\nthe long document ASSISTANT:USER: more ASSISTANT:"
     assert has_generation_markers(tok.chat_template) and is_chat_template_stop_token_trained(tok)
+
+
+def test_vicuna_trains_the_first_token_written_after_the_generation_prompt(tok):
+    """Chat's prompt ends at "ASSISTANT:"; where the space after it stays a token of its own (here before a digit or
+    a quote, as Llama's tokenizer does before a digit), that space is the first token the model writes, so it is
+    trained: the first masked position is the prompt's length (it was one later)."""
+    for reply in ["12345 it is.", '"Yes," she said.', "a short summary"]:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+        out = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert out["input_ids"][: len(prompt)] == prompt
+        assert out["assistant_masks"].index(1) == len(prompt), reply
+        assert sum(out["assistant_masks"]) == len(out["input_ids"]) - len(prompt)  # to the stop token
+
+
+def test_vicuna_renders_without_a_bos_token(tok):
+    no_bos = copy.deepcopy(tok)
+    no_bos.bos_token = None
+    assert no_bos.apply_chat_template([{"role": "system", "content": "S"}, *CHAT[:2]], tokenize=False) == (
+        "S USER: Summarize\n\nthe long document ASSISTANT: a short summary</s>"
+    )
+
+
+OWN_WITHOUT_MARKERS = (  # a model's own template (Llama-2-chat-like) that TRL has no training version of
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_path):
+    """data_prep's lengths and stats and training's come from one choice: the tokenizer's own template where it has
+    one (chat renders with it too), Vicuna v1.1 where it has none; an own template whose replies TRL cannot mask is
+    refused in one line naming the flag, before any weights load (SFTTrainer refused it after)."""
+    from conftest import load_script
+
+    from longqlora.data.formats import training_chat_template
+    from longqlora.training.run import prepare_dataset
+
+    prep = load_script("data_prep/prepare_instructions.py")
+    chats = write_instruction_formats(tmp_path)["longalpaca"]
+    own = copy.deepcopy(tok)
+    own.chat_template = VICUNA_V1_1_TEMPLATE.replace("USER: ", "Q: ").replace("'ASSISTANT:'", "'A:'")
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    for name, tokenizer, expected in (("own", own, "the tokenizer's own"), ("bare", bare, "vicuna_v1.1")):
+        tokenizer.save_pretrained(tmp_path / name)
+        args = prep.ScriptArguments(
+            tokenizer=str(tmp_path / name), output_dir=str(tmp_path / f"{name}_out"), max_length=4096
+        )
+        stats = prep.run(InstructionDataConfig(dataset=chats), args)
+        trained = copy.deepcopy(tokenizer)
+        _, train_stats = prepare_dataset(InstructionDataConfig(dataset=chats), trained, 4096)
+        assert stats["chat_template"] == train_stats["chat_template"] == expected
+        assert stats["tokens_total"] == train_stats["tokens_total"]
+    assert trained.chat_template == VICUNA_V1_1_TEMPLATE
+    assert stats["tokens_total"] > json.loads((tmp_path / "own_out" / "stats.json").read_text())["tokens_total"]
+
+    unmaskable = copy.deepcopy(tok)
+    unmaskable.chat_template = OWN_WITHOUT_MARKERS
+    with pytest.raises(ValueError, match=r"^--tokenizer: the tokenizer's own chat template has no \{% generation"):
+        training_chat_template(unmaskable, "--tokenizer")
 
 
 # ------------------------------------------------------------------------------------------- lengths

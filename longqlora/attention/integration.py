@@ -62,6 +62,9 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
         )
     cp = settings.context_parallel
     s2 = module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]
+    decided = _S2_MASKS.get()  # the model's pre-hook chose this forward's mask; the op follows the same choice
+    if decided is not None:  # (it also sees a cache object passed without use_cache, which never reaches here)
+        s2 = s2 and decided[0]
     if cp is not None:
         if not s2:
             raise RuntimeError(

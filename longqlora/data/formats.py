@@ -8,9 +8,11 @@ separator style ADD_COLON_TWO: sep " ", sep2 "</s>"):
 
     <s>{system} USER: {u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>
 
-The markers wrap each assistant reply together with its end-of-sequence token, so that TRL's
-`assistant_only_loss=True` trains exactly the replies and the stop token (the model learns when to stop), and
-`trl.chat_template_utils.is_chat_template_stop_token_trained` passes.
+The markers wrap each assistant reply together with the space before it and its end-of-sequence token, so that
+TRL's `assistant_only_loss=True` trains exactly what the model writes after the generation prompt `ASSISTANT:` (the
+space too, where the tokenizer keeps it a token of its own, as Llama's does before a digit) and the stop token (the
+model learns when to stop), and `trl.chat_template_utils.is_chat_template_stop_token_trained` passes. A tokenizer
+without a BOS token renders none.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ VICUNA_V1_1_TEMPLATE = (
     "{%- set system = default_system -%}\n"
     "{%- set turns = messages -%}\n"
     "{%- endif -%}\n"
-    "{{- bos_token + system + ' ' -}}\n"
+    "{{- (bos_token or '') + system + ' ' -}}\n"
     "{%- for message in turns -%}\n"
     "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}\n"
     "{%- if message['role'] != expected -%}\n"
@@ -41,9 +43,9 @@ VICUNA_V1_1_TEMPLATE = (
     "{%- if message['role'] == 'user' -%}\n"
     "{{- 'USER: ' + message['content'] + ' ' -}}\n"
     "{%- else -%}\n"
-    "{{- 'ASSISTANT: ' -}}\n"
+    "{{- 'ASSISTANT:' -}}\n"
     "{%- generation -%}\n"
-    "{{- message['content'] + eos_token -}}\n"
+    "{{- ' ' + message['content'] + eos_token -}}\n"
     "{%- endgeneration -%}\n"
     "{%- endif -%}\n"
     "{%- endfor -%}\n"
@@ -57,6 +59,30 @@ def apply_vicuna_template(tokenizer):
     """Set `tokenizer.chat_template` to Vicuna v1.1 and return the tokenizer (the same object)."""
     tokenizer.chat_template = VICUNA_V1_1_TEMPLATE
     return tokenizer
+
+
+def training_chat_template(tokenizer, flag: str) -> str:
+    """Give `tokenizer` the chat template conversations are trained with and return its name: the tokenizer's own
+    when it has one (chat renders with that one too), else Vicuna v1.1. data_prep's lengths and training's loss
+    both come from here, so they measure the same text. TRL's assistant-only loss needs `{% generation %}` markers
+    around the replies: an own template without them that TRL cannot patch is refused here, before any weights
+    load, rather than in SFTTrainer after they have."""
+    if not getattr(tokenizer, "chat_template", None):
+        apply_vicuna_template(tokenizer)
+        return "vicuna_v1.1"
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if not has_generation_markers(tokenizer.chat_template):
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            raise ValueError(
+                f"{flag}: the tokenizer's own chat template has no {{% generation %}} markers and TRL cannot add "
+                "them, so the replies cannot be told apart for the loss; wrap each assistant reply in "
+                "{% generation %}...{% endgeneration %} in its chat_template, or remove the template to train "
+                "with Vicuna v1.1"
+            ) from None
+    return "the tokenizer's own"
 
 
 # Detected from the keys that hold a value, in this order (a LongAlpaca record may also have `input`).

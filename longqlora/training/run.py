@@ -231,11 +231,11 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None, prepared:
     for its token rows (checked now when not given)."""
     loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
-        from longqlora.data.formats import apply_vicuna_template
+        from longqlora.data.formats import training_chat_template
 
-        if not tokenizer.chat_template:
-            apply_vicuna_template(tokenizer)
-        return instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
+        template = training_chat_template(tokenizer, "--model_name_or_path")
+        dataset, stats = instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
+        return dataset, {"chat_template": template, **stats}
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
