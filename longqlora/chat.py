@@ -10,6 +10,7 @@ fine-tuned on. Output goes to the stream the caller passes, never straight to sy
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from longqlora.evaluation.loading import LoaderArgs
+from longqlora.evaluation.loading import NEUTRAL_DECODING, LoaderArgs
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ class ChatConfig(LoaderArgs):
         super().__post_init__()
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"--temperature must be >= 0 (0 decodes greedily), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], e.g. 0.9, got {self.top_p}")
         if not 0 <= self.seed < 2**32:  # transformers' set_seed would refuse it naming no flag
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < math.inf:  # NaN too
             raise ValueError(f"--repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt is empty; pass a message, or leave --prompt out to chat interactively")
@@ -157,19 +158,18 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def generation_kwargs(cfg: ChatConfig, tokenizer, model=None) -> dict:
-    """generate() settings; greedy at temperature 0, with the sampling knobs at their neutral values so a model's
-    own generation_config (e.g. Vicuna's do_sample=True) neither samples nor warns."""
+    """generate() settings; greedy at temperature 0, every other knob at its neutral value so a model's own
+    generation_config (e.g. Vicuna's do_sample=True, a repetition penalty) neither samples, penalises nor warns."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {
+        **NEUTRAL_DECODING,
         "max_new_tokens": cfg.max_new_tokens,
         "repetition_penalty": cfg.repetition_penalty,
         "use_cache": True,
         "eos_token_id": stop_ids(model, tokenizer),
         "pad_token_id": pad,
     }
-    if cfg.temperature == 0:
-        kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
-    else:
+    if cfg.temperature > 0:
         kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     return kwargs
 

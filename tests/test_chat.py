@@ -245,6 +245,8 @@ def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkey
     for kwargs, flag in [
         ({}, "--model"),
         ({"model": "x", "temperature": -1}, "--temperature"),
+        ({"model": "x", "temperature": float("nan")}, "--temperature"),
+        ({"model": "x", "repetition_penalty": float("nan")}, "--repetition_penalty"),
         ({"model": "x", "top_p": 0}, "--top_p"),
         ({"model": "x", "max_new_tokens": 0}, "--max_new_tokens"),
         ({"model": "x", "seed": -1}, "--seed"),

@@ -126,6 +126,21 @@ def test_scoring_can_pass_and_fail(tiny, wrong, expected):
 
 
 # --------------------------------------------------------------------------------------------- tiny real runs
+def test_the_answer_is_greedy_whatever_the_generation_config_says(tiny):
+    """A model's generation_config.json (Qwen2-Instruct ships repetition_penalty 1.05) fills every generate()
+    setting a call leaves unset; the answer is still the argmax at every step (it was not, with a penalty)."""
+    path, tok = tiny
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=8)
+    prompt = build_prompt(tok, "31415", 0.5, 120)["prompt"]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    argmax = tok.decode(ids[0, -8:], skip_special_tokens=True)
+    assert P.generate_answer(model, tok, prompt, 8) == argmax
+
+
 def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog):
     path, _ = tiny
     cfg = PasskeyConfig(

@@ -101,6 +101,29 @@ def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):
     assert "beyond the 64 tokens" in caplog.text  # 96 > the model's 64: a warning, not an error
 
 
+def test_a_split_of_a_dataset_dict_is_chosen_and_recorded(tiny, tmp_path):
+    """--split picks the DatasetDict's split to score (it always scored train) and the result names it; --output
+    naming a .csv or .png (where the JSON would be overwritten by the side files) is refused."""
+    import datasets
+
+    path, model, ids = tiny
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["zzzz qqqq " * 200]}),
+            "test": datasets.Dataset.from_dict({"text": [TEXT]}),
+        }
+    ).save_to_disk(str(tmp_path / "dd"))
+    result = run_perplexity(
+        PerplexityConfig(model=str(path), data=str(tmp_path / "dd"), split="test", context_lengths=[32])
+    )
+    direct = window_scores(model, ids.tolist() + [2], 32, progress=False)
+    assert result["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
+    assert result["split"] == "test"
+    for bad in ("r.csv", "r.PNG"):
+        with pytest.raises(ValueError, match=f"^--output {bad}: names the JSON result"):
+            PerplexityConfig(model=str(path), output=bad)
+
+
 def test_command_line_errors_are_one_line(tiny, tmp_path):
     path, _, _ = tiny
     text = tmp_path / "short.txt"

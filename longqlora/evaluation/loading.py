@@ -21,6 +21,38 @@ from longqlora.rope import UNSCALED_TO, check_scaling
 logger = logging.getLogger(__name__)
 
 
+# generate() settings that decide which token comes next, at their neutral values. transformers fills whatever a
+# call leaves unset from the model's generation_config.json (Qwen2-Instruct's repetition_penalty 1.05, a ban on
+# repeated n-grams, beams, suppressed tokens), so passkey's greedy answer and chat pass these and then their own.
+NEUTRAL_DECODING = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    "watermarking_config": None,
+}
+
+
 @dataclass
 class LoaderArgs:
     """The flags of every command that loads a model to use it (chat, passkey, perplexity): which model and adapter,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from longqlora.evaluation.loading import LoaderArgs
+from longqlora.evaluation.loading import NEUTRAL_DECODING, LoaderArgs
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +174,13 @@ def is_correct(key: str, generated: str) -> bool:
 
 @torch.no_grad()
 def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt`, decoded without special tokens (batch 1: no padding, no mask of our own)."""
+    """Greedy continuation of `prompt`, decoded without special tokens (batch 1: no padding, no mask of our own);
+    greedy whatever the model's generation_config holds (a repetition penalty would count the key's digits in the
+    prompt against the answer)."""
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, use_cache=True)
+    settings = {**NEUTRAL_DECODING, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "use_cache": True}
+    out = model.generate(**enc, **settings)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

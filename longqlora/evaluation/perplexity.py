@@ -196,9 +196,15 @@ class PerplexityConfig(LoaderArgs):
         },
     )
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON/Parquet data."})
+    split: str = field(
+        default="train",
+        metadata={"help": "Split to score of a save_to_disk DatasetDict or hub dataset (e.g. test, validation)."},
+    )
     max_tokens: int | None = field(default=None, metadata={"help": "Score only the first N tokens of the text."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward pass."})
-    output: str | None = field(default=None, metadata={"help": "results.json path; a .csv and a .png go beside."})
+    output: str | None = field(
+        default=None, metadata={"help": "results.json path; a .csv and a .png of the same name go beside it."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -215,15 +221,22 @@ class PerplexityConfig(LoaderArgs):
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"--max_tokens must be a positive number of tokens, got {self.max_tokens}")
+        if self.output and Path(self.output).suffix.lower() in (".csv", ".png"):  # the JSON would be overwritten
+            raise ValueError(
+                f"--output {self.output}: names the JSON result, and the .csv and .png are written beside it "
+                f"under the same name; pass {Path(self.output).with_suffix('.json')}"
+            )
 
 
-def text_token_ids(data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
+def text_token_ids(
+    data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None, split: str = "train"
+) -> torch.Tensor:
     """The token stream `token_stream` scores, without its description."""
-    return token_stream(data, tokenizer, text_field=text_field, max_tokens=max_tokens)[0]
+    return token_stream(data, tokenizer, text_field=text_field, max_tokens=max_tokens, split=split)[0]
 
 
 def token_stream(
-    data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None
+    data: str, tokenizer, *, text_field: str = "text", max_tokens: int | None = None, split: str = "train"
 ) -> tuple[torch.Tensor, str]:
     """(ids, what they are): the documents of `data` tokenized and joined with EOS into one stream (bundled book
     names allowed); a folder that data_prep/prepare_text.py wrote is read as its token rows, joined as they are
@@ -242,7 +255,7 @@ def token_stream(
             "a hub dataset id (org/name)"
         )
     try:
-        cfg = TextDataConfig(dataset=source, text_field=text_field)
+        cfg = TextDataConfig(dataset=source, text_field=text_field, split=split)
         documents = load_training_text(cfg)
         if "input_ids" in documents.column_names:  # prepared rows: one flat Arrow column, no Python list per token
             check_tokenizer(cfg, tokenizer, documents)
@@ -275,6 +288,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code),
         text_field=cfg.text_field,
         max_tokens=cfg.max_tokens,
+        split=cfg.split,
     )
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
@@ -307,6 +321,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
         "model": cfg.model or adapter_base(cfg.adapter),
         "adapter": cfg.adapter,
         "data": cfg.data,
+        "split": cfg.split,
         "text_tokens": ids.numel(),
         "stream": stream,
         "original_context": original,
