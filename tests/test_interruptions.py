@@ -151,6 +151,9 @@ def test_kill_9_while_writing_a_checkpoint_skips_it(reference, tmp_path, monkeyp
     assert loads and all(Path(f).parent == out / "checkpoint-2" for f, _ in loads)  # optimizer, scheduler, RNG
     assert identical(final, tensors)
     assert checkpoints.checkpoint_problem(half) == "" and not list(out.glob("incomplete-*"))
+    # the record's mean loss is the whole run's (the Trainer's covers only the steps after the resume)
+    train, whole = (json.loads((d / "longqlora_extension.json").read_text())["train"] for d in (out, reference[2]))
+    assert train["final_loss"] == pytest.approx(whole["final_loss"], 1e-3) and train["resumed_at_step"] == 2
 
 
 def test_kill_9_while_publishing_the_adapter_then_resume(reference, tmp_path, monkeypatch, caplog):

@@ -258,6 +258,13 @@ def test_an_explicit_split_that_does_not_fit_is_named():
         "offload_layers 15: the host can pin 15 of the 32 layers' checkpoints, the rest stay on the GPU"
     ]
     assert advise(config, PlanConfig(**base, tiled_mlp=True, offload_layers=15))["turn_on"] == []
+    # "every switch on" splits as the host allows, as the advice does: never shorter than what the advice fits
+    at_4 = advise(
+        preset_config("llama-2-7b"),
+        PlanConfig(**{**base, "model": "llama-2-7b", "context": 65536, "gpu_memory": 22.5}, offload_layers=4),
+    )
+    assert at_4["turn_on"] == ["tiled_mlp", "offload_layers unset: all 32 layers' checkpoints offloaded"]
+    assert at_4["longest_context_all_switches"] >= 65536 and at_4["longest_offloads"]
 
 
 def test_offload_layers_splits_the_checkpoints_between_host_and_gpu():
@@ -421,6 +428,20 @@ def test_shapes_read_gqa_and_head_dim():
     s = Shapes.of(preset_config("llama-3.1-8b"))
     assert (s.heads, s.kv_heads, s.head_dim, s.vocab) == (32, 8, 128, 128256)
     assert s.linear_shapes(False) == [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
+
+
+def test_shapes_read_a_multimodal_configs_text_part_and_refuse_other_shapes(tmp_path, capsys):
+    """A config whose decoder sits in a text part (Gemma-3) is planned by that part; one without Llama's shapes
+    (GPT-2) ends in one line naming --model (a traceback before)."""
+    from transformers import Gemma3Config, GPT2Config
+
+    gemma = Gemma3Config()
+    assert Shapes.of(gemma) == Shapes.of(gemma.get_text_config())
+    GPT2Config().save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "--model", str(tmp_path), "--context", "8192"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: --model: GPT2Config has no intermediate_size")
 
 
 @pytest.mark.parametrize(

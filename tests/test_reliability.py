@@ -674,6 +674,9 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tiny_
     for more, said in (
         (["--target_context", "256", "--lora_r", "4"], "written by a run with --lora_r 8, this run has 4"),
         (["--target_context", "512"], "written by a run with --target_context 256, this run has 512"),
+        (["--target_context", "256", "--lora_alpha", "64"], "written by a run with --lora_alpha 16, this run has 64"),
+        (["--target_context", "256", "--rope_scaling", "linear"], "--rope_scaling yarn, this run has linear"),
+        (["--target_context", "256", "--load_in_4bit", "false"], "--load_in_4bit True, this run has False"),
         (["--tiny", "--resume_from_checkpoint", str(tmp_path / "nowhere")], "nowhere: no such directory"),
     ):
         argv = [*base, "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint), *more]

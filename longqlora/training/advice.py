@@ -34,7 +34,8 @@ def advise(config, cfg: PlanConfig) -> dict:
     result = plan(config, cfg)
     if cfg.device_gib is None:
         return result
-    everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True)
+    # every switch on, the checkpoints split as the host allows (a split of the user's can only offload fewer)
+    everything = replace(cfg, offload=True, chunked_loss=True, tiled_mlp=True, offload_layers=None)
     result["longest_context"] = longest_context(config, cfg)
     offloaded, kept = longest_context(config, everything), longest_context(config, replace(everything, offload=False))
     result["longest_context_all_switches"] = max(offloaded, kept)

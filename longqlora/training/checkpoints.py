@@ -154,7 +154,8 @@ def check_named_resume(output_dir, requested, *, with_optimizer: bool = True) ->
 def check_same_run(checkpoint: str | None, run: dict) -> None:
     """Refuse a checkpoint that another run wrote: the Trainer would load its weights, optimizer, scheduler (its
     learning rate) and step into this run without a word. `run` maps flags to this run's values, compared with the
-    record the checkpoint holds (RecordCallback); a checkpoint without a record is not checked."""
+    record the checkpoint holds (RecordCallback); a checkpoint without a record is not checked, nor a setting that
+    an older record lacks."""
     from longqlora.record import ExtensionRecord
 
     record = ExtensionRecord.read(checkpoint) if checkpoint else None
@@ -165,8 +166,11 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
         "--model_name_or_path": record.model,
         "--target_context": record.target_context,
         "--lora_r": lora.get("r"),
+        "--lora_alpha": lora.get("alpha"),
         "--lora_target": lora.get("target"),
         "--trainable_params": lora.get("trainable_modules"),
+        "--rope_scaling": record.rope_type,
+        "--load_in_4bit": record.load_in_4bit,
     }
     for flag, ours in run.items():
         other = theirs.get(flag)
@@ -300,13 +304,12 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
-        losses = [e["loss"] for e in state.log_history if "loss" in e]
         return {
             "steps": state.global_step,
-            # the run's mean, as trainer.train's training_loss (each logged loss is its interval's mean)
-            "final_loss": sum(losses) / len(losses) if losses else None,
+            "final_loss": mean_loss(state),
             "tokens": state.num_input_tokens_seen,
             "seconds": 0.0,
+            "resumed_at_step": state.global_step,
         }
     with stop_on_signals(guard):
         result = trainer.train(resume_from_checkpoint=resume)
@@ -317,12 +320,27 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
             f"{state.global_step} in {trainer.args.output_dir} holds the run; continue with "
             "--resume_from_checkpoint auto"
         )
-    return {
+    out = {
         "steps": state.global_step,
-        "final_loss": result.training_loss,
+        # the whole run's mean: trainer.train's training_loss averages only the steps of this call
+        "final_loss": mean_loss(state) if resume else result.training_loss,
         "tokens": state.num_input_tokens_seen,
-        "seconds": result.metrics.get("train_runtime"),
+        "seconds": result.metrics.get("train_runtime"),  # of this call: from resumed_at_step on
     }
+    if resume:
+        out["resumed_at_step"] = json.loads((Path(resume) / STATE_FILE).read_text())["global_step"]
+    return out
+
+
+def mean_loss(state) -> float | None:
+    """The mean training loss per step over the logged steps of the whole run (a resumed one included): each logged
+    loss is the mean of the steps since the previous log, so each is weighted by that interval."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = steps + entry["step"] - previous, entry["step"]
+    return total / steps if steps else None
 
 
 @contextmanager

@@ -62,12 +62,21 @@ class Shapes:
 
     @classmethod
     def of(cls, config) -> Shapes:
-        heads = config.num_attention_heads
+        """From a decoder's config (a multimodal one's text part); one line naming --model where it lacks a shape."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        try:
+            heads, vocab, hidden = config.num_attention_heads, config.vocab_size, config.hidden_size
+            layers, intermediate = config.num_hidden_layers, config.intermediate_size
+        except AttributeError as err:
+            raise ValueError(
+                f"--model: {type(config).__name__} has no {err.name}; the planner knows decoders shaped like "
+                "Llama's (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers, vocab_size)"
+            ) from None
         return cls(
-            vocab=config.vocab_size,
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            intermediate=config.intermediate_size,
+            vocab=vocab,
+            hidden=hidden,
+            layers=layers,
+            intermediate=intermediate,
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,

@@ -205,6 +205,7 @@ def extension_record(
         pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
         lora={
             "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
             "target": cfg.lora_target,
             "trainable_modules": cfg.trainable_params,
             "trainable_params": info.trainable_params,
@@ -245,8 +246,11 @@ def same_run(model_cfg: ModelConfig, info: ModelInfo) -> dict:
         "--model_name_or_path": info.model,
         "--target_context": info.target_context,
         "--lora_r": model_cfg.lora_r,
+        "--lora_alpha": model_cfg.lora_alpha,  # the scale of what the checkpoint's LoRA weights add
         "--lora_target": model_cfg.lora_target,
         "--trainable_params": model_cfg.trainable_params,
+        "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
+        "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
     }
 
 
