@@ -348,3 +348,24 @@ def test_an_adapter_is_not_applied_again_to_the_model_it_was_merged_into(adapter
     shutil.copytree(adapter, other, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
     with pytest.raises(AssertionError, match="weights were loaded"):  # past the checks, to the weights
         load_for_inference(str(out), adapter=str(other))
+
+
+def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(adapter, tmp_path, monkeypatch):
+    """PEFT records a local base as the run named it (`models/base`, relative to where the run started, and shaped
+    like a hub id); evaluated or merged from another folder, the nearest folder above the adapter that holds it is
+    taken (before: no such directory, or a hub lookup). What resolves nowhere stays as recorded."""
+    from longqlora.evaluation.loading import adapter_base, model_dir
+
+    project = tmp_path / "project"
+    run = project / "out" / "run"
+    shutil.copytree(adapter, run, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))
+    shutil.copytree(adapter / "tiny-base", project / "models" / "base")
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "models/base"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert adapter_base("../project/out/run") == str(project / "models" / "base")
+    assert model_dir(None, "../project/out/run") == str(project / "models" / "base")
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/missing"}))
+    assert adapter_base(str(run)) == "org/missing"

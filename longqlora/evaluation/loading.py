@@ -136,9 +136,18 @@ def read_extension(adapter) -> ExtensionRecord | None:
 
 
 def adapter_base(adapter) -> str:
-    """The base model an adapter was trained on, as recorded by PEFT."""
+    """The base model an adapter was trained on, as recorded by PEFT. PEFT records a local base as the run named
+    it, relative to the folder that run started in; where that does not resolve from here, the nearest folder
+    above the adapter that holds it with a config.json is taken (the run's folder: its --output_dir lies below)."""
     path = Path(os.path.expanduser(str(adapter)))
-    return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not base or os.path.isabs(os.path.expanduser(base)) or os.path.exists(base):
+        return base
+    for folder in path.resolve().parents:
+        if (folder / base / "config.json").is_file():
+            logger.info("--adapter %s: its recorded base %s found as %s", adapter, base, folder / base)
+            return str(folder / base)
+    return base
 
 
 # What from_pretrained reads of a hub model: configs, safetensors weights, tokenizer files (never pickle .bin)
