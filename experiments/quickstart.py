@@ -60,6 +60,9 @@ class QuickstartConfig(SmallLlamaConfig):
         if not self.scalings or set(self.scalings) - set(UNSCALED_TO):
             raise ValueError(f"--rope_scalings {self.rope_scalings!r}: a comma list of {', '.join(UNSCALED_TO)}")
         if self.tiny:
+            default_dir = next(f.default for f in dataclasses.fields(self) if f.name == "output_dir")
+            if self.output_dir == default_dir:  # a smoke run never takes the real run's folder (as the recipes)
+                self.output_dir = f"{default_dir}-tiny"
             self.pretrain_steps, self.extend_steps, self.passkey_trials = 3, 2, 1
             self.copy_steps = min(self.copy_steps, 2)
             self.eval_tokens = 4 * self.short_context * self.factor
@@ -337,9 +340,10 @@ def main(config_cls, argv=None) -> dict | None:
         if cfg.dry_run:
             print(
                 f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "
-                f"{cfg.short_context} tokens for {cfg.pretrain_steps} steps, extend to {cfg.long_context} "
-                f"(S2-Attn group {s2_groups(cfg)}, and full attention) for "
-                f"{cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; output {cfg.output_dir}"
+                f"{cfg.short_context} tokens for {cfg.copy_steps} copy + {cfg.pretrain_steps} text steps, extend to "
+                f"{cfg.long_context} with RoPE {' and '.join(cfg.scalings)} (S2-Attn group {s2_groups(cfg)}, and "
+                f"full attention) for {cfg.extend_steps} steps each, score {cfg.eval_tokens} held-out tokens; "
+                f"output {cfg.output_dir}"
             )
             return None
         result = run(cfg)

@@ -11,7 +11,7 @@ cores; seeded.
     python recipes/quickstart.py                         # the README's first command
     python recipes/quickstart.py --output_dir /tmp/qs --extend_steps 100
     python recipes/quickstart.py --context_mix false --copy_steps 0 --rope_scalings linear   # books only
-    python recipes/quickstart.py --tiny --output_dir /tmp/qs-tiny     # seconds: the same pipeline, tiny
+    python recipes/quickstart.py --tiny            # minutes: the same pipeline, tiny, into out/quickstart-tiny
     python recipes/quickstart.py --dry_run
 """
 

@@ -206,6 +206,16 @@ def test_quickstart_dry_run_shows_the_groups_it_trains():
     )
     sizes = ModelConfig(model_name_or_path="-", target_context=512).group_sizes  # the quickstart: 128 -> 512
     assert out.returncode == 0 and f"S2-Attn group {' -> '.join(map(str, sizes))} over" in out.stdout, out.stderr
+    assert "1200 copy + 400 text steps" in out.stdout and out.stdout.strip().endswith("output out/quickstart")
+    tiny = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--dry_run", "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    # a smoke run without --output_dir never writes over the real run's results (it did: out/quickstart)
+    assert tiny.returncode == 0 and tiny.stdout.strip().endswith("output out/quickstart-tiny"), tiny.stderr
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,21 @@ def check_named_resume(output_dir, requested, *, with_optimizer: bool = True) ->
     return None
 
 
+def run_settings(model_cfg, info) -> dict:
+    """What a checkpoint to resume from must have been trained with (`check_same_run`), from the run's ModelConfig
+    and ModelInfo."""
+    return {
+        "--model_name_or_path": info.model,
+        "--target_context": info.target_context,
+        "--lora_r": model_cfg.lora_r,
+        "--lora_alpha": model_cfg.lora_alpha,  # the scale of what the checkpoint's LoRA weights add
+        "--lora_target": model_cfg.lora_target,
+        "--trainable_params": model_cfg.trainable_params,
+        "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
+        "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
+    }
+
+
 def check_same_run(checkpoint: str | None, run: dict) -> None:
     """Refuse a checkpoint that another run wrote: the Trainer would load its weights, optimizer, scheduler (its
     learning rate) and step into this run without a word. `run` maps flags to this run's values, compared with the

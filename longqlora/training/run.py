@@ -240,20 +240,6 @@ def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None, prepared:
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
-def same_run(model_cfg: ModelConfig, info: ModelInfo) -> dict:
-    """What a checkpoint to resume from must have been trained with (checkpoints.check_same_run)."""
-    return {
-        "--model_name_or_path": info.model,
-        "--target_context": info.target_context,
-        "--lora_r": model_cfg.lora_r,
-        "--lora_alpha": model_cfg.lora_alpha,  # the scale of what the checkpoint's LoRA weights add
-        "--lora_target": model_cfg.lora_target,
-        "--trainable_params": model_cfg.trainable_params,
-        "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
-        "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
-    }
-
-
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     recipe_dir = recipe_default(training, "output_dir")
@@ -295,7 +281,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             f"--offload_layers {training.offload_layers}: {model_cfg.model_name_or_path} has {layers} decoder "
             f"layers; pass at most {layers}, or leave it unset (all)"
         )
-    checkpoints.check_same_run(named, same_run(model_cfg, info))
+    checkpoints.check_same_run(named, checkpoints.run_settings(model_cfg, info))
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     asked = training.optim
     training = finalize_training(model_cfg, data_cfg, training, info)
@@ -339,7 +325,7 @@ def train(run: ResolvedRun) -> Path:
     ) as resume:
         resume = distributed.from_main(resume)  # the main process looked (and moved incomplete ones aside)
         if str(training.resume_from_checkpoint).lower() in checkpoints.AUTO:  # a named one was checked in resolve
-            checkpoints.check_same_run(resume, same_run(model_cfg, run.info))
+            checkpoints.check_same_run(resume, checkpoints.run_settings(model_cfg, run.info))
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
         cp_group = None
         if model_cfg.context_parallel > 1:
