@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from longqlora import hardware
-from longqlora.config_file import parse_with_config
-from longqlora.errors import INTERRUPTED_EXIT, Interrupted, input_error_types, one_line
+from longqlora.config_file import parse_flags, parse_with_config
+from longqlora.errors import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, Interrupted, input_error_types, one_line
 
 
 def fail(err: BaseException):
@@ -26,9 +26,13 @@ def one_line_errors():
     """Run an entry point: input errors end in one line (exit 2), an interruption in one line (exit 130)."""
     try:
         yield
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at interpreter exit
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    except BrokenPipeError:  # the output's reader stopped (`| head`): nothing wrong with the input, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        raise SystemExit(BROKEN_PIPE_EXIT) from None
     except KeyboardInterrupt:
         if os.environ.get("LONGQLORA_TRACEBACK"):
             raise
@@ -85,7 +89,7 @@ def _perplexity(argv):
 
     from longqlora.evaluation.perplexity import PerplexityConfig, run_perplexity
 
-    (cfg,) = HfArgumentParser(PerplexityConfig).parse_args_into_dataclasses(args=argv)
+    (cfg,) = parse_flags(HfArgumentParser(PerplexityConfig, prog="python -m longqlora perplexity"), argv)
     result = run_perplexity(cfg)
     from longqlora.output import markdown_table
 
@@ -113,7 +117,7 @@ def _passkey(argv):
     from longqlora.evaluation.passkey import PasskeyConfig, run_passkey
     from longqlora.output import markdown_table
 
-    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(args=argv)
+    (cfg,) = parse_flags(HfArgumentParser(PasskeyConfig, prog="python -m longqlora passkey"), argv)
     result = run_passkey(cfg)
     print(
         f"passkey retrieval: {result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} "
@@ -144,7 +148,7 @@ def _chat(argv):
 
     from longqlora.chat import ChatConfig, chat_loop, load_chat_model, one_shot
 
-    (cfg,) = HfArgumentParser(ChatConfig).parse_args_into_dataclasses(args=argv)
+    (cfg,) = parse_flags(HfArgumentParser(ChatConfig, prog="python -m longqlora chat"), argv)
     model, tokenizer = load_chat_model(cfg)
     if cfg.prompt is not None:
         one_shot(cfg, model, tokenizer, sys.stdout)
@@ -157,7 +161,7 @@ def _merge(argv):
 
     from longqlora.merge import MergeConfig, describe, merge
 
-    (cfg,) = HfArgumentParser(MergeConfig).parse_args_into_dataclasses(args=argv)
+    (cfg,) = parse_flags(HfArgumentParser(MergeConfig, prog="python -m longqlora merge"), argv)
     print(describe(merge(cfg)))
     return 0
 
@@ -171,7 +175,7 @@ def _plan(argv):
     from longqlora.training.advice import advise, render
     from longqlora.training.plan import PlanConfig
 
-    (cfg,) = HfArgumentParser(PlanConfig).parse_args_into_dataclasses(args=argv)
+    (cfg,) = parse_flags(HfArgumentParser(PlanConfig, prog="python -m longqlora plan"), argv)
     # Checked here, not in PlanConfig: the planner switches offloading off and on in its search, keeping the split.
     if cfg.offload_layers is not None and not cfg.offload:
         raise ValueError(f"--offload_layers {cfg.offload_layers}: splits the offloaded checkpoints; add --offload")
@@ -218,7 +222,7 @@ def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
     setup_logging()
     parser = HfArgumentParser(dataclass_types, description=doc.split("\n")[0])
     with one_line_errors():
-        configs = parser.parse_args_into_dataclasses(args=argv)
+        configs = parse_flags(parser, sys.argv[1:] if argv is None else list(argv))
         stats = run(*configs)
     print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
     print(summary(stats, *configs))

@@ -27,7 +27,7 @@ def parse_with_config(parser, argv: list[str] | None):
             args[i : i + 1] = ["--config", arg.removeprefix("--config=")]
             break
     if "--config" not in args:
-        return _parse(parser, args)
+        return parse_flags(parser, args)
     i = args.index("--config")
     if i + 1 >= len(args) or args[i + 1].startswith("--"):
         raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
@@ -38,26 +38,39 @@ def parse_with_config(parser, argv: list[str] | None):
         os.environ[key] = str(value)
     parser.set_defaults_with_config(**checked_values(parser, config, path))
     try:
-        return _parse(parser, args)
+        return parse_flags(parser, args)
     except ValueError as err:  # a dataclass refusing a value: say so when the value came from the file
         if any(str(err).startswith((f"--{k} ", f"--{k}:")) and f"--{k}" not in args for k in config):
             raise ValueError(f"--config {path}: {err}") from None
         raise
 
 
-def _parse(parser, args: list[str]):
-    """The dataclasses from `args`, flags spelled out in full (argparse would take `--max_step` for --max_steps);
-    an unknown flag is one line with the nearest known one, not HfArgumentParser's list of leftovers."""
-    import difflib
-
+def parse_flags(parser, args: list[str]):
+    """The dataclasses from `args` (an HfArgumentParser's; every entry point parses here), flags spelled out in full
+    (argparse would take `--max_step` for --max_steps); an unknown flag is one line with the nearest known one (not
+    HfArgumentParser's list of leftovers, nor argparse's "required: --context" when the typo was --contxt), and
+    argparse's own errors are one line too, without its usage of every flag before them."""
     parser.allow_abbrev = False
+    parser.error = _argparse_error
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in args:  # a flag-shaped word argparse would not take as a value either
+        if arg.startswith("--") and arg != "--" and " " not in arg and arg.split("=", 1)[0] not in known:
+            _unknown(arg.split("=", 1)[0], known)
     *parsed, left = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if left:  # what argparse did not take, as it decided: a value like "--a b" is no flag
-        flag = next((x.split("=", 1)[0] for x in left if x.startswith("--")), left[0])
-        known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
-        near = difflib.get_close_matches(flag, known, n=1)
-        raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
+        _unknown(next((x.split("=", 1)[0] for x in left if x.startswith("--")), left[0]), known)
     return tuple(parsed)
+
+
+def _unknown(flag: str, known: list[str]):
+    import difflib
+
+    near = difflib.get_close_matches(flag, known, n=1)
+    raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
+
+
+def _argparse_error(message: str):
+    raise ValueError(f"{message} (--help lists the flags)")
 
 
 def read_config(path: str) -> dict:

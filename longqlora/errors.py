@@ -10,6 +10,7 @@ bug and keeps its traceback. LONGQLORA_TRACEBACK=1 shows the traceback of a one-
 from __future__ import annotations
 
 INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C
+BROKEN_PIPE_EXIT = 141  # the shell's code for a command whose reader went away (SIGPIPE), e.g. `| head -1`
 
 
 class Interrupted(Exception):

@@ -727,7 +727,7 @@ def prepare(tok, tmp_path, name="prepared", **cfg):
 
 
 @pytest.mark.parametrize("pack", ["documents", "concat"])
-def test_prepared_rows_train_as_the_text_they_came_from(tok, tmp_path, pack):
+def test_prepared_rows_train_as_the_text_they_came_from(tok, tmp_path, pack, caplog):
     """README: prepare_text.py --output_dir D, then a recipe's --dataset D. The training data path takes the saved
     token rows as they are (no second tokenization, no second EOS) and yields exactly the ids the text path does:
     --min_length, the packable check and --pack concat's full rows apply the same; TRL packs them unchanged."""
@@ -745,6 +745,10 @@ def test_prepared_rows_train_as_the_text_they_came_from(tok, tmp_path, pack):
     loaded = load_data(cfg, vocab_size=len(tok))
     assert loaded.column_names == ["input_ids"] and [list(ids) for ids in loaded["input_ids"]] == saved
     rows, stats = prepare_dataset(cfg, tok, max_length, loaded)
+    # prepared with the default --pack documents (stats.json says so): training with another --pack is told
+    assert ("was prepared with --pack documents (its stats.json); this run packs --pack concat" in caplog.text) == (
+        pack == "concat"
+    )
     kept = [ids for ids in saved if len(ids) >= cut]
     if pack == "documents":
         assert [list(ids) for ids in rows["input_ids"]] == kept

@@ -251,6 +251,12 @@ CASES = [
         lambda b, o: [*recipe_args(b, o), "--model_name_or_path", str(b / "nowhere")],
         lambda b, o: "--model_name_or_path",
     ),
+    Case(  # a bare name is a path, never looked up on the hub (it retried the hub for half a minute offline)
+        "model directory missing",
+        "recipe",
+        lambda b, o: [*recipe_args(b, o), "--model_name_or_path", "nowhere"],
+        lambda b, o: "--model_name_or_path nowhere: no such directory",
+    ),
     Case(
         "model directory missing",
         "command",
@@ -380,6 +386,12 @@ CASES = [
         lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--tokenizer", str(b / "nowhere")],
         lambda b, o: "--tokenizer",
     ),
+    Case(  # a trailing slash is a directory, not a hub id (HF's repo-id validation error before)
+        "tokenizer missing",
+        "prepare_text",
+        lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--tokenizer", "nowhere/"],
+        lambda b, o: "--tokenizer nowhere/: no such directory",
+    ),
     Case(
         "--config missing",
         "recipe",
@@ -416,12 +428,34 @@ CASES = [
         )
     ],
     flag_case("--offload_layers over the model's layers", ("--offload_layers", "99"), "--offload_layers 99"),
+    *[  # the Trainer's engine flags, a missing file included (transformers' own error named no fix before)
+        flag_case("--deepspeed or --fsdp on the recipe", flags, f"{flags[0]}: set the engine with accelerate launch")
+        for flags in (("--deepspeed", "missing.json"), ("--fsdp", "full_shard"))
+    ],
     flag_case(
         "unknown or abbreviated flag",
         ("--lora_rr", "16"),
         "--lora_rr: not a flag of this command; did you mean --lora_r?",
     ),
     flag_case("unknown or abbreviated flag", ("--max_step", "3"), "did you mean --max_steps?"),
+    Case(  # a required flag's typo: named itself, not as argparse's "required: --context"
+        "unknown or abbreviated flag",
+        "command",
+        lambda b, o: ["plan", "--model", "llama-2-7b", "--contxt", "8192"],
+        lambda b, o: "--contxt: not a flag of this command; did you mean --context?",
+    ),
+    Case(  # an abbreviation the subcommands took
+        "unknown or abbreviated flag",
+        "command",
+        lambda b, o: ["merge", "--adapter", str(b / "model"), "--output", str(o), "--dtyp", "float16"],
+        lambda b, o: "--dtyp: not a flag of this command; did you mean --dtype?",
+    ),
+    Case(
+        "unknown or abbreviated flag",
+        "prepare_text",
+        lambda b, o: [*text_args(b, o, b / "books" / "good.txt"), "--min_lenght", "5"],
+        lambda b, o: "--min_lenght: not a flag of this command; did you mean --min_length?",
+    ),
     flag_case("--max_length, which the run sets from --target_context", ("--max_length", "128"), "--max_length 128"),
     Case(
         "--data neither a bundled book, a path nor an org/name hub id",
@@ -557,6 +591,8 @@ def test_bad_input_is_one_line(case, bad, tmp_path, capfd):
     assert "error:" in last and case.names(bad, out) in last, last
     assert len(last) < 300, last
     assert snapshot(bad, out) == before and not out.exists()
+    if case.input_class in ("flag of the wrong type", "unknown or abbreviated flag"):
+        assert err.strip() == last  # nothing before it: not argparse's usage of every flag
 
 
 def test_table_covers_every_input_class_of_the_issue():

@@ -54,7 +54,7 @@ def resolve(name: str) -> Source:
         if path.endswith(".parquet"):
             return Source(name, path, "parquet")
         raise ValueError(f"--dataset {name}: unsupported file type; use {', '.join(FILE_SUFFIXES)} or a directory")
-    if name.startswith(("/", ".", "~")) or name.endswith(FILE_SUFFIXES) or name.count("/") > 1:
+    if name.startswith(("/", ".", "~")) or name.endswith((*FILE_SUFFIXES, "/")) or name.count("/") > 1:
         raise ValueError(f"--dataset {name}: no such file or directory")
     return Source(name, name, "hub")
 

@@ -319,6 +319,15 @@ def prepare_training_text(
         tokenized, stats = tokenize_documents(loaded, tokenizer, cfg)
     else:
         prepared = check_tokenizer(cfg, tokenizer, loaded) if prepared is None else prepared
+        if prepared.get("pack", cfg.pack) != cfg.pack:  # prepare_text records it, but the rows do not depend on it
+            logger.warning(
+                "--dataset %s was prepared with --pack %s (its stats.json); this run packs --pack %s: pass --pack "
+                "%s to train as prepared",
+                cfg.dataset,
+                prepared["pack"],
+                cfg.pack,
+                prepared["pack"],
+            )
         tokenized, stats = _keep_long_enough(loaded, _lengths(loaded), cfg, prepared.get("eos_appended"))
         stats.update(prepared=True, **{k: v for k, v in prepared.items() if k.startswith("tokenizer")})
     check_packable(stats, max_length)

@@ -160,7 +160,7 @@ def local_model(name: str, flag: str) -> str:
     the id as the adapter's base, so evaluation, chat and merge resolve it once and then read local files only."""
     from longqlora.model import is_local_path
 
-    if is_local_path(name) or name.count("/") != 1:  # a bare name is a path: no hub lookup of a typo
+    if is_local_path(name):  # a bare name is a path: no hub lookup of a typo
         return os.path.expanduser(name)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

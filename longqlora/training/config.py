@@ -12,6 +12,17 @@ from trl import SFTConfig
 from longqlora.training import memory
 
 
+def refuse_trainer_engine(training) -> None:
+    """The Trainer's own --deepspeed/--fsdp: refused in one line; the engine comes from `accelerate launch`, whose
+    config this toolkit reads before the model loads (hardware.launch)."""
+    for flag in ("deepspeed", "fsdp"):
+        if getattr(training, flag, None):
+            raise ValueError(
+                f"--{flag}: set the engine with accelerate launch instead (configs/accelerate/fsdp2_qlora.yaml or "
+                "deepspeed_zero3.yaml), which this toolkit reads before it loads the model"
+            )
+
+
 @dataclass
 class TrainingConfig(SFTConfig):
     """TRL's SFTConfig with this toolkit's defaults: packed rows of the target context, non-reentrant gradient
@@ -90,6 +101,7 @@ class TrainingConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        refuse_trainer_engine(self)  # before TrainingArguments reads the file (its error named no fix)
         if self.gradient_checkpointing is False:  # --no_gradient_checkpointing (deprecated name)
             self.activation_checkpointing = False
         if self.gradient_checkpointing_kwargs is not None:

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from longqlora.hardware import Launch, launch
+from longqlora.training.config import refuse_trainer_engine
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,7 @@ def check_launch(model_cfg, training, run: Launch | None = None) -> Launch:
             f"accelerate launch with DeepSpeed ZeRO stage {run.zero_stage}: this toolkit supports stage 3 "
             "(configs/accelerate/deepspeed_zero3.yaml), or FSDP2, or DDP"
         )
-    for flag in ("deepspeed", "fsdp"):
-        if getattr(training, flag, None):
-            raise ValueError(
-                f"--{flag}: set the engine with accelerate launch instead (configs/accelerate/fsdp2_qlora.yaml or "
-                "deepspeed_zero3.yaml), which this toolkit reads before it loads the model"
-            )
+    refuse_trainer_engine(training)
     if run.shards_weights and not run.whole_state_dict:
         setting = (
             "fsdp_state_dict_type: FULL_STATE_DICT" if run.engine != "deepspeed" else "zero3_save_16bit_model: true"
