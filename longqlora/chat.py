@@ -237,7 +237,8 @@ def chat_turn(
     ids = prompt_ids(tokenizer, render(tokenizer, messages))
     too_long = overflow(cfg, len(ids), limit)
     if too_long:
-        stdout.write(f"(turn refused: {too_long}; /reset to start a new conversation, or lower --max_new_tokens)\n")
+        fix = "/reset to start a new conversation" if history else "a shorter message or --context_file"
+        stdout.write(f"(turn refused: {too_long}; {fix}, or lower --max_new_tokens)\n")
         stdout.flush()
         return None
     stdout.write("ASSISTANT: ")

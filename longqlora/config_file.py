@@ -11,6 +11,7 @@ key and the fix. Command-line flags still override the file.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import types
 import typing
@@ -21,6 +22,9 @@ def parse_with_config(parser, argv: list[str] | None):
     """`parser.parse_args_and_config` (a TrlParser) with a checked --config file; returns the dataclasses."""
     import sys
 
+    parser.epilog = (  # the flag is read here, not by the parser: --help names it all the same
+        "--config FILE.yaml: flag defaults from a YAML file, keys named as the flags; a flag given here wins"
+    )
     args = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(args):
         if arg.startswith("--config="):
@@ -63,10 +67,24 @@ def parse_flags(parser, args: list[str]):
 
 
 def _unknown(flag: str, known: list[str]):
-    import difflib
+    near = nearest(flag, known)
+    raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near}?" if near else ""))
 
-    near = difflib.get_close_matches(flag, known, n=1)
-    raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near[0]}?" if near else ""))
+
+def nearest(name: str, known: list[str]) -> str | None:
+    """The known flag a typo most likely meant: one that begins the other (lora_rank and lora_r, --dtyp and
+    --dtype), the closest in length, else difflib's closest spelling (which takes lora_rank for local_rank)."""
+    bare = name.lstrip("-")
+    related = [
+        k
+        for k in known
+        if min(len(bare), len(k.lstrip("-"))) >= 3
+        and (k.lstrip("-").startswith(bare) or bare.startswith(k.lstrip("-")))
+    ]
+    if related:
+        return min(related, key=lambda k: abs(len(k) - len(name)))
+    near = difflib.get_close_matches(name, known, n=1)
+    return near[0] if near else None
 
 
 def _argparse_error(message: str):
@@ -153,7 +171,9 @@ def checked_values(parser, config: dict, path: str) -> dict:
         try:
             action = actions.get(key)
             if action is None:
-                raise ValueError(f"{key}: not a flag of this command (--help lists them)")
+                near = nearest(key, list(actions))
+                hint = f"did you mean {near}?" if near else "--help lists them"
+                raise ValueError(f"{key}: not a flag of this command ({hint})")
             hint = hints.get(key)
             if value is None:
                 if hint is not None and not _admits(hint, type(None)):

@@ -208,6 +208,7 @@ def test_turn_over_the_context_is_refused(random_dir, tmp_path, monkeypatch):
     code, out = run_chat(cfg, model, tokenizer, "hello\n")
     assert code == 0 and not calls
     assert "turn refused" in out and "context of 512" in out
+    assert "a shorter message or --context_file" in out and "/reset" not in out.split("turn refused")[1]
     with pytest.raises(ValueError, match="^--prompt: the prompt takes"):
         one_shot(_cfg(random_dir, max_new_tokens=500, prompt="hello"), model, tokenizer, io.StringIO())
     document = tmp_path / "long.txt"  # a document that fills the context: the file is named, not --prompt

@@ -438,8 +438,8 @@ def test_unknown_and_mixed_formats_name_line_and_keys(tmp_path):
         + [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}],
     )
     assert error_of(I.load_conversations, InstructionDataConfig(str(path))) == (
-        f"--dataset {path} line 3: sharegpt format (keys: conversations) in a longalpaca file (1 such records); "
-        "use one format"
+        f"--dataset {path} line 3: sharegpt format (keys: conversations) in a file whose first record is longalpaca "
+        "(1 of its 3 records are other formats); use one format"
     )
 
 

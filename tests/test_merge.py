@@ -341,8 +341,9 @@ def test_an_adapter_is_not_applied_again_to_the_model_it_was_merged_into(adapter
     with pytest.raises(ValueError) as err:
         merge(MergeConfig(adapter=str(adapter), base=str(out), output=str(tmp_path / "again")))
     assert str(err.value).startswith(f"--base {out}: {adapter} is merged into it already (merge_report.json)")
+    assert "there is nothing to merge again" in str(err.value) and "drop --adapter" not in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "again").exists()
-    with pytest.raises(ValueError, match=f"^--model {out}: .* is merged into it already"):
+    with pytest.raises(ValueError, match=f"^--model {out}: .* is merged into it already .*; drop --adapter"):
         load_for_inference(str(out), adapter=str(adapter))
     other = tmp_path / "other"
     shutil.copytree(adapter, other, ignore=shutil.ignore_patterns("tiny-base", "checkpoint-*"))

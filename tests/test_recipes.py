@@ -48,6 +48,7 @@ def test_help(name, capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "--output_dir" in text and "--dry_run" in text and "--tiny" in text
+    assert "--config FILE.yaml: flag defaults from a YAML file" in text  # read before the parser, listed all the same
 
 
 @pytest.mark.parametrize("name", ["extend_7b_8k", "quickstart"])

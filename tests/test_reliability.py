@@ -412,7 +412,7 @@ CASES = [
     config_case("--config wrong type", "float.yaml", "lora_r"),
     config_case("--config wrong type", "bool.yaml", "max_steps"),
     config_case("--config value refused by its dataclass", "choice.yaml", "--pack 'sideways'"),
-    config_case("--config unknown key", "unknown.yaml", "lora_rank"),
+    config_case("--config unknown key", "unknown.yaml", "lora_rank: not a flag of this command (did you mean lora_r?)"),
     config_case("--config env value not a string", "env-list.yaml", "env: OMP_NUM_THREADS"),
     config_case("--config env value not a string", "env-key.yaml", "env: 1 is not a variable name"),
     flag_case("flag of the wrong type", ("--lora_r", "eight"), "--lora_r"),

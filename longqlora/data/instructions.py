@@ -86,7 +86,8 @@ def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> 
         i = int(other[0])
         raise ValueError(
             f"--dataset {where(src, i)}: {formats[i] or 'unknown'} format (keys: {fields(raw[i])}) "
-            f"in a {formats[0]} file ({len(other)} such records); use one format"
+            f"in a file whose first record is {formats[0]} ({len(other)} of its {len(formats)} records are other "
+            "formats); use one format"
         )
     return str(formats[0])
 

@@ -257,9 +257,10 @@ def check_adapter_fits(
     if report.is_file():  # the same shapes fit, and the adapter would be added a second time
         merged = json.loads(report.read_text())
         if Path(merged.get("adapter", "")).resolve() == adapter.resolve():
+            fix = "drop --adapter, or pass" if flag == "--model" else "there is nothing to merge again; or pass"
             raise ValueError(
-                f"{flag} {name}: {adapter} is merged into it already ({REPORT_FILE}); drop --adapter, or pass the "
-                f"base it was merged into, {merged.get('base')}"
+                f"{flag} {name}: {adapter} is merged into it already ({REPORT_FILE}); {fix} the base it was merged "
+                f"into, {merged.get('base')}"
             )
 
     shapes = adapter_shapes(adapter)
