@@ -185,7 +185,8 @@ def load_config(
     flag = f"{flag} {name}"
     path = os.path.expanduser(name)
     local = is_local_path(name)
-    preset = None if local or not prefer_preset else preset_config(name)
+    # a preset's name ("llama-2-7b", a bare name: local in form) unless a directory of that name is here
+    preset = preset_config(name) if prefer_preset and not os.path.exists(path) else None
     if preset is not None:
         return preset
     if local and not os.path.isdir(path):

@@ -428,6 +428,11 @@ CASES = [
         )
     ],
     flag_case("--offload_layers over the model's layers", ("--offload_layers", "99"), "--offload_layers 99"),
+    flag_case(
+        "--offload_layers with offloading off",
+        ("--offload_layers", "4", "--offload_activations", "off"),
+        "--offload_layers 4: splits the offloaded checkpoints, and --offload_activations is off",
+    ),
     *[  # the Trainer's engine flags, a missing file included (transformers' own error named no fix before)
         flag_case("--deepspeed or --fsdp on the recipe", flags, f"{flags[0]}: set the engine with accelerate launch")
         for flags in (("--deepspeed", "missing.json"), ("--fsdp", "full_shard"))

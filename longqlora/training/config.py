@@ -120,6 +120,11 @@ class TrainingConfig(SFTConfig):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: must be a positive number of tokens")
         check_offload_layers(self.offload_layers)
+        if self.offload_layers is not None and self.offload_activations == "off":  # as `plan` refuses it
+            raise ValueError(
+                f"--offload_layers {self.offload_layers}: splits the offloaded checkpoints, and --offload_activations "
+                "is off; drop one of them"
+            )
         _check_numbers(self)
 
     @property
