@@ -202,6 +202,11 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def _json_value(value, accelerates):
+    """A DeepSpeed JSON value, or accelerate's own setting where the JSON says "auto" or nothing."""
+    return accelerates if value is None or str(value).lower() == "auto" else value
+
+
 def _deepspeed_zero(config_file: str) -> dict:
     """The `zero_optimization` object of the DeepSpeed JSON that accelerate launch was given, read before accelerate
     reads it inside SFTConfig, where a bad file ends in an error naming no file."""
@@ -272,8 +277,10 @@ def launch() -> Launch:
         config_file, live = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), Launch.zero3_live_values
         if config_file and config_file != "none":  # a DeepSpeed JSON instead of the accelerate keys ("none": not)
             zero = _deepspeed_zero(config_file)
-            stage = str(zero.get("stage", stage))
-            whole = bool(zero.get("stage3_gather_16bit_weights_on_model_save", whole))
+            # "auto" (or absent) takes accelerate's own setting, as accelerate fills it: stage 2 when unset
+            stage = _json_value(zero.get("stage"), stage or "2")
+            save = _json_value(zero.get("stage3_gather_16bit_weights_on_model_save"), whole)
+            whole = str(save).lower() in ("1", "true", "yes")  # "false" is false, as DeepSpeed reads it
             live = _zero3_live_values(zero, config_file)
         stage = int(stage) if stage and str(stage).isdigit() else None
         return Launch(world, rank, local, "deepspeed", stage, whole or stage != 3, precision, live)

@@ -73,12 +73,8 @@ def _first_line(err: Exception) -> str:
 def is_local_path(name: str) -> bool:
     """A local path rather than a hub id (org/name): starts with / . ~ or ends with /, has no slash or more than one,
     or its first part exists. A bare name is a path (a typo is "no such directory", not a hub lookup)."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.endswith("/")
-        or name.count("/") != 1
-        or os.path.exists(name.split("/")[0])
-    )
+    pathlike = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") != 1
+    return pathlike or os.path.exists(name.split("/")[0])
 
 
 def _why(err: Exception) -> str:

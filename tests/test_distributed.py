@@ -525,6 +525,22 @@ def test_launch_reads_a_deepspeed_json(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
     run = launch()
     assert (run.engine, run.zero_stage, run.whole_state_dict) == ("deepspeed", 3, False)
+    # strings as DeepSpeed reads them ("false" is false), "auto" as accelerate fills it (its setting; stage 2 unset)
+    for stage, save, env, expected in (
+        (3, '"false"', {}, (3, False)),
+        ('"auto"', '"auto"', {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, (3, False)),
+        ('"auto"', '"auto"', {"ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}, (2, True)),
+        (3, '"true"', {}, (3, True)),
+    ):
+        config.write_text(
+            f'{{"zero_optimization": {{"stage": {stage}, "stage3_gather_16bit_weights_on_model_save": {save}}}}}'
+        )
+        for name in ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        run = launch()
+        assert (run.zero_stage, run.whole_state_dict) == expected
 
 
 @pytest.mark.parametrize(
