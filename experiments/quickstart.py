@@ -347,5 +347,5 @@ def main(config_cls, argv=None) -> dict | None:
             )
             return None
         result = run(cfg)
-    print(result["report"])
+        print(result["report"])  # inside: a reader that stops early (`| head`) is caught there
     return result

@@ -30,7 +30,10 @@ def one_line_errors():
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
-    except BrokenPipeError:  # the output's reader stopped (`| head`): nothing wrong with the input, nothing to say
+    except BrokenPipeError as err:
+        if not _stdout_reader_gone():  # another pipe (a worker's): not the reader of our output
+            fail(err)
+        # the output's reader stopped (`| head`): nothing wrong with the input, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         raise SystemExit(BROKEN_PIPE_EXIT) from None
     except KeyboardInterrupt:
@@ -40,6 +43,18 @@ def one_line_errors():
         raise SystemExit(INTERRUPTED_EXIT) from None
     except input_error_types() as err:
         fail(err)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real stdout
+        return False
 
 
 def setup_logging() -> None:
@@ -221,9 +236,9 @@ def run_data_script(dataclass_types, run, summary, doc: str, argv=None) -> dict:
 
     setup_logging()
     parser = HfArgumentParser(dataclass_types, description=doc.split("\n")[0])
-    with one_line_errors():
+    with one_line_errors():  # the prints too: a reader that stops early (`| head`) is caught there
         configs = parse_flags(parser, sys.argv[1:] if argv is None else list(argv))
         stats = run(*configs)
-    print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
-    print(summary(stats, *configs))
+        print(markdown_table(["stat", "value"], [[k, str(v)] for k, v in stats.items()]))
+        print(summary(stats, *configs))
     return stats

@@ -38,6 +38,7 @@ class ExtensionRecord:
     memory_plan: dict | None = None
     data: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    model_path: str | None = None  # the base's absolute path, where the run named a local directory
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

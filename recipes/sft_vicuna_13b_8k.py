@@ -1,8 +1,8 @@
 """Vicuna-13B v1.5: 4k -> 8k by supervised fine-tuning on long instructions (LongQLoRA's SFT setting, one V100).
 
-NF4 base, YaRN x2, S2-Attn, LoRA r=64 (alpha 16) on q/k/v/o plus trainable embeddings and norms;
-Vicuna v1.1 conversation template as the tokenizer's chat template, multi-turn, loss on assistant tokens only;
-one epoch of batch 1 x accumulation 16, lr 1e-4 constant after 20 warm-up steps, paged AdamW, fp16.
+NF4 base, YaRN x2, S2-Attn, LoRA r=64 (alpha 16) on q/k/v/o plus trainable embeddings and norms; Vicuna v1.1
+conversation template as the chat template (a tokenizer's own where it has one), multi-turn, loss on assistant
+tokens only; one epoch of batch 1 x accumulation 16, lr 1e-4 constant after 20 warm-up steps, paged AdamW, fp16.
 
     python data_prep/prepare_instructions.py --dataset LongAlpaca-12k.json --tokenizer lmsys/vicuna-13b-v1.5 \
         --max_length 8192 --output_dir data/longalpaca-vicuna   # once: checked, converted conversations

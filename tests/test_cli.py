@@ -70,3 +70,12 @@ def test_adapter_for_a_different_base_is_one_line(tmp_path, tiny_adapter):
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --model {other}: the adapter was trained on") and "hidden 128" in last
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys):
+    """Only a reader of our output going away ends quietly (141): a worker's pipe breaking is not silenced."""
+    from longqlora.cli import one_line_errors
+
+    with pytest.raises(SystemExit) as ended, one_line_errors():
+        raise BrokenPipeError(32, "Broken pipe")
+    assert ended.value.code == 2 and capsys.readouterr().err.strip() == "error: [Errno 32] Broken pipe"

@@ -499,6 +499,27 @@ def test_vicuna_trains_the_first_token_written_after_the_generation_prompt(tok):
         assert sum(out["assistant_masks"]) == len(out["input_ids"]) - len(prompt)  # to the stop token
 
 
+def test_vicuna_masks_replies_where_offsets_leave_out_the_space(tok):
+    """A byte-level tokenizer with trim_offsets puts the space after "ASSISTANT:" in no token's offsets: the markers
+    before it would mask nothing (TRL then fails after the weights load), so they go after it; the same text."""
+    from tokenizers import processors
+
+    from longqlora.data.formats import VICUNA_V1_1_TEMPLATE_SPACE_UNTRAINED
+
+    trimmed = copy.deepcopy(tok)
+    trimmed._tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    trimmed.chat_template = VICUNA_V1_1_TEMPLATE
+    messages = [{"role": "system", "content": "SYSTEM"}, *CHAT]
+    masks = lambda t: t.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)  # noqa: E731
+    assert 1 not in masks(trimmed)["assistant_masks"]
+    apply_vicuna_template(trimmed)
+    assert trimmed.chat_template == VICUNA_V1_1_TEMPLATE_SPACE_UNTRAINED
+    out = masks(trimmed)
+    replies = [trimmed.decode(t) for t, bit in zip(out["input_ids"], out["assistant_masks"]) if bit]
+    assert "".join(replies).replace(" ", "") == "ashortsummary</s>sure</s>"
+    assert trimmed.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
+
+
 def test_vicuna_renders_without_a_bos_token(tok):
     no_bos = copy.deepcopy(tok)
     no_bos.bos_token = None

@@ -351,10 +351,11 @@ def test_an_adapter_is_not_applied_again_to_the_model_it_was_merged_into(adapter
         load_for_inference(str(out), adapter=str(other))
 
 
-def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(adapter, tmp_path, monkeypatch):
+def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(adapter, tmp_path, monkeypatch, caplog):
     """PEFT records a local base as the run named it (`models/base`, relative to where the run started, and shaped
-    like a hub id); evaluated or merged from another folder, the nearest folder above the adapter that holds it is
-    taken (before: no such directory, or a hub lookup). What resolves nowhere stays as recorded."""
+    like a hub id); evaluated or merged from another folder, the absolute path the extension record keeps is taken,
+    else (a moved project) the nearest folder above the adapter that holds it, with a warning (before: no such
+    directory, or a hub lookup). What resolves nowhere stays as recorded."""
     from longqlora.evaluation.loading import adapter_base, model_dir
 
     project = tmp_path / "project"
@@ -366,7 +367,12 @@ def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(ada
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    record = json.loads((run / "longqlora_extension.json").read_text())
+    assert record["model_path"] == str(adapter / "tiny-base")  # the run's base, absolute
+    assert adapter_base("../project/out/run") == str(adapter / "tiny-base")
+    (run / "longqlora_extension.json").write_text(json.dumps({**record, "model_path": str(tmp_path / "moved")}))
     assert adapter_base("../project/out/run") == str(project / "models" / "base")
+    assert "its recorded base models/base taken as" in caplog.text
     assert model_dir(None, "../project/out/run") == str(project / "models" / "base")
     (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/missing"}))
     assert adapter_base(str(run)) == "org/missing"

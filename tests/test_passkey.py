@@ -131,7 +131,9 @@ def test_the_answer_is_greedy_whatever_the_generation_config_says(tiny):
     setting a call leaves unset; the answer is still the argmax at every step (it was not, with a penalty)."""
     path, tok = tiny
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    model.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=8)
+    model.generation_config.update(
+        repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=8, max_length=4096, penalty_alpha=0.6
+    )
     prompt = build_prompt(tok, "31415", 0.5, 120)["prompt"]
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -119,6 +119,8 @@ def test_a_split_of_a_dataset_dict_is_chosen_and_recorded(tiny, tmp_path):
     direct = window_scores(model, ids.tolist() + [2], 32, progress=False)
     assert result["results"][0]["perplexity"] == pytest.approx(direct.perplexity(), rel=1e-6)
     assert result["split"] == "test"
+    with pytest.raises(ValueError, match="^--split test: --data austen_emma is a file or folder of text, with no"):
+        run_perplexity(PerplexityConfig(model=str(path), data="austen_emma", split="test", context_lengths=[32]))
     for bad in ("r.csv", "r.PNG"):
         with pytest.raises(ValueError, match=f"^--output {bad}: names the JSON result"):
             PerplexityConfig(model=str(path), output=bad)

@@ -53,11 +53,26 @@ VICUNA_V1_1_TEMPLATE = (
     "{{- 'ASSISTANT:' -}}\n"
     "{%- endif -%}"
 )
+# The same text with the markers after that space. transformers finds where a reply starts by the token holding
+# its first character: a tokenizer whose offsets leave the space out of every token (byte-level BPE with
+# trim_offsets) would mask no reply at all with the markers before it.
+VICUNA_V1_1_TEMPLATE_SPACE_UNTRAINED = VICUNA_V1_1_TEMPLATE.replace(
+    "{{- 'ASSISTANT:' -}}\n{%- generation -%}\n{{- ' ' + message['content']",
+    "{{- 'ASSISTANT: ' -}}\n{%- generation -%}\n{{- message['content']",
+)
 
 
 def apply_vicuna_template(tokenizer):
-    """Set `tokenizer.chat_template` to Vicuna v1.1 and return the tokenizer (the same object)."""
+    """Set `tokenizer.chat_template` to Vicuna v1.1 and return the tokenizer (the same object): the markers before
+    the space after "ASSISTANT:" where the tokenizer's offsets let transformers mask the replies so, else after it."""
     tokenizer.chat_template = VICUNA_V1_1_TEMPLATE
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "1 ok"}]
+    try:
+        mask = tokenizer.apply_chat_template(probe, return_dict=True, return_assistant_tokens_mask=True)
+    except ValueError:  # a slow tokenizer has no offsets: nothing to mask with (chat renders the same text)
+        return tokenizer
+    if 1 not in mask["assistant_masks"]:
+        tokenizer.chat_template = VICUNA_V1_1_TEMPLATE_SPACE_UNTRAINED
     return tokenizer
 
 

@@ -45,7 +45,10 @@ NEUTRAL_DECODING = {
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
     "min_length": 0,
+    "max_length": None,  # Llama-2's 4096 there would warn against max_new_tokens at every call
     "min_new_tokens": None,
+    "penalty_alpha": None,  # contrastive search and DoLa: other decoding methods, each a remote-code one now
+    "dola_layers": None,
     "exponential_decay_length_penalty": None,
     "renormalize_logits": False,
     "guidance_scale": None,
@@ -137,15 +140,20 @@ def read_extension(adapter) -> ExtensionRecord | None:
 
 def adapter_base(adapter) -> str:
     """The base model an adapter was trained on, as recorded by PEFT. PEFT records a local base as the run named
-    it, relative to the folder that run started in; where that does not resolve from here, the nearest folder
-    above the adapter that holds it with a config.json is taken (the run's folder: its --output_dir lies below)."""
+    it, relative to the folder that run started in; where that does not resolve from here, the absolute path the
+    extension record keeps is taken, else (a project moved since) the nearest folder above the adapter that holds
+    it with a config.json (the run's folder: its --output_dir lies below), said in a warning."""
     path = Path(os.path.expanduser(str(adapter)))
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
     if not base or os.path.isabs(os.path.expanduser(base)) or os.path.exists(base):
         return base
+    record = ExtensionRecord.read(path)
+    if record is not None and record.model_path and os.path.isfile(os.path.join(record.model_path, "config.json")):
+        return record.model_path
     for folder in path.resolve().parents:
         if (folder / base / "config.json").is_file():
-            logger.info("--adapter %s: its recorded base %s found as %s", adapter, base, folder / base)
+            logger.warning("--adapter %s: its recorded base %s taken as %s (pass --model to choose)", adapter, base,
+                           folder / base)  # fmt: skip
             return str(folder / base)
     return base
 

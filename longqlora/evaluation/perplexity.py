@@ -245,7 +245,7 @@ def token_stream(
     import pyarrow.compute as pc
 
     from longqlora.data import corpora
-    from longqlora.data.sources import column
+    from longqlora.data.sources import column, resolve
     from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
@@ -255,6 +255,10 @@ def token_stream(
             "a hub dataset id (org/name)"
         )
     try:
+        if split != "train" and resolve(source).kind not in ("disk", "hub"):  # files have one split: it was ignored
+            raise ValueError(
+                f"--split {split}: --data {data} is a file or folder of text, with no splits; leave it out"
+            )
         cfg = TextDataConfig(dataset=source, text_field=text_field, split=split)
         documents = load_training_text(cfg)
         if "input_ids" in documents.column_names:  # prepared rows: one flat Arrow column, no Python list per token

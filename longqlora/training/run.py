@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,7 @@ def extension_record(
         memory_plan=run.plan,
         data={"dataset": run.data.dataset, **data_stats},
         train=train_stats,
+        model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
     )
 
 
