@@ -303,3 +303,19 @@ def test_a_tiny_run_without_output_dir_keeps_out_of_the_real_runs_folder(tmp_pat
         model, data, run_cfg, training = parser.parse_args_and_config(argv)
         assert resolve(model, data, run_cfg, training).training.output_dir == expected
     assert (tmp_path / f"{default}-tiny" / "tiny-base" / "config.json").is_file() and not (tmp_path / default).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's settings")
+def test_a_cpu_run_pins_no_batches(tmp_path, tiny_adapter):
+    """Pinned batches only help a copy to a GPU; without one, torch warns at every DataLoader (the Trainer's
+    default pins)."""
+    from longqlora.data.text import TextDataConfig
+    from longqlora.model import ModelConfig
+    from longqlora.training.config import RunConfig, TrainingConfig
+    from longqlora.training.run import resolve
+
+    training = TrainingConfig(output_dir=str(tmp_path / "o"))
+    assert training.dataloader_pin_memory
+    model = ModelConfig(model_name_or_path=str(tiny_adapter / "tiny-base"), target_context=256, compute_dtype="float32")
+    run = resolve(model, TextDataConfig("austen_persuasion"), RunConfig(), training)
+    assert run.training.dataloader_pin_memory is False

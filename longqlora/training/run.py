@@ -46,6 +46,8 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         "max_length": model_cfg.train_length,
         "fp16": dtype == "float16" and torch.cuda.is_available(),
         "bf16": dtype == "bfloat16" and torch.cuda.is_available(),
+        # pinned batches only help a copy to a GPU; without one, torch warns at every DataLoader
+        "dataloader_pin_memory": training.dataloader_pin_memory and torch.cuda.is_available(),
     }
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         changes.update(packing=False, assistant_only_loss=True)
