@@ -128,14 +128,15 @@ def call_torch_varlen(q, k, v, cu_seqlens, max_len: int, *, scale, gqa: bool):
     return features["fn"](q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
 
 
-def sdpa_gqa_ok(device: torch.device | str) -> bool:
+def sdpa_gqa_ok(device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
     """Whether SDPA should broadcast GQA key/value heads itself (`enable_gqa`) rather than get them repeated: on the
-    CPU and where its flash kernel runs (sm_80+). Below that only the memory-efficient kernel is left, which does
-    not take enable_gqa in every torch release, so SDPA would fall back to the O(N^2) math kernel."""
+    CPU and where its flash kernel runs (sm_80+, 16-bit `dtype`). Elsewhere (an older GPU, fp32) only the
+    memory-efficient kernel is left, which does not take enable_gqa in every torch release, so SDPA would fall back
+    to the O(N^2) math kernel."""
     if torch.device(device).type != "cuda":
         return True
     cap = cuda_capability()
-    return cap is not None and cap >= (8, 0)
+    return cap is not None and cap >= (8, 0) and dtype in (None, torch.float16, torch.bfloat16)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

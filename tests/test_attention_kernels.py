@@ -232,8 +232,9 @@ def test_sdpa_broadcasts_gqa_only_where_its_flash_kernel_runs(gpu):
     gpu((7, 0))
     assert not hardware.sdpa_gqa_ok("cuda")
     gpu((8, 0))
-    assert hardware.sdpa_gqa_ok("cuda")
-    assert hardware.sdpa_gqa_ok("cpu")
+    assert hardware.sdpa_gqa_ok("cuda") and hardware.sdpa_gqa_ok("cuda", torch.bfloat16)
+    assert not hardware.sdpa_gqa_ok("cuda", torch.float32)  # no flash kernel for fp32: the heads are repeated
+    assert hardware.sdpa_gqa_ok("cpu") and hardware.sdpa_gqa_ok("cpu", torch.float32)
 
 
 def test_auto_kernels_describes_the_choice(gpu, monkeypatch):

@@ -369,6 +369,8 @@ def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(ada
     monkeypatch.chdir(elsewhere)
     record = json.loads((run / "longqlora_extension.json").read_text())
     assert record["model_path"] == str(adapter / "tiny-base")  # the run's base, absolute
+    record["model"] = "models/base"  # as the run named it, PEFT's record alike
+    (run / "longqlora_extension.json").write_text(json.dumps(record))
     assert adapter_base("../project/out/run") == str(adapter / "tiny-base")
     (run / "longqlora_extension.json").write_text(json.dumps({**record, "model_path": str(tmp_path / "moved")}))
     assert adapter_base("../project/out/run") == str(project / "models" / "base")

@@ -58,9 +58,10 @@ class Varlen:
     cu_seqlens: torch.Tensor  # (segments + 1,) int32 offsets of each segment in the stream
     max_len: int  # the longest segment (a Python int: the kernels take it on the host)
     lengths: torch.Tensor  # (segments,) int64
+    lengths_host: list[int]  # the same on the host, read once per forward (xformers takes a list)
 
     def lengths_list(self) -> list[int]:
-        return self.lengths.tolist()
+        return self.lengths_host
 
 
 @dataclass
@@ -119,8 +120,9 @@ class RowLayout:
                 flat = flat[keep]
             _, lengths = torch.unique_consecutive(flat, return_counts=True)
             cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            longest = int(lengths.max()) if lengths.numel() else 0  # no token at all: rows of padding only
-            self._varlen[key] = Varlen(keep=keep, cu_seqlens=cu, max_len=longest, lengths=lengths)
+            host = lengths.tolist()  # the one host read, for max_len and xformers' list: not one per layer
+            longest = max(host, default=0)  # no token at all: rows of padding only
+            self._varlen[key] = Varlen(keep=keep, cu_seqlens=cu, max_len=longest, lengths=lengths, lengths_host=host)
         return self._varlen[key]
 
 

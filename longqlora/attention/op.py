@@ -90,7 +90,7 @@ def s2_attention(
         return out + 0.0 * (query.sum() + key.sum() + value.sum())
     n_rep = h // h_kv
     varlen = _varlen_kernel(backend, query, scale, dropout)
-    sdpa_gqa = hardware.sdpa_gqa_ok(query.device)
+    sdpa_gqa = hardware.sdpa_gqa_ok(query.device, query.dtype)
     # With a mask, CUDA's flash kernel is out and its memory-efficient one takes no GQA: repeat the KV heads so that
     # the masked fallbacks do not end on the math kernel (on the CPU SDPA takes both).
     masked_gqa = sdpa_gqa and query.device.type != "cuda"

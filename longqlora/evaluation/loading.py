@@ -148,7 +148,7 @@ def adapter_base(adapter) -> str:
     if not base or os.path.isabs(os.path.expanduser(base)) or os.path.exists(base):
         return base
     record = ExtensionRecord.read(path)
-    if record is not None and record.model_path and os.path.isfile(os.path.join(record.model_path, "config.json")):
+    if record and record.model == base and record.model_path and os.path.isdir(record.model_path):  # the same base
         return record.model_path
     for folder in path.resolve().parents:
         if (folder / base / "config.json").is_file():
