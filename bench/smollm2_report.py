@@ -184,7 +184,8 @@ def render(args, res: dict) -> str:
         ]
         lines += [
             f"Evaluation ({args.eval_dtype} weights, full attention, adapter applied unmerged on the 16-bit "
-            f"base): perplexity on the first {args.eval_tokens} tokens of held-out {args.eval_data}, "
+            f"base): perplexity on the first {args.eval_tokens} tokens of {args.eval_data} (held out from these "
+            "steps; a public-domain classic, likely in SmolLM2's web pre-training), "
             "non-overlapping windows (stride = window, every token but a window's first scored once, as in "
             "docs/smollm2_perplexity.md); passkey: LongLoRA's protocol (`python -m longqlora passkey`), "
             f"depths {' '.join(map(str, args.passkey_depths))} x {args.passkey_trials} keys (seed "
@@ -239,7 +240,8 @@ def render(args, res: dict) -> str:
             f"untrained {key(untrained, 8192)} at 8192 and {key(untrained, args.target_context)} at "
             f"{args.target_context}; after extension {key(after, 8192)} and {key(after, args.target_context)}"
             + (
-                ": these steps restore perplexity, not retrieval."
+                f": none after these steps ({max(c[1] for c in after['passkey'].values())} trials per length: too "
+                "few to tell retrieval lost from chance)."
                 if keys_after == 0
                 else f": {keys_after} of {sum(c[1] for c in after['passkey'].values())} keys against the untrained "
                 f"model's {keys_untrained} (too few trials to tell apart)."
