@@ -11,8 +11,9 @@ separator style ADD_COLON_TWO: sep " ", sep2 "</s>"):
 The markers wrap each assistant reply together with the space before it and its end-of-sequence token, so that
 TRL's `assistant_only_loss=True` trains exactly what the model writes after the generation prompt `ASSISTANT:` (the
 space too, where the tokenizer keeps it a token of its own, as Llama's does before a digit) and the stop token (the
-model learns when to stop), and `trl.chat_template_utils.is_chat_template_stop_token_trained` passes. A tokenizer
-without a BOS token renders none.
+model learns when to stop), and `trl.chat_template_utils.is_chat_template_stop_token_trained` passes; where a
+tokenizer's offsets leave that space out of every token, the markers start after it (`apply_vicuna_template`). A
+tokenizer without a BOS token renders none.
 """
 
 from __future__ import annotations
