@@ -62,7 +62,13 @@ def parse_flags(parser, args: list[str]):
             _unknown(arg.split("=", 1)[0], known)
     *parsed, left = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if left:  # what argparse did not take, as it decided: a value like "--a b" is no flag
-        _unknown(next((x.split("=", 1)[0] for x in left if x.startswith("--")), left[0]), known)
+        flag = next((x.split("=", 1)[0] for x in left if x.startswith("--")), None)
+        if flag is None:  # a word after a flag that took one value: `--x=1 2` for a list flag
+            raise ValueError(
+                f"{left[0]}: a value no flag takes (a flag with several values takes them after a space: "
+                "--context_lengths 64 128, not --context_lengths=64 128)"
+            )
+        _unknown(flag, known)
     return tuple(parsed)
 
 

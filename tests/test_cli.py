@@ -79,3 +79,14 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys):
     with pytest.raises(SystemExit) as ended, one_line_errors():
         raise BrokenPipeError(32, "Broken pipe")
     assert ended.value.code == 2 and capsys.readouterr().err.strip() == "error: [Errno 32] Broken pipe"
+
+
+def test_a_stray_value_is_named_as_a_value(capsys):
+    """`--context_lengths=64 128` leaves 128 to no flag: said as a stray value with the list syntax, not as the
+    unknown flag "128"."""
+    from longqlora.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["perplexity", "--model", "x", "--context_lengths=64", "128"])
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 2 and err.startswith("error: 128: a value no flag takes (a flag with several values")

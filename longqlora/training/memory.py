@@ -324,8 +324,13 @@ def disable_recompute(model) -> None:
     """Undo `enable_tiled_mlp`, `recompute_norms` and `recompute_lora_dropout`."""
     for module in model.modules():
         for marker in ("_longqlora_untiled_forward", "_longqlora_recomputed"):
-            if module.__dict__.pop(marker, None) is not None:
-                module.__dict__.pop("forward", None)
+            saved = module.__dict__.pop(marker, None)
+            if saved is None:
+                continue
+            if getattr(saved, "__func__", None) is getattr(type(module), "forward", None) or not callable(saved):
+                module.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                module.forward = saved  # a forward of the instance's own from before (another hook's), kept
 
 
 # ------------------------------------------------------------------------------------------ a run's switches
