@@ -311,7 +311,8 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     from longqlora.errors import Interrupted
 
     max_steps = trainer.args.max_steps
-    if resume and max_steps > 0 and json.loads((Path(resume) / STATE_FILE).read_text())["global_step"] >= max_steps:
+    resumed_at = json.loads((Path(resume) / STATE_FILE).read_text())["global_step"] if resume else None
+    if resume and max_steps > 0 and resumed_at >= max_steps:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -324,7 +325,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
             "final_loss": mean_loss(state),
             "tokens": state.num_input_tokens_seen,
             "seconds": 0.0,
-            "resumed_at_step": state.global_step,
+            "resumed_at_step": resumed_at,
         }
     with stop_on_signals(guard):
         result = trainer.train(resume_from_checkpoint=resume)
@@ -343,7 +344,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         "seconds": result.metrics.get("train_runtime"),  # of this call: from resumed_at_step on
     }
     if resume:
-        out["resumed_at_step"] = json.loads((Path(resume) / STATE_FILE).read_text())["global_step"]
+        out["resumed_at_step"] = resumed_at
     return out
 
 
