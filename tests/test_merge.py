@@ -328,6 +328,9 @@ def test_a_checkpoint_loads_with_its_extension(adapter):
         assert (checkpoint / "longqlora_extension.json").stat().st_mtime_ns <= state
     assert (saved.target_context, saved.rope_type, saved.pi_factor) == (256, "yarn", 4)
     assert (saved.model, saved.s2_options, saved.lora) == (final.model, final.s2_options, final.lora)
+    # the schedule 16 -> 48 -> 128 over 4 steps: steps 0-1 train 16, so checkpoint-2 records only that group
+    assert final.s2_options["group_sizes"] == [16, 48, 128]
+    assert ExtensionRecord.read(adapter / "checkpoint-2").s2_options["group_sizes"] == [16]
     ids, reference = adapter_logits(adapter)
     _, from_checkpoint = adapter_logits(last)
     assert torch.equal(from_checkpoint, reference)

@@ -72,15 +72,16 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     return dataclasses.replace(training, **changes)
 
 
-def s2_options(model_cfg: ModelConfig, max_steps: int | None = None) -> dict | None:
+def s2_options(model_cfg: ModelConfig, max_steps: int | None = None, steps_done: int | None = None) -> dict | None:
     """The S2-Attn settings a run trains with, as recorded: the group sizes in order (one per equal share of the
-    steps; with `max_steps`, those that `max_steps` steps reach) and the variant options; None with full
-    attention."""
+    steps; with `max_steps`, those that a run of `max_steps` steps reaches, or has reached after `steps_done` of
+    them: a checkpoint's record) and the variant options; None with full attention."""
     if not model_cfg.s2_attention:
         return None
     sizes = model_cfg.group_sizes
     if max_steps:
-        reached = [step_settings(step, max_steps, sizes)[0] for step in range(max_steps)]
+        done = max_steps if steps_done is None else min(steps_done, max_steps)
+        reached = [step_settings(step, max_steps, sizes)[0] for step in range(done)]
         sizes = list(dict.fromkeys(reached))
     return {
         "group_sizes": sizes,
@@ -190,9 +191,15 @@ def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord, s
 
 
 def extension_record(
-    run: ResolvedRun, info: ModelInfo, data_stats: dict, train_stats: dict, max_steps: int | None = None
+    run: ResolvedRun,
+    info: ModelInfo,
+    data_stats: dict,
+    train_stats: dict,
+    max_steps: int | None = None,
+    steps_done: int | None = None,
 ) -> ExtensionRecord:
-    """What the adapter records about its run (longqlora.record); `max_steps`: the steps the run was set for."""
+    """What the adapter records about its run (longqlora.record); `max_steps`: the steps the run was set for,
+    `steps_done`: those a checkpoint holds (its record lists only the group sizes trained so far)."""
     cfg = run.model
     return ExtensionRecord(
         model=info.model,
@@ -204,7 +211,7 @@ def extension_record(
         load_in_4bit=info.load_in_4bit,
         attn_backend=info.attn_backend,
         s2_attention=cfg.s2_attention,
-        s2_options=s2_options(cfg, max_steps),
+        s2_options=s2_options(cfg, max_steps, steps_done),
         pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
         lora={
             "r": cfg.lora_r,
@@ -349,7 +356,9 @@ def train(run: ResolvedRun) -> Path:
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         guard = checkpoints.CheckpointGuard()
         record = RecordCallback(
-            lambda step: extension_record(run, info, stats, {"checkpoint_step": step}, trainer.state.max_steps)
+            lambda step: extension_record(
+                run, info, stats, {"checkpoint_step": step}, trainer.state.max_steps, steps_done=step
+            )
         )
         trainer = memory.trainer_class(training.chunked_loss)(
             model=model,
