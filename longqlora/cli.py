@@ -68,7 +68,8 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     from trl import TrlParser
 
     from longqlora.training.config import RunConfig
-    from longqlora.training.run import describe, resolve, train
+    from longqlora.training.run import resolve, train
+    from longqlora.training.summary import describe
 
     setup_logging()
     with one_line_errors():

@@ -241,11 +241,13 @@ def check_model(
         prefer_preset=prefer_preset,
     )
     check_safetensors(cfg.model_name_or_path, "--model_name_or_path", required=False)  # damaged: before any output
+    rope.set_original_context(hf_config, cfg.original_context)  # where config.json overstates it (0: as it says)
     original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE
     if cfg.target_context < original:
         raise ValueError(
             f"--target_context {cfg.target_context} is below the model's pre-trained context "
-            f"{original}; pass --target_context {original} or more"
+            f"{original}; pass --target_context {original} or more (or --original_context, if the model was "
+            "pre-trained on fewer tokens than its config.json says)"
         )
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
     clear_short_window(hf_config, cfg.target_context)

@@ -33,6 +33,13 @@ class ModelConfig:
             "stretched (--rope_scaling) by target / pre-trained context."
         }
     )
+    original_context: int = field(
+        default=0,
+        metadata={
+            "help": "The context the model was pre-trained at, when its config.json's max_position_embeddings "
+            "says more (Mistral-7B-v0.1: 8192, its config says 32768); 0 = config.json's own."
+        },
+    )
     # YaRN by default: on a base that copies from its context, linear PI broke the copy and YaRN kept it, at the
     # same cost, on every seed (docs/ablations.md, "A base that uses its context").
     rope_scaling: str = field(
@@ -155,6 +162,8 @@ class ModelConfig:
 
         if self.target_context < 1:
             bad("target_context", self.target_context, "must be a positive number of tokens, e.g. 8192")
+        if self.original_context < 0:
+            bad("original_context", self.original_context, "must be 0 (config.json's own) or a number of tokens")
         check_scaling(self.rope_scaling)
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")

@@ -139,6 +139,34 @@ def original_context(config) -> int:
     return _state(config).original
 
 
+def set_original_context(config, original: int) -> None:
+    """``--original_context``: the model was pre-trained on fewer tokens than its config.json's
+    ``max_position_embeddings`` says (Mistral-7B-v0.1 trained at 8192 tokens, its config says 32768); an unscaled
+    RoPE then counts from ``original``, so the interpolation stretches by target / original. A scaled RoPE records
+    its own pre-training context and is not overridden; 0 or the config's own value changes nothing."""
+    if not original:
+        return
+    s = _state(config)
+    if original == s.original:
+        return
+    if s.rope_type != "default":
+        raise ValueError(
+            f"--original_context {original}: the model's RoPE is already scaled ({s.rope_type}, factor "
+            f"{_format(s.factor)}, pre-trained context {s.original} as its config records); drop --original_context"
+        )
+    if original > s.max_positions:
+        raise ValueError(
+            f"--original_context {original}: above config.json's max_position_embeddings {s.max_positions}, "
+            "which an unscaled RoPE already covers; drop --original_context"
+        )
+    logger.info(
+        "RoPE: pre-trained context %d (--original_context), not config.json's max_position_embeddings %d",
+        original,
+        s.max_positions,
+    )
+    config.max_position_embeddings = int(original)
+
+
 def rope_summary(config) -> dict[str, Any]:
     """Describe the config's RoPE scaling for ``--dry_run`` output and the extension JSON."""
     s = _state(config)

@@ -381,3 +381,30 @@ def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(ada
     assert model_dir(None, "../project/out/run") == str(project / "models" / "base")
     (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/missing"}))
     assert adapter_base(str(run)) == "org/missing"
+
+
+def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merged, tmp_path):
+    """A base whose config.json overstates its pre-trained context (Mistral-7B-v0.1: 32768 said, 8192 trained) is
+    extended with --original_context; the adapter records it, so on such a base (the tiny base, trained at 64,
+    whose config now says 256) the loader and merge stretch RoPE as the run did: the logits and the merged
+    config equal those of the honest base; told the config's own 256 instead, nothing is stretched."""
+    base = tmp_path / "base"
+    shutil.copytree(adapter / "tiny-base", base)
+    config = json.loads((base / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64
+    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    ids, reference = adapter_logits(adapter)
+
+    def logits(**kwargs):
+        model, _, info = load_for_inference(str(base), adapter=str(adapter), compute_dtype="float32", **kwargs)
+        return info, logits_of(model, ids)
+
+    info, recorded = logits()
+    assert (info.original_context, info.pi_factor) == (64, 4) and torch.equal(recorded, reference)
+    info, unstretched = logits(original_context=256)
+    assert info.pi_factor == 1 and not torch.allclose(unstretched, reference, atol=1e-3)
+    out = tmp_path / "merged"
+    merge(MergeConfig(adapter=str(adapter), base=str(base), output=str(out), dtype="float32", sample_tokens=200))
+    ours, honest = (json.loads((d / "config.json").read_text()) for d in (out, merged[1]))
+    assert ours["rope_parameters"] == honest["rope_parameters"]
+    assert ours["max_position_embeddings"] == honest["max_position_embeddings"] == 256

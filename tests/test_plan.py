@@ -796,7 +796,8 @@ def test_a_dry_run_without_cuda_plans_the_gpu_runs_optimizer(script, tmp_path):
     from trl import TrlParser
 
     from longqlora.training.config import RunConfig
-    from longqlora.training.run import describe, resolve
+    from longqlora.training.run import resolve
+    from longqlora.training.summary import describe
 
     recipe = script("recipes/extend_7b_8k.py")
     parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))

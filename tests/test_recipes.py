@@ -83,6 +83,19 @@ def test_dry_run_shows_the_s2_schedule(capsys):
     assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), 1 step in 4 full" in capsys.readouterr().out
 
 
+def test_dry_run_says_which_pre_trained_context_it_took(capsys):
+    """Mistral-7B-v0.1's config says 32768 tokens, it was trained at 8192: at 32k nothing is stretched unless
+    --original_context says so, and the dry run says which context it took."""
+    run("extend_7b_8k", "--dry_run", "--model_name_or_path", "mistral-7b", "--target_context", "32768")
+    text = capsys.readouterr().out
+    assert "32768 -> 32768 tokens (no RoPE scaling, rope default); config.json's max_position_embeddings" in text
+    assert "--original_context N if the model was trained on fewer" in text
+    run("extend_7b_8k", "--dry_run", "--model_name_or_path", "mistral-7b", "--target_context", "32768",
+        "--original_context", "8192")  # fmt: skip
+    text = capsys.readouterr().out
+    assert "8192 -> 32768 tokens (YaRN x4, rope yarn)" in text and "--original_context N" not in text
+
+
 def test_dry_run_trainable_count_is_exact_for_llama2_7b(capsys):
     run("extend_7b_8k", "--dry_run")
     text = capsys.readouterr().out

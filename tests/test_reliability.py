@@ -746,6 +746,8 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     checkpoints.check_same_run(checkpoint, ours)
     with pytest.raises(ValueError, match="written by a run with --lora_r 8, this run has 4"):
         checkpoints.check_same_run(checkpoint, {**ours, "--lora_r": 4})
+    with pytest.raises(ValueError, match="written by a run with --original_context 64, this run has 16"):
+        checkpoints.check_same_run(checkpoint, {**ours, "--original_context": 16})
     (copy / "tiny-base" / "config.json").write_text(
         json.dumps({**json.loads((copy / "tiny-base" / "config.json").read_text()), "hidden_size": 1})
     )

@@ -401,3 +401,28 @@ def test_rope_scaling_flag_is_checked_in_the_model_and_loader_flags():
         LoaderArgs(model="m", rope_scaling="ntk")
     assert ModelConfig(model_name_or_path="m", target_context=8192).rope_scaling == "yarn"  # the default
     assert LoaderArgs(model="m").rope_scaling is None  # the adapter's recorded type
+
+
+def test_original_context_overrides_an_overstated_max_position_embeddings():
+    """--original_context: Mistral-7B-v0.1 says 32768 in config.json but was pre-trained at 8192; extended to
+    32768 from 8192 its RoPE is stretched x4 (without the flag nothing is stretched at all), the same scaling as a
+    config that said 8192; a scaled RoPE keeps its recorded context, and a value above the config's is refused."""
+    from longqlora.rope import set_original_context
+
+    def mistral(max_positions):
+        return transformers.MistralConfig(**_SMALL, max_position_embeddings=max_positions, sliding_window=None)
+
+    plain = mistral(32768)
+    assert apply_position_interpolation(plain, 32768, "yarn") == 1.0 and plain.rope_parameters["rope_type"] == "default"
+    told, honest = mistral(32768), mistral(8192)
+    set_original_context(told, 8192)
+    assert original_context(told) == 8192
+    assert apply_position_interpolation(told, 32768, "yarn") == apply_position_interpolation(honest, 32768, "yarn") == 4
+    assert told.rope_parameters == honest.rope_parameters and told.max_position_embeddings == 32768
+    assert told.rope_parameters["original_max_position_embeddings"] == 8192
+    set_original_context(told, 8192)  # the extended config records it: nothing changes
+    assert apply_position_interpolation(told, 32768, "yarn") == 4 and told.rope_parameters == honest.rope_parameters
+    with pytest.raises(ValueError, match=r"^--original_context 4096: the model's RoPE is already scaled \(llama3"):
+        set_original_context(llama31(), 4096)
+    with pytest.raises(ValueError, match=r"^--original_context 65536: above config.json's max_position_embeddings"):
+        set_original_context(mistral(32768), 65536)

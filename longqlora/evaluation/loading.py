@@ -93,6 +93,13 @@ class LoaderArgs:
             "the adapter's recorded type, else the training default (yarn)."
         },
     )
+    original_context: int | None = field(
+        default=None,
+        metadata={
+            "help": "The context the model was pre-trained at, when its config.json says more (Mistral-7B-v0.1: "
+            "8192 of 32768); default: the adapter's recorded one, else config.json's."
+        },
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow a model's own code from its directory (off: only transformers' code)."}
     )
@@ -109,6 +116,8 @@ class LoaderArgs:
             raise ValueError(f"--target_context {self.target_context}: must be a positive number of tokens")
         if self.rope_scaling is not None:
             check_scaling(self.rope_scaling)
+        if self.original_context is not None and self.original_context < 1:
+            raise ValueError(f"--original_context {self.original_context}: must be a positive number of tokens")
 
     def load(self):
         """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
@@ -119,6 +128,7 @@ class LoaderArgs:
             compute_dtype=self.compute_dtype,
             target_context=self.target_context,
             rope_scaling=self.rope_scaling,
+            original_context=self.original_context,
             trust_remote_code=self.trust_remote_code,
         )
 
@@ -319,6 +329,7 @@ def load_for_inference(
     compute_dtype: str = "auto",
     target_context: int | None = None,
     rope_scaling: str | None = None,
+    original_context: int | None = None,
     trust_remote_code: bool = False,
     adapter_checked: bool = False,
 ):
@@ -326,7 +337,8 @@ def load_for_inference(
 
     `model_path` defaults to the adapter's recorded base. Position interpolation: `target_context` when given
     (e.g. PI without training), else the adapter's trained context, else the model's config as saved; an
-    unscaled RoPE becomes `rope_scaling` (yarn or linear), by default what the adapter was trained with.
+    unscaled RoPE becomes `rope_scaling` (yarn or linear), by default what the adapter was trained with, and
+    counts from `original_context` (ModelConfig's --original_context), by default the adapter's recorded one.
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
     from longqlora.model import ModelConfig, load_base, load_config
@@ -351,10 +363,13 @@ def load_for_inference(
         rope_scaling = ModelConfig.rope_scaling
     elif rope_scaling is None:  # what the adapter trained with; records from before --rope_scaling trained with PI
         rope_scaling = extension.rope_type if extension.rope_type in UNSCALED_TO else "linear"
+    if original_context is None and extension is not None:
+        original_context = extension.original_context  # the base's own unless the run passed --original_context
     cfg = ModelConfig(
         model_name_or_path=expanded,
         target_context=int(target_context),
         rope_scaling=rope_scaling,
+        original_context=original_context or 0,
         load_in_4bit=load_in_4bit,
         compute_dtype=compute_dtype,
         s2_attention=False,

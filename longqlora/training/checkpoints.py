@@ -162,6 +162,7 @@ def run_settings(model_cfg, info) -> dict:
         "--lora_target": model_cfg.lora_target,
         "--trainable_params": model_cfg.trainable_params,
         "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
+        "--original_context": info.original_context,  # and the factor they were stretched by
         "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
     }
 
@@ -185,6 +186,7 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
         "--lora_target": lora.get("target"),
         "--trainable_params": lora.get("trainable_modules"),
         "--rope_scaling": record.rope_type,
+        "--original_context": record.original_context,
         "--load_in_4bit": record.load_in_4bit,
     }
     for flag, ours in run.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from transformers import set_seed
 
 from longqlora import hardware
 from longqlora.adapters import trainable_to_fp32
-from longqlora.attention.schedule import s2_schedule_callbacks, step_settings
+from longqlora.attention.schedule import s2_schedule_callbacks
 from longqlora.data import instructions, pose
 from longqlora.data import text as data_lib
 from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model, load_model
@@ -33,7 +32,7 @@ from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default
-from longqlora.training.optimizer import optimizer_name
+from longqlora.training.summary import describe, extension_record
 
 logger = logging.getLogger(__name__)
 
@@ -72,46 +71,6 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     return dataclasses.replace(training, **changes)
 
 
-def s2_options(model_cfg: ModelConfig, max_steps: int | None = None, steps_done: int | None = None) -> dict | None:
-    """The S2-Attn settings a run trains with, as recorded: the group sizes in order (one per equal share of the
-    steps; with `max_steps`, those that a run of `max_steps` steps reaches, or has reached after `steps_done` of
-    them: a checkpoint's record) and the variant options; None with full attention."""
-    if not model_cfg.s2_attention:
-        return None
-    sizes = model_cfg.group_sizes
-    if max_steps:
-        done = max_steps if steps_done is None else min(steps_done, max_steps)
-        reached = [step_settings(step, max_steps, sizes)[0] for step in range(done)]
-        sizes = list(dict.fromkeys(reached))
-    return {
-        "group_sizes": sizes,
-        "shift": model_cfg.s2_shift,
-        "sink_tokens": model_cfg.s2_sink_tokens,
-        "full_heads": model_cfg.s2_full_heads,
-        "full_every": model_cfg.s2_full_every,
-    }
-
-
-def _attention_text(model_cfg: ModelConfig) -> str:
-    """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
-    o = s2_options(model_cfg)
-    if o is None:
-        return "full"
-    sizes = o["group_sizes"]
-    text = (
-        f"S2-Attn, group {sizes[0]}"
-        if len(sizes) == 1
-        else f"S2-Attn, group {' -> '.join(map(str, sizes))} (equal shares of the steps)"
-    )
-    extras = [
-        f"1 step in {o['full_every']} full" if o["full_every"] else "",
-        f"{o['sink_tokens']} sink tokens" if o["sink_tokens"] else "",
-        f"{o['full_heads']:.0%} of heads full" if o["full_heads"] else "",
-        "rolled shift" if o["shift"] == "rolled" else "",
-    ]
-    return ", ".join([text, *filter(None, extras)])
-
-
 @dataclass(frozen=True)
 class ResolvedRun:
     """One recipe run, resolved once before any weights load by `resolve`: the configs after --tiny with the
@@ -126,58 +85,6 @@ class ResolvedRun:
     plan: dict
 
 
-def describe(run: ResolvedRun, trainable_params: int | None = None, total_params: int | None = None) -> str:
-    """The resolved configuration, as `--dry_run` prints it and the run logs it, with the parameter counts (of the
-    loaded model, or counted without weights)."""
-
-    def plain(value):  # TrainingArguments turns some strings into enums
-        return getattr(value, "value", value)
-
-    info, cfg, training = run.info, run.model, run.training
-    gpu_optim = (run.plan.get("config") or {}).get("optim", plain(training.optim))  # what the plan is of
-    trainable, total = trainable_params, total_params
-    steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
-    lines = [
-        f"model              {info.model}",
-        f"context            {info.original_context} -> {info.target_context} tokens "
-        f"({info.scaling}, rope {info.rope_type})",
-        *pose.describe(cfg),
-        f"attention          {_attention_text(cfg)} (training), full at inference; backend "
-        f"{info.attn_backend_requested} ({info.attn_backend} here)",
-        f"weights            {'NF4 4-bit, double quant' if info.load_in_4bit else info.compute_dtype}, "
-        f"compute {info.compute_dtype}",
-        f"trainable          {'?' if trainable is None else f'{trainable:,}'} of "
-        f"{'?' if total is None else f'{total:,}'} parameters "
-        f"(LoRA r={cfg.lora_r} on {cfg.lora_target}; full: {cfg.trainable_params or 'nothing'})",
-        f"data               {run.data.dataset}",
-        f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
-        f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
-        f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}"
-        + (f" here, {gpu_optim} on a GPU" if gpu_optim != optimizer_name(plain(training.optim)) else ""),
-        f"precision          {info.compute_dtype} compute"
-        + (" (mixed precision on the GPU)" if info.compute_dtype != "float32" else ""),
-        f"output             {training.output_dir}",
-    ]
-    plan = run.plan
-    if plan:
-        on = [k for k, v in plan["switches"].items() if v]
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in plan["parts_gib"].items())
-        fit = (
-            ""
-            if plan.get("fits") is None
-            else (" - fits this GPU" if plan["fits"] else f" - does NOT fit this GPU ({plan['device_gib']:.1f} GiB)")
-        )
-        paged = plan.get("paged_optimizer_gib") or 0
-        lines.append(
-            f"memory (planned)   peak {plan['peak_allocated_gib']:.2f} GiB allocated"
-            + (f" per rank of {plan['context_parallel']}" if plan["context_parallel"] > 1 else "")
-            + f" + {plan['overhead_gib']:.2f} overhead on a GPU ({parts}; on: {', '.join(on) or 'none'})"
-            + (f" + {paged:.2f} paged optimizer state (managed, evictable)" if paged else "")
-            + fit
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------- output
 def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord, state_dict=None) -> Path:
     """Write the adapter, tokenizer and extension record into `output_dir` (beside its checkpoints), weights first
@@ -188,44 +95,6 @@ def save_adapter_atomic(model, tokenizer, output_dir, record: ExtensionRecord, s
         tokenizer.save_pretrained(tmp)
         record.write(tmp)
     return Path(output_dir)
-
-
-def extension_record(
-    run: ResolvedRun,
-    info: ModelInfo,
-    data_stats: dict,
-    train_stats: dict,
-    max_steps: int | None = None,
-    steps_done: int | None = None,
-) -> ExtensionRecord:
-    """What the adapter records about its run (longqlora.record); `max_steps`: the steps the run was set for,
-    `steps_done`: those a checkpoint holds (its record lists only the group sizes trained so far)."""
-    cfg = run.model
-    return ExtensionRecord(
-        model=info.model,
-        original_context=info.original_context,
-        target_context=info.target_context,
-        pi_factor=info.pi_factor,
-        rope_type=info.rope_type,
-        compute_dtype=info.compute_dtype,
-        load_in_4bit=info.load_in_4bit,
-        attn_backend=info.attn_backend,
-        s2_attention=cfg.s2_attention,
-        s2_options=s2_options(cfg, max_steps, steps_done),
-        pose={"window": cfg.pose_window, "chunks": cfg.pose_chunks} if cfg.pose_window else None,
-        lora={
-            "r": cfg.lora_r,
-            "alpha": cfg.lora_alpha,
-            "target": cfg.lora_target,
-            "trainable_modules": cfg.trainable_params,
-            "trainable_params": info.trainable_params,
-            "total_params": info.total_params,
-        },
-        memory_plan=run.plan,
-        data={"dataset": run.data.dataset, **data_stats},
-        train=train_stats,
-        model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
-    )
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -356,9 +225,7 @@ def train(run: ResolvedRun) -> Path:
         logger.info("configuration:\n%s", describe(run, info.trainable_params, info.total_params))
         guard = checkpoints.CheckpointGuard()
         record = RecordCallback(
-            lambda step: extension_record(
-                run, info, stats, {"checkpoint_step": step}, trainer.state.max_steps, steps_done=step
-            )
+            lambda step: extension_record(run, info, stats, {"checkpoint_step": step}, trainer.state.max_steps, step)
         )
         trainer = memory.trainer_class(training.chunked_loss)(
             model=model,
