@@ -568,6 +568,48 @@ def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_
         training_chat_template(unmaskable, "--tokenizer")
 
 
+def test_a_chat_template_file_is_what_data_prep_and_training_measure_and_mask(tok, tmp_path):
+    """--chat_template_path (a .jinja file, as TRL's SFTTrainer applies it) replaces the tokenizer's own template
+    for data_prep's lengths and training's alike, and its {% generation %} markers give the loss exactly the
+    replies; a file without markers, or a path that is not a .jinja file, is refused naming the flag."""
+    from conftest import load_script
+
+    from longqlora.data.formats import training_chat_template
+    from longqlora.training.config import TrainingConfig
+    from longqlora.training.run import prepare_dataset
+
+    marked = OWN_WITHOUT_MARKERS.replace(
+        "{{ m['content'] }}{{ eos_token }}", "{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    )
+    template = tmp_path / "inst.jinja"
+    template.write_text(marked)
+    prep = load_script("data_prep/prepare_instructions.py")
+    chats = write_instruction_formats(tmp_path)["longalpaca"]
+    own = copy.deepcopy(tok)
+    own.chat_template = OWN_WITHOUT_MARKERS  # unmaskable: refused on its own, replaced by the file
+    own.save_pretrained(tmp_path / "own")
+    args = prep.ScriptArguments(
+        tokenizer=str(tmp_path / "own"), output_dir=str(tmp_path / "out"), max_length=4096,
+        chat_template_path=str(template),
+    )  # fmt: skip
+    stats = prep.run(InstructionDataConfig(dataset=chats), args)
+    trained = copy.deepcopy(own)
+    _, train_stats = prepare_dataset(InstructionDataConfig(dataset=chats), trained, 4096, None, None, str(template))
+    assert stats["chat_template"] == train_stats["chat_template"] == str(template)
+    assert stats["tokens_total"] == train_stats["tokens_total"] and trained.chat_template == marked
+    turns = [{"role": "user", "content": "What is two and two?"}, {"role": "assistant", "content": "Four."}]
+    out = trained.apply_chat_template(turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    reply = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert trained.decode(reply) == "Four." + trained.eos_token and reply[-1] == trained.eos_token_id
+    bare = tmp_path / "bare.jinja"
+    bare.write_text(OWN_WITHOUT_MARKERS)
+    with pytest.raises(ValueError, match=rf"^--chat_template_path {bare}: the template in this file has no "):
+        training_chat_template(copy.deepcopy(tok), "--tokenizer", str(bare))
+    for path in (tmp_path / "own", tmp_path / "missing.jinja"):
+        with pytest.raises(ValueError, match=rf"^--chat_template_path {path}: pass a .jinja or .j2 file"):
+            TrainingConfig(output_dir=str(tmp_path / "run"), chat_template_path=str(path))
+
+
 # ------------------------------------------------------------------------------------------- lengths
 
 

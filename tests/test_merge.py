@@ -131,7 +131,11 @@ def test_float16_merge(adapter, merged, tmp_path, monkeypatch):
 
 
 def test_chat_template_is_saved(adapter, tmp_path):
-    """An SFT adapter's tokenizer carries the Vicuna template (training/run.py sets it); the merged model keeps it."""
+    """An SFT adapter's tokenizer carries the Vicuna template (training/run.py sets it); the merged model keeps it,
+    rendering the same text, with its {% generation %} markers (transformers' own tag, for the training loss)
+    made comments: plain Jinja, as llama.cpp and other renderers of a merged model parse it, refuses the tag."""
+    import jinja2
+
     from longqlora.data.formats import apply_vicuna_template
 
     chat = tmp_path / "chat-adapter"
@@ -143,10 +147,18 @@ def test_chat_template_is_saved(adapter, tmp_path):
         MergeConfig(adapter=str(chat), base=str(adapter / "tiny-base"), output=str(tmp_path / "m"), dtype="float32")
     )
     assert report["chat_template"] and report["check"]["passed"]
-    assert (
-        tokenizer.chat_template
-        and AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == tokenizer.chat_template
-    )
+    merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    turns += [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Two and two?"}]
+    for prompt in (False, True):
+        ours, theirs = (
+            t.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+            for t in (merged_tokenizer, tokenizer)
+        )
+        assert ours == theirs and "ASSISTANT: Hello.</s>" in ours
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+        jinja2.Environment().from_string(tokenizer.chat_template)
+    jinja2.Environment().from_string(merged_tokenizer.chat_template)
 
 
 def test_overwrite_replaces_and_a_failed_check_writes_nothing(adapter, tmp_path):
@@ -408,3 +420,7 @@ def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merg
     ours, honest = (json.loads((d / "config.json").read_text()) for d in (out, merged[1]))
     assert ours["rope_parameters"] == honest["rope_parameters"]
     assert ours["max_position_embeddings"] == honest["max_position_embeddings"] == 256
+    # and as transformers 4 kept them, for readers that know only those keys (the reload check passed on this file)
+    assert ours["rope_theta"] == ours["rope_parameters"]["rope_theta"]
+    scaling = {k: v for k, v in ours["rope_parameters"].items() if k != "rope_theta"}
+    assert ours["rope_scaling"] == {**scaling, "type": "yarn"} and scaling["factor"] == 4

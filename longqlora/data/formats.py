@@ -18,6 +18,9 @@ tokenizer without a BOS token renders none.
 
 from __future__ import annotations
 
+import os
+import re
+
 VICUNA_V1_1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions."
@@ -77,15 +80,38 @@ def apply_vicuna_template(tokenizer):
     return tokenizer
 
 
-def training_chat_template(tokenizer, flag: str) -> str:
-    """Give `tokenizer` the chat template conversations are trained with and return its name: the tokenizer's own
-    when it has one (chat renders with that one too), else Vicuna v1.1. data_prep's lengths and training's loss
-    both come from here, so they measure the same text. TRL's assistant-only loss needs `{% generation %}` markers
-    around the replies: an own template without them that TRL cannot patch is refused here, before any weights
-    load, rather than in SFTTrainer after they have."""
-    if not getattr(tokenizer, "chat_template", None):
+def read_template_file(path: str, flag: str = "--chat_template_path") -> str:
+    """The chat template in a .jinja/.j2 file, as TRL's SFTTrainer reads `chat_template_path`; any other path (a
+    tokenizer TRL would clone the template from, adding its tokens and resizing the embedding that this toolkit
+    trains and saves) is refused in one line."""
+    if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+        raise ValueError(
+            f"{flag} {path}: pass a .jinja or .j2 file holding the template (another tokenizer's template, which TRL "
+            "would clone with its tokens into a resized embedding, is not supported: save its chat_template into a "
+            ".jinja file)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {path}: cannot read it as UTF-8 text ({err})") from err
+
+
+def training_chat_template(tokenizer, flag: str, template_path: str | None = None) -> str:
+    """Give `tokenizer` the chat template conversations are trained with and return its name: the one in
+    `template_path` (--chat_template_path, a .jinja file, as TRL applies it), else the tokenizer's own when it has
+    one (chat renders with that one too), else Vicuna v1.1. data_prep's lengths and training's loss both come from
+    here, so they measure the same text. TRL's assistant-only loss needs `{% generation %}` markers around the
+    replies: a template without them that TRL cannot patch is refused here, before any weights load, rather than in
+    SFTTrainer after they have."""
+    if template_path:
+        tokenizer.chat_template = read_template_file(template_path)
+        whose, flag = "the template in this file", f"--chat_template_path {template_path}"
+    elif not getattr(tokenizer, "chat_template", None):
         apply_vicuna_template(tokenizer)
         return "vicuna_v1.1"
+    else:
+        whose = "the tokenizer's own chat template"
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if not has_generation_markers(tokenizer.chat_template):
@@ -93,12 +119,22 @@ def training_chat_template(tokenizer, flag: str) -> str:
             get_training_chat_template(tokenizer)
         except ValueError:
             raise ValueError(
-                f"{flag}: the tokenizer's own chat template has no {{% generation %}} markers and TRL cannot add "
-                "them, so the replies cannot be told apart for the loss; wrap each assistant reply in "
-                "{% generation %}...{% endgeneration %} in its chat_template, or remove the template to train "
-                "with Vicuna v1.1"
+                f"{flag}: {whose} has no {{% generation %}} markers and TRL cannot add them, so the replies cannot "
+                "be told apart for the loss; wrap each assistant reply in {% generation %}...{% endgeneration %} "
+                "and pass the template as a .jinja file with --chat_template_path"
+                + ("" if template_path else ", or remove the tokenizer's template to train with Vicuna v1.1")
             ) from None
-    return "the tokenizer's own"
+    return template_path or "the tokenizer's own"
+
+
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
+
+
+def without_generation_markers(template: str) -> str:
+    """`template` with its `{% generation %}` markers (which only transformers' renderer knows, for the training
+    loss) turned into Jinja comments that keep their whitespace control: it renders the same text, and plain Jinja
+    (llama.cpp, vLLM's and other renderers of a merged model) parses it."""
+    return _GENERATION_TAG.sub(lambda m: f"{{#{m[1]} {m[2]} {m[3]}#}}", template)
 
 
 # Detected from the keys that hold a value, in this order (a LongAlpaca record may also have `input`).

@@ -9,6 +9,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from longqlora.data.formats import read_template_file
 from longqlora.training import memory
 
 
@@ -126,6 +127,8 @@ class TrainingConfig(SFTConfig):
                 "is off; drop one of them"
             )
         _check_numbers(self)
+        if self.chat_template_path:  # a file TRL reads, checked before the data (its markers: prepare_dataset)
+            read_template_file(self.chat_template_path)
 
     @property
     def optim_name(self) -> str:

@@ -106,15 +106,17 @@ def load_data(data_cfg, vocab_size: int | None = None):
     return data_lib.load_training_text(data_cfg, vocab_size)
 
 
-def prepare_dataset(data_cfg, tokenizer, max_length: int, loaded=None, prepared: dict | None = None):
+def prepare_dataset(
+    data_cfg, tokenizer, max_length: int, loaded=None, prepared: dict | None = None, chat_template_path=None
+):
     """Tokenized documents or checked prepared rows (text), or chat messages (instructions), with their statistics;
     `loaded` is what `load_data` returned (read now when not given), `prepared` what `check_tokenizer` returned
-    for its token rows (checked now when not given)."""
+    for its token rows (checked now when not given), `chat_template_path` the run's --chat_template_path."""
     loaded = load_data(data_cfg) if loaded is None else loaded
     if isinstance(data_cfg, instructions.InstructionDataConfig):
         from longqlora.data.formats import training_chat_template
 
-        template = training_chat_template(tokenizer, "--model_name_or_path")
+        template = training_chat_template(tokenizer, "--model_name_or_path", chat_template_path)
         dataset, stats = instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
         return dataset, {"chat_template": template, **stats}
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
@@ -193,7 +195,9 @@ def train(run: ResolvedRun) -> Path:
     prepared = None
     if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
         prepared = data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
-    dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, prepared)
+    dataset, stats = prepare_dataset(
+        data_cfg, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
+    )
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
