@@ -190,3 +190,22 @@ def save_figure(fig, path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def check_output_dir(output_dir, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if `output_dir` exists and may not be replaced, or cannot be written."""
+    out = check_output_path(output_dir, "--output_dir")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--output_dir {out}: already exists; pass --overwrite or another directory")
+    return out
+
+
+def save_dataset_atomic(ds, output_dir, files: dict | None = None, overwrite: bool = False):
+    """data_prep's output: a datasets.Dataset's `save_to_disk` into a temporary sibling directory, add `files`
+    ({name: JSON data}), then rename it into place, so a killed run never leaves a half-written dataset."""
+    out = check_output_dir(output_dir, overwrite)
+    with atomic_directory(out) as tmp:
+        ds.save_to_disk(str(tmp))
+        for name, data in (files or {}).items():
+            write_json_atomic(tmp / name, data)
+    return out

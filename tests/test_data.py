@@ -743,6 +743,46 @@ def test_concat_rows_are_all_full_where_trl_wraps_each_batch_alone(tok):
     assert (len(one), out["tokens_dropped_remainder"]) == (1, 0)
 
 
+def test_big_inputs_are_tokenized_in_small_batches_and_prepared_folders_stay_as_written(tok, tmp_path, monkeypatch):
+    """Scale: documents reach the tokenizer at most TOKENIZE_BATCH at a time (datasets' default 1000 book-length
+    documents held ~15 GB of Python lists per process); --pack concat over a prepared folder writes no cache copy
+    of the rows into it, nor does measuring a prepared folder of conversations copy them there; and a stream over
+    int32 offsets is refused in one line before packing."""
+    seen = []
+    real = D._tokenize_batch
+    monkeypatch.setattr(D, "_tokenize_batch", lambda batch, **kw: seen.append(len(batch["text"])) or real(batch, **kw))
+    texts = [DOCS[i % len(DOCS)] for i in range(40)]
+    tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": texts}), tok, TextDataConfig("x"))
+    assert len(tokenized) == 40 and max(seen) == D.TOKENIZE_BATCH < 40 and sum(seen) == 40
+    folder = tmp_path / "prepared"
+    tokenized.save_to_disk(str(folder))
+    before = sorted(p.name for p in folder.iterdir())
+    rows, _ = D.full_rows(datasets.load_from_disk(str(folder)), stats, 32)
+    assert len(rows) == stats["tokens_total"] // 32 and sorted(p.name for p in folder.iterdir()) == before
+    chats = tmp_path / "chats"
+    datasets.Dataset.from_dict({"messages": [CHAT] * 30}).save_to_disk(str(chats))
+    sizes = {p.name: p.stat().st_size for p in chats.iterdir()}
+    I.length_report(datasets.load_from_disk(str(chats)), tok, 4096, "truncate")
+    added = sum(p.stat().st_size for p in chats.iterdir() if p.name not in sizes)
+    assert added < sum(sizes.values()) / 4  # the lengths only, not another copy of the conversations
+    with pytest.raises(ValueError, match=r"^--pack concat: 2,147,483,648 tokens are over the 2,147,483,647"):
+        D.full_rows(tokenized, {**stats, "tokens_total": 2**31}, 32)
+
+
+def test_a_text_file_too_big_for_one_document_is_warned_of(tmp_path, monkeypatch, caplog):
+    """A .txt file is one document, tokenized in one call: above ONE_DOCUMENT_WARN_CHARS the user is told what it
+    costs and how to split it; a smaller one is read without a word."""
+    from longqlora.data import sources
+
+    monkeypatch.setattr(sources, "ONE_DOCUMENT_WARN_CHARS", 1000)
+    for name, chars in (("small.txt", 900), ("big.txt", 4000)):
+        (tmp_path / name).write_text("word " * (chars // 5))
+        sources.check_text_file(f"--dataset {name}", str(tmp_path / name))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("--dataset big.txt: 0 MB of text is one document")
+    assert "one file per document or JSONL" in warned[0]
+
+
 def test_rolled_shift_refuses_rows_it_cannot_train_before_loading(tmp_path):
     """LongLoRA's roll knows no documents or padding: --pack documents and conversations are refused by resolve in
     one line (before, a packed batch failed inside the first forward)."""

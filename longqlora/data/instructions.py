@@ -185,16 +185,19 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
     from trl.chat_template_utils import has_generation_markers
 
     masks = has_generation_markers(tokenizer.chat_template)
-    ds = ds.map(
+    # only the two measures are written (datasets caches a map's output beside a saved dataset's files: with the
+    # conversations kept, every training launch left a copy of them in the prepared folder)
+    measured = ds.map(
         _chat_lengths,
         batched=True,
         num_proc=num_proc,
+        remove_columns=ds.column_names,
         desc="Measuring conversations",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "masks": masks},
     )
-    lengths = column(ds, "length").to_numpy().astype(np.int64)
+    lengths = column(measured, "length").to_numpy().astype(np.int64)
     over = lengths > max_length
-    lost = over & ~column(ds, "answer_in_window").to_numpy(zero_copy_only=False).astype(bool)
+    lost = over & ~column(measured, "answer_in_window").to_numpy(zero_copy_only=False).astype(bool)
     stats = {
         "count": len(lengths),
         **length_stats(lengths),
@@ -213,13 +216,7 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
             f"tokens); raise --target_context (data_prep's --max_length) or pass --overlong truncate"
         )
     if overlong == "drop" and over.any():
-        ds = ds.filter(
-            lambda n: [x <= max_length for x in n],
-            input_columns="length",
-            batched=True,
-            num_proc=num_proc,
-            desc="Dropping overlong conversations",
-        )
+        ds = ds.select(np.flatnonzero(~over))  # an index mapping, no copy
         stats["dropped"] = int(over.sum())
         logger.warning(
             "dropped %d of %d conversations over max_length %d tokens (--overlong drop)",
@@ -239,4 +236,4 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
             stats["answers_lost"],
         )
     stats["count_out"] = len(ds)
-    return ds.remove_columns(["length", "answer_in_window"]), stats
+    return ds, stats

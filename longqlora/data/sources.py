@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+
+logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -95,10 +98,23 @@ def _lines(flag: str, path: str):
         raise ValueError(f"{flag}: the gzip data {what}; re-download or recompress it") from None
 
 
+# One .txt file is one document, tokenized in one call: the tokenizer's Python lists take ~500 bytes a token.
+ONE_DOCUMENT_WARN_CHARS = 64 * 2**20
+
+
 def check_text_file(flag: str, path: str) -> None:
-    """Read a .txt/.txt.gz document to its end before `datasets` does; see `_lines` for what is refused."""
-    for _ in _lines(flag, path):
-        pass
+    """Read a .txt/.txt.gz document to its end before `datasets` does; see `_lines` for what is refused. A file
+    too big to be one document gets a warning with the memory its tokenization takes."""
+    chars = sum(len(line) for _, line in _lines(flag, path))
+    if chars > ONE_DOCUMENT_WARN_CHARS:
+        logger.warning(
+            "%s: %d MB of text is one document, tokenized in one call (about %.0f GB of memory at ~4 characters "
+            "and ~500 bytes a token); if it holds many documents, pass one file per document or JSONL with one "
+            "per line",
+            flag,
+            chars // 2**20,
+            chars / 4 * 500 / 1e9,
+        )
 
 
 def read_text(flag: str, path: str) -> str:

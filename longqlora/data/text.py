@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow.compute as pc
 
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
-from longqlora.output import atomic_directory, check_output_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +228,14 @@ def check_tokenizer(cfg: TextDataConfig, tokenizer, ds: datasets.Dataset) -> dic
     return prepared
 
 
+# Documents per tokenizer call and per written Arrow batch: the tokenizer's Python lists cost ~150 bytes a token, so
+# datasets' default 1000 book-length documents (~100M tokens) would hold ~15 GB per process.
+TOKENIZE_BATCH = 16
+
+
 def _tokenize_batch(batch, tokenizer, eos_id: int | None):
-    ids = tokenizer(batch["text"])["input_ids"]  # with the tokenizer's special tokens (Llama: <s>), as TRL does
+    # with the tokenizer's special tokens (Llama: <s>), as TRL does
+    ids = tokenizer(batch["text"], return_attention_mask=False)["input_ids"]
     if eos_id is not None:
         ids = [x if x and x[-1] == eos_id else x + [eos_id] for x in ids]
     return {"input_ids": ids, "length": [len(x) for x in ids]}
@@ -256,6 +261,8 @@ def tokenize_documents(ds: datasets.Dataset, tokenizer, cfg: TextDataConfig, *, 
     ds = ds.map(
         _tokenize_batch,
         batched=True,
+        batch_size=TOKENIZE_BATCH,
+        writer_batch_size=TOKENIZE_BATCH,
         num_proc=cfg.num_proc,
         remove_columns=ds.column_names,
         features=features,
@@ -341,10 +348,16 @@ def full_rows(ds: datasets.Dataset, stats: dict, max_length: int) -> tuple[datas
     tokens; the remainder (under one row) is dropped. TRL's "wrapped" packing, applied to the whole dataset as one
     map batch: per batch of 1000 documents (its default) every batch would end in a short row, which the collator
     pads, costing compute and refused by LongLoRA's rolled shift mid-training. TRL's own packing of these rows
-    then leaves them as they are. Holds the token ids in memory once (4 bytes per token)."""
+    then leaves them as they are. Holds the token ids in memory once (4 bytes per token), and only there: a cache
+    file of the rows would be written beside a prepared dataset's own files, once per row length."""
     from trl.data_utils import pack_dataset
 
-    rows = pack_dataset(ds, max_length, strategy="wrapped", map_kwargs={"batch_size": None})
+    if (total := stats.get("tokens_total", 0)) >= 2**31:  # one Arrow list of int32 offsets holds the whole stream
+        raise ValueError(
+            f"--pack concat: {total:,} tokens are over the 2,147,483,647 that one joined stream holds; "
+            "use --pack documents (the default), or split --dataset into parts and train on one at a time"
+        )
+    rows = pack_dataset(ds, max_length, strategy="wrapped", map_kwargs={"batch_size": None, "keep_in_memory": True})
     n = len(rows)
     last = len(rows[n - 1]["input_ids"]) if n else 0
     if last < max_length:
@@ -376,22 +389,3 @@ def packing_strategy(packing: str) -> str:
     if packing not in PACKING:
         bad("pack", packing, f"must be one of {', '.join(PACKING)}")
     return PACKING[packing]
-
-
-def check_output_dir(output_dir, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if `output_dir` exists and may not be replaced, or cannot be written."""
-    out = check_output_path(output_dir, "--output_dir")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--output_dir {out}: already exists; pass --overwrite or another directory")
-    return out
-
-
-def save_dataset_atomic(ds: datasets.Dataset, output_dir, files: dict | None = None, overwrite: bool = False):
-    """`save_to_disk` into a temporary sibling directory, add `files` ({name: JSON data}), then rename it into place,
-    so a killed run never leaves a half-written dataset."""
-    out = check_output_dir(output_dir, overwrite)
-    with atomic_directory(out) as tmp:
-        ds.save_to_disk(str(tmp))
-        for name, data in (files or {}).items():
-            write_json_atomic(tmp / name, data)
-    return out

@@ -117,7 +117,7 @@ def prepare_dataset(
         from longqlora.data.formats import training_chat_template
 
         template = training_chat_template(tokenizer, "--model_name_or_path", chat_template_path)
-        dataset, stats = instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong)
+        dataset, stats = instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong, data_cfg.num_proc)
         return dataset, {"chat_template": template, **stats}
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
