@@ -510,3 +510,15 @@ def test_bad_variant_arguments():
         s2_attention(q, k, v, 8, shift="rolled", position_ids=packed_positions((10, 22)))
     with pytest.raises(ValueError, match="divisible"):
         s2_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], 8, shift="rolled")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_models_own_softmax_scale_is_used(packed):
+    """`scale` (a model's own attention scaling, e.g. Granite's attention_multiplier) sets the softmax temperature:
+    scale 0.3 equals the default scale on queries multiplied by 0.3 x sqrt(D), and differs from the default."""
+    q, k, v = rand_qkv(2, 4, 2, 37, seed=1)
+    d = q.shape[-1]
+    pos = packed_positions((10, 27)) if packed else None
+    scaled = s2_attention(q, k, v, 8, position_ids=pos, scale=0.3)
+    assert torch.allclose(scaled, s2_attention(q * (0.3 * d**0.5), k, v, 8, position_ids=pos), atol=1e-10)
+    assert not torch.allclose(scaled, s2_attention(q, k, v, 8, position_ids=pos), atol=1e-3)

@@ -176,6 +176,23 @@ def test_varlen_kernels_match_the_reference(kernels, name, gqa, style, h, h_kv, 
     assert [c[2] for c in calls] == expect_kv
 
 
+@pytest.mark.parametrize("name,gqa,style", CASES)
+def test_varlen_rows_stay_apart_where_a_row_is_one_segment(kernels, name, gqa, style):
+    """Row 0 holds 3 tokens after its padding, under one group: one segment, whose id equals the next row's first
+    one. The stream keeps rows apart by offsetting each row's ids (cu_seqlens [0, 3, 11], not [0, 11], where row 1
+    would attend row 0); the result equals the reference with its own mask."""
+    kernels(name, gqa, style or "window_size")
+    q, k, v = rand_qkv(2, 4, 2, 8, seed=5)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :5] = 0
+    assert torch.allclose(
+        s2_attention(q, k, v, 8, attention_mask=mask), reference_s2(q, k, v, 8, None, mask), atol=1e-10
+    )
+    rows = s2_layout.build(None, mask, 2, 8, "cpu")
+    for group in (8, s2_layout.WHOLE):
+        assert rows.varlen(group, 0).cu_seqlens.tolist() == [0, 3, 11]
+
+
 @pytest.mark.parametrize("name", ["flash_attn", "xformers"])
 def test_forced_gpu_kernel_runs_plain_rows_too(kernels, monkeypatch, name):
     calls = kernels(name, name == "flash_attn")

@@ -188,6 +188,11 @@ def test_gpu_every_switch_gives_the_plain_loss_and_gradients(tiny_dir, dtype, to
     assert one <= moved[-1] <= every - one  # the second layer's input stayed on the GPU
 
 
+def test_tiled_mlp_auto_starts_at_its_threshold():
+    assert memory.tiled_mlp_active("auto", 16384, 16384) and not memory.tiled_mlp_active("auto", 16383, 16384)
+    assert memory.tiled_mlp_active("on", 1, 16384) and not memory.tiled_mlp_active("off", 1 << 20, 16384)
+
+
 def test_tiled_mlp_falls_back_below_its_threshold(tiny_dir, monkeypatch):
     model = adapted(tiny_dir)
     memory.enable_tiled_mlp(model, tile_tokens=64, min_tokens=10_000)

@@ -158,6 +158,26 @@ def test_a_window_shorter_than_the_target_is_cleared(tmp_path, no_weights):
     assert (windowed(input_ids=ids).logits - own).abs().max() > 1e-2  # the window did change what is attended
 
 
+def test_a_cleared_window_clears_qwen2s_per_layer_kinds():
+    """Qwen2 derives per-layer kinds from its window (`layer_types`): clearing the window also makes every layer
+    full attention, and the model then attends as one that never had a window (without that its forward fails)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=100)
+    windowed = Qwen2Config(**shape, num_hidden_layers=2, use_sliding_window=True, max_window_layers=0,
+                           sliding_window=8, max_position_embeddings=64)  # fmt: skip
+    assert windowed.layer_types == ["sliding_attention"] * 2
+    lm.clear_short_window(windowed, 64)
+    assert (windowed.sliding_window, windowed.use_sliding_window) == (None, False)
+    assert windowed.layer_types == ["full_attention"] * 2
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(windowed).eval()
+    plain = Qwen2ForCausalLM(Qwen2Config(**shape, num_hidden_layers=2, max_position_embeddings=64)).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 100, (1, 40))
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 def test_forced_flash_attn_refuses_a_head_dim_over_256(tmp_path, monkeypatch, no_weights):
     from transformers import LlamaConfig
 

@@ -24,6 +24,16 @@ from longqlora.training.plan import (
 LLAMA2_7B = preset_config("llama-2-7b")
 
 
+def test_a_tied_embedding_is_one_frozen_matrix():
+    """Tied input and output embeddings (Llama-3.2-1B, Qwen2.5-0.5B) are one 16-bit vocab x hidden matrix kept
+    frozen, not two: the tied plan's weights are one such matrix under the untied one's."""
+    untied = LLAMA2_7B.__class__.from_dict({**LLAMA2_7B.to_dict(), "tie_word_embeddings": False})
+    tied = LLAMA2_7B.__class__.from_dict({**LLAMA2_7B.to_dict(), "tie_word_embeddings": True})
+    cfg = PlanConfig(model="x", context=8192)
+    diff = plan(untied, cfg)["parts_gib"]["weights"] - plan(tied, cfg)["parts_gib"]["weights"]
+    assert diff == pytest.approx(32000 * 4096 * 2 / GIB)
+
+
 def test_llama2_7b_parts_by_hand():
     """Llama-2-7B, 8k, r=8 on q/k/v/o, embeddings and norms trained, bf16 on CUDA, paged AdamW, norms and LoRA
     dropout recomputed: every part recomputed by hand from the inventory in docs/memory.md."""

@@ -728,6 +728,20 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tiny_
         assert not out.exists()
 
 
+def test_a_checkpoint_whose_state_is_for_another_step_is_not_complete(tiny_adapter, tmp_path):
+    """A checkpoint folder whose trainer_state.json is another step's (a stale or copied state file) would resume
+    at the wrong step and learning rate: it is not complete, and resuming takes the newest one that is."""
+    from longqlora.training import checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run)
+    shutil.copytree(run / "checkpoint-4", run / "checkpoint-6")
+    assert checkpoints.checkpoint_problem(run / "checkpoint-6") == "trainer_state.json is for step 4"
+    assert checkpoints.checkpoint_problem(run / "checkpoint-4") == ""
+    assert checkpoints.resume_checkpoint(run, "auto") == str(run / "checkpoint-4")
+    assert (run / "incomplete-checkpoint-6").is_dir() and not (run / "checkpoint-6").exists()
+
+
 def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     """The check that a checkpoint belongs to this run takes a copy of the run's folder (its --tiny base copied
     along, at another path) for the same model, and still refuses another LoRA rank."""

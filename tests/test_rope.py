@@ -426,3 +426,34 @@ def test_original_context_overrides_an_overstated_max_position_embeddings():
         set_original_context(llama31(), 4096)
     with pytest.raises(ValueError, match=r"^--original_context 65536: above config.json's max_position_embeddings"):
         set_original_context(mistral(32768), 65536)
+
+
+def test_a_scaling_ahead_of_max_position_embeddings_is_extended_from_what_it_covers():
+    """A scaled RoPE whose max_position_embeddings lags what its factor covers (Phi-3-style longrope 32 x 4096 with
+    max 4096; a linear 2.5 over a recorded 4097) is stretched by target / covered context, not target / max:
+    longrope's long factors x2 (x64 over the max), linear 2.5 x 262144 / 10242 (80 over the max)."""
+    from types import SimpleNamespace
+
+    longrope = SimpleNamespace(
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1e4,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "long_factor": [1.0, 2.0],
+            "short_factor": [1.0, 1.0],
+        },
+    )
+    assert apply_position_interpolation(longrope, 262144) == 64.0
+    assert longrope.rope_parameters["long_factor"] == [2.0, 4.0]
+    linear = SimpleNamespace(
+        max_position_embeddings=8192,
+        rope_parameters={
+            "rope_type": "linear",
+            "rope_theta": 1e4,
+            "factor": 2.5,
+            "original_max_position_embeddings": 4097,
+        },
+    )
+    assert apply_position_interpolation(linear, 262144) == pytest.approx(2.5 * 262144 / 10242)
