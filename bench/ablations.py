@@ -16,7 +16,7 @@ at 512. Every (variant, seed) result is cached under --output_dir/results: a rer
         --pretrain_lr 1e-3 --output_dir out/ablations-context --base_cache out/ablations-context \
         --doc docs/ablations.md --section context      # a base that copies from its context (the section lists
                                                         # the variants it ran: all but the rolled shift)
-    python bench/ablations.py --tiny --output_dir /tmp/abl-tiny            # seconds: the same pipeline, tiny
+    python bench/ablations.py --tiny --output_dir /tmp/abl-tiny            # 2-3 minutes: the same pipeline, tiny
 
 The command line is recorded in the section it writes, with the compute time and the CPU. Run it alone: on a
 2-core machine, another process doubles its time; when the CPU must be shared, prefix OMP_NUM_THREADS=1 (OpenMP

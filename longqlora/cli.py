@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,13 +76,32 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     setup_logging()
     with one_line_errors():
         hardware.launch()  # first: accelerate parses the launch's DeepSpeed JSON inside SFTConfig without naming it
-        parser = TrlParser((model_cls, data_cls, RunConfig, training_cls))
+        parser = TrlParser(tuple(map(with_parent_help, (model_cls, data_cls, RunConfig, training_cls))))
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         run = resolve(model_cfg, data_cfg, run_cfg, training)
         if run_cfg.dry_run:
             print(describe(run, **dry_run_counts(run)))
             return None
         return train(run)
+
+
+def with_parent_help(cls):
+    """`cls` with each field that a recipe re-declares as `x: T = v` given its parent's help text, so that `--help`
+    describes the recipe's flags and shows the recipe's own values as their defaults (dataclasses drop the metadata
+    of a re-declared field, and argparse then shows neither). Only the help: a parent's other parser settings
+    (nargs, const) belong to its own type and default."""
+
+    def parent_help(name: str) -> str | None:
+        for base in cls.__mro__[1:]:
+            for f in dataclasses.fields(base) if dataclasses.is_dataclass(base) else ():
+                if f.name == name and f.metadata.get("help"):
+                    return f.metadata["help"]
+        return None
+
+    for f in dataclasses.fields(cls):
+        if not f.metadata and (text := parent_help(f.name)):
+            f.metadata = types.MappingProxyType({"help": text})
+    return cls
 
 
 def dry_run_counts(run) -> dict:

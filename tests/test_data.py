@@ -639,6 +639,10 @@ def test_length_report_counts_and_policies(tok):
     assert list(short["messages"]) == conversations[:1] and stats["dropped"] == 2 and stats["count_out"] == 1
     assert error_of(I.length_report, ds, tok, max_length - 1, "drop").startswith("--overlong drop removes all 3")
     assert error_of(I.length_report, ds, tok, 0, "drop").startswith("--max_length 0: must be a positive")
+    # truncated to 3 tokens, no conversation keeps a reply: refused here, not by the sampler of an empty dataset
+    assert error_of(I.length_report, ds, tok, 3, "truncate").startswith(
+        "--overlong truncate: all 3 conversations exceed max_length 3 with no assistant token"
+    )
 
 
 # ------------------------------------------------------------------------------------------- scripts

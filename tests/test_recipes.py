@@ -49,6 +49,12 @@ def test_help(name, capsys):
     text = capsys.readouterr().out
     assert "--output_dir" in text and "--dry_run" in text and "--tiny" in text
     assert "--config FILE.yaml: flag defaults from a YAML file" in text  # read before the parser, listed all the same
+    if name != "quickstart":  # a field the recipe re-declares keeps its help, with the recipe's value as default
+        recipe = load_recipe(name)
+        flat = " ".join(text.split())
+        for value in (recipe.Model.target_context, recipe.Training.max_steps, recipe.Training.learning_rate):
+            assert f"(default: {value})" in flat
+        assert "Context length to extend to" in flat
 
 
 @pytest.mark.parametrize("name", ["extend_7b_8k", "quickstart"])
@@ -81,6 +87,19 @@ def test_dry_run_prints_the_resolved_plan_without_weights(name, capsys, monkeypa
 def test_dry_run_shows_the_s2_schedule(capsys):
     run("extend_7b_8k", "--dry_run", "--s2_group_schedule", "0.25,0.75,2", "--s2_full_every", "4")
     assert "S2-Attn, group 512 -> 1536 -> 4096 (equal shares of the steps), 1 step in 4 full" in capsys.readouterr().out
+
+
+def test_dry_run_over_an_earlier_run_still_shows_the_plan(tmp_path, capsys, caplog):
+    """The docstrings' --dry_run after their training command: the output directory holds that run's checkpoints,
+    which a new run refuses; the dry run shows the plan and says what the run would do."""
+    out = tmp_path / "llama2-7b-8k"
+    (out / "checkpoint-3").mkdir(parents=True)
+    assert run("extend_7b_8k", "--dry_run", "--output_dir", str(out)) is None
+    assert "4096 -> 8192 tokens" in capsys.readouterr().out
+    assert any("the run itself would stop here: --output_dir" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SystemExit) as ended:
+        run("extend_7b_8k", "--output_dir", str(out), "--max_steps", "1")
+    assert ended.value.code == 2 and "holds an earlier run's checkpoints" in capsys.readouterr().err
 
 
 def test_dry_run_says_which_pre_trained_context_it_took(capsys):

@@ -210,6 +210,12 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
         "truncated": 0,
         "answers_lost": 0,
     }
+    if overlong == "truncate" and lost.all():  # TRL drops each; its sampler then fails on an empty dataset
+        raise ValueError(
+            f"--overlong truncate: all {len(lengths)} conversations exceed max_length {max_length} with no assistant "
+            f"token in their first {max_length} tokens, so nothing would be trained (shortest: {lengths.min()} "
+            "tokens); raise --target_context (data_prep's --max_length) or shorten the prompts"
+        )
     if overlong == "drop" and over.all():
         raise ValueError(
             f"--overlong drop removes all {len(lengths)} conversations (shortest: {lengths.min()} "

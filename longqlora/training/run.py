@@ -129,7 +129,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
         training = dataclasses.replace(training, output_dir=f"{recipe_dir}-tiny")
         logger.info("--tiny: writing to %s (pass --output_dir to choose)", training.output_dir)
     check_output_path(training.output_dir, "--output_dir")
-    checkpoints.check_new_run(training.output_dir, training.resume_from_checkpoint)
+    try:
+        checkpoints.check_new_run(training.output_dir, training.resume_from_checkpoint)
+    except ValueError as err:
+        if not run_cfg.dry_run:
+            raise
+        logger.warning("the run itself would stop here: %s", err)  # a dry run still shows the plan
     named = checkpoints.check_named_resume(
         training.output_dir, training.resume_from_checkpoint, with_optimizer=not training.save_only_model
     )
