@@ -367,7 +367,7 @@ def _random_model(preset: str, path: Path) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to("cuda")
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path)  # transformers 5 writes safetensors only
     del model
     torch.cuda.empty_cache()
     tokenizer = train_tokenizer([corpora.book("austen_emma")[:300_000]], vocab_size=4096)

@@ -42,7 +42,7 @@ def smollm2_dir(cache: Path) -> Path:
     if hasattr(model.config, "quantization_config"):  # the weights are dequantized fp32 tensors now
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(cache, safe_serialization=True)
+    model.save_pretrained(cache)  # transformers 5 writes safetensors only
     tokenizer.save_pretrained(cache)
     return cache
 

@@ -159,7 +159,7 @@ def pretrain_base(cfg: SmallLlamaConfig, texts: dict[str, str] | None = None) ->
         if copies:  # an induction head first: the mix alone does not form one in budget (docs/ablations.md)
             _copy_pretrain(cfg, model, copies)
         loss = _sft_pretrain(cfg, model, tokenizer, texts, tmp / "trainer")
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(tmp)
         write_json_atomic(
             tmp / "pretrain.json",
@@ -211,6 +211,7 @@ def _sft_pretrain(cfg: SmallLlamaConfig, model, tokenizer, texts: list, out: Pat
 
     args = SFTConfig(
         output_dir=str(out),
+        activation_checkpointing=True,  # TRL's default, under transformers 5's name (the old one warns)
         max_steps=cfg.pretrain_steps,
         per_device_train_batch_size=32,
         learning_rate=cfg.pretrain_lr,

@@ -164,7 +164,7 @@ def fold_adapter(peft_model):
     """
     import torch
     from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.utils import ModulesToSaveWrapper
 
     active = peft_model.active_adapter
     inner = peft_model.get_base_model()
@@ -254,7 +254,7 @@ def merge(cfg: MergeConfig) -> dict:
     plain_config(merged)
 
     with atomic_directory(out) as tmp:  # an existing output (--overwrite) is replaced only by a checked model
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged.save_pretrained(tmp)  # transformers 5 writes safetensors only
         legacy_rope_keys(tmp / "config.json")
         if isinstance(getattr(tokenizer, "chat_template", None), str):  # what the merged model's users render
             tokenizer.chat_template = without_generation_markers(tokenizer.chat_template)

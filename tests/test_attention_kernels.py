@@ -275,7 +275,7 @@ def test_layout_is_built_once_per_forward_and_backward(monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_llama_config("gqa"), attn_implementation="sdpa")
     enable_s2_attention(model, 16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(3, 320, (1, 96))
     pos = packed_positions((40, 56))

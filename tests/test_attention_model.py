@@ -149,7 +149,7 @@ def test_padded_batch_matches_unpadded_rows(side):
 def test_backward_with_gradient_checkpointing():
     model = make_model("llama-gqa")
     enable_s2_attention(model, 16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     x = ids(2, 64)
     loss = model(x, labels=x).loss

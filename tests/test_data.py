@@ -215,6 +215,8 @@ def test_configs_share_a_parser_with_sft_config(data_cls):
             "--use_cpu",
             "--bf16",
             "false",
+            "--activation_checkpointing",  # TRL's default, under transformers 5's name (the old one warns)
+            "true",
         ]
     )
     assert (data_cfg.dataset, sft.max_length, sft.packing) == ("d.jsonl", 64, False)
@@ -314,7 +316,10 @@ def test_sft_trainer_takes_our_outputs(tok, tmp_path):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
-    common = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False)
+    common = dict(
+        output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False,
+        activation_checkpointing=True,  # TRL's default, under transformers 5's name (the old one warns)
+    )  # fmt: skip
     tokenized, stats = D.tokenize_documents(datasets.Dataset.from_dict({"text": DOCS}), tok, TextDataConfig("x"))
     trainer = SFTTrainer(
         model=model,
@@ -881,7 +886,8 @@ def test_prepared_rows_train_as_the_text_they_came_from(tok, tmp_path, pack, cap
         train_dataset=rows,
         args=SFTConfig(
             output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False,
-            packing=True, packing_strategy=D.packing_strategy(pack), max_length=max_length,
+            activation_checkpointing=True, packing=True, packing_strategy=D.packing_strategy(pack),
+            max_length=max_length,
         ),
     )  # fmt: skip
     packed = trainer.train_dataset["input_ids"]

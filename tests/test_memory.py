@@ -347,7 +347,12 @@ def test_chunked_loss_equals_the_plain_loss_in_one_forward(tiny_dir, tmp_path):
     results = {}
     for chunked in (False, True):
         args = SFTConfig(
-            output_dir=str(tmp_path / str(chunked)), report_to=[], use_cpu=True, bf16=False, max_length=256
+            output_dir=str(tmp_path / str(chunked)),
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            max_length=256,
+            activation_checkpointing=True,
         )
         data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
         trainer = memory.trainer_class(chunked)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -546,7 +551,9 @@ def test_float16_trains_fp32_masters_under_a_grad_scaler(tiny_dir, tmp_path):
 
     model = adapted(tiny_dir, compute_dtype="float16")
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_length=256)
+    args = SFTConfig(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_length=256, activation_checkpointing=True
+    )
     data = datasets.Dataset.from_dict({"input_ids": [[1] * 8]})
     trainer = memory.trainer_class(True)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainable_to_fp32(trainer.model)

@@ -225,7 +225,7 @@ def train(run: ResolvedRun) -> Path:
             model_cfg,
             checked=(run.hf_config, run.info),
             tokenizer=tokenizer,
-            gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing=bool(training.activation_checkpointing),
             trust_remote_code=training.trust_remote_code,
             context_parallel=cp_group,
         )

@@ -85,7 +85,7 @@ def save_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path)  # transformers 5 writes safetensors only
     tokenizer.save_pretrained(path)
     logger.info("wrote a tiny random Llama (%s, %d params) to %s", shape, model.num_parameters(), path)
     return path
