@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +156,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatch):
+def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatch, caplog):
     steps = ["--max_steps", "4", "--save_steps", "2", "--seed", "3"]
     whole = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "whole"), *steps)
     # The seeded tiny run is pinned: data, model, LoRA initialisation and training order are all fixed by --seed, so
@@ -178,6 +179,33 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    # resumed with another --max_steps, its learning rate and S2 schedule follow the new count: said
+    shutil.copytree(cut / "checkpoint-2", tmp_path / "longer" / "checkpoint-2")
+    caplog.set_level(logging.WARNING, logger="longqlora")
+    short = ["--max_steps", "3", "--save_steps", "2", "--seed", "3", "--resume_from_checkpoint", "auto"]
+    run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "longer"), *short)
+    said = [r.getMessage() for r in caplog.records if "is of a run set for 4 steps" in r.getMessage()]
+    assert len(said) == 1 and "this one has --max_steps 3" in said[0]
+
+
+def test_documents_shorter_than_the_pre_trained_context_are_warned_of(tmp_path, caplog):
+    """With --pack documents nothing attends across documents: when none is longer than the pre-trained context
+    (the tiny base's 128 tokens), the extension is not trained, and the run says so; --pack concat trains it."""
+    data = tmp_path / "short.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"A short note, number {i}, on a small matter."}) + "\n" for i in range(200))
+    )
+    from longqlora.training.tiny import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    caplog.set_level(logging.WARNING, logger="longqlora")
+    for pack, warned in (("documents", True), ("concat", False)):
+        flags = ["--model_name_or_path", str(base), "--target_context", "256", "--compute_dtype", "float32"]
+        flags += ["--dataset", str(data), "--pack", pack, "--output_dir", str(tmp_path / pack)]
+        run("extend_7b_8k", *flags, "--max_steps", "1", "--gradient_accumulation_steps", "1", "--optim", "adamw_torch")
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no document is longer than")]
+        assert bool(said) == warned and (not said or "the pre-trained context 128" in said[0])
+        caplog.clear()
 
 
 def test_bad_input_is_one_line(tmp_path):

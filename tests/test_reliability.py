@@ -443,6 +443,11 @@ CASES = [
         "--lora_rr: not a flag of this command; did you mean --lora_r?",
     ),
     flag_case("unknown or abbreviated flag", ("--max_step", "3"), "did you mean --max_steps?"),
+    # Trainer features the recipes cannot serve: refused before loading (the Trainer failed after it)
+    flag_case(
+        "an evaluation schedule without an evaluation set", ("--eval_strategy", "steps"), "--eval_strategy steps"
+    ),
+    flag_case("a kernel that replaces the model's forward", ("--use_liger_kernel", "true"), "--use_liger_kernel"),
     Case(  # a required flag's typo: named itself, not as argparse's "required: --context"
         "unknown or abbreviated flag",
         "command",

@@ -313,7 +313,16 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     from longqlora.errors import Interrupted
 
     max_steps = trainer.args.max_steps
-    resumed_at = json.loads((Path(resume) / STATE_FILE).read_text())["global_step"] if resume else None
+    saved = json.loads((Path(resume) / STATE_FILE).read_text()) if resume else {}
+    resumed_at = saved.get("global_step")
+    if saved.get("max_steps", max_steps) != max_steps and max_steps > 0:
+        logger.warning(
+            "%s is of a run set for %d steps; this one has --max_steps %d: from here the learning rate and the S2 "
+            "group schedule follow the new count (the steps trained so far followed the old)",
+            resume,
+            saved["max_steps"],
+            max_steps,
+        )
     if resume and max_steps > 0 and resumed_at >= max_steps:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file

@@ -127,6 +127,13 @@ class TrainingConfig(SFTConfig):
                 "is off; drop one of them"
             )
         _check_numbers(self)
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":  # else the Trainer's, after loading
+            raise ValueError(
+                f"--eval_strategy {getattr(self.eval_strategy, 'value', self.eval_strategy)}: the recipes take no "
+                "evaluation set; measure checkpoints with `python -m longqlora perplexity --adapter DIR/checkpoint-N`"
+            )
+        if self.use_liger_kernel:  # it replaces the model's forward and loss, which S2-Attn and the chunked loss own
+            raise ValueError("--use_liger_kernel: not supported with S2-Attn and the chunked loss; drop it")
         if self.chat_template_path:  # a file TRL reads, checked before the data (its markers: prepare_dataset)
             read_template_file(self.chat_template_path)
 

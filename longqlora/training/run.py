@@ -203,6 +203,21 @@ def train(run: ResolvedRun) -> Path:
     dataset, stats = prepare_dataset(
         data_cfg, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
     )
+    longest = stats.get("length_max", 0)
+    if (
+        getattr(data_cfg, "pack", None) == "documents"
+        and not model_cfg.pose_window
+        and longest <= run.info.original_context
+    ):
+        # S2-Attn and the packed rows never attend across documents: no distance past the longest one is trained
+        logger.warning(
+            "no document is longer than the pre-trained context %d (the longest: %d tokens): with --pack documents "
+            "nothing attends further, so the extension to %d is not trained; use longer documents (--min_length), "
+            "--pack concat or --pose_window",
+            run.info.original_context,
+            longest,
+            run.info.target_context,
+        )
     launched = hardware.launch()
     if launched.world_size > 1:
         _ = training.device  # starts torch.distributed (accelerate's state), which the steps below use
