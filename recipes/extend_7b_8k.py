@@ -1,7 +1,8 @@
-"""Llama-2 7B: 4k -> 8k context by continued pre-training on long text (LongQLoRA's setting, one 32 GB V100).
+"""Llama-2 7B: 4k -> 8k context by continued pre-training on long text (LongQLoRA's schedule, one 32 GB V100).
 
 NF4 4-bit base, YaRN x2, S2-Attn (mean group 2048), LoRA r=8 on q/k/v/o plus trainable embeddings and
-norms; 1000 steps of batch 1 x accumulation 16, constant LR with 20 warm-up steps, max grad norm 0.3, paged AdamW.
+norms; 1000 steps of batch 1 x accumulation 16, constant LR with 20 warm-up steps, max grad norm 0.3, paged AdamW;
+LongLoRA's learning rate 2e-5 and rank 8 (LongQLoRA's own runs: `--learning_rate 2e-4 --lora_r 64`).
 
     python data_prep/prepare_text.py --dataset pg19/train --tokenizer meta-llama/Llama-2-7b-hf \
         --min_length 8192 --output_dir data/pg19-llama2       # once: tokenized long documents
