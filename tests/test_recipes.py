@@ -208,6 +208,29 @@ def test_documents_shorter_than_the_pre_trained_context_are_warned_of(tmp_path, 
         caplog.clear()
 
 
+def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_path):
+    """--eval_dataset: held-out text read and packed as --dataset is and scored every --save_steps in eval mode
+    (full attention); the last evaluation equals the final adapter's mean loss over the same rows of the target
+    context, computed apart (the tiny run: NF4, x4 to 256 tokens, S2-Attn in training)."""
+    from longqlora.data.corpora import book
+    from longqlora.evaluation.loading import load_for_inference
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(book("austen_emma")[20000:26000])
+    out = run("extend_7b_8k", "--tiny", "--pack", "concat", "--eval_dataset", str(held_out), "--output_dir",
+              str(tmp_path / "run"))  # fmt: skip
+    record = json.loads((out / EXTENSION_FILE).read_text())
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]  # every --save_steps (2 in a tiny run)
+    model, tokenizer, _ = load_for_inference(None, adapter=str(out), load_in_4bit=True, compute_dtype="float32")
+    stream = tokenizer(held_out.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    rows = torch.tensor(stream[: len(stream) // 256 * 256]).view(-1, 256)
+    assert record["data"]["eval"]["rows"] == len(rows) >= 3
+    with torch.no_grad():
+        apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in rows) / len(rows)
+    assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
+
+
 def test_bad_input_is_one_line(tmp_path):
     out = subprocess.run(
         [

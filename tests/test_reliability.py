@@ -447,6 +447,11 @@ CASES = [
     flag_case(
         "an evaluation schedule without an evaluation set", ("--eval_strategy", "steps"), "--eval_strategy steps"
     ),
+    flag_case(
+        "an evaluation set with rows of another length",
+        ("--pose_window", "128", "--eval_dataset", "held_out.txt"),
+        "--eval_dataset: not supported with --pose_window yet",
+    ),
     flag_case("a kernel that replaces the model's forward", ("--use_liger_kernel", "true"), "--use_liger_kernel"),
     Case(  # a required flag's typo: named itself, not as argparse's "required: --context"
         "unknown or abbreviated flag",

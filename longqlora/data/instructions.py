@@ -52,6 +52,11 @@ class InstructionDataConfig:
         default="skip",
     )
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
+    eval_dataset: str | None = flag(
+        "Held-out conversations in any --dataset form, read as --dataset is: their loss on the replies is logged "
+        "every --eval_steps (default --save_steps), with full attention.",
+        default=None,
+    )
 
     def __post_init__(self):
         if not self.dataset.strip():

@@ -58,6 +58,11 @@ class TextDataConfig:
     min_length: int = flag("Drop documents shorter than this many tokens.", default=0)
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
     max_documents: int | None = flag("Keep only the first N documents.", default=None)
+    eval_dataset: str | None = flag(
+        "Held-out text in any --dataset form, read and packed as --dataset is: its loss is logged every --eval_steps "
+        "(default --save_steps) at the full context, with full attention.",
+        default=None,
+    )
 
     def __post_init__(self):
         if not self.dataset.strip():

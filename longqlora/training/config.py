@@ -42,6 +42,10 @@ class TrainingConfig(SFTConfig):
     gradient_checkpointing: bool | None = True
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
     logging_steps: float = 1
+    # --eval_dataset rows are as long as the training rows: one at a time, and only their loss is kept (the Trainer
+    # would gather every batch's tokens x vocabulary logits)
+    per_device_eval_batch_size: int = 1
+    prediction_loss_only: bool = True
     save_steps: float = 100
     save_total_limit: int | None = 3
     report_to: None | str | list[str] = "none"
@@ -127,11 +131,6 @@ class TrainingConfig(SFTConfig):
                 "is off; drop one of them"
             )
         _check_numbers(self)
-        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":  # else the Trainer's, after loading
-            raise ValueError(
-                f"--eval_strategy {getattr(self.eval_strategy, 'value', self.eval_strategy)}: the recipes take no "
-                "evaluation set; measure checkpoints with `python -m longqlora perplexity --adapter DIR/checkpoint-N`"
-            )
         if self.use_liger_kernel:  # it replaces the model's forward and loss, which S2-Attn and the chunked loss own
             raise ValueError("--use_liger_kernel: not supported with S2-Attn and the chunked loss; drop it")
         if self.chat_template_path:  # a file TRL reads, checked before the data (its markers: prepare_dataset)

@@ -38,6 +38,27 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
+def _evaluation(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> dict:
+    """The evaluation settings: with --eval_dataset, every --eval_steps (default --save_steps) unless
+    --eval_strategy says otherwise; without one, an evaluation schedule is refused (the Trainer refused it after
+    the weights had loaded)."""
+    strategy = str(getattr(training.eval_strategy, "value", training.eval_strategy))
+    held_out = getattr(data_cfg, "eval_dataset", None)
+    if not held_out:
+        if strategy != "no":
+            raise ValueError(
+                f"--eval_strategy {strategy}: there is no evaluation set; pass --eval_dataset, or measure checkpoints "
+                "with `python -m longqlora perplexity --adapter DIR/checkpoint-N`"
+            )
+        return {}
+    if model_cfg.pose_window or model_cfg.context_parallel > 1:  # rows of another length / split across processes
+        flag = "--pose_window" if model_cfg.pose_window else "--context_parallel"
+        raise ValueError(f"--eval_dataset: not supported with {flag} yet; evaluate checkpoints with perplexity")
+    if strategy != "no":
+        return {}
+    return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
+
+
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
     dtype = info.compute_dtype
@@ -52,6 +73,7 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(packing=False, assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
+    changes.update(_evaluation(model_cfg, data_cfg, training))
     warmup = training.warmup_steps or 0
     if training.max_steps > 0 and warmup >= 1 and warmup >= training.max_steps:  # below 1 it is a ratio
         logger.warning(
@@ -203,6 +225,14 @@ def train(run: ResolvedRun) -> Path:
     dataset, stats = prepare_dataset(
         data_cfg, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
     )
+    eval_set = None
+    if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset, before any weights load
+        held_out = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None)
+        loaded = load_data(held_out, getattr(run.hf_config, "vocab_size", None))
+        prepared = data_lib.check_tokenizer(held_out, tokenizer, loaded) if "input_ids" in loaded.column_names else None
+        eval_set, stats["eval"] = prepare_dataset(
+            held_out, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
+        )
     longest = stats.get("length_max", 0)
     if (
         getattr(data_cfg, "pack", None) == "documents"
@@ -255,6 +285,7 @@ def train(run: ResolvedRun) -> Path:
             model=model,
             args=training,
             train_dataset=dataset,
+            eval_dataset=eval_set,
             processing_class=tokenizer,
             callbacks=[ThroughputCallback(), guard, record, *s2_schedule_callbacks(model_cfg)],
         )
@@ -267,6 +298,9 @@ def train(run: ResolvedRun) -> Path:
         trainable_to_fp32(trainer.model)
         memory.apply_memory_switches(trainer, training, info.dtype)
         trained = checkpoints.run_training(trainer, resume, guard)
+        evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        if evaluated:
+            trained["eval_loss"] = evaluated[-1]  # of the last evaluation (at the last step when they coincide)
         if torch.cuda.is_available():
             trained.update(
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
