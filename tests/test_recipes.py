@@ -231,6 +231,21 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
 
 
+def test_held_out_conversations_are_scored_on_their_replies(tmp_path):
+    """The SFT recipe's --eval_dataset: conversations read and checked as --dataset is, scored every --save_steps
+    (2 in a tiny run), the last score kept in the adapter's record."""
+    chats = tmp_path / "held_out.jsonl"
+    turn = [{"role": "user", "content": "How was the weather in the village today?"}]
+    turn += [{"role": "assistant", "content": "It rained all morning and cleared by noon."}]
+    chats.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(6)))
+    out = run("sft_vicuna_13b_8k", "--tiny", "--eval_dataset", str(chats), "--output_dir", str(tmp_path / "run"))
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4] and all(h["eval_loss"] > 0 for h in evals)
+    record = json.loads((out / EXTENSION_FILE).read_text())
+    assert record["train"]["eval_loss"] == evals[-1]["eval_loss"] and record["data"]["eval"]["count_out"] == 6
+
+
 def test_bad_input_is_one_line(tmp_path):
     out = subprocess.run(
         [
