@@ -135,6 +135,7 @@ def test_chat_template_is_saved(adapter, tmp_path):
     rendering the same text, with its {% generation %} markers (transformers' own tag, for the training loss)
     made comments: plain Jinja, as llama.cpp and other renderers of a merged model parse it, refuses the tag."""
     import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # plain Jinja's parser, no tags added
 
     from longqlora.data.formats import apply_vicuna_template
 
@@ -157,8 +158,8 @@ def test_chat_template_is_saved(adapter, tmp_path):
         )
         assert ours == theirs and "ASSISTANT: Hello.</s>" in ours
     with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
-        jinja2.Environment().from_string(tokenizer.chat_template)
-    jinja2.Environment().from_string(merged_tokenizer.chat_template)
+        ImmutableSandboxedEnvironment().from_string(tokenizer.chat_template)
+    ImmutableSandboxedEnvironment().from_string(merged_tokenizer.chat_template)
 
 
 def test_overwrite_replaces_and_a_failed_check_writes_nothing(adapter, tmp_path):
