@@ -1,4 +1,4 @@
-"""Convert instruction data (LongAlpaca, LongQLoRA, ShareGPT or role/content messages) to chat conversations.
+"""Convert instruction data (LongAlpaca, LongQLoRA, ShareGPT, role/content messages, TRL prompt/completion) to chats.
 
     python data_prep/prepare_instructions.py --dataset data/LongAlpaca-12k.json \
         --tokenizer meta-llama/Llama-2-7b-hf --output_dir data/longalpaca_msgs --max_length 8192 \

@@ -375,6 +375,10 @@ def write_instruction_formats(tmp_path):
             }
         ],
         "messages": [{"messages": CHAT}],
+        "prompt_completion": [
+            {"prompt": long_q, "completion": "a short summary"},
+            {"prompt": "more", "completion": "sure"},
+        ],
     }
     return {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows)) for name, rows in formats.items()}
 
@@ -384,7 +388,7 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
     for name, path in write_instruction_formats(tmp_path).items():
         stats = {}
         ds = I.load_conversations(InstructionDataConfig(path), stats=stats)
-        expected = two_singles if name in ("longalpaca", "longqlora") else [CHAT]
+        expected = two_singles if name in ("longalpaca", "longqlora", "prompt_completion") else [CHAT]
         assert list(ds["messages"]) == expected, name
         assert stats == {
             "format": name,
@@ -393,6 +397,22 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
             "skipped_empty_reply": 0,
             "conversations_out": len(expected),
         }
+
+
+def test_trl_conversational_prompt_completion_and_its_shape_errors(tmp_path):
+    """TRL's prompt-completion records whose two fields are message lists: the prompt's turns (a system turn
+    included) then the completion's; a record mixing a list and a string, or a list of strings, is named with
+    its line."""
+    system = {"role": "system", "content": "Be brief."}
+    good = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [system, *CHAT[:3]], "completion": CHAT[3:]}])
+    assert list(I.load_conversations(InstructionDataConfig(str(good)))["messages"]) == [[system, *CHAT]]
+    for rows, said in (
+        ([{"prompt": CHAT[:1], "completion": "sure"}], "'completion' is a string, not a list of messages"),
+        ([{"prompt": ["Summarize"], "completion": CHAT[1:2]}], "'prompt' item 1 is not a {role, content} object"),
+    ):
+        path = write_jsonl(tmp_path / "bad.jsonl", rows)
+        message = error_of(I.load_conversations, InstructionDataConfig(str(path), invalid_conversations="error"))
+        assert "bad.jsonl line 1" in message and said in message, message
 
 
 def test_system_prompt_and_sharegpt_system_turn(tmp_path):

@@ -144,6 +144,8 @@ FORMATS = {
     "longqlora_conversation": ("conversation",),  # LongQLoRA/Firefly multi-turn: [{"human", "assistant"}, ...]
     "longalpaca": ("instruction", "output"),  # user = instruction + "\n\n" + input (when input is non-empty)
     "longqlora": ("input", "output"),  # LongQLoRA's VicunaSFTDataset: one user turn, one reply
+    # TRL's prompt-completion: two strings (one user turn, one reply), or two lists of role/content messages
+    "prompt_completion": ("prompt", "completion"),
 }
 SHAREGPT_ROLES = {
     "human": "user",
@@ -192,6 +194,17 @@ def record_problem(record: dict) -> str:
             if fmt != "longqlora_conversation" and not isinstance(turn.get(role), str):
                 return f"'{name}' item {k}: '{role}' is {_kind(turn.get(role))}, not text"
         return ""
+    if fmt == "prompt_completion" and any(isinstance(record[k], list) for k in FORMATS[fmt]):
+        for key in FORMATS[fmt]:
+            turns = record[key]
+            bad = "" if isinstance(turns, list) else f"'{key}' is {_kind(turns)}, not a list of messages like the other"
+            for k, turn in enumerate(turns if not bad else (), start=1):
+                if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):
+                    bad = f"'{key}' item {k} is not a {{role, content}} object"
+                    break
+            if bad:
+                return bad
+        return ""
     for key in (*FORMATS[fmt], "input") if fmt else ():
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"'{key}' is {_kind(record[key])}, not text"
@@ -202,9 +215,13 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) else None  # anything else is reported by conversation_problem
 
 
+def _messages(items: list) -> list[dict]:
+    return [{"role": _text(m.get("role")), "content": _text(m.get("content"))} for m in items]
+
+
 def _turns(record: dict, fmt: str) -> list[dict]:
     if fmt == "messages":
-        return [{"role": _text(m.get("role")), "content": _text(m.get("content"))} for m in record["messages"]]
+        return _messages(record["messages"])
     if fmt == "sharegpt":
         return [
             {"role": SHAREGPT_ROLES.get(m.get("from"), _text(m.get("from"))), "content": _text(m.get("value"))}
@@ -217,10 +234,13 @@ def _turns(record: dict, fmt: str) -> list[dict]:
             for role, key in (("user", "human"), ("assistant", "assistant"))
             if turn.get(key) is not None
         ]
-    user = _text(record["instruction"] if fmt == "longalpaca" else record["input"])
+    if fmt == "prompt_completion" and isinstance(record["prompt"], list):
+        return _messages(record["prompt"]) + _messages(record["completion"])
+    user_key, reply_key = FORMATS[fmt]  # one user turn (LongAlpaca's own `input` appended), one reply
+    user = _text(record[user_key])
     if fmt == "longalpaca" and record.get("input"):
         user = f"{user}\n\n{record['input']}"
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record["output"])}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record[reply_key])}]
 
 
 def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> list[dict]:

@@ -38,7 +38,7 @@ class InstructionDataConfig:
 
     dataset: str = flag(
         "A .jsonl/.json(.gz) or .parquet file, a save_to_disk directory or a hub name holding "
-        "LongAlpaca, LongQLoRA, ShareGPT or role/content messages records."
+        "LongAlpaca, LongQLoRA, ShareGPT, role/content messages or TRL prompt/completion records."
     )
     split: str = flag("Split of a save_to_disk DatasetDict or of a hub dataset.", default="train")
     overlong: str = flag(
