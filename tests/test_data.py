@@ -342,6 +342,26 @@ def test_sft_trainer_takes_our_outputs(tok, tmp_path):
     trained = tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
     assert trained == " a short summary</s> sure</s>"  # the space after "ASSISTANT:" merges into the reply's token
 
+    # --pack conversations: whole conversations share rows, trained on the same reply tokens as one per row, each
+    # with its own positions (S2-Attn and the varlen kernels take documents from them)
+    chats = [[{"role": "system", "content": "S"}, *CHAT], CHAT[:2], CHAT[2:], [*CHAT[2:], *CHAT[:2]]] * 3
+    rows = {}
+    for strategy in (None, I.CONVERSATION_PACKING["conversations"]):
+        packing = dict(packing=True, packing_strategy=strategy) if strategy else {}
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tok,
+            train_dataset=datasets.Dataset.from_dict({"messages": chats}),
+            args=SFTConfig(assistant_only_loss=True, max_length=256, **packing, **common),
+        )
+        data = trainer.train_dataset
+        batch = trainer.data_collator([data[i] for i in range(len(data))])
+        rows[strategy] = (len(data), sorted(int(t) for t in batch["labels"].flatten() if t != -100))
+        if strategy:
+            starts = int((batch["position_ids"] == 0).sum())
+            assert starts == len(chats) and int(batch["position_ids"].max()) < 256
+    assert rows[None][0] == len(chats) > rows["bfd"][0] and rows[None][1] == rows["bfd"][1]
+
 
 # ------------------------------------------------------------------------------------------- instructions
 

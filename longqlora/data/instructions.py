@@ -26,6 +26,7 @@ from longqlora.data.text import length_stats
 
 logger = logging.getLogger(__name__)
 
+CONVERSATION_PACKING = {"none": None, "conversations": "bfd"}  # --pack: TRL's packing_strategy
 OVERLONG = ("truncate", "drop")
 INVALID = ("skip", "error")
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
@@ -51,6 +52,11 @@ class InstructionDataConfig:
         "Conversations that do not alternate user/assistant ending with the assistant: skip (counted) or error.",
         default="skip",
     )
+    pack: str = flag(
+        "none: one conversation per row, padded; conversations: whole conversations packed into rows of the target "
+        "context (TRL's bfd, no attention across them; an overlong one cut as --overlong truncate says).",
+        default="none",
+    )  # not `packing`: SFTConfig's --packing shares the recipes' parser
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
     eval_dataset: str | None = flag(
         "Held-out conversations in any --dataset form, read as --dataset is: their loss on the replies is logged "
@@ -63,6 +69,8 @@ class InstructionDataConfig:
             bad("dataset", self.dataset, "pass a file, a directory or a hub dataset name")
         if self.overlong not in OVERLONG:
             bad("overlong", self.overlong, f"must be one of {', '.join(OVERLONG)}")
+        if self.pack not in CONVERSATION_PACKING:
+            bad("pack", self.pack, f"must be one of {', '.join(CONVERSATION_PACKING)}")
         if self.invalid_conversations not in INVALID:
             bad("invalid_conversations", self.invalid_conversations, f"must be one of {', '.join(INVALID)}")
         check_num_proc(self.num_proc)

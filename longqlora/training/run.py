@@ -70,7 +70,8 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         "dataloader_pin_memory": training.dataloader_pin_memory and torch.cuda.is_available(),
     }
     if isinstance(data_cfg, instructions.InstructionDataConfig):
-        changes.update(packing=False, assistant_only_loss=True)
+        strategy = instructions.CONVERSATION_PACKING[data_cfg.pack]
+        changes.update(packing=strategy is not None, packing_strategy=strategy or "bfd", assistant_only_loss=True)
     else:
         changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
     changes.update(_evaluation(model_cfg, data_cfg, training))
