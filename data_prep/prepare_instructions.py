@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from longqlora.cli import run_data_script
 from longqlora.data.formats import read_template_file, training_chat_template
 from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
-from longqlora.model import load_tokenizer
+from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
 
 

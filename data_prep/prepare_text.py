@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from longqlora.cli import run_data_script
 from longqlora.data.text import TextDataConfig, check_packable, load_documents, tokenize_documents, tokenizer_record
-from longqlora.model import load_tokenizer
+from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
 
 

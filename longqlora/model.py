@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from longqlora import hardware, rope
 from longqlora.adapters import adapt_for_training, add_adapters, count_trainable
 from longqlora.hardware import DTYPES
 from longqlora.model_config import DEFAULT_SCHEDULE, TRAINABLE_TOKENS, ModelConfig
+from longqlora.model_files import check_safetensors, first_line, load_config, load_tokenizer
 
 __all__ = ["DEFAULT_SCHEDULE", "TRAINABLE_TOKENS", "ModelConfig", "ModelInfo", "check_model", "load_base", "load_model"]
 
@@ -65,144 +64,6 @@ class ModelInfo:
         return f"{rope.UNSCALED_TO.get(self.rope_type, 'position interpolation')} x{self.pi_factor:.4g}"
 
 
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def is_local_path(name: str) -> bool:
-    """A local path rather than a hub id (org/name): starts with / . ~ or ends with /, has no slash or more than one,
-    or its first part exists. A bare name is a path (a typo is "no such directory", not a hub lookup)."""
-    pathlike = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") != 1
-    return pathlike or os.path.exists(name.split("/")[0])
-
-
-def _why(err: Exception) -> str:
-    """One line for a transformers loading error; a directory with its own Python code gets the flag it needs."""
-    if "custom code" in str(err):
-        return "it ships its own Python code, which is never run without --trust_remote_code true"
-    return _first_line(err)
-
-
-HEADER_LIMIT = 100_000_000  # safetensors' own bound on the header's length
-
-
-def _data_end(path: Path) -> int | None:
-    """The byte where a safetensors file's data ends by its header (8 + header + data), or None when no header
-    parses."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8).ljust(8, b"\xff"), "little")  # a file under 8 bytes: past the limit
-        text = f.read(n) if n <= HEADER_LIMIT else b""
-    try:
-        ends = [t["data_offsets"][1] for k, t in json.loads(text).items() if k != "__metadata__"]
-        return 8 + n + max(ends, default=0) if len(text) == n else None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not JSON, or not a tensor table
-        return None
-
-
-def safetensors_problem(file) -> str:
-    """Why the safetensors `file` cannot load ('' when it can): its header must parse and the file must hold exactly
-    the bytes the header places (a copy or download cut short is shorter), and safetensors must open it. Reads the
-    header only, so a damaged file is refused in one line before any weights load (checkpoints use it too)."""
-    from safetensors import safe_open
-
-    path = Path(file)
-    expected, size = _data_end(path), path.stat().st_size
-    if expected is None:
-        return "its header does not parse: not a safetensors file, or cut short"
-    if size != expected:
-        return f"{size} bytes where its header places {expected}" + (": cut short" if size < expected else "")
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as err:  # safetensors raises its own error types for a damaged header
-        return _first_line(err)
-    return ""
-
-
-def check_safetensors(name: str, flag: str, local: str | None = None, *, required: bool = True) -> None:
-    """Weights load from safetensors only: refuse a local model or adapter directory (`local`, else `name`) that
-    holds none when `required` (pickle .bin files could run code when loaded, so they are never read), or one
-    whose .safetensors file is damaged (`safetensors_problem`)."""
-    path = Path(os.path.expanduser(local or name))
-    if not path.is_dir():
-        return
-    files = sorted(path.glob("*.safetensors"))
-    if required and not files:
-        raise ValueError(
-            f"{flag} {name}: no .safetensors weights (pickle .bin files are never loaded); save the "
-            "model with safe_serialization=True"
-        )
-    for file in files:
-        problem = safetensors_problem(file)
-        if problem:
-            raise ValueError(f"{flag} {name}: {file.name} is damaged ({problem}); copy or download it again")
-
-
-def check_config_json(flag: str, path: str) -> None:
-    """One line when a local model directory's config.json is not JSON (transformers' own error names no flag)."""
-    file = os.path.join(path, "config.json")
-    try:
-        json.loads(Path(file).read_bytes())
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(
-            f"{flag}: {file} is not valid JSON ({_first_line(err)}); fix it or save the model again"
-        ) from err
-
-
-def not_a_directory(path, what: str = "a model directory") -> str:
-    """Why `path`, which is not a directory, cannot be one: it is a file, or nothing."""
-    return f"is a file, not {what}" if os.path.exists(path) else "no such directory"
-
-
-def load_tokenizer(
-    name: str, flag: str = "--tokenizer", fix: str = "pass a tokenizer or model directory, or a hub id", **kwargs
-):
-    """`AutoTokenizer.from_pretrained(name, **kwargs)`, or one ValueError line naming `flag` and the `fix`; a local
-    path that does not exist is refused here rather than looked up on the hub."""
-    name = str(name)  # Python callers pass Path objects
-    path = os.path.expanduser(name)
-    if is_local_path(name) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {name}: {not_a_directory(path)}; {fix}")
-    try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {name}: cannot load its tokenizer ({_why(err)}); {fix}") from err
-
-
-def load_config(
-    name: str, flag: str, *, revision: str | None = None, trust_remote_code: bool = False, prefer_preset: bool = False
-):
-    """The transformers config of model `name` (a directory or hub id), or one ValueError line naming `flag` and
-    what to pass instead. With `prefer_preset`, a model the toolkit knows (presets.py) uses its built-in config."""
-    from longqlora.presets import preset_config
-
-    name = str(name)
-    flag = f"{flag} {name}"
-    path = os.path.expanduser(name)
-    local = is_local_path(name)
-    # a preset's name ("llama-2-7b", a bare name: local in form) unless a directory of that name is here
-    preset = preset_config(name) if prefer_preset and not os.path.exists(path) else None
-    if preset is not None:
-        return preset
-    if local and not os.path.isdir(path):
-        raise ValueError(f"{flag}: {not_a_directory(path)}; pass a local model directory or a hub id")
-    if local and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{flag}: the directory has no config.json; pass a directory saved with save_pretrained")
-    if local:
-        check_config_json(flag, path)
-    try:
-        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if local:
-            raise ValueError(f"{flag}: cannot read its config ({_first_line(err)})") from err
-        raise ValueError(
-            f"{flag}: could not be found locally or on the hub (offline?); pass a local model directory"
-        ) from err
-    except ValueError as err:
-        raise ValueError(f"{flag}: {_why(err)}") from err
-
-
 def check_model(
     cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False
 ) -> tuple[object, ModelInfo]:
@@ -229,7 +90,7 @@ def check_model(
             importlib.import_module("bitsandbytes")
         except Exception as err:  # ImportError, or a broken CUDA build failing at import
             raise ValueError(
-                f"--load_in_4bit: bitsandbytes does not import ({_first_line(err)}); "
+                f"--load_in_4bit: bitsandbytes does not import ({first_line(err)}); "
                 "`pip install bitsandbytes` or pass --load_in_4bit false"
             ) from err
 
@@ -240,6 +101,11 @@ def check_model(
         trust_remote_code=trust_remote_code,
         prefer_preset=prefer_preset,
     )
+    if getattr(hf_config, "attn_logit_softcapping", None):  # else transformers' own error after the config checks
+        raise ValueError(
+            f"--model_name_or_path: {hf_config.model_type} soft-caps its attention scores (attn_logit_softcapping), "
+            "which S2-Attn and SDPA do not compute; this model is not supported"
+        )
     check_safetensors(cfg.model_name_or_path, "--model_name_or_path", required=False)  # damaged: before any output
     rope.set_original_context(hf_config, cfg.original_context)  # where config.json overstates it (0: as it says)
     original = rope.original_context(hf_config)  # raises naming --target_context for a model without RoPE

@@ -110,7 +110,7 @@ def preset_or_local_config(name: str):
     errors name --model); anything else is refused, never looked up on the hub."""
     import os
 
-    from longqlora.model import load_config
+    from longqlora.model_files import load_config
 
     config = preset_config(name)
     if config is not None:

@@ -987,7 +987,7 @@ def test_recipe_trains_on_prepared_data(tmp_path, monkeypatch, capsys):
 
     from longqlora.cli import run_recipe
     from longqlora.data import corpora
-    from longqlora.model import load_tokenizer
+    from longqlora.model_files import load_tokenizer
     from longqlora.training.tiny import save_tiny_model
 
     text = corpora.book("austen_persuasion")[:40_000]

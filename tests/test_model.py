@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from longqlora import hardware
@@ -156,6 +157,17 @@ def test_a_window_shorter_than_the_target_is_cleared(tmp_path, no_weights):
     windowed = MistralForCausalLM(MistralConfig(**{**cleared.to_dict(), "sliding_window": 8})).eval()
     windowed.load_state_dict(model.state_dict())
     assert (windowed(input_ids=ids).logits - own).abs().max() > 1e-2  # the window did change what is attended
+
+
+def test_attention_soft_capping_is_refused_before_loading(tmp_path, no_weights):
+    """Gemma-2 soft-caps its attention scores; neither S2-Attn nor SDPA computes that (transformers refused SDPA
+    only after the checks): refused in one line naming the flag."""
+    from transformers import Gemma2Config
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=16)
+    Gemma2Config(**shape, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^--model_name_or_path: gemma2 soft-caps its attention scores"):
+        check_model(config(tmp_path, target_context=128))
 
 
 def test_a_cleared_window_clears_qwen2s_per_layer_kinds():
@@ -491,7 +503,7 @@ def test_pad_falls_back_to_eos(tiny_dirs, monkeypatch):
         tok.unk_token = None
         return tok
 
-    monkeypatch.setattr(lm.AutoTokenizer, "from_pretrained", without_unk)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_unk)
     model, tokenizer, info = load_base(config(tiny_dirs["gqa"], load_in_4bit=False))
     assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == 2 == model.config.pad_token_id
     assert info.pad_token == "</s>" and len(tokenizer) == 320

@@ -21,7 +21,7 @@ from conftest import load_script
 from safetensors.torch import save_file
 
 from longqlora import cli
-from longqlora.model import safetensors_problem
+from longqlora.model_files import safetensors_problem
 from longqlora.training import checkpoints
 from longqlora.training.tiny import save_tiny_model
 

@@ -136,7 +136,7 @@ class LoaderArgs:
 def read_extension(adapter) -> ExtensionRecord | None:
     """The extension record of an adapter directory (None when it has none), after checking it is a PEFT adapter
     whose weights are intact (every command reads it first, so a damaged file is one line before any work)."""
-    from longqlora.model import check_safetensors, not_a_directory
+    from longqlora.model_files import check_safetensors, not_a_directory
 
     path = Path(os.path.expanduser(str(adapter)))
     if not path.is_dir():
@@ -176,7 +176,7 @@ def local_model(name: str, flag: str) -> str:
     """A local directory for model `name`: the path itself, or for a hub id (org/name) its snapshot in the Hugging
     Face cache, fetched (HUB_FILES only) when it is not there yet. The recipes train from hub ids and PEFT records
     the id as the adapter's base, so evaluation, chat and merge resolve it once and then read local files only."""
-    from longqlora.model import is_local_path
+    from longqlora.model_files import is_local_path
 
     if is_local_path(name):  # a bare name is a path: no hub lookup of a typo
         return os.path.expanduser(name)
@@ -216,7 +216,7 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
         raise ValueError(
             f"{flag} {path}: the directory has no config.json; pass a directory saved with save_pretrained"
         )
-    from longqlora.model import check_config_json, check_safetensors
+    from longqlora.model_files import check_config_json, check_safetensors
 
     check_config_json(f"{flag} {path}", expanded)
     check_safetensors(path, flag, expanded)
@@ -225,7 +225,7 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
 
 def adapter_tokenizer(adapter: str, *, trust_remote_code: bool = False):
     """The tokenizer saved with an adapter (None when it saved none), padding with an existing token."""
-    from longqlora.model import load_tokenizer
+    from longqlora.model_files import load_tokenizer
 
     read_extension(adapter)  # one line when it is not an adapter directory
     if not (Path(os.path.expanduser(adapter)) / "tokenizer_config.json").is_file():
@@ -240,7 +240,7 @@ def adapter_tokenizer(adapter: str, *, trust_remote_code: bool = False):
 def inference_tokenizer(model: str | None, adapter: str | None = None, *, trust_remote_code: bool = False):
     """The tokenizer `load_for_inference` uses: the adapter's when it saved one, else the model's; loading it
     fails in one line naming the flag."""
-    from longqlora.model import load_tokenizer
+    from longqlora.model_files import load_tokenizer
 
     return (adapter and adapter_tokenizer(adapter, trust_remote_code=trust_remote_code)) or load_tokenizer(
         model_dir(model, adapter), "--model", "pass a local model directory", trust_remote_code=trust_remote_code
@@ -269,7 +269,7 @@ def check_adapter_fits(
     from transformers import AutoModelForCausalLM
 
     from longqlora.merge import REPORT_FILE
-    from longqlora.model import load_config
+    from longqlora.model_files import load_config
 
     report = base / REPORT_FILE
     if report.is_file():  # the same shapes fit, and the adapter would be added a second time
@@ -341,7 +341,8 @@ def load_for_inference(
     counts from `original_context` (ModelConfig's --original_context), by default the adapter's recorded one.
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
-    from longqlora.model import ModelConfig, load_base, load_config
+    from longqlora.model import ModelConfig, load_base
+    from longqlora.model_files import load_config
 
     extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)

@@ -62,7 +62,7 @@ def output_lock(output_dir):
 
 def checkpoint_problem(path: Path, *, with_optimizer: bool = True) -> str:
     """Why the checkpoint folder `path` cannot be resumed from, or '' when it is complete."""
-    from longqlora.model import safetensors_problem
+    from longqlora.model_files import safetensors_problem
 
     state = path / STATE_FILE
     if not state.is_file():
