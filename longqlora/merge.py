@@ -204,21 +204,6 @@ def plain_config(model) -> None:
     config.use_cache = True
 
 
-def legacy_rope_keys(config_json: Path) -> None:
-    """Also write the RoPE settings as transformers 4 kept them (`rope_theta`, `rope_scaling`) beside transformers
-    5's `rope_parameters`: a reader that knows only the old keys (transformers 4, older vLLM and llama.cpp
-    converters) would otherwise take the default theta and no scaling. transformers 5 reads `rope_parameters`; the
-    reload check below loads the file as written."""
-    saved = json.loads(config_json.read_text())
-    params = dict(saved.get("rope_parameters") or {})
-    if "rope_theta" not in params or any(isinstance(v, dict) for v in params.values()):  # per-layer: no old form
-        return
-    saved["rope_theta"] = params.pop("rope_theta")
-    if params.get("rope_type", "default") != "default":
-        saved["rope_scaling"] = {"type": params["rope_type"], **params}
-    config_json.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-
-
 def _check_saved_config(folder: Path, target: int) -> dict:
     saved = json.loads((folder / "config.json").read_text())
     text = json.dumps(saved)
@@ -255,7 +240,6 @@ def merge(cfg: MergeConfig) -> dict:
 
     with atomic_directory(out) as tmp:  # an existing output (--overwrite) is replaced only by a checked model
         merged.save_pretrained(tmp)  # transformers 5 writes safetensors only
-        legacy_rope_keys(tmp / "config.json")
         if isinstance(getattr(tokenizer, "chat_template", None), str):  # what the merged model's users render
             tokenizer.chat_template = without_generation_markers(tokenizer.chat_template)
         tokenizer.save_pretrained(tmp)

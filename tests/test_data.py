@@ -613,6 +613,36 @@ def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_
         training_chat_template(unmaskable, "--tokenizer")
 
 
+def test_generation_markers_made_plain_render_the_same_text(tok):
+    """A merged model's template without {% generation %} (TRL's training templates, which also quote the markers
+    in their header comments): the same text as transformers renders the original, and a Jinja parser without
+    transformers' tag (its loop controls kept, as transformers' and llama.cpp's have them) takes it."""
+    import glob
+
+    import jinja2
+    import trl
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from longqlora.data.formats import without_generation_markers
+
+    turns = [{"role": "system", "content": "Be brief."}, *CHAT]
+    rendered = 0
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "*_training.jinja"))):
+        template = Path(path).read_text()
+        try:
+            want = tok.apply_chat_template(turns, chat_template=template, tokenize=False)
+        except Exception:  # a template that needs its own model's tokens or tools
+            continue
+        plain = without_generation_markers(template)
+        parser = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+        with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+            parser.from_string(template)
+        parser.from_string(plain)
+        assert tok.apply_chat_template(turns, chat_template=plain, tokenize=False) == want, path
+        rendered += 1
+    assert rendered >= 20
+
+
 def test_a_chat_template_file_is_what_data_prep_and_training_measure_and_mask(tok, tmp_path):
     """--chat_template_path (a .jinja file, as TRL's SFTTrainer applies it) replaces the tokenizer's own template
     for data_prep's lengths and training's alike, and its {% generation %} markers give the loss exactly the

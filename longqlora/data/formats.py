@@ -132,9 +132,12 @@ _GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
 
 def without_generation_markers(template: str) -> str:
     """`template` with its `{% generation %}` markers (which only transformers' renderer knows, for the training
-    loss) turned into Jinja comments that keep their whitespace control: it renders the same text, and plain Jinja
-    (llama.cpp, vLLM's and other renderers of a merged model) parses it."""
-    return _GENERATION_TAG.sub(lambda m: f"{{#{m[1]} {m[2]} {m[3]}#}}", template)
+    loss) turned into `{% if true %}`...`{% endif %}`, with their whitespace control: it renders the same text, and
+    plain Jinja (llama.cpp's, vLLM's and other renderers of a merged model) parses it. Block tags, not comments: a
+    marker quoted inside a comment (TRL's training templates name them in their header) stays harmless."""
+    return _GENERATION_TAG.sub(
+        lambda m: f"{{%{m[1]} {'if true' if m[2] == 'generation' else 'endif'} {m[3]}%}}", template
+    )
 
 
 # Detected from the keys that hold a value, in this order (a LongAlpaca record may also have `input`).

@@ -148,6 +148,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
         model_cfg,
         model_name_or_path=str(base),
         target_context=256,
+        original_context=0,  # the tiny base's own 64
         compute_dtype="float32",
         attn_backend="sdpa",
         pose_window=pose.tiny_window(model_cfg.pose_window, model_cfg.target_context, 256, model_cfg.pose_chunks),
