@@ -710,6 +710,9 @@ def test_length_report_counts_and_policies(tok):
         sum(lengths),
     )
     assert stats["length_p90"] == pytest.approx(float(np.percentile(lengths, 90)), abs=0.05)
+    # packed (--pack conversations), TRL keeps a row whose reply was cut away: dropped here instead
+    packed, stats = I.length_report(ds, tok, max_length, "truncate", packed=True)
+    assert list(packed["messages"]) == [conversations[0], conversations[2]] and stats["answers_lost"] == 1
     short, stats = I.length_report(ds, tok, max_length, "drop")
     assert list(short["messages"]) == conversations[:1] and stats["dropped"] == 2 and stats["count_out"] == 1
     assert error_of(I.length_report, ds, tok, max_length - 1, "drop").startswith("--overlong drop removes all 3")

@@ -231,6 +231,31 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
 
 
+def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys):
+    """--eval_strategy steps without --eval_steps evaluates every --save_steps (transformers would fill in
+    --logging_steps, every step here); a problem with the held-out data names --eval_dataset, before loading."""
+    from longqlora.data.text import TextDataConfig
+    from longqlora.model import ModelConfig
+    from longqlora.training.config import TrainingConfig
+    from longqlora.training.run import _evaluation
+
+    model = ModelConfig(model_name_or_path="m", target_context=8192)
+    data = TextDataConfig("d", eval_dataset="e")
+    for flags, steps in (
+        ({}, 100),
+        ({"eval_strategy": "steps"}, 100),
+        ({"eval_strategy": "steps", "eval_steps": 30}, 30),
+    ):
+        training = TrainingConfig(output_dir=str(tmp_path / "o"), save_steps=100, logging_steps=1, **flags)
+        assert {**vars(training), **_evaluation(model, data, training)}["eval_steps"] == steps
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill a row.")
+    with pytest.raises(SystemExit) as ended:
+        run("extend_7b_8k", "--tiny", "--eval_dataset", str(short), "--output_dir", str(tmp_path / "run"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ended.value.code == 2 and last.startswith(f"error: --eval_dataset {short} holds "), last
+
+
 def test_held_out_conversations_are_scored_on_their_replies(tmp_path):
     """The SFT recipe's --eval_dataset: conversations read and checked as --dataset is, scored every --save_steps
     (2 in a tiny run), the last score kept in the adapter's record."""

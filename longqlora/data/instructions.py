@@ -180,7 +180,9 @@ def _chat_lengths(batch, tokenizer, max_length: int, masks: bool):
     return {"length": lengths, "answer_in_window": answered}
 
 
-def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: str, num_proc: int | None = None):
+def length_report(
+    ds: datasets.Dataset, tokenizer, max_length: int, overlong: str, num_proc: int | None = None, packed: bool = False
+):
     """Token lengths through the chat template, and the `overlong` policy applied; returns (dataset, stats).
 
     "drop" removes conversations over `max_length`. "truncate" keeps them and TRL cuts them (trl 1.16): without
@@ -188,7 +190,8 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
     default) and drops examples left with no assistant token; packing "bfd" keeps the first max_length tokens
     (`_pack_bfd(on_seq_length_overflow="truncate")`); "bfd_split" instead splits the overflow into a separate
     sequence without its prompt, so prefer "bfd" or no packing for conversations. `answers_lost` counts overlong
-    conversations whose first max_length tokens hold no assistant token (they train nothing under keep_start)."""
+    conversations whose first max_length tokens hold no assistant token (they train nothing under keep_start);
+    TRL drops them unpacked, and `packed` (--pack conversations, whose rows TRL keeps) drops them here."""
     if overlong not in OVERLONG:
         bad("overlong", overlong, f"must be one of {', '.join(OVERLONG)}")
     if max_length < 1:
@@ -245,9 +248,11 @@ def length_report(ds: datasets.Dataset, tokenizer, max_length: int, overlong: st
         )
     elif over.any():
         stats.update(truncated=int(over.sum()), answers_lost=int(lost.sum()))
+        if packed and lost.any():  # a packed row of them would train nothing yet take a step (and score 0)
+            ds = ds.select(np.flatnonzero(~lost))
         logger.warning(
             "%d of %d conversations exceed max_length %d tokens; kept, TRL truncates them to their "
-            "first %d tokens (%d then hold no assistant token)",
+            "first %d tokens (%d then hold no assistant token: dropped)",
             stats["truncated"],
             len(lengths),
             max_length,

@@ -54,9 +54,11 @@ def _evaluation(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> d
     if model_cfg.pose_window or model_cfg.context_parallel > 1:  # rows of another length / split across processes
         flag = "--pose_window" if model_cfg.pose_window else "--context_parallel"
         raise ValueError(f"--eval_dataset: not supported with {flag} yet; evaluate checkpoints with perplexity")
-    if strategy != "no":
-        return {}
-    return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
+    if strategy == "no":
+        return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
+    if strategy == "steps" and training.eval_steps in (None, training.logging_steps):
+        return {"eval_steps": training.save_steps}  # transformers fills an unset --eval_steps with --logging_steps
+    return {}
 
 
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
@@ -140,7 +142,9 @@ def prepare_dataset(
         from longqlora.data.formats import training_chat_template
 
         template = training_chat_template(tokenizer, "--model_name_or_path", chat_template_path)
-        dataset, stats = instructions.length_report(loaded, tokenizer, max_length, data_cfg.overlong, data_cfg.num_proc)
+        dataset, stats = instructions.length_report(
+            loaded, tokenizer, max_length, data_cfg.overlong, data_cfg.num_proc, data_cfg.pack == "conversations"
+        )
         return dataset, {"chat_template": template, **stats}
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
@@ -229,11 +233,18 @@ def train(run: ResolvedRun) -> Path:
     eval_set = None
     if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset, before any weights load
         held_out = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None)
-        loaded = load_data(held_out, getattr(run.hf_config, "vocab_size", None))
-        prepared = data_lib.check_tokenizer(held_out, tokenizer, loaded) if "input_ids" in loaded.column_names else None
-        eval_set, stats["eval"] = prepare_dataset(
-            held_out, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
-        )
+        try:
+            loaded = load_data(held_out, getattr(run.hf_config, "vocab_size", None))
+            prepared = (
+                data_lib.check_tokenizer(held_out, tokenizer, loaded) if "input_ids" in loaded.column_names else None
+            )
+            eval_set, stats["eval"] = prepare_dataset(
+                held_out, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
+            )
+        except ValueError as err:  # the data layer names --dataset; this is --eval_dataset
+            raise ValueError(str(err).replace("--dataset", "--eval_dataset", 1)) from None
+        if "chat_template" in stats:
+            stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
     longest = stats.get("length_max", 0)
     if (
         getattr(data_cfg, "pack", None) == "documents"
@@ -299,9 +310,10 @@ def train(run: ResolvedRun) -> Path:
         trainable_to_fp32(trainer.model)
         memory.apply_memory_switches(trainer, training, info.dtype)
         trained = checkpoints.run_training(trainer, resume, guard)
-        evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-        if evaluated:
-            trained["eval_loss"] = evaluated[-1]  # of the last evaluation (at the last step when they coincide)
+        since = trained.get("resumed_at_step") or 0  # a resumed run's history holds the evaluations before it too
+        evaluated = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] > since]
+        if eval_set is not None and evaluated:  # the last evaluation (at the last step when they coincide)
+            trained.update(eval_loss=evaluated[-1]["eval_loss"], eval_step=evaluated[-1]["step"])
         if torch.cuda.is_available():
             trained.update(
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
