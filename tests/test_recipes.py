@@ -229,6 +229,10 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     with torch.no_grad():
         apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in rows) / len(rows)
     assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
+    # evaluating takes nothing from the training: the run without it ends at the same adapter, bit for bit
+    plain = run("extend_7b_8k", "--tiny", "--pack", "concat", "--output_dir", str(tmp_path / "plain"))
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys):

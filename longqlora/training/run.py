@@ -189,6 +189,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             f"--max_length {training.max_length}: a run trains rows of --target_context tokens (--pose_window "
             "with PoSE); drop --max_length and set those"
         )
+    for name in ("packing", "packing_strategy", "assistant_only_loss", "completion_only_loss"):  # SFTConfig's too
+        if getattr(training, name) != recipe_default(training, name):
+            raise ValueError(
+                f"--{name} {getattr(training, name)}: a run sets it from --pack (text: documents or concat; "
+                "conversations: none or conversations, trained on the replies only); drop --" + name
+            )
     layers = getattr(hf_config, "num_hidden_layers", None)
     if training.offload_layers is not None and layers is not None and training.offload_layers > layers:
         raise ValueError(
@@ -203,6 +209,24 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     optim = training.optim if hardware.launch().shards_weights else asked
     plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype, optim=optim)
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
+
+
+def _evaluate_apart(trainer) -> None:
+    """Evaluations leave the training as it would be without them, so that a run with --eval_dataset trains as one
+    without, and a resumed one (its checkpoint written after an evaluation) as an uninterrupted one: they run on a
+    copy of torch's random generators (each DataLoader iterator draws a seed), and bitsandbytes is kept from
+    repacking NF4 weights for its CPU inference kernel (it does so for good at the first forward in eval mode on
+    AVX512-BF16 CPUs, and every later training step then computes through that kernel)."""
+    for module in trainer.model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    evaluate = trainer.evaluate
+
+    def forked(*args, **kwargs):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = forked
 
 
 def train(run: ResolvedRun) -> Path:
@@ -301,6 +325,8 @@ def train(run: ResolvedRun) -> Path:
             processing_class=tokenizer,
             callbacks=[ThroughputCallback(), guard, record, *s2_schedule_callbacks(model_cfg)],
         )
+        if eval_set is not None:
+            _evaluate_apart(trainer)
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
         if cp_group is not None:
