@@ -680,9 +680,13 @@ def test_a_chat_template_file_is_what_data_prep_and_training_measure_and_mask(to
     bare.write_text(OWN_WITHOUT_MARKERS)
     with pytest.raises(ValueError, match=rf"^--chat_template_path {bare}: the template in this file has no "):
         training_chat_template(copy.deepcopy(tok), "--tokenizer", str(bare))
-    for path in (tmp_path / "own", tmp_path / "missing.jinja"):
-        with pytest.raises(ValueError, match=rf"^--chat_template_path {path}: pass a .jinja or .j2 file"):
+    for path, said in ((tmp_path / "own", "pass a .jinja or .j2 file"), (tmp_path / "missing.jinja", "no such file")):
+        with pytest.raises(ValueError, match=rf"^--chat_template_path {path}: {said}"):
             TrainingConfig(output_dir=str(tmp_path / "run"), chat_template_path=str(path))
+    broken = tmp_path / "broken.jinja"  # markers, and a filter Jinja has not
+    broken.write_text(marked.replace("{{ m['content'] }}{{ eos_token }}", "{{ m['content'] | nosuch }}"))
+    with pytest.raises(ValueError, match=rf"^--chat_template_path {broken}: the template in this file does not render"):
+        training_chat_template(copy.deepcopy(tok), "--tokenizer", str(broken))
 
 
 # ------------------------------------------------------------------------------------------- lengths

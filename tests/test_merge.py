@@ -396,7 +396,7 @@ def test_a_base_recorded_relative_to_the_runs_folder_is_found_from_elsewhere(ada
     assert adapter_base(str(run)) == "org/missing"
 
 
-def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merged, tmp_path):
+def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merged, tmp_path, caplog):
     """A base whose config.json overstates its pre-trained context (Mistral-7B-v0.1: 32768 said, 8192 trained) is
     extended with --original_context; the adapter records it, so on such a base (the tiny base, trained at 64,
     whose config now says 256) the loader and merge stretch RoPE as the run did: the logits and the merged
@@ -416,6 +416,7 @@ def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merg
     assert (info.original_context, info.pi_factor) == (64, 4) and torch.equal(recorded, reference)
     info, unstretched = logits(original_context=256)
     assert info.pi_factor == 1 and not torch.allclose(unstretched, reference, atol=1e-3)
+    assert "--original_context 256: the adapter trained from 64 (its record)" in caplog.text
     out = tmp_path / "merged"
     merge(MergeConfig(adapter=str(adapter), base=str(base), output=str(out), dtype="float32", sample_tokens=200))
     ours, honest = (json.loads((d / "config.json").read_text()) for d in (out, merged[1]))

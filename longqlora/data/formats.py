@@ -84,6 +84,9 @@ def read_template_file(path: str, flag: str = "--chat_template_path") -> str:
     """The chat template in a .jinja/.j2 file, as TRL's SFTTrainer reads `chat_template_path`; any other path (a
     tokenizer TRL would clone the template from, adding its tokens and resizing the embedding that this toolkit
     trains and saves) is refused in one line."""
+    if not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"{flag} {path}: no such file; pass a .jinja or .j2 file holding the chat template")
+    path = os.path.expanduser(path)
     if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
         raise ValueError(
             f"{flag} {path}: pass a .jinja or .j2 file holding the template (another tokenizer's template, which TRL "
@@ -114,6 +117,12 @@ def training_chat_template(tokenizer, flag: str, template_path: str | None = Non
         whose = "the tokenizer's own chat template"
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+    try:  # a template that does not render fails here in one line, not in the first batch with Jinja's own words
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], tokenize=False
+        )
+    except Exception as err:  # jinja2's TemplateError, or the template's own raise_exception
+        raise ValueError(f"{flag}: {whose} does not render a user and an assistant turn ({err}); fix it") from None
     if not has_generation_markers(tokenizer.chat_template):
         try:
             get_training_chat_template(tokenizer)

@@ -59,8 +59,8 @@ class TextDataConfig:
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
     max_documents: int | None = flag("Keep only the first N documents.", default=None)
     eval_dataset: str | None = flag(
-        "Held-out text in any --dataset form, read and packed as --dataset is: its loss is logged every --eval_steps "
-        "(default --save_steps) at the full context, with full attention.",
+        "Held-out text in any --dataset form, read and packed as --dataset is (--min_length, --max_documents too): "
+        "its loss is logged every --eval_steps (default --save_steps) at the full context, with full attention.",
         default=None,
     )
 

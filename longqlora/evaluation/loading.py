@@ -366,6 +366,12 @@ def load_for_inference(
         rope_scaling = extension.rope_type if extension.rope_type in UNSCALED_TO else "linear"
     if original_context is None and extension is not None:
         original_context = extension.original_context  # the base's own unless the run passed --original_context
+    elif extension is not None and original_context != extension.original_context:
+        logger.warning(
+            "--original_context %d: the adapter trained from %d (its record)",
+            original_context,
+            extension.original_context,
+        )
     cfg = ModelConfig(
         model_name_or_path=expanded,
         target_context=int(target_context),

@@ -42,6 +42,13 @@ class TrainingConfig(SFTConfig):
     gradient_checkpointing: bool | None = True
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
     logging_steps: float = 1
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja or .j2 file holding the chat template conversations train with, each reply in "
+            "{%% generation %%}...{%% endgeneration %%} (a tokenizer's path, TRL's other form, is not taken)."
+        },
+    )
     # --eval_dataset rows are as long as the training rows: one at a time, and only their loss is kept (the Trainer
     # would gather every batch's tokens x vocabulary logits)
     per_device_eval_batch_size: int = 1

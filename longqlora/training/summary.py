@@ -85,7 +85,13 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         f"trainable          {'?' if trainable is None else f'{trainable:,}'} of "
         f"{'?' if total is None else f'{total:,}'} parameters "
         f"(LoRA r={cfg.lora_r} on {cfg.lora_target}; full: {cfg.trainable_params or 'nothing'})",
-        f"data               {run.data.dataset}",
+        f"data               {run.data.dataset}"
+        + (f" (--pack {run.data.pack})" if getattr(run.data, "pack", None) else ""),
+        *(
+            [f"evaluation         {held_out} every {training.eval_steps:g} steps, full attention"]
+            if (held_out := getattr(run.data, "eval_dataset", None))
+            else []
+        ),
         f"steps              {steps} of batch {training.per_device_train_batch_size} x accumulation "
         f"{training.gradient_accumulation_steps}, lr {training.learning_rate} ({plain(training.lr_scheduler_type)}, "
         f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}"
