@@ -475,7 +475,7 @@ def test_invalid_conversations_are_counted_or_raise(tmp_path):
 def test_unknown_and_mixed_formats_name_line_and_keys(tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
     assert error_of(I.load_conversations, InstructionDataConfig(str(path))).startswith(
-        f"--dataset {path} line 1: unknown format, keys: question, answer; expected messages (messages), "
+        f"--dataset {path} line 1: unknown format, keys: question, answer; expected records with messages, "
     )
     path = write_jsonl(
         tmp_path / "m.jsonl",

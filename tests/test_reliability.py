@@ -108,7 +108,7 @@ def bad(tmp_path_factory) -> Path:
             for reply in ("", " ")
         ],
     )
-    jsonl(d / "unknown.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    jsonl(d / "unknown.jsonl", [{"question": "hi", "answer": "hello"}])
     (d / "short.txt").write_text("A few words. " * 3)
     long_turn = "A long question about the book. " * 60  # far past the 256 tokens of recipe_args
     jsonl(d / "long-chats.jsonl", [{"messages": [{"role": "user", "content": long_turn}, GOOD["messages"][-1]]}])

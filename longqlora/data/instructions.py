@@ -91,7 +91,7 @@ def _convert_row(row: dict, system_prompt: str | None) -> dict:
 def _check_formats(ds: datasets.Dataset, raw: datasets.Dataset, src: Source) -> str:
     """The file's one format; an unknown or mixed record is an error naming its place and keys."""
     formats = column(ds, "_format").to_numpy(zero_copy_only=False)
-    known = ", ".join(f"{n} ({'+'.join(k)})" for n, k in FORMATS.items())
+    known = "records with " + ", ".join("+".join(k) for k in FORMATS.values())  # the keys that name a format
     if formats[0] == "":
         raise ValueError(f"--dataset {where(src, 0)}: unknown format, keys: {fields(raw[0])}; expected {known}")
     other = np.flatnonzero(formats != formats[0])
