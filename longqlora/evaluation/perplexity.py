@@ -272,13 +272,11 @@ def token_stream(
         raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     # one int64 array per document, read a few documents at a time: a Python list of every token took ~56 bytes each
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    texts = (text for batch in documents.iter(batch_size=16) for text in batch["text"])
     pieces, total = [], 0
-    for batch in documents.iter(batch_size=16):
-        for text in batch["text"]:
-            pieces.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + eos, dtype=np.int64))
-            total += len(pieces[-1])
-            if max_tokens is not None and total >= max_tokens:
-                break
+    for text in texts:
+        pieces.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + eos, dtype=np.int64))
+        total += len(pieces[-1])
         if max_tokens is not None and total >= max_tokens:
             break
     ids = torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64))

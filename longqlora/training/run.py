@@ -246,24 +246,18 @@ def train(run: ResolvedRun) -> Path:
     if torch.cuda.is_available() and (host := host_memory_warning(run.hf_config, plan)):  # nothing offloads on a CPU
         logger.warning(host)
     # every input file is read, checked and tokenized before anything is written or any weights load
-    loaded = load_data(data_cfg, getattr(run.hf_config, "vocab_size", None))
+    vocab = getattr(run.hf_config, "vocab_size", None)
+    loaded = load_data(data_cfg, vocab)
     tokenizer = base_tokenizer(model_cfg, training.trust_remote_code)
-    prepared = None
-    if "input_ids" in getattr(loaded, "column_names", ()):  # prepared token rows: made by the model's tokenizer?
-        prepared = data_lib.check_tokenizer(data_cfg, tokenizer, loaded)
-    dataset, stats = prepare_dataset(
-        data_cfg, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
-    )
+    template = training.chat_template_path
+    dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, chat_template_path=template)
     eval_set = None
-    if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset, before any weights load
+    if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset is
         held_out = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None)
         try:
-            loaded = load_data(held_out, getattr(run.hf_config, "vocab_size", None))
-            prepared = (
-                data_lib.check_tokenizer(held_out, tokenizer, loaded) if "input_ids" in loaded.column_names else None
-            )
+            loaded = load_data(held_out, vocab)
             eval_set, stats["eval"] = prepare_dataset(
-                held_out, tokenizer, model_cfg.train_length, loaded, prepared, training.chat_template_path
+                held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
         except ValueError as err:  # the data layer names --dataset; this is --eval_dataset
             raise ValueError(str(err).replace("--dataset", "--eval_dataset", 1)) from None
