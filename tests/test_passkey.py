@@ -143,8 +143,10 @@ def test_the_answer_is_greedy_whatever_the_generation_config_says(tiny):
     assert P.generate_answer(model, tok, prompt, 8) == argmax
 
 
-def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog):
+def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog, monkeypatch):
     path, _ = tiny
+    plans, plan_trials = [], P.plan_trials
+    monkeypatch.setattr(P, "plan_trials", lambda *a: plans.append(a) or plan_trials(*a))
     cfg = PasskeyConfig(
         model=str(path),
         context_lengths=[128, 256],
@@ -167,6 +169,7 @@ def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog):
     assert saved == json.loads(json.dumps(result))
     assert saved["protocol"]["question"] == "What is the pass key? The pass key is"
     assert (tmp_path / "out" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(plans) == 1  # the prompts are built once, before the weights load
 
 
 def test_same_seed_same_result_other_seed_other_keys(tiny):

@@ -209,10 +209,11 @@ def summarize(records: list[dict], context_lengths, depths) -> dict:
 
 
 def evaluate_passkey(
-    model, tokenizer, context_lengths, depths, trials: int, seed: int = 42, progress: bool = True
+    model, tokenizer, context_lengths, depths, trials: int, seed: int = 42, progress: bool = True, planned=None
 ) -> dict:
-    """Run every trial on a loaded model; returns the accuracies, the protocol and a few samples (no files)."""
-    cases, max_new = plan_trials(tokenizer, context_lengths, depths, trials, seed)
+    """Run every trial on a loaded model; returns the accuracies, the protocol and a few samples (no files).
+    `planned`: what `plan_trials` returned for these arguments, when the caller has it already."""
+    cases, max_new = planned or plan_trials(tokenizer, context_lengths, depths, trials, seed)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for n in context_lengths:
         if limit and n > limit:
@@ -269,9 +270,11 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
     if cfg.output_dir:
         check_output_path(cfg.output_dir, "--output_dir")
     tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
-    plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before the weights load
+    planned = plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before loading
     model, tokenizer, info = cfg.load()
-    evaluated = evaluate_passkey(model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)
+    evaluated = evaluate_passkey(
+        model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, planned=planned
+    )
     result = {
         "model": cfg.model or adapter_base(cfg.adapter),
         "adapter": cfg.adapter,
