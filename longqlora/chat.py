@@ -78,13 +78,24 @@ def read_document(cfg: ChatConfig) -> str | None:
 
 
 def check_inputs(cfg: ChatConfig) -> None:
-    """Every path check that needs no weights: --model, --adapter (and its recorded base), --context_file."""
-    from longqlora.evaluation.loading import model_dir, read_extension
+    """Every check that needs no weights: --model, --adapter (and its recorded base), --context_file, and whether
+    --prompt or the document with a --max_new_tokens reply fits the context (the tokenizer and config decide)."""
+    from longqlora.evaluation.loading import inference_context, inference_tokenizer, model_dir, read_extension
 
     if cfg.adapter:
         read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"
     model_dir(cfg.model, cfg.adapter)
-    read_document(cfg)
+    document = read_document(cfg)
+    if document is None and cfg.prompt is None:
+        return
+    remote = cfg.trust_remote_code
+    tokenizer = ensure_chat_template(inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=remote))
+    limit = cfg.target_context or inference_context(cfg.model, cfg.adapter, trust_remote_code=remote)
+    if cfg.prompt is not None:
+        ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
+        check_prompt_fits(cfg, len(ids), limit, document)
+    elif document_tokens(tokenizer, document) + cfg.max_new_tokens >= limit:  # every first turn would be refused
+        raise ValueError(f"--context_file {cfg.context_file}: {no_room(cfg, tokenizer, document, limit)}")
 
 
 def ensure_chat_template(tokenizer):
@@ -118,6 +129,30 @@ def overflow(cfg: ChatConfig, prompt_tokens: int, limit: int) -> str:
     return (
         f"the prompt takes {prompt_tokens} tokens and the reply up to {cfg.max_new_tokens} (--max_new_tokens), "
         f"over the model's context of {limit}"
+    )
+
+
+def check_prompt_fits(cfg: ChatConfig, prompt_tokens: int, limit: int, document: str | None) -> None:
+    """One line naming --prompt, or --context_file when there is one, if --prompt and its reply overflow."""
+    too_long = overflow(cfg, prompt_tokens, limit)
+    if too_long and document is not None:  # the document is what a prompt of a few words overflows with
+        raise ValueError(
+            f"--context_file {cfg.context_file}: with --prompt {too_long}; shorten the file or lower --max_new_tokens"
+        )
+    if too_long:
+        raise ValueError(f"--prompt: {too_long}; shorten it or lower --max_new_tokens")
+
+
+def document_tokens(tokenizer, document: str) -> int:
+    return len(tokenizer(document, add_special_tokens=False)["input_ids"])
+
+
+def no_room(cfg: ChatConfig, tokenizer, document: str, limit: int) -> str:
+    """What the banner warns and an interactive chat refuses: the document leaves no room for a reply."""
+    return (
+        f"the document takes {document_tokens(tokenizer, document)} tokens; with a {cfg.max_new_tokens}-token reply "
+        f"(--max_new_tokens) it does not fit the {limit}-token context; pass a shorter document or a smaller "
+        "--max_new_tokens"
     )
 
 
@@ -263,13 +298,10 @@ def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
     name = (cfg.model or adapter_base(cfg.adapter)) + (f" + {cfg.adapter}" if cfg.adapter else "")
     lines = [f"longqlora chat: {name} | context {limit} tokens"]
     if document is not None:
-        n = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+        n = document_tokens(tokenizer, document)
         lines.append(f"document {cfg.context_file}: {n} tokens, put before your first question")
         if n + cfg.max_new_tokens >= limit:
-            lines.append(
-                f"warning: the document and a {cfg.max_new_tokens}-token reply do not fit the {limit}-token "
-                "context; pass a shorter document or a smaller --max_new_tokens"
-            )
+            lines.append(f"warning: {no_room(cfg, tokenizer, document, limit)}")
     lines.append(HELP)
     return "\n".join(lines)
 
@@ -340,13 +372,7 @@ def one_shot(cfg: ChatConfig, model, tokenizer, stdout) -> str:
     document = read_document(cfg)
     set_seed(cfg.seed)
     ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
-    too_long = overflow(cfg, len(ids), context_limit(model))
-    if too_long and document is not None:  # the document is what a prompt of a few words overflows with
-        raise ValueError(
-            f"--context_file {cfg.context_file}: with --prompt {too_long}; shorten the file or lower --max_new_tokens"
-        )
-    if too_long:
-        raise ValueError(f"--prompt: {too_long}; shorten it or lower --max_new_tokens")
+    check_prompt_fits(cfg, len(ids), context_limit(model), document)
     reply, _ = generate_reply(cfg, model, tokenizer, ids, stdout)
     stdout.write("\n")
     stdout.flush()

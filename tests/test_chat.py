@@ -243,6 +243,16 @@ def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkey
     with pytest.raises(ValueError) as err:
         load_chat_model(ChatConfig(adapter=str(tmp_path)))
     assert _one_line(err).startswith(f"--adapter {tmp_path}: not a PEFT adapter directory")
+    with pytest.raises(ValueError, match="^--prompt: the prompt takes .* over the model's context of 512"):
+        load_chat_model(_cfg(random_dir, max_new_tokens=500, prompt="hello"))
+    (tmp_path / "long.txt").write_text("word " * 2000)  # no room for the reply: chat refuses every first turn
+    with pytest.raises(ValueError) as err:
+        load_chat_model(_cfg(random_dir, context_file=str(tmp_path / "long.txt")))
+    assert _one_line(err).startswith(f"--context_file {tmp_path / 'long.txt'}: ")
+    assert "does not fit the 512-token context" in str(err.value)
+    (tmp_path / "short.txt").write_text("word " * 20)
+    with pytest.raises(AssertionError, match="weights loaded"):  # a document that fits passes the checks
+        load_chat_model(_cfg(random_dir, context_file=str(tmp_path / "short.txt")))
     for kwargs, flag in [
         ({}, "--model"),
         ({"model": "x", "temperature": -1}, "--temperature"),

@@ -110,6 +110,7 @@ def bad(tmp_path_factory) -> Path:
     )
     jsonl(d / "unknown.jsonl", [{"question": "hi", "answer": "hello"}])
     (d / "short.txt").write_text("A few words. " * 3)
+    (d / "long-document.txt").write_text("A long document about the book. " * 40)  # past the model's 64 tokens
     long_turn = "A long question about the book. " * 60  # far past the 256 tokens of recipe_args
     jsonl(d / "long-chats.jsonl", [{"messages": [{"role": "user", "content": long_turn}, GOOD["messages"][-1]]}])
     for name, text in {
@@ -571,6 +572,18 @@ CASES = [
         "command",
         lambda b, o: ["chat", "--model", str(b / "model"), "--context_file", str(b / "none.txt"), "--prompt", "hi"],
         lambda b, o: "--context_file",
+    ),
+    Case(
+        "--context_file longer than the model's context",
+        "command",
+        lambda b, o: ["chat", "--model", str(b / "model"), "--context_file", str(b / "long-document.txt")],
+        lambda b, o: f"--context_file {b / 'long-document.txt'}: ",
+    ),
+    Case(
+        "--prompt and its reply longer than the model's context",
+        "command",
+        lambda b, o: ["chat", "--model", str(b / "model"), "--prompt", "hi", "--max_new_tokens", "64"],
+        lambda b, o: "--prompt: the prompt takes",
     ),
 ]
 

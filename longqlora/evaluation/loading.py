@@ -321,6 +321,20 @@ def check_adapter_fits(
             )
 
 
+def inference_context(model: str | None, adapter: str | None = None, *, trust_remote_code: bool = False) -> int:
+    """The context `load_for_inference` sets the model up for without a --target_context: the adapter's trained
+    one, else what the model's config says (read without the weights)."""
+    extension = read_extension(adapter) if adapter else None
+    return _trained_context(model_dir(model, adapter), extension, trust_remote_code)
+
+
+def _trained_context(expanded: str, extension, trust_remote_code: bool) -> int:
+    from longqlora.model_files import load_config
+
+    recorded = extension.target_context if extension else None
+    return recorded or load_config(expanded, "--model", trust_remote_code=trust_remote_code).max_position_embeddings
+
+
 def load_for_inference(
     model_path: str | None,
     *,
@@ -342,7 +356,6 @@ def load_for_inference(
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
     from longqlora.model import ModelConfig, load_base
-    from longqlora.model_files import load_config
 
     extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)
@@ -357,9 +370,7 @@ def load_for_inference(
             trust_remote_code=trust_remote_code,
         )
     if target_context is None:
-        target_context = (extension.target_context if extension else None) or load_config(
-            expanded, "--model", trust_remote_code=trust_remote_code
-        ).max_position_embeddings
+        target_context = _trained_context(expanded, extension, trust_remote_code)
     if rope_scaling is None and extension is None:
         rope_scaling = ModelConfig.rope_scaling
     elif rope_scaling is None:  # what the adapter trained with; records from before --rope_scaling trained with PI
