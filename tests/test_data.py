@@ -123,6 +123,27 @@ def test_split_missing_from_a_saved_dict(tmp_path):
     )
 
 
+def test_the_held_out_split_is_never_the_training_data(tmp_path):
+    """--eval_dataset reads a DatasetDict's test/validation/eval split unless --eval_split names one; the very
+    split --dataset trains on is refused in one line (its loss would not be held out)."""
+    from longqlora.data.sources import held_out_split
+
+    both, _ = make_source("dict", tmp_path)  # train + validation
+    assert held_out_split(both, "train", both, None) == "validation"
+    assert held_out_split(both, "validation", both, "train") == "train"
+    assert error_of(held_out_split, both, "train", both, "train") == (
+        f"--eval_dataset {both}: the training data itself (split train); pass --eval_split validation"
+    )
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a document"}) + "\n")
+    assert error_of(held_out_split, str(one), "train", str(tmp_path / "." / "one.jsonl"), None).endswith(
+        "the training data itself (split train); pass other data"
+    )
+    other = tmp_path / "other.jsonl"
+    other.write_text(one.read_text())
+    assert held_out_split(str(one), "train", str(other), None) == "train"  # a file has only its one split
+
+
 # ------------------------------------------------------------------------------------------- text: errors
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import load_script
@@ -258,6 +259,13 @@ def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys
         run("extend_7b_8k", "--tiny", "--eval_dataset", str(short), "--output_dir", str(tmp_path / "run"))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert ended.value.code == 2 and last.startswith(f"error: --eval_dataset {short} holds "), last
+    chats = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})})
+    chats.save_to_disk(tmp_path / "dict")
+    with pytest.raises(SystemExit) as ended:  # the held-out split named by --eval_split, not --split
+        run("extend_7b_8k", "--tiny", "--eval_dataset", str(tmp_path / "dict"), "--eval_split", "dev",
+            "--output_dir", str(tmp_path / "run"))  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: --eval_split dev: {tmp_path / 'dict'} has splits train; pass --eval_split", last
 
 
 def test_held_out_conversations_are_scored_on_their_replies(tmp_path):

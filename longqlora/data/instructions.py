@@ -63,6 +63,10 @@ class InstructionDataConfig:
         "every --eval_steps (default --save_steps), with full attention.",
         default=None,
     )
+    eval_split: str | None = flag(
+        "Split of a DatasetDict or hub --eval_dataset; unset: its test, validation or eval split, else --split.",
+        default=None,
+    )
 
     def __post_init__(self):
         if not self.dataset.strip():

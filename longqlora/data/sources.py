@@ -158,6 +158,32 @@ def check_json_file(flag: str, path: str, record_problem=None) -> int:
     return count
 
 
+EVAL_SPLITS = ("test", "validation", "eval")  # what a held-out split is called, in the order one is taken
+
+
+def split_names(src: Source) -> list[str]:
+    """The splits of a save_to_disk DatasetDict folder, from its dataset_dict.json; [] for anything else (a file or
+    a single Dataset has one split; a hub dataset's would need the network)."""
+    try:
+        with open(os.path.join(src.path, "dataset_dict.json"), encoding="utf-8") as f:
+            return list(json.load(f)["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str | None) -> str:
+    """The split --eval_dataset is read from: --eval_split, else the first of `EVAL_SPLITS` that a DatasetDict folder
+    holds, else --split; one line when that is the data --dataset trains on (its loss would not be held out)."""
+    held_out = resolve(eval_dataset)
+    names = split_names(held_out) if held_out.kind == "disk" else []
+    chosen = eval_split or next((name for name in EVAL_SPLITS if name in names), split)
+    if os.path.realpath(held_out.path) == os.path.realpath(resolve(dataset).path) and chosen == split:
+        others = [name for name in names if name != split]
+        fix = f"pass --eval_split {others[0]}" if others else "pass other data"
+        raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
+    return chosen
+
+
 def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__

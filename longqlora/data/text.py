@@ -63,6 +63,10 @@ class TextDataConfig:
         "its loss is logged every --eval_steps (default --save_steps) at the full context, with full attention.",
         default=None,
     )
+    eval_split: str | None = flag(
+        "Split of a DatasetDict or hub --eval_dataset; unset: its test, validation or eval split, else --split.",
+        default=None,
+    )
 
     def __post_init__(self):
         if not self.dataset.strip():

@@ -11,6 +11,7 @@ and saves from it without checking anything again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from longqlora import hardware
 from longqlora.adapters import trainable_to_fp32
 from longqlora.attention.schedule import s2_schedule_callbacks
 from longqlora.data import instructions, pose
+from longqlora.data import sources as data_sources
 from longqlora.data import text as data_lib
+from longqlora.data.sources import held_out_split
 from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model, load_model
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
@@ -149,6 +152,31 @@ def prepare_dataset(
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
+@contextlib.contextmanager
+def held_out_flags():
+    """The data layer names --dataset and --split: within this block they are --eval_dataset's and --eval_split."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err).replace("--split", "--eval_split") if str(err).startswith("--split") else str(err)
+        raise ValueError(message.replace("--dataset", "--eval_dataset", 1)) from None
+
+
+def held_out_config(data_cfg):
+    """`data_cfg` for reading --eval_dataset: its path and split (never the training data's own split)."""
+    split = held_out_split(data_cfg.dataset, data_cfg.split, data_cfg.eval_dataset, data_cfg.eval_split)
+    return dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None, split=split)
+
+
+def check_sources(data_cfg) -> None:
+    """--dataset and --eval_dataset name data that can be read (a local path exists; anything else may be a hub
+    name), and the held-out split is not the training data; the files themselves are read by `train`."""
+    data_sources.resolve(data_cfg.dataset)
+    if getattr(data_cfg, "eval_dataset", None):
+        with held_out_flags():
+            held_out_config(data_cfg)
+
+
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
     """Apply --tiny, run every check that needs no weights, and derive the training settings and memory plan."""
     recipe_dir = recipe_default(training, "output_dir")
@@ -175,6 +203,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
         from longqlora.training.tiny import tiny_overrides
 
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
+    try:
+        check_sources(data_cfg)
+    except ValueError as err:
+        if not run_cfg.dry_run:
+            raise
+        logger.warning("the run itself would stop here: %s", err)  # the data may live on the machine that trains
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
         raise ValueError(
             f"--pose_window {model_cfg.pose_window}: PoSE trains on rows cut from long text, but "
@@ -253,14 +287,12 @@ def train(run: ResolvedRun) -> Path:
     dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, chat_template_path=template)
     eval_set = None
     if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset is
-        held_out = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None)
-        try:
+        with held_out_flags():
+            held_out = held_out_config(data_cfg)
             loaded = load_data(held_out, vocab)
             eval_set, stats["eval"] = prepare_dataset(
                 held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
-        except ValueError as err:  # the data layer names --dataset; this is --eval_dataset
-            raise ValueError(str(err).replace("--dataset", "--eval_dataset", 1)) from None
         if "chat_template" in stats:
             stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
     longest = stats.get("length_max", 0)
