@@ -100,8 +100,8 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def check_merge(cfg: MergeConfig) -> dict:
     """Everything that can be refused before weights load; returns the resolved paths and extension record."""
-    from longqlora.evaluation.loading import adapter_base, check_adapter_fits, local_model, read_extension
-    from longqlora.model_files import check_safetensors
+    from longqlora.evaluation.loading import adapter_base, check_adapter_fits, read_extension
+    from longqlora.model_files import check_safetensors, local_model
     from longqlora.output import check_output_path
 
     extension = read_extension(cfg.adapter)  # raises "--adapter X: not a PEFT adapter directory"

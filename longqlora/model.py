@@ -159,7 +159,19 @@ def clear_short_window(hf_config, target: int) -> None:
 def base_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False):
     """The base's tokenizer (training loads it before the weights, to check and tokenize the data first)."""
     flag, fix = "--model_name_or_path", "save the tokenizer next to the weights"
-    return load_tokenizer(cfg.model_name_or_path, flag, fix, revision=cfg.revision, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model_name_or_path, flag, fix, revision=cfg.revision, trust_remote_code=trust_remote_code
+    )
+    return fit_tokenizer_context(tokenizer, cfg.target_context)
+
+
+def fit_tokenizer_context(tokenizer, context: int):
+    """Raise the tokenizer's `model_max_length` to `context` where it holds the base's shorter one (transformers
+    truncates to it and warns past it), so that the tokenizer saved with an adapter or a merged model says the
+    extended context; the library's own "no limit" value is far above any context and stays."""
+    if (tokenizer.model_max_length or 0) < context:
+        tokenizer.model_max_length = context
+    return tokenizer
 
 
 def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_code: bool = False, tokenizer=None):
@@ -176,6 +188,8 @@ def load_base(cfg: ModelConfig, *, checked: tuple | None = None, trust_remote_co
             f"load_base: checked= was made for {info.model} at {info.target_context} tokens, not this config"
         )
     path = os.path.expanduser(cfg.model_name_or_path)
+    if os.path.isdir(path):  # an adapter's config names its base by this path: one that works from anywhere
+        path = os.path.abspath(path)
     tokenizer = base_tokenizer(cfg, trust_remote_code) if tokenizer is None else tokenizer
     if tokenizer.pad_token is None:
         # Reuse an existing token rather than adding one: a new row would change the vocabulary of the base.

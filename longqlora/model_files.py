@@ -1,13 +1,17 @@
-"""A model's files, read before any weights load: is a name a local path, its config.json (or a preset's), the
-headers of its safetensors, its tokenizer. Each problem is one line naming the flag and the fix."""
+"""A model's files, read before any weights load: is a name a local path (else a hub id's cached snapshot), its
+config.json (or a preset's), the headers of its safetensors, its tokenizer. Each problem is one line naming the flag
+and the fix."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def first_line(err: Exception) -> str:
@@ -146,3 +150,31 @@ def load_config(
         ) from err
     except ValueError as err:
         raise ValueError(f"{flag}: {_why(err)}") from err
+
+
+# What from_pretrained reads of a hub model: configs, safetensors weights, tokenizer files (never pickle .bin)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def local_model(name: str, flag: str) -> str:
+    """A local directory for model `name`: the path itself, or for a hub id (org/name) its snapshot in the Hugging
+    Face cache, fetched (HUB_FILES only) when it is not there yet. The recipes train from hub ids and PEFT records
+    the id as the adapter's base, so evaluation, chat and merge resolve it once and then read local files only."""
+    if is_local_path(name):  # a bare name is a path: no hub lookup of a typo
+        return os.path.expanduser(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        logger.info("%s %s: not in the Hugging Face cache; downloading %s", flag, name, ", ".join(HUB_FILES))
+        return snapshot_download(name, allow_patterns=HUB_FILES)
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        why = "offline or unreachable" if isinstance(err, LocalEntryNotFoundError) else type(err).__name__
+        raise ValueError(
+            f"{flag} {name}: not in the local Hugging Face cache and not fetched from the hub ({why}); run "
+            f"`hf download {name}` where the hub is reachable, or pass a local model directory"
+        ) from err

@@ -509,6 +509,27 @@ def test_pad_falls_back_to_eos(tiny_dirs, monkeypatch):
     assert info.pad_token == "</s>" and len(tokenizer) == 320
 
 
+def test_a_relative_base_is_named_absolutely_and_the_tokenizer_takes_the_target(tmp_path, monkeypatch):
+    """A local base named relative to where the run starts is loaded by its absolute path, which PEFT then writes
+    into adapter_config.json (plain PEFT from another folder would look the relative one up on the hub); a
+    tokenizer capped at the base's context (model_max_length 128) is raised to the target, so the tokenizer saved
+    beside the adapter or merged model does not truncate the extended context."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    base = save_tiny_model(tmp_path / "models" / "base", shape="gqa")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer, _ = load_base(config("models/base", load_in_4bit=False))
+    assert model.name_or_path == str(base) and tokenizer.model_max_length == TARGET
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert peft.peft_config["default"].base_model_name_or_path == str(base)
+    unlimited = AutoTokenizer.from_pretrained(save_tiny_model(tmp_path / "other", shape="gqa"))
+    assert lm.fit_tokenizer_context(unlimited, TARGET).model_max_length == 1 << 30  # "no limit" stays
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside transformers' tokenizer fallbacks
 def test_missing_tokenizer(tiny_dirs, tmp_path, no_weights):
     import shutil

@@ -168,36 +168,6 @@ def adapter_base(adapter) -> str:
     return base
 
 
-# What from_pretrained reads of a hub model: configs, safetensors weights, tokenizer files (never pickle .bin)
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-
-
-def local_model(name: str, flag: str) -> str:
-    """A local directory for model `name`: the path itself, or for a hub id (org/name) its snapshot in the Hugging
-    Face cache, fetched (HUB_FILES only) when it is not there yet. The recipes train from hub ids and PEFT records
-    the id as the adapter's base, so evaluation, chat and merge resolve it once and then read local files only."""
-    from longqlora.model_files import is_local_path
-
-    if is_local_path(name):  # a bare name is a path: no hub lookup of a typo
-        return os.path.expanduser(name)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(name, local_files_only=True, allow_patterns=HUB_FILES)
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        logger.info("%s %s: not in the Hugging Face cache; downloading %s", flag, name, ", ".join(HUB_FILES))
-        return snapshot_download(name, allow_patterns=HUB_FILES)
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        why = "offline or unreachable" if isinstance(err, LocalEntryNotFoundError) else type(err).__name__
-        raise ValueError(
-            f"{flag} {name}: not in the local Hugging Face cache and not fetched from the hub ({why}); run "
-            f"`hf download {name}` where the hub is reachable, or pass a local model directory"
-        ) from err
-
-
 def model_dir(model: str | None, adapter: str | None = None) -> str:
     """The local directory `--model` names (default: the adapter's recorded base; a hub id resolves to its cached
     snapshot), checked before anything loads: one line naming the flag when it is missing or holds no
@@ -206,6 +176,8 @@ def model_dir(model: str | None, adapter: str | None = None) -> str:
     flag = "--model" if model else f"--adapter {adapter}: its recorded base"
     if not path:
         raise ValueError("--model: pass a model directory (or an --adapter whose base is recorded)")
+    from longqlora.model_files import local_model
+
     expanded = local_model(path, flag)
     if not os.path.isdir(expanded):
         what = "is a file, not a directory" if os.path.exists(expanded) else "no such directory"
@@ -355,7 +327,7 @@ def load_for_inference(
     counts from `original_context` (ModelConfig's --original_context), by default the adapter's recorded one.
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
-    from longqlora.model import ModelConfig, load_base
+    from longqlora.model import ModelConfig, fit_tokenizer_context, load_base
 
     extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)
@@ -399,7 +371,9 @@ def load_for_inference(
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
-        tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
+        tokenizer = fit_tokenizer_context(
+            adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer, info.target_context
+        )
     logger.info(
         "loaded %s%s for inference: context %d (%s), %s",
         model_path,
