@@ -12,6 +12,7 @@ the flag to change.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -154,6 +155,16 @@ def clear_short_window(hf_config, target: int) -> None:
     logger.warning(
         "sliding_window %d is shorter than the target context %d: cleared (whole-context attention)", window, target
     )
+
+
+# What `check_model` may set on the base's config: RoPE scaling, the context, a cleared sliding window.
+EXTENDED_KEYS = ("rope_parameters", "max_position_embeddings", "sliding_window", "use_sliding_window", "layer_types")
+
+
+def extended_config(hf_config) -> dict:
+    """Those attributes of the config a run trained with, as keyword arguments for `from_pretrained`: plain
+    transformers and PEFT load the base as the adapter was trained (the extension record keeps them)."""
+    return {key: copy.deepcopy(getattr(hf_config, key)) for key in EXTENDED_KEYS if hasattr(hf_config, key)}
 
 
 def base_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False):

@@ -39,6 +39,8 @@ class ExtensionRecord:
     data: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     model_path: str | None = None  # the base's absolute path, where the run named a local directory
+    # the base's config attributes as trained (RoPE scaling, context): from_pretrained(base, **config) applies them
+    config: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

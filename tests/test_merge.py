@@ -2,6 +2,7 @@
 refused in one line before any weights load."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,31 @@ def test_loads_in_a_process_without_the_toolkit(adapter, merged, tmp_path):
     assert done.stdout.split() == ["sdpa", "LlamaForCausalLM"]
     assert "Unrecognized keys" not in done.stderr  # the saved rope_parameters validate cleanly
     assert relative(torch.load(tmp_path / "logits.pt", weights_only=True), reference) <= 1e-4
+
+
+def test_the_readme_loads_the_adapter_in_plain_peft(adapter, tmp_path):
+    """The README's snippet, in a process without the toolkit: the base with the record's `config` and the adapter
+    through plain PEFT give the logits of the toolkit's own loading; PEFT alone (the base's RoPE) does not."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(import json\n.*?PeftModel.from_pretrained.*?)```", readme, re.S).group(1)
+    assert 'run = "out/llama2-7b-8k"\n' in snippet
+    ids, reference = adapter_logits(adapter)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys; sys.modules['longqlora'] = None  # any import of the toolkit would fail\n"
+        + snippet.replace('run = "out/llama2-7b-8k"', f"run = {str(adapter)!r}")
+        + "import torch\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad(): torch.save(model.eval()(ids).logits, 'extended.pt')\n"
+        "plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(record['model_path']), run)\n"
+        "with torch.no_grad(): torch.save(plain.eval()(ids).logits, 'plain.pt')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert relative(torch.load(tmp_path / "extended.pt", weights_only=True), reference) <= 1e-5
+    assert relative(torch.load(tmp_path / "plain.pt", weights_only=True), reference) > 1e-3
 
 
 def test_merged_embedding_and_norms_are_the_trained_copies(adapter, merged):

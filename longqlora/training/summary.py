@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from longqlora.attention.schedule import step_settings
 from longqlora.data import pose
-from longqlora.model import ModelConfig, ModelInfo
+from longqlora.model import ModelConfig, ModelInfo, extended_config
 from longqlora.record import ExtensionRecord
 from longqlora.training.optimizer import optimizer_name
 
@@ -155,4 +155,5 @@ def extension_record(
         data={"dataset": run.data.dataset, **data_stats},
         train=train_stats,
         model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
+        config=extended_config(run.hf_config),
     )
