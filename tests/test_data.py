@@ -436,6 +436,7 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
             "conversations_in": len(expected),
             "skipped_invalid": 0,
             "skipped_empty_reply": 0,
+            "skipped_not_rendered": 0,
             "conversations_out": len(expected),
         }
 

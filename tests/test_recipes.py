@@ -104,6 +104,21 @@ def test_dry_run_over_an_earlier_run_still_shows_the_plan(tmp_path, capsys, capl
     assert ended.value.code == 2 and "holds an earlier run's checkpoints" in capsys.readouterr().err
 
 
+def test_dry_run_says_when_the_data_cannot_be_read(tmp_path, capsys, caplog):
+    """--dry_run shows the plan and warns that the run would stop at a missing --dataset or at an --eval_dataset
+    that is the training data (the data may live on the machine that trains)."""
+    held_out = tmp_path / "held.txt"
+    held_out.write_text("held-out text")
+    for flags, said in (
+        (["--dataset", str(tmp_path / "missing.txt")], f"--dataset {tmp_path / 'missing.txt'}: no such file"),
+        (["--dataset", str(held_out), "--eval_dataset", str(held_out)], "the training data itself (split train)"),
+    ):
+        assert run("extend_7b_8k", "--dry_run", "--output_dir", str(tmp_path / "o"), *flags) is None
+        assert "4096 -> 8192 tokens" in capsys.readouterr().out
+        assert any(said in r.getMessage() and "run itself would stop" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+
+
 def test_dry_run_says_which_pre_trained_context_it_took(capsys):
     """Mistral-7B-v0.1's config says 32768 tokens, it was trained at 8192: at 32k nothing is stretched unless
     --original_context says so, and the dry run says which context it took."""

@@ -101,6 +101,9 @@ def bad(tmp_path_factory) -> Path:
     jsonl(d / "msg-role.jsonl", [GOOD, {"messages": [{"role": 1, "content": "hi"}]}])
     jsonl(d / "conv-string.jsonl", [{"conversations": "hi"}])
     jsonl(d / "conv-strings.jsonl", [{"conversations": ["hi", "hello"]}])
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello", "weight": 0}]
+    jsonl(d / "untrained.jsonl", [{"conversations": turns}])
+    (d / "wrapped.json").write_text(json.dumps({"data": [GOOD]}, indent=2))
     jsonl(
         d / "empty-replies.jsonl",
         [
@@ -546,6 +549,20 @@ CASES = [
             ("with a non-text role", "msg-role.jsonl"),
             ("a string", "conv-string.jsonl"),
             ("a list of strings", "conv-strings.jsonl"),
+            ("with a reply marked untrained (weight 0)", "untrained.jsonl"),
+        )
+        for entry in ("prepare_instructions", "sft recipe")
+    ],
+    *[
+        Case(
+            "one JSON object pretty-printed over several lines",
+            entry,
+            lambda b, o, e=entry: (
+                chats_args(b, o, b / "wrapped.json")
+                if e == "prepare_instructions"
+                else recipe_args(b, o, "--dataset", b / "wrapped.json")
+            ),
+            lambda b, o: f"{b / 'wrapped.json'}: one JSON object over several lines (keys: data)",
         )
         for entry in ("prepare_instructions", "sft recipe")
     ],

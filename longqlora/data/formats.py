@@ -18,6 +18,7 @@ tokenizer without a BOS token renders none.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -176,6 +177,9 @@ TURN_FIELDS = {
     "longqlora_conversation": ("human", "assistant"),
 }
 EMPTY_REPLY = "an empty assistant reply"
+LOSS_SWITCHES = ("weight", "train", "training")  # per-turn "leave this reply untrained" keys (axolotl's)
+UNRENDERED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
+NOT_RENDERED = "which the chat template is not given"
 
 
 def detect_format(record: dict) -> str:
@@ -205,6 +209,12 @@ def record_problem(record: dict) -> str:
             role = keys[0]
             if fmt != "longqlora_conversation" and not isinstance(turn.get(role), str):
                 return f"'{name}' item {k}: '{role}' is {_kind(turn.get(role))}, not text"
+            off = next((key for key in LOSS_SWITCHES if key in turn and turn[key] is not None and not turn[key]), "")
+            if off:  # a reply the data asks to leave untrained would be trained: refused, never silently
+                return (
+                    f"'{name}' item {k}: '{off}' {json.dumps(turn[off])} leaves a reply out of the loss, which is not "
+                    "supported (every reply trains); remove the key, or end the conversation before that reply"
+                )
         return ""
     if fmt == "prompt_completion" and any(isinstance(record[k], list) for k in FORMATS[fmt]):
         for key in FORMATS[fmt]:
@@ -224,7 +234,15 @@ def record_problem(record: dict) -> str:
 
 
 def _text(value) -> str | None:
-    return value if isinstance(value, str) else None  # anything else is reported by conversation_problem
+    """A string, or OpenAI-style content parts that are all text (joined); anything else None, which
+    conversation_problem reports."""
+    if isinstance(value, list) and value and all(_text_part(part) for part in value):
+        return "".join(part["text"] for part in value)
+    return value if isinstance(value, str) else None
+
+
+def _text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def _messages(items: list) -> list[dict]:
@@ -250,8 +268,8 @@ def _turns(record: dict, fmt: str) -> list[dict]:
         return _messages(record["prompt"]) + _messages(record["completion"])
     user_key, reply_key = FORMATS[fmt]  # one user turn (LongAlpaca's own `input` appended), one reply
     user = _text(record[user_key])
-    if fmt == "longalpaca" and record.get("input"):
-        user = f"{user}\n\n{record['input']}"
+    if fmt == "longalpaca" and record.get("input") and isinstance(user, str):
+        user = f"{user}\n\n{record['input']}" if user else record["input"]
     return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record[reply_key])}]
 
 
@@ -263,6 +281,17 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
     if system and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system}] + messages
     return messages
+
+
+def unrendered(record: dict, fmt: str) -> str:
+    """What a record holds that the chat template is not given (the messages' role and content are): tool calls,
+    reasoning, the tools offered. Training on the rest would teach the replies without them ('' when none)."""
+    name = FORMATS[fmt][0] if fmt in ("messages", "sharegpt") else None
+    for k, turn in enumerate(record[name] if name else (), start=1):
+        held = [key for key in UNRENDERED if isinstance(turn, dict) and turn.get(key) not in (None, "", [], {})]
+        if held:
+            return f"message {k} has {held[0]}, {NOT_RENDERED} (only role and content)"
+    return f"the record offers tools, {NOT_RENDERED}" if record.get("tools") not in (None, "", [], {}) else ""
 
 
 def conversation_problem(messages: list[dict]) -> str:

@@ -16,10 +16,12 @@ import numpy as np
 from longqlora.data.formats import (
     EMPTY_REPLY,
     FORMATS,
+    NOT_RENDERED,
     conversation_problem,
     detect_format,
     record_problem,
     to_messages,
+    unrendered,
 )
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 from longqlora.data.text import length_stats
@@ -88,7 +90,7 @@ def _convert_row(row: dict, system_prompt: str | None) -> dict:
         "messages": messages,
         "_format": fmt,
         "_shape": shape,
-        "_problem": conversation_problem(messages) if fmt and not shape else "",
+        "_problem": (unrendered(row, fmt) or conversation_problem(messages)) if fmt and not shape else "",
     }
 
 
@@ -143,18 +145,20 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
     problems = column(ds, "_problem").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(problems != "")
     empty = int(np.char.endswith(problems.astype(str), EMPTY_REPLY).sum())
+    hidden = int((np.char.find(problems.astype(str), NOT_RENDERED) >= 0).sum())
     first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}" if len(bad) else ""
     if len(bad):
         if cfg.invalid_conversations == "error":
             raise ValueError(f"--dataset {first}; fix it or pass --invalid_conversations skip")
         logger.warning(
-            "skipped %d of %d conversations: %d with %s, %d not user/assistant turns ending with the "
-            "assistant (first: %s)",
+            "skipped %d of %d conversations: %d with %s, %d with tool calls, reasoning or tools the chat template "
+            "is not given, %d not user/assistant turns ending with the assistant (first: %s)",
             len(bad),
             len(ds),
             empty,
             EMPTY_REPLY,
-            len(bad) - empty,
+            hidden,
+            len(bad) - empty - hidden,
             first,
         )
         ds = ds.filter(lambda p: [not x for x in p], input_columns="_problem", batched=True, num_proc=cfg.num_proc)
@@ -169,6 +173,7 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
             conversations_in=len(raw),
             skipped_invalid=len(bad),
             skipped_empty_reply=empty,
+            skipped_not_rendered=hidden,
             conversations_out=len(ds),
         )
     logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)

@@ -153,9 +153,25 @@ def check_json_file(flag: str, path: str, record_problem=None) -> int:
             for i, record in enumerate(records):
                 check(record, f"record {i + 1}")
             return len(records)
+        if count == 0 and line.lstrip().startswith("{") and not _parses(line):  # one object over several lines?
+            whole = line + "".join(text for _, text in lines)
+            if _parses(whole) and isinstance(json.loads(whole), dict):
+                keys = ", ".join(json.loads(whole))[:80]
+                raise ValueError(
+                    f"{flag}: one JSON object over several lines (keys: {keys}), not records; pass a JSON array of "
+                    "records or one record per line (JSONL)"
+                )
         check(parse(line, lineno), f"line {lineno}")
         count += 1
     return count
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 EVAL_SPLITS = ("test", "validation", "eval")  # what a held-out split is called, in the order one is taken
@@ -228,7 +244,22 @@ def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None)
     try:
         return datasets.load_dataset(builder, data_files=src.path, split="train", num_proc=num_proc)
     except Exception as e:
+        if builder == "json" and _root_cause(e).startswith(("CastError", "ArrowInvalid", "DatasetGenerationCast")):
+            logger.info("%s: a field first seen after the first block; reading the whole file at once", src.name)
+            try:
+                return _json_table(src.path)
+            except Exception as again:  # types that no one column holds (a text in one record, a list in another)
+                e = again
         raise ValueError(f"--dataset {src.name}: datasets could not load it ({_root_cause(e)})") from None
+
+
+def _json_table(path: str) -> datasets.Dataset:
+    """Every record of a checked JSON/JSONL file in one table, each column typed from all its values. datasets'
+    json loader types the columns from the first block (about 10 MB) and fails on a key first seen later."""
+    with _open_text(path) as f:
+        rows = json.load(f) if _is_json_array(path) else [json.loads(line) for line in f if line.strip()]
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in keys})
 
 
 def where(src: Source, index: int) -> str:

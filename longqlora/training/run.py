@@ -203,12 +203,6 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
         from longqlora.training.tiny import tiny_overrides
 
         model_cfg, data_cfg, training = tiny_overrides(model_cfg, data_cfg, training)
-    try:
-        check_sources(data_cfg)
-    except ValueError as err:
-        if not run_cfg.dry_run:
-            raise
-        logger.warning("the run itself would stop here: %s", err)  # the data may live on the machine that trains
     if model_cfg.pose_window and isinstance(data_cfg, instructions.InstructionDataConfig):
         raise ValueError(
             f"--pose_window {model_cfg.pose_window}: PoSE trains on rows cut from long text, but "
@@ -239,6 +233,12 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     asked = training.optim
     training = finalize_training(model_cfg, data_cfg, training, info)
+    try:
+        check_sources(data_cfg)
+    except ValueError as err:
+        if not run_cfg.dry_run:
+            raise
+        logger.warning("the run itself would stop here: %s", err)  # the data may live on the machine that trains
     # The plan is a GPU step's: a run without CUDA (a --dry_run on a laptop) plans the paged optimizer it replaced.
     optim = training.optim if hardware.launch().shards_weights else asked
     plan = plan_config.memory_plan(hf_config, model_cfg, training, info.compute_dtype, optim=optim)
