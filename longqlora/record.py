@@ -41,6 +41,7 @@ class ExtensionRecord:
     model_path: str | None = None  # the base's absolute path, where the run named a local directory
     # the base's config attributes as trained (RoPE scaling, context): from_pretrained(base, **config) applies them
     config: dict | None = None
+    settings: dict | None = None  # flag -> value of what decided each step (a resume must keep them)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

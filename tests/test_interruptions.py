@@ -193,6 +193,23 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, c
     assert identical(resume(out, monkeypatch, caplog)[0], tensors)
 
 
+def test_a_signal_during_an_evaluation_or_save_stops_at_that_checkpoint():
+    """Ctrl-C while a step's evaluation or checkpoint runs (after the step's end, where the guard looks first):
+    training stops once that checkpoint is saved, not after one more step; several processes agree on a signal at
+    a step's end only, so they go on to it."""
+    from transformers import TrainerControl, TrainerState
+
+    class Args:
+        world_size = 1
+
+    guard, state = checkpoints.CheckpointGuard(), TrainerState(global_step=2)
+    assert not guard.on_save(Args(), state, TrainerControl()).should_training_stop  # no signal: train on
+    guard.stop_signal = "SIGINT"
+    assert guard.on_save(Args(), state, TrainerControl()).should_training_stop
+    Args.world_size = 2
+    assert not guard.on_save(Args(), state, TrainerControl()).should_training_stop
+
+
 def test_a_second_run_on_the_same_output_dir_refuses(reference, tmp_path):
     out = tmp_path / "run"
     argv = [

@@ -172,7 +172,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatch, caplog):
+def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatch, caplog, capsys):
     steps = ["--max_steps", "4", "--save_steps", "2", "--seed", "3"]
     whole = run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "whole"), *steps)
     # The seeded tiny run is pinned: data, model, LoRA initialisation and training order are all fixed by --seed, so
@@ -202,6 +202,13 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
     run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "longer"), *short)
     said = [r.getMessage() for r in caplog.records if "is of a run set for 4 steps" in r.getMessage()]
     assert len(said) == 1 and "this one has --max_steps 3" in said[0]
+    # resumed with another S2 schedule, its first steps would have trained otherwise than the record says: refused
+    shutil.copytree(cut / "checkpoint-2", tmp_path / "other" / "checkpoint-2")
+    with pytest.raises(SystemExit) as ended:
+        run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "other"), *steps, "--s2_group_schedule", "none",
+            "--resume_from_checkpoint", "auto")  # fmt: skip
+    assert ended.value.code == 2 and not (tmp_path / "other" / "adapter_model.safetensors").exists()
+    assert "written by a run with --s2_group_schedule 0.25,0.75,2, this run has none" in capsys.readouterr().err
 
 
 def test_documents_shorter_than_the_pre_trained_context_are_warned_of(tmp_path, caplog):
@@ -245,6 +252,12 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     with torch.no_grad():
         apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in rows) / len(rows)
     assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
+    # a run killed as it saved its final adapter resumes at its last checkpoint, and still records the last score
+    shutil.copytree(out / "checkpoint-4", tmp_path / "ended" / "checkpoint-4")
+    ended = run("extend_7b_8k", "--tiny", "--pack", "concat", "--eval_dataset", str(held_out), "--output_dir",
+                str(tmp_path / "ended"), "--resume_from_checkpoint", "auto")  # fmt: skip
+    again = json.loads((ended / EXTENSION_FILE).read_text())["train"]
+    assert (again["eval_loss"], again["eval_step"]) == (record["train"]["eval_loss"], 4)
     # evaluating takes nothing from the training: the run without it ends at the same adapter, bit for bit
     plain = run("extend_7b_8k", "--tiny", "--pack", "concat", "--output_dir", str(tmp_path / "plain"))
     a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")

@@ -802,6 +802,14 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
         checkpoints.check_same_run(checkpoint, {**ours, "--lora_r": 4})
     with pytest.raises(ValueError, match="written by a run with --original_context 64, this run has 16"):
         checkpoints.check_same_run(checkpoint, {**ours, "--original_context": 16})
+    # what each step trained: the S2 schedule, the packing, the chat template, the data order's seed
+    settings = record["settings"]
+    assert settings["--s2_group_schedule"] == "0.25,0.75,2" and settings["--chat_template_path"] is None
+    checkpoints.check_same_run(checkpoint, {**ours, **settings})
+    for flag, value in (("--s2_group_schedule", "none"), ("--pack", "concat"), ("--chat_template_path", "t.jinja"),
+                        ("--seed", settings["--seed"] + 1)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"written by a run with {flag} {settings[flag]}, this run has {value};"):
+            checkpoints.check_same_run(checkpoint, {**ours, **settings, flag: value})
     (copy / "tiny-base" / "config.json").write_text(
         json.dumps({**json.loads((copy / "tiny-base" / "config.json").read_text()), "hidden_size": 1})
     )

@@ -151,22 +151,6 @@ def check_named_resume(output_dir, requested, *, with_optimizer: bool = True) ->
     return None
 
 
-def run_settings(model_cfg, info) -> dict:
-    """What a checkpoint to resume from must have been trained with (`check_same_run`), from the run's ModelConfig
-    and ModelInfo."""
-    return {
-        "--model_name_or_path": info.model,
-        "--target_context": info.target_context,
-        "--lora_r": model_cfg.lora_r,
-        "--lora_alpha": model_cfg.lora_alpha,  # the scale of what the checkpoint's LoRA weights add
-        "--lora_target": model_cfg.lora_target,
-        "--trainable_params": model_cfg.trainable_params,
-        "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
-        "--original_context": info.original_context,  # and the factor they were stretched by
-        "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
-    }
-
-
 def check_same_run(checkpoint: str | None, run: dict) -> None:
     """Refuse a checkpoint that another run wrote: the Trainer would load its weights, optimizer, scheduler (its
     learning rate) and step into this run without a word. `run` maps flags to this run's values, compared with the
@@ -178,7 +162,7 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
     if record is None:
         return
     lora = record.lora or {}
-    theirs = {
+    recorded = {
         "--model_name_or_path": record.model,
         "--target_context": record.target_context,
         "--lora_r": lora.get("r"),
@@ -189,9 +173,12 @@ def check_same_run(checkpoint: str | None, run: dict) -> None:
         "--original_context": record.original_context,
         "--load_in_4bit": record.load_in_4bit,
     }
+    theirs = {flag: value for flag, value in recorded.items() if value is not None} | (record.settings or {})
     for flag, ours in run.items():
-        other = theirs.get(flag)
-        same = other is None or other == ours
+        if flag not in theirs:  # a record of an older version
+            continue
+        other = theirs[flag]
+        same = other == ours
         if flag in ("--lora_target", "--trainable_params") and not same:  # comma lists: any order, any spaces
             same = _items(other) == _items(ours)
         if flag == "--model_name_or_path" and not same:
@@ -301,6 +288,14 @@ class CheckpointGuard(TrainerCallback):
             control.should_save = control.should_training_stop = True
         if control.should_save and state.is_world_process_zero:  # set by DefaultFlowCallback, which runs first
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE).unlink(missing_ok=True)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # a signal during this step's evaluation or save: the checkpoint just written is the one to stop at (one
+        # process; several agree on a signal at a step's end only)
+        if self.stop_signal is not None and args.world_size == 1 and not control.should_training_stop:
+            logger.warning("%s: checkpoint-%d saved; stopping", self.stop_signal, state.global_step)
+            control.should_training_stop = True
         return control
 
 

@@ -35,7 +35,7 @@ from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default
-from longqlora.training.summary import describe, extension_record
+from longqlora.training.summary import describe, extension_record, resume_settings
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             f"--offload_layers {training.offload_layers}: {model_cfg.model_name_or_path} has {layers} decoder "
             f"layers; pass at most {layers}, or leave it unset (all)"
         )
-    checkpoints.check_same_run(named, checkpoints.run_settings(model_cfg, info))
+    checkpoints.check_same_run(named, resume_settings(model_cfg, data_cfg, training, info))
     distributed.check_precision(hardware.launch(), info.compute_dtype, model_cfg.load_in_4bit)
     asked = training.optim
     training = finalize_training(model_cfg, data_cfg, training, info)
@@ -321,7 +321,7 @@ def train(run: ResolvedRun) -> Path:
     ) as resume:
         resume = distributed.from_main(resume)  # the main process looked (and moved incomplete ones aside)
         if str(training.resume_from_checkpoint).lower() in checkpoints.AUTO:  # a named one was checked in resolve
-            checkpoints.check_same_run(resume, checkpoints.run_settings(model_cfg, run.info))
+            checkpoints.check_same_run(resume, resume_settings(model_cfg, data_cfg, training, run.info))
         set_seed(training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: --seed fixes them too
         cp_group = None
         if model_cfg.context_parallel > 1:
@@ -363,7 +363,10 @@ def train(run: ResolvedRun) -> Path:
         memory.apply_memory_switches(trainer, training, info.dtype)
         trained = checkpoints.run_training(trainer, resume, guard)
         since = trained.get("resumed_at_step") or 0  # a resumed run's history holds the evaluations before it too
-        evaluated = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] > since]
+        at_end = eval_set is not None and trainer.state.global_step == since > 0  # resumed at its last step
+        if at_end:  # scored here: the checkpoint's evaluation came before the resume (maybe of another set)
+            trainer.evaluate()
+        evaluated = [h for h in trainer.state.log_history if "eval_loss" in h and (h["step"] > since or at_end)]
         if eval_set is not None and evaluated:  # the last evaluation (at the last step when they coincide)
             trained.update(eval_loss=evaluated[-1]["eval_loss"], eval_step=evaluated[-1]["step"])
         if torch.cuda.is_available():

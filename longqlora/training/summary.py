@@ -36,6 +36,48 @@ def s2_options(model_cfg: ModelConfig, max_steps: int | None = None, steps_done:
     }
 
 
+# ModelConfig fields that decide what each step trains (its attention, its rows), beyond the weights' shapes
+TRAJECTORY = (
+    "group_ratio",
+    "s2_attention",
+    "s2_shift",
+    "s2_sink_tokens",
+    "s2_full_heads",
+    "s2_full_every",
+    "s2_group_schedule",
+    "pose_window",
+    "pose_chunks",
+    "lora_dropout",
+)
+
+
+def resume_settings(model_cfg: ModelConfig, data_cfg, training, info: ModelInfo) -> dict:
+    """Flag -> value for what a checkpoint to resume from must have been trained with (checkpoints.check_same_run):
+    the weights' shapes and what they were fitted to, and what each step trained."""
+    return {
+        "--model_name_or_path": info.model,
+        "--target_context": info.target_context,
+        "--lora_r": model_cfg.lora_r,
+        "--lora_alpha": model_cfg.lora_alpha,  # the scale of what the checkpoint's LoRA weights add
+        "--lora_target": model_cfg.lora_target,
+        "--trainable_params": model_cfg.trainable_params,
+        "--rope_scaling": info.rope_type,  # the positions the checkpoint's weights were trained at
+        "--original_context": info.original_context,  # and the factor they were stretched by
+        "--load_in_4bit": info.load_in_4bit,  # the base (and quantization error) its LoRA weights were fitted to
+        **trajectory_settings(model_cfg, data_cfg, training),
+    }
+
+
+def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
+    """Flag -> value for the settings that decide what each step trains and in which order: a run resumed with
+    another would match neither run and be recorded as the second (the record keeps them for that check)."""
+    flags = {f"--{name}": getattr(model_cfg, name) for name in TRAJECTORY}
+    flags["--pack"] = getattr(data_cfg, "pack", None)
+    for name in ("chat_template_path", "seed", "data_seed"):
+        flags[f"--{name}"] = getattr(training, name)
+    return flags
+
+
 def _attention_text(model_cfg: ModelConfig) -> str:
     """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
     o = s2_options(model_cfg)
@@ -156,4 +198,5 @@ def extension_record(
         train=train_stats,
         model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
         config=extended_config(run.hf_config),
+        settings=trajectory_settings(cfg, run.data, run.training),
     )
