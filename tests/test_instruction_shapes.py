@@ -71,9 +71,15 @@ def test_a_reply_marked_untrained_is_refused_in_one_line(tmp_path, switch):
         f"--dataset {path} line 2: 'conversations' item 2: '{key}' {json.dumps(value)} leaves a reply out of the "
         "loss, which is not supported (every reply trains); remove the key, or end the conversation before that reply"
     )
-    trained = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "this one", "weight": 1}]
+    # axolotl's data marks every system and user turn weight 0: they never train, so that changes nothing
+    trained = [{"from": "system", "value": "Be brief.", "weight": 0}, {"from": "human", "value": "hi", "weight": 0}]
+    trained += [{"from": "gpt", "value": "this one", "weight": 1}]
     ds, _ = load(jsonl(tmp_path / "ones.jsonl", [{"conversations": trained}]))
-    assert ds[0]["messages"][1] == {"role": "assistant", "content": "this one"}
+    assert ds[0]["messages"][2] == {"role": "assistant", "content": "this one"}
+    messages = [{**USER, "weight": 0}, {**REPLY, "weight": 0}]
+    assert "line 1: 'messages' item 2: 'weight' 0 leaves a reply out" in error_of(
+        jsonl(tmp_path / "m.jsonl", [{"messages": messages}])
+    )
 
 
 def test_longalpaca_without_an_instruction_is_its_input_alone(tmp_path):

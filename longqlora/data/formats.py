@@ -209,7 +209,7 @@ def record_problem(record: dict) -> str:
             role = keys[0]
             if fmt != "longqlora_conversation" and not isinstance(turn.get(role), str):
                 return f"'{name}' item {k}: '{role}' is {_kind(turn.get(role))}, not text"
-            off = next((key for key in LOSS_SWITCHES if key in turn and turn[key] is not None and not turn[key]), "")
+            off = _untrained(turn, fmt)
             if off:  # a reply the data asks to leave untrained would be trained: refused, never silently
                 return (
                     f"'{name}' item {k}: '{off}' {json.dumps(turn[off])} leaves a reply out of the loss, which is not "
@@ -231,6 +231,17 @@ def record_problem(record: dict) -> str:
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"'{key}' is {_kind(record[key])}, not text"
     return ""
+
+
+def _untrained(turn: dict, fmt: str) -> str:
+    """The key of a per-turn loss switch that leaves this assistant turn untrained, or ''. Other turns never train,
+    so their switches (axolotl's data sets weight 0 on every system and user turn) change nothing."""
+    role = (
+        turn.get("role") if fmt == "messages" else SHAREGPT_ROLES.get(turn.get("from")) if fmt == "sharegpt" else None
+    )
+    if role != "assistant":
+        return ""
+    return next((key for key in LOSS_SWITCHES if turn.get(key) is not None and not turn[key]), "")
 
 
 def _text(value) -> str | None:
