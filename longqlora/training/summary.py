@@ -72,6 +72,8 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     """Flag -> value for the settings that decide what each step trains and in which order: a run resumed with
     another would match neither run and be recorded as the second (the record keeps them for that check)."""
     flags = {f"--{name}": getattr(model_cfg, name) for name in TRAJECTORY}
+    schedule = model_cfg.group_schedule  # as parsed: " 0.25, 0.75,2" is "0.25,0.75,2", "1" is "none"
+    flags["--s2_group_schedule"] = "none" if schedule == [1.0] else ",".join(f"{m:g}" for m in schedule)
     flags["--pack"] = getattr(data_cfg, "pack", None)
     for name in ("chat_template_path", "seed", "data_seed"):
         flags[f"--{name}"] = getattr(training, name)
