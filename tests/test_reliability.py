@@ -806,16 +806,14 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     settings = record["settings"]
     assert settings["--s2_group_schedule"] == "0.25,0.75,2" and settings["--chat_template_path"] is None
     checkpoints.check_same_run(checkpoint, {**ours, **settings})
+    from types import SimpleNamespace
+
     from longqlora.model_config import ModelConfig
     from longqlora.training.summary import trajectory_settings
 
     spaced = ModelConfig(model_name_or_path="m", target_context=256, s2_group_schedule=" 0.25, 0.75,2 ")
-    assert (
-        trajectory_settings(spaced, None, type("T", (), {"chat_template_path": None, "seed": 0, "data_seed": None}))[
-            "--s2_group_schedule"
-        ]
-        == "0.25,0.75,2"
-    )  # written another way, the same schedule
+    training = SimpleNamespace(chat_template_path=None, seed=0, data_seed=None)
+    assert trajectory_settings(spaced, None, training)["--s2_group_schedule"] == "0.25,0.75,2"  # the same, spaced
     for flag, value in (("--s2_group_schedule", "none"), ("--pack", "concat"), ("--chat_template_path", "t.jinja"),
                         ("--seed", settings["--seed"] + 1)):  # fmt: skip
         with pytest.raises(ValueError, match=f"written by a run with {flag} {settings[flag]}, this run has {value};"):
