@@ -79,8 +79,9 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         parser = TrlParser(tuple(map(with_parent_help, (model_cls, data_cls, RunConfig, training_cls))))
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         run = resolve(model_cfg, data_cfg, run_cfg, training)
+        counts = dry_run_counts(run)  # adapters on a meta-device model: a --lora_target it lacks fails before loading
         if run_cfg.dry_run:
-            print(describe(run, **dry_run_counts(run)))
+            print(describe(run, **counts))
             return None
         return train(run)
 

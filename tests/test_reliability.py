@@ -457,6 +457,11 @@ CASES = [
         "--eval_dataset: not supported with --pose_window yet",
     ),
     flag_case("a kernel that replaces the model's forward", ("--use_liger_kernel", "true"), "--use_liger_kernel"),
+    flag_case(  # Phi-3 fuses q, k and v into qkv_proj: LoRA targets are checked on a meta-device model
+        "LoRA target layers the model does not have",
+        ("--lora_target", "q_proj,qkv_proj"),
+        "--lora_target q_proj,qkv_proj: this model has no Linear layer named qkv_proj",
+    ),
     Case(  # a required flag's typo: named itself, not as argparse's "required: --context"
         "unknown or abbreviated flag",
         "command",
