@@ -9,6 +9,7 @@ fine-tuned on. Output goes to the stream the caller passes, never straight to sy
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +38,10 @@ class ChatConfig(LoaderArgs):
         default=None, metadata={"help": "Answer this one message, print the reply and exit (for scripts)."}
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System message (default: the chat template's, Vicuna's for Vicuna)."}
+        default=None,
+        metadata={
+            "help": "System message (default: the one an adapter's conversations trained with, else the template's)."
+        },
     )
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per reply."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
@@ -96,6 +100,19 @@ def check_inputs(cfg: ChatConfig) -> None:
         check_prompt_fits(cfg, len(ids), limit, document)
     elif document_tokens(tokenizer, document) + cfg.max_new_tokens >= limit:  # every first turn would be refused
         raise ValueError(f"--context_file {cfg.context_file}: {no_room(cfg, tokenizer, document, limit)}")
+
+
+def with_trained_system_prompt(cfg: ChatConfig) -> ChatConfig:
+    """`cfg` with the system message the adapter's conversations trained with (its record's), unless
+    --system_prompt names one: a chat under another system message is not the conversation the model learned."""
+    from longqlora.evaluation.loading import read_extension
+
+    record = read_extension(cfg.adapter) if cfg.adapter and cfg.system_prompt is None else None
+    trained = (record.data or {}).get("system_prompt") if record else None
+    if trained is None:
+        return cfg
+    logger.info("system prompt: %r, as the adapter trained (--system_prompt to change it)", trained)
+    return dataclasses.replace(cfg, system_prompt=trained)
 
 
 def ensure_chat_template(tokenizer):
@@ -184,12 +201,16 @@ def prompt_ids(tokenizer, rendered: str) -> list[int]:
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS and every stop token of the model's generation_config (Llama-3-Instruct ends a turn with
-    <|eot_id|>, not its EOS): passing the tokenizer's alone would replace that list."""
+    """The tokenizer's EOS, every stop token of the model's generation_config (Llama-3-Instruct ends a turn with
+    <|eot_id|>, not its EOS: passing the tokenizer's alone would replace that list) and the token the chat
+    template ends a reply with (a base's generation_config does not know the template it was fine-tuned on)."""
+    from longqlora.data.formats import turn_end_id
+
     own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     own = [own] if isinstance(own, int) else list(own or [])
     first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return list(dict.fromkeys(first + own))
+    end = turn_end_id(tokenizer)
+    return list(dict.fromkeys(first + own + ([end] if end is not None else [])))
 
 
 def generation_kwargs(cfg: ChatConfig, tokenizer, model=None) -> dict:

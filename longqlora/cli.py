@@ -184,9 +184,10 @@ def _passkey(argv):
 def _chat(argv):
     from transformers import HfArgumentParser
 
-    from longqlora.chat import ChatConfig, chat_loop, load_chat_model, one_shot
+    from longqlora.chat import ChatConfig, chat_loop, load_chat_model, one_shot, with_trained_system_prompt
 
     (cfg,) = parse_flags(HfArgumentParser(ChatConfig, prog="python -m longqlora chat"), argv)
+    cfg = with_trained_system_prompt(cfg)
     model, tokenizer = load_chat_model(cfg)
     if cfg.prompt is not None:
         one_shot(cfg, model, tokenizer, sys.stdout)

@@ -212,6 +212,19 @@ def _check_saved_config(folder: Path, target: int) -> dict:
     return {"rope_parameters": saved.get("rope_parameters"), "max_position_embeddings": target}
 
 
+def stop_at_turn_end(model, tokenizer) -> None:
+    """Add the token the chat template ends a reply with to the generation_config's stop tokens, so that plain
+    transformers, vLLM or llama.cpp stop where the fine-tuned model does (a base's config lists its EOS only)."""
+    from longqlora.data.formats import turn_end_id
+
+    end, config = turn_end_id(tokenizer), getattr(model, "generation_config", None)
+    if end is None or config is None:
+        return
+    stops = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id or [])
+    if end not in stops:
+        config.eos_token_id = stops + [end] if stops else end
+
+
 def merge(cfg: MergeConfig) -> dict:
     """Merge `cfg.adapter` into its base and save a plain model to `cfg.output`; returns the report (also written
     there as merge_report.json). Raises ValueError when the merged logits miss the tolerance."""
@@ -237,6 +250,7 @@ def merge(cfg: MergeConfig) -> dict:
     merged, replaced, lora_layers = fold_adapter(model)
     merged_diff = float((reference - logits_of(merged, ids)).abs().max())
     plain_config(merged)
+    stop_at_turn_end(merged, tokenizer)
 
     with atomic_directory(out) as tmp:  # an existing output (--overwrite) is replaced only by a checked model
         merged.save_pretrained(tmp)  # transformers 5 writes safetensors only

@@ -335,3 +335,59 @@ def test_the_models_own_stop_tokens_end_a_reply(chat):
         assert free > 3 and stopped == out[0, len(ids) :].tolist().index(stop) + 1, (free, stopped)
     finally:
         model.generation_config.eos_token_id = kept
+
+
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+    "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PLAIN = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+
+
+def test_the_templates_end_of_turn_token_stops_chat_and_the_merged_model():
+    """A model fine-tuned on a template that ends each reply with its own token (Llama 3's <|eot_id|>, ChatML's
+    <|im_end|>), not the tokenizer's EOS, stops there: chat adds it to the stop tokens and merge to the saved
+    generation_config (a base's lists its EOS only); Vicuna's is the EOS itself; plain text after a reply is none."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from longqlora.data.formats import turn_end_id
+    from longqlora.merge import stop_at_turn_end
+    from longqlora.training.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["hello there, a reply"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|im_end|>"]})
+    eot, im_end = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|im_end|>"])
+    found = {}
+    for name, template in (("llama3", LLAMA3), ("chatml", CHATML), ("vicuna", VICUNA_V1_1_TEMPLATE), ("plain", PLAIN)):
+        tokenizer.chat_template = template
+        found[name] = turn_end_id(tokenizer)
+    assert found == {"llama3": eot, "chatml": im_end, "vicuna": tokenizer.eos_token_id, "plain": None}
+    tokenizer.chat_template = LLAMA3
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=tokenizer.eos_token_id))
+    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id, eot]
+    stop_at_turn_end(model, tokenizer)
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, eot]
+    stop_at_turn_end(model, tokenizer)  # once only
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, eot]
+
+
+def test_chat_takes_the_system_prompt_the_adapter_trained_with(sft_adapter):
+    """The SFT run's --system_prompt (the tiny run's "A chat.") is in the adapter's record, and chat renders it
+    unless --system_prompt names another: the first turn's prompt is what training rendered."""
+    import json
+
+    from longqlora.chat import with_trained_system_prompt
+
+    record = json.loads((sft_adapter / "longqlora_extension.json").read_text())
+    assert record["data"]["system_prompt"] == "A chat."
+    assert with_trained_system_prompt(ChatConfig(adapter=str(sft_adapter))).system_prompt == "A chat."
+    assert with_trained_system_prompt(
+        ChatConfig(adapter=str(sft_adapter), system_prompt="Be brief.")
+    ).system_prompt == ("Be brief.")
+    assert with_trained_system_prompt(ChatConfig(model=str(sft_adapter / "tiny-base"))).system_prompt is None

@@ -137,6 +137,32 @@ def training_chat_template(tokenizer, flag: str, template_path: str | None = Non
     return template_path or "the tokenizer's own"
 
 
+_PROBE_REPLY = "Zq7 probe reply"  # text no template writes by itself
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant reply (Vicuna's </s>, Llama 3's
+    <|eot_id|>, ChatML's <|im_end|>): a model trained on that template ends its replies with it, so generation has
+    to stop there, also where it is not the tokenizer's EOS. None without a template or a special token there."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that does not render is reported where it is rendered for use
+        return None
+    at = text.rfind(_PROBE_REPLY)
+    if at < 0:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token in tokenizer(text[at + len(_PROBE_REPLY) :], add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return token
+        if tokenizer.decode([token]).strip():  # plain text follows the reply: no end-of-turn token
+            return None
+    return None
+
+
 _GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
 
 

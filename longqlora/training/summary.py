@@ -80,6 +80,12 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     return flags
 
 
+def _system_prompt(data_cfg) -> dict:
+    """The system message conversations without one trained with (chat takes it by default), when one was set."""
+    prompt = getattr(data_cfg, "system_prompt", None)
+    return {"system_prompt": prompt} if prompt is not None else {}
+
+
 def _attention_text(model_cfg: ModelConfig) -> str:
     """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
     o = s2_options(model_cfg)
@@ -196,7 +202,7 @@ def extension_record(
             "total_params": info.total_params,
         },
         memory_plan=run.plan,
-        data={"dataset": run.data.dataset, **data_stats},
+        data={"dataset": run.data.dataset, **data_stats, **_system_prompt(run.data)},
         train=train_stats,
         model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
         config=extended_config(run.hf_config),
