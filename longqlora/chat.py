@@ -98,7 +98,7 @@ def check_inputs(cfg: ChatConfig) -> None:
     if cfg.prompt is not None:
         ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
         check_prompt_fits(cfg, len(ids), limit, document)
-    elif document_tokens(tokenizer, document) + cfg.max_new_tokens >= limit:  # every first turn would be refused
+    elif no_room(cfg, tokenizer, document, limit):  # every first turn would be refused
         raise ValueError(f"--context_file {cfg.context_file}: {no_room(cfg, tokenizer, document, limit)}")
 
 
@@ -165,11 +165,15 @@ def document_tokens(tokenizer, document: str) -> int:
 
 
 def no_room(cfg: ChatConfig, tokenizer, document: str, limit: int) -> str:
-    """What the banner warns and an interactive chat refuses: the document leaves no room for a reply."""
+    """Why the first turn cannot fit even with an empty question ('' when it can): the document in the template,
+    with the system message, plus a --max_new_tokens reply, over the context. The banner warns of it, and an
+    interactive chat refuses to start."""
+    first = len(prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], "", document))))
+    if first + cfg.max_new_tokens < limit:
+        return ""
     return (
-        f"the document takes {document_tokens(tokenizer, document)} tokens; with a {cfg.max_new_tokens}-token reply "
-        f"(--max_new_tokens) it does not fit the {limit}-token context; pass a shorter document or a smaller "
-        "--max_new_tokens"
+        f"the document's first turn takes {first} tokens; with a {cfg.max_new_tokens}-token reply (--max_new_tokens) "
+        f"it does not fit the {limit}-token context; pass a shorter document or a smaller --max_new_tokens"
     )
 
 
@@ -321,8 +325,8 @@ def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
     if document is not None:
         n = document_tokens(tokenizer, document)
         lines.append(f"document {cfg.context_file}: {n} tokens, put before your first question")
-        if n + cfg.max_new_tokens >= limit:
-            lines.append(f"warning: {no_room(cfg, tokenizer, document, limit)}")
+        if full := no_room(cfg, tokenizer, document, limit):
+            lines.append(f"warning: {full}")
     lines.append(HELP)
     return "\n".join(lines)
 

@@ -250,6 +250,16 @@ def test_bad_inputs_fail_in_one_line_before_loading(random_dir, tmp_path, monkey
         load_chat_model(_cfg(random_dir, context_file=str(tmp_path / "long.txt")))
     assert _one_line(err).startswith(f"--context_file {tmp_path / 'long.txt'}: ")
     assert "does not fit the 512-token context" in str(err.value)
+    # the template and system message count too: a document that fits alone may leave no room once rendered
+    from transformers import AutoTokenizer
+
+    from longqlora.chat import ensure_chat_template
+
+    tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(random_dir))
+    (tmp_path / "mid.txt").write_text("word " * 100)
+    alone = len(tokenizer("word " * 99 + "word", add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="the document's first turn takes"):
+        load_chat_model(_cfg(random_dir, context_file=str(tmp_path / "mid.txt"), max_new_tokens=512 - alone - 1))
     (tmp_path / "short.txt").write_text("word " * 20)
     with pytest.raises(AssertionError, match="weights loaded"):  # a document that fits passes the checks
         load_chat_model(_cfg(random_dir, context_file=str(tmp_path / "short.txt")))
