@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longqlora.cli import run_data_script
-from longqlora.data.text import TextDataConfig, check_packable, load_documents, tokenize_documents, tokenizer_record
+from longqlora.data.prepared import tokenizer_record
+from longqlora.data.text import TextDataConfig, check_packable, load_documents, tokenize_documents
 from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
 
@@ -45,7 +46,7 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     if args.max_length is not None:
         check_packable(stats, args.max_length, cfg.dataset)
         stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
-    # the tokenizer's identity, which training compares with the model's (text.check_tokenizer)
+    # the tokenizer's identity, which training compares with the model's (prepared.check_tokenizer)
     stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, **tokenizer_record(tokenizer), **stats}
     save_dataset_atomic(tokenized, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
     return stats

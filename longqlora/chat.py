@@ -160,10 +160,6 @@ def check_prompt_fits(cfg: ChatConfig, prompt_tokens: int, limit: int, document:
         raise ValueError(f"--prompt: {too_long}; shorten it or lower --max_new_tokens")
 
 
-def document_tokens(tokenizer, document: str) -> int:
-    return len(tokenizer(document, add_special_tokens=False)["input_ids"])
-
-
 def no_room(cfg: ChatConfig, tokenizer, document: str, limit: int) -> str:
     """Why the first turn cannot fit even with an empty question ('' when it can): the document in the template,
     with the system message, plus a --max_new_tokens reply, over the context. The banner warns of it, and an
@@ -323,7 +319,7 @@ def banner(cfg: ChatConfig, model, tokenizer, document: str | None) -> str:
     name = (cfg.model or adapter_base(cfg.adapter)) + (f" + {cfg.adapter}" if cfg.adapter else "")
     lines = [f"longqlora chat: {name} | context {limit} tokens"]
     if document is not None:
-        n = document_tokens(tokenizer, document)
+        n = len(tokenizer(document, add_special_tokens=False)["input_ids"])
         lines.append(f"document {cfg.context_file}: {n} tokens, put before your first question")
         if full := no_room(cfg, tokenizer, document, limit):
             lines.append(f"warning: {full}")

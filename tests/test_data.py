@@ -1006,6 +1006,12 @@ def test_prepared_rows_of_another_tokenizer_are_refused_in_one_line(tok, tmp_pat
     message = error_of(D.prepare_training_text, loaded, other, cfg, 40)
     assert message.startswith(f"--dataset {out}: tokenized by {tmp_path / 'tok_prepared'} (320 tokens, vocabulary ")
     assert message.endswith(f"re-run data_prep/prepare_text.py with --tokenizer {other.name_or_path}")
+    # the same vocabulary with another EOS (Llama-3 base and Instruct): every row would end in the other token
+    other_end = copy.deepcopy(tok)
+    other_end.eos_token = "<unk>"
+    message = error_of(D.prepare_training_text, loaded, other_end, cfg, 40)
+    assert ", BOS/EOS ids 1/2), not by the model's tokenizer (320 tokens, vocabulary " in message
+    assert "BOS/EOS ids 1/0); re-run" in message
     high = max(max(ids) for ids in loaded["input_ids"])
     assert error_of(D.load_training_text, cfg, vocab_size=high) == (  # before any weights load
         f"--dataset {out}: holds token id {high}, beyond the model's {high} embeddings: tokenized with another "

@@ -15,31 +15,28 @@ tokenization then). Conversations live in instructions.py, file reading in sourc
 
 A `save_to_disk` folder written by data_prep/prepare_text.py (an `input_ids` column, no text) trains as it is:
 `load_training_text` and `prepare_training_text` take its token rows where they take documents, and TRL skips its
-own tokenization for an `input_ids` column. Its stats.json records the tokenizer (`tokenizer_record`), and a model
-whose tokenizer differs is refused.
+own tokenization for an `input_ids` column. Its stats.json records the tokenizer (`prepared.tokenizer_record`), and
+a model whose tokenizer differs is refused.
 
 Every error is one line naming the flag and the fix.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from longqlora.data.prepared import PREPARE, check_tokenizer, max_id
 from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
 
 logger = logging.getLogger(__name__)
 
 PACKING = {"documents": "bfd_split", "concat": "wrapped"}
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-PREPARE = "re-run data_prep/prepare_text.py"
 
 
 @dataclass
@@ -155,14 +152,6 @@ def _lengths(ds: datasets.Dataset) -> np.ndarray:
     return pc.list_value_length(column(ds, "input_ids")).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _max_id(ds: datasets.Dataset, flag: str) -> int:
-    """The largest token id in `ds`; a negative one is refused. Arrow, not Python: billions of ids."""
-    low, high = pc.min_max(pc.list_flatten(column(ds, "input_ids"))).values()
-    if low.as_py() is not None and low.as_py() < 0:
-        raise ValueError(f"{flag}: holds the negative token id {low.as_py()}, not a token; {PREPARE}")
-    return -1 if high.as_py() is None else high.as_py()
-
-
 def _token_rows(ds: datasets.Dataset, cfg: TextDataConfig, vocab_size: int | None) -> datasets.Dataset:
     """prepare_text.py's rows, kept as they are (each document and its EOS): lists of integer ids, empty rows
     dropped and --max_documents applied as for documents, no id beyond the model's `vocab_size`."""
@@ -181,60 +170,13 @@ def _token_rows(ds: datasets.Dataset, cfg: TextDataConfig, vocab_size: int | Non
         logger.warning("dropped %d empty rows of %d in %s", int((lengths == 0).sum()), len(lengths), cfg.dataset)
         ds = ds.select(np.flatnonzero(lengths))
     ds = _keep_first(ds, cfg, "tokenized documents")
-    high = _max_id(ds, flag)
+    high = max_id(ds, flag)
     if vocab_size is not None and high >= vocab_size:
         raise ValueError(
             f"{flag}: holds token id {high}, beyond the model's {vocab_size} embeddings: tokenized with another "
             f"tokenizer; {PREPARE} with the model's --tokenizer"
         )
     return ds
-
-
-def tokenizer_record(tokenizer) -> dict:
-    """What identifies a tokenizer, for a prepared dataset's stats.json: its name, its size and a digest of its
-    vocabulary (the size alone cannot tell Llama-2's 32000 tokens from Mistral's)."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {
-        "tokenizer_name_or_path": tokenizer.name_or_path,
-        "tokenizer_vocab_size": len(tokenizer),
-        "tokenizer_vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16],
-    }
-
-
-def check_tokenizer(cfg: TextDataConfig, tokenizer, ds: datasets.Dataset) -> dict:
-    """Refuse prepared token rows that `tokenizer` (the model's) did not make: the record in their stats.json
-    (`tokenizer_record`) must match. Without a record (a folder written otherwise, or by an older prepare_text),
-    every id must at least lie below the tokenizer's size. Returns the folder's stats.json, or {}."""
-    flag = f"--dataset {cfg.dataset}"
-    ours = tokenizer_record(tokenizer)
-    fix = f"{PREPARE} with --tokenizer {ours['tokenizer_name_or_path']}"
-    path = Path(resolve(cfg.dataset).path) / "stats.json"
-    try:
-        prepared = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{flag}: cannot read its stats.json ({err}); {PREPARE}") from None
-    if not isinstance(prepared, dict):
-        raise ValueError(f"{flag}: its stats.json holds a {type(prepared).__name__}, not prepare_text's; {PREPARE}")
-    keys = ("tokenizer_vocab_size", "tokenizer_vocab_sha256")
-    if all(k in prepared for k in keys):
-        theirs = [prepared[k] for k in keys]
-        if theirs != [ours[k] for k in keys]:
-            raise ValueError(
-                f"{flag}: tokenized by {prepared.get('tokenizer_name_or_path')} ({theirs[0]} tokens, vocabulary "
-                f"{theirs[1]}), not by the model's tokenizer ({ours[keys[0]]} tokens, vocabulary {ours[keys[1]]}); "
-                f"{fix}"
-            )
-        return prepared
-    high = _max_id(ds, flag)
-    if high >= len(tokenizer):
-        raise ValueError(
-            f"{flag}: holds token id {high}, beyond the model's tokenizer of {len(tokenizer)} tokens: tokenized "
-            f"with another tokenizer; {fix}"
-        )
-    logger.warning(
-        "%s: its stats.json records no tokenizer, so whether these are the model's tokens is unchecked", flag
-    )
-    return prepared
 
 
 # Documents per tokenizer call and per written Arrow batch: the tokenizer's Python lists cost ~150 bytes a token, so

@@ -246,8 +246,9 @@ def token_stream(
     import pyarrow.compute as pc
 
     from longqlora.data import corpora
+    from longqlora.data.prepared import check_tokenizer
     from longqlora.data.sources import column, resolve
-    from longqlora.data.text import TextDataConfig, check_tokenizer, load_training_text
+    from longqlora.data.text import TextDataConfig, load_training_text
 
     source = corpora.book_path(data) if data in corpora.BOOKS else data
     if data not in corpora.BOOKS and "/" not in data and not os.path.exists(os.path.expanduser(data)):
