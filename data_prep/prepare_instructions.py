@@ -38,7 +38,7 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
         raise ValueError("--eval_dataset: prepare held-out data with its own run of this script (--dataset held_out)")
     if args.chat_template_path:
         read_template_file(args.chat_template_path)  # before the data is read
-    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer}
+    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "system_prompt": cfg.system_prompt}
     conversations = load_conversations(cfg, stats=stats)  # every record checked before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     stats["chat_template"] = training_chat_template(tokenizer, "--tokenizer", args.chat_template_path)  # training's

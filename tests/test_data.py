@@ -626,6 +626,8 @@ def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_
         _, train_stats = prepare_dataset(InstructionDataConfig(dataset=chats), trained, 4096)
         assert stats["chat_template"] == train_stats["chat_template"] == expected
         assert stats["tokens_total"] == train_stats["tokens_total"]
+        _, from_folder = prepare_dataset(InstructionDataConfig(dataset=args.output_dir), trained, 4096)
+        assert from_folder["prepared"] == stats and from_folder["tokens_total"] == stats["tokens_total"]
     assert trained.chat_template == VICUNA_V1_1_TEMPLATE
     assert stats["tokens_total"] > json.loads((tmp_path / "own_out" / "stats.json").read_text())["tokens_total"]
 
@@ -824,6 +826,7 @@ def test_scripts_end_to_end(tok, tmp_path):
     stats = json.loads((tmp_path / "chat_out" / "stats.json").read_text())
     assert (stats["format"], stats["count_out"], stats["over_max_length"]) == ("longalpaca", 2, 0)
     assert list(datasets.load_from_disk(str(tmp_path / "chat_out"))["messages"]) == [CHAT[:2], CHAT[2:]]
+    assert stats["system_prompt"] is None  # what its rows were given: training with another is told
 
 
 def test_concat_rows_are_all_full_where_trl_wraps_each_batch_alone(tok):

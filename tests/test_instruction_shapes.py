@@ -105,3 +105,27 @@ def test_a_field_first_seen_after_the_first_block_loads(tmp_path):
     ds, stats = load(jsonl(tmp_path / "big.jsonl", rows))
     assert (tmp_path / "big.jsonl").stat().st_size > 11e6 and stats["conversations_out"] == 1201 == len(ds)
     assert ds[-1]["messages"][0] == {"role": "system", "content": "LATE SYSTEM"}
+
+
+def test_a_prepared_folder_that_lacks_what_the_run_would_read_is_told(tmp_path, caplog):
+    """A folder prepare_instructions wrote with a shorter --max_length and --overlong drop lacks the conversations
+    this run's longer rows would hold; one prepared with a system prompt holds it in its rows: both are warned of,
+    and a folder prepared as the run would read it is not."""
+    import datasets
+
+    folder = tmp_path / "prepared"
+    datasets.Dataset.from_dict({"messages": [[USER, REPLY]]}).save_to_disk(folder)
+    stats = {"overlong": "drop", "max_length": 256, "dropped": 2, "system_prompt": "A chat.", "count_out": 1}
+    (folder / "stats.json").write_text(json.dumps(stats))
+    with caplog.at_level("WARNING"):
+        assert I.prepared_stats(InstructionDataConfig(str(folder)), 256) == stats
+        assert I.prepared_stats(InstructionDataConfig(str(folder), system_prompt="A chat."), 256) == stats
+        assert not caplog.text
+        I.prepared_stats(InstructionDataConfig(str(folder), system_prompt="Other."), 1024)
+    assert (
+        "prepared with --max_length 256 --overlong drop: it lacks the 2 conversations longer than that" in caplog.text
+    )
+    assert "--system_prompt 'Other.': the conversations of --dataset" in caplog.text
+    assert (
+        I.prepared_stats(InstructionDataConfig(jsonl(tmp_path / "raw.jsonl", [{"messages": [USER, REPLY]}])), 9) == {}
+    )

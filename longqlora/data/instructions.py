@@ -7,7 +7,9 @@ trains only the assistant tokens.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 
 import datasets
@@ -178,6 +180,35 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
         )
     logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)
     return ds.remove_columns(["_format", "_shape", "_problem"])
+
+
+def prepared_stats(cfg: InstructionDataConfig, max_length: int) -> dict:
+    """The stats.json of a folder data_prep/prepare_instructions.py wrote ({} for other data), with a warning where
+    the folder does not hold what this run would read from the raw data: conversations it dropped as longer than
+    its --max_length that this run's rows would hold, or a system message baked into its rows that this run's
+    --system_prompt does not change."""
+    src = resolve(cfg.dataset)
+    path = os.path.join(src.path, "stats.json") if src.kind == "disk" else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stats, dict) or "overlong" not in stats:
+        return {}
+    if stats.get("overlong") == "drop" and stats.get("dropped") and stats.get("max_length", max_length) < max_length:
+        logger.warning(
+            "--dataset %s was prepared with --max_length %d --overlong drop: it lacks the %d conversations longer than "
+            "that, which this run's rows of %d tokens would hold; re-run prepare_instructions with --max_length %d",
+            cfg.dataset, stats["max_length"], stats["dropped"], max_length, max_length,
+        )  # fmt: skip
+    if "system_prompt" in stats and cfg.system_prompt is not None and cfg.system_prompt != stats["system_prompt"]:
+        logger.warning(
+            "--system_prompt %r: the conversations of --dataset %s were prepared with %r, which their rows hold; "
+            "re-run prepare_instructions with this --system_prompt to train with it",
+            cfg.system_prompt, cfg.dataset, stats["system_prompt"],
+        )  # fmt: skip
+    return stats
 
 
 def _chat_lengths(batch, tokenizer, max_length: int, masks: bool):

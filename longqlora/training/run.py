@@ -145,10 +145,11 @@ def prepare_dataset(
         from longqlora.data.formats import training_chat_template
 
         template = training_chat_template(tokenizer, "--model_name_or_path", chat_template_path)
+        made = instructions.prepared_stats(data_cfg, max_length)  # data_prep's counts, beside this run's
         dataset, stats = instructions.length_report(
             loaded, tokenizer, max_length, data_cfg.overlong, data_cfg.num_proc, data_cfg.pack == "conversations"
         )
-        return dataset, {"chat_template": template, **stats}
+        return dataset, {"chat_template": template, **stats, **({"prepared": made} if made else {})}
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
