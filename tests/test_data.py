@@ -1061,6 +1061,7 @@ def test_recipe_trains_on_prepared_data(tmp_path, monkeypatch, capsys):
     text = corpora.book("austen_persuasion")[:40_000]
     base = save_tiny_model(tmp_path / "base", texts=[text], max_position_embeddings=64)
     books, out = prepare(load_tokenizer(str(base)), tmp_path)
+    written = sorted(p.name for p in Path(out).iterdir())
     recipe = load_script("recipes/extend_7b_8k.py")
     argv = f"""--model_name_or_path {base} --target_context 256 --compute_dtype float32 --attn_backend sdpa
         --dataset {out} --output_dir {tmp_path / "run"} --max_steps 2 --save_steps 2 --logging_steps 1
@@ -1070,6 +1071,8 @@ def test_recipe_trains_on_prepared_data(tmp_path, monkeypatch, capsys):
     assert record["data"]["prepared"] and record["data"]["tokenizer_vocab_size"] == 320
     assert np.isfinite(record["train"]["final_loss"]) and record["train"]["steps"] == 2
     assert any("lora_A" in name for name in load_file(adapter / "adapter_model.safetensors"))
+    assert sorted(p.name for p in Path(out).iterdir()) == written  # no cache of the run's maps left in the folder
+    assert datasets.is_caching_enabled()  # the run turned datasets' caching off for its maps only
 
     # a model whose tokenizer did not make the rows (same size, other vocabulary): refused before weights load
     other = save_tiny_model(

@@ -3,6 +3,7 @@ the `datasets` library (its cache included), with errors that name the flag, the
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -198,6 +199,21 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
         fix = f"pass --eval_split {others[0]}" if others else "pass other data"
         raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
     return chosen
+
+
+@contextlib.contextmanager
+def maps_written_apart(*names: str | None):
+    """datasets caches a map's output beside the files of the dataset mapped: for a save_to_disk folder (one that
+    data_prep wrote) inside that folder, a copy per run setting. With such a folder among `names`, maps within this
+    block write temporary files instead, removed when the process ends."""
+    if not datasets.is_caching_enabled() or not any(name and resolve(name).kind == "disk" for name in names):
+        yield
+        return
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        datasets.enable_caching()
 
 
 def _root_cause(error: BaseException) -> str:

@@ -266,6 +266,11 @@ def _evaluate_apart(trainer) -> None:
 
 def train(run: ResolvedRun) -> Path:
     """Load, train and save one resolved run; returns the adapter directory."""
+    with data_sources.maps_written_apart(run.data.dataset, getattr(run.data, "eval_dataset", None)):
+        return _train(run)
+
+
+def _train(run: ResolvedRun) -> Path:
     model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
     if plan.get("fits") is False:
         logger.warning(
