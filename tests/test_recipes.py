@@ -249,6 +249,7 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     stream = tokenizer(held_out.read_text())["input_ids"] + [tokenizer.eos_token_id]
     rows = torch.tensor(stream[: len(stream) // 256 * 256]).view(-1, 256)
     assert record["data"]["eval"]["rows"] == len(rows) >= 3
+    assert (record["data"]["eval"]["dataset"], record["data"]["eval"]["split"]) == (str(held_out), "train")
     with torch.no_grad():
         apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in rows) / len(rows)
     assert record["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)

@@ -80,10 +80,18 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     return flags
 
 
-def _system_prompt(data_cfg) -> dict:
-    """The system message conversations without one trained with (chat takes it by default), when one was set."""
-    prompt = getattr(data_cfg, "system_prompt", None)
-    return {"system_prompt": prompt} if prompt is not None else {}
+def _data_record(data_cfg, stats: dict) -> dict:
+    """The data as recorded: the dataset and split read, its statistics, the held-out set's likewise, and the system
+    message conversations without one trained with (chat takes it by default), when one was set."""
+    from longqlora.data.sources import held_out_split
+
+    record = {"dataset": data_cfg.dataset, "split": data_cfg.split, **stats}
+    if getattr(data_cfg, "system_prompt", None) is not None:
+        record["system_prompt"] = data_cfg.system_prompt
+    if "eval" in stats and data_cfg.eval_dataset:
+        split = held_out_split(data_cfg.dataset, data_cfg.split, data_cfg.eval_dataset, data_cfg.eval_split)
+        record["eval"] = {"dataset": data_cfg.eval_dataset, "split": split, **stats["eval"]}
+    return record
 
 
 def _attention_text(model_cfg: ModelConfig) -> str:
@@ -202,7 +210,7 @@ def extension_record(
             "total_params": info.total_params,
         },
         memory_plan=run.plan,
-        data={"dataset": run.data.dataset, **data_stats, **_system_prompt(run.data)},
+        data=_data_record(run.data, data_stats),
         train=train_stats,
         model_path=os.path.abspath(local) if os.path.isdir(local := os.path.expanduser(info.model)) else None,
         config=extended_config(run.hf_config),
