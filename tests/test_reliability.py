@@ -819,6 +819,8 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     spaced = ModelConfig(model_name_or_path="m", target_context=256, s2_group_schedule=" 0.25, 0.75,2 ")
     training = SimpleNamespace(chat_template_path=None, seed=0, data_seed=None)
     assert trajectory_settings(spaced, None, training)["--s2_group_schedule"] == "0.25,0.75,2"  # the same, spaced
+    training.chat_template_path = "t.jinja"  # relative to where the run starts: recorded as one file
+    assert trajectory_settings(spaced, None, training)["--chat_template_path"] == str(Path("t.jinja").resolve())
     for flag, value in (("--s2_group_schedule", "none"), ("--pack", "concat"), ("--chat_template_path", "t.jinja"),
                         ("--seed", settings["--seed"] + 1)):  # fmt: skip
         with pytest.raises(ValueError, match=f"written by a run with {flag} {settings[flag]}, this run has {value};"):

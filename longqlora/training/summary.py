@@ -77,6 +77,8 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     flags["--pack"] = getattr(data_cfg, "pack", None)
     for name in ("chat_template_path", "seed", "data_seed"):
         flags[f"--{name}"] = getattr(training, name)
+    if template := flags["--chat_template_path"]:  # one file however the run named it
+        flags["--chat_template_path"] = os.path.abspath(os.path.expanduser(template))
     return flags
 
 
