@@ -98,8 +98,8 @@ def check_inputs(cfg: ChatConfig) -> None:
     if cfg.prompt is not None:
         ids = prompt_ids(tokenizer, render(tokenizer, build_messages(cfg, [], cfg.prompt, document)))
         check_prompt_fits(cfg, len(ids), limit, document)
-    elif no_room(cfg, tokenizer, document, limit):  # every first turn would be refused
-        raise ValueError(f"--context_file {cfg.context_file}: {no_room(cfg, tokenizer, document, limit)}")
+    elif full := no_room(cfg, tokenizer, document, limit):  # every first turn would be refused
+        raise ValueError(f"--context_file {cfg.context_file}: {full}")
 
 
 def with_trained_system_prompt(cfg: ChatConfig) -> ChatConfig:

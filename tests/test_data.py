@@ -142,6 +142,10 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text(one.read_text())
     assert held_out_split(str(one), "train", str(other), None) == "train"  # a file has only its one split
+    assert error_of(held_out_split, str(one), "train", str(other), "test") == (  # read whole, whatever the split
+        f"--eval_split test: --eval_dataset {other} has no splits (a file or a single dataset); leave --eval_split out"
+    )
+    assert error_of(held_out_split, "org/data", "train", "org/data", None).endswith("; pass --eval_split test")
 
 
 # ------------------------------------------------------------------------------------------- text: errors

@@ -129,3 +129,19 @@ def test_a_prepared_folder_that_lacks_what_the_run_would_read_is_told(tmp_path, 
     assert (
         I.prepared_stats(InstructionDataConfig(jsonl(tmp_path / "raw.jsonl", [{"messages": [USER, REPLY]}])), 9) == {}
     )
+    caplog.clear()  # prepared without a system message: --system_prompt fills it in at training, nothing to tell
+    (folder / "stats.json").write_text(json.dumps({**stats, "system_prompt": None}))
+    with caplog.at_level("WARNING"):
+        I.prepared_stats(InstructionDataConfig(str(folder), system_prompt="Other."), 256)
+    assert not caplog.text
+
+
+def test_the_record_names_the_system_prompt_the_rows_hold():
+    """A prepared folder's rows hold the system message they were prepared with, whatever --system_prompt says:
+    that one is recorded (chat takes it by default); without a prepared one, --system_prompt."""
+    from longqlora.training.summary import _data_record
+
+    cfg = InstructionDataConfig("prepared", system_prompt="Other.")
+    assert _data_record(cfg, {"prepared": {"system_prompt": "A chat."}})["system_prompt"] == "A chat."
+    assert _data_record(cfg, {"prepared": {"system_prompt": None}})["system_prompt"] == "Other."
+    assert "system_prompt" not in _data_record(InstructionDataConfig("raw.jsonl"), {})

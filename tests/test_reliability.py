@@ -816,11 +816,20 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     from longqlora.model_config import ModelConfig
     from longqlora.training.summary import trajectory_settings
 
-    spaced = ModelConfig(model_name_or_path="m", target_context=256, s2_group_schedule=" 0.25, 0.75,2 ")
-    training = SimpleNamespace(chat_template_path=None, seed=0, data_seed=None)
-    assert trajectory_settings(spaced, None, training)["--s2_group_schedule"] == "0.25,0.75,2"  # the same, spaced
-    training.chat_template_path = "t.jinja"  # relative to where the run starts: recorded as one file
-    assert trajectory_settings(spaced, None, training)["--chat_template_path"] == str(Path("t.jinja").resolve())
+    # values as they act: written otherwise, or of a switched-off feature, they are the same run's
+    def settings_of(training=SimpleNamespace(chat_template_path=None, seed=0, data_seed=None), **model):
+        return trajectory_settings(ModelConfig(model_name_or_path="m", target_context=256, **model), None, training)
+
+    assert settings_of(s2_group_schedule=" 0.25, 0.75,2 ") == settings_of(s2_group_schedule="0.25,0.75,2")
+    assert settings_of(s2_attention=False, group_ratio=0.5) == settings_of(s2_attention=False, group_ratio=0.25)
+    assert settings_of(pose_chunks=3) == settings_of(pose_chunks=2)  # no --pose_window: no chunks
+    assert settings_of(SimpleNamespace(chat_template_path=None, seed=0, data_seed=0)) == settings_of()
+    for folder in ("a", "b"):  # one template, wherever it lies
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.jinja").write_text("{{ messages }}")
+    assert settings_of(SimpleNamespace(chat_template_path=str(tmp_path / "a" / "t.jinja"), seed=0, data_seed=None)) == (
+        settings_of(SimpleNamespace(chat_template_path=str(tmp_path / "b" / "t.jinja"), seed=0, data_seed=None))
+    )
     for flag, value in (("--s2_group_schedule", "none"), ("--pack", "concat"), ("--chat_template_path", "t.jinja"),
                         ("--seed", settings["--seed"] + 1)):  # fmt: skip
         with pytest.raises(ValueError, match=f"written by a run with {flag} {settings[flag]}, this run has {value};"):

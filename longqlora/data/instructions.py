@@ -68,7 +68,7 @@ class InstructionDataConfig:
         default=None,
     )
     eval_split: str | None = flag(
-        "Split of a DatasetDict or hub --eval_dataset; unset: its test, validation or eval split, else --split.",
+        "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split.",
         default=None,
     )
 
@@ -202,7 +202,7 @@ def prepared_stats(cfg: InstructionDataConfig, max_length: int) -> dict:
             "that, which this run's rows of %d tokens would hold; re-run prepare_instructions with --max_length %d",
             cfg.dataset, stats["max_length"], stats["dropped"], max_length, max_length,
         )  # fmt: skip
-    if "system_prompt" in stats and cfg.system_prompt is not None and cfg.system_prompt != stats["system_prompt"]:
+    if stats.get("system_prompt") is not None and cfg.system_prompt not in (None, stats["system_prompt"]):
         logger.warning(
             "--system_prompt %r: the conversations of --dataset %s were prepared with %r, which their rows hold; "
             "re-run prepare_instructions with this --system_prompt to train with it",

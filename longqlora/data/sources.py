@@ -193,9 +193,14 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
     holds, else --split; one line when that is the data --dataset trains on (its loss would not be held out)."""
     held_out = resolve(eval_dataset)
     names = split_names(held_out) if held_out.kind == "disk" else []
+    if eval_split and not names and held_out.kind != "hub":  # a file or one Dataset: read whole, whatever the split
+        raise ValueError(
+            f"--eval_split {eval_split}: --eval_dataset {eval_dataset} has no splits (a file or a single dataset); "
+            "leave --eval_split out"
+        )
     chosen = eval_split or next((name for name in EVAL_SPLITS if name in names), split)
     if os.path.realpath(held_out.path) == os.path.realpath(resolve(dataset).path) and chosen == split:
-        others = [name for name in names if name != split]
+        others = [name for name in names if name != split] or (["test"] if held_out.kind == "hub" else [])
         fix = f"pass --eval_split {others[0]}" if others else "pass other data"
         raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
     return chosen
@@ -206,7 +211,10 @@ def maps_written_apart(*names: str | None):
     """datasets caches a map's output beside the files of the dataset mapped: for a save_to_disk folder (one that
     data_prep wrote) inside that folder, a copy per run setting. With such a folder among `names`, maps within this
     block write temporary files instead, removed when the process ends."""
-    if not datasets.is_caching_enabled() or not any(name and resolve(name).kind == "disk" for name in names):
+    saved = [
+        n for n in names if n and any(os.path.exists(os.path.join(os.path.expanduser(n), m)) for m in DISK_MARKERS)
+    ]
+    if not datasets.is_caching_enabled() or not saved:  # files and .txt folders: datasets reads them into its cache
         yield
         return
     datasets.disable_caching()

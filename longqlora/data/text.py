@@ -61,7 +61,7 @@ class TextDataConfig:
         default=None,
     )
     eval_split: str | None = flag(
-        "Split of a DatasetDict or hub --eval_dataset; unset: its test, validation or eval split, else --split.",
+        "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split.",
         default=None,
     )
 

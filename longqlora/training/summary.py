@@ -3,6 +3,7 @@ record (longqlora.record) every adapter and checkpoint carries."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING
 
@@ -36,19 +37,7 @@ def s2_options(model_cfg: ModelConfig, max_steps: int | None = None, steps_done:
     }
 
 
-# ModelConfig fields that decide what each step trains (its attention, its rows), beyond the weights' shapes
-TRAJECTORY = (
-    "group_ratio",
-    "s2_attention",
-    "s2_shift",
-    "s2_sink_tokens",
-    "s2_full_heads",
-    "s2_full_every",
-    "s2_group_schedule",
-    "pose_window",
-    "pose_chunks",
-    "lora_dropout",
-)
+S2_OPTIONS = ("group_ratio", "s2_shift", "s2_sink_tokens", "s2_full_heads", "s2_full_every")
 
 
 def resume_settings(model_cfg: ModelConfig, data_cfg, training, info: ModelInfo) -> dict:
@@ -70,16 +59,36 @@ def resume_settings(model_cfg: ModelConfig, data_cfg, training, info: ModelInfo)
 
 def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     """Flag -> value for the settings that decide what each step trains and in which order: a run resumed with
-    another would match neither run and be recorded as the second (the record keeps them for that check)."""
-    flags = {f"--{name}": getattr(model_cfg, name) for name in TRAJECTORY}
-    schedule = model_cfg.group_schedule  # as parsed: " 0.25, 0.75,2" is "0.25,0.75,2", "1" is "none"
-    flags["--s2_group_schedule"] = "none" if schedule == [1.0] else ",".join(f"{m:g}" for m in schedule)
-    flags["--pack"] = getattr(data_cfg, "pack", None)
-    for name in ("chat_template_path", "seed", "data_seed"):
-        flags[f"--{name}"] = getattr(training, name)
-    if template := flags["--chat_template_path"]:  # one file however the run named it
-        flags["--chat_template_path"] = os.path.abspath(os.path.expanduser(template))
-    return flags
+    another would match neither run and be recorded as the second (the record keeps them for that check). Values
+    as they act: a switched-off feature's options are None, the S2 schedule as parsed, the data seed the Trainer
+    takes, the chat template by its content."""
+    s2, schedule = model_cfg.s2_attention, model_cfg.group_schedule
+    return {
+        "--s2_attention": s2,
+        **{f"--{name}": getattr(model_cfg, name) if s2 else None for name in S2_OPTIONS},
+        "--s2_group_schedule": None
+        if not s2
+        else "none"
+        if schedule == [1.0]
+        else ",".join(f"{m:g}" for m in schedule),
+        "--pose_window": model_cfg.pose_window,
+        "--pose_chunks": model_cfg.pose_chunks if model_cfg.pose_window else None,
+        "--lora_dropout": model_cfg.lora_dropout,
+        "--pack": getattr(data_cfg, "pack", None),
+        "--seed": training.seed,
+        "--data_seed": training.seed if training.data_seed is None else training.data_seed,
+        "--chat_template_path": _file_digest(training.chat_template_path),
+    }
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:  # read, and refused in one line, where the run takes the template
+        return path
 
 
 def _data_record(data_cfg, stats: dict) -> dict:
@@ -88,8 +97,10 @@ def _data_record(data_cfg, stats: dict) -> dict:
     from longqlora.data.sources import held_out_split
 
     record = {"dataset": data_cfg.dataset, "split": data_cfg.split, **stats}
-    if getattr(data_cfg, "system_prompt", None) is not None:
-        record["system_prompt"] = data_cfg.system_prompt
+    # a prepared folder's rows hold the system message they were prepared with; --system_prompt fills in the others
+    system = (stats.get("prepared") or {}).get("system_prompt") or getattr(data_cfg, "system_prompt", None)
+    if system is not None:
+        record["system_prompt"] = system
     if "eval" in stats and data_cfg.eval_dataset:
         split = held_out_split(data_cfg.dataset, data_cfg.split, data_cfg.eval_dataset, data_cfg.eval_split)
         record["eval"] = {"dataset": data_cfg.eval_dataset, "split": split, **stats["eval"]}
