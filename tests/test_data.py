@@ -148,6 +148,20 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
     assert error_of(held_out_split, "org/data", "train", "org/data", None).endswith("; pass --eval_split test")
 
 
+def test_a_file_rewritten_with_its_old_time_is_read_anew(tmp_path):
+    """datasets keys a local file's cache by its path and modification time: a file rewritten with its old time
+    (a copy that keeps times, `touch -r`) was read from its old content's cache; files are keyed by content."""
+    for name, old, new in (("a.jsonl", '{"text": "old words"}\n', '{"text": "NEW WORDS"}\n'), ("b.txt", "old", "NEW")):
+        path = tmp_path / name
+        path.write_text(old)
+        assert D.load_documents(TextDataConfig(str(path)))["text"] == ["old words" if name == "a.jsonl" else "old"]
+        kept = path.stat()
+        path.write_text(new)
+        os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+        assert path.stat().st_mtime_ns == kept.st_mtime_ns
+        assert D.load_documents(TextDataConfig(str(path)))["text"] == ["NEW WORDS" if name == "a.jsonl" else "NEW"]
+
+
 # ------------------------------------------------------------------------------------------- text: errors
 
 

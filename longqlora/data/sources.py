@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -72,15 +73,18 @@ def _is_json_array(path: str) -> bool:
         return f.read(4096).lstrip().startswith("[")
 
 
-def _lines(flag: str, path: str):
+def _lines(flag: str, path: str, digest=None):
     """(line number, UTF-8 text) of every line of a plain or gzip file, read to its end; one ValueError line
     naming the file and line for a gzip that is not one, is damaged or cut short (never a shorter document),
     bytes that are not UTF-8, or NUL bytes (binary data). A newline byte never occurs inside a UTF-8 sequence,
-    so decoding line by line finds exactly the errors decoding the whole file would."""
+    so decoding line by line finds exactly the errors decoding the whole file would. `digest` (a hashlib object)
+    takes every byte read."""
     lineno = 0
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if digest is not None:
+                    digest.update(raw)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
@@ -103,10 +107,10 @@ def _lines(flag: str, path: str):
 ONE_DOCUMENT_WARN_CHARS = 64 * 2**20
 
 
-def check_text_file(flag: str, path: str) -> None:
+def check_text_file(flag: str, path: str, digest=None) -> None:
     """Read a .txt/.txt.gz document to its end before `datasets` does; see `_lines` for what is refused. A file
     too big to be one document gets a warning with the memory its tokenization takes."""
-    chars = sum(len(line) for _, line in _lines(flag, path))
+    chars = sum(len(line) for _, line in _lines(flag, path, digest))
     if chars > ONE_DOCUMENT_WARN_CHARS:
         logger.warning(
             "%s: %d MB of text is one document, tokenized in one call (about %.0f GB of memory at ~4 characters "
@@ -123,7 +127,7 @@ def read_text(flag: str, path: str) -> str:
     return "".join(line for _, line in _lines(flag, path))
 
 
-def check_json_file(flag: str, path: str, record_problem=None) -> int:
+def check_json_file(flag: str, path: str, record_problem=None, digest=None) -> int:
     """Parse a JSON/JSONL(.gz) file before `datasets` does and return its number of records; one ValueError
     line naming the file and line (record, for a JSON array) of the first bad bytes, bad JSON, non-object or,
     with `record_problem(record) -> str`, the first record of the wrong shape. (datasets' own errors name
@@ -144,7 +148,7 @@ def check_json_file(flag: str, path: str, record_problem=None) -> int:
                 f"{flag} line {lineno + e.lineno - 1}: not valid JSON ({e.msg} at column {e.colno})"
             ) from None
 
-    lines = _lines(flag, path)
+    lines = _lines(flag, path, digest)
     count = 0
     for lineno, line in lines:
         if not line.strip():
@@ -259,14 +263,18 @@ def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None)
                 f"--dataset {src.name}: the directory holds no {'/'.join(TEXT_SUFFIXES)} files and is "
                 "not a save_to_disk dataset"
             )
+        digest = hashlib.sha256()
         for file in files:
-            check_text_file(f"--dataset {src.name}" + ("" if src.kind == "txt" else f": {file}"), file)
-        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train", num_proc=num_proc)
-    builder = "parquet" if src.kind == "parquet" else "json"
-    if builder == "json" and not check_json_file(f"--dataset {src.name}", src.path, record_problem):
+            check_text_file(f"--dataset {src.name}" + ("" if src.kind == "txt" else f": {file}"), file, digest)
+        return datasets.load_dataset(
+            "text", data_files=files, sample_by="document", split="train", num_proc=num_proc, cache_dir=_by(digest)
+        )
+    builder, digest = ("parquet" if src.kind == "parquet" else "json"), hashlib.sha256()
+    if builder == "json" and not check_json_file(f"--dataset {src.name}", src.path, record_problem, digest):
         return datasets.Dataset.from_dict({})  # datasets fails on a file without records with a bare StopIteration
     try:
-        return datasets.load_dataset(builder, data_files=src.path, split="train", num_proc=num_proc)
+        cache = _by(digest) if builder == "json" else None  # Parquet is not read here: datasets' own key
+        return datasets.load_dataset(builder, data_files=src.path, split="train", num_proc=num_proc, cache_dir=cache)
     except Exception as e:
         if builder == "json" and _root_cause(e).startswith(("CastError", "ArrowInvalid", "DatasetGenerationCast")):
             logger.info("%s: a field first seen after the first block; reading the whole file at once", src.name)
@@ -275,6 +283,13 @@ def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None)
             except Exception as again:  # types that no one column holds (a text in one record, a list in another)
                 e = again
         raise ValueError(f"--dataset {src.name}: datasets could not load it ({_root_cause(e)})") from None
+
+
+def _by(digest) -> str:
+    """datasets' cache for files read whole here, under their content's digest: datasets keys a local file by its
+    path and modification time, and a file rewritten with its old time (copies that keep times, `touch -r`) was
+    read from the cache of its old content."""
+    return os.path.join(str(datasets.config.HF_DATASETS_CACHE), "longqlora-by-content", digest.hexdigest()[:16])
 
 
 def _json_table(path: str) -> datasets.Dataset:

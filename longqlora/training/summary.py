@@ -98,7 +98,8 @@ def _data_record(data_cfg, stats: dict) -> dict:
 
     record = {"dataset": data_cfg.dataset, "split": data_cfg.split, **stats}
     # a prepared folder's rows hold the system message they were prepared with; --system_prompt fills in the others
-    system = (stats.get("prepared") or {}).get("system_prompt") or getattr(data_cfg, "system_prompt", None)
+    prepared = stats.get("prepared") if isinstance(stats.get("prepared"), dict) else {}  # text: True
+    system = prepared.get("system_prompt") or getattr(data_cfg, "system_prompt", None)
     if system is not None:
         record["system_prompt"] = system
     if "eval" in stats and data_cfg.eval_dataset:
