@@ -62,15 +62,11 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
     another would match neither run and be recorded as the second (the record keeps them for that check). Values
     as they act: a switched-off feature's options are None, the S2 schedule as parsed, the data seed the Trainer
     takes, the chat template by its content."""
-    s2, schedule = model_cfg.s2_attention, model_cfg.group_schedule
+    s2 = model_cfg.s2_attention
     return {
         "--s2_attention": s2,
         **{f"--{name}": getattr(model_cfg, name) if s2 else None for name in S2_OPTIONS},
-        "--s2_group_schedule": None
-        if not s2
-        else "none"
-        if schedule == [1.0]
-        else ",".join(f"{m:g}" for m in schedule),
+        "--s2_group_schedule": _schedule(model_cfg) if s2 else None,
         "--pose_window": model_cfg.pose_window,
         "--pose_chunks": model_cfg.pose_chunks if model_cfg.pose_window else None,
         "--lora_dropout": model_cfg.lora_dropout,
@@ -79,6 +75,12 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
         "--data_seed": training.seed if training.data_seed is None else training.data_seed,
         "--chat_template_path": _file_digest(training.chat_template_path),
     }
+
+
+def _schedule(model_cfg: ModelConfig) -> str:
+    """The S2 schedule as parsed: " 0.25, 0.75,2" is "0.25,0.75,2", and "1" is "none"."""
+    schedule = model_cfg.group_schedule
+    return "none" if schedule == [1.0] else ",".join(f"{m:g}" for m in schedule)
 
 
 def _file_digest(path: str | None) -> str | None:
