@@ -70,6 +70,7 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     from trl import TrlParser
 
     from longqlora.training.config import RunConfig
+    from longqlora.training.distributed import end_processes
     from longqlora.training.run import resolve, train
     from longqlora.training.summary import describe
 
@@ -83,7 +84,9 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
         if run_cfg.dry_run:
             print(describe(run, **counts))
             return None
-        return train(run)
+        adapter = train(run)
+    end_processes()
+    return adapter
 
 
 def with_parent_help(cls):

@@ -297,3 +297,14 @@ def from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def end_processes() -> None:
+    """Destroy the launch's process group once the run is over, every process at the same point: left to the
+    interpreter's exit, the gloo group's threads were torn down in any order, and a process could abort
+    ("terminate called without an active exception") after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
