@@ -7,9 +7,7 @@ trains only the assistant tokens.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 
 import datasets
@@ -25,7 +23,19 @@ from longqlora.data.formats import (
     to_messages,
     unrendered,
 )
-from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.data.prepared import read_stats
+from longqlora.data.sources import (
+    EVAL_SPLIT_HELP,
+    Source,
+    bad,
+    check_num_proc,
+    column,
+    fields,
+    flag,
+    load_raw,
+    resolve,
+    where,
+)
 from longqlora.data.text import length_stats
 
 logger = logging.getLogger(__name__)
@@ -67,10 +77,7 @@ class InstructionDataConfig:
         "every --eval_steps (default --save_steps), with full attention.",
         default=None,
     )
-    eval_split: str | None = flag(
-        "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split.",
-        default=None,
-    )
+    eval_split: str | None = flag(EVAL_SPLIT_HELP, default=None)
 
     def __post_init__(self):
         if not self.dataset.strip():
@@ -146,8 +153,8 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
         raise ValueError(f"--dataset {where(src, i)}: {shapes[i]}")
     problems = column(ds, "_problem").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(problems != "")
-    empty = int(np.char.endswith(problems.astype(str), EMPTY_REPLY).sum())
-    hidden = int((np.char.find(problems.astype(str), NOT_RENDERED) >= 0).sum())
+    texts = problems.astype(str)
+    empty, hidden = int(np.char.endswith(texts, EMPTY_REPLY).sum()), int((np.char.find(texts, NOT_RENDERED) >= 0).sum())
     first = f"{where(src, int(bad[0]))}: {problems[bad[0]]}" if len(bad) else ""
     if len(bad):
         if cfg.invalid_conversations == "error":
@@ -187,14 +194,11 @@ def prepared_stats(cfg: InstructionDataConfig, max_length: int) -> dict:
     the folder does not hold what this run would read from the raw data: conversations it dropped as longer than
     its --max_length that this run's rows would hold, or a system message baked into its rows that this run's
     --system_prompt does not change."""
-    src = resolve(cfg.dataset)
-    path = os.path.join(src.path, "stats.json") if src.kind == "disk" else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except (OSError, ValueError):
+        stats = read_stats(cfg.dataset)
+    except ValueError:  # not a folder data_prep wrote, as far as this run is concerned
         return {}
-    if not isinstance(stats, dict) or "overlong" not in stats:
+    if "overlong" not in stats:
         return {}
     if stats.get("overlong") == "drop" and stats.get("dropped") and stats.get("max_length", max_length) < max_length:
         logger.warning(

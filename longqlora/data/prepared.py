@@ -1,5 +1,6 @@
-"""Token rows written by data_prep/prepare_text.py, read back: whose tokenizer made them (the record in their
-stats.json, `tokenizer_record`), checked against the model's before any weights load."""
+"""Folders data_prep wrote, read back: their stats.json (`read_stats`), and for prepare_text's token rows whose
+tokenizer made them (the record in that stats.json, `tokenizer_record`), checked against the model's before any
+weights load."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def tokenizer_record(tokenizer) -> dict:
     }
 
 
+def read_stats(dataset: str) -> dict:
+    """The stats.json data_prep wrote into a prepared folder, {} where there is none; one line when it is not
+    readable JSON of an object."""
+    flag, path = f"--dataset {dataset}", Path(resolve(dataset).path) / "stats.json"
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{flag}: cannot read its stats.json ({err}); {PREPARE}") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"{flag}: its stats.json holds a {type(stats).__name__}, not prepare_text's; {PREPARE}")
+    return stats
+
+
 def _described(record: list) -> str:
     ends = f", BOS/EOS ids {record[2][0]}/{record[2][1]}" if len(record) > 2 else ""
     return f"{record[0]} tokens, vocabulary {record[1]}{ends}"
@@ -51,13 +65,7 @@ def check_tokenizer(cfg, tokenizer, ds: datasets.Dataset) -> dict:
     flag = f"--dataset {cfg.dataset}"
     ours = tokenizer_record(tokenizer)
     fix = f"{PREPARE} with --tokenizer {ours['tokenizer_name_or_path']}"
-    path = Path(resolve(cfg.dataset).path) / "stats.json"
-    try:
-        prepared = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{flag}: cannot read its stats.json ({err}); {PREPARE}") from None
-    if not isinstance(prepared, dict):
-        raise ValueError(f"{flag}: its stats.json holds a {type(prepared).__name__}, not prepare_text's; {PREPARE}")
+    prepared = read_stats(cfg.dataset)
     keys = ("tokenizer_vocab_size", "tokenizer_vocab_sha256", "tokenizer_bos_eos")[
         : 2 + ("tokenizer_bos_eos" in prepared)
     ]

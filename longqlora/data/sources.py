@@ -44,13 +44,16 @@ class Source:
     kind: str  # txt, txtdir, json, parquet, disk or hub
 
 
+def _saved_dataset(path: str) -> bool:
+    """Whether the folder `path` holds a datasets `save_to_disk` dataset (or dataset dict)."""
+    return any(os.path.exists(os.path.join(path, m)) for m in DISK_MARKERS)
+
+
 def resolve(name: str) -> Source:
     """Which loader `--dataset name` needs; a missing local path is an error, anything else may be a hub name."""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
-        if any(os.path.exists(os.path.join(path, m)) for m in DISK_MARKERS):
-            return Source(name, path, "disk")
-        return Source(name, path, "txtdir")
+        return Source(name, path, "disk" if _saved_dataset(path) else "txtdir")
     if os.path.isfile(path):
         if path.endswith(TEXT_SUFFIXES):
             return Source(name, path, "txt")
@@ -180,6 +183,9 @@ def _parses(text: str) -> bool:
 
 
 EVAL_SPLITS = ("test", "validation", "eval")  # what a held-out split is called, in the order one is taken
+EVAL_SPLIT_HELP = (
+    "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split."
+)
 
 
 def split_names(src: Source) -> list[str]:
@@ -215,9 +221,7 @@ def maps_written_apart(*names: str | None):
     """datasets caches a map's output beside the files of the dataset mapped: for a save_to_disk folder (one that
     data_prep wrote) inside that folder, a copy per run setting. With such a folder among `names`, maps within this
     block write temporary files instead, removed when the process ends."""
-    saved = [
-        n for n in names if n and any(os.path.exists(os.path.join(os.path.expanduser(n), m)) for m in DISK_MARKERS)
-    ]
+    saved = any(name and _saved_dataset(os.path.expanduser(name)) for name in names)  # (not `resolve`: no errors)
     if not datasets.is_caching_enabled() or not saved:  # files and .txt folders: datasets reads them into its cache
         yield
         return

@@ -31,7 +31,18 @@ import numpy as np
 import pyarrow.compute as pc
 
 from longqlora.data.prepared import PREPARE, check_tokenizer, max_id
-from longqlora.data.sources import Source, bad, check_num_proc, column, fields, flag, load_raw, resolve, where
+from longqlora.data.sources import (
+    EVAL_SPLIT_HELP,
+    Source,
+    bad,
+    check_num_proc,
+    column,
+    fields,
+    flag,
+    load_raw,
+    resolve,
+    where,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +71,7 @@ class TextDataConfig:
         "its loss is logged every --eval_steps (default --save_steps) at the full context, with full attention.",
         default=None,
     )
-    eval_split: str | None = flag(
-        "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split.",
-        default=None,
-    )
+    eval_split: str | None = flag(EVAL_SPLIT_HELP, default=None)
 
     def __post_init__(self):
         if not self.dataset.strip():

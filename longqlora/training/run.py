@@ -170,8 +170,7 @@ def held_out_config(data_cfg):
 
 
 def check_sources(data_cfg) -> None:
-    """--dataset and --eval_dataset name data that can be read (a local path exists; anything else may be a hub
-    name), and the held-out split is not the training data; the files themselves are read by `train`."""
+    """--dataset and --eval_dataset name readable data, the held-out split not the training one (`train` reads)."""
     data_sources.resolve(data_cfg.dataset)
     if getattr(data_cfg, "eval_dataset", None):
         with held_out_flags():
@@ -296,9 +295,10 @@ def _train(run: ResolvedRun) -> Path:
         with held_out_flags():
             held_out = held_out_config(data_cfg)
             loaded = load_data(held_out, vocab)
-            eval_set, stats["eval"] = prepare_dataset(
+            eval_set, held = prepare_dataset(
                 held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
+        stats["eval"] = {"dataset": held_out.dataset, "split": held_out.split, **held}
         if "chat_template" in stats:
             stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
     longest = stats.get("length_max", 0)

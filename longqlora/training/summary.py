@@ -94,19 +94,14 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def _data_record(data_cfg, stats: dict) -> dict:
-    """The data as recorded: the dataset and split read, its statistics, the held-out set's likewise, and the system
-    message conversations without one trained with (chat takes it by default), when one was set."""
-    from longqlora.data.sources import held_out_split
-
+    """The data as recorded: the dataset and split read, its statistics (the held-out set's, under "eval", name
+    theirs), and the system message conversations without one trained with (chat takes it by default), if set."""
     record = {"dataset": data_cfg.dataset, "split": data_cfg.split, **stats}
     # a prepared folder's rows hold the system message they were prepared with; --system_prompt fills in the others
     prepared = stats.get("prepared") if isinstance(stats.get("prepared"), dict) else {}  # text: True
     system = prepared.get("system_prompt") or getattr(data_cfg, "system_prompt", None)
     if system is not None:
         record["system_prompt"] = system
-    if "eval" in stats and data_cfg.eval_dataset:
-        split = held_out_split(data_cfg.dataset, data_cfg.split, data_cfg.eval_dataset, data_cfg.eval_split)
-        record["eval"] = {"dataset": data_cfg.eval_dataset, "split": split, **stats["eval"]}
     return record
 
 
