@@ -17,9 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from longqlora.evaluation.loading import NEUTRAL_DECODING, LoaderArgs
+from longqlora.decoding import generate_reply
+from longqlora.evaluation.loading import LoaderArgs
 
 logger = logging.getLogger(__name__)
 
@@ -198,86 +197,6 @@ def render(tokenizer, messages: list[dict]) -> str:
 def prompt_ids(tokenizer, rendered: str) -> list[int]:
     # The template writes the BOS token itself, so the tokenizer must not add another.
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS, every stop token of the model's generation_config (Llama-3-Instruct ends a turn with
-    <|eot_id|>, not its EOS: passing the tokenizer's alone would replace that list) and the token the chat
-    template ends a reply with (a base's generation_config does not know the template it was fine-tuned on)."""
-    from longqlora.data.formats import turn_end_id
-
-    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    own = [own] if isinstance(own, int) else list(own or [])
-    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    end = turn_end_id(tokenizer)
-    return list(dict.fromkeys(first + own + ([end] if end is not None else [])))
-
-
-def generation_kwargs(cfg: ChatConfig, tokenizer, model=None) -> dict:
-    """generate() settings; greedy at temperature 0, every other knob at its neutral value so a model's own
-    generation_config (e.g. Vicuna's do_sample=True, a repetition penalty) neither samples, penalises nor warns."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = {
-        **NEUTRAL_DECODING,
-        "max_new_tokens": cfg.max_new_tokens,
-        "repetition_penalty": cfg.repetition_penalty,
-        "use_cache": True,
-        "eos_token_id": stop_ids(model, tokenizer),
-        "pad_token_id": pad,
-    }
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-    return kwargs
-
-
-class StreamWriter:
-    """A generate() streamer writing the reply to `stream` as words complete. It decodes the whole reply each time
-    and writes only text that can no longer change, so what is written equals the decoded reply (left-stripped)."""
-
-    def __init__(self, tokenizer, stream):
-        self.tokenizer, self.stream = tokenizer, stream
-        self.ids: list[int] = []
-        self.prompt_seen = False
-        self.written = 0
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.ids += value.flatten().tolist()
-        text = self._text()
-        stable = text if text.endswith("\n") else text[: text.rfind(" ") + 1]
-        if len(stable) > self.written and "\ufffd" not in stable[self.written :]:
-            self._write(stable[self.written :])
-
-    def end(self):
-        text = self._text()
-        self._write(text[self.written :])
-
-    def _write(self, text: str):
-        if text:
-            self.stream.write(text)
-            self.stream.flush()
-            self.written += len(text)
-
-
-@torch.no_grad()
-def generate_reply(cfg: ChatConfig, model, tokenizer, ids: list[int], stream=None) -> tuple[str, int]:
-    """Generate a reply to prompt token `ids`, streamed to `stream` when given. Returns (reply text, new tokens)."""
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    streamer = StreamWriter(tokenizer, stream) if stream is not None else None
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        streamer=streamer,
-        **generation_kwargs(cfg, tokenizer, model),
-    )
-    new = out[0, len(ids) :]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())
 
 
 def chat_turn(

@@ -13,15 +13,13 @@ from longqlora.chat import (
     build_messages,
     chat_loop,
     chat_turn,
-    generate_reply,
-    generation_kwargs,
     load_chat_model,
     one_shot,
     prompt_ids,
     render,
-    stop_ids,
 )
 from longqlora.data.formats import VICUNA_V1_1_TEMPLATE
+from longqlora.decoding import generate_reply, generation_kwargs, stop_ids
 from longqlora.training.tiny import save_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -385,6 +383,79 @@ def test_the_templates_end_of_turn_token_stops_chat_and_the_merged_model():
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, eot]
     stop_at_turn_end(model, tokenizer)  # once only
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, eot]
+
+
+LLAMA2 = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_the_templates_next_turn_marker_is_found_where_it_is_plain_text():
+    """The text a template opens the next user turn with is a stop marker when it is plain text with a sign
+    (Vicuna's "USER:", Llama 2's "[INST]", "user:"); a role name behind special tokens (ChatML, Llama 3) is not."""
+    from longqlora.data.formats import turn_marker
+    from longqlora.training.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["hello there, a reply"], vocab_size=300)
+    specials = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|im_end|>", "<|im_start|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    found = {}
+    for name, template in (
+        ("vicuna", VICUNA_V1_1_TEMPLATE),
+        ("llama2", LLAMA2),
+        ("plain", PLAIN),
+        ("chatml", CHATML),
+        ("llama3", LLAMA3),
+    ):
+        tokenizer.chat_template = template
+        found[name] = turn_marker(tokenizer)
+    assert found == {"vicuna": "USER:", "llama2": "[INST]", "plain": "user:", "chatml": None, "llama3": None}
+
+
+def test_a_reply_stops_at_the_next_turn_marker_and_never_shows_it(chat, monkeypatch):
+    """A model that misses its end-of-turn token and writes the next turn's marker stops there: generation ends
+    early, the marker and the whitespace before it are cut from the reply, and the stream shows exactly the reply.
+    The marker is taken from the model's own greedy reply, so that it does write it."""
+    import longqlora.data.formats as formats
+
+    source, model, tokenizer = chat
+    cfg = _cfg(source, prompt="hello", max_new_tokens=16)
+    ids = prompt_ids(tokenizer, render(tokenizer, [{"role": "user", "content": "hello"}]))
+    monkeypatch.setattr(formats, "turn_marker", lambda tokenizer: None)
+    free, n_free = generate_reply(cfg, model, tokenizer, ids)
+    with torch.no_grad():
+        new = model.generate(input_ids=torch.tensor([ids]), **generation_kwargs(cfg, tokenizer, model))[0, len(ids) :]
+    pieces = [tokenizer.decode(new[i : i + 2], skip_special_tokens=True).strip() for i in range(6, 12)]
+    marker = next(p for p in pieces if p and "\ufffd" not in p and p in free)  # two tokens from the middle
+    assert n_free == 16, free
+    monkeypatch.setattr(formats, "turn_marker", lambda tokenizer: marker)
+    out = io.StringIO()
+    reply, n_stopped = generate_reply(cfg, model, tokenizer, ids, out)
+    assert reply == free[: free.index(marker)].rstrip()
+    assert out.getvalue() == reply and marker not in reply
+    assert n_stopped < n_free
+
+
+def test_the_stream_holds_back_what_may_begin_the_marker():
+    """Streamed text is final: no trailing whitespace, nothing that may turn out to be the start of the next-turn
+    marker (a marker with a space in it, "### Human:", would otherwise show its first word)."""
+    from types import SimpleNamespace
+
+    from longqlora.decoding import StreamWriter
+
+    pieces = ["Hi", " there", "\n", "###", " Human", ":"]
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))
+    out = io.StringIO()
+    writer = StreamWriter(tokenizer, out, marker="### Human:")
+    writer.put(torch.tensor([[0]]))  # the prompt
+    shown = []
+    for i in range(len(pieces)):
+        writer.put(torch.tensor([i]))
+        shown.append(out.getvalue())
+    writer.end()
+    assert shown == ["", "Hi", "Hi there", "Hi there", "Hi there", "Hi there"]
+    assert out.getvalue() == "Hi there"
 
 
 def test_chat_takes_the_system_prompt_the_adapter_trained_with(sft_adapter):

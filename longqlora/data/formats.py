@@ -138,29 +138,58 @@ def training_chat_template(tokenizer, flag: str, template_path: str | None = Non
 
 
 _PROBE_REPLY = "Zq7 probe reply"  # text no template writes by itself
+_PROBE_NEXT = "Zq8 probe question"
+
+
+def _after_probe_reply(tokenizer, then: list[dict]) -> str | None:
+    """What the chat template writes after an assistant reply of `_PROBE_REPLY` (followed by the turns `then`),
+    or None without a template, or with one that does not render (reported where it is rendered for use)."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}, *then]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:
+        return None
+    at = text.rfind(_PROBE_REPLY)
+    return None if at < 0 else text[at + len(_PROBE_REPLY) :]
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def turn_end_id(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant reply (Vicuna's </s>, Llama 3's
     <|eot_id|>, ChatML's <|im_end|>): a model trained on that template ends its replies with it, so generation has
     to stop there, also where it is not the tokenizer's EOS. None without a template or a special token there."""
-    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+    after = _after_probe_reply(tokenizer, [])
+    if after is None:
         return None
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template that does not render is reported where it is rendered for use
-        return None
-    at = text.rfind(_PROBE_REPLY)
-    if at < 0:
-        return None
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    for token in tokenizer(text[at + len(_PROBE_REPLY) :], add_special_tokens=False)["input_ids"]:
+    special = _special_ids(tokenizer)
+    for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
         if token in special:
             return token
         if tokenizer.decode([token]).strip():  # plain text follows the reply: no end-of-turn token
             return None
     return None
+
+
+def turn_marker(tokenizer) -> str | None:
+    """The plain text with which the chat template opens the next user turn (Vicuna's "USER:", Llama 2's
+    "[INST]", "### Human:"), when it has a sign other than letters and digits. A model that misses its end-of-turn
+    token writes that marker and goes on to play the user, so a reply stops there too. A bare role name after a
+    special token (ChatML's "user") is no marker: a reply may say it."""
+    between = _after_probe_reply(tokenizer, [{"role": "user", "content": _PROBE_NEXT}])
+    if between is None or _PROBE_NEXT not in between:
+        return None
+    between = between[: between.index(_PROBE_NEXT)]
+    names = {tokenizer.convert_ids_to_tokens(i) for i in _special_ids(tokenizer)}
+    for name in sorted((n for n in names if n), key=len, reverse=True):
+        between = between.replace(name, "\n")
+    lines = between.strip().splitlines()
+    marker = lines[-1].strip() if lines else ""
+    return marker if any(not (c.isalnum() or c.isspace()) for c in marker) else None
 
 
 _GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
