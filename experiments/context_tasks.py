@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from longqlora.evaluation import passkey
+from longqlora.evaluation import haystack
 
 EVAL_SEED = 42  # PasskeyConfig's default seed: the keys the evaluation draws are never trained on
 MIX_VERSION = 2  # raised when the material changes: the cached bases and results built on it are keyed by it
 
 
 def _eval_keys() -> set[str]:
-    return set(passkey.make_keys(EVAL_SEED, 5000))
+    return set(haystack.make_keys(EVAL_SEED, 5000))
 
 
 def tokenizer_sample(n: int = 200, seed: int = 1) -> list[str]:
@@ -37,7 +37,7 @@ def tokenizer_sample(n: int = 200, seed: int = 1) -> list[str]:
     docs = []
     for _ in range(n):
         key = str(rng.randint(10000, 99999))
-        docs.append(passkey.compose(key, rng.randint(5, 60), rng.random()) + f" {key}.")
+        docs.append(haystack.compose(key, rng.randint(5, 60), rng.random()) + f" {key}.")
     return docs
 
 
@@ -55,7 +55,7 @@ def passkey_lengths(tokenizer, lengths: list[int]) -> list[int]:
 
 def shortest_passkey(tokenizer) -> int:
     """Tokens of the shortest passkey document (no filler) with its answer: below it the task does not fit."""
-    return passkey.count_tokens(tokenizer, passkey.compose("12345", 0, 0.0) + " 12345.") + 8  # keys differ
+    return haystack.count_tokens(tokenizer, haystack.compose("12345", 0, 0.0) + " 12345.") + 8  # keys differ
 
 
 def passkey_documents(tokenizer, n: int, shortest: int, longest: int, seed: int) -> list[str]:
@@ -74,7 +74,7 @@ def passkey_documents(tokenizer, n: int, shortest: int, longest: int, seed: int)
         depth = round(rng.random(), 2)
         target = rng.randint(shortest, longest) - answer
         guess = words_at.get((target, depth))
-        built = passkey.build_prompt(tokenizer, key, depth, target, words=guess)
+        built = haystack.build_prompt(tokenizer, key, depth, target, words=guess)
         words_at[(target, depth)] = built["filler_words"]
         docs.append(built["prompt"] + f" {key}.")
     return docs

@@ -17,7 +17,7 @@ from experiments.context_tasks import (
     varied_repeat_ids,
 )
 from longqlora.data import corpora
-from longqlora.evaluation import passkey
+from longqlora.evaluation import haystack
 from longqlora.training.tiny import train_tokenizer
 
 BOOK = corpora.book("austen_emma")[:200_000]
@@ -31,12 +31,12 @@ def test_passkey_documents_fit_and_end_with_their_key():
     tok = _tokenizer()
     least = shortest_passkey(tok)
     docs = passkey_documents(tok, 20, 10, 3 * least, seed=0)
-    eval_keys = set(passkey.make_keys(42, 5000))
+    eval_keys = set(haystack.make_keys(42, 5000))
     for doc in docs:
         n = len(tok(doc)["input_ids"])
         assert least - 8 <= n <= 3 * least
         key = doc.rsplit(" ", 1)[1].rstrip(".")
-        assert passkey.KEY_LINE.format(key=key) in doc and doc.endswith(f"{passkey.QUESTION} {key}.")
+        assert haystack.KEY_LINE.format(key=key) in doc and doc.endswith(f"{haystack.QUESTION} {key}.")
         assert key not in eval_keys  # the evaluation's keys are never trained on
     assert passkey_documents(tok, 5, 10, least - 9, seed=0) == []  # too short for the prompt: none
 
@@ -54,7 +54,7 @@ def test_repeat_documents_repeat_their_opening_passage():
 def test_context_mix_proportions():
     tok = _tokenizer()
     docs = context_mix(tok, [BOOK], rows=80, length=128, seed=0)
-    keys = sum(passkey.QUESTION in d for d in docs)
+    keys = sum(haystack.QUESTION in d for d in docs)
     doubled = sum(len(d) % 2 == 0 and d[: len(d) // 2] == d[len(d) // 2 :] for d in docs)
     assert len(docs) == 80 and keys == 20 and doubled >= 20
 

@@ -8,14 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from longqlora.evaluation import haystack as H
 from longqlora.evaluation import passkey as P
-from longqlora.evaluation.passkey import PasskeyConfig, build_prompt, evaluate_passkey, is_correct, run_passkey
+from longqlora.evaluation.haystack import build_prompt
+from longqlora.evaluation.passkey import PasskeyConfig, evaluate_passkey, is_correct, run_passkey
 from longqlora.training.tiny import save_tiny_model
 
 # A corpus made of the prompt's own sentences and digits, so a 512-entry BPE tokenizes the fixed parts compactly
 # (about 56 tokens) and a 128-token context still has room for filler.
 PROMPT_TEXT = "\n".join(
-    [P.TASK, " ".join([P.FILLER] * 20), P.KEY_LINE.format(key=12345), P.QUESTION, " ".join("0123456789") * 3]
+    [H.TASK, " ".join([H.FILLER] * 20), H.KEY_LINE.format(key=12345), H.QUESTION, " ".join("0123456789") * 3]
 )
 
 
@@ -40,9 +42,9 @@ def adapter(tiny_adapter):
 
 def measured_depth(tokenizer, prompt: str, key: str, depth: float) -> float:
     """Filler tokens before the key line over all filler tokens, measured on the prompt text itself."""
-    head = P.count_tokens(tokenizer, P.TASK)
-    before = P.count_tokens(tokenizer, prompt[: prompt.index(P.KEY_LINE.format(key=key))]) - head
-    filler = P.count_tokens(tokenizer, prompt) - P.count_tokens(tokenizer, P.compose(key, 0, depth))
+    head = H.count_tokens(tokenizer, H.TASK)
+    before = H.count_tokens(tokenizer, prompt[: prompt.index(H.KEY_LINE.format(key=key))]) - head
+    filler = H.count_tokens(tokenizer, prompt) - H.count_tokens(tokenizer, H.compose(key, 0, depth))
     return before / filler
 
 
@@ -53,9 +55,9 @@ def test_prompt_has_the_length_depth_and_wording(tiny, target, depth):
     _, tok = tiny
     built = build_prompt(tok, "48213", depth, target)
     prompt = built["prompt"]
-    assert built["tokens"] == P.count_tokens(tok, prompt)
+    assert built["tokens"] == H.count_tokens(tok, prompt)
     assert target - 8 <= built["tokens"] <= target
-    assert prompt.startswith(P.TASK + "\n")
+    assert prompt.startswith(H.TASK + "\n")
     assert prompt.endswith("\nWhat is the pass key? The pass key is")
     assert "\nThe pass key is 48213. Remember it. 48213 is the pass key.\n" in prompt
     assert (
@@ -68,7 +70,7 @@ def test_prompt_has_the_length_depth_and_wording(tiny, target, depth):
 
 def test_plan_fits_every_prompt_and_answer_in_its_context(tiny):
     _, tok = tiny
-    cases, max_new = P.plan_trials(tok, [128, 256], [0.0, 1.0], 3, seed=7)
+    cases, max_new = H.plan_trials(tok, [128, 256], [0.0, 1.0], 3, seed=7)
     assert len(cases) == 12 and max_new >= len(tok(" 12345", add_special_tokens=False)["input_ids"])
     for case in cases:
         assert case["tokens"] + max_new <= case["context_length"]
@@ -77,9 +79,9 @@ def test_plan_fits_every_prompt_and_answer_in_its_context(tiny):
 
 
 def test_keys_are_reproducible():
-    assert P.make_keys(3, 20) == P.make_keys(3, 20)
-    assert P.make_keys(3, 20) != P.make_keys(4, 20)
-    assert P.make_keys(3, 5) == P.make_keys(3, 20)[:5]
+    assert H.make_keys(3, 20) == H.make_keys(3, 20)
+    assert H.make_keys(3, 20) != H.make_keys(4, 20)
+    assert H.make_keys(3, 5) == H.make_keys(3, 20)[:5]
 
 
 def test_scoring_rule():
@@ -146,7 +148,7 @@ def test_the_answer_is_greedy_whatever_the_generation_config_says(tiny):
 def test_run_on_a_tiny_model_writes_json_and_png(tiny, tmp_path, caplog, monkeypatch):
     path, _ = tiny
     plans, plan_trials = [], P.plan_trials
-    monkeypatch.setattr(P, "plan_trials", lambda *a: plans.append(a) or plan_trials(*a))
+    monkeypatch.setattr(P, "plan_trials", lambda *a, **k: plans.append(a) or plan_trials(*a, **k))
     cfg = PasskeyConfig(
         model=str(path),
         context_lengths=[128, 256],
@@ -202,6 +204,9 @@ def test_run_with_a_trained_adapter_in_4bit(adapter, tmp_path):
         ({"depths": [0.5, 1.5]}, "--depths"),
         ({"compute_dtype": "int8"}, "--compute_dtype"),
         ({"model": None}, "--model"),
+        ({"distractors": -1}, "--distractors"),
+        ({"distractors": len(H.LABELS)}, "--distractors"),
+        ({"haystack": "no-such-file.txt"}, "--haystack"),
     ],
 )
 def test_bad_flags_fail_in_one_line(kwargs, flag):
@@ -248,3 +253,82 @@ def test_unbuildable_prompt_or_bad_paths_fail_before_weights_load(tiny, adapter,
         run_passkey(PasskeyConfig(adapter=str(tmp_path), context_lengths=[128]))
     with pytest.raises(ValueError, match="^--model .*: no such directory"):
         run_passkey(PasskeyConfig(model=str(tmp_path / "missing"), context_lengths=[128]))
+
+
+# ------------------------------------------------------------------------------------------- harder variants
+def test_distractors_are_labelled_keys_at_their_depths_and_the_asked_keys_stay_the_plain_runs(tiny):
+    """--distractors 3: four labelled key lines, distinct labels and keys, each after its depth's share of the
+    filler, the question naming the asked key's label; the asked keys, depths and lengths are the plain run's
+    (paired), the prompts reproducible and within their token budget."""
+    _, tok = tiny
+    plain, _ = H.plan_trials(tok, [1500], [0.0, 0.5, 1.0], 2, seed=3)
+    cases, max_new = H.plan_trials(tok, [1500], [0.0, 0.5, 1.0], 2, seed=3, distractors=3)
+    assert cases == H.plan_trials(tok, [1500], [0.0, 0.5, 1.0], 2, seed=3, distractors=3)[0]
+    assert [c["key"] for c in cases] == [c["key"] for c in plain] and all(not c["others"] for c in plain)
+    hidden = H.hide(3, [c["key"] for c in cases], 3)
+    for case in cases:
+        prompt = case["prompt"]
+        assert case["tokens"] == H.count_tokens(tok, prompt) <= 1500 - max_new
+        lines = re.findall(
+            r"The pass key of the (\w+) is (\d{5})\. Remember it\. \2 is the pass key of the \1\.", prompt
+        )
+        labels, keys = [label for label, _ in lines], [key for _, key in lines]
+        assert len(lines) == 4 and len(set(labels)) == 4 and len(set(keys)) == 4 and set(labels) <= set(H.LABELS)
+        assert sorted(keys) == sorted([case["key"], *case["others"]])
+        asked = labels[keys.index(case["key"])]
+        assert prompt.endswith(H.LABELED_QUESTION.format(label=asked))
+        seen, at = 0, {}  # filler words before each key line
+        for part in prompt.split("\n")[1:-1]:  # between the task and the question: filler and key lines
+            found = re.search(r"is (\d{5})\. Remember it", part)
+            if found:
+                at[found.group(1)] = seen
+            else:
+                seen += len(part.split())
+        assert seen == case["filler_words"]
+        assert at[case["key"]] == round(case["depth"] * seen)
+        assert all(at[key] == round(depth * seen) for _, key, depth in hidden[cases.index(case)].others)
+    assert len({h.label for h in hidden}) > 1  # the asked label varies between trials
+
+
+def test_a_book_or_a_file_is_the_haystack_in_order(tiny, tmp_path):
+    """--haystack austen_emma takes the book's words in order (no repeated filler); a file likewise, repeated when
+    the context needs more; an empty or non-UTF-8 file is one line naming --haystack."""
+    from longqlora.data.corpora import book
+
+    _, tok = tiny
+    (case,), _ = H.plan_trials(tok, [600], [1.0], 1, seed=1, haystack="austen_emma")
+    filler = case["prompt"].split("\n")[1]
+    assert filler == " ".join(book("austen_emma").split()[: case["filler_words"]]) and H.FILLER not in case["prompt"]
+    (tmp_path / "hay.txt").write_text("alpha beta\ngamma")
+    (case,), _ = H.plan_trials(tok, [300], [0.0], 1, seed=1, haystack=str(tmp_path / "hay.txt"))
+    assert case["prompt"].split("\n")[2].startswith("alpha beta gamma alpha beta gamma")
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe")
+    for name, problem in (("empty.txt", "has no text"), ("bad.txt", "line 2")):
+        with pytest.raises(ValueError, match=f"^--haystack {tmp_path / name}.*{problem}"):
+            H.haystack_words(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("answer,correct,distracted", [("key", 2, 0), ("other", 0, 2), ("none", 0, 0)])
+def test_an_answer_that_is_another_hidden_key_is_wrong_and_counted(tiny, monkeypatch, answer, correct, distracted):
+    path, tok = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cases, max_new = H.plan_trials(tok, [1024], [0.5], 2, seed=4, distractors=2)
+    reply = {c["prompt"]: {"key": c["key"], "other": c["others"][1], "none": "12"}[answer] for c in cases}
+    monkeypatch.setattr(P, "generate_answer", lambda model, tok, prompt, n: " " + reply[prompt] + ".")
+    result = evaluate_passkey(model, tok, [1024], [0.5], 2, seed=4, progress=False, distractors=2)
+    (row,) = result["by_length"]
+    assert (row["correct"], row["distractor_answers"]) == (correct, distracted)
+    assert result["protocol"]["distractors"] == 2 and result["protocol"]["question"] == H.LABELED_QUESTION
+
+
+def test_variant_flags_parse_and_reach_the_result(tiny, tmp_path):
+    path, _ = tiny
+    (cfg,) = HfArgumentParser(PasskeyConfig).parse_args_into_dataclasses(
+        args=["--model", str(path), "--context_lengths", "1024", "--depths", "0.5", "--trials", "1"]
+        + ["--distractors", "2", "--haystack", "kjv_bible", "--output_dir", str(tmp_path / "out")]
+    )
+    result = run_passkey(cfg)
+    saved = json.loads((tmp_path / "out" / "passkey.json").read_text())
+    assert saved["protocol"]["haystack"] == "kjv_bible" and saved["protocol"]["distractors"] == 2
+    assert result["by_length"][0]["trials"] == 1 and "distractor_answers" in result["cells"][0]

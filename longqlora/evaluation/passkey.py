@@ -10,12 +10,17 @@ Protocol (recorded in every result):
 - keys are 5-digit numbers drawn from `random.Random(seed)` in (length, depth, trial) order;
 - greedy decoding with the model's own full attention; a trial succeeds when the generated text starts with the
   key's digits and no digit follows them directly (a longer number fails; the key said twice succeeds).
+
+Harder variants, after RULER's needle-in-a-haystack tasks (arXiv 2404.06654, Section 3.1), since a model can pass the
+repeated filler by spotting the one line that differs: `--haystack` hides the key in real text (a bundled book or a
+file, its words in order) and `--distractors N` hides N other keys, each with its own label, at random depths (from
+`random.Random("distractors-<seed>")`, so the asked-for keys stay those of the plain run); the key line and the
+question then name the label, and an answer that is another hidden key is wrong (counted apart).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,21 +28,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from longqlora.data.corpora import BOOKS
+from longqlora.evaluation.haystack import (
+    FILLER,
+    KEY_LINE,
+    LABELED_KEY_LINE,
+    LABELED_QUESTION,
+    LABELS,
+    QUESTION,
+    TASK,
+    plan_trials,
+)
 from longqlora.evaluation.loading import NEUTRAL_DECODING, LoaderArgs
 
 logger = logging.getLogger(__name__)
 
-TASK = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
 MIN_CONTEXT = 64
-EXTRA_NEW_TOKENS = 3  # generated beyond what the key itself needs
 SAMPLE_CHARS = 40
-_WORDS = FILLER.split()
 
 
 @dataclass
@@ -54,6 +61,17 @@ class PasskeyConfig(LoaderArgs):
         metadata={"help": "Where the key line goes, as a fraction of the filler (0 = first, 1 = last)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of the key generator; the same seed gives the same keys."})
+    haystack: str = field(
+        default="repeat",
+        metadata={
+            "help": "The text the key hides in: repeat (LongLoRA's five filler sentences), a bundled book ("
+            "austen_emma, ..., kjv_bible) or a UTF-8 text file; its words in order, repeated when a context needs more."
+        },
+    )
+    distractors: int = field(
+        default=0,
+        metadata={"help": "Other keys hidden at random depths, each with its own label; the question names one."},
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Write passkey.json and passkey.png here."})
 
     def __post_init__(self):
@@ -72,97 +90,13 @@ class PasskeyConfig(LoaderArgs):
             raise ValueError(
                 f"--depths {' '.join(map(str, self.depths))}: pass distinct fractions in [0, 1], e.g. 0 0.25 0.5 0.75 1"
             )
-
-
-# ---------------------------------------------------------------------------------------------------- prompts
-def make_keys(seed: int, n: int) -> list[str]:
-    """`n` random 5-digit keys from `random.Random(seed)`: reproducible, independent of any global RNG."""
-    rng = random.Random(seed)
-    return [str(rng.randint(10000, 99999)) for _ in range(n)]
-
-
-def filler_words(start: int, count: int) -> str:
-    """Words `start .. start+count` of the endlessly repeated filler block."""
-    return " ".join(_WORDS[i % len(_WORDS)] for i in range(start, start + count))
-
-
-def compose(key: str, words: int, depth: float) -> str:
-    """The prompt with `words` filler words, the key line after `round(depth * words)` of them."""
-    before = round(depth * words)
-    parts = [TASK, filler_words(0, before), KEY_LINE.format(key=key), filler_words(before, words - before), QUESTION]
-    return "\n".join(p for p in parts if p)
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Tokens of `text` as the model receives it (special tokens such as BOS included)."""
-    return len(tokenizer(text)["input_ids"])
-
-
-def fit_words(tokenizer, key: str, depth: float, target: int, context_length: int) -> int:
-    """The most filler words whose prompt has at most `target` tokens (doubling, then binary search)."""
-    least = count_tokens(tokenizer, compose(key, 0, depth))
-    if least > target:
-        raise ValueError(
-            f"--context_lengths {context_length}: the passkey prompt needs {least} tokens without any "
-            f"filler plus {context_length - target} for the answer; pass a context length of at least "
-            f"{least + context_length - target}"
-        )
-    low, high = 0, max(8, target)
-    while count_tokens(tokenizer, compose(key, high, depth)) <= target:  # words may merge into fewer tokens
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if count_tokens(tokenizer, compose(key, mid, depth)) <= target:
-            low = mid
-        else:
-            high = mid
-    return low
-
-
-def build_prompt(
-    tokenizer, key: str, depth: float, target: int, context_length: int | None = None, words: int | None = None
-) -> dict:
-    """{"prompt", "tokens", "filler_words"}: at most `target` tokens, as close as word-level trimming gets, hiding
-    `key` at `depth`; `words`, a guess from another key at the same length and depth, shrinks until it fits."""
-    context_length = context_length or target
-    if words is None:
-        words = fit_words(tokenizer, key, depth, target, context_length)
-    while True:  # another key's digits may tokenize longer than the guess allowed for
-        prompt = compose(key, words, depth)
-        tokens = count_tokens(tokenizer, prompt)
-        if tokens <= target or words == 0:
-            break
-        words -= 1
-    if tokens > target:
-        fit_words(tokenizer, key, depth, target, context_length)  # raises the one-line error
-    return {"prompt": prompt, "tokens": tokens, "filler_words": words}
-
-
-def answer_budget(tokenizer, keys) -> int:
-    """max_new_tokens: the most tokens any key needs after "is" (with its leading space), plus a few."""
-    return max(len(tokenizer(" " + k, add_special_tokens=False)["input_ids"]) for k in keys) + EXTRA_NEW_TOKENS
-
-
-def plan_trials(tokenizer, context_lengths, depths, trials: int, seed: int) -> tuple[list[dict], int]:
-    """Every trial's prompt, built before any weights load so that a prompt that cannot fit fails first.
-
-    Returns (cases, max_new_tokens); each case has context_length, depth, trial, key, prompt, tokens, target.
-    """
-    keys = make_keys(seed, len(context_lengths) * len(depths) * trials)
-    max_new = answer_budget(tokenizer, keys)
-    cases, k = [], 0
-    for n in context_lengths:
-        target = n - max_new
-        for depth in depths:
-            words = None
-            for trial in range(trials):
-                built = build_prompt(tokenizer, keys[k], depth, target, n, words)
-                words = built["filler_words"]
-                cases.append(
-                    {"context_length": n, "depth": depth, "trial": trial, "key": keys[k], "target": target, **built}
-                )
-                k += 1
-    return cases, max_new
+        if not 0 <= self.distractors < len(LABELS):
+            raise ValueError(f"--distractors {self.distractors}: pass 0 to {len(LABELS) - 1}, e.g. 3")
+        if self.haystack != "repeat" and self.haystack not in BOOKS and not Path(self.haystack).is_file():
+            raise ValueError(
+                f"--haystack {self.haystack}: no such file; pass repeat, a bundled book ({', '.join(BOOKS)}) "
+                "or a UTF-8 text file"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -193,6 +127,7 @@ def summarize(records: list[dict], context_lengths, depths) -> dict:
             "trials": len(rows),
             "correct": sum(r["correct"] for r in rows),
             "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "distractor_answers": sum(r["distractor"] for r in rows),
             "prompt_tokens_min": min(tokens),
             "prompt_tokens_max": max(tokens),
         }
@@ -209,11 +144,20 @@ def summarize(records: list[dict], context_lengths, depths) -> dict:
 
 
 def evaluate_passkey(
-    model, tokenizer, context_lengths, depths, trials: int, seed: int = 42, progress: bool = True, planned=None
+    model,
+    tokenizer,
+    context_lengths,
+    depths,
+    trials: int,
+    seed: int = 42,
+    progress: bool = True,
+    planned=None,
+    distractors: int = 0,
+    haystack: str = "repeat",
 ) -> dict:
     """Run every trial on a loaded model; returns the accuracies, the protocol and a few samples (no files).
     `planned`: what `plan_trials` returned for these arguments, when the caller has it already."""
-    cases, max_new = planned or plan_trials(tokenizer, context_lengths, depths, trials, seed)
+    cases, max_new = planned or plan_trials(tokenizer, context_lengths, depths, trials, seed, distractors, haystack)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for n in context_lengths:
         if limit and n > limit:
@@ -229,6 +173,7 @@ def evaluate_passkey(
             {
                 **{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
                 "correct": is_correct(case["key"], generated),
+                "distractor": any(is_correct(other, generated) for other in case["others"]),
             }
         )
         if case["trial"] == 0:
@@ -237,17 +182,20 @@ def evaluate_passkey(
     summary = summarize(records, context_lengths, depths)
     for row in summary["by_length"]:
         logger.info(
-            "passkey @%d: %d/%d correct (%.0f%%)",
+            "passkey @%d: %d/%d correct (%.0f%%)%s",
             row["context_length"],
             row["correct"],
             row["trials"],
             100 * row["accuracy"],
+            f", {row['distractor_answers']} answered another key" if distractors else "",
         )
     protocol = {
         "task": TASK,
         "filler": FILLER,
-        "key_line": KEY_LINE,
-        "question": QUESTION,
+        "key_line": KEY_LINE if not distractors else LABELED_KEY_LINE,
+        "question": QUESTION if not distractors else LABELED_QUESTION,
+        "haystack": haystack,
+        "distractors": distractors,
         "joiner": "\\n",
         "key_digits": 5,
         "seed": seed,
@@ -270,10 +218,11 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
     if cfg.output_dir:
         check_output_path(cfg.output_dir, "--output_dir")
     tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
-    planned = plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed)  # fails before loading
+    variant = {"distractors": cfg.distractors, "haystack": cfg.haystack}
+    planned = plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, **variant)  # fails first
     model, tokenizer, info = cfg.load()
     evaluated = evaluate_passkey(
-        model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, planned=planned
+        model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, planned=planned, **variant
     )
     result = {
         "model": cfg.model or adapter_base(cfg.adapter),
