@@ -282,6 +282,8 @@ def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys
         ({}, 100),
         ({"eval_strategy": "steps"}, 100),
         ({"eval_strategy": "steps", "eval_steps": 30}, 30),
+        ({"eval_strategy": "steps", "eval_steps": 1}, 1),  # --logging_steps' value, set: kept
+        ({"eval_steps": 1}, 1),
     ):
         training = TrainingConfig(output_dir=str(tmp_path / "o"), save_steps=100, logging_steps=1, **flags)
         assert {**vars(training), **_evaluation(model, data, training)}["eval_steps"] == steps

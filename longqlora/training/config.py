@@ -52,6 +52,10 @@ class TrainingConfig(SFTConfig):
     # --eval_dataset rows are as long as the training rows: one at a time, and only their loss is kept (the Trainer
     # would gather every batch's tokens x vocabulary logits)
     per_device_eval_batch_size: int = 1
+    eval_steps: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate --eval_dataset every this many steps (a ratio of the run below 1); default --save_steps."},
+    )
     prediction_loss_only: bool = True
     save_steps: float = 100
     save_total_limit: int | None = 3
@@ -118,6 +122,8 @@ class TrainingConfig(SFTConfig):
             self.activation_checkpointing = False
         if self.gradient_checkpointing_kwargs is not None:
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        if getattr(self.eval_strategy, "value", self.eval_strategy) == "steps" and self.eval_steps is None:
+            self.eval_steps = self.save_steps  # transformers would fill it with --logging_steps
         super().__post_init__()
         kwargs = self.activation_checkpointing_kwargs
         if kwargs is not None and not isinstance(kwargs, dict):

@@ -59,8 +59,6 @@ def _evaluation(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> d
         raise ValueError(f"--eval_dataset: not supported with {flag} yet; evaluate checkpoints with perplexity")
     if strategy == "no":
         return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
-    if strategy == "steps" and training.eval_steps in (None, training.logging_steps):
-        return {"eval_steps": training.save_steps}  # transformers fills an unset --eval_steps with --logging_steps
     return {}
 
 

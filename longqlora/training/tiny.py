@@ -168,6 +168,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
         training,
         max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
         save_steps=2,
+        eval_steps=min(training.eval_steps, 2) if training.eval_steps else None,
         # the recipe's batch shape scaled down, unless set on the command line or in --config: then kept, so that
         # one process with accumulation 4 can be compared with 2 processes x accumulation 2 (docs/distributed.md)
         per_device_train_batch_size=_set_or(training, "per_device_train_batch_size", 1),
