@@ -151,7 +151,7 @@ def part_recipe(cfg, ctx):
         "argv": argv,
         "wall_s": time.perf_counter() - start,
         "steps": train["steps"],
-        "loss": train["final_loss"],
+        "loss": train["mean_loss"],
         "tokens_per_s": train["tokens"] / max(train["seconds"] or 1e-9, 1e-9),
         "peak_allocated_gib": train.get("peak_allocated_gib"),
         "peak_reserved_gib": train.get("peak_reserved_gib"),

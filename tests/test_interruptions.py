@@ -153,7 +153,11 @@ def test_kill_9_while_writing_a_checkpoint_skips_it(reference, tmp_path, monkeyp
     assert checkpoints.checkpoint_problem(half) == "" and not list(out.glob("incomplete-*"))
     # the record's mean loss is the whole run's (the Trainer's covers only the steps after the resume)
     train, whole = (json.loads((d / "longqlora_extension.json").read_text())["train"] for d in (out, reference[2]))
-    assert train["final_loss"] == pytest.approx(whole["final_loss"], 1e-3) and train["resumed_at_step"] == 2
+    assert train["mean_loss"] == pytest.approx(whole["mean_loss"], 1e-3) and train["resumed_at_step"] == 2
+    assert train["last_loss"] == pytest.approx(whole["last_loss"], 1e-3) and train["tokens_total"] == whole["tokens"]
+    # tokens and seconds are of the same span: this call's, from checkpoint-2 on
+    at_2 = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    assert 0 < train["tokens"] == whole["tokens"] - at_2 and train["seconds"] > 0
 
 
 def test_kill_9_while_publishing_the_adapter_then_resume(reference, tmp_path, monkeypatch, caplog):
@@ -168,7 +172,7 @@ def test_kill_9_while_publishing_the_adapter_then_resume(reference, tmp_path, mo
     recorded = lambda d: json.loads((d / "longqlora_extension.json").read_text())  # noqa: E731
     assert recorded(out)["s2_options"] == recorded(reference[2])["s2_options"]  # the schedule the run was set for
     # the run's mean loss, as the uninterrupted run records it (from the logged losses: rounded to 4 digits)
-    assert recorded(out)["train"]["final_loss"] == pytest.approx(recorded(reference[2])["train"]["final_loss"], 1e-3)
+    assert recorded(out)["train"]["mean_loss"] == pytest.approx(recorded(reference[2])["train"]["mean_loss"], 1e-3)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, caplog):

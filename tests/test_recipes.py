@@ -178,7 +178,7 @@ def test_resume_after_interruption_ends_at_the_same_weights(tmp_path, monkeypatc
     # The seeded tiny run is pinned: data, model, LoRA initialisation and training order are all fixed by --seed, so
     # any change of behaviour (not of speed) shows here. 5.75868 measured on this project's CPU, torch 2.13.
     record = json.loads((whole / EXTENSION_FILE).read_text())
-    assert record["train"]["final_loss"] == pytest.approx(5.75868, rel=1e-4)  # seed 4: 5.74907
+    assert record["train"]["mean_loss"] == pytest.approx(5.75868, rel=1e-4)  # seed 4: 5.74907
 
     def stop_at_three(self, args, state, control, **kwargs):
         if state.global_step == 3:
@@ -362,6 +362,39 @@ def test_tensorboard_when_asked(tmp_path):
     )
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    # tokens/s and peak memory reach TensorBoard and the log history, not transformers' or TRL's second counters
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/tokens_per_second", "train/peak_memory_gib"} <= set(tags), tags
+    assert not {"train/train_tokens_per_second", "train/num_tokens"} & set(tags), tags
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert all(h["tokens_per_second"] > 0 and h["peak_memory_gib"] > 0 for h in history if "loss" in h)
+
+
+def test_throughput_counts_training_steps_only(monkeypatch):
+    """tokens/s divides the tokens since the previous line by the time spent in training steps: an evaluation or a
+    checkpoint save between two steps (here 3 of the 4 seconds) does not count."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 0.5, 3.5, 4.0])  # step 1 begins, ends; 3 s of saving; step 2 begins, ends
+    monkeypatch.setattr(train_callbacks.time, "perf_counter", lambda: next(clock))
+    callback = train_callbacks.ThroughputCallback()
+    state = SimpleNamespace(num_input_tokens_seen=100, log_history=[])
+    callback.on_train_begin(None, state, None)
+    for _ in range(2):
+        callback.on_step_begin(None, state, None)
+        state.num_input_tokens_seen += 500
+        callback.on_step_end(None, state, None)
+    logs = {"loss": 1.0, "train_tokens_per_second": 250.0, "num_tokens": 7}
+    state.log_history.append({**logs, "step": 2})
+    callback.on_log(None, state, None, logs=logs)
+    assert logs["tokens_per_second"] == 1000.0 and "train_tokens_per_second" not in logs and "num_tokens" not in logs
+    assert state.log_history[-1] == {
+        "loss": 1.0,
+        "step": 2,
+        **{k: logs[k] for k in ("tokens_per_second", "peak_memory_gib")},
+    }
 
 
 def test_quickstart_dry_run_shows_the_groups_it_trains():

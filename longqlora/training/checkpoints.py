@@ -300,9 +300,11 @@ class CheckpointGuard(TrainerCallback):
 
 
 def run_training(trainer, resume: str | None, guard: CheckpointGuard):
-    """`trainer.train(resume_from_checkpoint=resume)` under `stop_on_signals(guard)`; returns the run's steps,
-    mean loss, tokens and seconds. A checkpoint that already holds the run's last step is loaded as it is: resumed
-    there, the Trainer would train one step past --max_steps. Raises Interrupted when a signal stopped the run."""
+    """`trainer.train(resume_from_checkpoint=resume)` under `stop_on_signals(guard)`; returns the run's steps, mean
+    and last loss and tokens (`tokens_total`), and the tokens and seconds of this call (a resumed run's from its
+    checkpoint on, so that tokens / seconds is its throughput). A checkpoint that already holds the run's last
+    step is loaded as it is: resumed there, the Trainer would train one step past --max_steps. Raises Interrupted
+    when a signal stopped the run."""
     from transformers import TrainerState
 
     from longqlora.errors import Interrupted
@@ -326,13 +328,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
-        return {
-            "steps": state.global_step,
-            "final_loss": mean_loss(state),
-            "tokens": state.num_input_tokens_seen,
-            "seconds": 0.0,
-            "resumed_at_step": resumed_at,
-        }
+        return {**losses(state), "tokens": 0, "seconds": 0.0, "resumed_at_step": resumed_at}
     with stop_on_signals(guard):
         result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
@@ -343,15 +339,25 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
             "--resume_from_checkpoint auto"
         )
     out = {
-        "steps": state.global_step,
-        # the whole run's mean: trainer.train's training_loss averages only the steps of this call
-        "final_loss": mean_loss(state) if resume else result.training_loss,
-        "tokens": state.num_input_tokens_seen,
-        "seconds": result.metrics.get("train_runtime"),  # of this call: from resumed_at_step on
+        **losses(state),  # the whole run's: trainer.train's training_loss averages only the steps of this call,
+        **({} if resume else {"mean_loss": result.training_loss}),  # which are the run's, unlogged ones too
+        "tokens": state.num_input_tokens_seen - saved.get("num_input_tokens_seen", 0),
+        "seconds": result.metrics.get("train_runtime"),
     }
     if resume:
         out["resumed_at_step"] = resumed_at
     return out
+
+
+def losses(state) -> dict:
+    """The run's steps, its mean loss (`mean_loss`), the last logged one (`last_loss`) and its tokens."""
+    logged = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return {
+        "steps": state.global_step,
+        "mean_loss": mean_loss(state),
+        "last_loss": logged[-1] if logged else None,
+        "tokens_total": state.num_input_tokens_seen,
+    }
 
 
 def mean_loss(state) -> float | None:

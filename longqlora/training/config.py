@@ -54,7 +54,9 @@ class TrainingConfig(SFTConfig):
     per_device_eval_batch_size: int = 1
     eval_steps: float | None = field(
         default=None,
-        metadata={"help": "Evaluate --eval_dataset every this many steps (a ratio of the run below 1); default --save_steps."},
+        metadata={
+            "help": "Evaluate --eval_dataset every this many steps (a ratio of the run below 1); default --save_steps."
+        },
     )
     prediction_loss_only: bool = True
     save_steps: float = 100

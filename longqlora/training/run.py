@@ -33,7 +33,7 @@ from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
-from longqlora.training.callbacks import RecordCallback, ThroughputCallback
+from longqlora.training.callbacks import RecordCallback, ThroughputCallback, lead, peak_memory_gib
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default
 from longqlora.training.summary import describe, extension_record, resume_settings
 
@@ -353,8 +353,9 @@ def _train(run: ResolvedRun) -> Path:
             train_dataset=dataset,
             eval_dataset=eval_set,
             processing_class=tokenizer,
-            callbacks=[ThroughputCallback(), guard, record, *s2_schedule_callbacks(model_cfg)],
+            callbacks=[guard, record, *s2_schedule_callbacks(model_cfg)],
         )
+        lead(trainer, ThroughputCallback())
         if eval_set is not None:
             _evaluate_apart(trainer)
         if model_cfg.pose_window:
@@ -375,8 +376,7 @@ def _train(run: ResolvedRun) -> Path:
             trained.update(eval_loss=evaluated[-1]["eval_loss"], eval_step=evaluated[-1]["step"])
         if torch.cuda.is_available():
             trained.update(
-                peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
-                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                peak_allocated_gib=peak_memory_gib(), peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30
             )
         if launched.world_size > 1:
             trained.update(
