@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         lambda stats, cfg, args: (
             f"wrote {stats['count_out']} conversations to {args.output_dir}; skipped {stats['skipped_invalid']} "
             f"invalid ({stats['skipped_empty_reply']} for an empty assistant reply); {stats['over_max_length']} exceed "
-            f"--max_length {args.max_length} (--overlong {cfg.overlong})"
+            f"--max_length {args.max_length} (--overlong {cfg.overlong}"
+            + (
+                f"; {stats['answers_lost']} keep no reply token within it and training drops them: "
+                f"{stats['count_out'] - stats['answers_lost']} will train)"
+                if stats.get("answers_lost")
+                else ")"
+            )
         ),
         __doc__,
         argv,

@@ -655,6 +655,24 @@ def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_
         training_chat_template(unmaskable, "--tokenizer")
 
 
+def test_prepare_instructions_says_how_many_will_train(tok, tmp_path, capsys):
+    """A conversation whose first --max_length tokens hold no reply is kept in the folder (TRL drops it when
+    training): the last line says how many will train, not only how many exceed."""
+    from conftest import load_script
+
+    prep = load_script("data_prep/prepare_instructions.py")
+    tok.save_pretrained(tmp_path / "tok")
+    long_question = " ".join(DOCS[1].split()[:600])
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 2
+    rows.append({"instruction": long_question, "input": "", "output": "Fine."})
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", str(tmp_path / "tok")]
+    prep.main(argv + ["--output_dir", str(tmp_path / "out"), "--max_length", "256"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "1 exceed --max_length 256 (--overlong truncate; 1 keep no reply token within it" in last, last
+    assert last.endswith("training drops them: 2 will train)")
+
+
 def test_generation_markers_made_plain_render_the_same_text(tok):
     """A merged model's template without {% generation %} (TRL's training templates, which also quote the markers
     in their header comments): the same text as transformers renders the original, and a Jinja parser without

@@ -74,7 +74,8 @@ class InstructionDataConfig:
     num_proc: int | None = flag("Processes for loading and tokenizing.", default=None)
     eval_dataset: str | None = flag(
         "Held-out conversations in any --dataset form, read as --dataset is: their loss on the replies is logged "
-        "every --eval_steps (default --save_steps), with full attention.",
+        "every --eval_steps (default --save_steps), with full attention."
+        " Recipes only: data_prep prepares held-out data in a run of its own.",
         default=None,
     )
     eval_split: str | None = flag(EVAL_SPLIT_HELP, default=None)

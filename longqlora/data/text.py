@@ -68,7 +68,8 @@ class TextDataConfig:
     max_documents: int | None = flag("Keep only the first N documents.", default=None)
     eval_dataset: str | None = flag(
         "Held-out text in any --dataset form, read and packed as --dataset is (--min_length, --max_documents too): "
-        "its loss is logged every --eval_steps (default --save_steps) at the full context, with full attention.",
+        "its loss is logged every --eval_steps (default --save_steps) at the full context, with full attention."
+        " Recipes only: data_prep prepares held-out data in a run of its own.",
         default=None,
     )
     eval_split: str | None = flag(EVAL_SPLIT_HELP, default=None)

@@ -52,6 +52,13 @@ class TrainingConfig(SFTConfig):
     # --eval_dataset rows are as long as the training rows: one at a time, and only their loss is kept (the Trainer
     # would gather every batch's tokens x vocabulary logits)
     per_device_eval_batch_size: int = 1
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in --output_dir (half-written ones are skipped "
+            "with a warning), or a checkpoint-N folder; the run's settings must be those it was started with."
+        },
+    )
     eval_steps: float | None = field(
         default=None,
         metadata={
