@@ -521,3 +521,49 @@ def test_a_cpu_run_pins_no_batches(tmp_path, tiny_adapter):
     model = ModelConfig(model_name_or_path=str(tiny_adapter / "tiny-base"), target_context=256, compute_dtype="float32")
     run = resolve(model, TextDataConfig("austen_persuasion"), RunConfig(), training)
     assert run.training.dataloader_pin_memory is False
+
+
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--dataset_kwargs", '{"skip_prepare_dataset": true}'], "--dataset_kwargs {'skip_prepare_dataset': True}: a"),
+        (
+            ["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2"],
+            "--load_best_model_at_end True: the adapter a run writes",
+        ),
+        (["--activation_offloading", "true"], "--activation_offloading True: the toolkit offloads with"),
+        (["--padding_free", "true"], "--padding_free True: a run sets it from --pack"),
+        (["--dataset_text_field", "body"], "--dataset_text_field body: a text --dataset names its field with"),
+        (["--include_num_input_tokens_seen", "no"], "--include_num_input_tokens_seen no: the run's tokens/s"),
+        (["--chat_template_path", "CHAT"], "--chat_template_path CHAT: text data trains no conversations"),
+    ],
+)
+def test_flags_a_run_would_overrule_are_refused_before_loading(tmp_path, capsys, monkeypatch, flags, said):
+    """SFTConfig flags that the run sets itself, or that would train otherwise than the run reports (whole uncut
+    documents, the best checkpoint's weights under the last step's record, no token count): one line, exit 2."""
+    import longqlora.model
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}")
+    flags = [str(template) if f == "CHAT" else f for f in flags]
+    monkeypatch.setattr(longqlora.model, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SystemExit) as ended:
+        run("extend_7b_8k", "--tiny", "--output_dir", str(tmp_path / "out"), *flags)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ended.value.code == 2 and last.startswith("error: " + said.replace("CHAT", str(template))), last
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_precision_flag_that_disagrees_with_compute_dtype_is_refused(tmp_path):
+    import re
+
+    from longqlora.training.config import TrainingConfig, refuse_flags_the_run_sets
+
+    out = str(tmp_path / "o")
+    refuse_flags_the_run_sets(TrainingConfig(output_dir=out, bf16=True, use_cpu=True), True, "bfloat16")
+    for flags, dtype, said in (
+        ({"bf16": True}, "float16", "--bf16 true: the precision follows --compute_dtype (float16 here)"),
+        ({"fp16": True}, "bfloat16", "--fp16 true: the precision follows --compute_dtype (bfloat16 here)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            refuse_flags_the_run_sets(TrainingConfig(output_dir=out, use_cpu=True, **flags), True, dtype)

@@ -224,3 +224,41 @@ def _check_reporting(report_to) -> None:
     for name in report_to or ():
         if name in INTEGRATION_TO_CALLBACK and name not in available:
             raise ValueError(f"--report_to {name}: its package is not installed; pip install it, or --report_to none")
+
+
+# SFTConfig and TrainingArguments flags a run sets itself, or that would do other than the run says: refused
+# explicit (a recipe's parser takes every SFTConfig flag)
+_RUN_SETS = {
+    "packing": "a run sets it from --pack",
+    "packing_strategy": "a run sets it from --pack",
+    "padding_free": "a run sets it from --pack (documents and conversations pack without padding)",
+    "assistant_only_loss": "conversations train on the replies only, text on every token",
+    "completion_only_loss": "conversations train on the replies only, text on every token",
+    "dataset_kwargs": "a run prepares its data itself, cut and packed to --target_context",
+    "dataset_text_field": "a text --dataset names its field with --text_field",
+    "activation_offloading": "the toolkit offloads with --offload_activations (auto, on or off)",
+    "load_best_model_at_end": "the adapter a run writes, and its record, are of the last step; evaluate or merge the "
+    "checkpoint-N whose trainer_state.json shows the best eval_loss",
+}
+
+
+def refuse_flags_the_run_sets(training: TrainingConfig, text_data: bool, compute_dtype: str) -> None:
+    """One line for an SFTConfig flag set on the command line that the run would overrule or that would train
+    other than the run reports, before any weights load (several were refused by TRL after loading, or not at all)."""
+    for name, why in _RUN_SETS.items():
+        if getattr(training, name) != recipe_default(training, name):
+            raise ValueError(f"--{name} {getattr(training, name)}: {why}; drop --{name}")
+    if training.include_num_input_tokens_seen in ("no", False):
+        raise ValueError(
+            "--include_num_input_tokens_seen no: the run's tokens/s and its record count the tokens with it; drop it"
+        )
+    for flag, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if getattr(training, flag) and compute_dtype != dtype:
+            raise ValueError(
+                f"--{flag} true: the precision follows --compute_dtype ({compute_dtype} here); pass --compute_dtype "
+                f"{dtype} and drop --{flag}"
+            )
+    if text_data and training.chat_template_path:
+        raise ValueError(
+            f"--chat_template_path {training.chat_template_path}: text data trains no conversations; drop it"
+        )

@@ -34,7 +34,7 @@ from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback, lead, peak_memory_gib
-from longqlora.training.config import RunConfig, TrainingConfig, recipe_default
+from longqlora.training.config import RunConfig, TrainingConfig, recipe_default, refuse_flags_the_run_sets
 from longqlora.training.summary import describe, extension_record, resume_settings
 
 logger = logging.getLogger(__name__)
@@ -215,12 +215,8 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
             f"--max_length {training.max_length}: a run trains rows of --target_context tokens (--pose_window "
             "with PoSE); drop --max_length and set those"
         )
-    for name in ("packing", "packing_strategy", "assistant_only_loss", "completion_only_loss"):  # SFTConfig's too
-        if getattr(training, name) != recipe_default(training, name):
-            raise ValueError(
-                f"--{name} {getattr(training, name)}: a run sets it from --pack (text: documents or concat; "
-                "conversations: none or conversations, trained on the replies only); drop --" + name
-            )
+    text_data = not isinstance(data_cfg, instructions.InstructionDataConfig)
+    refuse_flags_the_run_sets(training, text_data, info.compute_dtype)
     layers = getattr(hf_config, "num_hidden_layers", None)
     if training.offload_layers is not None and layers is not None and training.offload_layers > layers:
         raise ValueError(
