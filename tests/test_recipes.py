@@ -567,3 +567,14 @@ def test_a_precision_flag_that_disagrees_with_compute_dtype_is_refused(tmp_path)
     ):
         with pytest.raises(ValueError, match=re.escape(said)):
             refuse_flags_the_run_sets(TrainingConfig(output_dir=out, use_cpu=True, **flags), True, dtype)
+
+
+def test_resuming_a_weights_only_checkpoint_says_the_optimizer_starts_anew(tmp_path, caplog):
+    out = tmp_path / "run"
+    run("extend_7b_8k", "--tiny", "--output_dir", str(out), "--max_steps", "2", "--save_only_model", "true")
+    assert not (out / "checkpoint-2" / "optimizer.pt").exists()
+    caplog.set_level(logging.WARNING, logger="longqlora")
+    flags = ["--max_steps", "3", "--save_only_model", "true", "--resume_from_checkpoint", "auto"]
+    run("extend_7b_8k", "--tiny", "--output_dir", str(out), *flags)
+    said = [r.getMessage() for r in caplog.records if "holds no optimizer state" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(str(out / "checkpoint-2")), said

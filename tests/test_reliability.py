@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -814,25 +815,35 @@ def test_a_copied_run_resumes_from_its_own_checkpoints(tiny_adapter, tmp_path):
     from types import SimpleNamespace
 
     from longqlora.model_config import ModelConfig
-    from longqlora.training.summary import trajectory_settings
+    from longqlora.training.summary import ROWS_PER_STEP, trajectory_settings
 
     # values as they act: written otherwise, or of a switched-off feature, they are the same run's
-    def settings_of(training=SimpleNamespace(chat_template_path=None, seed=0, data_seed=None), **model):
+    def run_of(chat_template_path=None, seed=0, data_seed=None, batch=1, accumulation=1):
+        return SimpleNamespace(
+            chat_template_path=chat_template_path,
+            seed=seed,
+            data_seed=data_seed,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
+
+    def settings_of(training=run_of(), **model):
         return trajectory_settings(ModelConfig(model_name_or_path="m", target_context=256, **model), None, training)
 
     assert settings_of(s2_group_schedule=" 0.25, 0.75,2 ") == settings_of(s2_group_schedule="0.25,0.75,2")
     assert settings_of(s2_attention=False, group_ratio=0.5) == settings_of(s2_attention=False, group_ratio=0.25)
     assert settings_of(pose_chunks=3) == settings_of(pose_chunks=2)  # no --pose_window: no chunks
-    assert settings_of(SimpleNamespace(chat_template_path=None, seed=0, data_seed=0)) == settings_of()
+    assert settings_of(run_of(data_seed=0)) == settings_of()
+    assert settings_of(run_of(batch=2, accumulation=4)) == settings_of(run_of(batch=1, accumulation=8))  # same rows
     for folder in ("a", "b"):  # one template, wherever it lies
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "t.jinja").write_text("{{ messages }}")
-    assert settings_of(SimpleNamespace(chat_template_path=str(tmp_path / "a" / "t.jinja"), seed=0, data_seed=None)) == (
-        settings_of(SimpleNamespace(chat_template_path=str(tmp_path / "b" / "t.jinja"), seed=0, data_seed=None))
-    )
+    assert settings_of(run_of(str(tmp_path / "a" / "t.jinja"))) == settings_of(run_of(str(tmp_path / "b" / "t.jinja")))
     for flag, value in (("--s2_group_schedule", "none"), ("--pack", "concat"), ("--chat_template_path", "t.jinja"),
-                        ("--seed", settings["--seed"] + 1)):  # fmt: skip
-        with pytest.raises(ValueError, match=f"written by a run with {flag} {settings[flag]}, this run has {value};"):
+                        ("--seed", settings["--seed"] + 1), (ROWS_PER_STEP, settings[ROWS_PER_STEP] * 2)):  # fmt: skip
+        with pytest.raises(
+            ValueError, match=re.escape(f"written by a run with {flag} {settings[flag]}, this run has {value};")
+        ):
             checkpoints.check_same_run(checkpoint, {**ours, **settings, flag: value})
     (copy / "tiny-base" / "config.json").write_text(
         json.dumps({**json.loads((copy / "tiny-base" / "config.json").read_text()), "hidden_size": 1})

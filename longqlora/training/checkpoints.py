@@ -312,6 +312,12 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     max_steps = trainer.args.max_steps
     saved = json.loads((Path(resume) / STATE_FILE).read_text()) if resume else {}
     resumed_at = saved.get("global_step")
+    if resume and checkpoint_problem(Path(resume)):  # complete for --save_only_model: weights and step only
+        logger.warning(
+            "%s holds no optimizer state (--save_only_model): the optimizer and the learning rate's warm-up start "
+            "anew from it",
+            resume,
+        )
     if saved.get("max_steps", max_steps) != max_steps and max_steps > 0:
         logger.warning(
             "%s is of a run set for %d steps; this one has --max_steps %d: from here the learning rate and the S2 "

@@ -7,6 +7,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
+from longqlora import hardware
 from longqlora.attention.schedule import step_settings
 from longqlora.data import pose
 from longqlora.model import ModelConfig, ModelInfo, extended_config
@@ -74,7 +75,14 @@ def trajectory_settings(model_cfg: ModelConfig, data_cfg, training) -> dict:
         "--seed": training.seed,
         "--data_seed": training.seed if training.data_seed is None else training.data_seed,
         "--chat_template_path": _file_digest(training.chat_template_path),
+        # the Trainer skips a resumed run's first steps x accumulation batches of this run's shape
+        ROWS_PER_STEP: training.per_device_train_batch_size
+        * training.gradient_accumulation_steps
+        * max(1, hardware.launch().world_size // max(1, model_cfg.context_parallel)),
     }
+
+
+ROWS_PER_STEP = "rows per step (--per_device_train_batch_size x --gradient_accumulation_steps x processes)"
 
 
 def _schedule(model_cfg: ModelConfig) -> str:
