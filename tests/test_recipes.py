@@ -569,10 +569,13 @@ def test_a_precision_flag_that_disagrees_with_compute_dtype_is_refused(tmp_path)
             refuse_flags_the_run_sets(TrainingConfig(output_dir=out, use_cpu=True, **flags), True, dtype)
 
 
-def test_resuming_a_weights_only_checkpoint_says_the_optimizer_starts_anew(tmp_path, caplog):
+def test_resuming_a_weights_only_checkpoint_says_the_optimizer_starts_anew(tmp_path, caplog, capsys):
     out = tmp_path / "run"
     run("extend_7b_8k", "--tiny", "--output_dir", str(out), "--max_steps", "2", "--save_only_model", "true")
     assert not (out / "checkpoint-2" / "optimizer.pt").exists()
+    with pytest.raises(SystemExit):  # run again as it was: the run is finished, not to be continued as it is
+        run("extend_7b_8k", "--tiny", "--output_dir", str(out), "--max_steps", "2")
+    assert "holds a finished run (its adapter and 1 checkpoints): choose another" in capsys.readouterr().err
     caplog.set_level(logging.WARNING, logger="longqlora")
     flags = ["--max_steps", "3", "--save_only_model", "true", "--resume_from_checkpoint", "auto"]
     run("extend_7b_8k", "--tiny", "--output_dir", str(out), *flags)

@@ -126,6 +126,11 @@ def check_new_run(output_dir, requested) -> None:
     if _resuming(requested):
         return
     found = _checkpoints(output_dir)
+    if found and (Path(output_dir) / "adapter_config.json").exists():
+        raise ValueError(
+            f"--output_dir {output_dir} holds a finished run (its adapter and {len(found)} checkpoints): choose "
+            "another --output_dir, or train it further with --resume_from_checkpoint auto and a larger --max_steps"
+        )
     if found:
         raise ValueError(
             f"--output_dir {output_dir} holds an earlier run's checkpoints ({found[0][1].name}, {len(found)} in "
