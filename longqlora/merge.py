@@ -204,12 +204,14 @@ def plain_config(model) -> None:
     config.use_cache = True
 
 
-def _check_saved_config(folder: Path, target: int) -> dict:
+def _check_saved_config(folder: Path, positions: int) -> dict:
+    """The saved config.json is plain (no quantization, nothing of ours) and has the merged model's positions (the
+    target, or more where it lay within the base's own RoPE scaling, as Llama-3.1's 131072 holds 32768)."""
     saved = json.loads((folder / "config.json").read_text())
     text = json.dumps(saved)
-    if "quantization_config" in saved or "longqlora" in text or saved.get("max_position_embeddings") != target:
+    if "quantization_config" in saved or "longqlora" in text or saved.get("max_position_embeddings") != positions:
         raise RuntimeError(f"merge: the saved config.json is not a plain extended config: {text[:300]}")
-    return {"rope_parameters": saved.get("rope_parameters"), "max_position_embeddings": target}
+    return {"rope_parameters": saved.get("rope_parameters"), "max_position_embeddings": positions}
 
 
 def stop_at_turn_end(model, tokenizer) -> None:
@@ -257,11 +259,12 @@ def merge(cfg: MergeConfig) -> dict:
         if isinstance(getattr(tokenizer, "chat_template", None), str):  # what the merged model's users render
             tokenizer.chat_template = without_generation_markers(tokenizer.chat_template)
         tokenizer.save_pretrained(tmp)
+        positions = merged.config.max_position_embeddings
         del model, merged
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        saved_config = _check_saved_config(tmp, info.target_context)
+        saved_config = _check_saved_config(tmp, positions)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[cfg.dtype], device_map={"": device}).eval()
         reloaded_logits = logits_of(reloaded, ids)
         del reloaded

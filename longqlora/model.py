@@ -52,6 +52,7 @@ class ModelInfo:
     total_params: int | None = None
     modules_to_save: tuple[str, ...] | None = None
     pad_token: str | None = None
+    rope_changed: bool = True  # False: the target lies within the RoPE scaling the model already has
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,10 +60,12 @@ class ModelInfo:
 
     @property
     def scaling(self) -> str:
-        """The context extension in words for logs and reports, e.g. "YaRN x2" or "position interpolation x4"."""
+        """The context extension in words for logs and reports, e.g. "YaRN x2", "position interpolation x4" or, for
+        a target within a Llama-3.1's own scaling, "llama3 RoPE x8, the model's own"."""
         if self.pi_factor == 1:
             return "no RoPE scaling"
-        return f"{rope.UNSCALED_TO.get(self.rope_type, 'position interpolation')} x{self.pi_factor:.4g}"
+        name = rope.UNSCALED_TO.get(self.rope_type, f"{self.rope_type} RoPE")
+        return f"{name} x{self.pi_factor:.4g}" + ("" if self.rope_changed else ", the model's own")
 
 
 def check_model(
@@ -116,6 +119,7 @@ def check_model(
             f"{original}; pass --target_context {original} or more (or --original_context, if the model was "
             "pre-trained on fewer tokens than its config.json says)"
         )
+    before = rope.rope_summary(hf_config)
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
     clear_short_window(hf_config, cfg.target_context)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -135,6 +139,7 @@ def check_model(
         attn_backend_requested=cfg.attn_backend,
         load_in_4bit=cfg.load_in_4bit,
         device=device,
+        rope_changed=rope.rope_summary(hf_config) != before,
     )
     return hf_config, info
 

@@ -448,3 +448,28 @@ def test_the_recorded_original_context_reaches_inference_and_merge(adapter, merg
     ours, honest = (json.loads((d / "config.json").read_text()) for d in (out, merged[1]))
     assert ours["rope_parameters"] == honest["rope_parameters"]
     assert ours["max_position_embeddings"] == honest["max_position_embeddings"] == 256
+
+
+def test_a_target_within_the_bases_own_rope_scaling_trains_and_merges(tmp_path, caplog):
+    """A Llama-3.1-like base (llama3 RoPE x8: 16 pre-trained, 128 positions) trained at 96 tokens: the RoPE stays
+    the model's own, the run says so (not "position interpolation x8"), and merge keeps its 128 positions (it
+    stopped after all its work, expecting 96)."""
+    from conftest import load_script
+
+    from longqlora.cli import run_recipe
+    from longqlora.data.corpora import book_path
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope.update(high_freq_factor=4.0, original_max_position_embeddings=16)
+    base = save_tiny_model(tmp_path / "llama3", max_position_embeddings=128, rope_parameters=rope)
+    recipe = load_script("recipes/extend_7b_8k.py")
+    flags = ["--model_name_or_path", str(base), "--target_context", "96", "--dataset", book_path("austen_persuasion")]
+    flags += ["--compute_dtype", "float32", "--attn_backend", "sdpa", "--load_in_4bit", "false", "--use_cpu", "true"]
+    flags += ["--max_steps", "1", "--save_steps", "1", "--optim", "adamw_torch", "--gradient_accumulation_steps", "1"]
+    caplog.set_level("INFO", logger="longqlora")
+    out = run_recipe(recipe.Model, recipe.Data, recipe.Training, argv=[*flags, "--output_dir", str(tmp_path / "a")])
+    assert any("llama3 RoPE x8, the model's own" in r.getMessage() for r in caplog.records)
+    report = merge(MergeConfig(adapter=str(out), output=str(tmp_path / "m"), dtype="float32", sample_tokens=64))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 128 and config["rope_parameters"]["factor"] == 8.0
+    assert report["check"]["relative_diff"] < 1e-4, report["check"]
