@@ -69,13 +69,14 @@ class ModelInfo:
 
 
 def check_model(
-    cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False
+    cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False, keep_window: bool = False
 ) -> tuple[object, ModelInfo]:
     """Check everything that can fail before weights load; returns (hf_config with PI applied, ModelInfo).
 
     Raises one ValueError line naming the flag and the fix: a bad path or hub id, no RoPE, a target below the
     pre-trained context, an attention backend or compute dtype this machine cannot run, bitsandbytes missing.
-    `prefer_preset` (dry runs, planning) reads a known model's built-in config instead of the hub.
+    `prefer_preset` (dry runs, planning) reads a known model's built-in config instead of the hub; `keep_window`
+    (a plain model evaluated as saved) keeps a sliding window that a run would clear.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.attn_backend != "auto":
@@ -121,7 +122,8 @@ def check_model(
         )
     before = rope.rope_summary(hf_config)
     pi_factor = rope.apply_position_interpolation(hf_config, cfg.target_context, cfg.rope_scaling)
-    clear_short_window(hf_config, cfg.target_context)
+    if not keep_window:
+        clear_short_window(hf_config, cfg.target_context)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     if backend == "flash_attn" and head_dim > 256:  # else flash-attn's own error at the first step
         raise ValueError(

@@ -569,3 +569,25 @@ def test_trainable_count_without_weights_matches_the_loaded_model(tiny_dirs, mon
     counted = count_trainable_without_weights(cfg)
     assert not calls
     assert counted["trainable_params"] == info.trainable_params
+
+
+def test_a_plain_model_evaluated_as_saved_keeps_its_window(tmp_path):
+    """perplexity/passkey/chat on a plain Mistral-7B-v0.1 (no adapter, no --target_context) measure the model as
+    released: its sliding window stays, and its logits are plain transformers'; stretched, the window is cleared."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from longqlora.evaluation.loading import load_for_inference
+
+    folder = save_tiny_model(tmp_path / "mistral", vocab_size=320)  # for its tokenizer
+    shape = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    torch.manual_seed(0)
+    MistralForCausalLM(
+        MistralConfig(**shape, num_hidden_layers=2, vocab_size=320, max_position_embeddings=64, sliding_window=8)
+    ).save_pretrained(folder)
+    ids = torch.randint(3, 320, (1, 40))
+    model, _, _ = load_for_inference(str(folder), compute_dtype="float32")
+    assert model.config.sliding_window == 8
+    plain = MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    stretched, _, _ = load_for_inference(str(folder), compute_dtype="float32", target_context=128)
+    assert stretched.config.sliding_window is None

@@ -327,8 +327,9 @@ def load_for_inference(
     counts from `original_context` (ModelConfig's --original_context), by default the adapter's recorded one.
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
     """
-    from longqlora.model import ModelConfig, fit_tokenizer_context, load_base
+    from longqlora.model import ModelConfig, check_model, fit_tokenizer_context, load_base
 
+    as_saved = adapter is None and target_context is None  # the model as released: its sliding window kept
     extension = read_extension(adapter) if adapter else None
     expanded = model_dir(model_path, adapter)
     model_path = model_path or adapter_base(adapter)
@@ -364,7 +365,8 @@ def load_for_inference(
         compute_dtype=compute_dtype,
         s2_attention=False,
     )
-    model, tokenizer, info = load_base(cfg, trust_remote_code=trust_remote_code)
+    checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
+    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
