@@ -68,6 +68,9 @@ class ModelInfo:
         return f"{name} x{self.pi_factor:.4g}" + ("" if self.rope_changed else ", the model's own")
 
 
+ROPE_IN_WINDOWED_LAYERS_ONLY = ("cohere2",)  # Command R7B: its global layers have no position encoding
+
+
 def check_model(
     cfg: ModelConfig, *, trust_remote_code: bool = False, prefer_preset: bool = False, keep_window: bool = False
 ) -> tuple[object, ModelInfo]:
@@ -110,6 +113,11 @@ def check_model(
         raise ValueError(
             f"--model_name_or_path: {hf_config.model_type} soft-caps its attention scores (attn_logit_softcapping), "
             "which S2-Attn and SDPA do not compute; this model is not supported"
+        )
+    if hf_config.model_type in ROPE_IN_WINDOWED_LAYERS_ONLY:  # a cleared window would leave no layer with RoPE
+        raise ValueError(
+            f"--model_name_or_path: {hf_config.model_type} applies RoPE only in its sliding-window layers, which "
+            "S2-Attn and a whole-context window do not keep; this model is not supported"
         )
     check_safetensors(cfg.model_name_or_path, "--model_name_or_path", required=False)  # damaged: before any output
     rope.set_original_context(hf_config, cfg.original_context)  # where config.json overstates it (0: as it says)

@@ -170,6 +170,19 @@ def test_attention_soft_capping_is_refused_before_loading(tmp_path, no_weights):
         check_model(config(tmp_path, target_context=128))
 
 
+def test_a_model_with_rope_in_its_windowed_layers_only_is_refused_before_loading(tmp_path, no_weights):
+    """Cohere2 (Command R7B) applies RoPE in its sliding-window layers only: with the window cleared no layer has
+    any position encoding (it failed at the first step); refused in one line naming the flag."""
+    from transformers import Cohere2Config
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    Cohere2Config(
+        **shape, num_hidden_layers=4, vocab_size=128, max_position_embeddings=64, sliding_window=16
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^--model_name_or_path: cohere2 applies RoPE only in its sliding-window"):
+        check_model(config(tmp_path, target_context=128))
+
+
 def test_a_cleared_window_clears_qwen2s_per_layer_kinds():
     """Qwen2 derives per-layer kinds from its window (`layer_types`): clearing the window also makes every layer
     full attention, and the model then attends as one that never had a window (without that its forward fails)."""
