@@ -267,6 +267,7 @@ def count_trainable_without_weights(cfg: ModelConfig, hf_config=None, *, trust_r
         hf_config, _ = check_model(cfg, trust_remote_code=trust_remote_code, prefer_preset=True)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # on the meta device the tied head is a second tensor (counted twice, PEFT warned)
     model.requires_grad_(False)
     model, _ = add_adapters(model, cfg)
     trainable, total = count_trainable(model)

@@ -604,3 +604,17 @@ def test_a_plain_model_evaluated_as_saved_keeps_its_window(tmp_path):
     torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
     stretched, _, _ = load_for_inference(str(folder), compute_dtype="float32", target_context=128)
     assert stretched.config.sliding_window is None
+
+
+def test_the_dry_run_counts_a_tied_model_as_loading_does(tmp_path):
+    """SmolLM2, Qwen2.5 and Llama-3.2 tie their head to the embedding: the meta-device count (--dry_run) equals the
+    loaded model's (it counted the head twice)."""
+    from longqlora.model import count_trainable_without_weights
+
+    folder = save_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    cfg = config(folder, load_in_4bit=False)
+    _, _, info = load_model(cfg)
+    assert count_trainable_without_weights(cfg) == {
+        "trainable_params": info.trainable_params,
+        "total_params": info.total_params,
+    }
