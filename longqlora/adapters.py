@@ -43,7 +43,10 @@ def _lora_targets(model, spec: str):
     if spec == "all-linear":
         return "all-linear"
     names = ATTENTION_PROJECTIONS if spec == "attention" else [n.strip() for n in spec.split(",") if n.strip()]
-    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()  # trained whole or tied to the embedding, never a LoRA target (TRL refuses)
+    leaves = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
     missing = [n for n in names if n not in leaves]
     if missing:
         raise ValueError(

@@ -35,9 +35,17 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+MAX_LINE = 280  # characters of an error line
+
+
 def one_line(err: BaseException) -> str:
-    """The error as one line: an OSError names its file, anything else keeps the first line of its message."""
+    """The error as one line: an OSError names its file; a message of several lines is joined (capped at
+    MAX_LINE characters)."""
     if isinstance(err, OSError) and err.filename and err.strerror:
         return f"{err.filename}: {err.strerror}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    if len(lines) < 2:
+        return lines[0] if lines else type(err).__name__
+    # a library's message that goes on below its first line (transformers lists the choices there): joined, capped
+    joined = " ".join(lines)
+    return joined if len(joined) <= MAX_LINE else joined[: MAX_LINE - 3].rstrip() + "..."

@@ -4,6 +4,7 @@ the model's own config is checked by `model.check_model`. `longqlora.model` re-e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -168,6 +169,11 @@ class ModelConfig:
         if not 0 < self.group_ratio <= 1:
             bad("group_ratio", self.group_ratio, "must be in (0, 1]; LongLoRA uses 0.25")
         check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)
+        if not self.s2_attention:  # they would be dropped without a word (and recorded as off)
+            for option in ("s2_shift", "s2_sink_tokens", "s2_full_heads", "s2_full_every"):
+                default = next(f.default for f in dataclasses.fields(self) if f.name == option)
+                if getattr(self, option) != default:
+                    bad(option, getattr(self, option), "an S2-Attn option, and --s2_attention is false; drop one")
         if self.s2_full_every < 0 or self.s2_full_every == 1:
             bad(
                 "s2_full_every",

@@ -90,3 +90,17 @@ def test_a_stray_value_is_named_as_a_value(capsys):
         main(["perplexity", "--model", "x", "--context_lengths=64", "128"])
     err = capsys.readouterr().err.strip()
     assert ended.value.code == 2 and err.startswith("error: 128: a value no flag takes (a flag with several values")
+
+
+def test_a_library_message_of_several_lines_is_joined_into_one():
+    """transformers lists the choices below its first line ("... but found\n- Evaluation strategy: ..."): the error
+    line keeps them (it stopped at "but found"), capped; an OSError names its file."""
+    from longqlora.errors import MAX_LINE, one_line
+
+    assert one_line(ValueError("needs the same strategy, but found\n- eval: no\n- save: steps")) == (
+        "needs the same strategy, but found - eval: no - save: steps"
+    )
+    long = one_line(ValueError("x" * 200 + "\n" + "y" * 200))
+    assert len(long) == MAX_LINE and long.endswith("...")
+    assert one_line(ValueError("z" * 400)) == "z" * 400  # one line of ours is kept whole
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/a/b")) == "/a/b: No such file or directory"

@@ -400,6 +400,15 @@ def test_all_linear_and_custom_targets(tiny_dirs):
     assert lora_layers(model) == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match="--lora_target q_proj,query_key_value: .*query_key_value"):
         load_model(config(tiny_dirs["gqa"], lora_target="q_proj,query_key_value"))
+    with pytest.raises(ValueError, match=r"--lora_target q_proj,lm_head: this model has no Linear layer named lm_head"):
+        load_model(config(tiny_dirs["gqa"], lora_target="q_proj,lm_head"))  # the head trains whole (TRL refused)
+
+
+def test_s2_options_with_s2_attention_off_are_refused():
+    for option, value in (("s2_shift", "rolled"), ("s2_sink_tokens", 4), ("s2_full_heads", 0.5), ("s2_full_every", 2)):
+        with pytest.raises(ValueError, match=rf"^--{option} .*: an S2-Attn option, and --s2_attention is false"):
+            ModelConfig(model_name_or_path="m", target_context=256, s2_attention=False, **{option: value})
+    ModelConfig(model_name_or_path="m", target_context=256, s2_attention=False)  # the defaults pass
 
 
 def test_plain_lora_and_no_checkpointing(tiny_dirs):

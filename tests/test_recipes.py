@@ -536,6 +536,8 @@ def test_a_cpu_run_pins_no_batches(tmp_path, tiny_adapter):
         (["--dataset_text_field", "body"], "--dataset_text_field body: a text --dataset names its field with"),
         (["--include_num_input_tokens_seen", "no"], "--include_num_input_tokens_seen no: the run's tokens/s"),
         (["--chat_template_path", "CHAT"], "--chat_template_path CHAT: text data trains no conversations"),
+        (["--push_to_hub", "true"], "--push_to_hub True: the Trainer would push its checkpoints"),
+        (["--model_init_kwargs", '{"dtype": "float16"}'], "--model_init_kwargs {'dtype': 'float16'}: the model loads"),
     ],
 )
 def test_flags_a_run_would_overrule_are_refused_before_loading(tmp_path, capsys, monkeypatch, flags, said):

@@ -239,6 +239,9 @@ _RUN_SETS = {
     "activation_offloading": "the toolkit offloads with --offload_activations (auto, on or off)",
     "load_best_model_at_end": "the adapter a run writes, and its record, are of the last step; evaluate or merge the "
     "checkpoint-N whose trainer_state.json shows the best eval_loss",
+    "model_init_kwargs": "the model loads from the recipe's flags (--compute_dtype, --load_in_4bit, --attn_backend)",
+    "push_to_hub": "the Trainer would push its checkpoints, not the adapter and record the run writes itself; upload "
+    "--output_dir when it is done (hf upload)",
 }
 
 
