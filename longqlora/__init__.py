@@ -21,3 +21,12 @@ def _hub_kernel_warning(record) -> bool:
 
 # A filter on bitsandbytes' own logger (by name: bitsandbytes itself is imported lazily, by transformers or PEFT)
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_hub_kernel_warning)
+
+
+def _cpu_accelerator_warning(record) -> bool:
+    """False for DeepSpeed's warning, on every machine without a GPU, that it set its accelerator to the CPU: a
+    CPU run (the tests, --tiny, merging on a laptop) cannot act on it, and a GPU machine never sees it."""
+    return "Setting accelerator to CPU" not in str(record.msg)
+
+
+_logging.getLogger("DeepSpeed").addFilter(_cpu_accelerator_warning)  # DeepSpeed is imported by accelerate, lazily

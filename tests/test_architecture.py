@@ -52,6 +52,20 @@ def test_bitsandbytes_hub_kernel_warning_is_dropped():
     assert "kernels-community" not in ours.stderr and "another warning" in ours.stderr
 
 
+def test_deepspeeds_cpu_accelerator_warning_is_dropped():
+    """DeepSpeed warns on import, on every machine without a GPU, that it set its accelerator to the CPU; after
+    `import longqlora` it does not, while its other warnings still pass."""
+    pytest.importorskip("deepspeed")
+    bare = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, cwd=ROOT)
+    if "Setting accelerator to CPU" not in bare.stdout + bare.stderr:
+        pytest.skip("DeepSpeed found an accelerator here, or no longer prints the warning")
+    code = "import longqlora, deepspeed\nfrom deepspeed.utils import logger\nlogger.warning('another warning')\n"
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    out = ours.stdout + ours.stderr
+    assert "Setting accelerator to CPU" not in out and "another warning" in out
+
+
 def test_the_stages_are_subpackages():
     for stage in ("attention", "data", "training", "evaluation"):
         assert (PACKAGE / stage / "__init__.py").is_file()

@@ -583,3 +583,22 @@ def test_resuming_a_weights_only_checkpoint_says_the_optimizer_starts_anew(tmp_p
     run("extend_7b_8k", "--tiny", "--output_dir", str(out), *flags)
     said = [r.getMessage() for r in caplog.records if "holds no optimizer state" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(str(out / "checkpoint-2")), said
+
+
+def test_a_tiny_run_as_a_script_writes_log_lines_apart_from_its_progress_bar(tmp_path):
+    """`python recipes/extend_7b_8k.py --tiny` as a user runs it: every log line written during training starts a
+    line of its own (one ended up glued to the end of the progress bar), and no DeepSpeed CPU warning."""
+    import re
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "extend_7b_8k.py"), "--tiny", "--output_dir", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pieces = re.split(r"[\r\n]", done.stderr)
+    glued = [p for p in pieces if "it/s]" in p and p.split("it/s]", 1)[1].strip()]
+    assert not glued, glued
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr

@@ -340,7 +340,10 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
         return {**losses(state), "tokens": 0, "seconds": 0.0, "resumed_at_step": resumed_at}
-    with stop_on_signals(guard):
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # log lines written above the progress bar, not glued to its end
+    with stop_on_signals(guard), logging_redirect_tqdm([logging.getLogger(), logging.getLogger("transformers")]):
         result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     if guard.stop_signal and state.global_step < state.max_steps:
