@@ -320,7 +320,7 @@ def describe(report: dict) -> str:
     """The lines `python -m longqlora merge` prints."""
     check, replaced = report["check"], report["modules_replaced"]
     return (
-        f"merged {report['adapter']} into {report['base']} ({report['dtype']}, context "
+        f"merged {report['adapter']} with its base {report['base']} ({report['dtype']}, context "
         f"{report['original_context']} -> {report['target_context']}, {report['scaling']}): "
         f"{report['lora_layers_merged']} LoRA layers, {len(replaced)} trained modules ({', '.join(replaced[:3])}"
         f"{', ...' if len(replaced) > 3 else ''})\nwritten to {report['output']}\ncheck on "

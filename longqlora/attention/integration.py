@@ -227,7 +227,7 @@ def enable_s2_attention(
     hf.set_attn_implementation(IMPLEMENTATION)
     config.use_cache = False
     logger.info(
-        "S2-Attn on: group size %d, backend %s, shift %s, %d sink tokens, %.0f%% full heads%s; full attention "
+        "S2-Attn on: group size %d to start, backend %s, shift %s, %d sink tokens, %.0f%% full heads%s; full attention "
         "(%s) in eval mode",
         settings.group_size,
         backend or "auto",

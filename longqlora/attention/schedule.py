@@ -57,5 +57,7 @@ class S2ScheduleCallback(TrainerCallback):
         )
         if now != self._current:
             set_step_settings(model, *now)
-            logger.debug("step %d: S2 group size %d, %.0f%% of heads full", state.global_step, now[0], 100 * now[1])
+            # a new group size is news (a few per run); --s2_full_every alternates the heads every step
+            log = logger.info if self._current is None or now[0] != self._current[0] else logger.debug
+            log("step %d: S2 group size %d, %.0f%% of heads full", state.global_step, now[0], 100 * now[1])
             self._current = now

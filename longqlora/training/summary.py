@@ -174,7 +174,13 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         f"warmup {training.warmup_steps}), max grad norm {training.max_grad_norm}, optim {plain(training.optim)}"
         + (f" here, {gpu_optim} on a GPU" if gpu_optim != optimizer_name(plain(training.optim)) else ""),
         f"precision          {info.compute_dtype} compute"
-        + (" (mixed precision on the GPU)" if info.compute_dtype != "float32" else ""),
+        + (
+            ""
+            if info.compute_dtype == "float32"
+            else " (mixed precision)"
+            if info.device == "cuda"
+            else " (mixed precision on a GPU; none on this CPU)"
+        ),
         f"output             {training.output_dir}",
     ]
     plan = run.plan

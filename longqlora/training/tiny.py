@@ -87,7 +87,7 @@ def save_tiny_model(
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)  # transformers 5 writes safetensors only
     tokenizer.save_pretrained(path)
-    logger.info("wrote a tiny random Llama (%s, %d params) to %s", shape, model.num_parameters(), path)
+    logger.debug("wrote a tiny random Llama (%s, %d params) to %s", shape, model.num_parameters(), path)
     return path
 
 
@@ -142,6 +142,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
                         texts=[corpora.book("austen_persuasion")[:200_000]],
                         max_position_embeddings=64,
                     )
+                logger.info("--tiny: a random tiny Llama base written to %s", base)
     else:  # transformers writes weights from rank 0 only once torch.distributed runs: wait for the main process
         distributed.wait_for_file(base / "config.json")
     model_cfg = dataclasses.replace(
