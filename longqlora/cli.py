@@ -134,21 +134,26 @@ def _perplexity(argv):
     result = run_perplexity(cfg)
     from longqlora.output import markdown_table
 
+    original = result["original_context"]
+    beyond = f"perplexity_positions_ge_{original}"  # where an extension shows: positions the base never trained on
     print(
         f"{result['model']}{' + ' + result['adapter'] if result['adapter'] else ''} on {result['data']} "
-        f"({result['text_tokens']} tokens); {result['results'][0]['protocol'].split(' (')[0]}..."
+        f"({result['text_tokens']} tokens; context {result['model_context']}, {result['scaling']})"
     )
     print(
         markdown_table(
-            ["context", "windows", "tokens scored", "perplexity"],
+            ["context", "windows", "tokens scored", "perplexity", f"positions >= {original}"],
             [
                 [r["context_length"], r["windows"], r["tokens_scored"], round(r["perplexity"], 3)]
+                + ["" if r[beyond] is None else round(r[beyond], 3)]
                 for r in result["results"]
             ],
         )
     )
-    for r in result["results"]:
-        print(f"{r['context_length']}: {r['protocol']}")
+    print(f"protocol at {result['results'][-1]['context_length']}: {result['results'][-1]['protocol']}")
+    if cfg.output:
+        out = Path(cfg.output)
+        print(f"wrote {out}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -101,6 +101,27 @@ def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):
     assert "beyond the 64 tokens" in caplog.text  # 96 > the model's 64: a warning, not an error
 
 
+def test_the_command_prints_the_positions_beyond_the_original_context_and_its_files(tiny, tmp_path, capsys):
+    """`python -m longqlora perplexity` shows perplexity over the positions the base never trained on (where an
+    extension shows; it was in the JSON only), the protocol once, and the three files it wrote."""
+    from longqlora.cli import main
+
+    path, _, _ = tiny
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "r.json"
+    args = ["--model", str(path), "--data", str(text), "--context_lengths", "32", "128", "--output", str(out)]
+    assert main(["perplexity", "--target_context", "128", *args]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    original = saved["original_context"]
+    row = saved["results"][1]
+    assert f"positions >= {original}" in printed.splitlines()[1]
+    assert f"| {row[f'perplexity_positions_ge_{original}']:.4g} |" in printed
+    assert printed.count("protocol") == 1
+    assert printed.strip().endswith(f"wrote {out}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+
+
 def test_a_split_of_a_dataset_dict_is_chosen_and_recorded(tiny, tmp_path):
     """--split picks the DatasetDict's split to score (it always scored train) and the result names it; --output
     naming a .csv or .png (where the JSON would be overwritten by the side files) is refused."""
