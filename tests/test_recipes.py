@@ -362,6 +362,7 @@ def test_tensorboard_when_asked(tmp_path):
     )
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    assert events[0].relative_to(out).parts[0] == "runs"  # where the run's last line points tensorboard
     # tokens/s and peak memory reach TensorBoard and the log history, not transformers' or TRL's second counters
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -602,3 +603,13 @@ def test_a_tiny_run_as_a_script_writes_log_lines_apart_from_its_progress_bar(tmp
     glued = [p for p in pieces if "it/s]" in p and p.split("it/s]", 1)[1].strip()]
     assert not glued, glued
     assert "Setting accelerator to CPU" not in done.stdout + done.stderr
+
+
+def test_the_last_line_names_the_adapter_and_the_next_commands(tmp_path):
+    from longqlora.training.summary import written
+
+    text = written(tmp_path / "out", ["tensorboard"])
+    assert text.splitlines()[0] == f"adapter written to {(tmp_path / 'out').resolve()}; next:"
+    assert f"python -m longqlora merge --adapter {(tmp_path / 'out').resolve()} --output" in text
+    assert text.splitlines()[-1].endswith(f"--logdir {(tmp_path / 'out').resolve() / 'runs'}")
+    assert "tensorboard" not in written(tmp_path / "out", ["none"])

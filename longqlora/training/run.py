@@ -35,7 +35,7 @@ from longqlora.training import checkpoints, distributed, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback, lead, peak_memory_gib
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default, refuse_flags_the_run_sets
-from longqlora.training.summary import describe, extension_record, resume_settings
+from longqlora.training.summary import describe, extension_record, resume_settings, written
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +389,6 @@ def _train(run: ResolvedRun) -> Path:
                 state_dict=state_dict,
             )
             checkpoints.remove_aside(out)
-            logger.info("adapter written to %s", out)
+            logger.info(written(out, training.report_to))
         trainer.accelerator.wait_for_everyone()
     return out

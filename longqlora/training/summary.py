@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longqlora import hardware
@@ -144,6 +145,9 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
     gpu_optim = (run.plan.get("config") or {}).get("optim", plain(training.optim))  # what the plan is of
     trainable, total = trainable_params, total_params
     steps = f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epoch(s)"
+    if training.max_steps > 0:  # the workload: rows of the training length (packed rows are full)
+        rows = training.max_steps * training.per_device_train_batch_size * training.gradient_accumulation_steps
+        steps += f" ({rows:,} rows, {rows * cfg.train_length / 1e6:,.4g}M tokens per data-parallel process)"
     lines = [
         f"model              {info.model}",
         f"context            {info.original_context} -> {info.target_context} tokens "
@@ -241,3 +245,17 @@ def extension_record(
         config=extended_config(run.hf_config),
         settings=trajectory_settings(cfg, run.data, run.training),
     )
+
+
+def written(out: Path, report_to) -> str:
+    """The last line of a run: where its adapter is, and the commands that measure, try and merge it."""
+    out = Path(out).resolve()
+    lines = [
+        f"adapter written to {out}; next:",
+        f"  python -m longqlora perplexity --adapter {out} --data HELD_OUT.txt --context_lengths ...",
+        f"  python -m longqlora passkey --adapter {out} --context_lengths ...",
+        f"  python -m longqlora merge --adapter {out} --output MERGED_DIR",
+    ]
+    if "tensorboard" in (report_to or []):
+        lines.append(f"  tensorboard --logdir {out / 'runs'}")
+    return "\n".join(lines)
