@@ -127,8 +127,7 @@ def ensure_chat_template(tokenizer):
 def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
     check_inputs(cfg)
-    model, tokenizer, info = cfg.load()
-    logger.info("chat model ready: context %d tokens (%s)", info.target_context, info.scaling)
+    model, tokenizer, _ = cfg.load()  # the loader logs the context and scaling; the banner repeats the context
     return model, ensure_chat_template(tokenizer)
 
 

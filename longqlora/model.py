@@ -295,7 +295,7 @@ def load_model(
     trainable, total = count_trainable(model)
     saved = tuple(lora.modules_to_save) if lora.modules_to_save else None
     info = dataclasses.replace(info, trainable_params=trainable, total_params=total, modules_to_save=saved)
-    logger.info(
+    logger.debug(  # a run's configuration block states them
         "trainable parameters: %d of %d (%.2f%%): LoRA r=%d on %s, full %s",
         trainable,
         total,

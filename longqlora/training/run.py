@@ -92,7 +92,9 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     if "paged" in training.optim_name and (not torch.cuda.is_available() or launched.shards_weights):
         # bitsandbytes' paged optimizers run on CUDA only and are untested on FSDP's and ZeRO-3's sharded parameters
         why = "needs CUDA" if not torch.cuda.is_available() else f"is not used with {launched.engine}'s shards"
-        logger.info("--optim %s %s; using adamw_torch", training.optim_name, why)
+        (logger.info if torch.cuda.is_available() else logger.debug)(  # the configuration says "here" vs a GPU
+            "--optim %s %s; using adamw_torch", training.optim_name, why
+        )
         changes["optim"] = "adamw_torch"
     return dataclasses.replace(training, **changes)
 
