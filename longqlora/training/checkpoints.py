@@ -313,6 +313,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     from transformers import TrainerState
 
     from longqlora.errors import Interrupted
+    from longqlora.training.summary import run_losses
 
     max_steps = trainer.args.max_steps
     saved = json.loads((Path(resume) / STATE_FILE).read_text()) if resume else {}
@@ -339,7 +340,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         set_peft_model_state_dict(trainer.model, load_file(str(Path(resume) / "adapter_model.safetensors")))
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
-        return {**losses(state), "tokens": 0, "seconds": 0.0, "resumed_at_step": resumed_at}
+        return {**run_losses(state), "tokens": 0, "seconds": 0.0, "resumed_at_step": resumed_at}
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # log lines written above the progress bar, not glued to its end
@@ -353,7 +354,7 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
             "--resume_from_checkpoint auto"
         )
     out = {
-        **losses(state),  # the whole run's: trainer.train's training_loss averages only the steps of this call,
+        **run_losses(state),  # the whole run's: trainer.train's training_loss averages only the steps of this call,
         **({} if resume else {"mean_loss": result.training_loss}),  # which are the run's, unlogged ones too
         "tokens": state.num_input_tokens_seen - saved.get("num_input_tokens_seen", 0),
         "seconds": result.metrics.get("train_runtime"),
@@ -361,28 +362,6 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     if resume:
         out["resumed_at_step"] = resumed_at
     return out
-
-
-def losses(state) -> dict:
-    """The run's steps, its mean loss (`mean_loss`), the last logged one (`last_loss`) and its tokens."""
-    logged = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    return {
-        "steps": state.global_step,
-        "mean_loss": mean_loss(state),
-        "last_loss": logged[-1] if logged else None,
-        "tokens_total": state.num_input_tokens_seen,
-    }
-
-
-def mean_loss(state) -> float | None:
-    """The mean training loss per step over the logged steps of the whole run (a resumed one included): each logged
-    loss is the mean of the steps since the previous log, so each is weighted by that interval."""
-    total, steps, previous = 0.0, 0, 0
-    for entry in state.log_history:
-        if "loss" in entry and "step" in entry:
-            total += entry["loss"] * (entry["step"] - previous)
-            steps, previous = steps + entry["step"] - previous, entry["step"]
-    return total / steps if steps else None
 
 
 @contextmanager

@@ -259,3 +259,25 @@ def written(out: Path, report_to) -> str:
     if "tensorboard" in (report_to or []):
         lines.append(f"  tensorboard --logdir {out / 'runs'}")
     return "\n".join(lines)
+
+
+def run_losses(state) -> dict:
+    """The run's steps, its mean loss (`mean_loss`), the last logged one (`last_loss`) and its tokens."""
+    logged = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return {
+        "steps": state.global_step,
+        "mean_loss": mean_loss(state),
+        "last_loss": logged[-1] if logged else None,
+        "tokens_total": state.num_input_tokens_seen,
+    }
+
+
+def mean_loss(state) -> float | None:
+    """The mean training loss per step over the logged steps of the whole run (a resumed one included): each logged
+    loss is the mean of the steps since the previous log, so each is weighted by that interval."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = steps + entry["step"] - previous, entry["step"]
+    return total / steps if steps else None
