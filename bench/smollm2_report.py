@@ -36,7 +36,8 @@ def render(args, res: dict) -> str:
     part 3 are stated met or missed from the numbers."""
     t = res.get("training") or {}
     steps = (t.get("train") or {}).get("steps") or args.max_steps
-    tokens = (t.get("train") or {}).get("tokens")
+    train = t.get("train") or {}
+    tokens = train.get("tokens_total", train.get("tokens"))  # the whole run's (older records: "tokens")
     losses = [h["loss"] for h in t.get("log_history", []) if "loss" in h]
     phases = t.get("phases") or [
         {
@@ -125,7 +126,7 @@ def render(args, res: dict) -> str:
         n = nf4["training"]
         lines += [
             f"First attempt, as the recipe does it: NF4 base (bitsandbytes on CPU; it runs), otherwise the "
-            f"same flags, {n['train']['steps']} steps, {n['train']['tokens']} tokens, "
+            f"same flags, {n['train']['steps']} steps, {n['train'].get('tokens_total', n['train']['tokens'])} tokens, "
             f"{n['wall_s'] / 60:.1f} min; loss {n['log_history'][0]['loss']:.3f} -> "
             f"{[h['loss'] for h in n['log_history'] if 'loss' in h][-1]:.3f}. Its base is the problem at this "
             "size: the NF4 copy of SmolLM2-135M with PI x2 and no training scores 84.0 at 2048 on the first "

@@ -43,7 +43,13 @@ def _lora_targets(model, spec: str):
     if spec == "all-linear":
         return "all-linear"
     names = ATTENTION_PROJECTIONS if spec == "attention" else [n.strip() for n in spec.split(",") if n.strip()]
-    head = model.get_output_embeddings()  # trained whole or tied to the embedding, never a LoRA target (TRL refuses)
+    head = model.get_output_embeddings()
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
+    if head_name in names:  # TRL refused it after the weights loaded
+        raise ValueError(
+            f"--lora_target {spec}: the output head ({head_name}) takes no LoRA here; drop it (--trainable_params "
+            "lists what trains whole)"
+        )
     leaves = {
         n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
     }

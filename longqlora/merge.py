@@ -264,7 +264,10 @@ def merge(cfg: MergeConfig) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        saved_config = _check_saved_config(tmp, positions)
+        if positions < info.target_context:
+            raise RuntimeError(f"merge: the merged model holds {positions} positions, fewer than the target")
+        # the target, unless it lay within the base's own RoPE scaling (which the merged model keeps)
+        saved_config = _check_saved_config(tmp, info.target_context if info.rope_changed else positions)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[cfg.dtype], device_map={"": device}).eval()
         reloaded_logits = logits_of(reloaded, ids)
         del reloaded

@@ -114,7 +114,7 @@ def check_model(
             f"--model_name_or_path: {hf_config.model_type} soft-caps its attention scores (attn_logit_softcapping), "
             "which S2-Attn and SDPA do not compute; this model is not supported"
         )
-    if hf_config.model_type in ROPE_IN_WINDOWED_LAYERS_ONLY:  # a cleared window would leave no layer with RoPE
+    if hf_config.model_type in ROPE_IN_WINDOWED_LAYERS_ONLY and not keep_window:  # cleared: no layer with RoPE
         raise ValueError(
             f"--model_name_or_path: {hf_config.model_type} applies RoPE only in its sliding-window layers, which "
             "S2-Attn and a whole-context window do not keep; this model is not supported"

@@ -393,7 +393,8 @@ LLAMA2 = (
 
 def test_the_templates_next_turn_marker_is_found_where_it_is_plain_text():
     """The text a template opens the next user turn with is a stop marker when it is plain text with a sign
-    (Vicuna's "USER:", Llama 2's "[INST]", "user:"); a role name behind special tokens (ChatML, Llama 3) is not."""
+    (Vicuna's "USER:", Llama 2's "[INST]"; "user:" where the template opens a line with it, there only); a role
+    name behind special tokens (ChatML, Llama 3) is not."""
     from longqlora.data.formats import turn_marker
     from longqlora.training.tiny import train_tokenizer
 
@@ -410,7 +411,7 @@ def test_the_templates_next_turn_marker_is_found_where_it_is_plain_text():
     ):
         tokenizer.chat_template = template
         found[name] = turn_marker(tokenizer)
-    assert found == {"vicuna": "USER:", "llama2": "[INST]", "plain": "user:", "chatml": None, "llama3": None}
+    assert found == {"vicuna": "USER:", "llama2": "[INST]", "plain": "\nuser:", "chatml": None, "llama3": None}
 
 
 def test_a_reply_stops_at_the_next_turn_marker_and_never_shows_it(chat, monkeypatch):

@@ -181,6 +181,8 @@ def test_a_model_with_rope_in_its_windowed_layers_only_is_refused_before_loading
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"^--model_name_or_path: cohere2 applies RoPE only in its sliding-window"):
         check_model(config(tmp_path, target_context=128))
+    kept, _ = check_model(config(tmp_path, target_context=64), keep_window=True)  # evaluated as released: fine
+    assert kept.sliding_window == 16
 
 
 def test_a_cleared_window_clears_qwen2s_per_layer_kinds():
@@ -400,7 +402,7 @@ def test_all_linear_and_custom_targets(tiny_dirs):
     assert lora_layers(model) == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match="--lora_target q_proj,query_key_value: .*query_key_value"):
         load_model(config(tiny_dirs["gqa"], lora_target="q_proj,query_key_value"))
-    with pytest.raises(ValueError, match=r"--lora_target q_proj,lm_head: this model has no Linear layer named lm_head"):
+    with pytest.raises(ValueError, match=r"--lora_target q_proj,lm_head: the output head \(lm_head\) takes no LoRA"):
         load_model(config(tiny_dirs["gqa"], lora_target="q_proj,lm_head"))  # the head trains whole (TRL refused)
 
 

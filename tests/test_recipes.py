@@ -600,7 +600,8 @@ def test_a_tiny_run_as_a_script_writes_log_lines_apart_from_its_progress_bar(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     pieces = re.split(r"[\r\n]", done.stderr)
-    glued = [p for p in pieces if "it/s]" in p and p.split("it/s]", 1)[1].strip()]
+    bar_end = re.compile(r"(it/s|s/it)\]")  # tqdm's rate: iterations per second, or seconds per iteration
+    glued = [p for p in pieces if bar_end.search(p) and p[bar_end.search(p).end() :].strip()]
     assert not glued, glued
     assert "Setting accelerator to CPU" not in done.stdout + done.stderr
 

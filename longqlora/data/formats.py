@@ -183,13 +183,16 @@ def turn_marker(tokenizer) -> str | None:
     between = _after_probe_reply(tokenizer, [{"role": "user", "content": _PROBE_NEXT}])
     if between is None or _PROBE_NEXT not in between:
         return None
-    between = between[: between.index(_PROBE_NEXT)]
+    raw = between = between[: between.index(_PROBE_NEXT)]
     names = {tokenizer.convert_ids_to_tokens(i) for i in _special_ids(tokenizer)}
     for name in sorted((n for n in names if n), key=len, reverse=True):
         between = between.replace(name, "\n")
     lines = between.strip().splitlines()
     marker = lines[-1].strip() if lines else ""
-    return marker if any(not (c.isalnum() or c.isspace()) for c in marker) else None
+    if not any(not (c.isalnum() or c.isspace()) for c in marker):
+        return None
+    # a marker the template opens a line with ("user:") is a marker only there: a reply may say "the user: prompt"
+    return "\n" + marker if raw[: raw.rindex(marker)].rstrip(" \t").endswith("\n") else marker
 
 
 _GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")

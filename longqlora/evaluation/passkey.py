@@ -191,7 +191,7 @@ def evaluate_passkey(
         )
     protocol = {
         "task": TASK,
-        "filler": FILLER,
+        "filler": FILLER if haystack == "repeat" else None,  # else the haystack's words
         "key_line": KEY_LINE if not distractors else LABELED_KEY_LINE,
         "question": QUESTION if not distractors else LABELED_QUESTION,
         "haystack": haystack,

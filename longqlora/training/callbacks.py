@@ -22,8 +22,9 @@ def peak_memory_gib() -> float:
 
 
 # Left out of every log line: transformers' tokens/s since the start (evaluations and saves counted) beside ours,
-# and TRL's token counters, which restart at a resume and count training tokens in evaluation lines.
-NOISY_KEYS = ("train_tokens_per_second", "train_runtime", "num_tokens", "eval_num_tokens")
+# and TRL's token counters, which restart at a resume and count training tokens in evaluation lines. (The runtime
+# stays: a run finished from its checkpoint has no other record of its training time.)
+NOISY_KEYS = ("train_tokens_per_second", "num_tokens", "eval_num_tokens")
 
 
 class ThroughputCallback(TrainerCallback):

@@ -318,12 +318,6 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
     max_steps = trainer.args.max_steps
     saved = json.loads((Path(resume) / STATE_FILE).read_text()) if resume else {}
     resumed_at = saved.get("global_step")
-    if resume and checkpoint_problem(Path(resume)):  # complete for --save_only_model: weights and step only
-        logger.warning(
-            "%s holds no optimizer state (--save_only_model): the optimizer and the learning rate's warm-up start "
-            "anew from it",
-            resume,
-        )
     if saved.get("max_steps", max_steps) != max_steps and max_steps > 0:
         logger.warning(
             "%s is of a run set for %d steps; this one has --max_steps %d: from here the learning rate and the S2 "
@@ -341,6 +335,12 @@ def run_training(trainer, resume: str | None, guard: CheckpointGuard):
         state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
         trainer.state = state  # the run's record reads its schedule (max_steps) from here, as after training
         return {**run_losses(state), "tokens": 0, "seconds": 0.0, "resumed_at_step": resumed_at}
+    if resume and checkpoint_problem(Path(resume)):  # complete for --save_only_model: weights and step only
+        logger.warning(
+            "%s holds no optimizer state (--save_only_model): the optimizer and the learning rate's warm-up start "
+            "anew from it",
+            resume,
+        )
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # log lines written above the progress bar, not glued to its end
