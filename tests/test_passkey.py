@@ -332,3 +332,26 @@ def test_variant_flags_parse_and_reach_the_result(tiny, tmp_path):
     saved = json.loads((tmp_path / "out" / "passkey.json").read_text())
     assert saved["protocol"]["haystack"] == "kjv_bible" and saved["protocol"]["distractors"] == 2
     assert result["by_length"][0]["trials"] == 1 and "distractor_answers" in result["cells"][0]
+
+
+def test_the_variants_bench_runs_every_variant_and_writes_its_table(tiny, tmp_path, monkeypatch):
+    """bench/passkey_variants.py on the tiny model (its --cache holds a model already, so nothing is converted):
+    one row per variant, each of the trials asked, the table and its JSON written."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+
+    path, _ = tiny
+    spec = importlib.util.spec_from_file_location("passkey_variants", ROOT / "bench" / "passkey_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "variants.md"
+    argv = ["passkey_variants.py", "--cache", str(path), "--context_lengths", "1024", "--depths", "0.5"]
+    monkeypatch.setattr(sys, "argv", argv + ["--trials", "2", "--output", str(out)])
+    bench.main()
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "haystack" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [["| repeat", "0"], ["| repeat", "3"], ["| austen_emma", "0"],
+                                                       ["| austen_emma", "3"]]  # fmt: skip
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [v["by_length"][0]["trials"] for v in saved["variants"]] == [2, 2, 2, 2]
