@@ -248,7 +248,8 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     model, tokenizer, _ = load_for_inference(None, adapter=str(out), load_in_4bit=True, compute_dtype="float32")
     stream = tokenizer(held_out.read_text())["input_ids"] + [tokenizer.eos_token_id]
     rows = torch.tensor(stream[: len(stream) // 256 * 256]).view(-1, 256)
-    assert record["data"]["eval"]["rows"] == len(rows) >= 3
+    assert record["data"]["eval"]["rows"] == len(rows) > 8 and record["data"]["eval"]["rows_scored"] == 8  # --tiny's
+    rows = rows[:8]
     assert (record["data"]["eval"]["dataset"], record["data"]["eval"]["split"]) == (str(held_out), "train")
     with torch.no_grad():
         apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in rows) / len(rows)
@@ -259,9 +260,16 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     other = tmp_path / "other_held_out.txt"
     other.write_text(book("austen_persuasion")[30000:36000])
     ended = run("extend_7b_8k", "--tiny", "--pack", "concat", "--eval_dataset", str(other), "--output_dir",
-                str(tmp_path / "ended"), "--resume_from_checkpoint", "auto")  # fmt: skip
-    again = json.loads((ended / EXTENSION_FILE).read_text())["train"]
-    assert again["eval_step"] == 4 and again["eval_loss"] != record["train"]["eval_loss"]  # not the reused score
+                str(tmp_path / "ended"), "--resume_from_checkpoint", "auto", "--eval_max_rows", "2")  # fmt: skip
+    again = json.loads((ended / EXTENSION_FILE).read_text())
+    assert again["train"]["eval_step"] == 4 and again["train"]["eval_loss"] != record["train"]["eval_loss"]
+    # --eval_max_rows 2: the first two rows of the held-out set, scored by the same weights
+    assert again["data"]["eval"]["rows_scored"] == 2 < again["data"]["eval"]["rows"]
+    stream = tokenizer(other.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        first = [torch.tensor(stream[i * 256 : (i + 1) * 256]) for i in range(2)]
+        apart = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in first) / 2
+    assert again["train"]["eval_loss"] == pytest.approx(apart, rel=1e-3)
     # evaluating takes nothing from the training: the run without it ends at the same adapter, bit for bit
     plain = run("extend_7b_8k", "--tiny", "--pack", "concat", "--output_dir", str(tmp_path / "plain"))
     a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")

@@ -52,6 +52,10 @@ class TrainingConfig(SFTConfig):
     # --eval_dataset rows are as long as the training rows: one at a time, and only their loss is kept (the Trainer
     # would gather every batch's tokens x vocabulary logits)
     per_device_eval_batch_size: int = 1
+    eval_max_rows: int | None = field(
+        default=None,
+        metadata={"help": "Score the first N rows of --eval_dataset at each evaluation (default: every row)."},
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -208,6 +212,7 @@ def _check_numbers(training) -> None:
         ("gradient_accumulation_steps", training.gradient_accumulation_steps >= 1, "must be at least 1"),
         ("weight_decay", training.weight_decay >= 0, "must be 0 or more"),
         ("seed", 0 <= training.seed < 2**32, "must be in [0, 2**32)"),
+        ("eval_max_rows", training.eval_max_rows is None or training.eval_max_rows >= 1, "must be at least 1"),
     ]
     if str(getattr(training.save_strategy, "value", training.save_strategy)) == "steps":
         rules.append(("save_steps", training.save_steps > 0, "must be positive (or --save_strategy no)"))

@@ -294,7 +294,8 @@ def _train(run: ResolvedRun) -> Path:
             eval_set, held = prepare_dataset(
                 held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
-        stats["eval"] = {"dataset": held_out.dataset, "split": held_out.split, **held}
+        eval_set = eval_set.select(range(min(len(eval_set), training.eval_max_rows or len(eval_set))))
+        stats["eval"] = {"dataset": held_out.dataset, "split": held_out.split, **held, "rows_scored": len(eval_set)}
         if "chat_template" in stats:
             stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
     longest = stats.get("length_max", 0)

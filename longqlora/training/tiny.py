@@ -169,6 +169,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
         training,
         max_steps=min(training.max_steps, 4) if training.max_steps > 0 else 4,
         save_steps=2,
+        eval_max_rows=_set_or(training, "eval_max_rows", 8),  # a whole held-out book took minutes an evaluation
         eval_steps=min(training.eval_steps, 2) if training.eval_steps else None,
         # the recipe's batch shape scaled down, unless set on the command line or in --config: then kept, so that
         # one process with accumulation 4 can be compared with 2 processes x accumulation 2 (docs/distributed.md)
@@ -186,7 +187,7 @@ def tiny_overrides(model_cfg, data_cfg, training):
     names = (
         ("model_name_or_path", "target_context", "compute_dtype", "attn_backend"),
         ("dataset",),
-        ("max_steps", "learning_rate", "save_steps", "warmup_steps", "optim"),
+        ("max_steps", "learning_rate", "save_steps", "warmup_steps", "optim", "logging_steps"),
     )
     replaced = [
         change
