@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longqlora.data.formats import without_generation_markers
+from longqlora.data.markers import without_generation_markers
 from longqlora.hardware import DTYPES
 
 logger = logging.getLogger(__name__)

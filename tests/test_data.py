@@ -619,6 +619,54 @@ OWN_WITHOUT_MARKERS = (  # a model's own template (Llama-2-chat-like) that TRL h
 )
 
 
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's own ChatML template: one expression for every turn, no markers
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_chatml_template_that_trl_cannot_patch_gets_reply_markers(tok):
+    """SmolLM2-Instruct's template (TRL has no training version of it; the SFT recipe refused the model): the
+    replies get {% generation %} markers, the marked template renders the very same text, and the loss mask covers
+    each reply and its <|im_end|> exactly; merge's plain-Jinja form renders it too."""
+    from longqlora.data.formats import training_chat_template
+    from longqlora.data.markers import without_generation_markers
+
+    own = copy.deepcopy(tok)
+    own.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    own.chat_template = SMOLLM2_TEMPLATE
+    assert training_chat_template(own, "--tokenizer") == "the tokenizer's own, reply markers added"
+    turns = [{"role": "user", "content": "What is two and two?"}, {"role": "assistant", "content": "Four."}]
+    turns += [{"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Six, no: five."}]
+    for template in (own.chat_template, without_generation_markers(own.chat_template)):
+        assert own.apply_chat_template(turns, chat_template=template, tokenize=False) == own.apply_chat_template(
+            turns, chat_template=SMOLLM2_TEMPLATE, tokenize=False
+        )
+    out = own.apply_chat_template(turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t if m else None for t, m in zip(out["input_ids"], out["assistant_masks"])]
+    spans = [own.decode([t for t in span if t is not None]) for span in _runs(marked)]
+    assert spans == ["Four.<|im_end|>", "Six, no: five.<|im_end|>"]
+    other = copy.deepcopy(tok)
+    other.chat_template = SMOLLM2_TEMPLATE.replace("message['content'] + '<|im_end|>'", "message['content'] + '</s>'")
+    with pytest.raises(ValueError, match="has no \\{% generation"):  # not ChatML's expression: refused as before
+        training_chat_template(other, "--tokenizer")
+
+
+def _runs(items):
+    """The runs of items that are not None, in order."""
+    runs, current = [], []
+    for item in items + [None]:
+        if item is None:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(item)
+    return runs
+
+
 def test_data_prep_and_training_measure_through_the_same_chat_template(tok, tmp_path):
     """data_prep's lengths and stats and training's come from one choice: the tokenizer's own template where it has
     one (chat renders with it too), Vicuna v1.1 where it has none; an own template whose replies TRL cannot mask is
@@ -683,7 +731,7 @@ def test_generation_markers_made_plain_render_the_same_text(tok):
     import trl
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from longqlora.data.formats import without_generation_markers
+    from longqlora.data.markers import without_generation_markers
 
     turns = [{"role": "system", "content": "Be brief."}, *CHAT]
     rendered = 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 VICUNA_V1_1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -128,6 +127,8 @@ def training_chat_template(tokenizer, flag: str, template_path: str | None = Non
         try:
             get_training_chat_template(tokenizer)
         except ValueError:
+            if _mark_chatml(tokenizer):
+                return (template_path or "the tokenizer's own") + ", reply markers added"
             raise ValueError(
                 f"{flag}: {whose} has no {{% generation %}} markers and TRL cannot add them, so the replies cannot "
                 "be told apart for the loss; wrap each assistant reply in {% generation %}...{% endgeneration %} "
@@ -135,6 +136,28 @@ def training_chat_template(tokenizer, flag: str, template_path: str | None = Non
                 + ("" if template_path else ", or remove the tokenizer's template to train with Vicuna v1.1")
             ) from None
     return template_path or "the tokenizer's own"
+
+
+def _mark_chatml(tokenizer) -> bool:
+    """Give `tokenizer` its ChatML template with `{% generation %}` markers around the replies (data.markers), when
+    the template has ChatML's one expression for every turn and the marked one renders the very same text."""
+    from longqlora.data.markers import with_chatml_markers
+
+    marked = with_chatml_markers(tokenizer.chat_template)
+    if marked is None:
+        return False
+    turns = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2"), ("assistant", "A2")]
+    probes = [[{"role": r, "content": c} for r, c in turns[i:]] for i in (0, 1)]
+    for messages in probes + [probes[1][:2]]:
+        for prompt in (False, True):
+            a, b = (
+                tokenizer.apply_chat_template(messages, chat_template=t, tokenize=False, add_generation_prompt=prompt)
+                for t in (tokenizer.chat_template, marked)
+            )
+            if a != b:
+                return False
+    tokenizer.chat_template = marked
+    return True
 
 
 _PROBE_REPLY = "Zq7 probe reply"  # text no template writes by itself
@@ -193,19 +216,6 @@ def turn_marker(tokenizer) -> str | None:
         return None
     # a marker the template opens a line with ("user:") is a marker only there: a reply may say "the user: prompt"
     return "\n" + marker if raw[: raw.rindex(marker)].rstrip(" \t").endswith("\n") else marker
-
-
-_GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
-
-
-def without_generation_markers(template: str) -> str:
-    """`template` with its `{% generation %}` markers (which only transformers' renderer knows, for the training
-    loss) turned into `{% if true %}`...`{% endif %}`, with their whitespace control: it renders the same text, and
-    plain Jinja (llama.cpp's, vLLM's and other renderers of a merged model) parses it. Block tags, not comments: a
-    marker quoted inside a comment (TRL's training templates name them in their header) stays harmless."""
-    return _GENERATION_TAG.sub(
-        lambda m: f"{{%{m[1]} {'if true' if m[2] == 'generation' else 'endif'} {m[3]}%}}", template
-    )
 
 
 # Detected from the keys that hold a value, in this order (a LongAlpaca record may also have `input`).
