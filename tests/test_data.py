@@ -456,7 +456,26 @@ def test_each_instruction_format_gives_the_same_messages(tmp_path):
             "skipped_empty_reply": 0,
             "skipped_not_rendered": 0,
             "conversations_out": len(expected),
+            "shared_system_prompt": None,
         }
+
+
+def test_a_system_message_every_record_holds_is_recorded_for_chat(tmp_path):
+    """Records that all open with one system message: the run's record keeps it (chat renders it by default; the
+    template's own default system message is not what the model trained with); records that differ: none."""
+    from longqlora.training.summary import _data_record
+
+    system = {"role": "system", "content": "You answer questions about Austen."}
+    same = write_jsonl(tmp_path / "same.jsonl", [{"messages": [system, *CHAT]}, {"messages": [system, *CHAT[:2]]}])
+    stats = {}
+    cfg = InstructionDataConfig(str(same))
+    I.load_conversations(cfg, stats=stats)
+    assert stats["shared_system_prompt"] == system["content"]
+    assert _data_record(cfg, stats)["system_prompt"] == system["content"]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": [system, *CHAT]}, {"messages": CHAT[:2]}])
+    stats = {}
+    I.load_conversations(InstructionDataConfig(str(mixed)), stats=stats)
+    assert stats["shared_system_prompt"] is None and "system_prompt" not in _data_record(cfg, stats)
 
 
 def test_trl_conversational_prompt_completion_and_its_shape_errors(tmp_path):

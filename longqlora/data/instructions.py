@@ -185,9 +185,25 @@ def load_conversations(cfg: InstructionDataConfig, stats: dict | None = None) ->
             skipped_empty_reply=empty,
             skipped_not_rendered=hidden,
             conversations_out=len(ds),
+            shared_system_prompt=_shared_system(ds, cfg.num_proc),
         )
     logger.info("loaded %d %s conversations from %s", len(ds), fmt, cfg.dataset)
     return ds.remove_columns(["_format", "_shape", "_problem"])
+
+
+def _shared_system(ds: datasets.Dataset, num_proc: int | None) -> str | None:
+    """The system message every conversation opens with, when they share one (chat then renders it by default),
+    else None. Read through a map of the first message only: the conversations may be long."""
+    firsts = ds.map(
+        lambda b: {"_system": [m[0]["content"] if m and m[0]["role"] == "system" else None for m in b]},
+        input_columns="messages",
+        batched=True,
+        remove_columns=ds.column_names,
+        features=datasets.Features({"_system": datasets.Value("string")}),
+        num_proc=num_proc,
+        desc="Reading system messages",
+    )["_system"]
+    return firsts[0] if len(set(firsts)) == 1 else None
 
 
 def prepared_stats(cfg: InstructionDataConfig, max_length: int) -> dict:

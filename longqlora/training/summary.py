@@ -104,11 +104,13 @@ def _file_digest(path: str | None) -> str | None:
 
 def _data_record(data_cfg, stats: dict) -> dict:
     """The data as recorded: the dataset and split read, its statistics (the held-out set's, under "eval", name
-    theirs), and the system message conversations without one trained with (chat takes it by default), if set."""
+    theirs), and the system message conversations without one trained with, or the one every record held (chat
+    takes it by default), if any."""
     record = {"dataset": data_cfg.dataset, "split": data_cfg.split, **stats}
     # a prepared folder's rows hold the system message they were prepared with; --system_prompt fills in the others
     prepared = stats.get("prepared") if isinstance(stats.get("prepared"), dict) else {}  # text: True
     system = prepared.get("system_prompt") or getattr(data_cfg, "system_prompt", None)
+    system = system or prepared.get("shared_system_prompt") or stats.get("shared_system_prompt")  # the records' own
     if system is not None:
         record["system_prompt"] = system
     return record
