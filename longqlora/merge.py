@@ -13,6 +13,7 @@ The merge checks itself: on a fixed sample the merged model, and the saved direc
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -58,10 +59,10 @@ class MergeConfig:
         },
     )
     dtype: str = field(
-        default="float16",
+        default="auto",
         metadata={
-            "help": "Dtype of the merged weights: float16, bfloat16 or "
-            "float32 (never 4-bit: merging into NF4 changes outputs)."
+            "help": "Dtype of the merged weights: auto (the base's own, as its config.json names it; float16 when it "
+            "names none), float16, bfloat16 or float32 (never 4-bit: merging into NF4 changes outputs)."
         },
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output directory."})
@@ -77,8 +78,8 @@ class MergeConfig:
     sample_tokens: int = field(default=64, metadata={"help": "Length of the fixed token sample the check runs on."})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:  # the one dtype table (hardware.DTYPES)
-            raise ValueError(f"--dtype {self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:  # the one dtype table (hardware.DTYPES)
+            raise ValueError(f"--dtype {self.dtype!r}: must be auto or one of {', '.join(DTYPES)}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"--tolerance {self.tolerance}: must be a positive number, e.g. 1e-4")
         if self.sample_tokens < 1:
@@ -227,6 +228,16 @@ def stop_at_turn_end(model, tokenizer) -> None:
         config.eos_token_id = stops + [end] if stops else end
 
 
+def _saved_dtype(base: Path) -> str:
+    """The dtype the base's config.json names (`dtype`, or `torch_dtype` before transformers 5), else float16."""
+    try:
+        saved = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float16"
+    named = str(saved.get("dtype") or saved.get("torch_dtype") or "").removeprefix("torch.")
+    return named if named in DTYPES else "float16"
+
+
 def merge(cfg: MergeConfig) -> dict:
     """Merge `cfg.adapter` into its base and save a plain model to `cfg.output`; returns the report (also written
     there as merge_report.json). Raises ValueError when the merged logits miss the tolerance."""
@@ -238,6 +249,8 @@ def merge(cfg: MergeConfig) -> dict:
 
     start = time.perf_counter()
     paths = check_merge(cfg)
+    if cfg.dtype == "auto":  # a bfloat16 base (Llama 3, Qwen) merged into float16 may overflow; a float32 one loses
+        cfg = dataclasses.replace(cfg, dtype=_saved_dtype(paths["base"]))
     out, tolerance = paths["output"], cfg.resolved_tolerance
     model, tokenizer, info = load_for_inference(
         str(paths["base"]),

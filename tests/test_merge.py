@@ -473,3 +473,24 @@ def test_a_target_within_the_bases_own_rope_scaling_trains_and_merges(tmp_path, 
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["max_position_embeddings"] == 128 and config["rope_parameters"]["factor"] == 8.0
     assert report["check"]["relative_diff"] < 1e-4, report["check"]
+
+
+def test_the_default_dtype_is_the_bases_own(adapter, tmp_path):
+    """--dtype auto (the default): the base's dtype as its config.json names it (a float32 base merged into float16
+    lost precision for nothing; a bfloat16 one, Llama 3's or Qwen's, may overflow in float16), float16 where it
+    names none."""
+    from longqlora.merge import _saved_dtype
+
+    report = merge(MergeConfig(adapter=str(adapter), output=str(tmp_path / "m"), sample_tokens=64))
+    base = Path(report["base"])
+    assert report["dtype"] == _saved_dtype(base) == json.loads((base / "config.json").read_text())["dtype"]
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{report['dtype']}"}
+    for saved, expected in (
+        ({"dtype": "bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "float16"}, "float16"),
+        ({}, "float16"),
+    ):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / "config.json").write_text(json.dumps(saved))
+        assert _saved_dtype(tmp_path / "c") == expected
