@@ -1,4 +1,4 @@
-"""Chat with an extended model: Vicuna v1.1 turns, a long document in the first turn, streamed replies.
+"""Chat with an extended model in its chat template (Vicuna v1.1 without one), a document first, streamed replies.
 
 `python -m longqlora chat --model DIR [--adapter DIR] [--context_file FILE] [--prompt TEXT]`. The model loads
 through `longqlora.evaluation.loading` (plain/merged directory, or base + PEFT adapter with the adapter's position

@@ -236,7 +236,7 @@ COMMANDS = {
     "perplexity": (_perplexity, "sliding-window perplexity at several context lengths"),
     "passkey": (_passkey, "passkey retrieval accuracy by context length and key depth"),
     "plan": (_plan, "predicted peak GPU memory of training, the longest context that fits, switches to turn on"),
-    "chat": (_chat, "chat with a model: Vicuna turns, a --context_file document, streamed replies"),
+    "chat": (_chat, "chat with a model in its own chat template, a --context_file document, streamed replies"),
 }
 
 
