@@ -621,4 +621,5 @@ def test_the_last_line_names_the_adapter_and_the_next_commands(tmp_path):
     assert text.splitlines()[0] == f"adapter written to {(tmp_path / 'out').resolve()}; next:"
     assert f"python -m longqlora merge --adapter {(tmp_path / 'out').resolve()} --output" in text
     assert text.splitlines()[-1].endswith(f"--logdir {(tmp_path / 'out').resolve() / 'runs'}")
-    assert "tensorboard" not in written(tmp_path / "out", ["none"])
+    assert "tensorboard" not in written(tmp_path / "out", ["none"]) and " chat " not in text
+    assert written(tmp_path / "out", [], True).splitlines()[1].strip().startswith("python -m longqlora chat --adapter")

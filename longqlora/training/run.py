@@ -392,6 +392,6 @@ def _train(run: ResolvedRun) -> Path:
                 state_dict=state_dict,
             )
             checkpoints.remove_aside(out)
-            logger.info(written(out, training.report_to))
+            logger.info(written(out, training.report_to, isinstance(data_cfg, instructions.InstructionDataConfig)))
         trainer.accelerator.wait_for_everyone()
     return out

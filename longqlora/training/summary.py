@@ -249,11 +249,13 @@ def extension_record(
     )
 
 
-def written(out: Path, report_to) -> str:
-    """The last line of a run: where its adapter is, and the commands that measure, try and merge it."""
+def written(out: Path, report_to, conversations: bool = False) -> str:
+    """The last line of a run: where its adapter is, and the commands that try, measure and merge it (a chat first
+    for a run on conversations)."""
     out = Path(out).resolve()
     lines = [
         f"adapter written to {out}; next:",
+        *([f"  python -m longqlora chat --adapter {out}"] if conversations else []),
         f"  python -m longqlora perplexity --adapter {out} --data HELD_OUT.txt --context_lengths ...",
         f"  python -m longqlora passkey --adapter {out} --context_lengths ...",
         f"  python -m longqlora merge --adapter {out} --output MERGED_DIR",
