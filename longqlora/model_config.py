@@ -4,7 +4,6 @@ the model's own config is checked by `model.check_model`. `longqlora.model` re-e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -171,8 +170,7 @@ class ModelConfig:
         check_variant(self.s2_shift, self.s2_sink_tokens, self.s2_full_heads)
         if not self.s2_attention:  # they would be dropped without a word (and recorded as off)
             for option in ("s2_shift", "s2_sink_tokens", "s2_full_heads", "s2_full_every"):
-                default = next(f.default for f in dataclasses.fields(self) if f.name == option)
-                if getattr(self, option) != default:
+                if getattr(self, option) != self.__dataclass_fields__[option].default:
                     bad(option, getattr(self, option), "an S2-Attn option, and --s2_attention is false; drop one")
         if self.s2_full_every < 0 or self.s2_full_every == 1:
             bad(

@@ -147,8 +147,8 @@ def _mark_chatml(tokenizer) -> bool:
     if marked is None:
         return False
     turns = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2"), ("assistant", "A2")]
-    probes = [[{"role": r, "content": c} for r, c in turns[i:]] for i in (0, 1)]
-    for messages in probes + [probes[1][:2]]:
+    chat = [{"role": role, "content": content} for role, content in turns]
+    for messages in (chat, chat[1:], chat[1:3]):  # with a system message, without, one exchange
         for prompt in (False, True):
             a, b = (
                 tokenizer.apply_chat_template(messages, chat_template=t, tokenize=False, add_generation_prompt=prompt)

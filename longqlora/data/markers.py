@@ -11,27 +11,16 @@ _GENERATION_TAG = re.compile(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}")
 # ChatML's one expression for every turn (SmolLM2's template, and many community chat models'):
 #   {{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}
 # a newline written as \n or as itself; single or double quotes; either subscript or attribute access.
-_Q = r"""['"]"""
-_NL = r"""['"](?:\\n|\n)['"]"""
-_FIELD = r"""message(?:\[['"]{0}['"]\]|\.{0})"""
+_PARTS = {
+    "q": r"""['"]""",
+    "nl": r"""['"](?:\\n|\n)['"]""",
+    "role": r"""message(?:\[['"]role['"]\]|\.role)""",
+    "content": r"""message(?:\[['"]content['"]\]|\.content)""",
+}
 _CHATML_TURN = re.compile(
-    r"\{\{(?P<ltrim>-?)\s*(?P<head>"
-    + _Q
-    + r"<\|im_start\|>"
-    + _Q
-    + r"\s*\+\s*"
-    + _FIELD.format("role")
-    + r"\s*\+\s*"
-    + _NL
-    + r")\s*\+\s*(?P<content>"
-    + _FIELD.format("content")
-    + r")\s*\+\s*(?P<end>"
-    + _Q
-    + r"<\|im_end\|>"
-    + _Q
-    + r")(?:\s*\+\s*(?P<after>"
-    + _NL
-    + r"))?\s*(?P<rtrim>-?)\}\}"
+    r"\{{\{{(?P<ltrim>-?)\s*(?P<head>{q}<\|im_start\|>{q}\s*\+\s*{role}\s*\+\s*{nl})\s*\+\s*"
+    r"(?P<content>{content})\s*\+\s*(?P<end>{q}<\|im_end\|>{q})"
+    r"(?:\s*\+\s*(?P<after>{nl}))?\s*(?P<rtrim>-?)\}}\}}".format(**_PARTS)
 )
 
 

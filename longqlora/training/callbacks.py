@@ -51,7 +51,7 @@ class ThroughputCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        added = {}
+        added, noisy = {}, NOISY_KEYS if "loss" in logs or "eval_loss" in logs else ()
         if "loss" in logs:
             seen = state.num_input_tokens_seen
             if self._seconds > 0 and self._tokens is not None:
@@ -59,7 +59,7 @@ class ThroughputCallback(TrainerCallback):
             self._tokens, self._seconds = seen, 0.0
             added["peak_memory_gib"] = peak_memory_gib()
         for entry in (logs, state.log_history[-1] if state.log_history else {}):  # the history holds a copy
-            for key in NOISY_KEYS if "loss" in logs or "eval_loss" in logs else ():
+            for key in noisy:
                 entry.pop(key, None)
             entry.update(added)
 

@@ -92,9 +92,8 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
     if "paged" in training.optim_name and (not torch.cuda.is_available() or launched.shards_weights):
         # bitsandbytes' paged optimizers run on CUDA only and are untested on FSDP's and ZeRO-3's sharded parameters
         why = "needs CUDA" if not torch.cuda.is_available() else f"is not used with {launched.engine}'s shards"
-        (logger.info if torch.cuda.is_available() else logger.debug)(  # the configuration says "here" vs a GPU
-            "--optim %s %s; using adamw_torch", training.optim_name, why
-        )
+        level = logging.INFO if torch.cuda.is_available() else logging.DEBUG  # the configuration says "here"
+        logger.log(level, "--optim %s %s; using adamw_torch", training.optim_name, why)
         changes["optim"] = "adamw_torch"
     return dataclasses.replace(training, **changes)
 
@@ -294,7 +293,8 @@ def _train(run: ResolvedRun) -> Path:
             eval_set, held = prepare_dataset(
                 held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
-        eval_set = eval_set.select(range(min(len(eval_set), training.eval_max_rows or len(eval_set))))
+        if training.eval_max_rows:
+            eval_set = eval_set.select(range(min(len(eval_set), training.eval_max_rows)))
         stats["eval"] = {"dataset": held_out.dataset, "split": held_out.split, **held, "rows_scored": len(eval_set)}
         if "chat_template" in stats:
             stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
