@@ -339,3 +339,79 @@ def test_trainer_applies_the_schedule_at_every_step(tmp_path, monkeypatch):
     runs = [now for now, _ in seen]
     assert runs == [(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)], seen
     assert len({count for _, count in seen}) == 1  # the same number of attention calls in every step
+
+
+def test_one_model_runs_in_several_threads_at_once():
+    """The hooks keep their reset tokens per thread: four threads forwarding one S2 model (train and eval mode)
+    give each the single-thread logits (a token kept on the module was reset by another thread's hook)."""
+    import threading
+
+    model = make_model("llama-gqa")
+    enable_s2_attention(model, 16)
+    x = ids(1, 64)
+    with torch.no_grad():
+        expected = {mode: model.train(mode)(x).logits for mode in (True, False)}
+    problems = []
+
+    def work(mode):
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    if not torch.equal(model(x).logits, expected[mode]):
+                        problems.append(f"mode {mode}: other logits")
+        except Exception as err:  # noqa: BLE001 - collected, asserted below
+            problems.append(repr(err))
+
+    for mode in (True, False):
+        model.train(mode)
+        threads = [threading.Thread(target=work, args=(mode,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert problems == []
+
+
+def test_torch_compile_trains_as_eager():
+    """A compiled model (dynamo traces it; the eager backend runs the graph) gives the uncompiled loss and grads in
+    training mode (the layout cache on a tensor's __dict__ stopped dynamo before)."""
+    plain = make_model("llama-gqa")
+    enable_s2_attention(plain, 16)
+    compiled_model = make_model("llama-gqa")
+    enable_s2_attention(compiled_model, 16)
+    x = ids(1, 64)
+    losses = []
+    for m, call in ((plain, plain), (compiled_model, torch.compile(compiled_model, backend="eager"))):
+        m.train()
+        loss = call(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), compiled_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_library_calls_refuse_bad_arguments_in_one_line():
+    from longqlora.attention.schedule import set_step_settings
+
+    model = make_model("llama-gqa")
+    for bad, kind in ((64.9, TypeError), (True, TypeError), (None, TypeError), (0, ValueError)):
+        with pytest.raises(kind, match="S2-Attn group size"):
+            enable_s2_attention(model, bad)
+    with pytest.raises(TypeError, match="expected a transformers model or a PEFT wrapper of one, got <class 'str'>"):
+        enable_s2_attention("meta-llama/Llama-2-7b-hf", 16)
+    with pytest.raises(ValueError, match="S2-Attn is not on for this model; call enable_s2_attention first"):
+        set_step_settings(model, 16, 0.0)
+    enable_s2_attention(model, 16)
+    with pytest.raises(ValueError, match="must be a positive number of tokens"):
+        set_step_settings(model, 0, 0.0)
+
+
+def test_a_model_sharing_the_config_of_an_s2_model_is_told_why_it_fails():
+    """LlamaForCausalLM(config) keeps the config object: enabling S2 on one model switches a second built from the
+    same object (a frozen reference), whose error says so and how to give each its own."""
+    config = tiny_llama_config("gqa", vocab_size=320, max_position_embeddings=256)
+    student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    enable_s2_attention(student, 16)
+    with pytest.raises(RuntimeError, match=r"config object is shared .*\(copy\.deepcopy\(config\)\)"):
+        teacher.train()(ids(1, 32))

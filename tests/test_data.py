@@ -1191,3 +1191,16 @@ def test_recipe_trains_on_prepared_data(tmp_path, monkeypatch, capsys):
         run_recipe(recipe.Model, recipe.Data, recipe.Training, argv=argv.split())
     assert ended.value.code == 2 and f"--dataset {out}: tokenized by " in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+
+
+def test_a_bundled_book_is_a_dataset_by_name(tmp_path, monkeypatch):
+    """--dataset austen_emma reads the bundled book (as --haystack and perplexity's --data take it), never the hub;
+    a local path of that name comes first."""
+    from longqlora.data import corpora, sources
+
+    found = sources.resolve("austen_emma")
+    assert (found.kind, found.path) == ("txt", corpora.book_path("austen_emma"))
+    assert sources.resolve("someone/corpus").kind == "hub"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "austen_emma").mkdir()
+    assert sources.resolve("austen_emma").path == "austen_emma"

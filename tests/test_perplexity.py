@@ -241,3 +241,29 @@ def test_a_model_that_transforms_its_logits_is_scored_by_its_own_forward(config)
     if model_type != "llama":  # the head read directly would be another figure: the probe is what makes it right
         perplexity._HEAD_IS_OUTPUT[model] = True
         assert abs(window_scores(model, ids, 48, progress=False).perplexity() / math.exp(own) - 1) > 0.05
+
+
+def test_scoring_gives_the_model_back_in_its_own_mode_after_an_error():
+    """A caught error inside scoring must not leave a training loop's model in eval mode (full attention)."""
+    from transformers import LlamaForCausalLM
+
+    from longqlora.evaluation import evaluating
+    from longqlora.training.tiny import tiny_llama_config
+
+    failing = LlamaForCausalLM(tiny_llama_config("gqa", vocab_size=320)).train()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    failing.model.forward = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        window_scores(failing, torch.arange(16), 8, progress=False)
+    assert failing.training
+    model = torch.nn.Linear(2, 2).train()
+    with pytest.raises(RuntimeError, match="inside"), evaluating(model):
+        assert not model.training
+        raise RuntimeError("inside")
+    assert model.training
+    with evaluating(model.eval()):
+        pass
+    assert not model.training

@@ -294,7 +294,14 @@ def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys
         ({"eval_steps": 1}, 1),
     ):
         training = TrainingConfig(output_dir=str(tmp_path / "o"), save_steps=100, logging_steps=1, **flags)
-        assert {**vars(training), **_evaluation(model, data, training)}["eval_steps"] == steps
+        settled = {**vars(training), **_evaluation(model, data, training)}
+        assert settled["eval_steps"] == steps and settled["eval_strategy"] == "steps"
+    # an explicit --eval_strategy no is kept (the default, unset, evaluates): the held-out set is only checked
+    off = TrainingConfig(output_dir=str(tmp_path / "o"), eval_strategy="no")
+    assert _evaluation(model, data, off) == {"eval_strategy": "no"}
+    assert _evaluation(model, TextDataConfig("d"), TrainingConfig(output_dir=str(tmp_path / "o"))) == {
+        "eval_strategy": "no"
+    }
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill a row.")
     with pytest.raises(SystemExit) as ended:
@@ -542,6 +549,7 @@ def test_a_cpu_run_pins_no_batches(tmp_path, tiny_adapter):
         ),
         (["--activation_offloading", "true"], "--activation_offloading True: the toolkit offloads with"),
         (["--padding_free", "true"], "--padding_free True: a run sets it from --pack"),
+        (["--assistant_only_loss", "false"], "--assistant_only_loss False: conversations train on the replies only"),
         (["--dataset_text_field", "body"], "--dataset_text_field body: a text --dataset names its field with"),
         (["--include_num_input_tokens_seen", "no"], "--include_num_input_tokens_seen no: the run's tokens/s"),
         (["--chat_template_path", "CHAT"], "--chat_template_path CHAT: text data trains no conversations"),

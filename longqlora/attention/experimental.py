@@ -34,6 +34,16 @@ def check_variant(shift: str = "leakfree", sink_tokens: int = 0, full_heads: flo
         raise ValueError(f"--s2_sink_tokens {sink_tokens}: sinks combine with --s2_shift leakfree only")
 
 
+def check_group_size(group_size) -> int:
+    """The S2-Attn group size as an int (enable_s2_attention, the schedule and the op call it): a whole number of
+    tokens, at least 1; a float or bool is refused, not truncated (64.9 ran as 64 before)."""
+    if isinstance(group_size, bool) or not hasattr(group_size, "__index__"):
+        raise TypeError(f"S2-Attn group size {group_size!r}: must be an int, a number of tokens (--group_ratio)")
+    if group_size < 1:
+        raise ValueError(f"S2-Attn group size {group_size}: must be a positive number of tokens (--group_ratio)")
+    return int(group_size)
+
+
 def sdpa_rolled(out, q, k, v, *, gqa: bool, group: int, scale, dropout: float) -> None:
     """LongLoRA's rolled shift: roll by -G/2 along N, causal attention in groups of G, roll back by +G/2.
 

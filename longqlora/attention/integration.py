@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from longqlora import hardware
-from longqlora.attention.experimental import check_variant
+from longqlora.attention.experimental import check_group_size, check_variant
 from longqlora.attention.op import s2_attention
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class S2Settings:
 # The mask form the current forward needs, set by a pre-hook on the model: True = S2 (2-D padding mask),
 # False or unset = the base implementation's own mask.
 _S2_MASKS = contextvars.ContextVar("longqlora_s2_masks", default=None)
+# The reset tokens of the forwards in flight, innermost last: per context (thread), since one model may run in
+# several threads at once (a token kept on the module was taken by another thread's post-hook).
+_S2_TOKENS = contextvars.ContextVar("longqlora_s2_tokens", default=())
 
 
 def _mask_function(*args, **kwargs):
@@ -58,7 +61,8 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
     if settings is None:
         raise RuntimeError(
             f"{type(module).__name__} uses attention '{IMPLEMENTATION}' but was not set up by "
-            "longqlora.attention.enable_s2_attention; call it on the model"
+            "longqlora.attention.enable_s2_attention: call it on this model, or, if its config object is shared with "
+            "a model it was called on, give each model its own (copy.deepcopy(config))"
         )
     cp = settings.context_parallel
     s2 = module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]
@@ -150,13 +154,14 @@ def _pre_hook(module, args, kwargs):
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
     s2 = module.training and not use_cache and kwargs.get("past_key_values") is None
-    module._longqlora_s2_token = _S2_MASKS.set((s2, module._longqlora_s2_base))
+    _S2_TOKENS.set((*_S2_TOKENS.get(), _S2_MASKS.set((s2, module._longqlora_s2_base))))
 
 
 def _post_hook(module, args, kwargs, output):
-    token = module.__dict__.pop("_longqlora_s2_token", None)
-    if token is not None:
-        _S2_MASKS.reset(token)
+    tokens = _S2_TOKENS.get()  # the hooks of one context nest: this forward's token is the last
+    if tokens:
+        _S2_TOKENS.set(tokens[:-1])
+        _S2_MASKS.reset(tokens[-1])
 
 
 def enable_s2_attention(
@@ -172,15 +177,18 @@ def enable_s2_attention(
     """Switch `model` (a transformers decoder with RoPE, or a PEFT wrapper of one) to S2-Attn for training.
 
     S2 runs while `model.training` is true and no KV cache is used; otherwise the model's previous attention
-    implementation runs unchanged. Sets `config.use_cache = False` (generation still caches), restored by
-    `disable_s2_attention`. shift, sink_tokens, full_heads: the variants in the module docstring. context_parallel:
-    a `context_parallel.CPGroup` when every row is split over its ranks (training only). Returns the model.
+    implementation runs unchanged. Sets `config.use_cache = False` (generation still caches) and the config's
+    attention implementation, restored by `disable_s2_attention` (call it before `save_pretrained`, whose config.json
+    would keep use_cache false; a model that shares this config object is switched too). shift, sink_tokens,
+    full_heads: the variants in the module docstring. context_parallel: a `context_parallel.CPGroup` when every row
+    is split over its ranks (training only). Returns the model.
     """
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
     hf = _hf_model(model)
-    if int(group_size) < 1:
-        raise ValueError(f"S2-Attn group size {group_size}: must be a positive number of tokens (--group_ratio)")
+    if not isinstance(getattr(hf, "config", None), PretrainedConfig):
+        raise TypeError(f"enable_s2_attention: expected a transformers model or a PEFT wrapper of one, got {type(hf)}")
+    group_size = check_group_size(group_size)
     check_variant(shift, sink_tokens, full_heads)
     if backend not in (None, "auto"):
         problem = hardware.backend_problem(backend)
@@ -204,7 +212,7 @@ def enable_s2_attention(
     base = current.base if current else config._attn_implementation
     use_cache = current.use_cache if current else getattr(config, "use_cache", None)
     settings = S2Settings(
-        group_size=int(group_size),
+        group_size=group_size,
         backend=backend,
         base=base,
         use_cache=use_cache,

@@ -156,6 +156,8 @@ def build(
     # The entry holds the mask it was built with and is reused only for that very object: an id() alone can be
     # a new mask's, once the old one is freed (the holder's own mask is not stored: no cycle through its __dict__).
     mask = attention_mask if holder is not attention_mask else None
+    if torch.compiler.is_compiling():  # dynamo cannot trace a tensor's __dict__: the compiled graph keeps it anyway
+        holder = None
     if holder is not None:
         cached = holder.__dict__.get(_ATTR)
         if cached is not None and cached[0] == key and cached[2] is mask:

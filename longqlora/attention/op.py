@@ -20,7 +20,7 @@ import torch
 from longqlora import hardware
 from longqlora.attention import kernels as s2_kernels
 from longqlora.attention import layout as s2_layout
-from longqlora.attention.experimental import check_variant, sdpa_rolled
+from longqlora.attention.experimental import check_group_size, check_variant, sdpa_rolled
 
 
 def head_split(h: int, full_heads: float) -> list[tuple[int, int, str]]:
@@ -66,9 +66,7 @@ def s2_attention(
     h_kv = key.shape[1]
     if h % h_kv:
         raise ValueError(f"s2_attention: {h} query heads are not a multiple of {h_kv} key/value heads")
-    group = int(group_size)
-    if group < 1:
-        raise ValueError(f"s2_attention: group_size must be >= 1, got {group_size}")
+    group = check_group_size(group_size)
     backend = _check_backend(backend, query)
     scale = d**-0.5 if scale is None else scale
     check_variant(shift, sink_tokens, full_heads)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
-from longqlora.attention.experimental import check_variant
+from longqlora.attention.experimental import check_group_size, check_variant
 from longqlora.attention.integration import _attention_modules, _hf_model
 
 if TYPE_CHECKING:
@@ -33,9 +33,13 @@ def step_settings(
 
 def set_step_settings(model, group_size: int, full_heads: float) -> None:
     """Change the group size and full-head share of an S2-enabled model, e.g. between training steps."""
+    group_size = check_group_size(group_size)
     check_variant(full_heads=full_heads)
-    for m in _attention_modules(_hf_model(model)):
-        m._longqlora_s2 = dataclasses.replace(m._longqlora_s2, group_size=int(group_size), full_heads=full_heads)
+    modules = _attention_modules(_hf_model(model))
+    if not modules or any(getattr(m, "_longqlora_s2", None) is None for m in modules):
+        raise ValueError("set_step_settings: S2-Attn is not on for this model; call enable_s2_attention first")
+    for m in modules:
+        m._longqlora_s2 = dataclasses.replace(m._longqlora_s2, group_size=group_size, full_heads=full_heads)
 
 
 def s2_schedule_callbacks(model_cfg: ModelConfig) -> list:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import datasets
 
+from longqlora.data import corpora
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -64,6 +66,8 @@ def resolve(name: str) -> Source:
         raise ValueError(f"--dataset {name}: unsupported file type; use {', '.join(FILE_SUFFIXES)} or a directory")
     if name.startswith(("/", ".", "~")) or name.endswith((*FILE_SUFFIXES, "/")) or name.count("/") > 1:
         raise ValueError(f"--dataset {name}: no such file or directory")
+    if name in corpora.BOOKS:  # a bundled book, as --haystack takes it (a local path of that name comes first)
+        return Source(name, corpora.book_path(name), "txt")
     return Source(name, name, "hub")
 
 

@@ -56,7 +56,8 @@ class TextDataConfig:
 
     dataset: str = flag(
         "A .txt/.txt.gz file (one document), a directory of them (one document each), a "
-        ".jsonl/.json(.gz) or .parquet file, a save_to_disk directory, or a hub dataset name."
+        ".jsonl/.json(.gz) or .parquet file, a save_to_disk directory, a bundled book (austen_emma, kjv_bible, "
+        "... as --haystack lists them) or a hub dataset name."
     )
     text_field: str = flag("Field holding the text in json/parquet/hub data.", default="text")
     split: str = flag("Split of a save_to_disk DatasetDict or of a hub dataset.", default="train")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longqlora.data.corpora import BOOKS
+from longqlora.evaluation import evaluating
 from longqlora.evaluation.haystack import (
     FILLER,
     KEY_LINE,
@@ -164,21 +165,19 @@ def evaluate_passkey(
             logger.warning(
                 "--context_lengths %d is beyond the %d tokens the model is set up for (extrapolation)", n, limit
             )
-    was_training = getattr(model, "training", False)
-    model.eval()
     records, samples = [], []
-    for case in tqdm(cases, desc="passkey", disable=not progress):
-        generated = generate_answer(model, tokenizer, case["prompt"], max_new)
-        records.append(
-            {
-                **{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
-                "correct": is_correct(case["key"], generated),
-                "distractor": any(is_correct(other, generated) for other in case["others"]),
-            }
-        )
-        if case["trial"] == 0:
-            samples.append({**records[-1], "output": generated[:SAMPLE_CHARS]})
-    model.train(was_training)
+    with evaluating(model):
+        for case in tqdm(cases, desc="passkey", disable=not progress):
+            generated = generate_answer(model, tokenizer, case["prompt"], max_new)
+            records.append(
+                {
+                    **{k: case[k] for k in ("context_length", "depth", "trial", "key", "tokens")},
+                    "correct": is_correct(case["key"], generated),
+                    "distractor": any(is_correct(other, generated) for other in case["others"]),
+                }
+            )
+            if case["trial"] == 0:
+                samples.append({**records[-1], "output": generated[:SAMPLE_CHARS]})
     summary = summarize(records, context_lengths, depths)
     for row in summary["by_length"]:
         logger.info(

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longqlora.evaluation import evaluating
 from longqlora.evaluation.loading import LoaderArgs
 
 logger = logging.getLogger(__name__)
@@ -149,23 +150,21 @@ def window_scores(
     starts = list(range(0, ids.numel() - context_length + 1, stride))
     if max_windows is not None:
         starts = starts[:max_windows]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     nll_sum = torch.zeros(context_length, dtype=torch.float64)
     count = torch.zeros(context_length, dtype=torch.long)
     bar = tqdm(total=len(starts), desc=f"perplexity @{context_length}", disable=not progress, leave=False)
-    for first in range(0, len(starts), batch_size):
-        batch_starts = starts[first : first + batch_size]
-        windows = torch.stack([ids[s : s + context_length] for s in batch_starts]).to(device)
-        nll = _token_nll(model, windows, chunk).cpu()
-        for row, index in enumerate(range(first, first + len(batch_starts))):
-            keep = scored_positions(index, context_length, stride, score)
-            nll_sum[keep] += nll[row, keep]
-            count[keep] += 1
-        bar.update(len(batch_starts))
+    with evaluating(model):
+        for first in range(0, len(starts), batch_size):
+            batch_starts = starts[first : first + batch_size]
+            windows = torch.stack([ids[s : s + context_length] for s in batch_starts]).to(device)
+            nll = _token_nll(model, windows, chunk).cpu()
+            for row, index in enumerate(range(first, first + len(batch_starts))):
+                keep = scored_positions(index, context_length, stride, score)
+                nll_sum[keep] += nll[row, keep]
+                count[keep] += 1
+            bar.update(len(batch_starts))
     bar.close()
-    model.train(was_training)
     return WindowScores(context_length, stride, score, len(starts), nll_sum, count)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig
 
 from longqlora.data.formats import read_template_file
@@ -33,6 +34,7 @@ class TrainingConfig(SFTConfig):
     # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
     packing: bool = True
+    assistant_only_loss: bool | None = None  # set by the run; None tells an explicit false from the default
     # On by default and non-reentrant, under transformers 5's names; the deprecated names still turn it off or set
     # its kwargs (__post_init__), without the warning transformers gives whenever only an old name is set.
     activation_checkpointing: bool | None = True
@@ -61,6 +63,14 @@ class TrainingConfig(SFTConfig):
         metadata={
             "help": "auto: continue from the last complete checkpoint in --output_dir (half-written ones are skipped "
             "with a warning), or a checkpoint-N folder; the run's settings must be those it was started with."
+        },
+    )
+    # None: the run decides (run._evaluation), so that an explicit `--eval_strategy no` is told from the default
+    eval_strategy: IntervalStrategy | str | None = field(
+        default=None,
+        metadata={
+            "help": "When to evaluate --eval_dataset: steps (every --eval_steps), epoch, or no; default steps with "
+            "--eval_dataset, else no."
         },
     )
     eval_steps: float | None = field(
@@ -137,7 +147,10 @@ class TrainingConfig(SFTConfig):
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         if getattr(self.eval_strategy, "value", self.eval_strategy) == "steps" and self.eval_steps is None:
             self.eval_steps = self.save_steps  # transformers would fill it with --logging_steps
+        asked, self.eval_strategy = self.eval_strategy, self.eval_strategy or "no"
         super().__post_init__()
+        if asked is None:
+            self.eval_strategy = None  # until the run knows whether there is an --eval_dataset
         kwargs = self.activation_checkpointing_kwargs
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError(

@@ -45,19 +45,22 @@ def _evaluation(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> d
     """The evaluation settings: with --eval_dataset, every --eval_steps (default --save_steps) unless
     --eval_strategy says otherwise; without one, an evaluation schedule is refused (the Trainer refused it after
     the weights had loaded)."""
-    strategy = str(getattr(training.eval_strategy, "value", training.eval_strategy))
+    strategy = getattr(training.eval_strategy, "value", training.eval_strategy)  # None: not set
     held_out = getattr(data_cfg, "eval_dataset", None)
     if not held_out:
-        if strategy != "no":
+        if strategy not in (None, "no"):
             raise ValueError(
                 f"--eval_strategy {strategy}: there is no evaluation set; pass --eval_dataset, or measure checkpoints "
                 "with `python -m longqlora perplexity --adapter DIR/checkpoint-N`"
             )
-        return {}
+        return {"eval_strategy": "no"}
+    if strategy == "no":
+        logger.info("--eval_strategy no: --eval_dataset %s is read and checked, never evaluated", held_out)
+        return {"eval_strategy": "no"}
     if model_cfg.pose_window or model_cfg.context_parallel > 1:  # rows of another length / split across processes
         flag = "--pose_window" if model_cfg.pose_window else "--context_parallel"
         raise ValueError(f"--eval_dataset: not supported with {flag} yet; evaluate checkpoints with perplexity")
-    if strategy == "no":
+    if strategy is None:
         return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
     return {}
 
@@ -76,7 +79,9 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         strategy = instructions.CONVERSATION_PACKING[data_cfg.pack]
         changes.update(packing=strategy is not None, packing_strategy=strategy or "bfd", assistant_only_loss=True)
     else:
-        changes.update(packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack))
+        changes.update(
+            packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack), assistant_only_loss=False
+        )
     changes.update(_evaluation(model_cfg, data_cfg, training))
     warmup = training.warmup_steps or 0
     if training.max_steps > 0 and warmup >= 1 and warmup >= training.max_steps:  # below 1 it is a ratio
