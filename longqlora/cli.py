@@ -243,20 +243,22 @@ COMMANDS = {
 def main(argv=None) -> int:
     """`python -m longqlora SUBCOMMAND [--flags]`; `--help` after a subcommand lists its flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
-        asked = bool(argv) and argv[0] in ("-h", "--help")
-        lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
-        print(
-            "usage: python -m longqlora SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
-            file=sys.stdout if asked else sys.stderr,
-        )
-        if asked:
-            return 0
-        what = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
-        print(f"error: {what}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    setup_logging()
-    with one_line_errors():
+    # the console script `longqlora` or `python -m longqlora`
+    prog = "python -m longqlora" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
+    with one_line_errors():  # the usage too: a reader that stops early (`| head`) is caught there
+        if not argv or argv[0] not in COMMANDS:
+            asked = bool(argv) and argv[0] in ("-h", "--help")
+            lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+            print(
+                f"usage: {prog} SUBCOMMAND [--help | flags]\n\nsubcommands:\n" + "\n".join(lines),
+                file=sys.stdout if asked else sys.stderr,
+            )
+            if asked:
+                return 0
+            what = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
+            print(f"error: {what}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        setup_logging()
         return COMMANDS[argv[0]][0](argv[1:])
 
 

@@ -91,9 +91,15 @@ def backend_problem(backend: str) -> str | None:
                 "use xformers or sdpa"
             )
         if _import("flash_attn") is None:
-            return "--attn_backend flash_attn: flash-attn is not installed; `pip install -e .[gpu]` or use sdpa"
+            return (
+                "--attn_backend flash_attn: flash-attn is not installed; `pip install flash-attn "
+                "--no-build-isolation` or use sdpa"
+            )
     if backend == "xformers" and _import("xformers.ops") is None:
-        return "--attn_backend xformers: xformers is not installed; `pip install -e .[gpu]` or use sdpa"
+        return (
+            "--attn_backend xformers: xformers is not installed; install the xformers wheel made for your torch, or "
+            "use sdpa"
+        )
     return None
 
 

@@ -104,3 +104,38 @@ def test_ruff_is_clean():
     assert done.returncode == 0, done.stdout[-3000:]
     done = subprocess.run(["ruff", "format", "--check", "--no-cache", "."], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+# Imported only behind an availability check or by an optional path (GPU kernels, engines, loggers, GGUF files).
+OPTIONAL_IMPORTS = {"flash_attn", "xformers", "deepspeed", "tensorboard", "gguf", "kernels"}
+
+
+def test_the_declared_dependencies_cover_the_imports_and_hold_the_pinned_stack():
+    """pyproject.toml's dependencies are what an installed package gets (requirements.txt is the exact stack of
+    the tests): every third-party module the library imports comes from one of them, and every pin of
+    requirements.txt lies in its range (a wheel that pulled another stack than the tested one was found before)."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+    modules = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"longqlora"} - OPTIONAL_IMPORTS
+    owners = packages_distributions()
+    undeclared = {m for m in third_party if not {canonicalize_name(d) for d in owners.get(m, [m])} & declared.keys()}
+    assert not undeclared, f"imported, not in pyproject.toml's dependencies: {sorted(undeclared)}"
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    pinned = [Requirement(line) for line in lines if line]
+    for pin in (p for p in pinned if str(p.specifier).startswith("==")):
+        wanted = declared.get(canonicalize_name(pin.name))
+        version = str(pin.specifier).removeprefix("==")
+        assert wanted is None or wanted.specifier.contains(version), f"{pin} is outside pyproject's {wanted}"

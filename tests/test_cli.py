@@ -37,11 +37,13 @@ def test_subcommand_help(name):
 def test_a_reader_that_stops_early_is_no_error():
     """`plan ... | head -c 1`: the closed pipe ends the command quietly with the shell's SIGPIPE code (it was
     `error: [Errno 32] Broken pipe`, exit 2, as if the input were wrong)."""
-    command = [sys.executable, "-m", "longqlora", "plan", "--model", "llama-2-7b", "--context", "8192"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as done:
-        done.stdout.close()  # before the plan is printed: its first write finds no reader
-        err = done.stderr.read().decode()
-    assert done.returncode == 141 and err == "", err
+    for flags in (["plan", "--model", "llama-2-7b", "--context", "8192"], ["--help"]):  # the usage list too
+        with subprocess.Popen(
+            [sys.executable, "-m", "longqlora", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as done:
+            done.stdout.close()  # before the output is printed: its first write finds no reader
+            err = done.stderr.read().decode()
+        assert done.returncode == 141 and err == "", (flags, err)
 
 
 def test_bad_flag_value_is_one_line():

@@ -276,13 +276,29 @@ def test_an_evaluation_set_is_scored_at_full_context_with_full_attention(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_eval_max_rows_counts_the_packed_rows_of_one_long_document(tmp_path):
+    """--eval_max_rows (--tiny: 8) keeps rows as TRL packed them (--pack documents): a held-out book is one
+    document, which selecting before packing kept whole (its ~2,000 rows were scored at every evaluation)."""
+    from longqlora.data.corpora import book
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(book("austen_emma")[:60000])
+    out = run("extend_7b_8k", "--tiny", "--eval_dataset", str(held_out), "--max_steps", "2",
+              "--output_dir", str(tmp_path / "run"))  # fmt: skip
+    record = json.loads((out / EXTENSION_FILE).read_text())
+    assert record["data"]["eval"]["documents_out"] == 1 and record["data"]["eval"]["rows_scored"] == 8
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    (scored,) = [h for h in history if "eval_loss" in h]
+    assert scored["eval_runtime"] * scored["eval_steps_per_second"] == pytest.approx(8, rel=0.05)
+
+
 def test_evaluation_schedule_and_errors_name_the_evaluation_set(tmp_path, capsys):
     """--eval_strategy steps without --eval_steps evaluates every --save_steps (transformers would fill in
     --logging_steps, every step here); a problem with the held-out data names --eval_dataset, before loading."""
     from longqlora.data.text import TextDataConfig
     from longqlora.model import ModelConfig
     from longqlora.training.config import TrainingConfig
-    from longqlora.training.run import _evaluation
+    from longqlora.training.held_out import evaluation_settings as _evaluation
 
     model = ModelConfig(model_name_or_path="m", target_context=8192)
     data = TextDataConfig("d", eval_dataset="e")

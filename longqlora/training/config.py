@@ -65,7 +65,7 @@ class TrainingConfig(SFTConfig):
             "with a warning), or a checkpoint-N folder; the run's settings must be those it was started with."
         },
     )
-    # None: the run decides (run._evaluation), so that an explicit `--eval_strategy no` is told from the default
+    # None: the run decides (held_out.evaluation_settings): an explicit `--eval_strategy no` is told from the default
     eval_strategy: IntervalStrategy | str | None = field(
         default=None,
         metadata={

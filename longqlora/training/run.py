@@ -11,7 +11,6 @@ and saves from it without checking anything again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -27,11 +26,10 @@ from longqlora.attention.schedule import s2_schedule_callbacks
 from longqlora.data import instructions, pose
 from longqlora.data import sources as data_sources
 from longqlora.data import text as data_lib
-from longqlora.data.sources import held_out_split
 from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model, load_model
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
-from longqlora.training import checkpoints, distributed, memory, plan_config
+from longqlora.training import checkpoints, distributed, held_out, memory, plan_config
 from longqlora.training.advice import host_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback, lead, peak_memory_gib
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default, refuse_flags_the_run_sets
@@ -41,30 +39,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-def _evaluation(model_cfg: ModelConfig, data_cfg, training: TrainingConfig) -> dict:
-    """The evaluation settings: with --eval_dataset, every --eval_steps (default --save_steps) unless
-    --eval_strategy says otherwise; without one, an evaluation schedule is refused (the Trainer refused it after
-    the weights had loaded)."""
-    strategy = getattr(training.eval_strategy, "value", training.eval_strategy)  # None: not set
-    held_out = getattr(data_cfg, "eval_dataset", None)
-    if not held_out:
-        if strategy not in (None, "no"):
-            raise ValueError(
-                f"--eval_strategy {strategy}: there is no evaluation set; pass --eval_dataset, or measure checkpoints "
-                "with `python -m longqlora perplexity --adapter DIR/checkpoint-N`"
-            )
-        return {"eval_strategy": "no"}
-    if strategy == "no":
-        logger.info("--eval_strategy no: --eval_dataset %s is read and checked, never evaluated", held_out)
-        return {"eval_strategy": "no"}
-    if model_cfg.pose_window or model_cfg.context_parallel > 1:  # rows of another length / split across processes
-        flag = "--pose_window" if model_cfg.pose_window else "--context_parallel"
-        raise ValueError(f"--eval_dataset: not supported with {flag} yet; evaluate checkpoints with perplexity")
-    if strategy is None:
-        return {"eval_strategy": "steps", "eval_steps": training.eval_steps or training.save_steps}
-    return {}
-
-
 def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig, info: ModelInfo) -> TrainingConfig:
     """Derive what follows from the model settings: sequence length, precision, an optimiser that runs here."""
     dtype = info.compute_dtype
@@ -82,7 +56,7 @@ def finalize_training(model_cfg: ModelConfig, data_cfg, training: TrainingConfig
         changes.update(
             packing=True, packing_strategy=data_lib.packing_strategy(data_cfg.pack), assistant_only_loss=False
         )
-    changes.update(_evaluation(model_cfg, data_cfg, training))
+    changes.update(held_out.evaluation_settings(model_cfg, data_cfg, training))
     warmup = training.warmup_steps or 0
     if training.max_steps > 0 and warmup >= 1 and warmup >= training.max_steps:  # below 1 it is a ratio
         logger.warning(
@@ -157,28 +131,12 @@ def prepare_dataset(
     return data_lib.prepare_training_text(loaded, tokenizer, data_cfg, max_length, prepared)
 
 
-@contextlib.contextmanager
-def held_out_flags():
-    """The data layer names --dataset and --split: within this block they are --eval_dataset's and --eval_split."""
-    try:
-        yield
-    except ValueError as err:
-        message = str(err).replace("--split", "--eval_split") if str(err).startswith("--split") else str(err)
-        raise ValueError(message.replace("--dataset", "--eval_dataset", 1)) from None
-
-
-def held_out_config(data_cfg):
-    """`data_cfg` for reading --eval_dataset: its path and split (never the training data's own split)."""
-    split = held_out_split(data_cfg.dataset, data_cfg.split, data_cfg.eval_dataset, data_cfg.eval_split)
-    return dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset, eval_dataset=None, split=split)
-
-
 def check_sources(data_cfg) -> None:
     """--dataset and --eval_dataset name readable data, the held-out split not the training one (`train` reads)."""
     data_sources.resolve(data_cfg.dataset)
     if getattr(data_cfg, "eval_dataset", None):
-        with held_out_flags():
-            held_out_config(data_cfg)
+        with held_out.held_out_flags():
+            held_out.held_out_config(data_cfg)
 
 
 def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: TrainingConfig) -> ResolvedRun:
@@ -245,24 +203,6 @@ def resolve(model_cfg: ModelConfig, data_cfg, run_cfg: RunConfig, training: Trai
     return ResolvedRun(model=model_cfg, data=data_cfg, training=training, hf_config=hf_config, info=info, plan=plan)
 
 
-def _evaluate_apart(trainer) -> None:
-    """Evaluations leave the training as it would be without them, so that a run with --eval_dataset trains as one
-    without, and a resumed one (its checkpoint written after an evaluation) as an uninterrupted one: they run on a
-    copy of torch's random generators (each DataLoader iterator draws a seed), and bitsandbytes is kept from
-    repacking NF4 weights for its CPU inference kernel (it does so for good at the first forward in eval mode on
-    AVX512-BF16 CPUs, and every later training step then computes through that kernel)."""
-    for module in trainer.model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-    evaluate = trainer.evaluate
-
-    def forked(*args, **kwargs):
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            return evaluate(*args, **kwargs)
-
-    trainer.evaluate = forked
-
-
 def train(run: ResolvedRun) -> Path:
     """Load, train and save one resolved run; returns the adapter directory."""
     with data_sources.maps_written_apart(run.data.dataset, getattr(run.data, "eval_dataset", None)):
@@ -292,15 +232,13 @@ def _train(run: ResolvedRun) -> Path:
     dataset, stats = prepare_dataset(data_cfg, tokenizer, model_cfg.train_length, loaded, chat_template_path=template)
     eval_set = None
     if getattr(data_cfg, "eval_dataset", None):  # read, checked and prepared as --dataset is
-        with held_out_flags():
-            held_out = held_out_config(data_cfg)
-            loaded = load_data(held_out, vocab)
+        with held_out.held_out_flags():
+            held_cfg = held_out.held_out_config(data_cfg)
+            loaded = load_data(held_cfg, vocab)
             eval_set, held = prepare_dataset(
-                held_out, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
+                held_cfg, tokenizer, model_cfg.train_length, loaded, chat_template_path=template
             )
-        if training.eval_max_rows:
-            eval_set = eval_set.select(range(min(len(eval_set), training.eval_max_rows)))
-        stats["eval"] = {"dataset": held_out.dataset, "split": held_out.split, **held, "rows_scored": len(eval_set)}
+        stats["eval"] = {"dataset": held_cfg.dataset, "split": held_cfg.split, **held}
         if "chat_template" in stats:
             stats["eval"]["chat_template"] = stats["chat_template"]  # the same (now the tokenizer's own)
     longest = stats.get("length_max", 0)
@@ -361,7 +299,8 @@ def _train(run: ResolvedRun) -> Path:
         )
         lead(trainer, ThroughputCallback())
         if eval_set is not None:
-            _evaluate_apart(trainer)
+            stats["eval"]["rows_scored"] = held_out.score_first_rows(trainer, training.eval_max_rows)
+            held_out.evaluate_apart(trainer)
         if model_cfg.pose_window:
             pose.enable_pose(trainer, model_cfg.target_context, model_cfg.pose_chunks, training.seed)
         if cp_group is not None:
