@@ -38,9 +38,9 @@ logger = logging.getLogger(__name__)
 class QuickstartConfig(SmallLlamaConfig):
     output_dir: str = field(default="out/quickstart", metadata={"help": "Results, adapters and the cached base."})
     extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens, per variant."})
-    extend_lr: float = 1e-3
+    extend_lr: float = field(default=1e-3, metadata={"help": "Extension learning rate, every variant."})
     group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / target context."})
-    lora_r: int = 16
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the extended variants."})
     eval_tokens: int = field(default=32768, metadata={"help": "Held-out tokens scored per context length."})
     passkey_trials: int = field(default=4, metadata={"help": "With --context_mix: passkey keys per depth and length."})
     rope_scalings: str = field(
@@ -331,12 +331,12 @@ def main(config_cls, argv=None) -> dict | None:
     """Parse the quickstart's flags (`--config x.yaml` too), run it and print its report."""
     from trl import TrlParser
 
-    from longqlora.cli import one_line_errors, setup_logging
+    from longqlora.cli import one_line_errors, setup_logging, with_parent_help
     from longqlora.config_file import parse_with_config
 
     setup_logging()
     with one_line_errors():
-        (cfg,) = parse_with_config(TrlParser((config_cls,)), argv)
+        (cfg,) = parse_with_config(TrlParser((with_parent_help(config_cls),)), argv)
         if cfg.dry_run:
             print(
                 f"quickstart: pre-train a {cfg.hidden_size}-wide {cfg.num_layers}-layer Llama at "

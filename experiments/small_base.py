@@ -33,13 +33,15 @@ class SmallLlamaConfig:
 
     short_context: int = field(default=128, metadata={"help": "Context L the base is pre-trained at."})
     factor: int = field(default=4, metadata={"help": "Extend to factor x L."})
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    num_layers: int = 4
-    intermediate_size: int = 768
-    num_heads: int = 4
+    vocab_size: int = field(
+        default=2048, metadata={"help": "Size of the byte-level BPE vocabulary trained on its text."}
+    )
+    hidden_size: int = field(default=256, metadata={"help": "Width of the base (a multiple of 64: NF4 on CPU)."})
+    num_layers: int = field(default=4, metadata={"help": "Decoder layers of the base."})
+    intermediate_size: int = field(default=768, metadata={"help": "MLP width of the base (a multiple of 64)."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads of the base."})
     pretrain_steps: int = field(default=240, metadata={"help": "Pre-training steps of 32 x L tokens."})
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float = field(default=3e-3, metadata={"help": "Pre-training learning rate (copy and text steps)."})
     copy_steps: int = field(
         default=0,
         metadata={
@@ -55,7 +57,7 @@ class SmallLlamaConfig:
             "reused."
         },
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the base, the data and every variant."})
     context_mix: bool = field(
         default=False,
         metadata={

@@ -78,6 +78,7 @@ def run_recipe(model_cls, data_cls, training_cls, argv=None) -> Path | None:
     with one_line_errors():
         hardware.launch()  # first: accelerate parses the launch's DeepSpeed JSON inside SFTConfig without naming it
         parser = TrlParser(tuple(map(with_parent_help, (model_cls, data_cls, RunConfig, training_cls))))
+        group_the_help(parser, (model_cls, data_cls, RunConfig), training_cls)
         model_cfg, data_cfg, run_cfg, training = parse_with_config(parser, argv)
         run = resolve(model_cfg, data_cfg, run_cfg, training)
         counts = dry_run_counts(run)  # adapters on a meta-device model: a --lora_target it lacks fails before loading
@@ -106,6 +107,30 @@ def with_parent_help(cls):
         if not f.metadata and (text := parent_help(f.name)):
             f.metadata = types.MappingProxyType({"help": text})
     return cls
+
+
+def group_the_help(parser, own_classes, training_cls) -> None:
+    """A recipe's --help lists its own flags first (model, data, run, and the training flags this toolkit or the
+    recipe declares), then SFTConfig's and TrainingArguments' own (some 500, which buried them), with a short usage
+    line; each flag a run sets itself says so, and why. argparse has no public API for regrouping: its lists are
+    edited here."""
+    from longqlora.training.config import REFUSED_HELP, TrainingConfig
+
+    own = {f.name for cls in own_classes for f in dataclasses.fields(cls)}
+    for cls in training_cls.__mro__:  # the recipe's class and TrainingConfig: what this toolkit declares
+        own |= set(vars(cls).get("__annotations__", {}))
+        if cls is TrainingConfig:
+            break
+    ours = parser.add_argument_group("the recipe's flags (model, data, run, training)")
+    theirs = parser.add_argument_group("TRL's SFTConfig and transformers' TrainingArguments")
+    for group in parser._action_groups[:-2]:
+        for action in [a for a in group._group_actions if a.option_strings and a.dest != "help"]:
+            group._group_actions.remove(action)
+            refused = REFUSED_HELP.get(action.dest)
+            (ours if action.dest in own and not refused else theirs)._group_actions.append(action)
+            if refused:
+                action.help = f"Not taken by a recipe: {refused}."
+    parser.usage = "%(prog)s [--flag value ...] [--config FILE.yaml] [--help]"
 
 
 def dry_run_counts(run) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,12 +27,13 @@ def parse_with_config(parser, argv: list[str] | None):
         "--config FILE.yaml: flag defaults from a YAML file, keys named as the flags; a flag given here wins"
     )
     args = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(args):
+    for i, arg in enumerate(list(args)):
         if arg.startswith("--config="):
             args[i : i + 1] = ["--config", arg.removeprefix("--config=")]
-            break
     if "--config" not in args:
         return parse_flags(parser, args)
+    if args.count("--config") > 1:
+        raise ValueError("--config: given twice; pass one YAML file (a flag given on the command line wins over it)")
     i = args.index("--config")
     if i + 1 >= len(args) or args[i + 1].startswith("--"):
         raise ValueError("--config: pass a YAML file, e.g. --config my.yaml")
@@ -150,8 +152,16 @@ def _admits(hint, kind) -> bool:
 
 
 def _convert(action, value, key: str):
+    help_text = action.help or ""
+    if isinstance(value, list) and "comma list" in help_text and all(isinstance(v, str | int | float) for v in value):
+        value = ",".join(map(str, value))  # [q_proj, v_proj] for the flag's q_proj,v_proj
     if isinstance(value, (dict, list)):
         raise ValueError(f"{key}: {value!r} is a {type(value).__name__}; give one value")
+    if isinstance(value, bool) and action.type is str:  # YAML 1.1 reads an unquoted on/off/yes/no as a bool
+        if re.search(r"\bon\b", help_text) and re.search(r"\boff\b", help_text):
+            value = "on" if value else "off"
+        else:
+            raise ValueError(f"{key}: YAML read the word as {str(value).lower()}; quote it, e.g. {key}: 'no'")
     if action.type is None:
         return value
     try:

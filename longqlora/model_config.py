@@ -90,9 +90,9 @@ class ModelConfig:
     s2_group_schedule: str = field(
         default=DEFAULT_SCHEDULE,
         metadata={
-            "help": "S2-Attn group-size schedule: multiples of --group_ratio (capped at the training length) that "
-            "share the training steps in order; their mean is the attention cost relative to a fixed group "
-            "(docs/ablations.md); none = --group_ratio throughout."
+            "help": "S2-Attn group-size schedule: a comma list of multiples of --group_ratio (capped at the training "
+            "length) that share the training steps in order; their mean is the attention cost relative to a fixed "
+            "group (docs/ablations.md); none = --group_ratio throughout."
         },
     )
     context_parallel: int = field(

@@ -51,10 +51,10 @@ class Training(TrainingConfig):
     gradient_accumulation_steps: int = 16
     learning_rate: float = 2e-5
     lr_scheduler_type: str = "constant_with_warmup"
-    warmup_steps: int = 20
+    warmup_steps: float = 20  # a number of steps, or below 1 a ratio of the run
     max_grad_norm: float = 0.3
     optim: str = "paged_adamw_32bit"
-    save_steps: int = 100
+    save_steps: float = 100
 
 
 if __name__ == "__main__":

@@ -51,12 +51,25 @@ def test_help(name, capsys):
     text = capsys.readouterr().out
     assert "--output_dir" in text and "--dry_run" in text and "--tiny" in text
     assert "--config FILE.yaml: flag defaults from a YAML file" in text  # read before the parser, listed all the same
+    if name == "quickstart":  # every flag says what it is (argparse shows a default only beside a help text)
+        from trl import TrlParser
+
+        from longqlora.cli import with_parent_help
+
+        parser = TrlParser((with_parent_help(recipe.Quickstart),))
+        assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
     if name != "quickstart":  # a field the recipe re-declares keeps its help, with the recipe's value as default
         recipe = load_recipe(name)
         flat = " ".join(text.split())
         for value in (recipe.Model.target_context, recipe.Training.max_steps, recipe.Training.learning_rate):
             assert f"(default: {value})" in flat
         assert "Context length to extend to" in flat
+        # its own flags first, then SFTConfig's and TrainingArguments' (~500 of them), a refused one saying why
+        ours, theirs = flat.split("TRL's SFTConfig and transformers' TrainingArguments:")
+        assert "--offload_activations" in ours and "--eval_max_rows" in ours and "--dataset " in ours
+        assert "--adam_beta1" in theirs and "--packing" not in ours
+        assert "--packing [PACKING] Not taken by a recipe: a run sets it from --pack." in theirs
+        assert text.splitlines()[0].endswith(".py [--flag value ...] [--config FILE.yaml] [--help]")  # one line
 
 
 @pytest.mark.parametrize("name", ["extend_7b_8k", "quickstart"])
@@ -647,3 +660,33 @@ def test_the_last_line_names_the_adapter_and_the_next_commands(tmp_path):
     assert text.splitlines()[-1].endswith(f"--logdir {(tmp_path / 'out').resolve() / 'runs'}")
     assert "tensorboard" not in written(tmp_path / "out", ["none"]) and " chat " not in text
     assert written(tmp_path / "out", [], True).splitlines()[1].strip().startswith("python -m longqlora chat --adapter")
+
+
+def test_yaml_words_and_lists_are_read_as_the_flags_take_them(tmp_path):
+    """YAML 1.1 reads an unquoted on/off as a bool and a comma-list flag may be written as a YAML list: both reach
+    the flag as it is written on the command line; a bool for another word flag, and a second --config, are one
+    line saying what to write."""
+    from trl import TrlParser
+
+    from longqlora.cli import with_parent_help
+    from longqlora.config_file import parse_with_config
+    from longqlora.training.config import RunConfig
+
+    recipe = load_recipe("extend_7b_8k")
+    parser = TrlParser(tuple(map(with_parent_help, (recipe.Model, recipe.Data, RunConfig, recipe.Training))))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "offload_activations: off\ntiled_mlp: on\nlora_target: [q_proj, v_proj]\ns2_group_schedule: [0.5, 1]\n"
+    )
+    model, _, _, training = parse_with_config(parser, ["--config", str(config), "--output_dir", str(tmp_path)])
+    assert (training.offload_activations, training.tiled_mlp) == ("off", "on")
+    assert (model.lora_target, model.s2_group_schedule) == ("q_proj,v_proj", "0.5,1")
+    # a ratio of the run, as the help says (the recipes declared both as int)
+    config.write_text("warmup_steps: 0.1\n")
+    training = parse_with_config(parser, ["--config", str(config), "--save_steps", "0.25"])[3]
+    assert (training.warmup_steps, training.save_steps) == (0.1, 0.25)
+    config.write_text("pack: no\n")
+    with pytest.raises(ValueError, match=r"c.yaml: pack: YAML read the word as false; quote it, e.g. pack: 'no'$"):
+        parse_with_config(parser, ["--config", str(config)])
+    with pytest.raises(ValueError, match="^--config: given twice; pass one YAML file"):
+        parse_with_config(parser, ["--config", str(config), f"--config={config}"])

@@ -263,6 +263,19 @@ _RUN_SETS = {
 }
 
 
+# What a recipe's --help says of each SFTConfig flag it refuses (cli.group_the_help): the reasons above, and those
+# of the flags refused elsewhere (refuse_trainer_engine, __post_init__, run.resolve)
+REFUSED_HELP = {
+    **_RUN_SETS,
+    "deepspeed": "the engine comes from accelerate launch (configs/accelerate/)",
+    "fsdp": "the engine comes from accelerate launch (configs/accelerate/)",
+    "use_liger_kernel": "it replaces the forward and loss that S2-Attn and the chunked loss own",
+    "max_length": "a run trains rows of --target_context tokens (--pose_window with PoSE)",
+    "bf16": "the precision follows --compute_dtype",
+    "fp16": "the precision follows --compute_dtype",
+}
+
+
 def refuse_flags_the_run_sets(training: TrainingConfig, text_data: bool, compute_dtype: str) -> None:
     """One line for an SFTConfig flag set on the command line that the run would overrule or that would train
     other than the run reports, before any weights load (several were refused by TRL after loading, or not at all)."""
