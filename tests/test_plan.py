@@ -1014,3 +1014,57 @@ def test_zero3_plans_one_process_of_the_partitions():
         config.num_hidden_layers = layers
         small, alone = parts(config, processes=2, sharding="zero3"), parts(config, optim="adamw")
         assert (small["loss"] - alone["loss"]) * GIB == pytest.approx(2 * (2 * v * h + layers * layer))
+
+
+def test_the_advice_in_a_recipes_flags_and_the_recipes_names_plan_alike(capsys):
+    """A recipe user reads the switches as its flags (the plan's --offload is --offload_activations on there), and
+    plan takes a recipe's names for its flags (--lora_r for --rank: `plan --lora_r 64` was an unknown flag)."""
+    from longqlora.training.advice import as_recipe_flags
+
+    assert as_recipe_flags(["tiled_mlp", "offload_layers unset: all 32 layers' checkpoints offloaded"]) == (
+        "--tiled_mlp on, drop --offload_layers"
+    )
+    assert as_recipe_flags(["offload", "offload_layers 15: the host can pin 15 of the 32 layers' checkpoints"]) == (
+        "--offload_activations on, --offload_layers 15"
+    )
+    assert as_recipe_flags(["none fits: lower --context or --batch, or use a larger GPU"]) == (
+        "none fits: lower --target_context or --per_device_train_batch_size, or use a larger GPU"
+    )
+    ours = ["--model", "llama-2-7b", "--context", "32768", "--rank", "64", "--batch", "2", "--gpu_memory", "24"]
+    recipe = ["--model_name_or_path", "llama-2-7b", "--target_context", "32768", "--lora_r", "64",
+              "--per_device_train_batch_size", "2", "--gpu_memory", "24"]  # fmt: skip
+    outputs = []
+    for flags in (ours, recipe):
+        assert cli.main(["plan", *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "x batch 2" in outputs[0]
+    assert "turn on: offload (a recipe's --offload_activations on)" in outputs[0]
+
+
+def test_a_run_predicted_not_to_fit_names_the_flags_that_fit(script, tmp_path, caplog, monkeypatch):
+    """The warning before a run that will run out of memory names the recipe flags that fit it, and a plan command
+    with the run's own rank and batch (it planned rank 8 for the SFT recipe's 64)."""
+    import dataclasses
+
+    from trl import TrlParser
+
+    from longqlora.training import run as run_module
+    from longqlora.training.config import RunConfig
+
+    recipe = script("recipes/extend_7b_8k.py")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    flags = ["--dry_run", "--output_dir", str(tmp_path / "o"), "--target_context", "32768", "--lora_r", "64"]
+    flags += ["--offload_activations", "off"]
+    resolved = run_module.resolve(*parser.parse_args_and_config(flags))
+    too_big = plan(LLAMA2_7B, PlanConfig(**{**resolved.plan["config"], "gpu_memory": 14}))
+    assert too_big["fits"] is False
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before the data")
+
+    monkeypatch.setattr(run_module, "load_data", stop)
+    with pytest.raises(RuntimeError, match="stopped before the data"):
+        run_module.train(dataclasses.replace(resolved, plan=too_big))
+    (said,) = [r.getMessage() for r in caplog.records if "will likely run out of memory" in r.getMessage()]
+    assert "what fits: --offload_activations on, --tiled_mlp on (`python -m longqlora plan --model" in said
+    assert "--context 32768 --rank 64 --batch 1 --gpu_memory 14`" in said

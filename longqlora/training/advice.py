@@ -87,6 +87,34 @@ def advise(config, cfg: PlanConfig) -> dict:
     return result
 
 
+# The planner's switches as a recipe's flags (the plan command's own --offload and --tiled_mlp are booleans)
+RECIPE_FLAGS = {
+    "chunked_loss": "--chunked_loss true",
+    "offload": "--offload_activations on",
+    "tiled_mlp": "--tiled_mlp on",
+}
+
+
+SWITCHES = (*RECIPE_FLAGS, "offload_layers")  # the advice items that name a switch, first word
+
+
+def as_recipe_flags(turn_on: list[str]) -> str:
+    """`advise`'s "turn_on" in a recipe's terms: its flags, or the advice's own words where it is not a switch."""
+    said = []
+    for item in turn_on:
+        if item in RECIPE_FLAGS:
+            said.append(RECIPE_FLAGS[item])
+        elif item.startswith("offload_layers unset"):
+            said.append("drop --offload_layers")
+        elif item.startswith("offload_layers "):
+            said.append("--offload_layers " + item.split()[1].rstrip(":"))
+        elif item.startswith("offload off"):
+            said.append("--offload_activations off")
+        else:
+            said.append(item.replace("--context or --batch", "--target_context or --per_device_train_batch_size"))
+    return ", ".join(said)
+
+
 HOST_SHARE = 0.6  # of the RAM that offloaded checkpoints may pin: TRL's offloading warns above 60% in use
 
 
@@ -171,5 +199,9 @@ def render(result: dict) -> str:
             f"{result['longest_context_all_switches']:,} {every}"
         )
     if result.get("turn_on"):
-        lines.append("turn on: " + ", ".join(result["turn_on"]))
+        said = [
+            f"{item} (a recipe's {as_recipe_flags([item])})" if item.split()[0].rstrip(":") in SWITCHES else item
+            for item in result["turn_on"]
+        ]
+        lines.append("turn on: " + ", ".join(said))
     return "\n".join(lines)

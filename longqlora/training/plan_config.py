@@ -18,14 +18,20 @@ GPUS = {"v100-32gb": 31.7, "a10-24gb": 22.5, "4090-24gb": 23.6, "a100-40gb": 39.
 class PlanConfig:
     """`python -m longqlora plan`: predicted peak GPU memory of a training step, and the longest context that fits."""
 
+    # A recipe's names are aliases (--model_name_or_path, --target_context, --lora_r, ...): its flags plan as they are
     model: str = field(
         metadata={
+            "aliases": ["--model_name_or_path"],
             "help": "Preset (llama-2-7b, llama-2-13b, llama-2-70b, vicuna-13b, llama-3.1-8b, "
-            "mistral-7b, or their hub ids) or a local model directory."
+            "mistral-7b, or their hub ids) or a local model directory.",
         }
     )
-    context: int = field(metadata={"help": "Training sequence length in tokens, e.g. 8192."})
-    batch: int = field(default=1, metadata={"help": "Sequences per device step (per_device_train_batch_size)."})
+    context: int = field(
+        metadata={"aliases": ["--target_context"], "help": "Training sequence length in tokens, e.g. 8192."}
+    )
+    batch: int = field(
+        default=1, metadata={"aliases": ["--per_device_train_batch_size"], "help": "Sequences per device step."}
+    )
     context_parallel: int = field(
         default=1,
         metadata={
@@ -56,7 +62,7 @@ class PlanConfig:
             "what it keeps gathered between steps; default DeepSpeed's, which configs/accelerate/ leaves."
         },
     )
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    rank: int = field(default=8, metadata={"aliases": ["--lora_r"], "help": "LoRA rank."})
     lora_target: str = field(default="attention", metadata={"help": "attention (q/k/v/o) or all-linear."})
     trainable_params: str = field(
         default="embed,norm", metadata={"help": "Trained in full: comma list of embed, norm; empty for plain LoRA."}
@@ -76,7 +82,9 @@ class PlanConfig:
     )
     chunked_loss: bool = field(default=True, metadata={"help": "TRL's chunked loss (false: full fp32 logits)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "MLPs run in sequence tiles of --tile_tokens."})
-    tile_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile."})
+    tile_tokens: int = field(
+        default=16384, metadata={"aliases": ["--tiled_mlp_tokens"], "help": "Tokens per MLP tile."}
+    )
     padding_free: bool = field(
         default=False,
         metadata={
@@ -94,7 +102,8 @@ class PlanConfig:
         default=True, metadata={"help": "Norms recomputed in the backward (--recompute_norms)."}
     )
     recompute_dropout: bool = field(
-        default=True, metadata={"help": "LoRA dropout redrawn in the backward (--recompute_lora_dropout)."}
+        default=True,
+        metadata={"aliases": ["--recompute_lora_dropout"], "help": "LoRA dropout redrawn in the backward."},
     )
     optim: str = field(
         default="paged_adamw",
