@@ -34,8 +34,9 @@ class ScriptArguments:
 
 def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    if cfg.eval_dataset:  # a training flag the data configs share with the recipes
-        raise ValueError("--eval_dataset: prepare held-out data with its own run of this script (--dataset held_out)")
+    for flag in ("eval_dataset", "eval_split"):  # training flags the data configs share with the recipes
+        if getattr(cfg, flag):
+            raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
     if args.chat_template_path:
         read_template_file(args.chat_template_path)  # before the data is read
     stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "system_prompt": cfg.system_prompt}

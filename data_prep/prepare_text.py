@@ -38,8 +38,9 @@ class ScriptArguments:
 
 def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    if cfg.eval_dataset:  # a training flag the data configs share with the recipes
-        raise ValueError("--eval_dataset: prepare held-out data with its own run of this script (--dataset held_out)")
+    for flag in ("eval_dataset", "eval_split"):  # training flags the data configs share with the recipes
+        if getattr(cfg, flag):
+            raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
     documents = load_documents(cfg)  # every file read and checked before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     tokenized, stats = tokenize_documents(documents, tokenizer, cfg)

@@ -42,6 +42,10 @@ def parse_with_config(parser, argv: list[str] | None):
     config = read_config(path)
     for key, value in config.pop("env", {}).items():  # TrlParser's `env:` section
         os.environ[key] = str(value)
+        if key == "OMP_NUM_THREADS" and str(value).isdigit() and int(value) > 0:
+            import torch  # read its thread count at import, before this file: set as the variable would have
+
+            torch.set_num_threads(int(value))
     parser.set_defaults_with_config(**checked_values(parser, config, path))
     try:
         return parse_flags(parser, args)
@@ -186,6 +190,8 @@ def checked_values(parser, config: dict, path: str) -> dict:
     for key, value in config.items():
         try:
             action = actions.get(key)
+            if action is None and isinstance(value, dict):
+                raise ValueError(f"{key}: not a flag; the keys are the flags themselves, with no sections but env:")
             if action is None:
                 near = nearest(key, list(actions))
                 hint = f"did you mean {near}?" if near else "--help lists them"

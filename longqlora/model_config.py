@@ -130,9 +130,8 @@ class ModelConfig:
     compute_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Dtype of activations and 4-bit matmuls: auto "
-            "(bf16 where supported, else fp16), bfloat16, "
-            "float16 or float32."
+            "help": "Dtype of activations and 4-bit matmuls: auto (bf16 on an Ampere or newer GPU, fp16 on older "
+            "ones, fp32 on a CPU), bfloat16, float16 or float32."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

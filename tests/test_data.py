@@ -874,6 +874,17 @@ def test_prepare_text_help(tmp_path):
     assert result.returncode == 0 and "--min_length" in result.stdout and "--tokenizer" in result.stdout
 
 
+@pytest.mark.parametrize("script", ["prepare_text.py", "prepare_instructions.py"])
+@pytest.mark.parametrize("flags", [["--eval_dataset", "held_out"], ["--eval_split", "test"]])
+def test_data_prep_refuses_the_recipes_held_out_flags(script, flags, tmp_path):
+    """--eval_dataset and --eval_split are the recipes' (the data configs share them): one line each, before any
+    reading (--eval_split was accepted and ignored)."""
+    flags = ["--dataset", "d.jsonl", "--tokenizer", "t", "--output_dir", "o", "--max_length", "64", *flags]
+    result = run_script(script, *flags, tmp_path=tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith(f"error: {flags[8]}: prepare held-out data with its own run")
+
+
 def test_scripts_end_to_end(tok, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     texts = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
