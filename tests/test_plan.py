@@ -1068,3 +1068,25 @@ def test_a_run_predicted_not_to_fit_names_the_flags_that_fit(script, tmp_path, c
     (said,) = [r.getMessage() for r in caplog.records if "will likely run out of memory" in r.getMessage()]
     assert "what fits: --offload_activations on, --tiled_mlp on (`python -m longqlora plan --model" in said
     assert "--context 32768 --rank 64 --batch 1 --gpu_memory 14`" in said
+
+
+def test_a_run_without_checkpointing_says_what_its_plan_leaves_out(script, tmp_path):
+    """The plan is of a checkpointed run; with --activation_checkpointing false every other layer's saved
+    activations come on top (the dry run printed the checkpointed plan as if nothing changed)."""
+    from trl import TrlParser
+
+    from longqlora.training.config import RunConfig
+    from longqlora.training.plan import Shapes, layer_saved_per_token
+    from longqlora.training.run import resolve
+    from longqlora.training.summary import describe
+
+    recipe = script("recipes/extend_7b_8k.py")
+    parser = TrlParser((recipe.Model, recipe.Data, RunConfig, recipe.Training))
+    flags = ["--dry_run", "--output_dir", str(tmp_path / "o"), "--offload_activations", "off"]
+    on = resolve(*parser.parse_args_and_config(flags))
+    off = resolve(*parser.parse_args_and_config([*flags, "--activation_checkpointing", "false"]))
+    assert "unplanned_gib" not in on.plan and "activation checkpointing off" not in describe(on)
+    shapes = Shapes.of(off.hf_config)
+    saved = layer_saved_per_token(shapes, PlanConfig(**off.plan["config"]))[0] * 8192
+    assert off.plan["unplanned_gib"] == pytest.approx(31 * saved / 2**30) and off.plan["unplanned_gib"] > 20
+    assert f"about {off.plan['unplanned_gib']:.2f} GiB more GPU memory than planned" in describe(off)

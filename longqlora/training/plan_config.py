@@ -264,7 +264,16 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         optim=optimizer_name(optim or training.optim),
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
     )
-    return plan(hf_config, cfg)
+    planned = plan(hf_config, cfg)
+    if not training.activation_checkpointing:  # the plan is of a checkpointed run: say what it leaves out
+        from longqlora.training.plan import GIB, Shapes, layer_saved_per_token
+
+        shapes = Shapes.of(hf_config)
+        saved = layer_saved_per_token(shapes, cfg)[0] * cfg.batch * cfg.context // cfg.context_parallel
+        planned["unplanned_gib"] = (shapes.layers - 1) * saved / GIB  # every other layer's saved activations too
+        if planned.get("fits") and not offload:  # offloading would move them to the host: not the GPU's
+            planned["fits"] = planned["device_need_gib"] + planned["unplanned_gib"] <= planned["device_gib"]
+    return planned
 
 
 def plan_lora_target(spec: str) -> str:

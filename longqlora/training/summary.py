@@ -213,6 +213,12 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
             + (f" + {paged:.2f} paged optimizer state (managed, evictable)" if paged else "")
             + fit
         )
+        if "unplanned_gib" in plan:  # a plan of a checkpointed run (training/plan_config.memory_plan)
+            where = "pinned host memory (offloaded)" if plan["switches"]["offload"] else "GPU memory"
+            lines.append(
+                f"                   activation checkpointing off: every layer keeps its activations for the "
+                f"backward, about {plan['unplanned_gib']:.2f} GiB more {where} than planned"
+            )
     return "\n".join(lines)
 
 
