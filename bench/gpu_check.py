@@ -59,7 +59,10 @@ class CheckConfig:
     output_dir: str = field(metadata={"help": "Where report.md, report.json and the logs go (at most 8 files)."})
     dry_run: bool = field(default=False, metadata={"help": "Tiny shapes on this CPU: the same parts, seconds."})
     budget_s: float = field(default=540, metadata={"help": "Wall-time budget; parts that would overrun are skipped."})
-    parts: list[str] = field(default_factory=lambda: ["tests", "speed", "bench", "recipe", "longest", "planner"])
+    parts: list[str] = field(
+        default_factory=lambda: ["tests", "speed", "bench", "recipe", "longest", "planner"],
+        metadata={"help": "Which parts run, in this order."},
+    )
     longest_trials: int = field(default=4, metadata={"help": "Training steps tried by the longest-context search."})
     work_dir: str | None = field(
         default=None,

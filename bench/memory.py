@@ -75,9 +75,17 @@ VARIANTS = {
 
 @dataclass
 class BenchConfig:
-    models: list[str] = field(default_factory=lambda: ["llama-2-7b", "llama-2-13b", "llama-3.1-8b", "llama-2-70b"])
-    contexts: list[int] = field(default_factory=lambda: [8192, 16384, 32768])
-    variants: list[str] = field(default_factory=lambda: ["ours", "ours_no_offload", "baseline", "baseline_plus"])
+    models: list[str] = field(
+        default_factory=lambda: ["llama-2-7b", "llama-2-13b", "llama-3.1-8b", "llama-2-70b"],
+        metadata={"help": "Presets or model/config directories to measure."},
+    )
+    contexts: list[int] = field(
+        default_factory=lambda: [8192, 16384, 32768], metadata={"help": "Training lengths (tokens) to measure."}
+    )
+    variants: list[str] = field(
+        default_factory=lambda: ["ours", "ours_no_offload", "baseline", "baseline_plus"],
+        metadata={"help": "Which setups to measure (VARIANTS in this file)."},
+    )
     layers: list[int] = field(
         default_factory=list,
         metadata={
@@ -96,9 +104,9 @@ class BenchConfig:
         default=None,
         metadata={"help": "Ours offloads only the first N layers' checkpoints (training's --offload_layers)."},
     )
-    rank: int = 8
-    lora_dropout: float = 0.05
-    tiled_mlp_tokens: int = 16384
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    tiled_mlp_tokens: int = field(default=16384, metadata={"help": "Tokens per MLP tile (ours)."})
     rows: str = field(
         default="plain",
         metadata={

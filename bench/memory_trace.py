@@ -31,11 +31,13 @@ from longqlora.training.plan import GIB  # noqa: E402
 
 @dataclass
 class TraceConfig:
-    model: str = "llama-2-13b"
-    layers: int = 2
-    context: int = 4096
-    variants: list[str] = field(default_factory=lambda: ["ours", "baseline"])
-    output: str | None = None
+    model: str = field(default="llama-2-13b", metadata={"help": "A preset (its width, heads, vocabulary, MLP)."})
+    layers: int = field(default=2, metadata={"help": "Decoder layers built at the preset's width."})
+    context: int = field(default=4096, metadata={"help": "Tokens in the traced step."})
+    variants: list[str] = field(
+        default_factory=lambda: ["ours", "baseline"], metadata={"help": "bench/memory.py's variants to trace."}
+    )
+    output: str | None = field(default=None, metadata={"help": "Also write the Markdown report here."})
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in memory_bench.VARIANTS]

@@ -26,9 +26,9 @@ from longqlora.output import write_text_atomic
 class Args:
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384], metadata={"help": "tokens"})
     heads: int = field(default=8, metadata={"help": "attention heads (Llama-2 7B has 32)"})
-    head_dim: int = 128
+    head_dim: int = field(default=128, metadata={"help": "per head (Llama-2: 128)"})
     group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / length (LongLoRA: 1/4)"})
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     repeats: int = field(default=3, metadata={"help": "timed runs per cell; the median is reported"})
     backward: bool = field(default=True, metadata={"help": "also time forward+backward"})

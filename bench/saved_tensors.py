@@ -28,10 +28,13 @@ from longqlora.output import markdown_table, write_text_atomic  # noqa: E402
 
 @dataclass
 class InventoryConfig:
-    model: str = "llama-2-7b"
-    tokens: int = 1024
-    variants: list[str] = field(default_factory=lambda: ["ours", "ours_no_cuts", "baseline"])
-    output: str | None = None
+    model: str = field(default="llama-2-7b", metadata={"help": "A preset: one layer at its real width."})
+    tokens: int = field(default=1024, metadata={"help": "Tokens in the inventoried forward."})
+    variants: list[str] = field(
+        default_factory=lambda: ["ours", "ours_no_cuts", "baseline"],
+        metadata={"help": "bench/memory.py's variants to inventory."},
+    )
+    output: str | None = field(default=None, metadata={"help": "Also write the Markdown report here."})
 
 
 def inventory(name: str, variant: str, tokens: int, min_bytes: int = 64) -> tuple[list, int]:

@@ -52,7 +52,7 @@ class AblationConfig(SmallLlamaConfig):
     extend_steps: int = field(default=40, metadata={"help": "Extension steps of 8 x 4L tokens per variant."})
     extend_lr: float = field(default=1e-3, metadata={"help": "Extension learning rate (LoRA, LoRA+, full FT)."})
     group_ratio: float = field(default=0.25, metadata={"help": "S2 group size / 4L (variants may override)."})
-    lora_r: int = 16
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the LoRA variants."})
     extend_chars: int = field(
         default=300_000, metadata={"help": "Characters of each training book the extension reads."}
     )

@@ -222,7 +222,9 @@ def apply_position_interpolation(config, target_context: int, unscaled_to: str =
       becomes linear 8 relative to its 4096-token pre-training context;
     - ``original_max_position_embeddings`` (inside ``rope_parameters``) records the
       pre-training context and ``max_position_embeddings`` becomes the target, so a
-      second call with the same target changes nothing and returns the same factor;
+      second call with the same target changes nothing and returns the same factor
+      (transformers' linear validator does not list that key: a config saved with it warns
+      about it when read back, harmlessly; ``merge`` writes plain configs without it);
     - target already covered: nothing changes and the current factor is returned
       (1.0 for an unscaled model);
     - ``dynamic`` (NTK) is unscaled below max_position_embeddings and rescales per batch
