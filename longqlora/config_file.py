@@ -78,7 +78,21 @@ def parse_flags(parser, args: list[str]):
     return tuple(parsed)
 
 
+# Flags of older transformers and TRL releases that tutorials still use: what replaced them (a spelling match would
+# suggest an unrelated flag, --min_length for --group_by_length)
+RETIRED = {
+    "evaluation_strategy": "--eval_strategy replaced it",
+    "max_seq_length": "TRL's --max_length replaced it, and a recipe sets that from --target_context",
+    "group_by_length": "transformers 5 removed it; a recipe's packed rows are all --target_context tokens",
+    "per_gpu_train_batch_size": "--per_device_train_batch_size replaced it",
+    "no_cuda": "--use_cpu replaced it",
+}
+
+
 def _unknown(flag: str, known: list[str]):
+    bare = flag.lstrip("-").replace("-", "_")
+    if bare in RETIRED:
+        raise ValueError(f"{flag}: not a flag of this command ({RETIRED[bare]})")
     near = nearest(flag, known)
     raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near}?" if near else ""))
 
@@ -192,6 +206,8 @@ def checked_values(parser, config: dict, path: str) -> dict:
             action = actions.get(key)
             if action is None and isinstance(value, dict):
                 raise ValueError(f"{key}: not a flag; the keys are the flags themselves, with no sections but env:")
+            if action is None and key in RETIRED:
+                raise ValueError(f"{key}: not a flag of this command ({RETIRED[key]})")
             if action is None:
                 near = nearest(key, list(actions))
                 hint = f"did you mean {near}?" if near else "--help lists them"

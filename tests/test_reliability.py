@@ -125,6 +125,8 @@ def bad(tmp_path_factory) -> Path:
         "float.yaml": "lora_r: 8.5\n",
         "bool.yaml": "max_steps: true\n",
         "unknown.yaml": "lora_rank: 8\n",
+        "retired.yaml": "max_seq_length: 8192\n",
+        "section.yaml": "model:\n  lora_r: 8\n",
         "choice.yaml": "pack: sideways\n",
         "env-list.yaml": "env:\n  OMP_NUM_THREADS: [1, 2]\n",
         "env-key.yaml": "env:\n  1: x\n",
@@ -418,6 +420,10 @@ CASES = [
     config_case("--config wrong type", "bool.yaml", "max_steps"),
     config_case("--config value refused by its dataclass", "choice.yaml", "--pack 'sideways'"),
     config_case("--config unknown key", "unknown.yaml", "lora_rank: not a flag of this command (did you mean lora_r?)"),
+    config_case(
+        "--config unknown key", "retired.yaml", "max_seq_length: not a flag of this command (TRL's --max_length"
+    ),
+    config_case("--config unknown key", "section.yaml", "model: not a flag; the keys are the flags themselves"),
     config_case("--config env value not a string", "env-list.yaml", "env: OMP_NUM_THREADS"),
     config_case("--config env value not a string", "env-key.yaml", "env: 1 is not a variable name"),
     flag_case("flag of the wrong type", ("--lora_r", "eight"), "--lora_r"),
@@ -448,6 +454,11 @@ CASES = [
         "--lora_rr: not a flag of this command; did you mean --lora_r?",
     ),
     flag_case("unknown or abbreviated flag", ("--max_step", "3"), "did you mean --max_steps?"),
+    flag_case(  # a flag older releases had, which tutorials still use: what replaced it, not a near spelling
+        "unknown or abbreviated flag",
+        ("--group_by_length", "true"),
+        "--group_by_length: not a flag of this command (transformers 5 removed it;",
+    ),
     # Trainer features the recipes cannot serve: refused before loading (the Trainer failed after it)
     flag_case(
         "an evaluation schedule without an evaluation set", ("--eval_strategy", "steps"), "--eval_strategy steps"
