@@ -168,6 +168,13 @@ def test_attention_soft_capping_is_refused_before_loading(tmp_path, no_weights):
     Gemma2Config(**shape, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"^--model_name_or_path: gemma2 soft-caps its attention scores"):
         check_model(config(tmp_path, target_context=128))
+    from transformers import Gemma2ForCausalLM
+
+    from longqlora.evaluation.loading import load_for_inference
+
+    Gemma2ForCausalLM(Gemma2Config.from_pretrained(tmp_path)).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"^--model: gemma2 soft-caps"):  # evaluation's flag, not training's
+        load_for_inference(str(tmp_path / "saved"), load_in_4bit=False, compute_dtype="float32")
 
 
 def test_a_model_with_rope_in_its_windowed_layers_only_is_refused_before_loading(tmp_path, no_weights):

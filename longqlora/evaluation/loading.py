@@ -365,7 +365,10 @@ def load_for_inference(
         compute_dtype=compute_dtype,
         s2_attention=False,
     )
-    checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
+    try:
+        checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
+    except ValueError as err:  # the training flag's name, which is --model here
+        raise ValueError(str(err).replace("--model_name_or_path", "--model")) from None
     model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
