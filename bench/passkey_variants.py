@@ -49,7 +49,10 @@ def main():
         )
         result = run_passkey(cfg)
         results.append({"haystack": haystack, "distractors": distractors, "by_length": result["by_length"]})
-        cells = [f"{r['correct']}/{r['trials']} ({r['distractor_answers']} another key)" for r in result["by_length"]]
+        cells = [
+            f"{r['correct']}/{r['trials']} ({r['distractor_answers']} answered another key)"
+            for r in result["by_length"]
+        ]
         rows.append([haystack, str(distractors), *cells, f"{time.perf_counter() - started:.0f}"])
     header = ["haystack", "distractors", *[f"@{n}" for n in args.context_lengths], "CPU seconds"]
     table = markdown_table(header, rows)
