@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from longqlora.cli import run_data_script
 from longqlora.data.formats import read_template_file, training_chat_template
 from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
+from longqlora.data.sources import origins
 from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
 
@@ -39,7 +40,13 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
             raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
     if args.chat_template_path:
         read_template_file(args.chat_template_path)  # before the data is read
-    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, "system_prompt": cfg.system_prompt}
+    source = (origins(cfg.dataset) or [None])[0]  # the local data it came from (sources.held_out_split reads it)
+    stats = {
+        "dataset": cfg.dataset,
+        "source_path": source,
+        "tokenizer": args.tokenizer,
+        "system_prompt": cfg.system_prompt,
+    }
     conversations = load_conversations(cfg, stats=stats)  # every record checked before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     stats["chat_template"] = training_chat_template(tokenizer, "--tokenizer", args.chat_template_path)  # training's

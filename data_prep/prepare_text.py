@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from longqlora.cli import run_data_script
 from longqlora.data.prepared import tokenizer_record
+from longqlora.data.sources import origins
 from longqlora.data.text import TextDataConfig, check_packable, load_documents, tokenize_documents
 from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
@@ -48,7 +49,14 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
         check_packable(stats, args.max_length, cfg.dataset)
         stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
     # the tokenizer's identity, which training compares with the model's (prepared.check_tokenizer)
-    stats = {"dataset": cfg.dataset, "tokenizer": args.tokenizer, **tokenizer_record(tokenizer), **stats}
+    source = (origins(cfg.dataset) or [None])[0]  # the local data it came from (sources.held_out_split reads it)
+    stats = {
+        "dataset": cfg.dataset,
+        "source_path": source,
+        "tokenizer": args.tokenizer,
+        **tokenizer_record(tokenizer),
+        **stats,
+    }
     save_dataset_atomic(tokenized, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
     return stats
 

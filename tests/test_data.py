@@ -146,6 +146,19 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
         f"--eval_split test: --eval_dataset {other} has no splits (a file or a single dataset); leave --eval_split out"
     )
     assert error_of(held_out_split, "org/data", "train", "org/data", None).endswith("; pass --eval_split test")
+    # a file of the training folder, or the data a prepared folder was made from, is no held-out text either
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich.")
+    assert error_of(held_out_split, str(books), "train", str(books / "emma.txt"), None) == (
+        f"--eval_dataset {books / 'emma.txt'}: the training data --dataset {books} holds it too "
+        f"({os.path.realpath(books / 'emma.txt')}); pass held-out text"
+    )
+    prepared = tmp_path / "prepared"
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]}).save_to_disk(str(prepared))
+    (prepared / "stats.json").write_text(json.dumps({"dataset": "books", "source_path": str(books)}))
+    assert "the training data --dataset" in error_of(held_out_split, str(prepared), "train", str(books), None)
+    assert held_out_split(str(prepared), "train", str(one), None) == "train"  # other files: held out
 
 
 def test_a_file_rewritten_with_its_old_time_is_read_anew(tmp_path):
@@ -903,6 +916,7 @@ def test_scripts_end_to_end(tok, tmp_path):
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "text_out" / "stats.json").read_text())
     assert stats["tokens_total"] == sum(direct_lengths(tok, DOCS)) and "| tokens_total |" in result.stdout
+    assert stats["source_path"] == os.path.realpath(texts)  # what --eval_dataset is checked against
     saved = datasets.load_from_disk(str(tmp_path / "text_out"))
     assert [len(ids) for ids in saved["input_ids"]] == direct_lengths(tok, DOCS)
     assert stats["tokenizer_vocab_size"] == len(tok) and stats["tokenizer_name_or_path"] == str(tmp_path / "tok")

@@ -213,11 +213,38 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
             "leave --eval_split out"
         )
     chosen = eval_split or next((name for name in EVAL_SPLITS if name in names), split)
-    if os.path.realpath(held_out.path) == os.path.realpath(resolve(dataset).path) and chosen == split:
-        others = [name for name in names if name != split] or (["test"] if held_out.kind == "hub" else [])
-        fix = f"pass --eval_split {others[0]}" if others else "pass other data"
-        raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
+    if os.path.realpath(held_out.path) == os.path.realpath(resolve(dataset).path):
+        if chosen == split:
+            others = [name for name in names if name != split] or (["test"] if held_out.kind == "hub" else [])
+            fix = f"pass --eval_split {others[0]}" if others else "pass other data"
+            raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
+        return chosen
+    shared = [(a, b) for a in origins(dataset) for b in origins(eval_dataset) if _within(a, b) or _within(b, a)]
+    if shared:  # a file of a training folder, or the files a prepared folder was made from
+        raise ValueError(
+            f"--eval_dataset {eval_dataset}: the training data --dataset {dataset} holds it too ({shared[0][1]}); "
+            "pass held-out text"
+        )
     return chosen
+
+
+def origins(name: str) -> list[str]:
+    """The real paths the local data `name` comes from: its own, and for a folder data_prep wrote, the data it was
+    prepared from (`source_path` in its stats.json); none for a hub dataset."""
+    src = resolve(name)
+    if src.kind == "hub":
+        return []
+    found = [os.path.realpath(src.path)]
+    try:
+        with open(os.path.join(src.path, "stats.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get("source_path")
+    except (OSError, ValueError, AttributeError):  # no stats.json (or not data_prep's): the folder alone
+        recorded = None
+    return found + ([os.path.realpath(recorded)] if isinstance(recorded, str) else [])
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @contextlib.contextmanager
