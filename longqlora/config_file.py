@@ -26,10 +26,11 @@ def parse_with_config(parser, argv: list[str] | None):
     parser.epilog = (  # the flag is read here, not by the parser: --help names it all the same
         "--config FILE.yaml: flag defaults from a YAML file, keys named as the flags; a flag given here wins"
     )
-    args = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(list(args)):
-        if arg.startswith("--config="):
-            args[i : i + 1] = ["--config", arg.removeprefix("--config=")]
+    args = [
+        part
+        for arg in (sys.argv[1:] if argv is None else argv)
+        for part in (["--config", arg.removeprefix("--config=")] if arg.startswith("--config=") else [arg])
+    ]
     if "--config" not in args:
         return parse_flags(parser, args)
     if args.count("--config") > 1:

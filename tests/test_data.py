@@ -151,13 +151,13 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
     books.mkdir()
     (books / "emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich.")
     assert error_of(held_out_split, str(books), "train", str(books / "emma.txt"), None) == (
-        f"--eval_dataset {books / 'emma.txt'}: the training data --dataset {books} holds it too "
+        f"--eval_dataset {books / 'emma.txt'}: the training data ({books}) holds it too "
         f"({os.path.realpath(books / 'emma.txt')}); pass held-out text"
     )
     prepared = tmp_path / "prepared"
     datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]}).save_to_disk(str(prepared))
     (prepared / "stats.json").write_text(json.dumps({"dataset": "books", "source_path": str(books)}))
-    assert "the training data --dataset" in error_of(held_out_split, str(prepared), "train", str(books), None)
+    assert "the training data (" in error_of(held_out_split, str(prepared), "train", str(books), None)
     assert held_out_split(str(prepared), "train", str(one), None) == "train"  # other files: held out
 
 

@@ -125,6 +125,10 @@ def test_dry_run_says_when_the_data_cannot_be_read(tmp_path, capsys, caplog):
     for flags, said in (
         (["--dataset", str(tmp_path / "missing.txt")], f"--dataset {tmp_path / 'missing.txt'}: no such file"),
         (["--dataset", str(held_out), "--eval_dataset", str(held_out)], "the training data itself (split train)"),
+        (  # a file of the training folder: named as the held-out flag (the data layer's --dataset is renamed)
+            ["--dataset", str(tmp_path), "--eval_dataset", str(held_out)],
+            f"--eval_dataset {held_out}: the training data ({tmp_path}) holds it too",
+        ),
     ):
         assert run("extend_7b_8k", "--dry_run", "--output_dir", str(tmp_path / "o"), *flags) is None
         assert "4096 -> 8192 tokens" in capsys.readouterr().out

@@ -222,7 +222,7 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
     shared = [(a, b) for a in origins(dataset) for b in origins(eval_dataset) if _within(a, b) or _within(b, a)]
     if shared:  # a file of a training folder, or the files a prepared folder was made from
         raise ValueError(
-            f"--eval_dataset {eval_dataset}: the training data --dataset {dataset} holds it too ({shared[0][1]}); "
+            f"--eval_dataset {eval_dataset}: the training data ({dataset}) holds it too ({shared[0][1]}); "
             "pass held-out text"
         )
     return chosen
