@@ -239,8 +239,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple"):
         s2_attention(q, k, v, 4)
     q, k, v = rand_qkv(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="S2-Attn group size 0: must be a positive number of tokens"):
         s2_attention(q, k, v, 0)
+    with pytest.raises(TypeError, match="S2-Attn group size 4.5: must be an int"):
+        s2_attention(q, k, v, 4.5)
     with pytest.raises(ValueError, match="--attn_backend"):
         s2_attention(q, k, v, 4, backend="flash_attn")
     with pytest.raises(ValueError, match="--attn_backend"):
