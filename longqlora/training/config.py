@@ -198,7 +198,11 @@ class RunConfig:
         },
     )
     dry_run: bool = field(
-        default=False, metadata={"help": "Print the resolved configuration and exit before loading weights."}
+        default=False,
+        metadata={
+            "help": "Print the resolved configuration and exit before loading weights (with --tiny, after writing "
+            "the tiny model it plans)."
+        },
     )
 
 
