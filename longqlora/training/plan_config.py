@@ -265,7 +265,7 @@ def memory_plan(hf_config, model_cfg, training, compute_dtype: str, optim=None) 
         gpu_memory=torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
     )
     planned = plan(hf_config, cfg)
-    if not training.activation_checkpointing:  # the plan is of a checkpointed run: say what it leaves out
+    if not getattr(training, "activation_checkpointing", True):  # the plan is of a checkpointed run: what it lacks
         from longqlora.training.plan import GIB, Shapes, layer_saved_per_token
 
         shapes = Shapes.of(hf_config)
