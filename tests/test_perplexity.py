@@ -267,3 +267,22 @@ def test_scoring_gives_the_model_back_in_its_own_mode_after_an_error():
     with evaluating(model.eval()):
         pass
     assert not model.training
+
+
+def test_a_few_tokens_of_a_long_book_are_its_first_tokens(tiny, monkeypatch):
+    """--max_tokens reads a prefix of a one-document book, doubled until it holds enough (the whole Bible was
+    tokenized for a few windows): the same ids as the whole book's first tokens."""
+    from longqlora.data.corpora import book
+    from longqlora.evaluation.perplexity import text_token_ids
+
+    path, _, _ = tiny
+    tok = AutoTokenizer.from_pretrained(path)
+    whole = tok(book("austen_persuasion"), add_special_tokens=False)["input_ids"]
+    read = []
+    real = type(tok).__call__
+    monkeypatch.setattr(
+        type(tok), "__call__", lambda self, text, **kw: (read.append(len(text)), real(self, text, **kw))[1]
+    )
+    for n in (1, 700, 5000):
+        assert text_token_ids("austen_persuasion", tok, max_tokens=n).tolist() == whole[:n]
+    assert max(read) < len(book("austen_persuasion")) // 4  # prefixes only

@@ -110,7 +110,7 @@ def _token_nll(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
     nll = torch.zeros(window.shape, dtype=torch.float64, device=window.device)
     if not _head_is_output(model, base, window):
         logits = model(input_ids=window, use_cache=False).logits[:, :-1]  # (B, N - 1, vocab)
-        nll[:, 1:] = F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="none").double()
+        nll[:, 1:] = _nll(logits.float(), window[:, 1:])
         return nll
     hidden = base.get_decoder()(input_ids=window, use_cache=False).last_hidden_state  # (B, N, hidden)
     head = base.get_output_embeddings()
@@ -118,8 +118,15 @@ def _token_nll(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
         end = min(start + chunk, window.shape[1] - 1)
         logits = head(hidden[:, start:end]).float()  # predicts tokens start+1 .. end
         target = window[:, start + 1 : end + 1]
-        nll[:, start + 1 : end + 1] = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").double()
+        nll[:, start + 1 : end + 1] = _nll(logits, target)
     return nll
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, M, vocab) logits, (B, M) targets -> (B, M) float64 NLL; over the flat (B*M, vocab) rows, which a CPU
+    computes ~7x faster than the (B, vocab, M) layout (measured, one 2047 x 49152 window)."""
+    flat = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    return flat.view_as(target).double()
 
 
 @torch.no_grad()
@@ -275,12 +282,27 @@ def token_stream(
     texts = (text for batch in documents.iter(batch_size=16) for text in batch["text"])
     pieces, total = [], 0
     for text in texts:
-        pieces.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + eos, dtype=np.int64))
+        ids, whole = _first_tokens(tokenizer, text, None if max_tokens is None else max_tokens - total)
+        pieces.append(np.asarray(ids + (eos if whole else []), dtype=np.int64))
         total += len(pieces[-1])
         if max_tokens is not None and total >= max_tokens:
             break
     ids = torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64))
     return (ids[:max_tokens] if max_tokens else ids), "text joined with EOS"
+
+
+def _first_tokens(tokenizer, text: str, need: int | None) -> tuple[list[int], bool]:
+    """(the first `need` tokens of `text`, or all of them; whether all were read). A prefix of the text, doubled
+    until it holds `need` tokens and a margin (a cut word changes only the tokens at the cut): a whole book took
+    seconds to tokenize for a few windows (the Bible, 1.2M tokens)."""
+    chars = 8 * need + 256 if need is not None else len(text)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if chars >= len(text):
+            return ids, True
+        if len(ids) >= need + 64:
+            return ids[:need], False
+        chars *= 2
 
 
 def run_perplexity(cfg: PerplexityConfig) -> dict:
