@@ -34,8 +34,12 @@ class Args:
     backward: bool = field(default=True, metadata={"help": "also time forward+backward"})
     packed: bool = field(
         default=False,
-        metadata={"help": "4 documents per row: S2's varlen path against full attention within the documents"},
+        metadata={
+            "help": "--documents documents per row: S2's packed path (varlen kernels on a GPU; one call per document, "
+            "and the banded masks beside it, without them) against full attention within the documents"
+        },
     )
+    documents: int = field(default=4, metadata={"help": "documents per row with --packed"})
     output: str | None = field(default=None, metadata={"help": "write the Markdown table here"})
 
 
@@ -64,10 +68,12 @@ def measure(
     repeats: int = 3,
     backward: bool = True,
     packed: bool = False,
+    documents: int = 4,
 ) -> list[dict]:
     """Median times of full causal SDPA and of S2-Attn per length. On CUDA both sides are held to SDPA's flash
     kernel for plain rows (a path that would fall back to another kernel raises instead of running slowly);
     `packed` rows (4 documents) take S2's varlen kernel against full attention over the same documents."""
+    from longqlora.attention import layout
     from longqlora.attention.layout import WHOLE
 
     device = torch.device(device)
@@ -86,8 +92,10 @@ def measure(
         )
         pos = None
         if packed:
+            size = n // documents
             pos = torch.cat(
-                [torch.arange(n // 4, device=device)] * 3 + [torch.arange(n - 3 * (n // 4), device=device)]
+                [torch.arange(size, device=device)] * (documents - 1)
+                + [torch.arange(n - (documents - 1) * size, device=device)]
             )[None]
         # The operands are bound as defaults: each op runs inside this iteration, with this iteration's tensors.
         ops = {
@@ -96,6 +104,8 @@ def measure(
             else (lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
             "s2": lambda q=q, k=k, v=v, group=group, pos=pos: s2_attention(q, k, v, group, position_ids=pos),
         }
+        if packed and device.type == "cpu":  # the banded masks, the fallback past layout.DOCUMENT_CALLS documents
+            ops["s2_banded"] = lambda q=q, k=k, v=v, group=group, pos=pos: _banded(q, k, v, group, pos, layout)
         cells = {}
         for name, op in ops.items():
 
@@ -116,14 +126,26 @@ def measure(
                 "full_fwd_bwd_s": cells["full"][1],
                 "s2_fwd_s": cells["s2"][0],
                 "s2_fwd_bwd_s": cells["s2"][1],
+                **({"banded_fwd_s": cells["s2_banded"][0], "banded_fwd_bwd_s": cells["s2_banded"][1]}
+                   if "s2_banded" in cells else {}),
             }
-        )
+        )  # fmt: skip
         print(
             f"{n:>6} tokens  G={group:<5} forward full {cells['full'][0] * 1e3:9.1f} ms  "
-            f"s2 {cells['s2'][0] * 1e3:9.1f} ms  ratio {cells['s2'][0] / cells['full'][0]:.3f}",
+            f"s2 {cells['s2'][0] * 1e3:9.1f} ms  ratio {cells['s2'][0] / cells['full'][0]:.3f}"
+            + (f"  banded {cells['s2_banded'][0] * 1e3:9.1f} ms" if "s2_banded" in cells else ""),
             flush=True,
         )
     return rows
+
+
+def _banded(q, k, v, group, pos, layout):
+    """S2 on packed rows through the banded masks (a fresh position tensor: layouts are kept on the one they read)."""
+    kept, layout.DOCUMENT_CALLS = layout.DOCUMENT_CALLS, 0
+    try:
+        return s2_attention(q, k, v, group, position_ids=pos.clone())
+    finally:
+        layout.DOCUMENT_CALLS = kept
 
 
 def table(rows: list[dict], title: str) -> str:
@@ -134,11 +156,21 @@ def table(rows: list[dict], title: str) -> str:
         "S2/full fwd+bwd |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    banded = "banded_fwd_s" in rows[0]
+    if banded:  # the packed path's fallback beside it
+        lines[2] += " banded fwd (ms) | banded fwd+bwd (ms) | S2/banded fwd+bwd |"
+        lines[3] += "---:|---:|---:|"
     for r in rows:
         ff, sf, fb, sb = r["full_fwd_s"], r["s2_fwd_s"], r["full_fwd_bwd_s"], r["s2_fwd_bwd_s"]
         lines.append(
             f"| {r['tokens']} | {r['group']} | {ff * 1e3:.1f} | {sf * 1e3:.1f} | {sf / ff:.3f} | {fb * 1e3:.1f} | "
             f"{sb * 1e3:.1f} | {sb / fb:.3f} |"
+            + (
+                f" {r['banded_fwd_s'] * 1e3:.1f} | {r['banded_fwd_bwd_s'] * 1e3:.1f} | "
+                f"{sb / r['banded_fwd_bwd_s']:.3f} |"
+                if banded
+                else ""
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -156,6 +188,7 @@ def main():
         repeats=args.repeats,
         backward=args.backward,
         packed=args.packed,
+        documents=args.documents,
     )
     name = (
         torch.cuda.get_device_name(device)
@@ -166,7 +199,7 @@ def main():
         rows,
         f"S2-Attn vs full causal SDPA — {name}, torch {torch.__version__}, {args.dtype}, batch 1, "
         f"{args.heads} heads x {args.head_dim}, group = {args.group_ratio} x length, median of "
-        f"{args.repeats}{', packed rows (4 documents)' if args.packed else ''}.",
+        f"{args.repeats}{f', packed rows ({args.documents} documents)' if args.packed else ''}.",
     )
     print(text)
     if args.output:

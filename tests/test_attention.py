@@ -206,7 +206,8 @@ def test_one_half_of_the_heads_equals_its_rows_of_all(h, h_kv, monkeypatch):
         shifted = s2_attention(q, k, v, 8, position_ids=positions, heads="shifted")
         torch.testing.assert_close(plain[:, :split], whole[:, :split], atol=0, rtol=0)
         torch.testing.assert_close(shifted[:, split:], whole[:, split:], atol=0, rtol=0)
-        assert computed == [split, h - split, split, h - split]  # the heads each call ran, and no more
+        documents = 1 if positions is None else 2  # packed rows run one call per document
+        assert computed == ([split] * documents + [h - split] * documents) * 2  # the heads each call ran, no more
         computed.clear()
     with pytest.raises(ValueError, match="heads 'full'"):
         s2_attention(q, k, v, 8, heads="full")
@@ -524,3 +525,33 @@ def test_a_models_own_softmax_scale_is_used(packed):
     scaled = s2_attention(q, k, v, 8, position_ids=pos, scale=0.3)
     assert torch.allclose(scaled, s2_attention(q * (0.3 * d**0.5), k, v, 8, position_ids=pos), atol=1e-10)
     assert not torch.allclose(scaled, s2_attention(q, k, v, 8, position_ids=pos), atol=1e-3)
+
+
+@pytest.mark.parametrize("full_heads", [0.0, 0.5])
+def test_packed_rows_by_document_equal_the_banded_fallback(full_heads, monkeypatch):
+    """Packed rows without a varlen kernel run each document through the reshape-into-groups path (a document is
+    a plain row: its segments restart with it); past DOCUMENT_CALLS documents, or forced here, the banded masks run:
+    the same outputs and gradients, PoSE's forward-skipping ids (one document) included."""
+    from longqlora.attention import kernels, layout
+
+    pos = torch.cat([torch.arange(21), torch.arange(30), torch.arange(5, 18)]).view(1, -1).repeat(2, 1)
+    pos[1] = torch.cat([torch.arange(40), torch.arange(100, 124)])  # one document whose ids skip ahead
+    calls = []
+
+    def run():
+        q, k, v = (t.requires_grad_() for t in rand_qkv(2, 6, 2, 64, seed=3))
+        out = s2_attention(q, k, v, 8, position_ids=pos.clone(), full_heads=full_heads)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    for name in ("sdpa_groups", "sdpa_banded"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **kw: (calls.append(_n), _f(*a, **kw))[1])
+    by_document = run()
+    assert set(calls) == {"sdpa_groups"}
+    calls.clear()
+    monkeypatch.setattr(layout, "DOCUMENT_CALLS", 3)  # the batch holds 4 documents: over the limit
+    banded = run()
+    assert "sdpa_banded" in calls
+    for a, b in zip(by_document, banded):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

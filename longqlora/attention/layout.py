@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 WHOLE = 1 << 62  # a "group size" no document reaches: segment ids then number documents
+# Packed rows without a varlen kernel run one reshape-into-groups call per document while a batch holds at most this
+# many; beyond, the calls cost what the banded masks waste. `python bench/s2_speed.py --packed --documents D
+# --lengths 4096` on this CPU (fwd+bwd, 8 heads, G 1024), per document / banded: 0.35 at D=4, 0.54 at 64, 0.99 at 256.
+DOCUMENT_CALLS = 128
 _ATTR = "_longqlora_s2_layout"
 
 
@@ -102,10 +106,27 @@ class RowLayout:
 
     def documents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(doc ids, index inside the document), both (B, N): for attention sinks."""
-        if not self._documents:
+        if "doc" not in self._documents:
             start = document_starts(self.plain() if self.positions is None else self.positions)
             self._documents["doc"] = (start.long().cumsum(dim=1), token_index(start))
         return self._documents["doc"]
+
+    def document_spans(self) -> list[list[tuple[int, int]]] | None:
+        """Each row's documents as (start, end) token ranges, read to the host once per forward; None where some
+        token is padding or a row begins inside a document (context parallel), or past DOCUMENT_CALLS documents."""
+        if "spans" not in self._documents:
+            spans = None
+            if self.valid is None and not self.indexed:
+                start = document_starts(self.plain() if self.positions is None else self.positions)
+                rows, cols = start.nonzero(as_tuple=True)  # the one host read
+                if len(cols) <= DOCUMENT_CALLS:
+                    spans = [[] for _ in range(self.b)]
+                    for r, c in zip(rows.tolist(), cols.tolist()):
+                        if spans[r]:
+                            spans[r][-1] = (spans[r][-1][0], c)
+                        spans[r].append((c, self.n))
+            self._documents["spans"] = spans
+        return self._documents["spans"]
 
     def varlen(self, group: int, shift: int) -> Varlen:
         """The unpadded token stream with one sequence per segment, for group `group` shifted by `shift`."""

@@ -114,6 +114,17 @@ def s2_attention(
             s2_kernels.sdpa_groups(
                 out[:, h0:h1], q, k, v, gqa=gqa, group=span, shift=step, scale=scale, dropout=dropout
             )
+        elif not sinks and (documents := rows.document_spans()) is not None:
+            # Packed rows, no varlen kernel (the CPU, a V100 without xformers): segments restart with each document,
+            # so a document is a plain row and takes the reshape-into-groups path, O(L x G) with no mask (the banded
+            # mask computed each G-block against 2G keys: ~4x the work). A full head is one causal call per document.
+            k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=sdpa_gqa)
+            for r, spans in enumerate(documents):
+                for s, e in spans:  # views of `out`: written in place
+                    s2_kernels.sdpa_groups(
+                        out[r : r + 1, h0:h1, s:e], q[r : r + 1, :, s:e], k[r : r + 1, :, s:e], v[r : r + 1, :, s:e],
+                        gqa=gqa, group=span, shift=step, scale=scale, dropout=dropout,
+                    )  # fmt: skip
         elif kind == "full":
             k, v, gqa = s2_kernels.kv_for_heads(key, value, h0, h1, n_rep, allow_gqa=masked_gqa)
             seg = rows.segments(span, step)  # (B, N)
