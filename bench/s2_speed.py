@@ -72,7 +72,8 @@ def measure(
 ) -> list[dict]:
     """Median times of full causal SDPA and of S2-Attn per length. On CUDA both sides are held to SDPA's flash
     kernel for plain rows (a path that would fall back to another kernel raises instead of running slowly);
-    `packed` rows (4 documents) take S2's varlen kernel against full attention over the same documents."""
+    `packed` rows (`documents` a row) take S2's varlen kernel on a GPU, and on a CPU its per-document path with the
+    banded masks timed beside it, against full attention over the same documents."""
     from longqlora.attention import layout
     from longqlora.attention.layout import WHOLE
 

@@ -2,12 +2,14 @@
 
 Every function here computes one *head half* (heads that share one shift) and writes it into `out`:
 
-- `sdpa_groups`: plain positions 0..N-1, no left padding. The sequence is cut into whole groups (plus the half
+- `sdpa_groups`: plain positions 0..N-1, no left padding; also each document of packed rows, one call each (a
+  document is a plain row: its segments restart with it). The sequence is cut into whole groups (plus the half
   group before the first whole shifted group, and the partial group at the end); each piece is a batch of short
   sequences for one causal SDPA call. No mask is built: nothing here is quadratic in N.
 - `sdpa_banded`: any positions (packed documents) and any padding. Queries go in blocks of G; each block sees a
   window of the 2G keys before its end, with a (blocks, G, 2G) boolean mask: O(N*G) memory, never N x N.
-- `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with packed or padded rows.
+- `sdpa_dense`: any boolean (B, N, N) mask, O(N^2) memory: full-attention heads with padded rows (or more packed
+  documents than op.py takes one at a time).
 - `varlen`: flash-attn's or PyTorch's varlen kernel, or xformers' block-diagonal causal bias, over the unpadded token
   stream, each segment one sequence (LongLoRA's flash-attn implementation, §3.2, does the same with cu_seqlens);
   the stream, its cu_seqlens and the longest segment come from layout.py, computed once per forward.

@@ -188,7 +188,8 @@ def _parses(text: str) -> bool:
 
 EVAL_SPLITS = ("test", "validation", "eval")  # what a held-out split is called, in the order one is taken
 EVAL_SPLIT_HELP = (
-    "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split."
+    "Split of a DatasetDict folder or hub --eval_dataset; unset: a folder's test/validation/eval, else --split. "
+    "Recipes only."
 )
 
 

@@ -1,5 +1,6 @@
 """Evaluation: loading a base, merged model or adapter for inference at its extended context (loading.py),
-perplexity by context length and position (perplexity.py), passkey retrieval by length and depth (passkey.py)."""
+perplexity by context length and position (perplexity.py), passkey retrieval by length and depth (passkey.py), and
+`evaluating`, a block in eval mode that gives the model back in its own mode."""
 
 import contextlib
 

@@ -56,7 +56,10 @@ class TrainingConfig(SFTConfig):
     per_device_eval_batch_size: int = 1
     eval_max_rows: int | None = field(
         default=None,
-        metadata={"help": "Score the first N rows of --eval_dataset at each evaluation (default: every row)."},
+        metadata={
+            "help": "Score the first N packed rows (each --target_context tokens) of --eval_dataset at each "
+            "evaluation (default: every row)."
+        },
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -275,8 +278,8 @@ REFUSED_HELP = {
     "fsdp": "the engine comes from accelerate launch (configs/accelerate/)",
     "use_liger_kernel": "it replaces the forward and loss that S2-Attn and the chunked loss own",
     "max_length": "a run trains rows of --target_context tokens (--pose_window with PoSE)",
-    "bf16": "the precision follows --compute_dtype",
-    "fp16": "the precision follows --compute_dtype",
+    "bf16": "the precision follows --compute_dtype (taken only when it agrees with it)",
+    "fp16": "the precision follows --compute_dtype (taken only when it agrees with it)",
 }
 
 
