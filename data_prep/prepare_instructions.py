@@ -40,10 +40,12 @@ def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
             raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
     if args.chat_template_path:
         read_template_file(args.chat_template_path)  # before the data is read
-    source = (origins(cfg.dataset) or [None])[0]  # the local data it came from (sources.held_out_split reads it)
+    # the local data it came from, and its split where it has splits (sources.held_out_split reads them)
+    source_path, source_split = (origins(cfg.dataset, cfg.split) or [(None, None)])[0]
     stats = {
         "dataset": cfg.dataset,
-        "source_path": source,
+        "source_path": source_path,
+        "source_split": source_split,
         "tokenizer": args.tokenizer,
         "system_prompt": cfg.system_prompt,
     }

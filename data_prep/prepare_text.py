@@ -49,10 +49,12 @@ def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
         check_packable(stats, args.max_length, cfg.dataset)
         stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
     # the tokenizer's identity, which training compares with the model's (prepared.check_tokenizer)
-    source = (origins(cfg.dataset) or [None])[0]  # the local data it came from (sources.held_out_split reads it)
+    # the local data it came from, and its split where it has splits (sources.held_out_split reads them)
+    source_path, source_split = (origins(cfg.dataset, cfg.split) or [(None, None)])[0]
     stats = {
         "dataset": cfg.dataset,
-        "source_path": source,
+        "source_path": source_path,
+        "source_split": source_split,
         "tokenizer": args.tokenizer,
         **tokenizer_record(tokenizer),
         **stats,

@@ -176,7 +176,7 @@ def _convert(action, value, key: str):
         value = ",".join(map(str, value))  # [q_proj, v_proj] for the flag's q_proj,v_proj
     if isinstance(value, (dict, list)):
         raise ValueError(f"{key}: {value!r} is a {type(value).__name__}; give one value")
-    if isinstance(value, bool) and action.type is str:  # YAML 1.1 reads an unquoted on/off/yes/no as a bool
+    if isinstance(value, bool) and (action.type is str or action.choices is not None):  # YAML 1.1: on/off/yes/no
         if re.search(r"\bon\b", help_text) and re.search(r"\boff\b", help_text):
             value = "on" if value else "off"
         else:

@@ -159,6 +159,13 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
     (prepared / "stats.json").write_text(json.dumps({"dataset": "books", "source_path": str(books)}))
     assert "the training data (" in error_of(held_out_split, str(prepared), "train", str(books), None)
     assert held_out_split(str(prepared), "train", str(one), None) == "train"  # other files: held out
+    # folders prepared from two splits of one DatasetDict are apart; from the same split, the same data
+    for name, split in (("prep_train", "train"), ("prep_test", "validation")):
+        datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]}).save_to_disk(str(tmp_path / name))
+        (tmp_path / name / "stats.json").write_text(json.dumps({"source_path": both, "source_split": split}))
+    assert held_out_split(str(tmp_path / "prep_train"), "train", str(tmp_path / "prep_test"), None) == "train"
+    assert held_out_split(both, "train", str(tmp_path / "prep_test"), None) == "train"
+    assert "holds it too" in error_of(held_out_split, both, "train", str(tmp_path / "prep_train"), None)
 
 
 def test_a_file_rewritten_with_its_old_time_is_read_anew(tmp_path):
@@ -916,7 +923,7 @@ def test_scripts_end_to_end(tok, tmp_path):
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "text_out" / "stats.json").read_text())
     assert stats["tokens_total"] == sum(direct_lengths(tok, DOCS)) and "| tokens_total |" in result.stdout
-    assert stats["source_path"] == os.path.realpath(texts)  # what --eval_dataset is checked against
+    assert (stats["source_path"], stats["source_split"]) == (os.path.realpath(texts), None)  # for --eval_dataset
     saved = datasets.load_from_disk(str(tmp_path / "text_out"))
     assert [len(ids) for ids in saved["input_ids"]] == direct_lengths(tok, DOCS)
     assert stats["tokenizer_vocab_size"] == len(tok) and stats["tokenizer_name_or_path"] == str(tmp_path / "tok")

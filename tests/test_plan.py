@@ -1090,3 +1090,14 @@ def test_a_run_without_checkpointing_says_what_its_plan_leaves_out(script, tmp_p
     saved = layer_saved_per_token(shapes, PlanConfig(**off.plan["config"]))[0] * 8192
     assert off.plan["unplanned_gib"] == pytest.approx(31 * saved / 2**30) and off.plan["unplanned_gib"] > 20
     assert f"about {off.plan['unplanned_gib']:.2f} GiB more GPU memory than planned" in describe(off)
+    # on a GPU the checkpointed run fits and this one does not: the warning says so, and what fits it
+    from longqlora.training.advice import out_of_memory_warning
+
+    gpu = dict(off.plan["config"], gpu_memory=32.0)
+    planned = plan(off.hf_config, PlanConfig(**gpu))
+    assert planned["fits"] and planned["device_need_gib"] + off.plan["unplanned_gib"] > 32
+    planned = {**planned, "unplanned_gib": off.plan["unplanned_gib"], "fits": False}
+    said = out_of_memory_warning(off.hf_config, planned)
+    need = planned["device_need_gib"] + off.plan["unplanned_gib"]
+    assert f"to need {need:.1f} GiB of this GPU's 32.0 GiB" in said
+    assert "what fits: --activation_checkpointing true (`python -m longqlora plan" in said

@@ -583,6 +583,7 @@ def test_a_cpu_run_pins_no_batches(tmp_path, tiny_adapter):
         (["--activation_offloading", "true"], "--activation_offloading True: the toolkit offloads with"),
         (["--padding_free", "true"], "--padding_free True: a run sets it from --pack"),
         (["--assistant_only_loss", "false"], "--assistant_only_loss False: conversations train on the replies only"),
+        (["--assistant_only_loss"], "--assistant_only_loss True: conversations train on the replies only"),
         (["--dataset_text_field", "body"], "--dataset_text_field body: a text --dataset names its field with"),
         (["--include_num_input_tokens_seen", "no"], "--include_num_input_tokens_seen no: the run's tokens/s"),
         (["--chat_template_path", "CHAT"], "--chat_template_path CHAT: text data trains no conversations"),
@@ -691,6 +692,9 @@ def test_yaml_words_and_lists_are_read_as_the_flags_take_them(tmp_path):
     assert (training.warmup_steps, training.save_steps) == (0.1, 0.25)
     config.write_text("pack: no\n")
     with pytest.raises(ValueError, match=r"c.yaml: pack: YAML read the word as false; quote it, e.g. pack: 'no'$"):
+        parse_with_config(parser, ["--config", str(config)])
+    config.write_text("save_strategy: no\n")  # a flag of choices: not "False must be one of no, steps, ..."
+    with pytest.raises(ValueError, match=r"save_strategy: YAML read the word as false; quote it"):
         parse_with_config(parser, ["--config", str(config)])
     with pytest.raises(ValueError, match="^--config: given twice; pass one YAML file"):
         parse_with_config(parser, ["--config", str(config), f"--config={config}"])

@@ -220,28 +220,35 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
             fix = f"pass --eval_split {others[0]}" if others else "pass other data"
             raise ValueError(f"--eval_dataset {eval_dataset}: the training data itself (split {split}); {fix}")
         return chosen
-    shared = [(a, b) for a in origins(dataset) for b in origins(eval_dataset) if _within(a, b) or _within(b, a)]
-    if shared:  # a file of a training folder, or the files a prepared folder was made from
+    shared = [
+        (a, b)
+        for a in origins(dataset, split)
+        for b in origins(eval_dataset, chosen)
+        if (_within(a[0], b[0]) or _within(b[0], a[0])) and None in (a[1], b[1]) or a == b
+    ]
+    if shared:  # a file of a training folder, or the data a prepared folder was made from (the same split)
         raise ValueError(
-            f"--eval_dataset {eval_dataset}: the training data ({dataset}) holds it too ({shared[0][1]}); "
+            f"--eval_dataset {eval_dataset}: the training data ({dataset}) holds it too ({shared[0][1][0]}); "
             "pass held-out text"
         )
     return chosen
 
 
-def origins(name: str) -> list[str]:
-    """The real paths the local data `name` comes from: its own, and for a folder data_prep wrote, the data it was
-    prepared from (`source_path` in its stats.json); none for a hub dataset."""
+def origins(name: str, split: str = "train") -> list[tuple[str, str | None]]:
+    """(real path, split or None where it has no splits) of the local data `name` read at `split`, and for a folder
+    data_prep wrote, of the data it was prepared from (`source_path`, `source_split` in its stats.json); none for a
+    hub dataset."""
     src = resolve(name)
     if src.kind == "hub":
         return []
-    found = [os.path.realpath(src.path)]
+    found = [(os.path.realpath(src.path), split if split_names(src) else None)]
     try:
         with open(os.path.join(src.path, "stats.json"), encoding="utf-8") as f:
-            recorded = json.load(f).get("source_path")
+            stats = json.load(f)
+        recorded, recorded_split = stats.get("source_path"), stats.get("source_split")
     except (OSError, ValueError, AttributeError):  # no stats.json (or not data_prep's): the folder alone
-        recorded = None
-    return found + ([os.path.realpath(recorded)] if isinstance(recorded, str) else [])
+        recorded = recorded_split = None
+    return found + ([(os.path.realpath(recorded), recorded_split)] if isinstance(recorded, str) else [])
 
 
 def _within(path: str, folder: str) -> bool:

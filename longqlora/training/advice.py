@@ -115,6 +115,25 @@ def as_recipe_flags(turn_on: list[str]) -> str:
     return ", ".join(said)
 
 
+def out_of_memory_warning(config, planned: dict) -> str | None:
+    """One line before a run predicted not to fit its GPU: the need, the recipe flags that fit it and a plan command
+    with the run's own rank and batch; None when it fits (or there is no GPU to fit). With activation checkpointing
+    off, the plan (of a checkpointed run) leaves every other layer's activations out (`unplanned_gib`)."""
+    if planned.get("fits") is not False:
+        return None
+    cfg = PlanConfig(**planned["config"])
+    unplanned = 0.0 if planned["switches"]["offload"] else planned.get("unplanned_gib", 0.0)
+    checkpointed_fits = bool(unplanned) and planned["device_need_gib"] <= planned["device_gib"]
+    fits = [] if checkpointed_fits else [as_recipe_flags(advise(config, cfg)["turn_on"])]
+    fits = (["--activation_checkpointing true"] if unplanned else []) + fits
+    return (
+        f"this run is predicted to need {planned['device_need_gib'] + unplanned:.1f} GiB of this GPU's "
+        f"{planned['device_gib']:.1f} GiB and will likely run out of memory; what fits: {', '.join(fits)} (`python "
+        f"-m longqlora plan --model {cfg.model} --context {cfg.context} --rank {cfg.rank} --batch {cfg.batch} "
+        f"--gpu_memory {planned['device_gib']:.0f}` shows the parts)"
+    )
+
+
 HOST_SHARE = 0.6  # of the RAM that offloaded checkpoints may pin: TRL's offloading warns above 60% in use
 
 

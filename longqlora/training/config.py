@@ -34,7 +34,8 @@ class TrainingConfig(SFTConfig):
     # The annotations repeat TrainingArguments' exactly: HfArgumentParser builds the flags from them.
     output_dir: str | None = field(default="out/run", metadata={"help": "Where checkpoints and the final adapter go."})
     packing: bool = True
-    assistant_only_loss: bool | None = None  # set by the run; None tells an explicit false from the default
+    # set by the run; None tells an explicit false from the default (nargs/const: a bare flag, as for any bool)
+    assistant_only_loss: bool | None = field(default=None, metadata={"nargs": "?", "const": True})
     # On by default and non-reentrant, under transformers 5's names; the deprecated names still turn it off or set
     # its kwargs (__post_init__), without the warning transformers gives whenever only an old name is set.
     activation_checkpointing: bool | None = True

@@ -30,10 +30,9 @@ from longqlora.model import ModelConfig, ModelInfo, base_tokenizer, check_model,
 from longqlora.output import atomic_directory, check_output_path
 from longqlora.record import ExtensionRecord
 from longqlora.training import checkpoints, distributed, held_out, memory, plan_config
-from longqlora.training.advice import advise, as_recipe_flags, host_memory_warning
+from longqlora.training.advice import host_memory_warning, out_of_memory_warning
 from longqlora.training.callbacks import RecordCallback, ThroughputCallback, lead, peak_memory_gib
 from longqlora.training.config import RunConfig, TrainingConfig, recipe_default, refuse_flags_the_run_sets
-from longqlora.training.plan import PlanConfig
 from longqlora.training.summary import describe, extension_record, resume_settings, written
 
 logger = logging.getLogger(__name__)
@@ -212,21 +211,8 @@ def train(run: ResolvedRun) -> Path:
 
 def _train(run: ResolvedRun) -> Path:
     model_cfg, data_cfg, training, plan = run.model, run.data, run.training, run.plan
-    if plan.get("fits") is False:
-        planned = PlanConfig(**plan["config"])
-        logger.warning(
-            "this run is predicted to need %.1f GiB of this GPU's %.1f GiB and will likely run out of memory; "
-            "what fits: %s (`python -m longqlora plan --model %s --context %d --rank %d --batch %d --gpu_memory %.0f` "
-            "shows the parts)",
-            plan["device_need_gib"],
-            plan["device_gib"],
-            as_recipe_flags(advise(run.hf_config, planned)["turn_on"]),
-            model_cfg.model_name_or_path,
-            model_cfg.train_length,
-            planned.rank,
-            planned.batch,
-            plan["device_gib"],
-        )
+    if too_big := out_of_memory_warning(run.hf_config, plan):
+        logger.warning(too_big)
     if torch.cuda.is_available() and (host := host_memory_warning(run.hf_config, plan)):  # nothing offloads on a CPU
         logger.warning(host)
     # every input file is read, checked and tokenized before anything is written or any weights load
