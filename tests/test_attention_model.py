@@ -415,3 +415,26 @@ def test_a_model_sharing_the_config_of_an_s2_model_is_told_why_it_fails():
     enable_s2_attention(student, 16)
     with pytest.raises(RuntimeError, match=r"config object is shared .*\(copy\.deepcopy\(config\)\)"):
         teacher.train()(ids(1, 32))
+
+
+def test_a_forward_whose_pre_hooks_failed_leaves_the_enclosing_forwards_state():
+    """Another pre-hook that raises before ours: our post-hook (always called) must not reset the enclosing
+    forward's mask choice (it popped that forward's token)."""
+    from longqlora.attention import integration
+
+    outer, inner = make_model("llama-gqa"), make_model("llama-gqa", seed=1)
+    for m in (outer, inner):
+        enable_s2_attention(m, 16)
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError("a hook of someone else's")
+
+    inner.register_forward_pre_hook(refuse, prepend=True, with_kwargs=True)
+    integration._pre_hook(outer.train(), (), {})  # as the outer forward's own pre-hook
+    try:
+        with pytest.raises(RuntimeError, match="someone else's"):
+            inner.train()(ids(1, 32))
+        assert [m for m, _ in integration._S2_TOKENS.get()] == [outer] and integration._S2_MASKS.get()[0] is True
+    finally:
+        integration._post_hook(outer, (), {}, None)
+    assert integration._S2_TOKENS.get() == () and integration._S2_MASKS.get() is None

@@ -154,14 +154,14 @@ def _pre_hook(module, args, kwargs):
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
     s2 = module.training and not use_cache and kwargs.get("past_key_values") is None
-    _S2_TOKENS.set((*_S2_TOKENS.get(), _S2_MASKS.set((s2, module._longqlora_s2_base))))
+    _S2_TOKENS.set((*_S2_TOKENS.get(), (module, _S2_MASKS.set((s2, module._longqlora_s2_base)))))
 
 
 def _post_hook(module, args, kwargs, output):
     tokens = _S2_TOKENS.get()  # the hooks of one context nest: this forward's token is the last
-    if tokens:
+    if tokens and tokens[-1][0] is module:  # else its pre-hook never ran (another pre-hook raised before it)
         _S2_TOKENS.set(tokens[:-1])
-        _S2_MASKS.reset(tokens[-1])
+        _S2_MASKS.reset(tokens[-1][1])
 
 
 def enable_s2_attention(
