@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from longqlora.cli import run_data_script
 from longqlora.data.formats import read_template_file, training_chat_template
 from longqlora.data.instructions import InstructionDataConfig, length_report, load_conversations
-from longqlora.data.sources import origins
+from longqlora.data.prepared import check_prepare_flags, source_record
 from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
 
@@ -35,20 +35,10 @@ class ScriptArguments:
 
 def run(cfg: InstructionDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    for flag in ("eval_dataset", "eval_split"):  # training flags the data configs share with the recipes
-        if getattr(cfg, flag):
-            raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
+    check_prepare_flags(cfg)
     if args.chat_template_path:
         read_template_file(args.chat_template_path)  # before the data is read
-    # the local data it came from, and its split where it has splits (sources.held_out_split reads them)
-    source_path, source_split = (origins(cfg.dataset, cfg.split) or [(None, None)])[0]
-    stats = {
-        "dataset": cfg.dataset,
-        "source_path": source_path,
-        "source_split": source_split,
-        "tokenizer": args.tokenizer,
-        "system_prompt": cfg.system_prompt,
-    }
+    stats = {**source_record(cfg), "tokenizer": args.tokenizer, "system_prompt": cfg.system_prompt}
     conversations = load_conversations(cfg, stats=stats)  # every record checked before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     stats["chat_template"] = training_chat_template(tokenizer, "--tokenizer", args.chat_template_path)  # training's

@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longqlora.cli import run_data_script
-from longqlora.data.prepared import tokenizer_record
-from longqlora.data.sources import origins
+from longqlora.data.prepared import check_prepare_flags, source_record, tokenizer_record
 from longqlora.data.text import TextDataConfig, check_packable, load_documents, tokenize_documents
 from longqlora.model_files import load_tokenizer
 from longqlora.output import check_output_dir, save_dataset_atomic
@@ -39,26 +38,15 @@ class ScriptArguments:
 
 def run(cfg: TextDataConfig, args: ScriptArguments) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
-    for flag in ("eval_dataset", "eval_split"):  # training flags the data configs share with the recipes
-        if getattr(cfg, flag):
-            raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
+    check_prepare_flags(cfg)
     documents = load_documents(cfg)  # every file read and checked before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     tokenized, stats = tokenize_documents(documents, tokenizer, cfg)
     if args.max_length is not None:
         check_packable(stats, args.max_length, cfg.dataset)
         stats["rows_of_max_length"] = round(stats["tokens_total"] / args.max_length, 2)
-    # the tokenizer's identity, which training compares with the model's (prepared.check_tokenizer)
-    # the local data it came from, and its split where it has splits (sources.held_out_split reads them)
-    source_path, source_split = (origins(cfg.dataset, cfg.split) or [(None, None)])[0]
-    stats = {
-        "dataset": cfg.dataset,
-        "source_path": source_path,
-        "source_split": source_split,
-        "tokenizer": args.tokenizer,
-        **tokenizer_record(tokenizer),
-        **stats,
-    }
+    # the data it came from and the tokenizer's identity, which training compares with the model's
+    stats = {**source_record(cfg), "tokenizer": args.tokenizer, **tokenizer_record(tokenizer), **stats}
     save_dataset_atomic(tokenized, args.output_dir, files={"stats.json": stats}, overwrite=args.overwrite)
     return stats
 

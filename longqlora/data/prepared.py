@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pyarrow.compute as pc
 
-from longqlora.data.sources import column, resolve
+from longqlora.data.sources import column, origins, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,20 @@ def tokenizer_record(tokenizer) -> dict:
         # one vocabulary, other ends: Llama-3's base ends documents with <|end_of_text|>, its Instruct with <|eot_id|>
         "tokenizer_bos_eos": [tokenizer.bos_token_id, tokenizer.eos_token_id],
     }
+
+
+def check_prepare_flags(cfg) -> None:
+    """data_prep's one line for the recipes' held-out flags, which the data configs share with them."""
+    for flag in ("eval_dataset", "eval_split"):
+        if getattr(cfg, flag):
+            raise ValueError(f"--{flag}: prepare held-out data with its own run of this script (--dataset held_out)")
+
+
+def source_record(cfg) -> dict:
+    """What a prepared folder's stats.json says of the data it came from: the name given, its real path and its
+    split where it has splits (sources.held_out_split compares them with a run's --eval_dataset)."""
+    path, split = (origins(cfg.dataset, cfg.split) or [(None, None)])[0]
+    return {"dataset": cfg.dataset, "source_path": path, "source_split": split}
 
 
 def read_stats(dataset: str) -> dict:
