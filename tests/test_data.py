@@ -159,6 +159,10 @@ def test_the_held_out_split_is_never_the_training_data(tmp_path):
     (prepared / "stats.json").write_text(json.dumps({"dataset": "books", "source_path": str(books)}))
     assert "the training data (" in error_of(held_out_split, str(prepared), "train", str(books), None)
     assert held_out_split(str(prepared), "train", str(one), None) == "train"  # other files: held out
+    linked = tmp_path / "linked"  # a folder reading the held-out file through a symlink
+    linked.mkdir()
+    (linked / "emma.txt").symlink_to(books / "emma.txt")
+    assert "holds it too" in error_of(held_out_split, str(linked), "train", str(books / "emma.txt"), None)
     # folders prepared from two splits of one DatasetDict are apart; from the same split, the same data
     for name, split in (("prep_train", "train"), ("prep_test", "validation")):
         datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]}).save_to_disk(str(tmp_path / name))

@@ -242,6 +242,8 @@ def origins(name: str, split: str = "train") -> list[tuple[str, str | None]]:
     if src.kind == "hub":
         return []
     found = [(os.path.realpath(src.path), split if split_names(src) else None)]
+    if src.kind == "txtdir":  # files it reads through symlinks, which lie elsewhere
+        found += [(real, None) for f in text_files(src.path) if not _within(real := os.path.realpath(f), found[0][0])]
     try:
         with open(os.path.join(src.path, "stats.json"), encoding="utf-8") as f:
             stats = json.load(f)
@@ -249,6 +251,11 @@ def origins(name: str, split: str = "train") -> list[tuple[str, str | None]]:
     except (OSError, ValueError, AttributeError):  # no stats.json (or not data_prep's): the folder alone
         recorded = recorded_split = None
     return found + ([(os.path.realpath(recorded), recorded_split)] if isinstance(recorded, str) else [])
+
+
+def text_files(folder: str) -> list[str]:
+    """The .txt/.txt.gz files a folder dataset reads, in order (symlinked ones followed)."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
 
 
 def _within(path: str, folder: str) -> bool:
@@ -296,11 +303,7 @@ def load_raw(src: Source, split: str, num_proc: int | None, record_problem=None)
                 f"Face hub failed ({_root_cause(e)}); pass a local file or directory"
             ) from None
     if src.kind in ("txt", "txtdir"):
-        files = (
-            [src.path]
-            if src.kind == "txt"
-            else sorted(str(p) for p in Path(src.path).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
-        )
+        files = [src.path] if src.kind == "txt" else text_files(src.path)
         if not files:
             raise ValueError(
                 f"--dataset {src.name}: the directory holds no {'/'.join(TEXT_SUFFIXES)} files and is "
