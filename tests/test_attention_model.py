@@ -434,7 +434,7 @@ def test_a_forward_whose_pre_hooks_failed_leaves_the_enclosing_forwards_state():
     try:
         with pytest.raises(RuntimeError, match="someone else's"):
             inner.train()(ids(1, 32))
-        assert [m for m, _ in integration._S2_TOKENS.get()] == [outer] and integration._S2_MASKS.get()[0] is True
+        assert [m for m, _ in integration._S2_FORWARDS.get()] == [outer] and integration._decided()[0] is True
     finally:
         integration._post_hook(outer, (), {}, None)
-    assert integration._S2_TOKENS.get() == () and integration._S2_MASKS.get() is None
+    assert integration._S2_FORWARDS.get() == () and integration._decided() is None

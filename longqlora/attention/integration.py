@@ -37,19 +37,23 @@ class S2Settings:
     context_parallel: object = None  # context_parallel.CPGroup when each rank holds a chunk of every row
 
 
-# The mask form the current forward needs, set by a pre-hook on the model: True = S2 (2-D padding mask),
-# False or unset = the base implementation's own mask.
-_S2_MASKS = contextvars.ContextVar("longqlora_s2_masks", default=None)
-# The reset tokens of the forwards in flight, innermost last: per context (thread), since one model may run in
-# several threads at once (a token kept on the module was taken by another thread's post-hook).
-_S2_TOKENS = contextvars.ContextVar("longqlora_s2_tokens", default=())
+# The model forwards in flight, innermost last, each (model, (s2, base)) as its pre-hook chose its mask form: s2 =
+# S2's 2-D padding mask, else the base implementation `base`'s own. Per context (thread): one model may run in
+# several threads at once.
+_S2_FORWARDS = contextvars.ContextVar("longqlora_s2_forwards", default=())
+
+
+def _decided() -> tuple[bool, str] | None:
+    """The innermost forward's (s2, base), None outside a hooked forward."""
+    forwards = _S2_FORWARDS.get()
+    return forwards[-1][1] if forwards else None
 
 
 def _mask_function(*args, **kwargs):
     """Mask interface entry for "longqlora_s2": the 2-D padding mask for S2 forwards, else the base model's mask."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
 
-    s2, base = _S2_MASKS.get() or (False, "sdpa")
+    s2, base = _decided() or (False, "sdpa")
     if s2:
         return flash_attention_mask(*args, **kwargs)
     return ALL_MASK_ATTENTION_FUNCTIONS.get(base, sdpa_mask)(*args, **kwargs)
@@ -66,7 +70,7 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
         )
     cp = settings.context_parallel
     s2 = module.training and not kwargs.get("use_cache") and query.shape[2] == key.shape[2]
-    decided = _S2_MASKS.get()  # the model's pre-hook chose this forward's mask; the op follows the same choice
+    decided = _decided()  # the model's pre-hook chose this forward's mask; the op follows the same choice
     if decided is not None:  # (it also sees a cache object passed without use_cache, which never reaches here)
         s2 = s2 and decided[0]
     if cp is not None:
@@ -154,14 +158,13 @@ def _pre_hook(module, args, kwargs):
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
     s2 = module.training and not use_cache and kwargs.get("past_key_values") is None
-    _S2_TOKENS.set((*_S2_TOKENS.get(), (module, _S2_MASKS.set((s2, module._longqlora_s2_base)))))
+    _S2_FORWARDS.set((*_S2_FORWARDS.get(), (module, (s2, module._longqlora_s2_base))))
 
 
 def _post_hook(module, args, kwargs, output):
-    tokens = _S2_TOKENS.get()  # the hooks of one context nest: this forward's token is the last
-    if tokens and tokens[-1][0] is module:  # else its pre-hook never ran (another pre-hook raised before it)
-        _S2_TOKENS.set(tokens[:-1])
-        _S2_MASKS.reset(tokens[-1][1])
+    forwards = _S2_FORWARDS.get()  # the hooks of one context nest: this forward is the innermost
+    if forwards and forwards[-1][0] is module:  # else its pre-hook never ran (another pre-hook raised before it)
+        _S2_FORWARDS.set(forwards[:-1])
 
 
 def enable_s2_attention(
