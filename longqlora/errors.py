@@ -9,6 +9,9 @@ bug and keeps its traceback. LONGQLORA_TRACEBACK=1 shows the traceback of a one-
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C
 BROKEN_PIPE_EXIT = 141  # the shell's code for a command whose reader went away (SIGPIPE), e.g. `| head -1`
 
@@ -33,6 +36,20 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(types)
+
+
+@contextlib.contextmanager
+def flags_renamed(names: dict[str, str]):
+    """Within the block, a ValueError's line calls each flag of `names` by the caller's name for it: a lower layer
+    names the flags of the command it serves most (the data layer --dataset, the model loader
+    --model_name_or_path), which are --data, --eval_dataset or --model elsewhere."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err)
+        for old, new in names.items():  # the whole flag only: --dataset, not --dataset_text_field
+            message = re.sub(rf"(?<![\w-]){re.escape(old)}(?![\w-])", new, message)
+        raise ValueError(message) from None
 
 
 MAX_LINE = 280  # characters of an error line

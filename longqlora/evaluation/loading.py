@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longqlora.errors import flags_renamed
 from longqlora.hardware import DTYPES
 from longqlora.record import ExtensionRecord
 from longqlora.rope import UNSCALED_TO, check_scaling
@@ -365,10 +366,8 @@ def load_for_inference(
         compute_dtype=compute_dtype,
         s2_attention=False,
     )
-    try:
+    with flags_renamed({"--model_name_or_path": "--model"}):  # the training flag's name, --model here
         checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
-    except ValueError as err:  # the training flag's name, which is --model here
-        raise ValueError(str(err).replace("--model_name_or_path", "--model")) from None
     model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel

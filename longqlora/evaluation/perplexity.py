@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longqlora.errors import flags_renamed
 from longqlora.evaluation import evaluating
 from longqlora.evaluation.loading import LoaderArgs
 
@@ -262,7 +263,7 @@ def token_stream(
             f"--data {data}: not a bundled book ({', '.join(sorted(corpora.BOOKS))}), a local file or directory, or "
             "a hub dataset id (org/name)"
         )
-    try:
+    with flags_renamed({"--dataset": "--data"}):  # the data layer names its recipes' flag; this command's is --data
         if split != "train" and resolve(source).kind not in ("disk", "hub"):  # files have one split: it was ignored
             raise ValueError(
                 f"--split {split}: --data {data} is a file or folder of text, with no splits; leave it out"
@@ -275,8 +276,6 @@ def token_stream(
             flat = flat.slice(0, max_tokens) if max_tokens else flat
             # prepared rows keep the tokenizer's special tokens (a BOS per document); text is joined without them
             return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype("int64")), "prepared token rows"
-    except ValueError as err:  # the data layer names its recipes' flag; this command's is --data
-        raise ValueError(str(err).replace("--dataset", "--data", 1)) from None
     # one int64 array per document, read a few documents at a time: a Python list of every token took ~56 bytes each
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     texts = (text for batch in documents.iter(batch_size=16) for text in batch["text"])

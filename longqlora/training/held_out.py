@@ -4,13 +4,13 @@ would be without them."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 
 import torch
 
 from longqlora.data.sources import held_out_split
+from longqlora.errors import flags_renamed
 from longqlora.model import ModelConfig
 from longqlora.training.config import TrainingConfig
 
@@ -41,14 +41,9 @@ def evaluation_settings(model_cfg: ModelConfig, data_cfg, training: TrainingConf
     return {}
 
 
-@contextlib.contextmanager
 def held_out_flags():
-    """The data layer names --dataset and --split: within this block they are --eval_dataset's and --eval_split."""
-    try:
-        yield
-    except ValueError as err:
-        message = str(err).replace("--split", "--eval_split") if str(err).startswith("--split") else str(err)
-        raise ValueError(message.replace("--dataset", "--eval_dataset", 1)) from None
+    """The data layer names --dataset and --split: within this block they are --eval_dataset and --eval_split."""
+    return flags_renamed({"--dataset": "--eval_dataset", "--split": "--eval_split"})
 
 
 def held_out_config(data_cfg):
