@@ -90,10 +90,15 @@ RETIRED = {
 }
 
 
-def _unknown(flag: str, known: list[str]):
+def _refuse_retired(flag: str) -> None:
+    """One line for a flag (or --config key) of an older release: what replaced it."""
     bare = flag.lstrip("-").replace("-", "_")
     if bare in RETIRED:
         raise ValueError(f"{flag}: not a flag of this command ({RETIRED[bare]})")
+
+
+def _unknown(flag: str, known: list[str]):
+    _refuse_retired(flag)
     near = nearest(flag, known)
     raise ValueError(f"{flag}: not a flag of this command" + (f"; did you mean {near}?" if near else ""))
 
@@ -207,9 +212,8 @@ def checked_values(parser, config: dict, path: str) -> dict:
             action = actions.get(key)
             if action is None and isinstance(value, dict):
                 raise ValueError(f"{key}: not a flag; the keys are the flags themselves, with no sections but env:")
-            if action is None and key in RETIRED:
-                raise ValueError(f"{key}: not a flag of this command ({RETIRED[key]})")
             if action is None:
+                _refuse_retired(key)
                 near = nearest(key, list(actions))
                 hint = f"did you mean {near}?" if near else "--help lists them"
                 raise ValueError(f"{key}: not a flag of this command ({hint})")
