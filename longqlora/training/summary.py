@@ -116,13 +116,6 @@ def _data_record(data_cfg, stats: dict) -> dict:
     return record
 
 
-def _evaluated_every(training) -> str:
-    """'N steps' or 'epoch' (--eval_strategy; unset before the run settles it: every --eval_steps or --save_steps)."""
-    if getattr(training.eval_strategy, "value", training.eval_strategy) == "epoch":
-        return "epoch"
-    return f"{training.eval_steps or training.save_steps:g} steps"
-
-
 def _attention_text(model_cfg: ModelConfig) -> str:
     """How the run trains attention: full, or S2-Attn with its group size(s) and variant options."""
     o = s2_options(model_cfg)
@@ -178,7 +171,11 @@ def describe(run: ResolvedRun, trainable_params: int | None = None, total_params
         f"data               {run.data.dataset}"
         + (f" (--pack {run.data.pack})" if getattr(run.data, "pack", None) else ""),
         *(
-            [f"evaluation         {held_out} every {_evaluated_every(training)}, full attention"]
+            [  # the run's settled evaluation (held_out.evaluation_settings): every epoch or --eval_steps steps
+                f"evaluation         {held_out} every "
+                + ("epoch" if plain(training.eval_strategy) == "epoch" else f"{training.eval_steps:g} steps")
+                + ", full attention"
+            ]
             if (held_out := getattr(run.data, "eval_dataset", None)) and plain(training.eval_strategy) != "no"
             else []
         ),
