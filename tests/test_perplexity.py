@@ -70,6 +70,20 @@ def test_each_token_is_scored_once_with_stride(tiny):
     assert got.tokens() == last_start + 32 - 1  # every token of the covered span but the very first
 
 
+def test_the_head_scores_only_the_positions_a_stride_needs(tiny):
+    """With --stride < context the LM head skips the positions no window scores: after the first window only the
+    last `stride` predictions of each window (the result is the direct computation's, above)."""
+    _, model, ids = tiny
+    window_scores(model, ids, 32, max_windows=1, progress=False)  # the probe of `_head_is_output`, once per model
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[1]))
+    try:
+        got = window_scores(model, ids, 32, 8, score="tail", chunk=64, progress=False)
+    finally:
+        handle.remove()
+    assert sum(rows) == 8 * got.windows
+
+
 def test_bad_protocol_arguments(tiny):
     _, model, ids = tiny
     with pytest.raises(ValueError, match="--stride"):
