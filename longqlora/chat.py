@@ -80,9 +80,10 @@ def read_document(cfg: ChatConfig) -> str | None:
     return text.strip()
 
 
-def check_inputs(cfg: ChatConfig) -> None:
+def check_inputs(cfg: ChatConfig):
     """Every check that needs no weights: --model, --adapter (and its recorded base), --context_file, and whether
-    --prompt or the document with a --max_new_tokens reply fits the context (the tokenizer and config decide)."""
+    --prompt or the document with a --max_new_tokens reply fits the context (the tokenizer and config decide).
+    Returns the tokenizer when a check loaded it (else None), for the model's loader to take."""
     from longqlora.evaluation.loading import inference_context, inference_tokenizer, model_dir, read_extension
 
     if cfg.adapter:
@@ -90,7 +91,7 @@ def check_inputs(cfg: ChatConfig) -> None:
     model_dir(cfg.model, cfg.adapter)
     document = read_document(cfg)
     if document is None and cfg.prompt is None:
-        return
+        return None
     remote = cfg.trust_remote_code
     tokenizer = ensure_chat_template(inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=remote))
     limit = cfg.target_context or inference_context(cfg.model, cfg.adapter, trust_remote_code=remote)
@@ -99,6 +100,7 @@ def check_inputs(cfg: ChatConfig) -> None:
         check_prompt_fits(cfg, len(ids), limit, document)
     elif full := no_room(cfg, tokenizer, document, limit):  # every first turn would be refused
         raise ValueError(f"--context_file {cfg.context_file}: {full}")
+    return tokenizer
 
 
 def with_trained_system_prompt(cfg: ChatConfig) -> ChatConfig:
@@ -126,8 +128,9 @@ def ensure_chat_template(tokenizer):
 
 def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
-    check_inputs(cfg)
-    model, tokenizer, _ = cfg.load()  # the loader logs the context and scaling; the banner repeats the context
+    model, tokenizer, _ = cfg.load(
+        check_inputs(cfg)
+    )  # the loader logs the context and scaling; the banner repeats the context
     return model, ensure_chat_template(tokenizer)
 
 

@@ -96,14 +96,17 @@ def test_bad_protocol_arguments(tiny):
         PerplexityConfig(model="x", context_lengths=[32, 16], stride=20)  # refused before any weights load
 
 
-def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog):
+def test_command_writes_json_csv_and_plot(tiny, tmp_path, caplog, monkeypatch):
     path, model, ids = tiny
     text = tmp_path / "held_out.txt"
     text.write_text(TEXT)
     out = tmp_path / "results.json"
+    loads, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
     result = run_perplexity(
         PerplexityConfig(model=str(path), data=str(text), context_lengths=[32, 96], output=str(out))
     )
+    assert len(loads) == 1  # the tokenizer that checked the data before the weights is the model's
     saved = json.loads(out.read_text())
     assert saved["results"] == result["results"]
     direct = window_scores(model, ids.tolist() + [2], 32, progress=False)  # the command appends EOS per document

@@ -120,10 +120,12 @@ class LoaderArgs:
         if self.original_context is not None and self.original_context < 1:
             raise ValueError(f"--original_context {self.original_context}: must be a positive number of tokens")
 
-    def load(self):
-        """`load_for_inference` with these flags: (model in eval mode, tokenizer, info)."""
+    def load(self, tokenizer=None):
+        """`load_for_inference` with these flags: (model in eval mode, tokenizer, info); `tokenizer`: the one
+        `inference_tokenizer` loaded already (to check the data before the weights), not loaded again."""
         return load_for_inference(
             self.model,
+            tokenizer=tokenizer,
             adapter=self.adapter,
             load_in_4bit=self.load_in_4bit,
             compute_dtype=self.compute_dtype,
@@ -319,6 +321,7 @@ def load_for_inference(
     original_context: int | None = None,
     trust_remote_code: bool = False,
     adapter_checked: bool = False,
+    tokenizer=None,
 ):
     """Returns (model in eval mode, tokenizer, ModelInfo).
 
@@ -327,6 +330,7 @@ def load_for_inference(
     unscaled RoPE becomes `rope_scaling` (yarn or linear), by default what the adapter was trained with, and
     counts from `original_context` (ModelConfig's --original_context), by default the adapter's recorded one.
     `adapter_checked`: the caller ran `check_adapter_fits` already, naming its own flags (merge's --base).
+    `tokenizer`: what `inference_tokenizer` returned for these paths, when the caller has it already.
     """
     from longqlora.model import ModelConfig, check_model, fit_tokenizer_context, load_base
 
@@ -368,16 +372,17 @@ def load_for_inference(
     )
     with flags_renamed({"--model_name_or_path": "--model"}):  # the training flag's name, --model here
         checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
-    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code)
+    given = tokenizer is not None
+    model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    if adapter and not given:
+        tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
+    tokenizer = fit_tokenizer_context(tokenizer, info.target_context)
     if adapter:
         from peft import PeftModel
 
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, os.path.expanduser(adapter))
-        tokenizer = fit_tokenizer_context(
-            adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer, info.target_context
-        )
     logger.info(
         "loaded %s%s for inference: context %d (%s), %s",
         model_path,

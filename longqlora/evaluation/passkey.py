@@ -219,7 +219,7 @@ def run_passkey(cfg: PasskeyConfig) -> dict:
     tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
     variant = {"distractors": cfg.distractors, "haystack": cfg.haystack}
     planned = plan_trials(tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, **variant)  # fails first
-    model, tokenizer, info = cfg.load()
+    model, tokenizer, info = cfg.load(tokenizer)
     evaluated = evaluate_passkey(
         model, tokenizer, cfg.context_lengths, cfg.depths, cfg.trials, cfg.seed, planned=planned, **variant
     )

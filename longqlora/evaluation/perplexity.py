@@ -316,12 +316,9 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
     extension = read_extension(cfg.adapter) if cfg.adapter else None
     if cfg.output:
         check_output_path(cfg.output, "--output", directory=False)
+    tokenizer = inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
     ids, stream = token_stream(
-        cfg.data,
-        inference_tokenizer(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code),
-        text_field=cfg.text_field,
-        max_tokens=cfg.max_tokens,
-        split=cfg.split,
+        cfg.data, tokenizer, text_field=cfg.text_field, max_tokens=cfg.max_tokens, split=cfg.split
     )
     for n in cfg.context_lengths:  # before any weights load
         if n > ids.numel():
@@ -329,7 +326,7 @@ def run_perplexity(cfg: PerplexityConfig) -> dict:
                 f"--context_lengths {n}: the text has only {ids.numel()} tokens; pass a longer --data "
                 "or a shorter context"
             )
-    model, _, info = cfg.load()
+    model, _, info = cfg.load(tokenizer)
     extended, original = info.target_context, info.original_context
     rows = []
     for n in cfg.context_lengths:
