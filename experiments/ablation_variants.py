@@ -51,6 +51,14 @@ VARIANTS = {
     # 4th step keep it?
     "lora-s2-yarn": dict(label="LoRA q/k/v/o, S2-Attn, YaRN", trainable="", rope="yarn"),
     "loraplus-s2-fullstep4-yarn": dict(label="LoRA+, S2-Attn, every 4th step full, YaRN", full_every=4, rope="yarn"),
+    # PoSE on the base that uses its context, with YaRN (the default): do the long distances its skips create teach
+    # retrieval and copying that S2-Attn at full length, at the same tokens, does not?
+    "loraplus-pose-yarn": dict(
+        label="LoRA+, full attention, PoSE: rows of L spanning 4L, 4x batch, YaRN", s2=False, pose=0.25, rope="yarn"
+    ),
+    "loraplus-s2-pose-yarn": dict(
+        label="LoRA+, S2-Attn, PoSE: rows of L spanning 4L, 4x batch, YaRN", pose=0.25, rope="yarn"
+    ),
     "default-yarn": dict(
         label="toolkit default: LoRA+, S2-Attn with group schedule, NF4, YaRN",
         nf4=True,
@@ -69,5 +77,7 @@ TARGETED = (
     "loraplus-s2-gsched-eq-yarn",
     "lora-s2-yarn",
     "loraplus-s2-fullstep4-yarn",
+    "loraplus-pose-yarn",
+    "loraplus-s2-pose-yarn",
 )
 DEFAULT_VARIANTS = ",".join(v for v in VARIANTS if v not in TARGETED)

@@ -54,9 +54,9 @@ def test_the_host_pins_whole_rounded_blocks(script):
     """torch's host allocator rounds each pinned block up to a power of two: with 62.5 GiB for pinning, Llama-3.1-8B
     offloads every layer's 1 GiB block at 131,072 tokens, 31 of its 2 GiB blocks at 262,144, and 15 of its 4 GiB
     blocks at 327,680 (2.5 GiB each, rounded)."""
-    check = script("bench/gpu_check.py")
-    assert [check.offload_split("llama-3.1-8b", n, 62.5) for n in (131072, 262144, 327680)] == [32, 31, 15]
-    assert check.offload_split("llama-3.1-8b", 327680, None) == 32
+    longest = script("bench/gpu_check.py").longest
+    assert [longest.offload_split("llama-3.1-8b", n, 62.5) for n in (131072, 262144, 327680)] == [32, 31, 15]
+    assert longest.offload_split("llama-3.1-8b", 327680, None) == 32
 
 
 @pytest.mark.parametrize("limit", [300_000, 120_000])
@@ -71,6 +71,7 @@ def test_the_longest_search_offloads_what_the_host_can_pin_and_fits_the_budget(s
     import torch
 
     check = script("bench/gpu_check.py")
+    longest = check.longest
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=139.8 * gib))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=125 * gib))
@@ -82,21 +83,21 @@ def test_the_longest_search_offloads_what_the_host_can_pin_and_fits_the_budget(s
             return {"model": name, "variant": variant, "context": n, "error": "out of memory", "seconds": 5.0}
         return {"model": name, "variant": variant, "context": n, "peak_bytes": 1, "planned_bytes": 1, "seconds": 60.0}
 
-    monkeypatch.setattr(check, "_point", point)
+    monkeypatch.setattr(longest, "measure_point", point)
     cfg = check.CheckConfig(output_dir=str(tmp_path), longest_trials=8)
     ctx = {"device": torch.device("cuda"), "dtype": torch.bfloat16, "left": lambda: 500.0, "results": {}}
-    result = check.part_longest(cfg, ctx)
+    result = longest.part_longest(cfg, ctx)
     assert {v for v, _, _ in tried} == {"ours_lora"}
     assert all((split is None) == (n <= 131072) for _, n, split in tried)
-    assert all(split == check.offload_split("llama-3.1-8b", n, 62.5) < 32 for _, n, split in tried if split)
+    assert all(split == longest.offload_split("llama-3.1-8b", n, 62.5) < 32 for _, n, split in tried if split)
     assert any(split for *_, split in tried) or limit < 131072
     assert result["longest_trained"] <= limit < result["first_failure"]
     assert result["first_failure"] - result["longest_trained"] == 16384
     assert result["longest_variant"] == "ours_lora"
     tried.clear()
-    short = check.part_longest(cfg, {**ctx, "left": lambda: 120.0})
+    short = longest.part_longest(cfg, {**ctx, "left": lambda: 120.0})
     assert tried and tried[0][1] < short["planned_longest"]  # the first trial shrank to what 100 s hold
-    assert check._trial_s(tried[0][1], check._seconds_per_token(ctx)) <= 100
+    assert longest._trial_s(tried[0][1], longest._seconds_per_token(ctx)) <= 100
 
 
 @pytest.mark.parametrize(
@@ -112,14 +113,14 @@ def test_a_broken_point_is_recorded_and_told_from_a_memory_limit(script, monkeyp
     memory access would leave a broken CUDA context behind a search that carries on)."""
     import torch
 
-    check = script("bench/gpu_check.py")
+    longest = script("bench/gpu_check.py").longest
 
     def measure(*a):
         raise error
 
-    monkeypatch.setattr(check.memory_bench, "measure", measure)
+    monkeypatch.setattr(longest.memory_bench, "measure", measure)
     ctx = {"device": torch.device("cpu"), "dtype": torch.float32}
-    point = check._point("tiny", "ours", 256, None, ctx)
+    point = longest.measure_point("tiny", "ours", 256, None, ctx)
     assert point["error"].startswith(kind) and ("traceback" in point) == kind.startswith("failed")
 
 

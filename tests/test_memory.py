@@ -468,6 +468,26 @@ def test_memory_bench_tiny(tmp_path, script):
         assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))
 
 
+def test_memory_bench_packed_rows_take_the_per_document_path(script, monkeypatch):
+    """--rows packed: four documents a row, their position ids restarting, reach S2's packed path (each document
+    run apart where no varlen kernel is, as on this CPU) and are measured; plain rows never reach it."""
+    import torch
+
+    from longqlora.attention.layout import RowLayout
+
+    bench = script("bench/memory.py")
+    seen, spans = [], RowLayout.document_spans
+    monkeypatch.setattr(RowLayout, "document_spans", lambda self: seen.append(spans(self)) or seen[-1])
+    points = {}
+    for rows in ("plain", "packed"):
+        cfg = bench.BenchConfig(tiny=True, contexts=[256], variants=["ours"], steps=1, rows=rows)
+        points[rows] = bench.measure("tiny", None, "ours", 256, cfg, torch.device("cpu"), torch.float32)
+        if rows == "plain":
+            assert not seen
+    assert points["packed"]["rows"] == "packed" and points["packed"]["peak_bytes"] > 0
+    assert seen and all(s == [[(0, 64), (64, 128), (128, 192), (192, 256)]] for s in seen)
+
+
 def test_the_bench_counts_what_a_step_allocates_and_frees_inside_a_function(script):
     """bench/memory_step.tracked_live, the CPU peak of every bench: tensors made and freed inside an autograd
     Function's forward and backward (TRL's fused loss, the optimizer's step) counted at the moment they live (the
