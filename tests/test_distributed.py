@@ -469,6 +469,38 @@ def test_nf4_weights_are_never_cast_by_the_engine():
         distributed.check_precision(Launch(8, 0, 0, "deepspeed", 3, mixed_precision="fp16"), "bfloat16", True)
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from longqlora.training.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "gqa", shape="gqa")
+
+
+@pytest.mark.parametrize(
+    "run, storage",
+    [
+        (Launch(2, 0, 0, "fsdp2"), torch.bfloat16),
+        (Launch(2, 0, 0, "deepspeed", 3), torch.bfloat16),
+        (Launch(2, 0, 0, "ddp"), torch.uint8),
+        (Launch(1, 0, 0, "none"), torch.uint8),
+    ],
+)
+def test_nf4_is_stored_in_the_compute_dtype_where_the_engine_shards_weights(run, storage, tiny_base, monkeypatch):
+    """Under FSDP2 and ZeRO-3 the NF4 codes are stored in the compute dtype (FSDP shards and gathers one dtype;
+    uint8 storage crashes FSDP2 or trains with loss 0), elsewhere in bitsandbytes' uint8: the quantization config
+    and every Linear4bit weight of the loaded tiny model."""
+    import bitsandbytes as bnb
+
+    from longqlora.model import load_base
+
+    monkeypatch.setattr(hardware, "launch", lambda: run)
+    cfg = ModelConfig(model_name_or_path=str(tiny_base), target_context=256, compute_dtype="bfloat16")
+    model, _, _ = load_base(cfg)
+    assert model.config.quantization_config.bnb_4bit_quant_storage == storage
+    nf4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(nf4) == 2 * 7 and {m.weight.dtype for m in nf4} == {storage}  # 2 layers x q/k/v/o/gate/up/down
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
