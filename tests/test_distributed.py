@@ -78,7 +78,9 @@ def runs(tmp_path_factory):
     return BENCH.run_all(tmp_path_factory.mktemp("distributed"))
 
 
-@pytest.mark.slow  # the recipe runs in 1, 2 and 4 processes: about 3 minutes on 2 cores
+# slow: the `runs` fixture launches the recipe 13 times in 1, 2 and 4 processes: 123 s on this 2-core CPU (the
+# seconds of docs/distributed.json, summed; test_the_slow_launches_take_what_the_docs_say)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, reference",
     [("cp", "single"), ("cp_fsdp", "single"), ("cp_zero3", "single"), ("cp_dp", "ddp"), ("sft_cp", "sft")],
@@ -116,6 +118,27 @@ def test_engines_train_like_one_process(runs, engine, name):
     assert launched["record"]["train"]["engine"] == name and launched["record"]["train"]["processes"] == 2
     # under ZeRO-3 every NF4 layer (2 layers x 7 projections) lets its codes go with DeepSpeed's release
     assert ("ZeRO-3: 14 NF4 layers release their codes" in launched["log"]) == (engine == "zero3")
+
+
+def test_the_slow_launches_take_what_the_docs_say():
+    """The time of the `runs` fixture's launches, as docs/distributed.md and the comment above state it: the seconds
+    that `bench/distributed.py check --record` wrote to docs/distributed.json, summed."""
+    launches = json.loads((ROOT / "docs/distributed.json").read_text())["check"]
+    said = f"{round(sum(r['seconds'] for r in launches))} s on this 2-core CPU"
+    doc, here = (ROOT / "docs/distributed.md").read_text(), (ROOT / "tests/test_distributed.py").read_text()
+    assert said in doc and said in here and f"the same {len(launches)} launches" in doc, said
+    assert f"launches the recipe {len(launches)} times" in here
+
+
+def test_the_supported_table_names_tests_that_exist():
+    """docs/distributed.md's supported table says which test trains or checks each cell: every one it names exists."""
+    text = (ROOT / "docs/distributed.md").read_text()
+    table = text.split("## What is supported")[1].split("Also refused in one line")[0]
+    named = set(re.findall(r"\b(test_\w+)\b(?!\.py)", table))  # the tests, not their files
+    defined = {
+        m for p in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", p.read_text(), re.M)
+    }
+    assert len(named) >= 8 and named <= defined, named - defined
 
 
 @pytest.mark.slow
@@ -632,6 +655,34 @@ def test_supported_launches_pass():
     ]:
         cfg = ModelConfig(model_name_or_path="x", target_context=8192, **model)
         assert distributed.check_launch(cfg, _training(), run) is run
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+@pytest.mark.parametrize("trainable", ["", "embed,norm"])
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+@pytest.mark.parametrize("engine", ["none", "ddp", "fsdp2", "zero3", "fsdp1", "zero2"])
+def test_every_cell_of_the_supported_table_is_checked(engine, load_in_4bit, trainable, cp):
+    """docs/distributed.md's table, every engine x NF4 / 16-bit x LoRA / LoRA+ x context parallel, in a bf16 launch
+    of 2 processes: the supported cells pass the checks made before weights load (launch and precision); FSDP1,
+    ZeRO-2 and one process with --context_parallel are refused in one line. A cell this test alone covers is
+    "checked", not trained."""
+    stage = {"zero3": 3, "zero2": 2}.get(engine)
+    run = Launch(1 if engine == "none" else 2, 0, 0, "deepspeed" if stage else engine, stage)
+    run = dataclasses.replace(run, mixed_precision="no" if engine == "none" else "bf16")
+    cfg = ModelConfig(
+        model_name_or_path="x", target_context=8192, compute_dtype="bfloat16", load_in_4bit=load_in_4bit,
+        trainable_params=trainable, context_parallel=cp,
+    )  # fmt: skip
+    refused = {"fsdp1": "fsdp_version 1", "zero2": "ZeRO stage 2"}.get(engine)
+    if engine == "none" and cp > 1:
+        refused = "--context_parallel 2: needs 2 processes"
+    if refused:
+        with pytest.raises(ValueError, match=refused) as err:
+            distributed.check_launch(cfg, _training(), run)
+        assert "\n" not in str(err.value)
+        return
+    assert distributed.check_launch(cfg, _training(), run) is run
+    distributed.check_precision(run, cfg.compute_dtype, cfg.load_in_4bit)
 
 
 @pytest.mark.parametrize(
