@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_report  # noqa: E402  (bench/memory_report.py)
 from memory_step import build_nf4, model_config, prepare, tracked_peak, train_steps  # noqa: E402
 
-from longqlora.cli import setup_logging
+from longqlora.cli import one_line_errors, setup_logging
 from longqlora.output import write_json_atomic, write_text_atomic
 from longqlora.training import plan as planner
 from longqlora.training.config import check_offload_layers
@@ -147,6 +147,8 @@ class BenchConfig:
             raise ValueError(f"--rows {self.rows!r}: plain or packed")
         if self.dtype not in ("auto", *planner.BYTES):
             raise ValueError(f"--dtype {self.dtype!r}: auto, {', '.join(planner.BYTES)}")
+        if self.report_from and not Path(self.report_from).is_file():
+            raise ValueError(f"--report_from {self.report_from}: no such file; give a JSON that --json wrote")
         if self.tiny:
             self.models, self.search_longest = ["tiny"], False
             if self.contexts == BenchConfig.__dataclass_fields__["contexts"].default_factory():
@@ -348,31 +350,38 @@ def main(argv=None) -> None:
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses(args=argv)
-    if cfg.report_from:
-        import json
-
-        with open(cfg.report_from, encoding="utf-8") as f:
-            record = json.load(f)
-        points = record["points"]
-        device = torch.device(points[0]["device"] if points else "cpu")
-        where = record.get("machine")
-        text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth, where)
-        text = text.replace(
-            "\n\n",
-            "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n",
-            1,
-        )
-        if cfg.output:
-            write_text_atomic(cfg.output, text)
+    with one_line_errors():  # --layers 0, --variants bogus, a missing --report_from: one line, exit 2
+        (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses(args=argv)
+        text = _report_from(cfg, argv) if cfg.report_from else _measure(cfg, argv)
         print(text)
-        return
+
+
+def _report_from(cfg: BenchConfig, argv: list[str]) -> str:
+    """The report of the points a JSON records, planned with today's planner (written to --output too)."""
+    import json
+
+    with open(cfg.report_from, encoding="utf-8") as f:
+        record = json.load(f)
+    points = record["points"]
+    device = torch.device(points[0]["device"] if points else "cpu")
+    where = record.get("machine")
+    text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth, where)
+    text = text.replace(
+        "\n\n", "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n", 1
+    )
+    if cfg.output:
+        write_text_atomic(cfg.output, text)
+    return text
+
+
+def _measure(cfg: BenchConfig, argv: list[str]) -> str:
+    """Measure every point; the report (written to --output too) and the JSON record merged into --json."""
     text, record = run(cfg, argv)
     if cfg.output:
         write_text_atomic(cfg.output, text)
     if cfg.json:
         write_json_atomic(cfg.json, memory_report.merge_record(cfg.json, record))
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -468,6 +468,22 @@ def test_memory_bench_tiny(tmp_path, script):
         assert fit["extrapolated_bytes"] == pytest.approx(one + (fit["full_layers"] - 1) * (two - one))
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--layers", "0"], "--layers"),
+        (["--variants", "bogus"], "--variants"),
+        (["--report_from", "/no/x.json"], "--report_from"),
+    ],
+)
+def test_memory_bench_bad_flags_end_in_one_line(script, capsys, flags, named):
+    """A bad flag ends the bench in one line naming it, exit 2, not a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        script("bench/memory.py").main(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {named} ")
+
+
 def test_memory_bench_packed_rows_take_the_per_document_path(script, monkeypatch):
     """--rows packed: four documents a row, their position ids restarting, reach S2's packed path (each document
     run apart where no varlen kernel is, as on this CPU) and are measured; plain rows never reach it."""
