@@ -133,6 +133,13 @@ class BenchConfig:
         default=None,
         metadata={"help": "Measure nothing: report the points of this JSON (printed; --output too), planned today."},
     )
+    gpu_from: str = field(
+        default="docs/memory_gpu.json",
+        metadata={
+            "help": "A GPU's JSON record (relative: from the repository root) whose full-depth points of the same "
+            "model, context and variant fill the depth fits' GPU column; 'not yet measured' where none, or no file."
+        },
+    )
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -315,7 +322,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[str, dict]:
                         )
         if cfg.search_longest and device.type == "cuda" and not cfg.layers:
             longest.append([name, f"{longest_context(name, cfg, device, dtype):,}"])
-    text, fits = memory_report.report(points, argv, device, longest, _planned(cfg), _full_depth)
+    text, fits = memory_report.report(points, argv, device, longest, _planned(cfg), _full_depth, gpu=_gpu(cfg))
     return text, {
         "command": _command(argv),
         "device": device.type,
@@ -335,6 +342,17 @@ def _planned(cfg: BenchConfig):
         return plan_for(config, name, VARIANTS[variant], context, at, torch.device(device), getattr(torch, dtype))
 
     return planned
+
+
+def _gpu(cfg: BenchConfig) -> dict | None:
+    """The GPU record of --gpu_from, or None where there is none."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / cfg.gpu_from  # an absolute --gpu_from stays as given
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _full_depth(name: str) -> int:
@@ -365,7 +383,7 @@ def _report_from(cfg: BenchConfig, argv: list[str]) -> str:
     points = record["points"]
     device = torch.device(points[0]["device"] if points else "cpu")
     where = record.get("machine")
-    text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth, where)
+    text, _ = memory_report.report(points, argv, device, [], _planned(cfg), _full_depth, where, _gpu(cfg))
     text = text.replace(
         "\n\n", "\n\nPoints measured by:\n\n" + "\n".join(f"- `{c}`" for c in record.get("commands", [])) + "\n\n", 1
     )

@@ -33,12 +33,20 @@ def fit_depth(points: list[dict], full_layers: int) -> dict | None:
 
 
 def report(
-    points: list[dict], argv: list[str], device, longest: list, planned, full_depth, where: str | None = None
+    points: list[dict],
+    argv: list[str],
+    device,
+    longest: list,
+    planned,
+    full_depth,
+    where: str | None = None,
+    gpu: dict | None = None,
 ) -> tuple[str, list]:
     """The Markdown report of measured `points` and the depth fits (returned too). `planned(name, layers, variant,
     context, device, dtype)` is the current planner's prediction for a point (also for points measured before the
     planner changed); `full_depth(name)` the model's layer count; `where` the machine the points were measured on
-    (default: this one)."""
+    (default: this one); `gpu` a GPU's JSON record (docs/memory_gpu.json), whose full-depth points fill the fits'
+    GPU column."""
     gib = planner.GIB
     where = where or machine(device)
     lines = [f"# Training memory: {where}", "", f"`python bench/memory.py {' '.join(argv)}`".replace(" `", "`"), ""]
@@ -109,6 +117,7 @@ def report(
                 "planned_gpu_need_gib": on_gpu["device_need_gib"],
             }
         )
+        measured = gpu_measured(gpu, name, variant, context, full, dtype)
         fits[-1]["row"] = [
             name,
             context,
@@ -119,13 +128,17 @@ def report(
             f"{fit['extrapolated_bytes'] / gib:.2f}",
             f"{plan / gib:.2f} ({err:+.1f}%)",
             f"{on_gpu['device_need_gib']:.2f}",
+            "not yet measured" if measured is None else f"{measured[0] / gib:.2f} / {measured[1] / gib:.2f}",
         ]
     if fits:
+        on = (gpu or {}).get("machine") or "a GPU"
         lines += [
             "",
             "Fitted as fixed + layers x per-layer and extrapolated to the model's full depth, beside the "
-            "planner for the same step on this device and, last, what it plans a GPU needs for it (CUDA "
-            "rules, the variant's offloading, CUDA context and fragmentation included; not yet measured):",
+            "planner for the same step on this device, what it plans a GPU needs for it (CUDA rules, the "
+            "variant's offloading, CUDA context and fragmentation included) and, last, the peak allocated / "
+            f"reserved measured at full depth on {on} (bench/memory.py's --gpu_from record, docs/memory_gpu.json "
+            "by default) for the same model, context and variant where one was:",
             "",
             markdown_table(
                 [
@@ -138,6 +151,7 @@ def report(
                     "extrapolated GiB",
                     "planned GiB (error)",
                     "planned GPU need GiB",
+                    "measured GPU GiB",
                 ],
                 [f.pop("row") for f in fits],
             ),
@@ -159,6 +173,23 @@ def report(
             markdown_table(["model", "tokens"], longest),
         ]
     return "\n".join(lines) + "\n", fits
+
+
+def gpu_measured(gpu: dict | None, name: str, variant: str, context: int, layers: int, dtype: str):
+    """(peak allocated, peak reserved) bytes of the first point of a GPU's record at this model, variant, context
+    and full depth (plain rows, every layer's checkpoints handled alike, the same dtype), or None."""
+    for p in (gpu or {}).get("points", []):
+        if (
+            (p["model"], p["variant"], p["context"], p["layers"]) == (name, variant, context, layers)
+            and p.get("device") == "cuda"
+            and p.get("rows", "plain") == "plain"
+            and p.get("dtype") == dtype
+            and "error" not in p
+            and "peak_superseded" not in p
+            and p.get("plan", {}).get("offload_layers") is None
+        ):
+            return p["peak_bytes"], p["reserved_bytes"]
+    return None
 
 
 def speed_rows(points: list[dict]) -> list[list]:

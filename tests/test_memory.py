@@ -575,6 +575,44 @@ def test_bench_ratios_stay_within_a_command_and_a_rerun_replaces_its_own_points(
     ]  # fmt: skip
 
 
+def test_the_depth_fits_gpu_column_reads_the_gpu_record_where_a_point_matches(script):
+    """The fits' last column: a GPU point at the same model, context, variant and full depth gives its peak allocated
+    / reserved; another context, a partial depth, an --offload_layers split or no record give 'not yet measured'."""
+    report = script("bench/memory.py").memory_report
+    gib = 2**30
+
+    def point(layers, variant, context, peak, **kw):
+        return {
+            "model": "m", "layers": layers, "variant": variant, "context": context, "rows": "plain",
+            "dtype": "bfloat16", "device": kw.pop("device", "cpu"), "peak_bytes": peak, "reserved_bytes": None,
+            "tokens_per_s": 1.0, **kw,
+        }  # fmt: skip
+
+    cpu = [point(n, v, c, n * gib) for v in ("ours", "baseline") for c in (1024, 2048) for n in (2, 4)]
+    gpu = {
+        "machine": "NVIDIA H200",
+        "points": [
+            point(8, "ours", 1024, 3 * gib, device="cuda", reserved_bytes=4 * gib),
+            point(4, "ours", 2048, 5 * gib, device="cuda", reserved_bytes=6 * gib),  # not the full depth
+            point(8, "baseline", 1024, 5 * gib, device="cuda", reserved_bytes=6 * gib, plan={"offload_layers": 3}),
+        ],
+    }
+    plan = lambda *a, **k: {"peak_allocated_gib": 1.0, "device_need_gib": 2.0}  # noqa: E731
+
+    def column(record):
+        text, _ = report.report(cpu, [], None, [], plan, lambda name: 8, "CPU", record)
+        rows = [r.split("|") for r in text.splitlines() if r.startswith("| m |") and r.count("|") == 11]
+        return {(r[3].strip(), int(r[2])): r[10].strip() for r in rows}
+
+    assert column(gpu) == {
+        ("ours", 1024): "3.00 / 4.00",
+        ("ours", 2048): "not yet measured",
+        ("baseline", 1024): "not yet measured",
+        ("baseline", 2048): "not yet measured",
+    }
+    assert set(column(None).values()) == {"not yet measured"}
+
+
 def test_float16_trains_fp32_masters_under_a_grad_scaler(tiny_dir, tmp_path):
     """The V100 path: fp16 compute with fp32 trainable parameters. After the Trainer is built (TRL casts PEFT's
     trained copies to 16 bits) and `trainable_to_fp32`, every trained parameter and its gradient is fp32, so
