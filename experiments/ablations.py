@@ -262,6 +262,9 @@ def repeat_perplexity(cfg: AblationConfig, eval_dir: Path, where: dict) -> dict:
     return repeat_scores(model.eval(), ids, distances, cfg.short_context // 8, samples)
 
 
+PASSKEY_RULE = 2  # the key then more digits after whitespace is found (was: read as one longer number)
+
+
 def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
     """Hash of everything that determines one (variant, seed) result."""
     fields = (
@@ -297,6 +300,8 @@ def result_key(cfg: AblationConfig, s: dict, seed: int) -> str:
             used["copy_steps"] = [cfg.copy_steps, COPY_LOOP]
     if cfg.grow_from:  # a grown base (its source's folder name is the source's key)
         used["grow_from"] = Path(cfg.grow_from).name
+    if cfg.context_mix:  # scored by the passkey rule of 2026-12-04 (docs/ablations.md): older results are not reused
+        used["passkey_rule"] = PASSKEY_RULE
     if not s["train"]:
         skip = ("extend_steps", "extend_lr", "lora_r", "extend_chars")
         used = {f: v for f, v in used.items() if f not in skip}
