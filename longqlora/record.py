@@ -17,6 +17,7 @@ from pathlib import Path
 from longqlora.output import write_json_atomic
 
 EXTENSION_FILE = "longqlora_extension.json"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,23 @@ class ExtensionRecord:
                 f"{path}: not a valid extension record ({err}); retrain, or remove the file to load "
                 "the adapter with --target_context"
             ) from err
+
+
+def adapter_config(adapter) -> dict:
+    """`--adapter`'s adapter_config.json as a dict: every reader of the file goes through here, so a missing or
+    malformed one is one line naming the flag and the file (PEFT's own error named neither)."""
+    file = Path(os.path.expanduser(str(adapter))) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise ValueError(f"--adapter {adapter}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        config = json.loads(file.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"--adapter {adapter}: {ADAPTER_CONFIG} is not valid JSON ({err}); save the adapter again"
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"--adapter {adapter}: {ADAPTER_CONFIG} is not a JSON object (a {type(config).__name__}); "
+            "save the adapter again"
+        )
+    return config

@@ -68,6 +68,9 @@ def damaged_weights(d: Path) -> None:
         (d / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": ""}))
         save_file(tensors, d / name / "adapter_model.safetensors")
     cut(d / "cut-adapter" / "adapter_model.safetensors")
+    for name, text in (("json-adapter", '{"peft_type": '), ("list-adapter", "[1]")):
+        shutil.copytree(d / "empty-adapter", d / name)
+        (d / name / "adapter_config.json").write_text(text)
     (d / "bad-config").mkdir()
     (d / "bad-config" / "config.json").write_text('{"model_type": "llama",\n')
 
@@ -351,6 +354,21 @@ CASES = [
         lambda b, o: [*ppl_args(b, o, b / "books" / "good.txt"), "--adapter", str(b / "cut-adapter")],
         lambda b, o: f"--adapter {b / 'cut-adapter'}: adapter_model.safetensors is damaged",
     ),
+    *[
+        Case(
+            f"adapter_config.json {what}",
+            entry,
+            lambda b, o, a=adapter, argv=argv: argv(b, o, str(b / a)),
+            lambda b, o, a=adapter, what=what: f"--adapter {b / a}: adapter_config.json is {what}",
+        )
+        for what, adapter in (("not valid JSON", "json-adapter"), ("not a JSON object", "list-adapter"))
+        for entry, argv in (
+            ("command", lambda b, o, a: ["merge", "--adapter", a, "--output", str(o)]),
+            ("command", lambda b, o, a: [*ppl_args(b, o, b / "books" / "good.txt"), "--adapter", a]),
+            ("command", lambda b, o, a: ["passkey", "--adapter", a, "--output_dir", str(o)]),
+            ("command", lambda b, o, a: ["chat", "--model", str(b / "model"), "--adapter", a, "--prompt", "hi"]),
+        )
+    ],
     Case(
         "model path is a file",
         "recipe",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from longqlora.errors import flags_renamed
 from longqlora.hardware import DTYPES
-from longqlora.record import ExtensionRecord
+from longqlora.record import ExtensionRecord, adapter_config
 from longqlora.rope import UNSCALED_TO, check_scaling
 
 logger = logging.getLogger(__name__)
@@ -145,8 +145,7 @@ def read_extension(adapter) -> ExtensionRecord | None:
     if not path.is_dir():
         why = not_a_directory(path, "an adapter directory")
         raise ValueError(f"--adapter {adapter}: {why}; pass the adapter directory a recipe wrote")
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    adapter_config(adapter)  # one line when adapter_config.json is missing or not a JSON object
     check_safetensors(str(adapter), "--adapter", str(path), required=False)
     return ExtensionRecord.read(path)
 
@@ -157,7 +156,7 @@ def adapter_base(adapter) -> str:
     extension record keeps is taken, else (a project moved since) the nearest folder above the adapter that holds
     it with a config.json (the run's folder: its --output_dir lies below), said in a warning."""
     path = Path(os.path.expanduser(str(adapter)))
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    base = adapter_config(adapter).get("base_model_name_or_path") or ""
     if not base or os.path.isabs(os.path.expanduser(base)) or os.path.exists(base):
         return base
     record = ExtensionRecord.read(path)
