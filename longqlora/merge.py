@@ -24,10 +24,10 @@ from pathlib import Path
 
 from longqlora.data.markers import without_generation_markers
 from longqlora.hardware import DTYPES
+from longqlora.record import REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "merge_report.json"
 # Relative tolerance: max |merged - adapter logits| / max |adapter logits| on the check sample, both models in the
 # same dtype on the same base. Measured with 256 tokens on random Llamas (hidden 1024 x 4 and x 32 layers, 4096 x 2;
 # LoRA r=64 on q/k/v/o, trained embedding and norms; logits up to 25-50) and on the tiny trained adapter of

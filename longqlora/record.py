@@ -18,6 +18,7 @@ from longqlora.output import write_json_atomic
 
 EXTENSION_FILE = "longqlora_extension.json"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
+REPORT_FILE = "merge_report.json"  # what merge writes beside a merged model (inference reads it too)
 
 
 @dataclass(frozen=True)

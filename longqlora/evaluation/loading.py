@@ -16,7 +16,7 @@ from pathlib import Path
 
 from longqlora.errors import flags_renamed
 from longqlora.hardware import DTYPES
-from longqlora.record import ExtensionRecord, adapter_config
+from longqlora.record import REPORT_FILE, ExtensionRecord, adapter_config
 from longqlora.rope import UNSCALED_TO, check_scaling
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,6 @@ def check_adapter_fits(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from longqlora.merge import REPORT_FILE
     from longqlora.model_files import load_config
 
     report = base / REPORT_FILE
