@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,14 +187,22 @@ def ppl_args(bad: Path, out: Path, data, model=None) -> list:
     ]
 
 
-def data_cases(input_class: str, file: str, *entries: str) -> list:
-    """One row per entry point reading `file` as training or evaluation text."""
+def cut_after(path: Path) -> str:
+    """What a truncated gzip file's line says after its name: the last whole line read before its stream ends."""
+    lines = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).count(b"\n")
+    return f": the gzip data is cut short after line {lines} "
+
+
+def data_cases(input_class: str, file: str, *entries: str, where: str | Callable[[Path], str] = "") -> list:
+    """One row per entry point reading `file` as training or evaluation text; the last line names the file followed
+    by `where` (e.g. " line 3", or a function of the file's path), so a lost line number fails the row."""
     argv = {
         "recipe": lambda b, o: recipe_args(b, o, "--dataset", b / file),
         "prepare_text": lambda b, o: text_args(b, o, b / file),
         "command": lambda b, o: ppl_args(b, o, b / file),
     }
-    return [Case(input_class, entry, argv[entry], lambda b, o: str(b / file)) for entry in entries]
+    at = where if callable(where) else lambda path: where
+    return [Case(input_class, entry, argv[entry], lambda b, o: str(b / file) + at(b / file)) for entry in entries]
 
 
 def flag_case(input_class: str, flags: tuple, names: str) -> Case:
@@ -201,12 +210,13 @@ def flag_case(input_class: str, flags: tuple, names: str) -> Case:
     return Case(input_class, "recipe", lambda b, o: recipe_args(b, o, *flags), lambda b, o: names)
 
 
-def config_case(input_class: str, file: str, key: str = "") -> Case:
+def config_case(input_class: str, file: str, key: str = "", line: int = 0) -> Case:
+    """A recipe run with `--config file`, whose last line names the file and then `key` or the `line` at fault."""
     return Case(
         input_class,
         "recipe",
         lambda b, o: recipe_args(b, o, "--config", b / file),
-        lambda b, o: f"--config {b / file}" + (f": {key}" if key else " line"),
+        lambda b, o: f"--config {b / file}" + (f": {key}" if key else f" line {line}: "),
     )
 
 
@@ -429,8 +439,8 @@ CASES = [
         lambda b, o: recipe_args(b, o, "--config", b / "notes"),
         lambda b, o: "--config",
     ),
-    config_case("--config not YAML", "missing-colon.yaml"),
-    config_case("--config not UTF-8", "latin1.yaml"),
+    config_case("--config not YAML", "missing-colon.yaml", line=2),
+    config_case("--config not UTF-8", "latin1.yaml", line=1),
     config_case("--config not a mapping", "list.yaml", "must be a mapping"),
     config_case("--config null value", "null.yaml", "lora_r: null"),
     config_case("--config wrong type", "word.yaml", "lora_r"),
@@ -523,20 +533,20 @@ CASES = [
         lambda b, o: recipe_args(b, o, "--dataset", b / "none.txt"),
         lambda b, o: "--dataset",
     ),
-    *data_cases("text not UTF-8", "latin1.txt", "recipe", "prepare_text", "command"),
-    *data_cases("binary garbage", "garbage.txt", "recipe", "prepare_text"),
-    *data_cases("NUL bytes", "nul.txt", "prepare_text"),
+    *data_cases("text not UTF-8", "latin1.txt", "recipe", "prepare_text", "command", where=" line 1: not UTF-8"),
+    *data_cases("binary garbage", "garbage.txt", "recipe", "prepare_text", where=" line 1: "),
+    *data_cases("NUL bytes", "nul.txt", "prepare_text", where=" line 1: holds NUL bytes"),
     *data_cases(".gz that is not gzip", "plain.txt.gz", "recipe", "prepare_text", "command"),
-    *data_cases("truncated gzip", "cut.txt.gz", "recipe", "prepare_text", "command"),
-    *data_cases("truncated gzip", "cut.jsonl.gz", "prepare_text"),
-    *data_cases("JSONL bad bytes", "bytes.jsonl", "recipe", "prepare_text"),
-    *data_cases("JSONL bad JSON", "json.jsonl", "prepare_text", "command"),
-    *data_cases("JSONL line not an object", "array.jsonl", "prepare_text"),
+    *data_cases("truncated gzip", "cut.txt.gz", "recipe", "prepare_text", "command", where=cut_after),
+    *data_cases("truncated gzip", "cut.jsonl.gz", "prepare_text", where=cut_after),
+    *data_cases("JSONL bad bytes", "bytes.jsonl", "recipe", "prepare_text", where=" line 3: not UTF-8"),
+    *data_cases("JSONL bad JSON", "json.jsonl", "prepare_text", "command", where=" line 2: not valid JSON"),
+    *data_cases("JSONL line not an object", "array.jsonl", "prepare_text", where=" line 2: not a JSON object"),
     Case(
         "bad file inside a directory",
         "prepare_text",
         lambda b, o: text_args(b, o, b / "books"),
-        lambda b, o: str(b / "books" / "bad.txt"),
+        lambda b, o: f"{b / 'books' / 'bad.txt'} line 1: not UTF-8",
     ),
     # found by tokenizing, which runs before the output lock and the weights
     Case(
@@ -576,15 +586,15 @@ CASES = [
             lambda b, o, f=file, e=entry: (
                 chats_args(b, o, b / f) if e == "prepare_instructions" else recipe_args(b, o, "--dataset", b / f)
             ),
-            lambda b, o, f=file: f"{b / f} line ",
+            lambda b, o, f=file, n=line: f"{b / f} line {n}: ",
         )
-        for kind, file in (
-            ("a string", "msg-string.jsonl"),
-            ("a list of strings", "msg-strings.jsonl"),
-            ("with a non-text role", "msg-role.jsonl"),
-            ("a string", "conv-string.jsonl"),
-            ("a list of strings", "conv-strings.jsonl"),
-            ("with a reply marked untrained (weight 0)", "untrained.jsonl"),
+        for kind, file, line in (
+            ("a string", "msg-string.jsonl", 2),
+            ("a list of strings", "msg-strings.jsonl", 2),
+            ("with a non-text role", "msg-role.jsonl", 2),
+            ("a string", "conv-string.jsonl", 1),
+            ("a list of strings", "conv-strings.jsonl", 1),
+            ("with a reply marked untrained (weight 0)", "untrained.jsonl", 1),
         )
         for entry in ("prepare_instructions", "sft recipe")
     ],
@@ -617,7 +627,7 @@ CASES = [
         "--context_file not UTF-8",
         "command",
         lambda b, o: ["chat", "--model", str(b / "model"), "--context_file", str(b / "latin1.txt"), "--prompt", "hi"],
-        lambda b, o: f"--context_file {b / 'latin1.txt'}",
+        lambda b, o: f"--context_file {b / 'latin1.txt'} line 1: not UTF-8",
     ),
     Case(
         "--context_file missing",
