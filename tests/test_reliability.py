@@ -95,6 +95,8 @@ def bad(tmp_path_factory) -> Path:
     (d / "bytes.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n{"text": "bad \xff byte"}\n')
     (d / "json.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     (d / "array.jsonl").write_text('{"text": "fine"}\n["not", "an", "object"]\n')
+    (d / "number.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    (d / "object.jsonl").write_text('{"text": {"body": "fine"}}\n')
     (d / "books").mkdir()
     (d / "books" / "good.txt").write_text("A good book. " * 50)
     (d / "books" / "bad.txt").write_bytes(b"\xff\xfe" + "bad book".encode("utf-16-le"))
@@ -542,6 +544,8 @@ CASES = [
     *data_cases("JSONL bad bytes", "bytes.jsonl", "recipe", "prepare_text", where=" line 3: not UTF-8"),
     *data_cases("JSONL bad JSON", "json.jsonl", "prepare_text", "command", where=" line 2: not valid JSON"),
     *data_cases("JSONL line not an object", "array.jsonl", "prepare_text", where=" line 2: not a JSON object"),
+    *data_cases("text field not text", "number.jsonl", "recipe", "prepare_text", where=" line 2: 'text' is a number"),
+    *data_cases("text field not text", "object.jsonl", "command", where=" line 1: 'text' is an object"),
     Case(
         "bad file inside a directory",
         "prepare_text",
