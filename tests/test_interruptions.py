@@ -35,11 +35,18 @@ THREADS = 1
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run, in its own process: its final adapter's tensors, its wall time, its folder."""
+    """The uninterrupted run, in its own process: its final adapter's tensors, its training span (seconds from its
+    first logged loss until its final adapter is in place: where a random kill may land), its folder."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    started = time.perf_counter()
-    assert start(out).wait() == 0, Path(f"{out}.log").read_text()[-3000:]
-    return load_file(out / "adapter_model.safetensors"), time.perf_counter() - started, out
+    process = start(out)
+    first = until_first_loss(process, out)
+    published = None
+    while process.poll() is None:
+        if published is None and (out / "adapter_config.json").exists():
+            published = time.perf_counter()
+        time.sleep(0.02)
+    assert process.wait() == 0 and first is not None, Path(f"{out}.log").read_text()[-3000:]
+    return load_file(out / "adapter_model.safetensors"), (published or time.perf_counter()) - first, out
 
 
 def start(out: Path, point: str = "none") -> subprocess.Popen:
@@ -60,6 +67,15 @@ def start(out: Path, point: str = "none") -> subprocess.Popen:
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)},
     )
+
+
+def until_first_loss(process: subprocess.Popen, out: Path) -> float | None:
+    """Wait until the run logs its first loss (training under way; a step done); the time of it, or None when the
+    process ended first."""
+    log, deadline = Path(f"{out}.log"), time.monotonic() + 300
+    while "'loss'" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return time.perf_counter() if "'loss'" in log.read_text() else None
 
 
 def resume(out: Path, monkeypatch, caplog):
@@ -97,42 +113,43 @@ def on_disk(out: Path) -> str:
     return "; ".join(parts + [f"adapter config {'present' if (out / 'adapter_config.json').exists() else 'absent'}"])
 
 
-def kill_after(out: Path, delay: float) -> tuple[subprocess.Popen, float]:
-    """The recipe started into `out` and killed -9 after `delay` s, unless it ended first; with its wall time."""
-    started = time.perf_counter()
+def kill_in_training(out: Path, delay: float) -> subprocess.Popen:
+    """The recipe started into `out` and killed -9 `delay` s after its first logged loss, unless it ended first.
+    Timed from the first loss, not from the start, so a slow start (a loaded machine) does not move the kill past
+    the end of training."""
     process = start(out)
+    until_first_loss(process, out)
     try:
         process.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    return process, time.perf_counter() - started
+    return process
 
 
 @pytest.mark.parametrize("seed", RANDOM_KILLS)
 def test_kill_9_at_a_random_moment_then_resume(seed, reference, tmp_path, monkeypatch, caplog):
-    tensors, wall, _ = reference
-    share = 0.1 + 0.85 * random.Random(seed).random()  # anywhere from the imports to the final save
+    tensors, span, _ = reference
+    delay = 0.9 * span * random.Random(seed).random()  # from the first logged loss to just before the final save
     for attempt in range(3):
-        out, delay = tmp_path / f"run{attempt}", wall * share
-        process, took = kill_after(out, delay)
-        if process.returncode != 0:
+        out = tmp_path / f"run{attempt}"
+        process = kill_in_training(out, delay)
+        if process.returncode == -signal.SIGKILL and not (out / "adapter_config.json").exists():
             break
-        # It ended before the kill: faster than the reference (which started colder). The same share of this
-        # run's own time, a little earlier, lands.
-        wall, share = took, share * 0.9
+        delay /= 2  # it trained faster than the reference (which started colder) and finished first: kill earlier
     assert process.returncode == -signal.SIGKILL, (
         f"exit {process.returncode} before the kill at {delay:.1f} s: " + Path(f"{out}.log").read_text()[-3000:]
     )
+    assert not (out / "adapter_config.json").exists(), f"killed after the final adapter was written: {on_disk(out)}"
     steps = Path(f"{out}.log").read_text().count("'loss'")
-    left = f"{steps} steps logged, " + (on_disk(out) if out.exists() else "nothing written")
-    if out.exists():
-        with checkpoints.output_lock(out):  # kill -9 leaves no stale lock behind
-            pass
+    assert steps >= 1  # killed in training, after its first step
+    left = f"{steps} steps logged, {on_disk(out)}"
+    with checkpoints.output_lock(out):  # kill -9 leaves no stale lock behind
+        pass
     final, _, log = resume(out, monkeypatch, caplog)
     print(
-        f"kill -9 after {delay:.1f} s of a {wall:.1f} s run (exit {process.returncode}): {left}; bit-identical "
-        f"{identical(final, tensors)}"
+        f"kill -9 {delay:.2f} s after the first logged loss of a {span:.2f} s training span (try {attempt + 1}): "
+        f"{left}; bit-identical {identical(final, tensors)}"
     )
     assert identical(final, tensors)
 
@@ -180,9 +197,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(reference, tmp_path, monkeypatch, c
     out = tmp_path / "run"
     process = start(out)
     log = Path(f"{out}.log")
-    deadline = time.monotonic() + 300
-    while "'loss'" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # until the first step is logged: training, under the signal handler
+    until_first_loss(process, out)  # the first step is logged: training, under the signal handler
     with pytest.raises(ValueError, match="another run is writing there"):
         with checkpoints.output_lock(out):  # the running run holds its output directory
             pass
