@@ -159,11 +159,33 @@ def recipe_classes(name: str = "extend_7b_8k"):
 
 
 def test_every_trust_remote_code_flag_defaults_to_off():
-    from longqlora.chat import ChatConfig
-    from longqlora.evaluation.passkey import PasskeyConfig
+    """Every config with the flag, built with its defaults, has it off; a config of the package that gains the
+    flag and is not checked here fails the test (found by importing every module of longqlora/)."""
+    import dataclasses
+    import importlib
+    import pkgutil
 
-    assert ChatConfig(model="m").trust_remote_code is False
-    assert PasskeyConfig(model="m").trust_remote_code is False
+    import longqlora
+    from longqlora.chat import ChatConfig
+    from longqlora.evaluation.loading import LoaderArgs
+    from longqlora.evaluation.passkey import PasskeyConfig
+    from longqlora.evaluation.perplexity import PerplexityConfig
+    from longqlora.training.config import TrainingConfig
+
+    checked = (ChatConfig, PasskeyConfig, PerplexityConfig, LoaderArgs)
+    assert all(config(model="m").trust_remote_code is False for config in checked)
+    assert TrainingConfig(output_dir="out").trust_remote_code is False  # every recipe's Training, below
+    modules = [
+        m.name for m in pkgutil.walk_packages(longqlora.__path__, "longqlora.") if m.name != "longqlora.__main__"
+    ]
+    with_flag = {
+        obj
+        for name in modules
+        for obj in vars(importlib.import_module(name)).values()
+        if isinstance(obj, type) and obj.__module__.startswith("longqlora.") and dataclasses.is_dataclass(obj)
+        if any(f.name == "trust_remote_code" for f in dataclasses.fields(obj))
+    }
+    assert with_flag == {*checked, TrainingConfig}, with_flag
     recipes = [p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "quickstart"]
     assert len(recipes) >= 6
     assert all(recipe_classes(name)[2]().trust_remote_code is False for name in recipes)
