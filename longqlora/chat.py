@@ -128,9 +128,8 @@ def ensure_chat_template(tokenizer):
 
 def load_chat_model(cfg: ChatConfig):
     """Check the inputs, then load (model in eval mode, tokenizer with a chat template) for full-attention chat."""
-    model, tokenizer, _ = cfg.load(
-        check_inputs(cfg)
-    )  # the loader logs the context and scaling; the banner repeats the context
+    # the loader logs the context and scaling; the banner repeats the context
+    model, tokenizer, _ = cfg.load(check_inputs(cfg))
     return model, ensure_chat_template(tokenizer)
 
 

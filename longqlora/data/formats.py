@@ -255,7 +255,7 @@ def detect_format(record: dict) -> str:
     return next((name for name, keys in FORMATS.items() if all(record.get(k) is not None for k in keys)), "")
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
     return {str: "a string", list: "a list", dict: "an object", bool: "true/false", type(None): "null"}.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
     )
@@ -270,13 +270,13 @@ def record_problem(record: dict) -> str:
         shape = "{" + ", ".join(keys) + "} objects"
         turns = record[name]
         if not isinstance(turns, list):
-            return f"'{name}' is {_kind(turns)}, not a list of {shape}"
+            return f"'{name}' is {json_kind(turns)}, not a list of {shape}"
         for k, turn in enumerate(turns, start=1):
             if not isinstance(turn, dict):
-                return f"'{name}' item {k} is {_kind(turn)}, not one of {shape}"
+                return f"'{name}' item {k} is {json_kind(turn)}, not one of {shape}"
             role = keys[0]
             if fmt != "longqlora_conversation" and not isinstance(turn.get(role), str):
-                return f"'{name}' item {k}: '{role}' is {_kind(turn.get(role))}, not text"
+                return f"'{name}' item {k}: '{role}' is {json_kind(turn.get(role))}, not text"
             off = _untrained(turn, fmt)
             if off:  # a reply the data asks to leave untrained would be trained: refused, never silently
                 return (
@@ -287,7 +287,8 @@ def record_problem(record: dict) -> str:
     if fmt == "prompt_completion" and any(isinstance(record[k], list) for k in FORMATS[fmt]):
         for key in FORMATS[fmt]:
             turns = record[key]
-            bad = "" if isinstance(turns, list) else f"'{key}' is {_kind(turns)}, not a list of messages like the other"
+            kind = "" if isinstance(turns, list) else json_kind(turns)
+            bad = kind and f"'{key}' is {kind}, not a list of messages like the other"
             for k, turn in enumerate(turns if not bad else (), start=1):
                 if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):
                     bad = f"'{key}' item {k} is not a {{role, content}} object"
@@ -297,7 +298,7 @@ def record_problem(record: dict) -> str:
         return ""
     for key in (*FORMATS[fmt], "input") if fmt else ():
         if record.get(key) is not None and not isinstance(record[key], str):
-            return f"'{key}' is {_kind(record[key])}, not text"
+            return f"'{key}' is {json_kind(record[key])}, not text"
     return ""
 
 

@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from longqlora.data.formats import _kind
+from longqlora.data.formats import json_kind
 from longqlora.data.prepared import PREPARE, check_tokenizer, max_id
 from longqlora.data.sources import (
     EVAL_SPLIT_HELP,
@@ -105,7 +105,7 @@ def _select_text(ds: datasets.Dataset, src: Source, text_field: str) -> datasets
     if dtype not in ("string", "large_string"):  # the first record whose value is not text, in plain words
         i = next((i for i, v in enumerate(ds[text_field]) if not isinstance(v, str | None)), 0)
         raise ValueError(
-            f"{flag}: {where(src, i)}: '{text_field}' is {_kind(ds[i][text_field])}, not text; pass --text_field "
+            f"{flag}: {where(src, i)}: '{text_field}' is {json_kind(ds[i][text_field])}, not text; pass --text_field "
             "naming the field that holds the documents"
         )
     missing = np.flatnonzero(column(ds, text_field).is_null().to_numpy(zero_copy_only=False))
