@@ -345,14 +345,8 @@ def _planned(cfg: BenchConfig):
 
 
 def _gpu(cfg: BenchConfig) -> dict | None:
-    """The GPU record of --gpu_from, or None where there is none."""
-    import json
-
-    path = Path(__file__).resolve().parents[1] / cfg.gpu_from  # an absolute --gpu_from stays as given
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The GPU record of --gpu_from (relative to the repository; an absolute path stays as given), or None."""
+    return memory_report.read_record(Path(__file__).resolve().parents[1] / cfg.gpu_from)
 
 
 def _full_depth(name: str) -> int:
@@ -376,10 +370,7 @@ def main(argv=None) -> None:
 
 def _report_from(cfg: BenchConfig, argv: list[str]) -> str:
     """The report of the points a JSON records, planned with today's planner (written to --output too)."""
-    import json
-
-    with open(cfg.report_from, encoding="utf-8") as f:
-        record = json.load(f)
+    record = memory_report.read_record(cfg.report_from)
     points = record["points"]
     device = torch.device(points[0]["device"] if points else "cpu")
     where = record.get("machine")

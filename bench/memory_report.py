@@ -242,6 +242,14 @@ def rank_point(name: str, layers: int, variant: str, context: int, peaks: list[i
     }
 
 
+def read_record(path) -> dict | None:
+    """The JSON record a bench wrote at `path`, or None where there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def merge_record(path: str, record: dict) -> dict:
     """`record` added to the JSON at `path` if there is one: several commands (models that need different contexts,
     say) build one calibration file; a point measured again replaces the old one."""
