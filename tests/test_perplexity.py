@@ -303,3 +303,15 @@ def test_a_few_tokens_of_a_long_book_are_its_first_tokens(tiny, monkeypatch):
     for n in (1, 700, 5000):
         assert text_token_ids("austen_persuasion", tok, max_tokens=n).tolist() == whole[:n]
     assert max(read) < len(book("austen_persuasion")) // 4  # prefixes only
+
+
+def test_an_adapters_tokenizer_is_loaded_once(tiny_adapter, monkeypatch):
+    """With an adapter that saved its tokenizer, loading for inference reads that one only, not the base's too."""
+    from longqlora.evaluation.loading import load_for_inference
+
+    assert (tiny_adapter / "tokenizer_config.json").is_file()
+    loads, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    _, tokenizer, info = load_for_inference(None, adapter=str(tiny_adapter))
+    assert [str(p) for p in loads] == [str(tiny_adapter)]
+    assert tokenizer.model_max_length >= info.target_context and tokenizer.pad_token is not None

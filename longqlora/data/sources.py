@@ -224,7 +224,7 @@ def held_out_split(dataset: str, split: str, eval_dataset: str, eval_split: str 
         (a, b)
         for a in origins(dataset, split)
         for b in origins(eval_dataset, chosen)
-        if (_within(a[0], b[0]) or _within(b[0], a[0])) and None in (a[1], b[1]) or a == b
+        if a == b or ((_within(a[0], b[0]) or _within(b[0], a[0])) and None in (a[1], b[1]))
     ]
     if shared:  # a file of a training folder, or the data a prepared folder was made from (the same split)
         raise ValueError(

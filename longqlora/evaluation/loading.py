@@ -370,10 +370,9 @@ def load_for_inference(
     )
     with flags_renamed({"--model_name_or_path": "--model"}):  # the training flag's name, --model here
         checked = check_model(cfg, trust_remote_code=trust_remote_code, keep_window=as_saved)
-    given = tokenizer is not None
+    if tokenizer is None and adapter:  # the adapter's own, when it saved one (else load_base loads the base's)
+        tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code)
     model, tokenizer, info = load_base(cfg, checked=checked, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
-    if adapter and not given:
-        tokenizer = adapter_tokenizer(adapter, trust_remote_code=trust_remote_code) or tokenizer
     tokenizer = fit_tokenizer_context(tokenizer, info.target_context)
     if adapter:
         from peft import PeftModel
