@@ -909,6 +909,7 @@ def test_data_prep_refuses_the_recipes_held_out_flags(script, flags, tmp_path):
     assert result.returncode == 2 and last.startswith(f"error: {flags[8]}: prepare held-out data with its own run")
 
 
+@pytest.mark.slow  # both data_prep scripts as processes, about 12 s
 def test_scripts_end_to_end(tok, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     texts = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])

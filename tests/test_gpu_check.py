@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow  # about 20 s: every part of the GPU script on tiny shapes (CI runs the slow tier)
 def test_dry_run_runs_every_part_and_writes_the_report(tmp_path, script):
     check = script("bench/gpu_check.py")
     out = tmp_path / "out"

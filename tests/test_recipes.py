@@ -636,6 +636,7 @@ def test_resuming_a_weights_only_checkpoint_says_the_optimizer_starts_anew(tmp_p
     assert len(said) == 1 and said[0].startswith(str(out / "checkpoint-2")), said
 
 
+@pytest.mark.slow  # a recipe run as a process, about 10 s
 def test_a_tiny_run_as_a_script_writes_log_lines_apart_from_its_progress_bar(tmp_path):
     """`python recipes/extend_7b_8k.py --tiny` as a user runs it: every log line written during training starts a
     line of its own (one ended up glued to the end of the progress bar), and no DeepSpeed CPU warning."""
